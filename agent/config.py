@@ -1,0 +1,314 @@
+"""Agent configuration: one YAML file, validated at load with precise errors.
+
+Every error names the key path, the offending value, what was expected and
+the YAML line.  Unknown keys are errors (a typo must not silently fall back to
+a default on a machine nobody watches).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; `str()` lists every problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- sources
+class SerialSource(_Strict):
+    type: Literal["serial"]
+    port: str
+    baud: int = Field(115200, gt=0)
+    protocol: Literal["csv", "json"] = "csv"
+    # csv: does each line start with a timestamp field? ("auto" detects per line)
+    timestamp: Literal["auto", "first", "none"] = "auto"
+    reconnect_min_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0)
+
+
+class MqttSource(_Strict):
+    type: Literal["mqtt"]
+    topic: str = Field(min_length=1)           # may hold + and # wildcards
+    # 0-based topic level that names the stream ("plant/+/sensors" -> 1); None: the stream id
+    stream_from_topic: int | None = Field(None, ge=0)
+    protocol: Literal["csv", "json"] = "json"
+    qos: Literal[0, 1, 2] = 1
+
+
+class ReplaySource(_Strict):
+    type: Literal["replay"]
+    path: str
+    # 0 = as fast as possible; otherwise real time x speed (using the file's timestamps)
+    speed: float = Field(0.0, ge=0)
+    loop: bool = False
+    # rows per batch at full speed (bigger = fewer Python round trips)
+    chunk: int = Field(256, ge=1)
+
+
+SourceConfig = Annotated[Union[SerialSource, MqttSource, ReplaySource], Field(discriminator="type")]
+
+
+class StreamConfig(_Strict):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    source: SourceConfig
+
+
+# ---------------------------------------------------------------- pipeline
+class ModelConfig(_Strict):
+    path: str
+    # tried in order; cpu is always the last resort
+    providers: list[Literal["openvino", "cuda", "tensorrt", "cpu"]] = ["cpu"]
+    threads: int = Field(1, ge=0)   # intra-op threads; 0 = ORT default
+    verify_checksum: bool = True
+    max_batch: int = Field(256, ge=1)
+
+
+class BufferConfig(_Strict):
+    stride: int = Field(1, ge=1)          # infer every k samples
+    ffill_max: int = Field(3, ge=0)       # forward-fill up to N consecutive missing values
+    gap_reset_s: float | None = Field(60.0, gt=0)  # reset the window after a larger time gap
+
+
+class CalibrationConfig(_Strict):
+    enabled: bool = False
+    samples: int = Field(400, ge=10)
+    quantile: float = Field(0.99, gt=0, lt=1)
+    margin: float = Field(1.5, gt=0)
+    # scaler std floor, as a fraction of the model's training std (keeps flat channels sane)
+    std_floor: float = Field(0.1, ge=0)
+
+
+class ScoringConfig(_Strict):
+    # "model" = threshold from the model metadata (or calibration when enabled)
+    threshold: Union[Literal["model"], Annotated[float, Field(gt=0)]] = "model"
+    smoothing: int = Field(1, ge=1)       # moving average over the last k scores
+
+
+class AlertConfig(_Strict):
+    open_k: int = Field(3, ge=1)          # k anomalous of the last n windows opens an alert
+    open_n: int = Field(5, ge=1)
+    close_m: int = Field(10, ge=1)        # m consecutive normal windows close it
+    cooldown_s: float = Field(0.0, ge=0)  # no new alert on a stream within this after an end
+    update_interval_s: float = Field(10.0, gt=0)
+    top_channels: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _k_le_n(self):
+        if self.open_k > self.open_n:
+            raise ValueError(f"open_k ({self.open_k}) must be <= open_n ({self.open_n})")
+        return self
+
+
+# ---------------------------------------------------------------- outputs
+class TlsConfig(_Strict):
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+
+class HomeAssistantConfig(_Strict):
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+
+
+class MqttConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = None
+    username: str | None = None
+    # exactly one way to give the password; it never appears in logs
+    password_file: str | None = None
+    password_env: str | None = None
+    password_credential: str | None = None    # name under $CREDENTIALS_DIRECTORY (systemd)
+    tls: TlsConfig | None = None
+    prefix: str | None = None                  # default "tsad/<node>/"
+    keepalive: int = Field(30, ge=5)
+    score_interval_s: float = Field(1.0, ge=0)
+    health_interval_s: float = Field(30.0, gt=0)
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    @model_validator(mode="after")
+    def _one_password(self):
+        given = [k for k in ("password_file", "password_env", "password_credential")
+                 if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of password_file, password_env, "
+                             f"password_credential (got {', '.join(given)})")
+        return self
+
+
+class ConsoleSink(_Strict):
+    enabled: bool = True
+    format: Literal["text", "json"] = "text"
+
+
+class JsonlSink(_Strict):
+    path: str
+
+
+class SinksConfig(_Strict):
+    console: ConsoleSink = ConsoleSink()
+    jsonl: JsonlSink | None = None
+
+
+class AgentConfig(_Strict):
+    node: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    state_dir: str = "/var/lib/tsad-agent"
+    model: ModelConfig
+    streams: list[StreamConfig] = Field(min_length=1)
+    buffer: BufferConfig = BufferConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    alerts: AlertConfig = AlertConfig()
+    mqtt: MqttConfig = MqttConfig()
+    sinks: SinksConfig = SinksConfig()
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_ids(cls, v: list[StreamConfig]):
+        ids = [s.id for s in v]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"duplicate stream id(s): {', '.join(dup)}")
+        return v
+
+    @property
+    def topic_prefix(self) -> str:
+        p = self.mqtt.prefix if self.mqtt.prefix is not None else f"tsad/{self.node}/"
+        return p if p.endswith("/") else p + "/"
+
+
+# ---------------------------------------------------------------- loading
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path (as a tuple of keys/indices) to its 1-based YAML line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (i,)
+                lines[p] = v.start_mark.line + 1
+                walk(v, p)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _fmt_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(err: dict, data: Any) -> tuple[tuple, str]:
+    # pydantic adds the union tag ("serial", "mqtt"...) to the location; drop it so the
+    # path is the one the user wrote.
+    loc = tuple(err["loc"])
+    clean: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            clean.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            clean.append(part)
+            node = node[part]
+        elif err["type"] in ("missing", "extra_forbidden") and part == loc[-1]:
+            clean.append(part)
+        # else: a discriminator tag, skipped
+    loc = tuple(clean)
+    typ, msg = err["type"], err["msg"]
+    if typ == "extra_forbidden":
+        return loc, f"unknown key (value {err.get('input')!r}); check the spelling"
+    if typ == "missing":
+        return loc, "required key is missing"
+    expected = msg[0].lower() + msg[1:] if msg else "a valid value"
+    if typ == "union_tag_invalid":
+        expected = f"type must be one of {err.get('ctx', {}).get('expected_tags')}"
+    if msg.startswith("Value error, "):
+        expected = msg[len("Value error, "):]
+    return loc, f"value {err.get('input')!r} is invalid: {expected}"
+
+
+def parse_config(text: str, source: str = "<config>") -> AgentConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping at the top level, "
+                           f"got {type(data).__name__}"])
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        lines = _line_index(text)
+        problems = []
+        for err in e.errors():
+            loc, text_ = _describe(err, data)
+            line = None
+            for n in range(len(loc), -1, -1):
+                line = lines.get(loc[:n])
+                if line:
+                    break
+            problems.append(f"{source}:{line or '?'}: {_fmt_path(loc)}: {text_}")
+        raise ConfigError(problems) from None
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read: {e}"]) from None
+    return parse_config(text, str(path))
+
+
+def resolve_password(m: MqttConfig) -> str | None:
+    """The MQTT password from file, environment or systemd credential; never logged."""
+    if m.password_file:
+        try:
+            return Path(m.password_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError([f"mqtt.password_file: cannot read {m.password_file!r}: {e.strerror}"])
+    if m.password_env:
+        v = os.environ.get(m.password_env)
+        if v is None:
+            raise ConfigError([f"mqtt.password_env: environment variable {m.password_env!r} is not set"])
+        return v
+    if m.password_credential:
+        d = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not d:
+            raise ConfigError(["mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
+                               "(use LoadCredential= in the systemd unit)"])
+        try:
+            return (Path(d) / m.password_credential).read_text().strip()
+        except OSError as e:
+            raise ConfigError([f"mqtt.password_credential: cannot read credential "
+                               f"{m.password_credential!r}: {e.strerror}"])
+    return None

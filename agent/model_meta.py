@@ -1,0 +1,168 @@
+"""The model contract: the JSON metadata that sits beside every ONNX model.
+
+`tsad-export` writes it, the runtime reads it, and nothing else is assumed:
+window, channel order, scaler, threshold and score definition all come from here.
+The file lives at ``<model>.onnx.json``.  See README "Model metadata".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "tsad-model"
+FORMAT_VERSION = 1
+
+# The only score the runtime implements.  Defined once here, documented in README:
+#   e_{t,c} = (xhat_{t,c} - x_{t,c})^2 in the model's scaled space (float64),
+#   score_t = mean_c e_{t,c} at the NEWEST time step t of the window,
+#   share_c = e_{t,c} / sum_c e_{t,c} (per-channel contribution).
+SCORE_DEFINITION = "mse_last_step_scaled"
+
+
+class ModelMetaError(ValueError):
+    """Metadata missing, malformed or inconsistent with the ONNX file."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def meta_path_for(model_path: str | Path) -> Path:
+    return Path(str(model_path) + ".json")
+
+
+@dataclass
+class Scaler:
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class Threshold:
+    value: float
+    # how it was chosen, e.g. "quantile(0.995) of held-out normal window scores x 1.2"
+    method: str
+    quantile: float | None = None
+    margin: float | None = None
+
+
+@dataclass
+class ModelMeta:
+    name: str                      # e.g. "DLinear_ad"
+    architecture: str              # e.g. "DLinear"
+    window: int                    # input time steps
+    channels: list[str]            # names, in model input order
+    scaler: Scaler
+    threshold: Threshold
+    onnx_sha256: str
+    opset: int
+    input_name: str = "x"          # float32 [batch, window, channels], scaled
+    output_name: str = "recon"     # float32 [batch, window, channels], scaled
+    dynamic_batch: bool = True
+    score: str = SCORE_DEFINITION
+    # Architecture settings needed to rebuild the model, e.g. TimesNet's fixed periods.
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # {"files": [{"path", "sha256", "rows"}], "seed", "epochs", "val_loss", ...}
+    training: dict[str, Any] = field(default_factory=dict)
+    tool: dict[str, Any] = field(default_factory=dict)   # {"name", "version"}
+    exported_at: str = ""
+    parameters: int | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "metadata") -> "ModelMeta":
+        if not isinstance(d, dict):
+            raise ModelMetaError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ModelMetaError(f"{where}: 'format' is {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ModelMetaError(
+                f"{where}: 'format_version' is {d.get('format_version')!r}, "
+                f"this runtime reads version {FORMAT_VERSION}")
+        required = ["name", "architecture", "window", "channels", "scaler", "threshold",
+                    "onnx_sha256", "opset"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ModelMetaError(f"{where}: missing key(s) {', '.join(missing)}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ModelMetaError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        try:
+            scaler = Scaler(**d["scaler"])
+            threshold = Threshold(**d["threshold"])
+        except TypeError as e:
+            raise ModelMetaError(f"{where}: bad 'scaler' or 'threshold': {e}") from None
+        meta = cls(**{**d, "scaler": scaler, "threshold": threshold})
+        meta.validate(where)
+        return meta
+
+    def validate(self, where: str = "metadata") -> None:
+        if not isinstance(self.window, int) or self.window < 2:
+            raise ModelMetaError(f"{where}: 'window' is {self.window!r}, expected an integer >= 2")
+        if (not isinstance(self.channels, list) or not self.channels
+                or not all(isinstance(c, str) and c for c in self.channels)):
+            raise ModelMetaError(f"{where}: 'channels' must be a non-empty list of names")
+        if len(set(self.channels)) != len(self.channels):
+            raise ModelMetaError(f"{where}: 'channels' has duplicate names")
+        n = len(self.channels)
+        for key in ("mean", "std"):
+            v = getattr(self.scaler, key)
+            if not isinstance(v, list) or len(v) != n:
+                raise ModelMetaError(
+                    f"{where}: 'scaler.{key}' has {len(v) if isinstance(v, list) else v!r} "
+                    f"values, expected {n} (one per channel)")
+            if not all(isinstance(x, (int, float)) and x == x and abs(x) != float("inf") for x in v):
+                raise ModelMetaError(f"{where}: 'scaler.{key}' must hold finite numbers")
+        if any(s <= 0 for s in self.scaler.std):
+            raise ModelMetaError(f"{where}: 'scaler.std' must be > 0 for every channel")
+        t = self.threshold.value
+        if not isinstance(t, (int, float)) or not (t > 0) or t == float("inf"):
+            raise ModelMetaError(f"{where}: 'threshold.value' is {t!r}, expected a finite number > 0")
+        if self.score != SCORE_DEFINITION:
+            raise ModelMetaError(
+                f"{where}: 'score' is {self.score!r}, this runtime implements {SCORE_DEFINITION!r}")
+        if not (isinstance(self.onnx_sha256, str) and len(self.onnx_sha256) == 64):
+            raise ModelMetaError(f"{where}: 'onnx_sha256' must be a 64-hex-digit sha256")
+
+
+def load_meta(model_path: str | Path, verify_checksum: bool = True) -> ModelMeta:
+    """Read ``<model>.onnx.json`` and, by default, check the ONNX file's sha256 against it."""
+    model_path = Path(model_path)
+    mp = meta_path_for(model_path)
+    if not model_path.is_file():
+        raise ModelMetaError(f"model file not found: {model_path}")
+    if not mp.is_file():
+        raise ModelMetaError(f"metadata not found: {mp} (every model needs its .onnx.json)")
+    try:
+        d = json.loads(mp.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelMetaError(f"{mp}: not valid JSON: {e}") from None
+    meta = ModelMeta.from_dict(d, where=str(mp))
+    if verify_checksum:
+        actual = sha256_file(model_path)
+        if actual != meta.onnx_sha256:
+            raise ModelMetaError(
+                f"{model_path}: sha256 {actual[:16]}... does not match metadata "
+                f"{meta.onnx_sha256[:16]}... (file corrupt or tampered; refusing to load)")
+    return meta
