@@ -168,7 +168,8 @@ class SinksConfig(_Strict):
 class AgentConfig(_Strict):
     node: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    state_dir: str = "/var/lib/tsad-agent"
+    # calibration and the alert outbox persist here; null = keep nothing (replay, evaluation)
+    state_dir: str | None = "/var/lib/tsad-agent"
     model: ModelConfig
     streams: list[StreamConfig] = Field(min_length=1)
     buffer: BufferConfig = BufferConfig()

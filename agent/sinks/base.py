@@ -15,6 +15,15 @@ class Sink:
     def score(self, stream: str, ts: float, score: float, threshold: float, label: int) -> None:
         """Latest score of a stream (sinks rate-limit as they need)."""
 
+    def scores(self, stream: str, ts, scores, threshold: float, labels, alert_open) -> None:
+        """A block of per-window results (numpy arrays of equal length).
+
+        The pipeline calls this once per block so that per-window Python work stays
+        out of the hot path; sinks that only want the latest value use the last row.
+        """
+        if len(ts):
+            self.score(stream, float(ts[-1]), float(scores[-1]), threshold, int(labels[-1]))
+
     def health(self, health: dict) -> None:
         """Periodic health snapshot."""
 

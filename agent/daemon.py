@@ -1,0 +1,96 @@
+"""The long-running service: signals, systemd notify/watchdog, reload, clean stop."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from . import sdnotify
+from .config import AgentConfig, ConfigError, load_config
+from .detector import Detector, DetectorError
+from .metrics import Metrics
+from .model_meta import ModelMetaError
+from .pipeline import Pipeline
+from .sinks.build import build_sinks
+
+log = logging.getLogger("tsad.daemon")
+
+
+class Daemon:
+    def __init__(self, config_path: str, cfg: AgentConfig):
+        self.config_path = config_path
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.watchdog = sdnotify.Watchdog()
+        self.sinks = build_sinks(cfg, self.metrics)
+        self.pipeline = self._new_pipeline(cfg, Detector(
+            cfg.model.path, providers=list(cfg.model.providers), threads=cfg.model.threads,
+            verify_checksum=cfg.model.verify_checksum, max_batch=cfg.model.max_batch,
+            metrics=self.metrics))
+
+    def _new_pipeline(self, cfg: AgentConfig, detector: Detector) -> Pipeline:
+        p = Pipeline(cfg, self.sinks, metrics=self.metrics, detector=detector)
+        p.on_tick = self._tick
+        return p
+
+    def _tick(self) -> None:
+        self.watchdog.alive()
+
+    def _interrupted(self) -> bool:
+        return self._stop.is_set() or self._reload.is_set()
+
+    def _on_signal(self, signum, _frame) -> None:
+        (self._reload if signum == signal.SIGHUP else self._stop).set()
+
+    def reload(self) -> None:
+        """Swap in a new config and model; anything invalid keeps the old ones running."""
+        sdnotify.reloading()
+        try:
+            new_cfg = load_config(self.config_path)
+            detector = Detector(
+                new_cfg.model.path, providers=list(new_cfg.model.providers),
+                threads=new_cfg.model.threads, verify_checksum=new_cfg.model.verify_checksum,
+                max_batch=new_cfg.model.max_batch, metrics=self.metrics)
+        except (ConfigError, DetectorError, ModelMetaError, OSError) as e:
+            log.error("reload rejected, keeping the running config and model: %s", e)
+            sdnotify.ready()
+            return
+        self.pipeline.stop(stop_sinks=False)
+        # Outputs are rebuilt only when their settings changed, so a model swap keeps the
+        # broker session (and its outbox) instead of flapping availability.
+        rebuild = (new_cfg.mqtt, new_cfg.sinks, new_cfg.node, new_cfg.state_dir) != \
+            (self.cfg.mqtt, self.cfg.sinks, self.cfg.node, self.cfg.state_dir)
+        if rebuild:
+            for s in self.sinks:
+                s.stop()
+            self.sinks = build_sinks(new_cfg, self.metrics)
+        self.cfg = new_cfg
+        self.pipeline = self._new_pipeline(new_cfg, detector)
+        self.pipeline.start(start_sinks=rebuild)
+        log.info("reloaded %s: model %s (%s)", self.config_path, detector.meta.name, detector.ep)
+        sdnotify.ready()
+
+    def serve(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.pipeline.start()
+        self.watchdog.start()
+        sdnotify.ready()
+        sdnotify.status(f"model {self.pipeline.meta.name} on {self.pipeline.detector.ep}, "
+                        f"{len(self.cfg.streams)} stream(s)")
+        log.info("running: node %s, model %s on %s", self.cfg.node, self.pipeline.meta.name,
+                 self.pipeline.detector.ep)
+        while True:
+            self.pipeline.run(interrupted=self._interrupted)
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                self.reload()
+                continue
+            break
+        sdnotify.stopping()
+        log.info("stopping")
+        self.watchdog.stop()
+        self.pipeline.stop()
+        return 0
