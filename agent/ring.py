@@ -1,0 +1,175 @@
+"""Per-stream sliding window over incoming samples.
+
+The buffer is a mirrored ring: every row is written twice, at `i % cap` and
+`i % cap + cap`, so the newest `L <= cap` rows are always one contiguous slice.
+With `cap = window + max_block` the rows needed by a whole block (W-1 old ones
+plus the block) are one slice, and the due windows are gathered from it in a
+single fancy-indexing copy.  All other work (forward fill, NaN bookkeeping,
+stride schedule) is vectorised over the block, so the cost per appended sample
+is O(C) however long the stream runs.
+
+Semantics, in the order they apply to each sample:
+- time gap: if ts - previous ts > gap_reset_s, the buffer is reset before the
+  sample is appended (counted in `resets`); a non-increasing ts is clock jitter,
+  not a gap.
+- forward fill: a NaN takes the channel's last finite value for up to
+  `ffill_max` consecutive missing samples; after that (or before any finite
+  value since the last reset) it stays NaN.
+- stride: counting samples since the last reset, the first window is due when
+  the buffer holds `window` samples, then every `stride` samples.
+- a due window that still contains NaN is dropped and counted in `skipped`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Windows:
+    ts: np.ndarray      # float64 [k]  timestamp of each window's newest sample
+    x: np.ndarray       # float32 [k, W, C], C-contiguous
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+class RingBuffer:
+    def __init__(self, window: int, channels: int, stride: int = 1, ffill_max: int = 3,
+                 gap_reset_s: float | None = None, max_block: int = 1024):
+        if window < 1 or channels < 1 or stride < 1 or ffill_max < 0 or max_block < 1:
+            raise ValueError("window, channels, stride, max_block must be >= 1 and ffill_max >= 0")
+        self.window = window
+        self.channels = channels
+        self.stride = stride
+        self.ffill_max = ffill_max
+        self.gap_reset_s = gap_reset_s
+        self.max_block = max_block
+        self._cap = window + max_block
+        self._buf = np.full((2 * self._cap, channels), np.nan, dtype=np.float32)
+        self._offsets = np.arange(window)
+        self._total = 0          # rows ever written: ring position, never reset
+        self.resets = 0          # resets caused by time gaps
+        self.skipped = 0         # due windows dropped because of unfillable NaN
+        self.reset()
+
+    @property
+    def filled(self) -> int:
+        """Samples in the current window since the last reset (0..window)."""
+        return min(self._since, self.window)
+
+    def reset(self) -> None:
+        """Forget the current window and the forward-fill state."""
+        self._since = 0
+        self._prev_ts: float | None = None
+        self._last_val = np.full(self.channels, np.nan, dtype=np.float32)
+        self._missing_run = np.zeros(self.channels, dtype=np.int64)
+        self._last_nan_row = -1  # global row index of the newest row still holding NaN
+
+    def latest(self) -> np.ndarray:
+        """The newest `window` rows as a view into the buffer, valid until the next push.
+
+        Rows older than `filled` belong to before the last reset (or are NaN at start)."""
+        end = (self._total - 1) % self._cap + self._cap + 1
+        return self._buf[end - self.window:end]
+
+    def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
+        ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim != 2 or values.shape != (len(ts), self.channels):
+            raise ValueError(f"values must be [{len(ts)}, {self.channels}], got {values.shape}")
+        parts = []
+        for a, b, gap in self._segments(ts):
+            if gap:
+                self.reset()
+                self.resets += 1
+            for s in range(a, b, self.max_block):
+                e = min(b, s + self.max_block)
+                w = self._append(ts[s:e], values[s:e])
+                if w is not None:
+                    parts.append(w)
+        if len(ts):
+            self._prev_ts = float(ts[-1])
+        if not parts:
+            return Windows(np.empty(0, np.float64),
+                           np.empty((0, self.window, self.channels), np.float32))
+        if len(parts) == 1:
+            return parts[0]
+        return Windows(np.concatenate([p.ts for p in parts]),
+                       np.concatenate([p.x for p in parts]))
+
+    # ------------------------------------------------------------ internals
+    def _segments(self, ts: np.ndarray):
+        """(start, end, reset_first) runs of the block split at time gaps."""
+        n = len(ts)
+        if n == 0:
+            return []
+        if self.gap_reset_s is None:
+            return [(0, n, False)]
+        prev = np.empty(n)
+        prev[0] = np.nan if self._prev_ts is None else self._prev_ts
+        prev[1:] = ts[:-1]
+        cuts = np.flatnonzero(ts - prev > self.gap_reset_s)
+        bounds = [0, *cuts.tolist(), n]
+        gaps = set(cuts.tolist())
+        return [(bounds[i], bounds[i + 1], bounds[i] in gaps)
+                for i in range(len(bounds) - 1) if bounds[i] < bounds[i + 1]]
+
+    def _ffill(self, v: np.ndarray) -> np.ndarray:
+        m = len(v)
+        finite = np.isfinite(v)
+        if finite.all():
+            self._last_val = v[-1].copy()
+            self._missing_run[:] = 0
+            return v
+        rows = np.arange(m)[:, None]
+        src = np.maximum.accumulate(np.where(finite, rows, -1), axis=0)   # last finite row
+        has_src = src >= 0
+        cols = np.arange(self.channels)[None, :]
+        fill = np.where(has_src, v[np.maximum(src, 0), cols], self._last_val[None, :])
+        run = np.where(has_src, rows - src, self._missing_run[None, :] + rows + 1)
+        out = np.where(finite | (run <= self.ffill_max), fill, np.float32(np.nan))
+        self._last_val = fill[-1].astype(np.float32)
+        self._missing_run = run[-1].astype(np.int64)
+        return out.astype(np.float32, copy=False)
+
+    def _write(self, rows: np.ndarray) -> None:
+        cap, m = self._cap, len(rows)
+        s = self._total % cap
+        first = min(m, cap - s)
+        self._buf[s:s + first] = rows[:first]
+        self._buf[s + cap:s + cap + first] = rows[:first]
+        if first < m:
+            self._buf[:m - first] = rows[first:]
+            self._buf[cap:cap + m - first] = rows[first:]
+        self._total += m
+
+    def _append(self, ts: np.ndarray, v: np.ndarray) -> Windows | None:
+        m, W = len(ts), self.window
+        rows = self._ffill(v)
+        g0 = self._total                              # global index of rows[0]
+        nan_rows = np.isnan(rows).any(axis=1)
+        last_nan = np.maximum.accumulate(np.where(nan_rows, g0 + np.arange(m), -1))
+        last_nan = np.maximum(last_nan, self._last_nan_row)
+        self._last_nan_row = int(last_nan[-1])
+        self._write(rows)
+
+        since0 = self._since
+        self._since += m
+        # first sample index (since reset) at which a window is due, at or after since0
+        first = W - 1 if since0 <= W - 1 else \
+            since0 + (-(since0 - (W - 1))) % self.stride
+        due = np.arange(first - since0, m, self.stride)   # row indices within this block
+        if len(due) == 0:
+            return None
+        ok = last_nan[due] < g0 + due - W + 1
+        self.skipped += int(len(due) - ok.sum())
+        due = due[ok]
+        if len(due) == 0:
+            return None
+        # region = the W-1 rows before this block + the block, contiguous in the mirror
+        end = (self._total - 1) % self._cap + self._cap + 1
+        region = self._buf[end - (W - 1 + m):end]
+        x = region[due[:, None] + self._offsets[None, :]]
+        return Windows(ts[due], x)
