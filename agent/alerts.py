@@ -1,0 +1,195 @@
+"""Alert hysteresis and lifecycle for one stream.
+
+Rules (windows are labelled anomalous when score >= threshold):
+- open ("new"): at an anomalous window, when at least open_k of the last open_n
+  windows (itself included) are anomalous, the stream is normal and the cooldown
+  after the previous alert has passed.  `start` is the first anomalous window of
+  those n; windows before the previous alert's end never count.
+- "update": while open, at the first window at least update_interval_s (by sample
+  timestamps) after the previous new/update event.
+- close ("end"): at the close_m-th consecutive normal window; `end` is the time
+  of the first window of that normal run (when the signal came back).  No new
+  alert opens on the stream before end-event time + cooldown_s.
+Every event carries the score of the window that produced it, the peak score so
+far, and `top_channels` of the peak window (the channels behind the alert).
+
+State changes are the events: "new" means normal -> anomaly, "end" means
+anomaly -> normal; `state` is the state after the last window of the block.
+
+Each block is scanned with numpy from one event to the next, so a block without
+events costs a handful of array operations regardless of its length, and the
+events do not depend on how the scores were split into blocks.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+
+from .config import AlertConfig
+from .scoring import top_channels
+
+SCHEMA = 1
+
+
+def iso_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def _num(v: float) -> float | None:
+    # NaN/inf are not JSON; an event must always serialise.
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+class AlertTracker:
+    def __init__(self, node: str, stream: str, cfg: AlertConfig, channels: list[str],
+                 model_info: dict) -> None:
+        self.node, self.stream, self.cfg = node, stream, cfg
+        self.channels = list(channels)
+        self.model_info = dict(model_info)
+        self.state = "normal"
+        self.labels = np.empty(0, np.int8)
+        self.alert_id: str | None = None
+        c = len(self.channels)
+        # The last open_n - 1 windows, needed by the k-of-n rule across blocks.
+        self._h_ts = np.empty(0, np.float64)
+        self._h_sc = np.empty(0, np.float64)
+        self._h_lab = np.empty(0, np.int8)
+        self._h_err = np.empty((0, c), np.float64)
+        self._cooldown_until = -np.inf
+        # open-alert state
+        self._start = 0.0
+        self._peak = -np.inf
+        self._peak_err = np.zeros(c)
+        self._last_update = 0.0
+        self._normal_run = 0           # consecutive normal windows so far
+        self._normal_since = 0.0       # timestamp of the first of them
+
+    # ------------------------------------------------------------ events
+    def _event(self, typ: str, score: float, threshold: float, end: float | None) -> dict:
+        return {
+            "schema": SCHEMA, "type": typ, "id": self.alert_id,
+            "node": self.node, "stream": self.stream,
+            "start": iso_utc(self._start), "end": None if end is None else iso_utc(end),
+            "score": _num(score), "peak_score": _num(self._peak), "threshold": _num(threshold),
+            "top_channels": top_channels(self._peak_err, self.channels, self.cfg.top_channels),
+            "model": dict(self.model_info),
+        }
+
+    # ------------------------------------------------------------ update
+    def update(self, ts: np.ndarray, scores: np.ndarray, threshold: float,
+               err: np.ndarray) -> list[dict]:
+        """Feed a block of windows (timestamps, scores, err [n, C]); returns its events in order."""
+        ts = np.asarray(ts, np.float64)
+        scores = np.asarray(scores, np.float64)
+        err = np.asarray(err, np.float64)
+        n = len(ts)
+        if scores.shape != (n,) or err.shape != (n, len(self.channels)):
+            raise ValueError(f"block shapes disagree: ts {ts.shape}, scores {scores.shape}, "
+                             f"err {err.shape} (expected [n] and [n, {len(self.channels)}])")
+        lab = (scores >= threshold).astype(np.int8)   # NaN compares False: never anomalous
+        self.labels = lab
+        if n == 0:
+            return []
+        if self.state == "normal" and not lab.any():
+            # The common case: nothing can open.  Only the k-of-n history moves on.
+            self._keep(self._h_ts, self._h_sc, self._h_lab, ts, scores, lab, err)
+            return []
+        h = len(self._h_ts)
+        T = np.concatenate([self._h_ts, ts])
+        S = np.concatenate([self._h_sc, scores])
+        L = np.concatenate([self._h_lab, lab])
+        # Peak search must skip NaN scores.
+        Sp = np.where(np.isnan(S), -np.inf, S)
+        h_err = self._h_err
+
+        def err_row(i: int) -> np.ndarray:
+            return h_err[i] if i < h else err[i - h]
+
+        N = h + n
+        k, wn, m = self.cfg.open_k, self.cfg.open_n, self.cfg.close_m
+        interval = self.cfg.update_interval_s
+        events: list[dict] = []
+        pos = h
+        while pos < N:
+            if self.state == "normal":
+                lo = max(pos - wn + 1, 0)
+                c = np.concatenate([[0], np.cumsum(L[lo:N], dtype=np.int64)])
+                j_idx = np.arange(pos, N)
+                cnt = c[j_idx - lo + 1] - c[np.maximum(j_idx - wn + 1, lo) - lo]
+                ok = (L[pos:N] == 1) & (cnt >= k) & (T[pos:N] >= self._cooldown_until)
+                if not ok.any():
+                    break
+                j = pos + int(np.argmax(ok))
+                w0 = max(j - wn + 1, 0)
+                onset = w0 + int(np.argmax(L[w0:j + 1]))
+                p = onset + int(np.argmax(Sp[onset:j + 1]))
+                self.state = "anomaly"
+                self._start = float(T[onset])
+                self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
+                self._peak = float(Sp[p])
+                self._peak_err = np.array(err_row(p))
+                self._last_update = float(T[j])
+                self._normal_run = 0
+                events.append(self._event("new", S[j], threshold, None))
+                pos = j + 1
+            else:
+                seg = L[pos:N]
+                idx = np.arange(N - pos)
+                last = np.maximum.accumulate(np.where(seg == 1, idx, -1 - self._normal_run))
+                run = idx - last
+                closing = run >= m
+                close = pos + int(np.argmax(closing)) if closing.any() else None
+                upper = close if close is not None else N
+                # Updates: each at the first window >= interval after the previous one.
+                p0 = pos
+                while p0 < upper:
+                    due = T[p0:upper] >= self._last_update + interval
+                    if not due.any():
+                        break
+                    u = p0 + int(np.argmax(due))
+                    self._take_peak(Sp, p0, u + 1, err_row)
+                    self._last_update = float(T[u])
+                    events.append(self._event("update", S[u], threshold, None))
+                    p0 = u + 1
+                stop = close + 1 if close is not None else N
+                self._take_peak(Sp, p0, stop, err_row)
+                end_at = stop - 1
+                rl = int(last[end_at - pos])
+                if rl >= 0 or self._normal_run == 0:
+                    # the normal run (if any) began inside this block
+                    if run[end_at - pos] > 0:
+                        self._normal_since = float(T[pos + rl + 1])
+                self._normal_run = int(run[end_at - pos])
+                if close is None:
+                    break
+                events.append(self._event("end", S[close], threshold, self._normal_since))
+                self.state = "normal"
+                self._cooldown_until = float(T[close]) + self.cfg.cooldown_s
+                # Windows up to the end belong to the closed alert, not to the next one.
+                L[max(close - wn + 1, 0):close + 1] = 0
+                pos = close + 1
+        self._keep(T[:h], S[:h], L[:h], ts, scores, L[h:], err)
+        return events
+
+    def _keep(self, h_ts, h_sc, h_lab, ts, scores, lab, err) -> None:
+        """Carry the last open_n - 1 windows into the next block."""
+        keep = self.cfg.open_n - 1
+        if not keep:
+            return
+        self._h_ts = np.concatenate([h_ts, ts])[-keep:]
+        self._h_sc = np.concatenate([h_sc, scores])[-keep:]
+        self._h_lab = np.concatenate([h_lab, lab])[-keep:]
+        # copies: the caller may reuse its err buffer for the next block
+        self._h_err = (err[-keep:].copy() if len(ts) >= keep
+                       else np.concatenate([self._h_err, err])[-keep:])
+
+    def _take_peak(self, Sp: np.ndarray, a: int, b: int, err_row) -> None:
+        if b <= a:
+            return
+        p = a + int(np.argmax(Sp[a:b]))
+        if Sp[p] > self._peak:
+            self._peak = float(Sp[p])
+            self._peak_err = np.array(err_row(p))

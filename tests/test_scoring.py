@@ -1,0 +1,152 @@
+"""Score definition, channel shares, smoothing, scaling and per-stream calibration."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from agent.calibration import MIN_THRESHOLD, CalibrationStore, fit_scaler, fit_threshold
+from agent.model_meta import SCORE_DEFINITION
+from agent.scoring import Smoother, StreamScaler, score_windows, top_channels
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def test_score_definition_by_hand():
+    assert SCORE_DEFINITION == "mse_last_step_scaled"
+    x = np.zeros((2, 3, 2), np.float32)
+    recon = np.zeros_like(x)
+    # Older time steps must not count: large errors there, none of them in the score.
+    recon[:, :2, :] = 100.0
+    x[0, -1] = [1.0, 2.0]
+    recon[0, -1] = [1.5, 0.0]      # errors 0.25, 4.0 -> mean 2.125
+    x[1, -1] = [-1.0, 0.5]
+    recon[1, -1] = [-1.0, 0.5]     # perfect
+    scores, err = score_windows(x, recon)
+    assert scores.dtype == np.float64 and err.dtype == np.float64
+    np.testing.assert_allclose(err, [[0.25, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(scores, [2.125, 0.0])
+
+
+def test_score_shape_mismatch():
+    with pytest.raises(ValueError, match="must both be"):
+        score_windows(np.zeros((1, 4, 2), np.float32), np.zeros((1, 4, 3), np.float32))
+
+
+def test_top_channels_shares():
+    out = top_channels(np.array([1.0, 6.0, 0.0, 3.0]), ["a", "b", "c", "d"], 3)
+    assert out == [{"name": "b", "share": 0.6}, {"name": "d", "share": 0.3}, {"name": "a", "share": 0.1}]
+    assert top_channels(np.array([1.0, 2.0]), ["a", "b"], 5) == [
+        {"name": "b", "share": 0.6667}, {"name": "a", "share": 0.3333}]
+    assert top_channels(np.zeros(3), ["a", "b", "c"], 2) == []
+    assert top_channels(np.array([np.nan, 1.0]), ["a", "b"], 2) == []
+
+
+def test_smoother_blocks_equal_one_by_one():
+    rng = np.random.default_rng(3)
+    s = rng.random(50)
+    whole = Smoother(4).update(s)
+    sm = Smoother(4)
+    pieces = np.concatenate([sm.update(s[i:j]) for i, j in [(0, 1), (1, 2), (2, 9), (9, 9), (9, 50)]])
+    np.testing.assert_allclose(whole, pieces, rtol=1e-12)
+    # reference: mean of the last (up to) 4 scores
+    ref = [s[max(0, i - 3):i + 1].mean() for i in range(50)]
+    np.testing.assert_allclose(whole, ref, rtol=1e-12)
+    np.testing.assert_array_equal(Smoother(1).update(s), s)
+
+
+def test_stream_scaler():
+    sc = StreamScaler(np.array([1.0, 10.0]), np.array([2.0, 0.5]))
+    out = sc.apply(np.array([[3.0, 10.0], [np.nan, 9.0]], np.float32))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[1.0, 0.0], [np.nan, -2.0]])
+    with pytest.raises(ValueError, match="std must be > 0"):
+        StreamScaler(np.zeros(2), np.array([1.0, 0.0]))
+
+
+def test_fit_scaler_ignores_nan_rows_and_floors_flat_channels():
+    rng = np.random.default_rng(0)
+    raw = np.column_stack([rng.normal(5, 2, 500), np.full(500, 32.0)])   # channel 2 is flat
+    raw[10, 0] = np.nan
+    raw[20, 1] = np.nan
+    sc = fit_scaler(raw, model_std=np.array([1.0, 4.0]), std_floor=0.1)
+    ok = np.all(np.isfinite(raw), axis=1)
+    assert sc.mean[0] == pytest.approx(raw[ok, 0].mean())
+    assert sc.std[0] == pytest.approx(raw[ok, 0].std())
+    assert sc.mean[1] == 32.0 and sc.std[1] == pytest.approx(0.4)   # 0.1 x model std
+    # a later wobble of 0.2 on the flat channel is half a std, not infinity
+    assert sc.apply(np.array([[5.0, 32.2]], np.float32))[0, 1] == pytest.approx(0.5, rel=1e-5)
+    assert fit_scaler(raw, np.array([1.0, 4.0]), std_floor=0.0).std[1] == 4.0
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_scaler(np.full((5, 2), np.nan), np.ones(2), 0.1)
+    with pytest.raises(ValueError, match="do not match"):
+        fit_scaler(raw, np.ones(3), 0.1)
+
+
+def test_fit_threshold():
+    s = np.arange(1, 101, dtype=np.float64)
+    assert fit_threshold(s, 0.5, 2.0) == pytest.approx(np.quantile(s, 0.5) * 2.0)
+    assert fit_threshold(np.append(s, [np.nan, np.inf]), 0.5, 2.0) == pytest.approx(101.0)
+    assert fit_threshold(np.zeros(10), 0.99, 1.5) == MIN_THRESHOLD > 0
+    with pytest.raises(ValueError, match="no finite"):
+        fit_threshold(np.array([np.nan]), 0.9, 1.0)
+
+
+def record(mean=(1.0, 2.0), std=(0.5, 0.25), thr=0.3):
+    return {"mean": np.array(mean), "std": np.array(std), "threshold": np.float64(thr),
+            "samples": 400, "quantile": 0.99, "margin": 1.5, "fitted_at": "2024-01-01T00:00:00Z"}
+
+
+def test_calibration_round_trip(tmp_path):
+    store = CalibrationStore(tmp_path)
+    p = store.save("pump-1", SHA_A, record())
+    assert p.parent == tmp_path / "calibration" and not list(p.parent.glob("*.tmp"))
+    got = CalibrationStore(tmp_path).load("pump-1", SHA_A)
+    np.testing.assert_array_equal(got["mean"], [1.0, 2.0])
+    np.testing.assert_array_equal(got["std"], [0.5, 0.25])
+    assert got["threshold"] == 0.3 and got["samples"] == 400 and got["quantile"] == 0.99
+    assert got["margin"] == 1.5 and got["fitted_at"] == "2024-01-01T00:00:00Z"
+    assert store.load("pump-2", SHA_A) is None
+    # saving again replaces the file
+    store.save("pump-1", SHA_A, record(thr=0.7))
+    assert store.load("pump-1", SHA_A)["threshold"] == 0.7
+
+
+def test_calibration_odd_stream_names_do_not_escape(tmp_path):
+    store = CalibrationStore(tmp_path)
+    for s in ["../evil", "a/b", ".", "x%2Fy", "x/y"]:
+        store.save(s, SHA_A, record(thr=len(s) / 10))
+    assert {p.parent for p in (tmp_path / "calibration").iterdir()} == {tmp_path / "calibration"}
+    assert store.load("x%2Fy", SHA_A)["threshold"] == 0.5
+    assert store.load("x/y", SHA_A)["threshold"] == 0.3
+
+
+def test_calibration_other_model_means_recalibrate(tmp_path, caplog):
+    store = CalibrationStore(tmp_path)
+    store.save("s", SHA_A, record())
+    caplog.set_level(logging.INFO, logger="agent.calibration")
+    assert store.load("s", SHA_B) is None
+    assert "recalibrating" in caplog.text
+    assert store.load("s", SHA_A) is not None
+
+
+@pytest.mark.parametrize("content", ['{"schema": 1, "mean": [1', "[]", "\xff\xfe",
+                                     '{"schema": 1, "model_sha256": "%s", "mean": [1.0], "std": [0.0], "threshold": 1}' % SHA_A,
+                                     '{"schema": 1, "model_sha256": "%s", "mean": [1.0], "std": [1.0], "threshold": -1}' % SHA_A,
+                                     '{"schema": 2, "model_sha256": "%s", "mean": [1.0], "std": [1.0], "threshold": 1}' % SHA_A])
+def test_calibration_corrupt_file_is_logged_and_ignored(tmp_path, caplog, content):
+    store = CalibrationStore(tmp_path)
+    store.save("s", SHA_A, record())
+    store.path("s").write_bytes(content.encode("latin-1"))
+    caplog.set_level(logging.WARNING, logger="agent.calibration")
+    assert store.load("s", SHA_A) is None
+    assert "recalibrating" in caplog.text and str(store.path("s")) in caplog.text
+
+
+def test_calibration_file_is_plain_json(tmp_path):
+    p = CalibrationStore(tmp_path).save("s", SHA_A, record())
+    d = json.loads(p.read_text())
+    assert d["schema"] == 1 and d["stream"] == "s" and d["model_sha256"] == SHA_A
+    assert d["mean"] == [1.0, 2.0] and d["threshold"] == 0.3
