@@ -51,6 +51,7 @@ class AlertTracker:
         self.model_info = dict(model_info)
         self.state = "normal"
         self.labels = np.empty(0, np.int8)
+        self.open_mask = np.empty(0, np.int8)
         self.alert_id: str | None = None
         c = len(self.channels)
         # The last open_n - 1 windows, needed by the k-of-n rule across blocks.
@@ -91,6 +92,9 @@ class AlertTracker:
                              f"err {err.shape} (expected [n] and [n, {len(self.channels)}])")
         lab = (scores >= threshold).astype(np.int8)   # NaN compares False: never anomalous
         self.labels = lab
+        # per-window "alert open as known at that window": from the window that opened
+        # it up to (not including) the window that closed it
+        self.open_mask = np.full(n, self.state == "anomaly", np.int8)
         if n == 0:
             return []
         if self.state == "normal" and not lab.any():
@@ -134,6 +138,7 @@ class AlertTracker:
                 self._last_update = float(T[j])
                 self._normal_run = 0
                 events.append(self._event("new", S[j], threshold, None))
+                self.open_mask[j - h:] = 1
                 pos = j + 1
             else:
                 seg = L[pos:N]
@@ -166,6 +171,7 @@ class AlertTracker:
                 if close is None:
                     break
                 events.append(self._event("end", S[close], threshold, self._normal_since))
+                self.open_mask[close - h:] = 0
                 self.state = "normal"
                 self._cooldown_until = float(T[close]) + self.cfg.cooldown_s
                 # Windows up to the end belong to the closed alert, not to the next one.
