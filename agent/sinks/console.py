@@ -1,0 +1,53 @@
+"""Console sink: one line per alert event on stdout (text for people, JSON for tools).
+
+"text" prints alert events only; "json" also prints state changes, one object
+per line.  Scores are never printed: they arrive per window.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from .base import Sink
+from .jsonl import to_json
+
+
+def _num(v, spec: str = ".4g") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "?"
+
+
+def format_alert(a: dict, now: float | None = None) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now if now is not None else time.time()))
+    kind = a.get("type", "?")
+    head = f"{stamp} ALERT {kind:<6} {a.get('stream', '?')}"
+    if kind == "end":
+        start, end = a.get("start"), a.get("end")
+        dur = (f" dur={end - start:.1f}s" if isinstance(start, (int, float))
+               and isinstance(end, (int, float)) else "")
+        body = f"peak={_num(a.get('peak_score'))} thr={_num(a.get('threshold'))}{dur}"
+    else:
+        top = ",".join(f"{c.get('name')}({_num(c.get('share'), '.2f')})"
+                       for c in a.get("top_channels") or [])
+        body = f"score={_num(a.get('score'))} thr={_num(a.get('threshold'))} top={top or '-'}"
+    return f"{head} {body} id={a.get('id', '?')}"
+
+
+class ConsoleSink(Sink):
+    def __init__(self, fmt: str = "text", stream: TextIO | None = None) -> None:
+        if fmt not in ("text", "json"):
+            raise ValueError(f"console format must be 'text' or 'json', not {fmt!r}")
+        self.fmt = fmt
+        self._out = stream
+
+    def _print(self, line: str) -> None:
+        # resolved per call so that a redirected sys.stdout (tests, daemons) is honoured
+        print(line, file=self._out or sys.stdout, flush=True)
+
+    def alert(self, alert: dict) -> None:
+        self._print(to_json(alert) if self.fmt == "json" else format_alert(alert))
+
+    def state(self, stream: str, state: str) -> None:
+        if self.fmt == "json":
+            self._print(to_json({"type": "state", "stream": stream, "state": state,
+                                 "ts": round(time.time(), 3)}))

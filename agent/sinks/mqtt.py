@@ -1,0 +1,253 @@
+"""MQTT sink: alerts (durable, in order, at least once), stream states, scores,
+health, availability and Home Assistant device discovery.
+
+Topics (P = cfg.topic_prefix, default "tsad/<node>/"):
+  P alerts                  every alert event (JSON)             QoS 1, not retained
+  P availability            "online" / "offline"                 QoS 1, retained; "offline" is the Last Will
+  P stream/<id>/state       "normal" / "anomaly"                 QoS 1, retained
+  P stream/<id>/score       {"ts","score","threshold","label"}   QoS 0, not retained, <= 1 per score_interval_s
+  P health                  pipeline snapshot + "mqtt" section   QoS 1, retained
+  <discovery_prefix>/device/<node>/config   Home Assistant device discovery (when enabled), QoS 1, retained
+
+Alert delivery: alert() writes the event to the Outbox and returns; a sender
+thread hands the oldest rows to paho (at most WINDOW unacknowledged) and deletes
+each row when its PUBACK arrives.  Rows still in the outbox at exit are sent
+again by the next run, so delivery is at least once and consumers de-duplicate
+by alert id.  Order is kept across outages: after a reconnect paho first resends
+its unacknowledged copies in their original order, and new rows are handed over
+only once the broker has acknowledged this connection's "online" message, which
+it can only do after those resends went out.
+
+TLS: when mqtt.tls is set the client speaks TLS only (see make_client); there is
+no plaintext fallback.  Credentials never appear in log lines.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from .. import __version__
+from ..config import AgentConfig
+from ..metrics import Metrics
+from ..mqtt_client import make_client
+from ..outbox import Outbox
+from .base import Sink
+from .jsonl import to_json
+
+log = logging.getLogger(__name__)
+
+WINDOW = 32      # alert rows handed to paho but not yet acknowledged
+
+
+def discovery(cfg: AgentConfig) -> tuple[str, dict]:
+    """Home Assistant device-discovery topic and payload: per stream an anomaly
+    binary_sensor (from the state topic) and a score sensor (from the score topic)."""
+    p = cfg.topic_prefix
+    # HA allows only [a-zA-Z0-9_-] in discovery topic ids
+    dev = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.node)
+    cmps = {}
+    for s in cfg.streams:
+        sid = re.sub(r"[^A-Za-z0-9_-]", "_", s.id)
+        cmps[f"{sid}_anomaly"] = {
+            "p": "binary_sensor", "name": f"{s.id} anomaly", "unique_id": f"tsad_{dev}_{sid}_anomaly",
+            "state_topic": f"{p}stream/{s.id}/state", "payload_on": "anomaly",
+            "payload_off": "normal", "device_class": "problem"}
+        cmps[f"{sid}_score"] = {
+            "p": "sensor", "name": f"{s.id} anomaly score", "unique_id": f"tsad_{dev}_{sid}_score",
+            "state_topic": f"{p}stream/{s.id}/score", "value_template": "{{ value_json.score }}",
+            "state_class": "measurement", "json_attributes_topic": f"{p}stream/{s.id}/score"}
+    payload = {
+        "dev": {"ids": [f"tsad_{dev}"], "name": f"tsad {cfg.node}", "mf": "tsad-agent",
+                "mdl": "edge anomaly detector", "sw": __version__},
+        "o": {"name": "tsad-agent", "sw": __version__},
+        "availability_topic": f"{p}availability",
+        "payload_available": "online", "payload_not_available": "offline",
+        "qos": 1,
+        "cmps": cmps,
+    }
+    return f"{cfg.mqtt.homeassistant.discovery_prefix}/device/{dev}/config", payload
+
+
+def _acked(info: mqtt.MQTTMessageInfo | None) -> bool:
+    try:
+        return info is not None and info.is_published()
+    except (RuntimeError, ValueError):     # never queued: it will never be acknowledged
+        return False
+
+
+class MqttSink(Sink):
+    def __init__(self, cfg: AgentConfig, metrics: Metrics, outbox: Outbox) -> None:
+        self.cfg, self.m, self.metrics, self.outbox = cfg, cfg.mqtt, metrics, outbox
+        p = cfg.topic_prefix
+        self.t_alerts, self.t_avail, self.t_health = p + "alerts", p + "availability", p + "health"
+        self.client = make_client(cfg.mqtt, cfg.node, role="sink")
+        # The will must be registered before the first CONNECT to be part of it.
+        self.client.will_set(self.t_avail, "offline", qos=1, retain=True)
+        # Unlimited in paho: our WINDOW bounds alerts, and a paho-side queue would let
+        # a fresh publish overtake older queued ones.
+        self.client.max_inflight_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = lambda *a: self._wake.set()
+        # A fresh process has no open alert, so every stream starts "normal".
+        self._states = {s.id: "normal" for s in cfg.streams}
+        self._health: dict | None = None
+        self._last_score: dict[str, float] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._gate: mqtt.MQTTMessageInfo | None = None    # this connection's "online"
+        self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}
+        self._last_handed = 0
+        self._problem: str | None = None
+        self._was_connected = False
+        self.connect_failures = 0
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-sink", daemon=True)
+        self._thread.start()
+        # Asynchronous: an absent broker is retried in the background while
+        # alerts accumulate in the outbox.
+        self.client.connect_async(self.m.host, self.m.port, keepalive=self.m.keepalive)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish "offline" (waiting up to timeout for the broker to have it) and
+        disconnect.  The outbox stays open: its owner closes it."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.client.is_connected():
+            info = self.client.publish(self.t_avail, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass    # connection gone meanwhile: the will says "offline" instead
+            self._settle()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self.client.is_connected()
+
+    # ------------------------------------------------------------ events
+    def alert(self, alert: dict) -> None:
+        self.outbox.put(self.t_alerts, to_json(alert).encode(), str(alert.get("type", "?")))
+        self._wake.set()
+
+    def state(self, stream: str, state: str) -> None:
+        self._states[stream] = state
+        if self.client.is_connected():
+            self._pub_state(stream, state)
+
+    def score(self, stream: str, ts: float, score: float, threshold: float, label: int) -> None:
+        now = time.monotonic()
+        last = self._last_score.get(stream)
+        if last is not None and now - last < self.m.score_interval_s:
+            return
+        if not self.client.is_connected():
+            return      # scores are live values: nothing to catch up on later
+        self._last_score[stream] = now
+        self.client.publish(f"{self.cfg.topic_prefix}stream/{stream}/score",
+                            to_json({"ts": ts, "score": score, "threshold": threshold,
+                                     "label": label}), qos=0, retain=False)
+
+    def health(self, health: dict) -> None:
+        self._health = health
+        if self.client.is_connected():
+            self._pub_health()
+
+    def _pub_state(self, stream: str, state: str) -> None:
+        self.client.publish(f"{self.cfg.topic_prefix}stream/{stream}/state", state,
+                            qos=1, retain=True)
+
+    def _pub_health(self) -> None:
+        doc = dict(self._health or {})
+        doc["mqtt"] = {"connected": self.client.is_connected(), "queued": self.outbox.depth(),
+                       "dropped": self.metrics.dropped.get("outbox_full", 0)}
+        self.client.publish(self.t_health, to_json(doc), qos=1, retain=True)
+
+    # ------------------------------------------------------------ paho callbacks (network thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.connect_failures += 1
+            self._report(logging.ERROR,
+                         f"MQTT broker {self.m.host}:{self.m.port} refused the connection: "
+                         f"{reason_code} (username {self.m.username!r}); check mqtt.username "
+                         f"and the password source; retrying with backoff")
+            return
+        self._problem = None
+        self._was_connected = True
+        log.info("MQTT connected to %s:%d as %s (%d alert events queued)", self.m.host,
+                 self.m.port, self.m.username or "anonymous", self.outbox.depth())
+        self._gate = client.publish(self.t_avail, "online", qos=1, retain=True)
+        if self.m.homeassistant.enabled:
+            topic, payload = discovery(self.cfg)
+            client.publish(topic, to_json(payload), qos=1, retain=True)
+        for stream, state in list(self._states.items()):
+            self._pub_state(stream, state)
+        if self._health is not None:
+            self._pub_health()
+        self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self.connect_failures += 1
+        self._report(logging.WARNING,
+                     f"MQTT broker {self.m.host}:{self.m.port} unreachable (network or TLS error); "
+                     f"alerts are kept in the outbox and sent when it is back")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._was_connected and not self._stopping:
+            self._was_connected = False
+            self._report(logging.WARNING, f"MQTT connection to {self.m.host}:{self.m.port} lost "
+                                          f"({reason_code}); reconnecting")
+
+    def _report(self, level: int, msg: str) -> None:
+        # once per distinct problem, not once per retry
+        if msg != self._problem:
+            self._problem = msg
+            log.log(level, msg)
+
+    # ------------------------------------------------------------ sender thread
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                self._settle()
+                self._hand_off()
+            except Exception:      # a broken outbox must not end delivery for good
+                log.exception("MQTT sink sender failed; retrying")
+                time.sleep(1.0)
+
+    def _settle(self) -> None:
+        for rowid, info in list(self._inflight.items()):
+            if _acked(info):
+                self.outbox.ack(rowid)
+                del self._inflight[rowid]
+
+    def _hand_off(self) -> None:
+        if not (self.client.is_connected() and _acked(self._gate)):
+            return
+        room = WINDOW - len(self._inflight)
+        if room <= 0:
+            return
+        for rowid, topic, payload in self.outbox.pending(room, after=self._last_handed):
+            info = self.client.publish(topic, payload, qos=1, retain=False)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                # The connection dropped under us.  paho keeps this copy and resends it
+                # in order on reconnect; the row is handed over again after that (a
+                # duplicate that consumers drop by id).
+                break
+            self._inflight[rowid] = info
+            self._last_handed = rowid
