@@ -1,0 +1,238 @@
+"""Training data: read sensor CSVs, pick channels, scale, cut into windows.
+
+Policy for bad input: refuse, never repair.  A NaN or a non-numeric cell in a
+selected column stops training with the file, column and line named, because a
+silently imputed training set yields a model whose threshold means nothing.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from agent.model_meta import sha256_file
+
+TIME_COLUMNS = ("datetime", "timestamp", "time", "date", "ts")
+LABEL_COLUMNS = ("anomaly", "changepoint")
+# Flat channels would divide by ~0; the floor keeps a flat training channel at 0
+# after scaling while bounding the blow-up when it finally moves.
+STD_FLOOR_ABS = 1e-6
+STD_FLOOR_REL = 1e-4
+
+
+class DataError(ValueError):
+    """Training data unusable; the message names the file, column and row."""
+
+
+@dataclass
+class DataFile:
+    path: Path
+    sha256: str
+    rows: int                 # rows actually used (after the per-file row limit)
+    values: np.ndarray        # float64 [rows, channels], raw units
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256, "rows": self.rows}
+
+
+def parse_data_arg(arg: str, default_rows: int | None) -> tuple[Path, int | None]:
+    """``FILE`` or ``FILE:ROWS`` (only the first ROWS rows of that file)."""
+    m = re.match(r"^(.*):(\d+)$", arg)
+    if m and not Path(arg).exists():
+        return Path(m.group(1)), int(m.group(2))
+    return Path(arg), default_rows
+
+
+def sniff_separator(path: Path) -> str:
+    try:
+        with open(path, newline="") as f:
+            head = f.readline()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text CSV file") from None
+    if not head.strip():
+        raise DataError(f"{path}: empty file (no header row)")
+    try:
+        return csv.Sniffer().sniff(head, delimiters=";,\t").delimiter
+    except csv.Error:
+        return ","
+
+
+def read_table(path: Path, rows: int | None = None) -> pd.DataFrame:
+    """The CSV as a DataFrame of raw columns, time column dropped, row limit applied."""
+    sep = sniff_separator(path)
+    try:
+        df = pd.read_csv(path, sep=sep, nrows=rows, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV: {e}") from None
+    drop = [c for c in df.columns if str(c).strip().lower() in TIME_COLUMNS]
+    return df.drop(columns=drop)
+
+
+def default_columns(df: pd.DataFrame) -> list[str]:
+    """Columns holding numbers; a numeric column with a few bad cells stays in (and is then
+    refused by name) rather than silently vanishing from the model."""
+    return [c for c in df.columns
+            if str(c).strip().lower() not in LABEL_COLUMNS
+            and pd.to_numeric(df[c], errors="coerce").notna().any()]
+
+
+def _check_values(df: pd.DataFrame, columns: list[str], path: Path) -> np.ndarray:
+    out = np.empty((len(df), len(columns)), dtype=np.float64)
+    for j, col in enumerate(columns):
+        num = pd.to_numeric(df[col], errors="coerce")
+        bad = num.isna() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raw = df[col].iloc[i]
+            what = "empty/NaN" if pd.isna(raw) else f"non-numeric or infinite value {raw!r}"
+            raise DataError(
+                f"{path}: column {col!r} has {what} at data row {i} (line {i + 2}); "
+                f"{int(bad.sum())} bad cell(s) in this column. Training refuses gaps: "
+                "clean or cut the file (FILE:ROWS) instead of imputing")
+        out[:, j] = num.to_numpy(dtype=np.float64)
+    return out
+
+
+def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | None
+               ) -> tuple[list[DataFile], list[str]]:
+    """Read every file, check that each has the same channels, refuse NaN."""
+    files: list[DataFile] = []
+    chosen = list(columns) if columns else None
+    for arg in args:
+        path, rows = parse_data_arg(arg, rows_per_file)
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        df = read_table(path, rows)
+        if chosen is None:
+            chosen = default_columns(df)
+            if not chosen:
+                raise DataError(f"{path}: no numeric sensor columns found (columns: {list(df.columns)})")
+        missing = [c for c in chosen if c not in df.columns]
+        if missing:
+            raise DataError(
+                f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                f"the file has {', '.join(map(repr, map(str, df.columns)))}")
+        values = _check_values(df, chosen, path)
+        files.append(DataFile(path=path, sha256=sha256_file(path), rows=len(values), values=values))
+    if not files:
+        raise DataError("no training files given")
+    return files, chosen
+
+
+def fit_scaler(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate(blocks, axis=0)
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    floor = np.maximum(STD_FLOOR_ABS, STD_FLOOR_REL * np.abs(mean))
+    return mean, np.maximum(std, floor)
+
+
+def scale(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return (values - mean) / std
+
+
+def _block_bounds(n: int, block_rows: int) -> list[tuple[int, int]]:
+    starts = list(range(0, n, block_rows))
+    if len(starts) > 1 and n - starts[-1] < block_rows:
+        starts.pop()
+    return [(s, starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)]
+
+
+def pooled_block_std(arrays: list[np.ndarray], block_rows: int) -> np.ndarray:
+    """Within-block std pooled over every block: the unit of the per-block training space."""
+    sq, n = 0.0, 0
+    for values in arrays:
+        for s, e in _block_bounds(len(values), block_rows):
+            sq = sq + values[s:e].var(axis=0) * (e - s)
+            n += e - s
+    std = np.sqrt(sq / n)
+    mean = np.concatenate(arrays).mean(axis=0)
+    return np.maximum(std, np.maximum(STD_FLOOR_ABS, STD_FLOOR_REL * np.abs(mean)))
+
+
+def scale_per_block(values: np.ndarray, block_rows: int, min_std: np.ndarray) -> np.ndarray:
+    """Z-score each contiguous block of ``block_rows`` rows with its own statistics.
+
+    Mirrors the runtime's per-stream calibration (scaler refit on a stream's first
+    rows, std floored at a fraction of the model's training std: agent/calibration.py),
+    so the model learns the space it will actually be fed.  A short tail joins the
+    block before it rather than getting noisy statistics of its own.
+    """
+    out = np.empty_like(values)
+    for s, e in _block_bounds(len(values), block_rows):
+        mean, std = fit_scaler([values[s:e]])
+        out[s:e] = scale(values[s:e], mean, np.maximum(std, min_std))
+    return out
+
+
+def windows(x: np.ndarray, window: int) -> np.ndarray:
+    """All stride-1 windows, [N, window, C]; empty when x is shorter than the window."""
+    if len(x) < window:
+        return np.empty((0, window, x.shape[1]), dtype=x.dtype)
+    return np.lib.stride_tricks.sliding_window_view(x, window, axis=0).transpose(0, 2, 1)
+
+
+@dataclass
+class Split:
+    train: np.ndarray          # float32 [N, W, C]
+    val: np.ndarray            # float32 [M, W, C]
+    held_out_files: list[str]  # files that contributed validation windows
+
+
+def chronological_split(scaled: list[np.ndarray], paths: list[Path], window: int,
+                        val_frac: float) -> Split:
+    """Each file's last ``val_frac`` of rows is held out, with no window straddling the cut.
+
+    A file whose tail is shorter than one window cannot be split without leaking,
+    so it goes to training whole; at least one file must provide validation rows.
+    """
+    train, val, held = [], [], []
+    for x, p in zip(scaled, paths):
+        n_val = int(round(len(x) * val_frac))
+        if n_val >= window and len(x) - n_val >= window:
+            train.append(windows(x[: len(x) - n_val], window))
+            val.append(windows(x[len(x) - n_val:], window))
+            held.append(str(p))
+        else:
+            train.append(windows(x, window))
+    if not val:
+        longest = max(len(x) for x in scaled)
+        raise DataError(
+            f"no file is long enough for a held-out validation split: need a file with at least "
+            f"{int(np.ceil(window / max(val_frac, 1e-9)))} rows for window {window} and "
+            f"--val-frac {val_frac} (longest has {longest})")
+    tr = np.concatenate(train).astype(np.float32)
+    if len(tr) == 0:
+        raise DataError(f"no training windows: every file is shorter than the window ({window})")
+    return Split(train=tr, val=np.concatenate(val).astype(np.float32), held_out_files=held)
+
+
+def check_lengths(files: list[DataFile], window: int) -> None:
+    short = [f for f in files if f.rows < window]
+    if short:
+        raise DataError(
+            f"too few rows for window {window}: "
+            + ", ".join(f"{f.path} has {f.rows}" for f in short)
+            + " (every file needs at least one full window; lower --window or drop the file)")
+
+
+def check_writable(out: Path, suffix: str = ".onnx") -> None:
+    """Fail before hours of training, not after: the output folder must accept files."""
+    if out.suffix != suffix:
+        raise DataError(f"{out}: expected a path ending in {suffix}")
+    if out.is_dir():
+        raise DataError(f"{out}: is a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"{out}: output folder is not writable: {e.strerror or e}") from None

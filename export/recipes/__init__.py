@@ -1,0 +1,1 @@
+"""Reproducible recipes that rebuild shipped artifacts with `tsad-export`."""

@@ -1,0 +1,64 @@
+"""Rebuild the five shipped models in models_onnx/ from SKAB normal data.
+
+    python -m export.recipes.build_models [--out models_onnx] [--skab ../shared/data/skab]
+
+Training data is NORMAL operation only: the whole of anomaly-free/anomaly-free.csv
+and the first 400 rows of every valve1/ and valve2/ file (the SKAB fitting part;
+the labeled test rows after 400 are never read).  Each 400-row block is z-scored
+with its own statistics, as the runtime's per-stream calibration will do.  Every
+model goes through the same `tsad-export train` command a user would run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.cli import main as export_main
+
+REPO = Path(__file__).resolve().parents[2]
+CALIBRATION_ROWS = 400
+COMMON = ["--window", "64", "--scale-rows", str(CALIBRATION_ROWS), "--block-std-floor", "0.1",
+          "--val-frac", "0.2", "--patience", "4", "--seed", "0", "--quantile", "0.99",
+          "--margin", "1.0", "--noise", "0.1", "--level-noise", "0.5", "--batch-size", "64", "--threads", "1"]
+# Sized so each trains in about three minutes on one CPU thread.
+MODELS: dict[str, list[str]] = {
+    "AutoEncoder_ad": ["--epochs", "30", "--lr", "1e-3"],
+    "DLinear_ad": ["--epochs", "30", "--lr", "1e-3"],
+    "Nonstationary_ad": ["--epochs", "12", "--lr", "5e-4", "--hparam", "d_model=32",
+                         "--hparam", "d_ff=64", "--hparam", "n_heads=4", "--hparam", "e_layers=1"],
+    "PatchTST_ad": ["--epochs", "12", "--lr", "1e-3", "--hparam", "n_layers=2",
+                    "--hparam", "d_ff=64"],
+    "TimesNet_ad": ["--epochs", "8", "--lr", "1e-3", "--hparam", "top_k=3",
+                    "--hparam", "num_kernels=3"],
+}
+
+
+def training_files(skab: Path) -> list[str]:
+    free = skab / "anomaly-free" / "anomaly-free.csv"
+    valves = [p for d in ("valve1", "valve2")
+              for p in sorted((skab / d).glob("*.csv"), key=lambda p: (len(p.stem), p.stem))]
+    missing = [str(p) for p in [free, skab / "valve1", skab / "valve2"] if not p.exists()]
+    if missing or not valves:
+        raise SystemExit(f"SKAB data incomplete under {skab}: missing {missing or 'valve CSVs'}")
+    return [str(free)] + [f"{p}:{CALIBRATION_ROWS}" for p in valves]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "models_onnx"))
+    ap.add_argument("--skab", default=str(REPO.parent / "shared" / "data" / "skab"))
+    ap.add_argument("--only", nargs="+", choices=sorted(MODELS), help="build just these models")
+    a = ap.parse_args(argv)
+    data = training_files(Path(a.skab))
+    for name in a.only or MODELS:
+        rc = export_main(["train", "--model", name, "--data", *data, *COMMON, *MODELS[name],
+                          "--out", str(Path(a.out) / f"{name}.onnx")])
+        if rc != 0:
+            print(f"build_models: {name} failed (exit {rc})", file=sys.stderr)
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""tsad-export end to end: real CSVs, real torch training, real ONNX files and onnxruntime."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agent.model_meta import load_meta, meta_path_for, sha256_file
+from conftest import MODELS
+
+pytest.importorskip("torch")
+from export.cli import main  # noqa: E402
+
+CHANNELS = ["a", "b", "c"]
+TINY = ["--window", "8", "--epochs", "2", "--batch-size", "32", "--val-frac", "0.25",
+        "--patience", "2", "--seed", "3"]
+
+
+def make_csv(path: Path, rows: int = 120, sep: str = ",", seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    t = np.arange(rows)
+    df = pd.DataFrame({
+        "datetime": pd.date_range("2024-01-01", periods=rows, freq="s").strftime("%Y-%m-%d %H:%M:%S"),
+        "a": np.sin(t / 5) + 0.05 * rng.standard_normal(rows),
+        "b": 10 + np.cos(t / 7) + 0.05 * rng.standard_normal(rows),
+        "c": 100 + 0.1 * rng.standard_normal(rows),
+        "anomaly": 0.0,
+    })
+    df.to_csv(path, sep=sep, index=False)
+    return path
+
+
+def train(tmp_path: Path, *extra: str, data: list[str] | None = None, name: str = "m.onnx") -> tuple[int, Path]:
+    out = tmp_path / "out" / name
+    data = data or [str(make_csv(tmp_path / "d.csv"))]
+    rc = main(["train", "--model", "DLinear_ad", "--data", *data, *TINY,
+               "--hparam", "moving_avg=3", *extra, "--out", str(out)])
+    return rc, out
+
+
+def no_model_files(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.iterdir())
+
+
+def test_train_then_verify_and_convert(tmp_path, capsys):
+    ckpt = tmp_path / "out" / "m.pt"
+    rc, out = train(tmp_path, "--save-checkpoint", str(ckpt))
+    assert rc == 0
+    meta = load_meta(out)
+    assert meta.channels == CHANNELS          # datetime and anomaly are not channels
+    assert meta.window == 8 and meta.opset == 17 and meta.parameters > 0
+    assert meta.threshold.value > 0 and meta.threshold.quantile == 0.99
+    assert meta.training["files"][0]["rows"] == 120
+    assert meta.training["files"][0]["sha256"] == sha256_file(tmp_path / "d.csv")
+    assert meta.training["seed"] == 3 and meta.tool["name"] == "tsad-export"
+    assert meta.hyperparameters == {"moving_avg": 3}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.onnx.json", "m.pt"]
+
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+    converted = tmp_path / "conv" / "c.onnx"
+    assert main(["convert", str(ckpt), "--out", str(converted)]) == 0
+    assert sha256_file(converted) == sha256_file(out)
+    assert load_meta(converted).threshold.value == meta.threshold.value
+
+
+def test_same_seed_same_onnx(tmp_path):
+    data = [str(make_csv(tmp_path / "d.csv"))]
+    _, a = train(tmp_path, data=data, name="a.onnx")
+    _, b = train(tmp_path, data=data, name="b.onnx")
+    _, c = train(tmp_path, "--seed", "4", data=data, name="c.onnx")
+    assert sha256_file(a) == sha256_file(b)
+    assert sha256_file(a) != sha256_file(c)
+
+
+def test_semicolon_csv_columns_and_row_limit(tmp_path):
+    f = make_csv(tmp_path / "skab_like.csv", rows=200, sep=";")
+    rc, out = train(tmp_path, "--columns", "c,a", data=[f"{f}:150"])
+    assert rc == 0
+    meta = load_meta(out)
+    assert meta.channels == ["c", "a"]
+    assert meta.training["files"][0]["rows"] == 150
+
+
+def test_per_block_scaling_records_model_unit(tmp_path):
+    f1 = make_csv(tmp_path / "one.csv", rows=160, seed=1)
+    f2 = make_csv(tmp_path / "two.csv", rows=160, seed=2)
+    df = pd.read_csv(f2)
+    df["c"] += 500           # a second operating point
+    df.to_csv(f2, index=False)
+    rc, out = train(tmp_path, "--scale-rows", "40", data=[str(f1), str(f2)])
+    assert rc == 0
+    meta = load_meta(out)
+    glob = meta.training["global_scaler"]["std"]
+    # The metadata unit is the within-block std, far below the std across operating points.
+    assert meta.scaler.std[2] < glob[2] / 50
+    assert meta.training["calibration_rows"] == 40
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing_column", "missing column(s) 'nope'"),
+    ("nan", "column 'b' has empty/NaN at data row 17 (line 19)"),
+    ("too_short", "too few rows for window 8"),
+    ("text_cell", "column 'a' has non-numeric"),
+])
+def test_bad_training_data_fails_cleanly(tmp_path, capsys, case, expect):
+    f = make_csv(tmp_path / "d.csv")
+    extra: list[str] = []
+    if case == "missing_column":
+        extra = ["--columns", "a,nope"]
+    elif case == "nan":
+        df = pd.read_csv(f)
+        df.loc[17, "b"] = np.nan
+        df.to_csv(f, index=False)
+    elif case == "too_short":
+        make_csv(f, rows=5)
+    elif case == "text_cell":
+        df = pd.read_csv(f, dtype=str)
+        df.loc[3, "a"] = "oops"
+        df.to_csv(f, index=False)
+    rc, out = train(tmp_path, *extra, data=[str(f)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert expect in err and "tsad-export: error:" in err
+    assert no_model_files(out.parent)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_output_fails_before_training(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc = main(["train", "--model", "DLinear_ad", "--data", str(make_csv(tmp_path / "d.csv")),
+                   *TINY, "--out", str(locked / "m.onnx")])
+    finally:
+        locked.chmod(0o700)
+    assert rc == 1
+    assert "not writable" in capsys.readouterr().err
+    assert list(locked.iterdir()) == []
+
+
+def test_output_path_that_cannot_be_a_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["train", "--model", "DLinear_ad", "--data", str(make_csv(tmp_path / "d.csv")),
+               *TINY, "--out", str(blocker / "sub" / "m.onnx")])
+    assert rc == 1
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_parity_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import export.onnx_export as ox
+
+    def broken_parity(model, path, windows, tol=1e-4):
+        raise ox.ExportError(f"{path}: ONNX Runtime and torch disagree")
+    monkeypatch.setattr(ox, "parity_check", broken_parity)
+    rc, out = train(tmp_path)
+    assert rc == 1
+    assert "disagree" in capsys.readouterr().err
+    assert no_model_files(out.parent)
+
+
+@pytest.fixture
+def tiny_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    rc, out = train(d)
+    assert rc == 0
+    return out
+
+
+def test_verify_rejects_corrupt_bytes(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    data = bytearray(tiny_model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    meta_path_for(bad).write_text(meta_path_for(tiny_model).read_text())
+    assert main(["verify", str(bad)]) == 1
+    assert "does not match metadata" in capsys.readouterr().err
+
+
+def test_verify_rejects_unloadable_file_with_matching_checksum(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"not an onnx model at all")
+    meta = json.loads(meta_path_for(tiny_model).read_text())
+    meta["onnx_sha256"] = sha256_file(bad)
+    meta_path_for(bad).write_text(json.dumps(meta))
+    assert main(["verify", str(bad)]) == 1
+    assert "onnxruntime cannot load the model" in capsys.readouterr().err
+
+
+def test_verify_rejects_missing_and_mismatched_metadata(tiny_model, tmp_path, capsys):
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(tiny_model.read_bytes())
+    assert main(["verify", str(lone)]) == 1
+    assert "metadata not found" in capsys.readouterr().err
+
+    meta = json.loads(meta_path_for(tiny_model).read_text())
+    meta["channels"] = meta["channels"] + ["extra"]
+    meta["scaler"] = {"mean": [0.0] * 4, "std": [1.0] * 4}
+    meta_path_for(lone).write_text(json.dumps(meta))
+    assert main(["verify", str(lone)]) == 1
+    assert "model expects 3 channels but metadata lists 4" in capsys.readouterr().err
+
+    meta = json.loads(meta_path_for(tiny_model).read_text())
+    meta["window"] = 16
+    meta_path_for(lone).write_text(json.dumps(meta))
+    assert main(["verify", str(lone)]) == 1
+    assert "model expects window 8 but metadata says 16" in capsys.readouterr().err
+
+
+def test_quantize_writes_a_verified_int8_model(tiny_model, tmp_path, capsys):
+    data = make_csv(tmp_path / "q.csv", rows=100, seed=9)
+    out = tmp_path / "q" / "m-int8.onnx"
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_model), "--out", str(out), "--data", str(data),
+                 "--calib-rows", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert -1.0 <= report["spearman_scores"] <= 1.0
+    assert report["latency_ms_median_int8"] > 0 and report["bytes_int8"] == out.stat().st_size
+    meta = load_meta(out)
+    assert meta.name.endswith("-int8")
+    assert meta.threshold.value == pytest.approx(report["threshold_int8"])
+    assert meta.training["quantization"]["from_sha256"] == load_meta(tiny_model).onnx_sha256
+    assert main(["verify", str(out)]) == 0
+
+
+SHIPPED = sorted(MODELS.glob("*.onnx")) if MODELS.is_dir() else []
+
+
+@pytest.mark.skipif(not SHIPPED, reason=f"no shipped models in {MODELS} (build: python -m export.recipes.build_models)")
+@pytest.mark.parametrize("model", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_models_verify(model, capsys):
+    assert main(["verify", str(model)]) == 0
+    meta = load_meta(model)
+    assert meta.name == model.stem
+    assert meta.training["files"] and all(f["rows"] > 0 for f in meta.training["files"])
