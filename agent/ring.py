@@ -104,25 +104,25 @@ class RingBuffer:
         """(start, end, reset_first) runs of the block split at time gaps."""
         n = len(ts)
         if n == 0:
-            return []
+            return ()
         if self.gap_reset_s is None:
-            return [(0, n, False)]
-        prev = np.empty(n)
-        prev[0] = np.nan if self._prev_ts is None else self._prev_ts
-        prev[1:] = ts[:-1]
-        cuts = np.flatnonzero(ts - prev > self.gap_reset_s)
-        bounds = [0, *cuts.tolist(), n]
-        gaps = set(cuts.tolist())
-        return [(bounds[i], bounds[i + 1], bounds[i] in gaps)
-                for i in range(len(bounds) - 1) if bounds[i] < bounds[i + 1]]
+            return ((0, n, False),)
+        first_gap = self._prev_ts is not None and ts[0] - self._prev_ts > self.gap_reset_s
+        if n == 1:
+            return ((0, 1, bool(first_gap)),)
+        cuts = (np.flatnonzero(ts[1:] - ts[:-1] > self.gap_reset_s) + 1).tolist()
+        bounds = [0, *cuts, n]
+        return [(bounds[i], bounds[i + 1], i > 0 or bool(first_gap))
+                for i in range(len(bounds) - 1)]
 
-    def _ffill(self, v: np.ndarray) -> np.ndarray:
-        m = len(v)
+    def _ffill(self, v: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Forward-filled rows and whether any NaN is left in them."""
         finite = np.isfinite(v)
         if finite.all():
             self._last_val = v[-1].copy()
             self._missing_run[:] = 0
-            return v
+            return v, False
+        m = len(v)
         rows = np.arange(m)[:, None]
         src = np.maximum.accumulate(np.where(finite, rows, -1), axis=0)   # last finite row
         has_src = src >= 0
@@ -132,7 +132,7 @@ class RingBuffer:
         out = np.where(finite | (run <= self.ffill_max), fill, np.float32(np.nan))
         self._last_val = fill[-1].astype(np.float32)
         self._missing_run = run[-1].astype(np.int64)
-        return out.astype(np.float32, copy=False)
+        return out.astype(np.float32, copy=False), True
 
     def _write(self, rows: np.ndarray) -> None:
         cap, m = self._cap, len(rows)
@@ -147,12 +147,15 @@ class RingBuffer:
 
     def _append(self, ts: np.ndarray, v: np.ndarray) -> Windows | None:
         m, W = len(ts), self.window
-        rows = self._ffill(v)
+        rows, maybe_nan = self._ffill(v)
         g0 = self._total                              # global index of rows[0]
-        nan_rows = np.isnan(rows).any(axis=1)
-        last_nan = np.maximum.accumulate(np.where(nan_rows, g0 + np.arange(m), -1))
-        last_nan = np.maximum(last_nan, self._last_nan_row)
-        self._last_nan_row = int(last_nan[-1])
+        last_nan = None
+        if maybe_nan:
+            nan_rows = np.isnan(rows).any(axis=1)
+            if nan_rows.any():
+                last_nan = np.maximum(np.maximum.accumulate(
+                    np.where(nan_rows, g0 + np.arange(m), -1)), self._last_nan_row)
+                self._last_nan_row = int(last_nan[-1])
         self._write(rows)
 
         since0 = self._since
@@ -160,14 +163,18 @@ class RingBuffer:
         # first sample index (since reset) at which a window is due, at or after since0
         first = W - 1 if since0 <= W - 1 else \
             since0 + (-(since0 - (W - 1))) % self.stride
+        if first - since0 >= m:
+            return None
         due = np.arange(first - since0, m, self.stride)   # row indices within this block
-        if len(due) == 0:
+        # a window is clean when its oldest row is newer than the last NaN row before its end
+        newest_nan = self._last_nan_row if last_nan is None else last_nan[due]
+        ok = newest_nan < g0 + due - (W - 1)
+        n_ok = int(ok.sum())
+        self.skipped += len(due) - n_ok
+        if n_ok == 0:
             return None
-        ok = last_nan[due] < g0 + due - W + 1
-        self.skipped += int(len(due) - ok.sum())
-        due = due[ok]
-        if len(due) == 0:
-            return None
+        if n_ok < len(due):
+            due = due[ok]
         # region = the W-1 rows before this block + the block, contiguous in the mirror
         end = (self._total - 1) % self._cap + self._cap + 1
         region = self._buf[end - (W - 1 + m):end]

@@ -1,0 +1,111 @@
+"""MQTT source: samples published by devices or gateways on a topic filter.
+
+One subscription may feed several streams: with `stream_from_topic: 1`,
+`plant/+/sensors` turns `plant/pump1/sensors` into stream `pump1`.  The paho
+network thread decodes and emits; an absent broker at start is not fatal
+(connect_async + paho's own reconnect), and the subscription is renewed on
+every connect.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+
+from ..config import MqttConfig, MqttSource
+from ..decoders import LineDecoder
+from ..metrics import Metrics
+from ..mqtt_client import make_client
+from .base import Batch, Emit, Source
+
+log = logging.getLogger("tsad.source.mqtt")
+
+_STREAM_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")   # same rule as StreamConfig.id
+
+
+class MqttLineSource(Source):
+    kind = "mqtt"
+
+    def __init__(self, stream_id: str, cfg: MqttSource, channels: list[str], metrics: Metrics,
+                 mqtt: MqttConfig, node: str):
+        super().__init__()
+        self.stream_id = stream_id
+        self.cfg = cfg
+        self.mqtt = mqtt
+        self.decoder = LineDecoder(channels, cfg.protocol, "auto", metrics, f"mqtt:{stream_id}")
+        self._client = make_client(mqtt, node, role=f"src-{stream_id}")
+        self._emit: Emit | None = None
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._started = False
+
+    def run(self, emit: Emit, stop: threading.Event) -> None:
+        self._emit = emit
+        self._client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
+        self._client.loop_start()
+        self._started = True
+        stop.wait()
+
+    def close(self) -> None:
+        if self._started:
+            self._started = False
+            self._client.disconnect()
+            self._client.loop_stop()
+        self.connected = False
+
+    def stream_for(self, topic: str) -> str | None:
+        """The stream id a message on `topic` belongs to; None if it cannot be derived."""
+        if self.cfg.stream_from_topic is None:
+            return self.stream_id
+        levels = topic.split("/")
+        if self.cfg.stream_from_topic >= len(levels):
+            return None
+        sid = levels[self.cfg.stream_from_topic]
+        return sid if _STREAM_ID.match(sid) else None
+
+    # ------------------------------------------------------------ paho callbacks
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("%s: broker %s:%d refused the connection: %s", self.stream_id,
+                      self.mqtt.host, self.mqtt.port, reason_code)
+            self.connected = False
+            return
+        client.subscribe(self.cfg.topic, qos=self.cfg.qos)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        # connected means "receiving": only a granted subscription counts
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("%s: broker refused the subscription to %r (ACL?): %s", self.stream_id,
+                      self.cfg.topic, reason_codes)
+            self.connected = False
+            return
+        self.connected = True
+        log.info("%s: subscribed to %r on %s:%d", self.stream_id, self.cfg.topic,
+                 self.mqtt.host, self.mqtt.port)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected:
+            log.warning("%s: disconnected from broker (%s); paho reconnects", self.stream_id,
+                        reason_code)
+        self.connected = False
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        # an exception escaping a paho callback would stop the network loop
+        try:
+            sid = self.stream_for(msg.topic)
+            if sid is None:
+                self.decoder.bad("bad_stream_id", msg.topic)
+                return
+            samples = self.decoder.decode_payload(msg.payload, time.time())
+            if samples and self._emit is not None:
+                self._emit(Batch(sid,
+                                 np.fromiter((s[0] for s in samples), np.float64, len(samples)),
+                                 np.stack([s[1] for s in samples])))
+        except Exception:
+            log.exception("%s: message on %r could not be handled", self.stream_id, msg.topic)

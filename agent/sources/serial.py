@@ -1,0 +1,130 @@
+"""Serial-line source: one sample per text line from a serial port (or any pyserial URL).
+
+The port may be absent at start or unplugged at any time (USB adapters are);
+the source then reports `connected = False`, logs the change once, and keeps
+trying to reopen it with exponential backoff, resuming on its own.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import serial
+
+from ..config import SerialSource
+from ..decoders import MAX_LINE, LineDecoder
+from ..metrics import Metrics
+from .base import Batch, Emit, Source
+
+log = logging.getLogger("tsad.source.serial")
+
+READ_TIMEOUT_S = 0.2   # bounds how long `stop` may wait for a blocked read
+
+
+class LineSplitter:
+    """Reassembles lines across reads; CR, LF and CRLF all end a line.
+
+    A run of bytes longer than MAX_LINE without a line end is reported once and
+    dropped up to the next line end, so a device stuck sending garbage cannot
+    grow memory."""
+
+    def __init__(self, decoder: LineDecoder):
+        self._decoder = decoder
+        self._pending = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._pending += data
+        cut = max(self._pending.rfind(b"\n"), self._pending.rfind(b"\r"))
+        if cut < 0:
+            if len(self._pending) > MAX_LINE:
+                self._overlong()
+            return []
+        complete = bytes(self._pending[:cut])
+        del self._pending[:cut + 1]
+        segments = complete.replace(b"\r", b"\n").split(b"\n")
+        if self._discarding:
+            segments = segments[1:]   # the tail of the overlong run
+            self._discarding = False
+        return [ln for ln in segments if ln.strip()]
+
+    def reset(self) -> None:
+        self._pending.clear()
+        self._discarding = False
+
+    def _overlong(self) -> None:
+        if not self._discarding:
+            self._decoder.bad("too_long", bytes(self._pending[:80]))
+            self._discarding = True
+        self._pending.clear()
+
+
+class SerialLineSource(Source):
+    kind = "serial"
+
+    def __init__(self, stream_id: str, cfg: SerialSource, channels: list[str], metrics: Metrics):
+        super().__init__()
+        self.stream_id = stream_id
+        self.cfg = cfg
+        self.decoder = LineDecoder(channels, cfg.protocol, cfg.timestamp, metrics,
+                                   f"serial:{stream_id}")
+        self._splitter = LineSplitter(self.decoder)
+        self._port: serial.SerialBase | None = None
+        self._lock = threading.Lock()
+
+    def run(self, emit: Emit, stop: threading.Event) -> None:
+        delay = self.cfg.reconnect_min_s
+        announced_down = False
+        while not stop.is_set():
+            try:
+                port = serial.serial_for_url(self.cfg.port, baudrate=self.cfg.baud,
+                                             timeout=READ_TIMEOUT_S)
+            except (serial.SerialException, OSError, ValueError) as e:
+                if not announced_down:
+                    log.warning("%s: cannot open %s: %s; retrying in the background",
+                                self.stream_id, self.cfg.port, e)
+                    announced_down = True
+                stop.wait(delay)
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                continue
+            with self._lock:
+                self._port = port
+            self._splitter.reset()
+            self.connected = True
+            announced_down = False
+            delay = self.cfg.reconnect_min_s
+            log.info("%s: %s open at %d baud", self.stream_id, self.cfg.port, self.cfg.baud)
+            try:
+                self._read_until_stop(port, emit, stop)
+            except (serial.SerialException, OSError) as e:
+                log.warning("%s: %s lost: %s; reconnecting", self.stream_id, self.cfg.port, e)
+                announced_down = True
+            finally:
+                self.connected = False
+                self.close()
+            if not stop.is_set() and announced_down:
+                stop.wait(delay)
+
+    def _read_until_stop(self, port, emit: Emit, stop: threading.Event) -> None:
+        while not stop.is_set():
+            data = port.read(port.in_waiting or 1)
+            if not data:
+                continue
+            now = time.time()
+            samples = [s for s in (self.decoder.decode(ln, now)
+                                   for ln in self._splitter.feed(data)) if s is not None]
+            if samples:
+                emit(Batch(self.stream_id,
+                           np.fromiter((s[0] for s in samples), np.float64, len(samples)),
+                           np.stack([s[1] for s in samples])))
+
+    def close(self) -> None:
+        with self._lock:
+            port, self._port = self._port, None
+        if port is not None:
+            try:
+                port.close()
+            except (serial.SerialException, OSError):
+                pass

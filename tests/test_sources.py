@@ -1,0 +1,347 @@
+"""Source plug-ins against real parts: pseudo-terminals, a real mosquitto, SKAB files."""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import tty
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+
+from agent.config import MqttConfig, StreamConfig
+from agent.metrics import Metrics
+from agent.sources import SOURCES, build_source, read_table
+from agent.sources.base import Batch
+
+CH = ["a", "b", "c"]
+SKAB_CH = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature",
+           "Thermocouple", "Voltage", "Volume Flow RateRMS"]
+WAIT = 15.0   # generous: only bounds how long a broken test hangs
+
+
+def wait_for(cond, timeout=WAIT, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Runner:
+    """Runs a source in a thread and collects what it emits."""
+
+    def __init__(self, source):
+        self.source = source
+        self.batches: "queue.Queue[Batch]" = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self):
+        try:
+            self.source.run(self.batches.put, self.stop)
+        except BaseException as e:   # surfaced by the test
+            self.error = e
+        finally:
+            self.source.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "source did not stop"
+        assert self.error is None, self.error
+
+    def take(self, n_samples: int) -> list[Batch]:
+        got, n = [], 0
+        end = time.monotonic() + WAIT
+        while n < n_samples:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"got {n} of {n_samples} samples: {got}")
+            try:
+                b = self.batches.get(timeout=left)
+            except queue.Empty:
+                continue
+            got.append(b)
+            n += len(b)
+        return got
+
+
+def stream(id_, **source) -> StreamConfig:
+    return StreamConfig.model_validate({"id": id_, "source": source})
+
+
+def samples(batches):
+    ts = np.concatenate([b.ts for b in batches])
+    v = np.concatenate([b.values for b in batches])
+    return ts, v
+
+
+def test_registry_names_every_source():
+    assert set(SOURCES) == {"serial", "mqtt", "replay"}
+
+
+# ---------------------------------------------------------------- serial
+def open_pty():
+    master, slave = os.openpty()
+    tty.setraw(slave)        # no echo, no CR/LF translation: bytes arrive as written
+    return master, slave, os.ttyname(slave)
+
+
+def test_serial_lines_partial_reads_and_garbage():
+    master, slave, name = open_pty()
+    m = Metrics()
+    src = build_source(stream("s1", type="serial", port=name, baud=9600), CH, m, MqttConfig(), "n")
+    try:
+        with Runner(src) as r:
+            wait_for(lambda: src.connected, what="serial open")
+            os.write(master, b"1,1,2,3\r\n2,4,")
+            time.sleep(0.05)                      # the line is split across two reads
+            os.write(master, b"5,6\n\xff\xfe garbage\r\n3,7\n4,9,9,9\n")
+            got = r.take(3)
+        ts, v = samples(got)
+        assert all(b.stream == "s1" and b.values.dtype == np.float32 for b in got)
+        np.testing.assert_array_equal(ts, [1, 2, 4])
+        np.testing.assert_array_equal(v, [[1, 2, 3], [4, 5, 6], [9, 9, 9]])
+        assert m.malformed["non_utf8"] == 1 and m.malformed["field_count"] == 1
+        assert src.connected is False
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_line_splitter_byte_by_byte():
+    from agent.decoders import LineDecoder
+    from agent.sources.serial import LineSplitter
+    m = Metrics()
+    sp = LineSplitter(LineDecoder(CH, "csv", "auto", m, "t"))
+    stream_bytes = b"1,2,3\r\n\r\n4,5,6\r7,8,9\n" + b"x" * 70_000 + b"\n10,11,12\n"
+    lines = [ln for i in range(len(stream_bytes)) for ln in sp.feed(stream_bytes[i:i + 1])]
+    assert lines == [b"1,2,3", b"4,5,6", b"7,8,9", b"10,11,12"]
+    assert m.malformed["too_long"] == 1
+
+
+def test_serial_stop_interrupts_an_idle_read():
+    master, slave, name = open_pty()
+    src = build_source(stream("s1", type="serial", port=name), CH, Metrics(), MqttConfig(), "n")
+    try:
+        with Runner(src) as r:
+            wait_for(lambda: src.connected, what="serial open")
+        assert not r.thread.is_alive()      # __exit__ joined it after stop
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_serial_absent_port_then_unplug_and_replug(tmp_path):
+    link = tmp_path / "ttyTEST"
+    m = Metrics()
+    src = build_source(stream("s1", type="serial", port=str(link), reconnect_min_s=0.05,
+                              reconnect_max_s=0.2), CH, m, MqttConfig(), "n")
+    seen_down = threading.Event()
+    with Runner(src) as r:
+        time.sleep(0.3)                      # absent at start: retried, not fatal
+        assert r.thread.is_alive() and not src.connected
+        ma, sa, name_a = open_pty()
+        os.symlink(name_a, link)
+        wait_for(lambda: src.connected, what="connect to pty A")
+        os.write(ma, b"1,1,1,1\n")
+        assert samples(r.take(1))[0].tolist() == [1.0]
+
+        watcher = threading.Thread(target=lambda: (wait_for(lambda: not src.connected,
+                                                            what="unplug noticed"),
+                                                   seen_down.set()), daemon=True)
+        watcher.start()
+        os.close(ma)                         # unplug: the slave now reads EIO
+        os.close(sa)
+        watcher.join(WAIT)
+        assert seen_down.is_set()
+
+        mb, sb, name_b = open_pty()          # replug: new device node, same configured path
+        link.unlink()
+        os.symlink(name_b, link)
+        wait_for(lambda: src.connected, what="reconnect to pty B")
+        os.write(mb, b"2,2,2,2\n3,3,3,3\n")
+        ts, v = samples(r.take(2))
+        np.testing.assert_array_equal(ts, [2, 3])
+        np.testing.assert_array_equal(v, [[2, 2, 2], [3, 3, 3]])
+    os.close(mb)
+    os.close(sb)
+
+
+def test_serial_overlong_run_without_newline_is_dropped_once():
+    master, slave, name = open_pty()
+    m = Metrics()
+    src = build_source(stream("s1", type="serial", port=name), CH, m, MqttConfig(), "n")
+    try:
+        with Runner(src) as r:
+            wait_for(lambda: src.connected, what="serial open")
+            junk = b"7" * 4096
+            for _ in range(40):              # 160 KiB without a line end
+                os.write(master, junk)
+            os.write(master, b"\n5,1,2,3\n")
+            ts, v = samples(r.take(1))
+        np.testing.assert_array_equal(ts, [5])
+        assert m.malformed["too_long"] == 1
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+# ---------------------------------------------------------------- mqtt
+def publisher(broker):
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-pub")
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    return c
+
+
+def test_mqtt_wildcard_topic_feeds_two_streams(broker):
+    m = Metrics()
+    cfg = MqttConfig(port=broker.port)
+    src = build_source(stream("plant", type="mqtt", topic="plant/+/sensors", stream_from_topic=1,
+                              qos=1), CH, m, cfg, "node1")
+    pub = publisher(broker)
+    try:
+        with Runner(src) as r:
+            wait_for(lambda: src.connected, what="mqtt subscribe")   # set on SUBACK
+            pub.publish("plant/pump1/sensors", b'{"ts": 1, "values": [1, 2, 3]}', qos=1).wait_for_publish(WAIT)
+            pub.publish("plant/pump1/sensors", b"not json", qos=1).wait_for_publish(WAIT)
+            pub.publish("plant/pump2/sensors",
+                        b'[{"ts": 2, "values": {"a": 4, "b": 5, "c": 6}}, {"ts": 3, "values": [7, 8, 9]}]',
+                        qos=1).wait_for_publish(WAIT)
+            pub.publish("plant/pump1/other", b'{"ts": 9, "values": [0, 0, 0]}', qos=1).wait_for_publish(WAIT)
+            got = r.take(3)
+        by_stream = {}
+        for b in got:
+            by_stream.setdefault(b.stream, []).append(b)
+        assert set(by_stream) == {"pump1", "pump2"}
+        np.testing.assert_array_equal(samples(by_stream["pump1"])[1], [[1, 2, 3]])
+        ts2, v2 = samples(by_stream["pump2"])
+        np.testing.assert_array_equal(ts2, [2, 3])
+        np.testing.assert_array_equal(v2, [[4, 5, 6], [7, 8, 9]])
+        assert m.malformed["bad_json"] == 1
+        assert src.connected is False
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+
+
+def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
+    broker.stop()
+    cfg = MqttConfig(port=broker.port)
+    src = build_source(stream("pump7", type="mqtt", topic="dev/pump7", protocol="csv"), CH,
+                       Metrics(), cfg, "node1")
+    with Runner(src) as r:
+        time.sleep(0.5)
+        assert r.thread.is_alive() and not src.connected
+        broker.start()
+        wait_for(lambda: src.connected, timeout=40, what="subscribed after broker start")
+        pub = publisher(broker)
+        try:
+            pub.publish("dev/pump7", b"5,1,2,3\n6,4,5,6\n", qos=1).wait_for_publish(WAIT)
+            got = r.take(2)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+        # a broker restart without persistence forgets the subscription: it must be renewed
+        broker.stop()
+        wait_for(lambda: not src.connected, what="disconnect noticed")
+        broker.start()
+        wait_for(lambda: src.connected, timeout=40, what="resubscribed after restart")
+        pub = publisher(broker)
+        try:
+            pub.publish("dev/pump7", b"7,1,2,3", qos=1).wait_for_publish(WAIT)
+            got += r.take(1)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+    assert {b.stream for b in got} == {"pump7"}
+    np.testing.assert_array_equal(samples(got)[0], [5, 6, 7])
+
+
+# ---------------------------------------------------------------- replay
+def test_read_table_skab_selects_channels_by_name(skab_dir):
+    path = skab_dir / "valve1" / "0.csv"
+    ts, v, labels = read_table(path, ["Pressure", "Current"])
+    assert v.shape == (len(ts), 2) and v.dtype == np.float32 and v.flags.c_contiguous
+    assert ts.dtype == np.float64 and np.all(np.diff(ts) > 0)
+    assert ts[0] == pytest.approx(1583748870.0)   # 2020-03-09 10:14:30 as UTC
+    raw = path.read_text().splitlines()[1].split(";")
+    assert v[0].tolist() == pytest.approx([float(raw[4]), float(raw[3])])
+    assert labels is not None and labels.dtype == np.int8 and set(np.unique(labels)) == {0, 1}
+    _, _, none = read_table(skab_dir / "anomaly-free" / "anomaly-free.csv", SKAB_CH)
+    assert none is None
+
+
+def test_read_table_missing_column_names_it(skab_dir):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['Flow'\]"):
+        read_table(skab_dir / "valve1" / "0.csv", ["Current", "Flow"])
+
+
+def test_read_table_plain_csv_variants(tmp_path):
+    p = tmp_path / "plain.csv"
+    p.write_text("c,a,b\n3,1,2\n6,4,x\n")
+    ts, v, labels = read_table(p, CH)
+    np.testing.assert_array_equal(ts, [0, 1])            # no time column: 1 s steps
+    np.testing.assert_array_equal(v, np.array([[1, 2, 3], [4, np.nan, 6]], np.float32))
+    assert labels is None
+    p.write_text("timestamp,a,b,c,anomaly\n100.5,1,2,3,0\n101.5,1,2,3,1\n")
+    ts, _, labels = read_table(p, CH)
+    np.testing.assert_array_equal(ts, [100.5, 101.5])
+    np.testing.assert_array_equal(labels, [0, 1])
+    p.write_text("time,a,b,c\n2020-01-01T00:00:00Z,1,2,3\nlater,1,2,3\n")
+    with pytest.raises(ValueError, match="row 2"):
+        read_table(p, CH)
+
+
+def test_replay_source_full_speed_and_loop(skab_dir):
+    path = skab_dir / "valve1" / "1.csv"
+    ts_file, v_file, _ = read_table(path, SKAB_CH)
+    n = len(ts_file)
+    src = build_source(stream("r", type="replay", path=str(path), chunk=100, loop=True),
+                       SKAB_CH, Metrics(), MqttConfig(), "n")
+    with Runner(src) as r:
+        got = r.take(2 * n + 1)
+    assert max(len(b) for b in got) == 100
+    ts, v = samples(got)
+    np.testing.assert_array_equal(v[:n], v_file)
+    np.testing.assert_array_equal(v[n:2 * n], v_file)       # second pass, same values
+    assert np.all(np.diff(ts[:2 * n]) > 0)                  # the looped clock keeps going
+
+
+def test_replay_source_ends_without_loop_and_real_time_batches(tmp_path):
+    p = tmp_path / "r.csv"
+    p.write_text("timestamp,a,b,c\n" + "".join(f"{t / 100},{t},{t},{t}\n" for t in range(5)))
+    src = build_source(stream("r", type="replay", path=str(p), speed=1.0), CH, Metrics(),
+                       MqttConfig(), "n")
+    stop = threading.Event()
+    out: list[Batch] = []
+    src.run(out.append, stop)                               # returns at the end of the file
+    assert [len(b) for b in out] == [1] * 5
+    np.testing.assert_array_equal(samples(out)[0], [0, 0.01, 0.02, 0.03, 0.04])
+    assert src.connected is False
+
+
+def test_replay_stop_interrupts_a_long_wait(tmp_path):
+    p = tmp_path / "slow.csv"
+    p.write_text("timestamp,a,b,c\n0,1,1,1\n3600,2,2,2\n")  # an hour between rows
+    src = build_source(stream("r", type="replay", path=str(p), speed=1.0), CH, Metrics(),
+                       MqttConfig(), "n")
+    with Runner(src) as r:
+        assert len(r.take(1)) == 1
+
+
+def test_replay_bad_file_fails_at_build(tmp_path):
+    with pytest.raises(OSError):
+        build_source(stream("r", type="replay", path=str(tmp_path / "nope.csv")), CH, Metrics(),
+                     MqttConfig(), "n")
