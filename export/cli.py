@@ -60,6 +60,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise CliError(f"--val-frac {a.val_frac}: expected a fraction between 0 and 1")
     if not 0 < a.quantile <= 1 or a.margin <= 0:
         raise CliError("--quantile must be in (0, 1] and --margin > 0")
+    if a.train_stride < 1:
+        raise CliError(f"--train-stride {a.train_stride}: expected at least 1")
     if a.window < 2:
         raise CliError(f"--window {a.window}: expected at least 2")
     hparams = _parse_hparams(a.hparam)
@@ -91,7 +93,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         m_mean, m_std = g_mean, g_std
         scaled = [D.scale(f.values, g_mean, g_std) for f in files]
         scaling = "global z-score: the metadata scaler (mean/std of all training rows)"
-    split = D.chronological_split(scaled, [f.path for f in files], cfg.window, cfg.val_frac)
+    split = D.chronological_split(scaled, [f.path for f in files], cfg.window, cfg.val_frac,
+                                  a.train_stride)
 
     model = _build(a.model, cfg.window, len(channels), hparams)
     try:
@@ -109,7 +112,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         "validation": {"method": f"chronological: last {cfg.val_frac} of the rows of each file "
                                  "long enough to hold a full window on both sides of the cut",
                        "files": split.held_out_files, "windows": int(len(split.val))},
-        "train_windows": int(len(split.train)),
+        "train_windows": int(len(split.train)), "train_stride": a.train_stride,
         "scaling": scaling,
         "global_scaler": global_scaler,
         "std_floor": {"abs": D.STD_FLOOR_ABS, "rel_to_mean": D.STD_FLOOR_REL},
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-std-floor", type=float, default=0.1, metavar="F",
                    help="with --scale-rows: floor each block std at F x the global std; match the "
                    "runtime's calibration.std_floor")
+    t.add_argument("--train-stride", type=int, default=1, metavar="K",
+                   help="keep every K-th training window (faster epochs)")
     t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture hyperparameter (JSON value), repeatable")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")

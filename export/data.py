@@ -187,21 +187,23 @@ class Split:
 
 
 def chronological_split(scaled: list[np.ndarray], paths: list[Path], window: int,
-                        val_frac: float) -> Split:
+                        val_frac: float, train_stride: int = 1) -> Split:
     """Each file's last ``val_frac`` of rows is held out, with no window straddling the cut.
 
     A file whose tail is shorter than one window cannot be split without leaking,
     so it goes to training whole; at least one file must provide validation rows.
+    ``train_stride`` keeps every k-th training window (neighbours overlap almost
+    entirely, so this mostly buys time); validation keeps them all.
     """
     train, val, held = [], [], []
     for x, p in zip(scaled, paths):
         n_val = int(round(len(x) * val_frac))
         if n_val >= window and len(x) - n_val >= window:
-            train.append(windows(x[: len(x) - n_val], window))
+            train.append(windows(x[: len(x) - n_val], window)[::train_stride])
             val.append(windows(x[len(x) - n_val:], window))
             held.append(str(p))
         else:
-            train.append(windows(x, window))
+            train.append(windows(x, window)[::train_stride])
     if not val:
         longest = max(len(x) for x in scaled)
         raise DataError(

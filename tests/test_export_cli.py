@@ -81,11 +81,13 @@ def test_same_seed_same_onnx(tmp_path):
 
 def test_semicolon_csv_columns_and_row_limit(tmp_path):
     f = make_csv(tmp_path / "skab_like.csv", rows=200, sep=";")
-    rc, out = train(tmp_path, "--columns", "c,a", data=[f"{f}:150"])
+    rc, out = train(tmp_path, "--columns", "c,a", "--train-stride", "2", data=[f"{f}:150"])
     assert rc == 0
     meta = load_meta(out)
     assert meta.channels == ["c", "a"]
     assert meta.training["files"][0]["rows"] == 150
+    # 150 rows, last 38 held out: 112 - 8 + 1 = 105 training windows, every 2nd kept.
+    assert meta.training["train_windows"] == 53
 
 
 def test_per_block_scaling_records_model_unit(tmp_path):

@@ -25,11 +25,11 @@ COMMON = ["--window", "64", "--scale-rows", str(CALIBRATION_ROWS), "--block-std-
 MODELS: dict[str, list[str]] = {
     "AutoEncoder_ad": ["--epochs", "30", "--lr", "1e-3"],
     "DLinear_ad": ["--epochs", "30", "--lr", "1e-3"],
-    "Nonstationary_ad": ["--epochs", "12", "--lr", "5e-4", "--hparam", "d_model=32",
+    "Nonstationary_ad": ["--epochs", "10", "--train-stride", "4", "--lr", "5e-4", "--hparam", "d_model=32",
                          "--hparam", "d_ff=64", "--hparam", "n_heads=4", "--hparam", "e_layers=1"],
-    "PatchTST_ad": ["--epochs", "12", "--lr", "1e-3", "--hparam", "n_layers=2",
+    "PatchTST_ad": ["--epochs", "10", "--train-stride", "4", "--lr", "1e-3", "--hparam", "n_layers=2",
                     "--hparam", "d_ff=64"],
-    "TimesNet_ad": ["--epochs", "8", "--lr", "1e-3", "--hparam", "top_k=3",
+    "TimesNet_ad": ["--epochs", "8", "--train-stride", "4", "--lr", "1e-3", "--hparam", "top_k=3",
                     "--hparam", "num_kernels=3"],
 }
 
