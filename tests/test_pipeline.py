@@ -1,0 +1,184 @@
+"""The one code path (source -> ring -> detector -> scorer -> alerts -> sinks) with a real ONNX model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from agent.config import AgentConfig
+from agent.detector import Detector
+from agent.evaluate import replay_config
+from agent.metrics import Metrics
+from agent.pipeline import Pipeline
+from agent.sinks.base import Sink
+from agent.sinks.record import RecordSink
+from agent.sources.base import Batch
+from conftest import REPO
+from onnx_factory import make_model
+
+CH = ["a", "b", "c"]
+W = 16
+
+
+@pytest.fixture
+def model(tmp_path):
+    path, _ = make_model(tmp_path / "m.onnx", window=W, channels=CH, kind="timemix")
+    return str(path)
+
+
+def cfg_for(model: str, state_dir, **over) -> AgentConfig:
+    d = {"node": "t", "state_dir": str(state_dir) if state_dir else None,
+         "model": {"path": model},
+         "streams": [{"id": "s1", "source": {"type": "replay", "path": "unused.csv"}}],
+         "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}}
+    d.update(over)
+    return AgentConfig.model_validate(d)
+
+
+def normal(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None]
+    return (np.sin(t / 5.0 + np.arange(3)) + rng.normal(0, 0.05, (n, 3))).astype(np.float32)
+
+
+def feed(p: Pipeline, stream: str, values: np.ndarray, t0: float = 1e9, block: int = 64):
+    for i in range(0, len(values), block):
+        v = values[i:i + block]
+        p.process([Batch(stream, t0 + np.arange(i, i + len(v), dtype=np.float64), v)])
+
+
+def test_calibration_fits_persists_and_survives_restart(model, tmp_path):
+    cfg = cfg_for(model, tmp_path / "state", calibration={"enabled": True, "samples": 200})
+    rec = RecordSink()
+    p = Pipeline(cfg, [rec], sources=[])
+    feed(p, "s1", normal(300))
+    st = p.streams["s1"]
+    assert st.ready and st.threshold > 0
+    # calibration windows are scored but never reach the sinks or the alert tracker
+    assert len(rec.table("s1")["ts"]) == 100
+    saved = (tmp_path / "state" / "calibration" / "s1.json")
+    assert saved.exists()
+
+    p2 = Pipeline(cfg, [RecordSink()], sources=[])
+    feed(p2, "s1", normal(50, seed=1))
+    st2 = p2.streams["s1"]
+    assert st2.ready, "restart recalibrated instead of restoring the saved calibration"
+    assert st2.threshold == pytest.approx(st.threshold)
+    np.testing.assert_allclose(st2.scaler.mean, st.scaler.mean)
+
+
+def test_anomaly_opens_and_closes_an_alert(model):
+    cfg = cfg_for(model, None, calibration={"enabled": True, "samples": 200},
+                  alerts={"open_k": 3, "open_n": 5, "close_m": 5})
+    rec = RecordSink()
+    p = Pipeline(cfg, [rec], sources=[])
+    v = normal(600)
+    v[400:450, 1] += 8.0          # a step on channel b
+    feed(p, "s1", v)
+    types = [a["type"] for a in rec.alerts]
+    assert types[0] == "new" and types[-1] == "end", types
+    new = rec.alerts[0]
+    assert new["top_channels"][0]["name"] == "b"
+    t = rec.table("s1")
+    opened = t["ts"][t["alert"] == 1] - 1e9
+    assert opened.min() >= 400 and opened.max() < 470
+
+
+def test_streams_due_in_one_tick_share_one_ort_run(model):
+    cfg = cfg_for(model, None)
+    m = Metrics()
+    det = Detector(model, metrics=m)
+    p = Pipeline(cfg, [RecordSink()], metrics=m, detector=det, sources=[])
+    v = normal(W)
+    before = len(m._lat_ms)
+    p.process([Batch(f"s{i}", 1e9 + np.arange(W, dtype=np.float64), v) for i in range(8)])
+    assert len(p.streams) == 8
+    assert m.windows_inferred == 8
+    assert len(m._lat_ms) - before == 1, "8 due windows should be one batched ORT run"
+
+
+def test_missing_values_are_filled_or_skipped_never_crash(model):
+    cfg = cfg_for(model, None, buffer={"ffill_max": 2})
+    rec = RecordSink()
+    p = Pipeline(cfg, [rec], sources=[])
+    v = normal(200)
+    v[50, 0] = np.nan                     # one gap: forward-filled
+    v[100:110, 2] = np.nan                # ten: windows containing them are skipped
+    feed(p, "s1", v)
+    st = p.streams["s1"]
+    assert st.ring.skipped > 0
+    t = rec.table("s1")
+    assert np.isfinite(t["score"]).all()
+    assert p.metrics.windows_inferred == len(t["ts"]) == 200 - W + 1 - st.ring.skipped
+
+
+class Broken(Sink):
+    def scores(self, *a):
+        raise RuntimeError("disk full")
+
+
+def test_a_failing_sink_does_not_stop_the_others(model):
+    rec = RecordSink()
+    p = Pipeline(cfg_for(model, None), [Broken(), rec], sources=[])
+    feed(p, "s1", normal(100))
+    assert len(rec.table("s1")["ts"]) == 100 - W + 1
+
+
+def test_replay_source_through_pipeline_matches_file(model, tmp_path):
+    import pandas as pd
+    v = normal(300)
+    f = tmp_path / "data.csv"
+    pd.DataFrame(v, columns=CH).assign(
+        timestamp=pd.date_range("2024-01-01", periods=300, freq="s")).to_csv(f, index=False)
+    cfg = replay_config(str(f), model, None)
+    rec = RecordSink()
+    p = Pipeline(cfg, [rec])
+    p.start()
+    p.run(until_exhausted=True)
+    p.stop()
+    assert p.metrics.samples_in == 300
+    assert len(rec.table("replay")["ts"]) == 300 - W + 1
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120, **kw)
+
+
+def test_cli_check_config_reports_errors_with_lines(tmp_path, model):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"node: n\nmodel:\n  path: {model}\n  threds: 2\nstreams: []\n")
+    r = run_cli("check-config", str(bad))
+    assert r.returncode == 1
+    assert f"{bad}:4: model.threds: unknown key" in r.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(f"node: n\nmodel:\n  path: {model}\nstreams:\n"
+                    f"  - id: s\n    source: {{type: serial, port: /dev/null}}\n")
+    r = run_cli("check-config", str(good))
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+
+def test_cli_check_config_refuses_tampered_model(tmp_path, model):
+    data = bytearray(open(model, "rb").read())
+    data[-5] ^= 0xFF
+    open(model, "wb").write(bytes(data))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"node: n\nmodel:\n  path: {model}\nstreams:\n"
+                   f"  - id: s\n    source: {{type: serial, port: /dev/null}}\n")
+    r = run_cli("check-config", str(cfg))
+    assert r.returncode == 1 and "sha256" in r.stderr
+
+
+def test_cli_replay_writes_per_window_csv(tmp_path, model):
+    import pandas as pd
+    f = tmp_path / "data.csv"
+    pd.DataFrame(normal(500), columns=CH).to_csv(f, index=False)
+    out = tmp_path / "scores.csv"
+    r = run_cli("replay", str(f), "--model", model, "--calibrate", "200", "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["timestamp", "score", "label", "alert"]
+    assert len(df) == 300 and df["score"].notna().all()
