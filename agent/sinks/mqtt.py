@@ -178,11 +178,11 @@ class MqttSink(Sink):
     # ------------------------------------------------------------ paho callbacks (network thread)
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self.connect_failures += 1
             self._report(logging.ERROR,
                          f"MQTT broker {self.m.host}:{self.m.port} refused the connection: "
                          f"{reason_code} (username {self.m.username!r}); check mqtt.username "
                          f"and the password source; retrying with backoff")
+            self.connect_failures += 1
             return
         self._problem = None
         self._was_connected = True
@@ -199,10 +199,10 @@ class MqttSink(Sink):
         self._wake.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self.connect_failures += 1
         self._report(logging.WARNING,
                      f"MQTT broker {self.m.host}:{self.m.port} unreachable (network or TLS error); "
                      f"alerts are kept in the outbox and sent when it is back")
+        self.connect_failures += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._was_connected and not self._stopping:
