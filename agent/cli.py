@@ -127,9 +127,10 @@ def cmd_evaluate(a) -> int:
     overrides = {}
     if a.smoothing:
         overrides["scoring"] = {"smoothing": a.smoothing}
-    if a.quantile or a.margin:
-        overrides["calibration"] = {k: v for k, v in (("quantile", a.quantile),
-                                                       ("margin", a.margin)) if v}
+    cal = {k: v for k, v in (("quantile", a.quantile), ("margin", a.margin),
+                             ("std_floor", a.std_floor)) if v is not None}
+    if cal:
+        overrides["calibration"] = cal
     results = []
     for m in a.model:
         r = evaluate(files, resolve_model(m), a.calibration, by=a.by,
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoothing", type=int)
     s.add_argument("--quantile", type=float)
     s.add_argument("--margin", type=float)
+    s.add_argument("--std-floor", type=float, help="calibration std floor (x model std)")
     s.add_argument("--out", help="write per-file predictions datetime,anomaly under this folder")
     s.add_argument("--json", action="store_true")
     s.add_argument("--log-level", default="warning")

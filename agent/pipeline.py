@@ -117,7 +117,12 @@ class Pipeline:
         ts = np.concatenate(st.calib_ts)
         raw = np.concatenate(st.calib_values)
         st.calib_ts, st.calib_values, st.calib_n = [], [], 0
-        st.scaler = fit_scaler(raw, np.asarray(self.meta.scaler.std), c.std_floor)
+        try:
+            st.scaler = fit_scaler(raw, np.asarray(self.meta.scaler.std), c.std_floor)
+        except ValueError as e:
+            st.scaler = StreamScaler(np.asarray(self.meta.scaler.mean),
+                                     np.asarray(self.meta.scaler.std))
+            log.error("stream %s: cannot calibrate (%s); using the model's scaler", st.id, e)
         w = st.ring.push(ts, st.scaler.apply(raw))
         if len(w.ts):
             scores, _ = score_windows(w.x, self.detector.infer(w.x))

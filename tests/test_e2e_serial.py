@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -84,7 +85,7 @@ def test_serial_to_mqtt_alert_lifecycle(tmp_path, broker, skab_dir):
     if not MODEL.exists():
         pytest.skip(f"shipped model missing: {MODEL}")
     df = pd.read_csv(skab_dir / "valve1" / "1.csv", sep=";", parse_dates=["datetime"])
-    ts = (df["datetime"].astype("int64") // 10**9).to_numpy()
+    ts = ((df["datetime"] - pd.Timestamp(0)).dt.total_seconds()).to_numpy().astype(np.int64)
     lab = df["anomaly"].to_numpy() > 0
     a_start, a_end = ts[lab].min(), ts[lab].max()
     cols = [c for c in df.columns if c not in ("datetime", "anomaly", "changepoint")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime
 from typing import TextIO
 
 from .base import Sink
@@ -17,14 +18,26 @@ def _num(v, spec: str = ".4g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "?"
 
 
+def _epoch(v) -> float | None:
+    if isinstance(v, (int, float)):
+        return float(v)
+    try:
+        return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def format_alert(a: dict, now: float | None = None) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now if now is not None else time.time()))
+    """One line per event, stamped with the SAMPLE time it refers to (start for new,
+    end for end) so that replayed and live output read the same."""
     kind = a.get("type", "?")
+    when = {"new": a.get("start"), "end": a.get("end")}.get(kind)
+    stamp = str(when) if when else time.strftime(
+        "%Y-%m-%dT%H:%M:%S", time.localtime(now if now is not None else time.time()))
     head = f"{stamp} ALERT {kind:<6} {a.get('stream', '?')}"
     if kind == "end":
-        start, end = a.get("start"), a.get("end")
-        dur = (f" dur={end - start:.1f}s" if isinstance(start, (int, float))
-               and isinstance(end, (int, float)) else "")
+        start, end = _epoch(a.get("start")), _epoch(a.get("end"))
+        dur = f" dur={end - start:.0f}s" if start is not None and end is not None else ""
         body = f"peak={_num(a.get('peak_score'))} thr={_num(a.get('threshold'))}{dur}"
     else:
         top = ",".join(f"{c.get('name')}({_num(c.get('share'), '.2f')})"

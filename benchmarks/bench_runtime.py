@@ -1,0 +1,116 @@
+"""Runtime throughput: bare ONNX Runtime vs the whole pipeline, per shipped model.
+
+For each model, in one run, pinned to one core:
+  * bare ORT `run` µs per window at batch 1 and at the pipeline's batch size,
+  * the whole pipeline's µs per window (replay source -> ring -> detector -> scorer
+    -> alert tracker -> null sink), stride 1, and its ratio to bare ORT,
+  * sustained windows/s for 1 stream and for 32 streams.
+
+    python benchmarks/bench_runtime.py [--models DLinear_ad,...] [--rows 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.cli import DEMO_CSV, REPO_MODELS  # noqa: E402
+from agent.config import AgentConfig  # noqa: E402
+from agent.detector import Detector  # noqa: E402
+from agent.metrics import Metrics  # noqa: E402
+from agent.model_meta import load_meta  # noqa: E402
+from agent.pipeline import Pipeline  # noqa: E402
+from agent.sinks.record import RecordSink  # noqa: E402
+
+MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
+
+
+def bare_ort_us(path: Path, batch: int, reps: int) -> float:
+    meta = load_meta(path)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(batch, meta.window, meta.n_channels)).astype(np.float32)
+    feed = {meta.input_name: x}
+    for _ in range(10):
+        s.run(None, feed)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6 / batch
+
+
+def long_csv(rows: int, tmp: Path) -> Path:
+    """The demo recording repeated to `rows` rows with increasing timestamps."""
+    df = pd.read_csv(DEMO_CSV, sep=";")
+    reps = -(-rows // len(df))
+    big = pd.concat([df] * reps, ignore_index=True).iloc[:rows]
+    big["datetime"] = pd.date_range("2024-01-01", periods=rows, freq="s").strftime("%Y-%m-%d %H:%M:%S")
+    out = tmp / f"bench_{rows}.csv"
+    big.to_csv(out, sep=";", index=False)
+    return out
+
+
+def pipeline_run(model: Path, csv: Path, streams: int, detector: Detector) -> tuple[int, float]:
+    cfg = AgentConfig.model_validate({
+        "node": "bench", "state_dir": None, "model": {"path": str(model), "threads": 1},
+        "streams": [{"id": f"s{i}", "source": {"type": "replay", "path": str(csv), "chunk": 256}}
+                    for i in range(streams)],
+        "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}})
+    m = Metrics()
+    detector.metrics = m
+    p = Pipeline(cfg, [RecordSink(keep_scores=False)], metrics=m, detector=detector)
+    t = time.perf_counter()
+    p.start()
+    p.run(until_exhausted=True)
+    p.stop()
+    return m.windows_inferred, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--reps", type=int, default=300)
+    a = ap.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    print(f"onnxruntime {ort.__version__}, 1 core, 1 ORT thread; {a.rows} rows per stream")
+    hdr = (f"{'model':<17} {'ORT b1 µs':>9} {'ORT b256 µs':>11} {'pipe µs/win':>11} "
+           f"{'pipe/b256':>9} {'pipe/b1':>7} {'1 stream win/s':>14} {'32 streams win/s':>16}")
+    print(hdr)
+    with tempfile.TemporaryDirectory() as tmp:
+        csv1 = long_csv(a.rows, Path(tmp))
+        csv32 = long_csv(max(a.rows // 8, 2000), Path(tmp))
+        for name in a.models.split(","):
+            path = REPO_MODELS / f"{name}.onnx"
+            if not path.exists():
+                print(f"{name:<17} (not shipped)")
+                continue
+            b1 = bare_ort_us(path, 1, a.reps)
+            b256 = bare_ort_us(path, 256, max(a.reps // 10, 20))
+            det = Detector(str(path), threads=1)
+            pipeline_run(path, csv32, 1, det)   # warm caches, imports
+            n1, t1 = pipeline_run(path, csv1, 1, det)
+            n32, t32 = pipeline_run(path, csv32, 32, det)
+            per = t1 * 1e6 / n1
+            print(f"{name:<17} {b1:9.1f} {b256:11.2f} {per:11.2f} {per / b256:9.2f} "
+                  f"{per / b1:7.2f} {n1 / t1:14,.0f} {n32 / t32:16,.0f}")
+
+
+if __name__ == "__main__":
+    main()
