@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .config import AgentConfig
 from .detector import Detector
@@ -109,6 +108,7 @@ def evaluate(files: list[Path], model: str, calibration_rows: int = 400, by: str
         counts.add(labels[test], pred[test])
         per_file.append({"file": str(f), **c.summary()})
         if out_dir is not None:
+            import pandas as pd
             out_dir.mkdir(parents=True, exist_ok=True)
             name = f"{f.parent.name}_{f.stem}.csv"
             pd.DataFrame({

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from ..config import ReplaySource
 from ..metrics import Metrics
@@ -31,7 +30,8 @@ def _separator(path: Path) -> str:
     return ";" if header.count(";") > header.count(",") else ","
 
 
-def _seconds(col: pd.Series, path: Path) -> np.ndarray:
+def _seconds(col, path: Path) -> np.ndarray:
+    import pandas as pd
     num = pd.to_numeric(col, errors="coerce")
     if num.notna().all():
         return num.to_numpy(np.float64)
@@ -50,6 +50,9 @@ def read_table(path: str | Path, channels: list[str]
     Raises ValueError naming the missing columns, OSError when the file cannot
     be read.  Cells that are not numbers become NaN (missing values)."""
     path = Path(path)
+    # pandas costs ~40 MB resident: imported only when a file is actually replayed,
+    # so a serial/MQTT daemon on a small device never pays for it
+    import pandas as pd
     df = pd.read_csv(path, sep=_separator(path))
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in channels if c not in df.columns]
