@@ -7,6 +7,8 @@ a default on a machine nobody watches).
 from __future__ import annotations
 
 import os
+import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -23,7 +25,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf / .nan are valid YAML floats but no sane interval, rate or threshold
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- sources
@@ -195,14 +198,59 @@ class AgentConfig(_Strict):
 
 
 # ---------------------------------------------------------------- loading
-def _line_index(text: str) -> dict[tuple, int]:
-    """Map each key path (as a tuple of keys/indices) to its 1-based YAML line."""
-    lines: dict[tuple, int] = {}
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose bad scalars are YAML errors with a line, not crashes.
+
+    PyYAML raises ValueError, IndexError, KeyError... when a scalar does not fit its
+    explicit or implicit tag (`!!int x`, `!!bool maybe`, the date `2024-13-45`).
+    """
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError, OverflowError):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_show(node.value)} as {node.tag.rsplit(':', 1)[-1]}",
+                node.start_mark) from None
+
+
+def _line_index(root: yaml.Node) -> tuple[dict[tuple, int], list[str]]:
+    """Map each key path (as a tuple of keys/indices) to its 1-based YAML line, and
+    list duplicate keys (safe_load silently keeps the last one).
+
+    Each node is walked once: paths under the second use of an alias fall back to the
+    line of the key that uses it, and a self-referencing or exponentially nested alias
+    cannot make the walk loop or explode.
+    """
+    lines: dict[tuple, int] = {(): root.start_mark.line + 1}
+    duplicates: list[str] = []
+    # Keys as safe_load builds them ("1:" is the int 1), so paths match pydantic's.
+    keys = _Loader("")
+    walked: set[int] = set()
 
     def walk(node, path):
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                p = path + (k.value,)
+                if k.tag == _MERGE_TAG:       # "<<: *base": its keys live at the anchor
+                    continue
+                key = keys.construct_object(k, deep=True)
+                try:
+                    hash(key)
+                except TypeError:             # construct_document reports it, with its line
+                    continue
+                p = path + (key,)
+                if p in lines:
+                    duplicates.append(f"{k.start_mark.line + 1}: {_fmt_path(p)}: duplicate "
+                                      f"key (first on line {lines[p]}); remove one")
+                    continue
                 lines[p] = k.start_mark.line + 1
                 walk(v, p)
         elif isinstance(node, yaml.SequenceNode):
@@ -211,18 +259,55 @@ def _line_index(text: str) -> dict[tuple, int]:
                 lines[p] = v.start_mark.line + 1
                 walk(v, p)
 
-    try:
-        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
-    except yaml.YAMLError:
-        pass
-    return lines
+    walk(root, ())
+    return lines, duplicates
+
+
+_PLAIN_KEY = re.compile(r"[^\s.\[\]'\"]+")
 
 
 def _fmt_path(loc: tuple) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        elif isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:   # an empty, blank or odd key ("", "\r", null, 1.5) must stay visible
+            out += f"[{part!r}]"
     return out or "(top level)"
+
+
+# A password typed into the config by mistake ("password: hunter2") must not be echoed
+# into logs by the error that rejects it.  The three *reference* keys hold a path, a
+# variable name and a credential name, which are safe and useful to show.
+_SECRET_KEY = re.compile(r"pass|secret|token|api_?key", re.I)
+_REFERENCE_KEYS = {"password_file", "password_env", "password_credential"}
+
+
+def _is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and key not in _REFERENCE_KEYS and bool(_SECRET_KEY.search(key))
+
+
+class _ValueRepr(reprlib.Repr):
+    """Bounded repr (an alias-bomb value must not produce a gigabyte message) that
+    hides the values of secret-looking keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist = 3, 8, 8
+        self.maxstring, self.maxother = 120, 120
+
+    def repr_dict(self, x, level):
+        return super().repr_dict({k: ("<hidden>" if _is_secret_key(k) else v)
+                                  for k, v in x.items()}, level)
+
+
+def _show(value: Any, key: object = None) -> str:
+    if _is_secret_key(key):
+        return "<hidden>"
+    shown = _ValueRepr().repr(value)
+    return shown if len(shown) <= 300 else shown[:296] + " ..."
 
 
 def _describe(err: dict, data: Any) -> tuple[tuple, str]:
@@ -243,32 +328,57 @@ def _describe(err: dict, data: Any) -> tuple[tuple, str]:
         # else: a discriminator tag, skipped
     loc = tuple(clean)
     typ, msg = err["type"], err["msg"]
+    shown = _show(err.get("input"), loc[-1] if loc else None)
     if typ == "extra_forbidden":
-        return loc, f"unknown key (value {err.get('input')!r}); check the spelling"
+        if _is_secret_key(loc[-1] if loc else None):
+            return loc, (f"unknown key (value {shown}); a secret never goes in the config: "
+                         f"use password_file, password_env or password_credential")
+        return loc, f"unknown key (value {shown}); check the spelling"
     if typ == "missing":
         return loc, "required key is missing"
-    expected = msg[0].lower() + msg[1:] if msg else "a valid value"
+    # A bad or missing source type is reported on the `type` key itself, not as the
+    # whole source mapping.
     if typ == "union_tag_invalid":
-        expected = f"type must be one of {err.get('ctx', {}).get('expected_tags')}"
+        return loc + ("type",), (f"value {_show(err['ctx']['tag'])} is invalid: expected one "
+                                 f"of {err['ctx']['expected_tags']}")
+    if typ == "union_tag_not_found":
+        return loc + ("type",), "required key is missing (it selects the kind of source)"
+    expected = msg[0].lower() + msg[1:] if msg else "a valid value"
     if msg.startswith("Value error, "):
         expected = msg[len("Value error, "):]
-    return loc, f"value {err.get('input')!r} is invalid: {expected}"
+    return loc, f"value {shown} is invalid: {expected}"
 
 
 def parse_config(text: str, source: str = "<config>") -> AgentConfig:
     try:
-        data = yaml.safe_load(text)
+        return _parse(text, source)
+    except RecursionError:
+        # PyYAML composes recursively; a pathological file must still get a clear error
+        raise ConfigError([f"{source}: nested too deeply to be a configuration"]) from None
+
+
+def _parse(text: str, source: str) -> AgentConfig:
+    # One parse: compose the node tree (it has the line numbers), index it, then build
+    # the data from it.  The pure-Python loader on purpose: libyaml's composer
+    # overflows the C stack (segfault) on deeply nested flow collections.
+    try:
+        loader = _Loader(text)
+        root = loader.get_single_node()
+        lines, duplicates = _line_index(root) if root is not None else ({}, [])
+        # after indexing: building the data rewrites "<<" merge nodes in place
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"{source}: expected a mapping at the top level, "
-                           f"got {type(data).__name__}"])
+        got = "an empty file" if data is None else type(data).__name__
+        raise ConfigError([f"{source}: expected a mapping at the top level, got {got}"])
+    if duplicates:
+        raise ConfigError([f"{source}:{d}" for d in duplicates])
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        lines = _line_index(text)
         problems = []
         for err in e.errors():
             loc, text_ = _describe(err, data)
@@ -277,7 +387,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
                 line = lines.get(loc[:n])
                 if line:
                     break
-            problems.append(f"{source}:{line or '?'}: {_fmt_path(loc)}: {text_}")
+            problems.append(f"{source}:{line}: {_fmt_path(loc)}: {text_}")
         raise ConfigError(problems) from None
 
 
