@@ -2,11 +2,15 @@
 
 The port may be absent at start or unplugged at any time (USB adapters are);
 the source then reports `connected = False`, logs the change once, and keeps
-trying to reopen it with exponential backoff, resuming on its own.
+trying to reopen it with exponential backoff, resuming on its own.  While the
+device node is missing (USB adapter unplugged) the backoff sleep ends as soon as
+the node reappears, so a replug resumes within APPEAR_POLL_S however long the
+device was away.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -21,6 +25,7 @@ from .base import Batch, Emit, Source
 log = logging.getLogger("tsad.source.serial")
 
 READ_TIMEOUT_S = 0.2   # bounds how long `stop` may wait for a blocked read
+APPEAR_POLL_S = 0.1    # how often a missing device node is looked for (one stat call)
 
 
 class LineSplitter:
@@ -86,7 +91,7 @@ class SerialLineSource(Source):
                     log.warning("%s: cannot open %s: %s; retrying in the background",
                                 self.stream_id, self.cfg.port, e)
                     announced_down = True
-                stop.wait(delay)
+                self._retry_wait(stop, delay)
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
                 continue
             with self._lock:
@@ -105,7 +110,21 @@ class SerialLineSource(Source):
                 self.connected = False
                 self.close()
             if not stop.is_set() and announced_down:
-                stop.wait(delay)
+                self._retry_wait(stop, delay)
+
+    def _retry_wait(self, stop: threading.Event, delay: float) -> None:
+        """Wait `delay` before the next open, or less once a missing device node is back."""
+        path = self.cfg.port
+        if "://" in path or os.path.exists(path):
+            # present but unusable (busy, permissions) or a pyserial URL: plain backoff
+            stop.wait(delay)
+            return
+        end = time.monotonic() + delay
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0 or os.path.exists(path):
+                return
+            stop.wait(min(APPEAR_POLL_S, left))
 
     def _read_until_stop(self, port, emit: Emit, stop: threading.Event) -> None:
         while not stop.is_set():
