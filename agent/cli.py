@@ -77,22 +77,12 @@ def _results_csv(path: Path, rec: dict) -> None:
                   "alert": rec["alert"].astype(int)}).to_csv(path, index=False, float_format="%.6g")
 
 
-def cmd_replay(a) -> int:
-    logs.setup(a.log_level)
-    from .evaluate import replay_config
+def _replay(cfg: AgentConfig):
+    """Run a finite (replay) config to its end with its sinks plus a recorder."""
+    from .metrics import Metrics
     from .pipeline import Pipeline
     from .sinks.build import build_sinks
     from .sinks.record import RecordSink
-    from .metrics import Metrics
-    model = resolve_model(a.model)
-    overrides = {"sinks": {"console": {"enabled": not a.quiet},
-                           **({"jsonl": {"path": a.alerts}} if a.alerts else {})},
-                 "streams": [{"id": a.stream, "source": {"type": "replay", "path": a.file,
-                                                         "speed": a.speed}}]}
-    try:
-        cfg = replay_config(a.file, model, a.calibrate or None, overrides)
-    except Exception as e:   # pydantic ValidationError: the CLI built it, show it plainly
-        return _fail(str(e))
     metrics = Metrics()
     rec = RecordSink()
     p = Pipeline(cfg, build_sinks(cfg, metrics) + [rec], metrics=metrics)
@@ -102,6 +92,22 @@ def cmd_replay(a) -> int:
     except KeyboardInterrupt:
         pass
     p.stop()
+    return p, rec
+
+
+def cmd_replay(a) -> int:
+    logs.setup(a.log_level)
+    from .evaluate import replay_config
+    model = resolve_model(a.model)
+    overrides = {"sinks": {"console": {"enabled": not a.quiet},
+                           **({"jsonl": {"path": a.alerts}} if a.alerts else {})},
+                 "streams": [{"id": a.stream, "source": {"type": "replay", "path": a.file,
+                                                         "speed": a.speed}}]}
+    try:
+        cfg = replay_config(a.file, model, a.calibrate or None, overrides)
+    except Exception as e:   # pydantic ValidationError: the CLI built it, show it plainly
+        return _fail(str(e))
+    p, rec = _replay(cfg)
     if a.out:
         _results_csv(Path(a.out), rec.table(a.stream))
     h = p.health()
@@ -150,10 +156,6 @@ def cmd_evaluate(a) -> int:
 def cmd_demo(a) -> int:
     logs.setup(a.log_level)
     from .evaluate import Counts, replay_config, rows_prediction
-    from .metrics import Metrics
-    from .pipeline import Pipeline
-    from .sinks.build import build_sinks
-    from .sinks.record import RecordSink
     from .sources.replay import read_table
     model = resolve_model(a.model)
     print(f"tsad-agent demo: replaying {DEMO_CSV.name} (SKAB valve1/1, water pump, 8 sensors) "
@@ -167,15 +169,7 @@ def cmd_demo(a) -> int:
         host, _, port = a.mqtt.partition(":")
         overrides["mqtt"] = {"enabled": True, "host": host, "port": int(port or 1883)}
     cfg = replay_config(str(DEMO_CSV), model, 400, overrides, node="demo")
-    metrics = Metrics()
-    rec = RecordSink()
-    p = Pipeline(cfg, build_sinks(cfg, metrics) + [rec], metrics=metrics)
-    p.start()
-    try:
-        p.run(until_exhausted=True)
-    except KeyboardInterrupt:
-        pass
-    p.stop()
+    p, rec = _replay(cfg)
     row_ts, _, labels = read_table(str(DEMO_CSV), p.meta.channels)
     pred = rows_prediction(row_ts, rec.table("pump"), "alert")
     c = Counts()
