@@ -57,7 +57,7 @@ class Daemon:
             log.error("reload rejected, keeping the running config and model: %s", e)
             sdnotify.ready()
             return
-        self.pipeline.stop(stop_sinks=False)
+        self.pipeline.stop(stop_sinks=False, close_alerts="reload")
         # Outputs are rebuilt only when their settings changed, so a model swap keeps the
         # broker session (and its outbox) instead of flapping availability.
         rebuild = (new_cfg.mqtt, new_cfg.sinks, new_cfg.node, new_cfg.state_dir) != \
@@ -92,5 +92,5 @@ class Daemon:
         sdnotify.stopping()
         log.info("stopping")
         self.watchdog.stop()
-        self.pipeline.stop()
+        self.pipeline.stop(close_alerts="agent stopped")
         return 0

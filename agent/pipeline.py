@@ -43,6 +43,7 @@ class StreamState:
     scaler: StreamScaler | None = None
     threshold: float = 0.0
     samples: int = 0
+    last_ts: float = float("nan")     # newest sample seen (ends alerts closed at a stop)
     # raw samples held back until calibration has enough of them
     calib_ts: list = field(default_factory=list)
     calib_values: list = field(default_factory=list)
@@ -153,6 +154,8 @@ class Pipeline:
             self.metrics.samples_in += len(b)
             st.samples += len(b)
             ts, values = b.ts, b.values
+            if len(ts):
+                st.last_ts = float(ts[-1])
             if not st.ready:
                 take = min(len(ts), n_cal - st.calib_n)
                 st.calib_ts.append(ts[:take])
@@ -294,7 +297,29 @@ class Pipeline:
             if until_exhausted and ended >= len(self.sources):
                 break
 
-    def stop(self, stop_sinks: bool = True) -> None:
+    def close_alerts(self, why: str) -> None:
+        """Send "end" for every open alert, stamped with its stream's newest sample.
+
+        Alert state lives in this pipeline; the one replacing it (reload) or the next
+        process starts with every stream normal and could never close these."""
+        for st in self.streams.values():
+            tr = st.tracker
+            if tr.state != "anomaly":
+                continue
+            ev = tr._event("end", float("nan"), st.threshold, st.last_ts)
+            tr.state = "normal"
+            log.info("stream %s: alert %s ended (%s)", st.id, tr.alert_id, why)
+            self.metrics.alerts["end"] += 1
+            for sink in self.sinks:
+                try:
+                    sink.alert(ev)
+                    sink.state(st.id, "normal")
+                except Exception:
+                    log.exception("sink %s failed", type(sink).__name__)
+
+    def stop(self, stop_sinks: bool = True, close_alerts: str | None = None) -> None:
+        """Stop the sources and process what they delivered; with `close_alerts`
+        (the reason), end the open alerts; with `stop_sinks`, stop the sinks."""
         self.stop_event.set()
         for t in self._threads:
             t.join(timeout=3)
@@ -302,6 +327,8 @@ class Pipeline:
         rest = [b for b in self._drain() if b is not _END]
         if rest:
             self.process(rest)
+        if close_alerts:
+            self.close_alerts(close_alerts)
         self._maybe_health(force=True)
         if not stop_sinks:
             return

@@ -41,6 +41,7 @@ from .jsonl import to_json
 log = logging.getLogger(__name__)
 
 WINDOW = 32      # alert rows handed to paho but not yet acknowledged
+FLUSH_S = 2.0    # how long a clean stop may spend delivering queued alerts
 
 
 def discovery(cfg: AgentConfig) -> tuple[str, dict]:
@@ -120,6 +121,13 @@ class MqttSink(Sink):
     def stop(self, timeout: float = 5.0) -> None:
         """Publish "offline" (waiting up to timeout for the broker to have it) and
         disconnect.  The outbox stays open: its owner closes it."""
+        # While the broker is there, what is queued goes out first (bounded), among it
+        # the "end" events of alerts the stop itself closed; the rest waits in the
+        # outbox for the next run.
+        until = time.monotonic() + min(FLUSH_S, timeout)
+        while self.client.is_connected() and self.outbox.depth() and time.monotonic() < until:
+            self._wake.set()
+            time.sleep(0.02)
         self._stopping = True
         self._wake.set()
         if self._thread is not None:

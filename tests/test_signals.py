@@ -1,0 +1,132 @@
+"""Signals on the real agent process: SIGTERM stops cleanly, SIGHUP reloads the
+config and model, and a reload that cannot work keeps the running ones."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from agent_harness import (MOSQUITTO, NODE, AgentProcess, LineWriter, Observer, Pty,
+                           alert_id, assert_exact, no_traceback, persistent_broker, tiny_model,
+                           wait_until, write_config)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
+
+
+@pytest.fixture
+def rig(tmp_path):
+    broker = persistent_broker(tmp_path / "mq").start()
+    obs = Observer(broker.port).wait_subscribed()
+    pty = Pty()
+    made = []
+
+    def start(config):
+        a = AgentProcess(config, tmp_path / "agent.log").start()
+        made.append(a)
+        return a
+
+    yield broker, obs, pty, start
+    for a in made:
+        a.close()
+    obs.close()
+    broker.stop()
+    pty.close()
+
+
+def test_sigterm_exits_zero_and_publishes_offline(tmp_path, rig):
+    broker, obs, pty, start = rig
+    cfg = write_config(tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=broker.port,
+                       serial_port=pty.path, state_dir=tmp_path / "state")
+    agent = start(cfg)
+    agent.wait_log("open at")
+    wait_until(lambda: b"online" in obs.availability(), "agent online")
+    w = LineWriter(pty)
+    w.normal(20)
+    expected = set(w.spikes(2))
+    obs.wait_ids(expected)
+    still_open = alert_id(w.line(True))
+    wait_until(lambda: still_open in obs.ids("new"), "an open alert")
+    expected.add(still_open)
+
+    agent.signal(signal.SIGTERM)
+    assert agent.proc.wait(5) == 0
+    wait_until(lambda: obs.availability()[-1:] == [b"offline"], "availability offline")
+    # A clean DISCONNECT discards the will, so this "offline" is the agent's own.
+    broker_log = (broker.dir / "mosquitto.log").read_text()
+    assert f"Client tsad-{NODE}-sink disconnected." in broker_log, broker_log
+    late = Observer(broker.port, client_id="late").wait_subscribed()
+    try:
+        wait_until(lambda: late.availability() == [b"offline"], "retained offline")
+    finally:
+        late.close()
+    # the alert open at the stop was ended, not left open forever
+    assert_exact(obs, expected)
+    assert obs.topic("stream/pump/state")[-1][1] == b"normal"
+    assert "stopping" in agent.log()
+    no_traceback(agent)
+
+
+def _model_names(obs: Observer, ids: set[str]) -> set[str]:
+    return {a["model"]["name"] for a in obs.alerts() if a["id"] in ids}
+
+
+def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
+    broker, obs, pty, start = rig
+    v1 = tiny_model(tmp_path, "tiny_v1")
+    v2 = tiny_model(tmp_path, "tiny_v2", scale=0.8)
+    kw = dict(port=broker.port, serial_port=pty.path, state_dir=tmp_path / "state")
+    cfg = write_config(tmp_path / "agent.yaml", model=v1, **kw)
+    agent = start(cfg)
+    agent.wait_log("open at")
+    w = LineWriter(pty)
+    w.normal(20)
+    expected = set(w.spikes(2))
+    obs.wait_ids(expected)
+
+    # 1. a config with a YAML syntax error
+    good = cfg.read_text()
+    cfg.write_text(good + "alerts: {open_k: 1\n")
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reload rejected")
+    assert "not valid YAML" in agent.log()
+    ids = set(w.spikes(2))
+    expected |= ids
+    obs.wait_ids(expected)
+    assert _model_names(obs, ids) == {"tiny_v1"}
+
+    # 2. a valid config whose model file was tampered with after export
+    tampered = tmp_path / "tiny_v2_bad.onnx"
+    tampered.write_bytes(v2.read_bytes() + b"\0")
+    (tmp_path / "tiny_v2_bad.onnx.json").write_text((tmp_path / "tiny_v2.onnx.json").read_text())
+    write_config(cfg, model=tampered, **kw)
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reload rejected", 2)
+    rejected = [ln for ln in agent.log().splitlines() if "reload rejected" in ln][-1]
+    assert "sha256" in rejected or "checksum" in rejected, rejected
+    ids = set(w.spikes(2))
+    expected |= ids
+    obs.wait_ids(expected)
+    assert _model_names(obs, ids) == {"tiny_v1"}
+
+    # 3. a valid config with the new model, while an alert is open: the old
+    # pipeline ends it (the new one could not)
+    still_open = alert_id(w.line(True))
+    wait_until(lambda: still_open in obs.ids("new"), "an open alert")
+    expected.add(still_open)
+    write_config(cfg, model=v2, **kw)
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded")
+    agent.wait_log("open at", 2)          # the source reopened the port
+    wait_until(lambda: still_open in obs.ids("end"), "the open alert ended at the reload")
+    assert _model_names(obs, {still_open}) == {"tiny_v1"}
+    w.normal(10)                          # refill the new pipeline's window
+    ids = set(w.spikes(2))
+    expected |= ids
+    obs.wait_ids(expected)
+    assert _model_names(obs, ids) == {"tiny_v2"}
+    wait_until(lambda: obs.healths()[-1][1]["model"]["name"] == "tiny_v2", "health model")
+    assert_exact(obs, expected)
+    assert agent.running()
+    no_traceback(agent)
