@@ -184,6 +184,44 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_predict(a) -> int:
+    from .detector import Detector, DetectorError
+    from .model_meta import ModelMetaError
+    from .predict import PredictError, input_files, predict, write_outputs
+    logs.setup(a.log_level)
+    try:
+        files = input_files(a.input)
+        det = Detector(resolve_model(a.model))
+    except (PredictError, DetectorError, ModelMetaError) as e:
+        return _fail(str(e), 1)
+    failed = 0
+    for f in files:
+        try:
+            pred = predict(f, det, a.calibrate, a.paddlex_compat, a.max_gap)
+            out = write_outputs(pred, a.save_path, a.plot)
+        except (PredictError, DetectorError) as e:
+            failed += 1
+            _fail(str(e))
+            continue
+        lab = pred.label[pred.rows]
+        print(f"{f}: {len(lab)} row(s) labelled, {int(lab.sum())} anomalous "
+              f"(threshold {pred.threshold:.4g}) -> {', '.join(str(o) for o in out)}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_serve(a) -> int:
+    from .http_api import ApiError, serve
+    logs.setup(a.log_level)
+    try:
+        return serve(resolve_model(a.model), host=a.host, port=a.port,
+                     api_key_env=a.api_key_env, api_key_file=a.api_key_file,
+                     calibrate=a.calibrate, compat=a.paddlex_compat, max_gap=a.max_gap,
+                     visualize=a.visualize)
+    except ApiError as e:
+        return _fail(str(e), 1)
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tsad-agent", description=__doc__)
@@ -234,6 +272,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="alerts as JSON lines")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("predict", help="label every row of CSV files (PaddleX-style outputs)",
+                       description="Writes <stem>_res.csv (timestamp,label), <stem>_res.json "
+                       "(threshold, per-row label and score) and with --plot <stem>_res.png. "
+                       "The label is the raw one, score >= threshold (like evaluate --by label), "
+                       "not the alert hysteresis. Rows before the first full window are 0.")
+    s.add_argument("--input", "-i", required=True, help="a CSV file or a folder of them")
+    s.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    s.add_argument("--save_path", "--save-path", default="./output", help="output folder")
+    s.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="fit scaler+threshold on each file's first N rows (0: the model's)")
+    s.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
+    s.add_argument("--paddlex-compat", action="store_true",
+                   help="like PaddleX: score and label only the last window's rows")
+    s.add_argument("--max-gap", type=float, default=2.5, metavar="K",
+                   help="reject steps over K x the median step (1.5 = strictly regular; 0 = off)")
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("serve", help="local HTTP API (PaddleX serving endpoint, /anomaly, "
+                                     "/healthz, /metrics, /openapi.json)")
+    s.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key-env", metavar="NAME", help="require this env variable's value "
+                   "as X-API-Key or Authorization: Bearer (not for /healthz, /openapi.json)")
+    s.add_argument("--api-key-file", metavar="PATH", help="same, key read from a file")
+    s.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="calibrate on the first N rows of each file / stream (0: the model's)")
+    s.add_argument("--paddlex-compat", action="store_true",
+                   help="the PaddleX endpoint labels only the last window's rows")
+    s.add_argument("--max-gap", type=float, default=2.5, metavar="K")
+    s.add_argument("--visualize", action="store_true",
+                   help="PaddleX endpoint returns a PNG too (needs matplotlib)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=cmd_serve)
     return ap
 
 
