@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 
 import numpy as np
+
+# Upper bounds (seconds) of the inference-latency histogram exported on /metrics:
+# from a tiny model on a desktop CPU (~0.1 ms) to a big batch on a Raspberry Pi.
+INFER_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
@@ -23,6 +29,9 @@ class Metrics:
         self.alerts = Counter()           # "new"/"update"/"end" -> count
         self._lat_ms: deque[float] = deque(maxlen=latency_samples)
         self._lock = threading.Lock()
+        # cumulative over the process lifetime, unlike the bounded latency sample
+        self._infer_buckets = [0] * (len(INFER_BUCKETS_S) + 1)   # last: over the top bound
+        self._infer_sum_s = 0.0
 
     def bad(self, reason: str, n: int = 1) -> None:
         with self._lock:
@@ -30,6 +39,20 @@ class Metrics:
 
     def infer_ms(self, ms: float) -> None:
         self._lat_ms.append(ms)
+        i = bisect_left(INFER_BUCKETS_S, ms / 1e3)
+        with self._lock:   # runs from several HTTP threads at once
+            self._infer_buckets[i] += 1
+            self._infer_sum_s += ms / 1e3
+
+    def infer_histogram(self) -> tuple[list[tuple[float, int]], float, int]:
+        """([(upper bound s, cumulative count)...], sum s, count), Prometheus-style."""
+        with self._lock:
+            counts, total = list(self._infer_buckets), self._infer_sum_s
+        cum, out = 0, []
+        for le, c in zip(INFER_BUCKETS_S, counts):
+            cum += c
+            out.append((le, cum))
+        return out, total, cum + counts[-1]
 
     def latency_ms(self) -> dict[str, float | None]:
         lat = list(self._lat_ms)
