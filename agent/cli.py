@@ -65,6 +65,8 @@ def cmd_run(a) -> int:
     from .model_meta import ModelMetaError
     try:
         d = Daemon(a.config, cfg)
+    except ConfigError as e:      # settings only checkable at use: password/TLS files
+        return _fail("; ".join(e.problems))
     except (DetectorError, ModelMetaError) as e:
         return _fail(str(e), 1)
     return d.serve()

@@ -10,6 +10,7 @@ from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
 from .metrics import Metrics
 from .model_meta import ModelMetaError
+from .mqtt_client import make_client
 from .pipeline import Pipeline
 from .sinks.build import build_sinks
 
@@ -53,6 +54,9 @@ class Daemon:
                 new_cfg.model.path, providers=list(new_cfg.model.providers),
                 threads=new_cfg.model.threads, verify_checksum=new_cfg.model.verify_checksum,
                 max_batch=new_cfg.model.max_batch, metrics=self.metrics)
+            if new_cfg.mqtt.enabled:
+                # unreadable password or TLS files must fail here, before anything stops
+                make_client(new_cfg.mqtt, new_cfg.node, role="reload-check")
         except (ConfigError, DetectorError, ModelMetaError, OSError) as e:
             log.error("reload rejected, keeping the running config and model: %s", e)
             sdnotify.ready()

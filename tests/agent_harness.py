@@ -207,7 +207,7 @@ class Observer:
     restarted, not reconnected yet) are queued for it, not lost."""
 
     def __init__(self, port: int, client_id: str = "rb-observer", node: str = NODE,
-                 tls: dict | None = None):
+                 tls: dict | None = None, auth: tuple[str, str] | None = None):
         self.node = node
         self.msgs: list[tuple[float, str, bytes, bool]] = []
         self.lock = threading.Lock()
@@ -217,6 +217,8 @@ class Observer:
         self.c.reconnect_delay_set(0.2, 1)
         if tls:
             self.c.tls_set(**tls)
+        if auth:
+            self.c.username_pw_set(*auth)
         self.c.on_connect = lambda c, u, f, rc, p: c.subscribe(f"tsad/{node}/#", qos=1)
         self.c.on_subscribe = lambda *a: self.subscribed.set()
         self.c.on_message = self._on_message

@@ -96,13 +96,20 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     obs.wait_ids(expected)
     assert _model_names(obs, ids) == {"tiny_v1"}
 
-    # 2. a valid config whose model file was tampered with after export
+    # 2. a valid config naming a password file that is not there
+    write_config(cfg, model=v2, mqtt={"username": "u", "password_file": str(tmp_path / "nope")},
+                 **kw)
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reload rejected", 2)
+    assert "mqtt.password_file: cannot read" in agent.log()
+
+    # 3. a valid config whose model file was tampered with after export
     tampered = tmp_path / "tiny_v2_bad.onnx"
     tampered.write_bytes(v2.read_bytes() + b"\0")
     (tmp_path / "tiny_v2_bad.onnx.json").write_text((tmp_path / "tiny_v2.onnx.json").read_text())
     write_config(cfg, model=tampered, **kw)
     agent.signal(signal.SIGHUP)
-    agent.wait_log("reload rejected", 2)
+    agent.wait_log("reload rejected", 3)
     rejected = [ln for ln in agent.log().splitlines() if "reload rejected" in ln][-1]
     assert "sha256" in rejected or "checksum" in rejected, rejected
     ids = set(w.spikes(2))
@@ -110,7 +117,7 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     obs.wait_ids(expected)
     assert _model_names(obs, ids) == {"tiny_v1"}
 
-    # 3. a valid config with the new model, while an alert is open: the old
+    # 4. a valid config with the new model, while an alert is open: the old
     # pipeline ends it (the new one could not)
     still_open = alert_id(w.line(True))
     wait_until(lambda: still_open in obs.ids("new"), "an open alert")

@@ -33,7 +33,7 @@ import paho.mqtt.client as mqtt
 from .. import __version__
 from ..config import AgentConfig
 from ..metrics import Metrics
-from ..mqtt_client import make_client
+from ..mqtt_client import make_client, tls_problem
 from ..outbox import Outbox
 from .base import Sink
 from .jsonl import to_json
@@ -207,9 +207,17 @@ class MqttSink(Sink):
         self._wake.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self._report(logging.WARNING,
-                     f"MQTT broker {self.m.host}:{self.m.port} unreachable (network or TLS error); "
-                     f"alerts are kept in the outbox and sent when it is back")
+        # paho does not say why; with TLS on, one handshake of our own does
+        why = tls_problem(self.m)
+        if why:
+            self._report(logging.ERROR,
+                         f"MQTT broker {self.m.host}:{self.m.port}: {why} -- not connecting "
+                         f"(TLS only, no plaintext fallback); alerts are kept in the outbox; "
+                         f"retrying")
+        else:
+            self._report(logging.WARNING,
+                         f"MQTT broker {self.m.host}:{self.m.port} unreachable (network or TLS "
+                         f"error); alerts are kept in the outbox and sent when it is back")
         self.connect_failures += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
