@@ -283,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", "-i", required=True, help="a CSV file or a folder of them")
     s.add_argument("--model", "-m", default=DEFAULT_MODEL)
     s.add_argument("--save_path", "--save-path", default="./output", help="output folder")
-    s.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="fit scaler+threshold on each file's first N rows (0: the model's)")
+    s.add_argument("--calibrate", type=int, metavar="N",
+                   help="fit scaler+threshold on each file's first N rows, which are then "
+                        "not labelled (0: the model's; default: the model metadata's "
+                        "training.calibration_rows, else 0)")
     s.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     s.add_argument("--paddlex-compat", action="store_true",
                    help="like PaddleX: score and label only the last window's rows")
@@ -301,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key-env", metavar="NAME", help="require this env variable's value "
                    "as X-API-Key or Authorization: Bearer (not for /healthz, /openapi.json)")
     s.add_argument("--api-key-file", metavar="PATH", help="same, key read from a file")
-    s.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="calibrate on the first N rows of each file / stream (0: the model's)")
+    s.add_argument("--calibrate", type=int, metavar="N",
+                   help="calibrate on the first N rows of each file / stream (0: the model's; "
+                        "default as in predict)")
     s.add_argument("--paddlex-compat", action="store_true",
                    help="the PaddleX endpoint labels only the last window's rows")
     s.add_argument("--max-gap", type=float, default=2.5, metavar="K")

@@ -173,17 +173,30 @@ def _run_pipeline(table: Table, detector: Detector, calibrate: int | None,
     return p, sink
 
 
+def default_calibration(detector: Detector) -> int | None:
+    """The calibration rows the model was trained for (metadata training.calibration_rows).
+
+    Models exported for per-stream calibration carry a scaler in per-block units
+    that is meaningless on raw data without it (every score far over threshold)."""
+    n = detector.meta.training.get("calibration_rows")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
             compat: bool = False, max_gap: float = DEFAULT_MAX_GAP,
             metrics: Metrics | None = None) -> Prediction:
-    """Score and label one CSV file (see the module doc for the two modes)."""
+    """Score and label one CSV file (see the module doc for the two modes).
+
+    calibrate: None = `default_calibration(detector)`, 0 = the model's scaler and
+    threshold, N = fit both on the file's first N rows."""
     w = detector.window
-    calibrate = calibrate or None
+    calibrate = default_calibration(detector) if calibrate is None else (calibrate or None)
     table = load_table(path, detector.meta.channels, max_gap)
     n = len(table.ts)
     need = max(w, (calibrate or 0) + 1)
     if n < need:
-        why = f"window {w}" + (f" after {calibrate} calibration rows" if calibrate else "")
+        why = (f"window {w}" + (f" after {calibrate} calibration rows; calibrate on fewer "
+                                f"or use the model's scaler with calibrate 0" if calibrate else ""))
         raise PredictError(f"{table.path}: {n} data row(s), needs at least {need} ({why})")
     p, sink = _run_pipeline(table, detector, calibrate, metrics)
     st = p.streams.get(STREAM)
