@@ -206,7 +206,7 @@ def cmd_predict(a) -> int:
             _fail(str(e))
             continue
         lab = pred.label[pred.rows]
-        print(f"{f}: {len(lab)} row(s) labelled, {int(lab.sum())} anomalous "
+        print(f"{f}: {len(lab)} row(s) written, {int(lab.sum())} anomalous "
               f"(threshold {pred.threshold:.4g}) -> {', '.join(str(o) for o in out)}",
               file=sys.stderr)
     return 1 if failed else 0

@@ -320,6 +320,10 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None) -> None:
         # http.server's own errors (bad request line, header too long): JSON too, no HTML
         self.close_connection = True
+        # an unparsable request line leaves the HTTP/0.9 default, which sends no status
+        # line and no headers at all; nobody speaks 0.9 any more
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
         self._error(code, message or self.responses.get(code, ("error",))[0])
 
     # ------------------------------------------------------------ dispatch

@@ -360,3 +360,15 @@ def test_serve_command_refuses_an_unset_key(capsys):
     assert main(["serve", "--model", str(MODEL), "--api-key-env", "TSAD_SURELY_UNSET_VAR"]) == 1
     assert capsys.readouterr().err.strip() == \
         "error: API key variable TSAD_SURELY_UNSET_VAR is not set or empty"
+
+
+def test_garbage_request_line_gets_a_json_400(server):
+    import socket
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") or head.startswith(b"HTTP/1.0 400"), head
+    assert json.loads(body)["errorCode"] == 400
