@@ -1,0 +1,276 @@
+"""Soak test: many MQTT streams at a steady rate through a real broker into the agent.
+
+N streams x R Hz for D seconds are published by one client on `plant/<stream>/sensors`
+(CSV lines `ts,ch1..chC`, B samples per message) into mosquitto; the agent runs as
+its own process with an MQTT source on `plant/+/sensors` (stream id from the topic),
+a shipped model with per-stream calibration, and the MQTT sink.  Each stream gets a
+short burst of large values every --anomaly-every seconds so alerts flow too.
+
+Reported: samples sent vs the agent's samples_in (drops must be 0), windows inferred,
+alerts, malformed/dropped counters, inference latency, the agent's RSS (VmRSS) at
+start / end / max and its CPU % (from /proc/<pid>/stat), sampled every few seconds.
+
+    python benchmarks/soak.py                       # 50 streams x 100 Hz for 600 s
+    python benchmarks/soak.py --duration 120 --json soak.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+REPO = Path(__file__).resolve().parents[1]
+SKAB_FREE = REPO.parent / "shared" / "data" / "skab" / "anomaly-free" / "anomaly-free.csv"
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    import socket
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"mosquitto did not start on port {port}")
+
+
+def normal_rows(channels: list[str], mean, std, n: int, seed: int) -> np.ndarray:
+    """Normal operating data: the SKAB anomaly-free recording when present (what the
+    shipped models were trained on), else Gaussian noise around the model's scaler."""
+    if SKAB_FREE.exists():
+        import pandas as pd
+        df = pd.read_csv(SKAB_FREE, sep=";")
+        return df[channels].to_numpy(np.float64)
+    rng = np.random.default_rng(seed)
+    return rng.normal(mean, std, (n, len(channels)))
+
+
+def proc_stats(pid: int) -> tuple[int, int]:
+    """(VmRSS in kB, utime + stime in clock ticks) of a process."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return rss, int(fields[11]) + int(fields[12])     # utime, stime (fields 14, 15)
+
+
+class Sampler(threading.Thread):
+    """RSS and CPU % of the agent every `every` seconds."""
+
+    def __init__(self, pid: int, every: float):
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.rows: list[tuple[float, int, float]] = []    # (t, rss_kb, cpu %)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        prev_t, (_, prev_ticks) = t0, proc_stats(self.pid)
+        while not self.stop.wait(self.every):
+            try:
+                rss, ticks = proc_stats(self.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            now = time.monotonic()
+            cpu = 100.0 * (ticks - prev_ticks) / CLK_TCK / (now - prev_t)
+            self.rows.append((now - t0, rss, cpu))
+            prev_t, prev_ticks = now, ticks
+
+
+class HealthWatch:
+    def __init__(self, port: int, node: str):
+        self.last: dict | None = None
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="soak-health")
+        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe(f"tsad/{node}/health", qos=1)
+        self.c.on_message = self._msg
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def _msg(self, c, u, m) -> None:
+        self.last = json.loads(m.payload)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--streams", type=int, default=50)
+    ap.add_argument("--rate", type=float, default=100.0, help="samples/s per stream")
+    ap.add_argument("--duration", type=float, default=600.0, help="seconds of publishing")
+    ap.add_argument("--batch", type=int, default=10, help="samples per MQTT message")
+    ap.add_argument("--model", default=str(REPO / "models_onnx" / "DLinear_ad.onnx"))
+    ap.add_argument("--calibration", type=int, default=400, help="samples per stream (0: off)")
+    ap.add_argument("--anomaly-every", type=float, default=30.0,
+                    help="seconds between anomaly bursts per stream (0: none)")
+    ap.add_argument("--sample-every", type=float, default=5.0, help="RSS/CPU sampling period")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+
+    meta = json.loads(Path(a.model + ".json").read_text())
+    channels, mean, std = meta["channels"], meta["scaler"]["mean"], meta["scaler"]["std"]
+    work = Path(tempfile.mkdtemp(prefix="tsad-soak-"))
+    port = free_port()
+    # No queue limits: a slow agent must show up as back-pressure and lag, not as
+    # messages the broker threw away.
+    (work / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 0\nmax_queued_bytes 0\n")
+    broker = subprocess.Popen([MOSQUITTO, "-c", str(work / "mosquitto.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+
+    import yaml
+    cfg = {
+        "node": "soak", "log_level": "warning", "state_dir": str(work / "state"),
+        "model": {"path": a.model},
+        "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
+                                               "stream_from_topic": 1, "protocol": "csv",
+                                               "qos": 1}}],
+        "calibration": ({"enabled": True, "samples": a.calibration} if a.calibration
+                        else {"enabled": False}),
+        "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
+        "sinks": {"console": {"enabled": False}},
+    }
+    (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
+    log = open(work / "agent.log", "wb")
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
+                              str(work / "agent.yaml")], cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT)
+    health = HealthWatch(port, "soak")
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="soak-pub")
+    pub.max_queued_messages_set(0)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (health.last and health.last["sources"]["plant"]["connected"]):
+            if agent.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"agent did not come up:\n{(work / 'agent.log').read_text()}")
+            time.sleep(0.1)
+        sampler = Sampler(agent.pid, a.sample_every)
+        rss0 = proc_stats(agent.pid)[0]
+        sampler.start()
+
+        rows = normal_rows(channels, mean, std, 20000, 0)
+        n_rows = len(rows)
+        # pre-formatted value fields; each stream starts at its own offset
+        text = [",".join(f"{v:.6g}" for v in r) for r in rows]
+        spike = ",".join(f"{m + 20 * s:.6g}" for m, s in zip(mean, std))
+        sids = [f"s{i:02d}" for i in range(a.streams)]
+        offsets = [(i * 997) % n_rows for i in range(a.streams)]
+        tick = a.batch / a.rate
+        n_ticks = int(a.duration / tick)
+        burst = max(1, int(a.rate))                    # one second of anomaly
+        every = int(a.anomaly_every * a.rate) if a.anomaly_every else 0
+        t_start = time.time()
+        t0 = time.monotonic()
+        sent = bursts = late = 0
+        print(f"soak: {a.streams} streams x {a.rate:g} Hz for {a.duration:g} s "
+              f"({a.streams * a.rate:g} samples/s, {a.batch}/message), model "
+              f"{Path(a.model).stem}, broker :{port}, work dir {work}", flush=True)
+        for k in range(n_ticks):
+            for si, sid in enumerate(sids):
+                lines = []
+                for j in range(a.batch):
+                    i = k * a.batch + j
+                    # stagger the bursts so streams do not all alert at once
+                    ph = (i + si * 37) % every if every and i >= 2 * a.calibration else -1
+                    if 0 <= ph < burst:
+                        vals = spike
+                        bursts += ph == 0
+                    else:
+                        vals = text[(offsets[si] + i) % n_rows]
+                    lines.append(f"{t_start + i / a.rate:.3f},{vals}")
+                pub.publish(f"plant/{sid}/sensors", "\n".join(lines), qos=1)
+                sent += a.batch
+            lag = t0 + (k + 1) * tick - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+            else:
+                late += 1
+            if k and k % int(30 / tick) == 0:
+                h = health.last or {}
+                r = sampler.rows[-1] if sampler.rows else (0, 0, 0)
+                print(f"  t={time.monotonic() - t0:5.0f}s sent {sent} in {h.get('samples_in')} "
+                      f"rss {r[1] / 1024:.0f} MB cpu {r[2]:.0f}%", flush=True)
+        pub_s = time.monotonic() - t0
+        # everything sent must arrive: wait for the agent to catch up
+        deadline = time.monotonic() + 120
+        while (health.last or {}).get("samples_in", 0) < sent and time.monotonic() < deadline:
+            time.sleep(0.5)
+        caught_up = time.monotonic() - t0 - pub_s
+        time.sleep(2.5)          # one more health period for the final counters
+        sampler.stop.set()
+        sampler.join()
+        h = health.last or {}
+        rss_end = proc_stats(agent.pid)[0]
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        health.close()
+        agent.terminate()
+        try:
+            rc = agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            rc = "killed"
+        broker.terminate()
+        broker.wait(10)
+
+    cpu = [c for _, _, c in sampler.rows]
+    res = {
+        "streams": a.streams, "rate_hz": a.rate, "duration_s": a.duration, "batch": a.batch,
+        "model": Path(a.model).stem, "calibration_samples": a.calibration,
+        "publish_s": round(pub_s, 1), "publisher_late_ticks": late,
+        "samples_sent": sent, "samples_in": h.get("samples_in"),
+        "dropped_samples": sent - (h.get("samples_in") or 0),
+        "catch_up_s_after_publishing": round(caught_up, 1),
+        "windows_inferred": h.get("windows_inferred"),
+        "windows_per_s": round((h.get("windows_inferred") or 0) / pub_s, 1),
+        "anomaly_bursts_sent": bursts, "alerts": h.get("alerts"),
+        "malformed": h.get("malformed"), "dropped": h.get("dropped"),
+        "inference_ms": h.get("inference_ms"),
+        "rss_mb": {"start": round(rss0 / 1024, 1), "end": round(rss_end / 1024, 1),
+                   "max": round(max([r for _, r, _ in sampler.rows] + [rss0]) / 1024, 1)},
+        "cpu_percent": {"mean": round(float(np.mean(cpu)), 1) if cpu else None,
+                        "max": round(float(np.max(cpu)), 1) if cpu else None},
+        "rss_cpu_samples": [(round(t), round(r / 1024, 1), round(c, 1))
+                            for t, r, c in sampler.rows],
+        "agent_exit": rc,
+    }
+    print(json.dumps({k: v for k, v in res.items() if k != "rss_cpu_samples"}, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    errors = (work / "agent.log").read_text(errors="replace")
+    if "Traceback" in errors:
+        print(f"agent log has a traceback:\n{errors[-3000:]}", file=sys.stderr)
+        return 1
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if res["dropped_samples"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
