@@ -2,7 +2,6 @@
 config and model, and a reload that cannot work keeps the running ones."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 

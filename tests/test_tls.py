@@ -9,12 +9,11 @@ import ipaddress
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from agent_harness import (MOSQUITTO, NODE, AgentProcess, LineWriter, Observer, Pty,
+from agent_harness import (MOSQUITTO, AgentProcess, LineWriter, Observer, Pty,
                            assert_exact, no_traceback, tiny_model, wait_until, write_config)
 from conftest import Broker
 
