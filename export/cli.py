@@ -184,6 +184,16 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_paddlex(a: argparse.Namespace) -> int:
+    from export.paddlex_import import import_folder
+    meta = import_folder(Path(a.folder), Path(a.out), name=a.name, opset=a.opset, data=a.data)
+    print(json.dumps({"model": a.out, "name": meta.name, "window": meta.window,
+                      "channels": meta.channels, "threshold": meta.threshold.value,
+                      "opset": meta.opset, "onnx_sha256": meta.onnx_sha256,
+                      "parity_max_abs_diff": meta.training["parity_max_abs_diff"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsad-export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -246,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-rows", type=int, default=400,
                    help="scale each file with the mean/std of its first N rows (0: metadata scaler)")
     q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("paddlex", help="import a PaddleX time-series anomaly-detection inference "
+                       "folder (needs paddlepaddle + paddle2onnx: export/recipes/paddle_env.sh); "
+                       "it unpickles scaler.pkl, so import only folders you trust")
+    x.add_argument("folder", help="e.g. DLinear_ad_infer/ (inference.json|.pdmodel, "
+                   "inference.pdiparams, inference.yml, scaler.pkl)")
+    x.add_argument("--out", required=True, help="output .onnx (metadata goes to OUT.json)")
+    x.add_argument("--name", help="model name in the metadata (default: from inference.yml)")
+    x.add_argument("--opset", type=int, default=17,
+                   help="minimum opset; paddle2onnx raises it where an operator needs more")
+    x.add_argument("--data", nargs="+", metavar="FILE[:ROWS]",
+                   help="CSV files for the parity check on real windows (default: random windows)")
+    x.set_defaults(func=cmd_paddlex)
     return p
 
 
@@ -259,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         errors += (ExportError,)
     except ImportError:
         pass
+    from export.paddlex_import import PaddleXImportError
+    errors += (PaddleXImportError,)
     started = time.monotonic()
     try:
         rc = args.func(args)
