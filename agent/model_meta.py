@@ -74,6 +74,15 @@ class ModelMeta:
     tool: dict[str, Any] = field(default_factory=dict)   # {"name", "version"}
     exported_at: str = ""
     parameters: int | None = None
+    # Per-channel factor on the std a stream calibration fits (agent/calibration.fit_scaler):
+    # a few hundred calibration rows understate how far a slowly drifting channel (a fluid
+    # temperature) wanders later in normal operation; learned from normal data at export.
+    calibration_std_scale: list[float] | None = None
+    # Factor on calibration.margin learned at export: how much higher this model's scores
+    # run on normal data after calibration than on the calibration rows themselves (a
+    # model that reproduces its calibration block closely needs a wider margin than one
+    # that does not).  None = 1.
+    calibration_margin: float | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -136,6 +145,17 @@ class ModelMeta:
                 raise ModelMetaError(f"{where}: 'scaler.{key}' must hold finite numbers")
         if any(s <= 0 for s in self.scaler.std):
             raise ModelMetaError(f"{where}: 'scaler.std' must be > 0 for every channel")
+        k = self.calibration_std_scale
+        if k is not None:
+            if not isinstance(k, list) or len(k) != n:
+                raise ModelMetaError(
+                    f"{where}: 'calibration_std_scale' has {len(k) if isinstance(k, list) else k!r} "
+                    f"values, expected {n} (one per channel)")
+            if not all(isinstance(x, (int, float)) and x == x and 0 < x < float("inf") for x in k):
+                raise ModelMetaError(f"{where}: 'calibration_std_scale' must hold finite numbers > 0")
+        cm = self.calibration_margin
+        if cm is not None and (not isinstance(cm, (int, float)) or not (0 < cm < float("inf"))):
+            raise ModelMetaError(f"{where}: 'calibration_margin' is {cm!r}, expected a finite number > 0")
         t = self.threshold.value
         if not isinstance(t, (int, float)) or not (t > 0) or t == float("inf"):
             raise ModelMetaError(f"{where}: 'threshold.value' is {t!r}, expected a finite number > 0")

@@ -119,7 +119,8 @@ class Pipeline:
         raw = np.concatenate(st.calib_values)
         st.calib_ts, st.calib_values, st.calib_n = [], [], 0
         try:
-            st.scaler = fit_scaler(raw, np.asarray(self.meta.scaler.std), c.std_floor)
+            st.scaler = fit_scaler(raw, np.asarray(self.meta.scaler.std), c.std_floor,
+                                   self.meta.calibration_std_scale)
         except ValueError as e:
             st.scaler = StreamScaler(np.asarray(self.meta.scaler.mean),
                                      np.asarray(self.meta.scaler.std))
@@ -127,7 +128,8 @@ class Pipeline:
         w = st.ring.push(ts, st.scaler.apply(raw))
         if len(w.ts):
             scores, _ = score_windows(w.x, self.detector.infer(w.x))
-            st.threshold = fit_threshold(st.smoother.update(scores), c.quantile, c.margin)
+            st.threshold = fit_threshold(st.smoother.update(scores), c.quantile,
+                                         c.margin * (self.meta.calibration_margin or 1.0))
         else:
             st.threshold = self._configured_threshold()
             log.error("stream %s: no complete window in the %d calibration samples "

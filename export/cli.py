@@ -64,6 +64,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise CliError(f"--train-stride {a.train_stride}: expected at least 1")
     if a.window < 2:
         raise CliError(f"--window {a.window}: expected at least 2")
+    if a.drift_rows < 0 or (a.drift_rows and not a.scale_rows):
+        raise CliError(f"--drift-rows {a.drift_rows}: expected >= 0, and only with --scale-rows")
     hparams = _parse_hparams(a.hparam)
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
 
@@ -77,24 +79,49 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     g_mean, g_std = D.fit_scaler([f.values for f in files])
     global_scaler = {"mean": g_mean.tolist(), "std": g_std.tolist()}
+    std_scale = None
     if a.scale_rows:
         # The model's unit is normal within-block variability; the runtime floors a
         # calibrated std at std_floor x scaler.std, so scaler.std must be that unit, not a
         # std inflated by the gaps between operating points.
         m_mean, m_std = g_mean, D.pooled_block_std([f.values for f in files], a.scale_rows)
-        scaled = [D.scale_per_block(f.values, a.scale_rows, a.block_std_floor * m_std) for f in files]
-        scaling = (f"per-block z-score: each file cut into blocks of {a.scale_rows} rows, each block "
-                   f"scaled with its own mean and max(own std, {a.block_std_floor} x scaler.std), as "
-                   "the runtime's per-stream calibration does with calibration.std_floor = "
-                   f"{a.block_std_floor}. scaler.mean is the global mean, scaler.std the pooled "
-                   "within-block std (the model's unit); use with per-stream calibration. "
-                   "global_scaler is the plain mean/std of all training rows")
+        if a.drift_rows:
+            # Calibration rows understate later normal drift: learn by how much per channel,
+            # widen the unit by it (metadata tells the runtime) and train on calibration
+            # blocks followed by the rows after them, as a calibrated stream runs.
+            k = T.drift_std_scale([f.values for f in files], a.scale_rows, a.drift_rows,
+                                  a.block_std_floor * m_std)
+            std_scale, m_std = k.tolist(), m_std * k
+            split = T.runtime_split([f.values for f in files], [f.path for f in files], cfg.window,
+                                    cfg.val_frac, a.scale_rows, a.drift_rows, k,
+                                    a.block_std_floor * m_std, a.train_stride)
+            scaled = [s for v in [f.values for f in files]
+                      for s in T.calibration_segments(v, a.scale_rows, 0, k, a.block_std_floor * m_std)]
+            scaling = (f"calibrate-then-run: each {a.scale_rows}-row block scales itself and the "
+                       f"{a.drift_rows} rows after it with its mean and max(own std x "
+                       f"calibration_std_scale, {a.block_std_floor} x scaler.std), as the runtime's "
+                       f"per-stream calibration does with calibration.std_floor = {a.block_std_floor}. "
+                       "calibration_std_scale: per channel, median over blocks of the RMS deviation "
+                       f"of the next {a.drift_rows} rows from the block mean / block std (>= 1). "
+                       "scaler.std is the pooled within-block std x calibration_std_scale (the "
+                       "model's unit). Validation: each file's last rows scaled by the block before "
+                       "them. global_scaler is the plain mean/std of all training rows")
+        else:
+            scaled = [D.scale_per_block(f.values, a.scale_rows, a.block_std_floor * m_std)
+                      for f in files]
+            scaling = (f"per-block z-score: each file cut into blocks of {a.scale_rows} rows, each "
+                       f"block scaled with its own mean and max(own std, {a.block_std_floor} x "
+                       "scaler.std), as the runtime's per-stream calibration does with "
+                       f"calibration.std_floor = {a.block_std_floor}. scaler.mean is the global mean, "
+                       "scaler.std the pooled within-block std (the model's unit); use with "
+                       "per-stream calibration. global_scaler is the plain mean/std of all training rows")
     else:
         m_mean, m_std = g_mean, g_std
         scaled = [D.scale(f.values, g_mean, g_std) for f in files]
         scaling = "global z-score: the metadata scaler (mean/std of all training rows)"
-    split = D.chronological_split(scaled, [f.path for f in files], cfg.window, cfg.val_frac,
-                                  a.train_stride)
+    if not (a.scale_rows and a.drift_rows):
+        split = D.chronological_split(scaled, [f.path for f in files], cfg.window, cfg.val_frac,
+                                      a.train_stride)
 
     model = _build(a.model, cfg.window, len(channels), hparams)
     try:
@@ -105,6 +132,11 @@ def cmd_train(a: argparse.Namespace) -> int:
           f"{len(split.train)} train / {len(split.val)} validation windows", file=sys.stderr)
     result = T.fit(model, split.train, split.val, cfg, desc=a.model)
 
+    cal_margin = None
+    if a.scale_rows and a.drift_rows:
+        cal_margin = T.calibration_margin(model, [f.values for f in files], cfg.window,
+                                          a.scale_rows, a.drift_rows, np.asarray(std_scale),
+                                          a.block_std_floor * m_std, cfg.quantile)
     scores = T.window_scores(split.val, T.reconstruct(model, split.val))
     threshold = T.calibrate(scores, cfg.quantile, cfg.margin)
     training = {
@@ -118,6 +150,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         "std_floor": {"abs": D.STD_FLOOR_ABS, "rel_to_mean": D.STD_FLOOR_REL},
         "calibration_std_floor": a.block_std_floor if a.scale_rows else None,
         "calibration_rows": a.scale_rows or None,
+        "drift_rows": a.drift_rows or None,
         "seed": cfg.seed, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "max_epochs": cfg.epochs, "patience": cfg.patience, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "noise": cfg.noise, "level_noise": cfg.level_noise, "val_loss": result.best_val_loss,
@@ -125,7 +158,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     }
     meta = T.build_meta(a.model, ARCHITECTURE[a.model], cfg.window, channels,
                         T.Scaler(mean=m_mean.tolist(), std=m_std.tolist()), threshold,
-                        model.hparams(), training, int(count_parameters(model)))
+                        model.hparams(), training, int(count_parameters(model)), std_scale,
+                        cal_margin)
     idx = np.linspace(0, len(split.val) - 1, min(T.PARITY_WINDOWS, len(split.val))).astype(int)
     parity = split.val[idx]
     meta = T.write_model(model, meta, out, parity, opset=a.opset)
@@ -164,7 +198,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     training = dict(ckpt["training"], converted_from=str(path))
     meta = T.build_meta(ckpt["name"], ckpt["architecture"], ckpt["window"], ckpt["channels"],
                         T.Scaler(**ckpt["scaler"]), T.Threshold(**ckpt["threshold"]),
-                        ckpt["hparams"], training, int(count_parameters(model)))
+                        ckpt["hparams"], training, int(count_parameters(model)),
+                        ckpt.get("calibration_std_scale"), ckpt.get("calibration_margin"))
     meta = T.write_model(model, meta, out, ckpt["parity_windows"].numpy(), opset=a.opset)
     print(json.dumps({"model": str(out), "onnx_sha256": meta.onnx_sha256, "opset": meta.opset}))
     return 0
@@ -226,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-std-floor", type=float, default=0.1, metavar="F",
                    help="with --scale-rows: floor each block std at F x the global std; match the "
                    "runtime's calibration.std_floor")
+    t.add_argument("--drift-rows", type=int, default=0, metavar="H",
+                   help="with --scale-rows: learn per-channel normal drift over the H rows after "
+                   "each calibration block (metadata calibration_std_scale) and train on those rows "
+                   "scaled by the block before them (default 0: off)")
     t.add_argument("--train-stride", type=int, default=1, metavar="K",
                    help="keep every K-th training window (faster epochs)")
     t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",

@@ -59,6 +59,115 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def _block_stats(block: np.ndarray, std_scale: np.ndarray, min_std: np.ndarray):
+    """The runtime's calibration (agent/calibration.fit_scaler) applied to one block."""
+    return block.mean(axis=0), np.maximum(block.std(axis=0) * std_scale, min_std)
+
+
+def _drift_ratio(block: np.ndarray, future: np.ndarray, min_std: np.ndarray) -> np.ndarray:
+    mean, std = _block_stats(block, np.ones(block.shape[1]), min_std)
+    return np.sqrt(((future - mean) ** 2).mean(axis=0)) / std
+
+
+def drift_std_scale(arrays: list[np.ndarray], block_rows: int, horizon: int,
+                    min_std: np.ndarray) -> np.ndarray:
+    """Per-channel factor by which normal data drifts beyond a calibration block.
+
+    Drift ratio of a block and the rows after it: RMS deviation of those rows from the
+    block's mean over the block's (floored) std.  Long files give blocks of
+    ``block_rows`` followed by ``horizon`` rows (stride a quarter block); files of one
+    block (calibration rows of other recordings) give their first half against their
+    second.  Per channel, the larger of the two medians, never below 1: the std must
+    cover the drift seen at either horizon (a fluid temperature wandering over an hour,
+    a motor still warming up in the first minutes).  Scale-free, so it carries over to
+    streams with other offsets and noise levels.
+    """
+    long, short = [], []
+    for values in arrays:
+        if len(values) >= block_rows + horizon:
+            for s in range(0, len(values) - block_rows - horizon + 1, max(1, block_rows // 4)):
+                long.append(_drift_ratio(values[s:s + block_rows],
+                                         values[s + block_rows:s + block_rows + horizon], min_std))
+        elif len(values) >= 4:
+            half = min(len(values), block_rows) // 2
+            short.append(_drift_ratio(values[:half], values[half:2 * half], min_std))
+    out = np.ones(arrays[0].shape[1])
+    for ratios in (long, short):
+        if ratios:
+            out = np.maximum(out, np.median(np.asarray(ratios), axis=0))
+    return out
+
+
+def calibration_segments(values: np.ndarray, block_rows: int, horizon: int, std_scale: np.ndarray,
+              min_std: np.ndarray) -> list[np.ndarray]:
+    """Each block scales itself and the ``horizon`` rows after it, as a stream calibrated
+    on that block would see them; a part shorter than a block calibrates on all of itself."""
+    starts = range(0, max(1, len(values) - block_rows + 1), block_rows)
+    out = []
+    for s in starts:
+        mean, std = _block_stats(values[s:s + block_rows], std_scale, min_std)
+        out.append((values[s:s + block_rows + horizon] - mean) / std)
+    return out
+
+
+def runtime_split(arrays: list[np.ndarray], paths: list[Path], window: int, val_frac: float,
+                  block_rows: int, horizon: int, std_scale: np.ndarray, min_std: np.ndarray,
+                  train_stride: int = 1):
+    """Train/validation windows in the space the runtime feeds after calibrating a stream.
+
+    Each file is cut chronologically first (last ``val_frac`` of its rows held out), so
+    no row is in both sets.  Training: every calibration block with the rows that follow
+    it, scaled by that block's statistics, so the model learns normal drift after
+    calibration.  Validation: the held-out rows scaled by the statistics of the last
+    block before the cut (calibrate, then run).
+    """
+    from export.data import DataError, Split, windows
+    train, val, held = [], [], []
+    for values, p in zip(arrays, paths):
+        n_val = int(round(len(values) * val_frac))
+        cut = len(values) - n_val
+        if n_val < window or cut < window:
+            cut, n_val = len(values), 0
+        for seg in calibration_segments(values[:cut], block_rows, horizon, std_scale, min_std):
+            train.append(windows(seg, window)[::train_stride])
+        if n_val:
+            mean, std = _block_stats(values[max(0, cut - block_rows):cut], std_scale, min_std)
+            val.append(windows((values[cut:] - mean) / std, window))
+            held.append(str(p))
+    if not val:
+        raise DataError(f"no file is long enough for a held-out validation split with window "
+                        f"{window} and --val-frac {val_frac}")
+    tr = np.concatenate(train).astype(np.float32)
+    if len(tr) == 0:
+        raise DataError(f"no training windows: every file is shorter than the window ({window})")
+    return Split(train=tr, val=np.concatenate(val).astype(np.float32), held_out_files=held)
+
+
+def calibration_margin(model: torch.nn.Module, arrays: list[np.ndarray], window: int,
+                       block_rows: int, horizon: int, std_scale: np.ndarray, min_std: np.ndarray,
+                       quantile: float) -> float | None:
+    """How far normal scores rise once a calibrated stream runs on (ModelMeta.calibration_margin).
+
+    Replays the runtime on normal data: every block of ``block_rows`` rows followed by at
+    least ``horizon`` rows is a calibration, scaled as the runtime scales it; the ratio is
+    quantile(scores of windows ending after the block) / quantile(scores of windows inside
+    it).  The median over blocks, never below 1; None when no file is long enough.
+    """
+    from export.data import windows
+    ratios = []
+    for values in arrays:
+        for s in range(0, len(values) - block_rows - horizon + 1, block_rows):
+            mean, std = _block_stats(values[s:s + block_rows], std_scale, min_std)
+            seg = ((values[s:s + block_rows + horizon] - mean) / std).astype(np.float32)
+            w = np.ascontiguousarray(windows(seg, window))
+            scores = window_scores(w, reconstruct(model, w))
+            n_cal = block_rows - window + 1
+            cal = float(np.quantile(scores[:n_cal], quantile))
+            if cal > 0:
+                ratios.append(float(np.quantile(scores[n_cal:], quantile)) / cal)
+    return max(float(np.median(ratios)), 1.0) if ratios else None
+
+
 def seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -146,14 +255,16 @@ def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, cfg: TrainCo
 
 def build_meta(name: str, architecture: str, window: int, channels: list[str], scaler: Scaler,
                threshold: Threshold, hyperparameters: dict, training: dict,
-               parameters: int) -> ModelMeta:
+               parameters: int, calibration_std_scale: list[float] | None = None,
+               calibration_margin: float | None = None) -> ModelMeta:
     """Metadata minus what only the exported file knows (sha256, opset)."""
     return ModelMeta(
         name=name, architecture=architecture, window=window, channels=list(channels),
         scaler=scaler, threshold=threshold, onnx_sha256="0" * 64, opset=0,
         hyperparameters=hyperparameters, training=training, tool=tool_info(),
         exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        parameters=parameters)
+        parameters=parameters, calibration_std_scale=calibration_std_scale,
+        calibration_margin=calibration_margin)
 
 
 def write_model(model: torch.nn.Module, meta: ModelMeta, out: Path, parity_windows: np.ndarray,
@@ -197,6 +308,8 @@ def make_checkpoint(model: torch.nn.Module, meta: ModelMeta, parity_windows: np.
         "threshold": asdict(meta.threshold),
         "training": dict(meta.training),
         "parameters": meta.parameters,
+        "calibration_std_scale": meta.calibration_std_scale,
+        "calibration_margin": meta.calibration_margin,
         "parity_windows": torch.from_numpy(np.ascontiguousarray(parity_windows)),
     }
 

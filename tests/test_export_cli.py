@@ -105,6 +105,29 @@ def test_per_block_scaling_records_model_unit(tmp_path):
     assert meta.training["calibration_rows"] == 40
 
 
+def test_drift_rows_learns_calibration_std_scale_and_margin(tmp_path):
+    f = make_csv(tmp_path / "drift.csv", rows=400, seed=4)
+    df = pd.read_csv(f)
+    df["c"] += np.linspace(0.0, 10.0, len(df))     # c wanders far beyond any 40-row block
+    df.to_csv(f, index=False)
+    rc, out = train(tmp_path, "--scale-rows", "40", "--drift-rows", "80", data=[str(f)])
+    assert rc == 0
+    meta = load_meta(out)
+    k = meta.calibration_std_scale
+    assert len(k) == 3 and min(k) >= 1.0
+    assert k[2] > 3 * max(k[0], k[1])
+    # The model's unit includes the drift allowance, so the runtime floor scales with it.
+    assert meta.scaler.std[2] > 3 * meta.training["global_scaler"]["std"][2] / 20
+    assert meta.calibration_margin is not None and meta.calibration_margin >= 1.0
+    assert meta.training["drift_rows"] == 80
+
+
+def test_drift_rows_needs_scale_rows(tmp_path, capsys):
+    rc, _ = train(tmp_path, "--drift-rows", "80")
+    assert rc == 1
+    assert "only with --scale-rows" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case, expect", [
     ("missing_column", "missing column(s) 'nope'"),
     ("nan", "column 'b' has empty/NaN at data row 17 (line 19)"),

@@ -85,6 +85,16 @@ def test_fit_scaler_ignores_nan_rows_and_floors_flat_channels():
         fit_scaler(raw, np.ones(3), 0.1)
 
 
+def test_fit_scaler_std_scale_widens_before_the_floor():
+    rng = np.random.default_rng(1)
+    raw = np.column_stack([rng.normal(0, 1, 400), np.full(400, 7.0)])
+    sc = fit_scaler(raw, np.array([1.0, 1.0]), std_floor=0.1, std_scale=np.array([3.0, 5.0]))
+    assert sc.std[0] == pytest.approx(3.0 * raw[:, 0].std())
+    assert sc.std[1] == pytest.approx(0.1)      # 0 x 5 is still floored, not scaled up
+    with pytest.raises(ValueError, match="std_scale"):
+        fit_scaler(raw, np.ones(2), 0.1, std_scale=np.ones(3))
+
+
 def test_fit_threshold():
     s = np.arange(1, 101, dtype=np.float64)
     assert fit_threshold(s, 0.5, 2.0) == pytest.approx(np.quantile(s, 0.5) * 2.0)

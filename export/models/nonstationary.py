@@ -7,6 +7,12 @@ shifted by delta, both learned by small MLPs ("projectors") from the *raw* windo
 its statistics, so the attention can recover what normalisation removed.  The output
 is de-normalised with the window's mean/std.  Defaults follow PaddleX's
 Nonstationary_ad config (d_model 64, d_ff 64, projector [32, 32], 2 layers, 8 heads).
+
+`revin=False` keeps the de-stationary attention (tau/delta still learned from the raw
+window and its statistics) but feeds the encoder the window itself and does not add the
+window's mean back: a de-normalised output copies the window's level, so a level shift
+longer than the window would be reconstructed perfectly.  The shipped models feed
+streams already standardised by their calibration statistics and turn it off.
 """
 from __future__ import annotations
 
@@ -87,13 +93,13 @@ class EncoderLayer(nn.Module):
 class NonstationaryAD(nn.Module):
     def __init__(self, window: int, n_channels: int, d_model: int = 64, d_ff: int = 64,
                  n_heads: int = 8, e_layers: int = 2, p_hidden_dims: list[int] | None = None,
-                 dropout: float = 0.05):
+                 dropout: float = 0.05, revin: bool = True):
         super().__init__()
         check_dims(window, n_channels)
         p_hidden = list(p_hidden_dims) if p_hidden_dims else [32, 32]
         self.window, self.n_channels = window, n_channels
         self._hp = {"d_model": d_model, "d_ff": d_ff, "n_heads": n_heads, "e_layers": e_layers,
-                    "p_hidden_dims": p_hidden, "dropout": float(dropout)}
+                    "p_hidden_dims": p_hidden, "dropout": float(dropout), "revin": bool(revin)}
         self.embedding = DataEmbedding(n_channels, d_model, window, dropout)
         self.layers = nn.ModuleList(
             EncoderLayer(window, d_model, n_heads, d_ff, dropout) for _ in range(e_layers))
@@ -106,10 +112,11 @@ class NonstationaryAD(nn.Module):
         xn, mean, std = normalize_window(x)
         tau = self.tau_learner(x, std).exp()                 # [B, 1]  rescales scores
         delta = self.delta_learner(x, mean)                  # [B, W]  shifts scores per key
-        h = self.embedding(xn)
+        h = self.embedding(xn if self._hp["revin"] else x)
         for layer in self.layers:
             h = layer(h, tau, delta)
-        return self.projection(self.norm(h)) * std + mean
+        out = self.projection(self.norm(h))
+        return out * std + mean if self._hp["revin"] else out
 
     def hparams(self) -> dict:
         return {**self._hp, "p_hidden_dims": list(self._hp["p_hidden_dims"])}

@@ -8,6 +8,11 @@ residual attention scores and BatchNorm runs over the patch sequence, and a flat
 head maps all patch embeddings back to the window.  RevIN without affine undoes the
 normalisation.  Defaults follow PaddleTS: patch 16, stride 8, d_model 16, 4 heads,
 d_ff 128, 4 layers, dropout 0.2.
+
+`revin` switches RevIN off as the reference's ``revin`` flag does.  Per-window
+normalisation removes a window's level, so a sustained level shift longer than the
+window is reconstructed perfectly; where the stream is already standardised by its
+calibration statistics (agent/calibration.py) the shipped models turn it off.
 """
 from __future__ import annotations
 
@@ -88,7 +93,7 @@ class EncoderLayer(nn.Module):
 class PatchTSTAD(nn.Module):
     def __init__(self, window: int, n_channels: int, patch_len: int = 16, stride: int = 8,
                  d_model: int = 16, n_heads: int = 4, d_ff: int = 128, n_layers: int = 4,
-                 dropout: float = 0.2, head_dropout: float = 0.0):
+                 dropout: float = 0.2, head_dropout: float = 0.0, revin: bool = True):
         super().__init__()
         check_dims(window, n_channels)
         if not (1 <= patch_len <= window) or stride < 1:
@@ -97,7 +102,8 @@ class PatchTSTAD(nn.Module):
         self.window, self.n_channels = window, n_channels
         self._hp = {"patch_len": patch_len, "stride": stride, "d_model": d_model,
                     "n_heads": n_heads, "d_ff": d_ff, "n_layers": n_layers,
-                    "dropout": float(dropout), "head_dropout": float(head_dropout)}
+                    "dropout": float(dropout), "head_dropout": float(head_dropout),
+                    "revin": bool(revin)}
         idx = patch_index(window, patch_len, stride)
         self.n_patches = idx.shape[0]
         self.d_model = d_model
@@ -111,7 +117,7 @@ class PatchTSTAD(nn.Module):
         self.head_dropout = nn.Dropout(head_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xn, mean, std = normalize_window(x)
+        xn, mean, std = normalize_window(x) if self._hp["revin"] else (x, None, None)
         series = xn.transpose(1, 2)                                   # [B, C, W]
         patches = series.index_select(2, self.patch_idx)              # [B, C, N*P]
         patches = patches.reshape(-1, self.n_patches, self._hp["patch_len"])   # [B*C, N, P]
@@ -122,7 +128,7 @@ class PatchTSTAD(nn.Module):
         # Flatten head: per channel, d_model x n_patches -> window (reference order: D then N).
         z = h.transpose(1, 2).reshape(-1, self.n_channels, self.d_model * self.n_patches)
         out = self.head_dropout(self.head(z)).transpose(1, 2)         # [B, W, C]
-        return out * std + mean
+        return out * std + mean if self._hp["revin"] else out
 
     def hparams(self) -> dict:
         return dict(self._hp)

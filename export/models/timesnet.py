@@ -13,6 +13,11 @@ trace would silently freeze whatever the tracing batch happened to give.  Here
 the module and in `hparams()` ("freqs", "periods"), and forward only ever uses them.
 The per-sample period weights stay dynamic, computed as a real DFT at the fixed
 frequencies (two small matmuls), which keeps torch.fft out of the exported graph.
+
+`revin=False` skips the reference's per-window normalisation ("Normalization from
+Non-stationary Transformer"): it removes the window's level, so a level shift longer
+than the window is reconstructed perfectly.  The shipped models feed streams already
+standardised by their calibration statistics and turn it off.
 """
 from __future__ import annotations
 
@@ -103,14 +108,15 @@ def dft_basis(window: int, freqs: list[int]) -> torch.Tensor:
 class TimesNetAD(nn.Module):
     def __init__(self, window: int, n_channels: int, d_model: int = 16, d_ff: int = 32,
                  e_layers: int = 1, top_k: int = 5, num_kernels: int = 6, dropout: float = 0.1,
-                 freqs: list[int] | None = None, periods: list[int] | None = None):
+                 freqs: list[int] | None = None, periods: list[int] | None = None,
+                 revin: bool = True):
         super().__init__()
         check_dims(window, n_channels)
         if not 1 <= top_k <= window // 2:
             raise ValueError(f"top_k must be in 1..{window // 2} for window {window}, got {top_k}")
         self.window, self.n_channels = window, n_channels
         self._hp = {"d_model": d_model, "d_ff": d_ff, "e_layers": e_layers, "top_k": top_k,
-                    "num_kernels": num_kernels, "dropout": float(dropout)}
+                    "num_kernels": num_kernels, "dropout": float(dropout), "revin": bool(revin)}
         self.embedding = DataEmbedding(n_channels, d_model, window, dropout)
         self.blocks = nn.ModuleList(
             TimesBlock(window, d_model, d_ff, num_kernels) for _ in range(e_layers))
@@ -167,6 +173,11 @@ class TimesNetAD(nn.Module):
         if self.periods is None:
             raise RuntimeError("TimesNet_ad periods are not fixed: call prepare(train) "
                                "or build with freqs=/periods= from saved hparams")
+        if not self._hp["revin"]:
+            h = self.embedding(x)
+            for block in self.blocks:
+                h = self.norm(block(h, self.periods, self.basis))
+            return self.projection(h)
         xn, mean, std = normalize_window(x)
         h = self.embedding(xn)
         for block in self.blocks:
