@@ -70,7 +70,7 @@ def test_calibration_fits_persists_and_survives_restart(model, tmp_path):
 
 
 def test_anomaly_opens_and_closes_an_alert(model):
-    cfg = cfg_for(model, None, calibration={"enabled": True, "samples": 200},
+    cfg = cfg_for(model, None, calibration={"enabled": True, "samples": 200, "margin": 1.5},
                   alerts={"open_k": 3, "open_n": 5, "close_m": 5})
     rec = RecordSink()
     p = Pipeline(cfg, [rec], sources=[])
