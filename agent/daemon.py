@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 from . import sdnotify
 from .config import AgentConfig, ConfigError, load_config
@@ -15,6 +16,8 @@ from .pipeline import Pipeline
 from .sinks.build import build_sinks
 
 log = logging.getLogger("tsad.daemon")
+
+RELOAD_LOAD_LIMIT_S = 300.0
 
 
 class Daemon:
@@ -45,19 +48,44 @@ class Daemon:
     def _on_signal(self, signum, _frame) -> None:
         (self._reload if signum == signal.SIGHUP else self._stop).set()
 
+    def _load_alive(self, load, limit_s: float = RELOAD_LOAD_LIMIT_S):
+        """Run a model load in a worker while this loop keeps the watchdog fed.
+
+        A large model (or a slow EP such as TensorRT building its engine) can take longer
+        than WatchdogSec; the loop is not stuck while it waits, but a load that never
+        finishes is: after `limit_s` the reload is rejected."""
+        box: dict = {}
+
+        def work():
+            try:
+                box["value"] = load()
+            except BaseException as e:   # handed to the waiting thread below
+                box["error"] = e
+        t = threading.Thread(target=work, name="reload-load", daemon=True)
+        t.start()
+        end = time.monotonic() + limit_s
+        while t.is_alive():
+            self.watchdog.alive()
+            if time.monotonic() > end:
+                raise TimeoutError(f"loading the new model took over {limit_s:.0f} s")
+            t.join(0.5)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     def reload(self) -> None:
         """Swap in a new config and model; anything invalid keeps the old ones running."""
         sdnotify.reloading()
         try:
             new_cfg = load_config(self.config_path)
-            detector = Detector(
+            detector = self._load_alive(lambda: Detector(
                 new_cfg.model.path, providers=list(new_cfg.model.providers),
                 threads=new_cfg.model.threads, verify_checksum=new_cfg.model.verify_checksum,
-                max_batch=new_cfg.model.max_batch, metrics=self.metrics)
+                max_batch=new_cfg.model.max_batch, metrics=self.metrics))
             if new_cfg.mqtt.enabled:
                 # unreadable password or TLS files must fail here, before anything stops
                 make_client(new_cfg.mqtt, new_cfg.node, role="reload-check")
-        except (ConfigError, DetectorError, ModelMetaError, OSError) as e:
+        except (ConfigError, DetectorError, ModelMetaError, OSError, TimeoutError) as e:
             log.error("reload rejected, keeping the running config and model: %s", e)
             sdnotify.ready()
             return

@@ -118,14 +118,18 @@ def test_serial_to_mqtt_alert_lifecycle(tmp_path, broker, skab_dir):
         start_s = pd.Timestamp(first["start"]).timestamp()
         assert a_start <= start_s <= a_end, (first["start"], a_start, a_end)
         end_s = pd.Timestamp(end[-1]["end"]).timestamp()
-        assert end_s >= a_end, "alert ended before the labeled anomaly did"
+        # `end` is when the signal came back; SKAB's labels run on ~30-50 s after the flow
+        # has recovered, so the alert may close a little before the label does, never
+        # long before it, and not long after it.
+        assert a_end - 60 <= end_s <= a_end + 120, (end[-1]["end"], a_end)
         assert first["model"]["name"] == "DLinear_ad" and first["node"] == "e2e"
         assert first["top_channels"] and abs(sum(c["share"] for c in first["top_channels"])) <= 1.0001
         assert {a["id"] for a in alerts if a["type"] == "end"} <= {a["id"] for a in new}
 
-        health = sub.wait(lambda m: m[0] == "tsad/e2e/health" and m[2] is False, 10)
+        health = sub.wait(lambda m: m[0] == "tsad/e2e/health"
+                          and json.loads(m[1])["samples_in"] == len(df), 15)
+        assert health, "health never reported every sample written as received"
         h = json.loads(health[-1][1])
-        assert h["samples_in"] == len(df)
         assert sum(h["malformed"].values()) >= 2
         # a late subscriber gets the retained health and availability
         late = Subscriber(broker.port, "tsad/e2e/#")
