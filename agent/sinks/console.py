@@ -32,12 +32,17 @@ def format_alert(a: dict, now: float | None = None) -> str:
     end for end) so that replayed and live output read the same."""
     kind = a.get("type", "?")
     when = {"new": a.get("start"), "end": a.get("end")}.get(kind)
-    stamp = str(when) if when else time.strftime(
-        "%Y-%m-%dT%H:%M:%S", time.localtime(now if now is not None else time.time()))
+    if isinstance(when, (int, float)):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    elif when:
+        stamp = str(when)
+    else:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S",
+                              time.localtime(now if now is not None else time.time()))
     head = f"{stamp} ALERT {kind:<6} {a.get('stream', '?')}"
     if kind == "end":
         start, end = _epoch(a.get("start")), _epoch(a.get("end"))
-        dur = f" dur={end - start:.0f}s" if start is not None and end is not None else ""
+        dur = f" dur={end - start:.1f}s" if start is not None and end is not None else ""
         body = f"peak={_num(a.get('peak_score'))} thr={_num(a.get('threshold'))}{dur}"
     else:
         top = ",".join(f"{c.get('name')}({_num(c.get('share'), '.2f')})"
