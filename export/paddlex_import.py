@@ -34,6 +34,8 @@ import numpy as np
 import yaml
 
 from agent.model_meta import ModelMeta, Scaler, Threshold, meta_path_for, sha256_file
+from export.publish import publish
+
 
 TOOL_NAME = "tsad-export paddlex"
 INPUT_NAME = "x"
@@ -532,14 +534,7 @@ def import_folder(folder: str | Path, out: str | Path, name: str | None = None, 
             training=training, tool=_tool_info(),
             exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             parameters=count_parameters(model))
-        meta.validate(str(out))
-        meta.save(tmp_meta)
-        os.replace(tmp, out)
-        try:
-            os.replace(tmp_meta, meta_path_for(out))
-        except OSError:
-            out.unlink(missing_ok=True)
-            raise
+        publish(meta, tmp, tmp_meta, out)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_meta.unlink(missing_ok=True)

@@ -19,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from agent.model_meta import ModelMeta, Scaler, Threshold, meta_path_for, sha256_file
+
 from export.data import check_writable
+from export.publish import publish
 
 TOOL_NAME = "tsad-export"
 CHECKPOINT_FORMAT = "tsad-checkpoint"
@@ -281,14 +283,7 @@ def write_model(model: torch.nn.Module, meta: ModelMeta, out: Path, parity_windo
         diff = parity_check(model, tmp, parity_windows)
         meta.training["parity_max_abs_diff"] = float(diff)
         meta.onnx_sha256 = sha256_file(tmp)
-        meta.validate(str(out))
-        meta.save(tmp_meta)
-        os.replace(tmp, out)
-        try:
-            os.replace(tmp_meta, meta_path_for(out))
-        except OSError:
-            out.unlink(missing_ok=True)
-            raise
+        publish(meta, tmp, tmp_meta, out)
     finally:
         for p in leftovers:
             p.unlink(missing_ok=True)
