@@ -62,7 +62,8 @@ def run_model(name: str, n_alerts: int, tmp: Path, port: int) -> dict:
     threshold = float(np.sqrt(max(s_steady, 1e-12) * s_spike))
     master, slave = os.openpty()
     cfg = tmp / f"{name}.yaml"
-    # Fixed threshold and 1-of-1 / close-after-1 hysteresis: every spike is one alert,
+    # Fixed threshold, opening on 1 window and closing after W normal ones (once the spike
+    # has left the window, whatever the model mixes in time): every spike is one alert,
     # so each alert's start time names the sample that caused it.
     cfg.write_text(f"""
 node: bench
@@ -72,7 +73,7 @@ streams:
   - id: s
     source: {{type: serial, port: {os.ttyname(slave)}, protocol: csv, timestamp: first}}
 scoring: {{threshold: {threshold}}}
-alerts: {{open_k: 1, open_n: 1, close_m: 1, update_interval_s: 3600}}
+alerts: {{open_k: 1, open_n: 1, close_m: {W}, update_interval_s: 3600}}
 mqtt: {{host: 127.0.0.1, port: {port}, score_interval_s: 3600, health_interval_s: 3600}}
 sinks: {{console: {{enabled: false}}}}
 """)
@@ -100,9 +101,10 @@ sinks: {{console: {{enabled: false}}}}
     lat = []
     try:
         for _ in range(n_alerts):
-            # W+2 normal samples flush the previous spike out of the window
-            os.write(master, "".join(f"{t + i},{normal}\n" for i in range(W + 2)).encode())
-            t += W + 2
+            # 2W normal samples: the spike leaves the window and the alert closes (models
+            # that mix time steps score windows still holding the spike as anomalous)
+            os.write(master, "".join(f"{t + i},{normal}\n" for i in range(2 * W)).encode())
+            t += 2 * W
             time.sleep(0.02)
             ev.clear()
             sent[t] = time.perf_counter()
