@@ -182,3 +182,14 @@ def test_cli_replay_writes_per_window_csv(tmp_path, model):
     df = pd.read_csv(out)
     assert list(df.columns) == ["timestamp", "score", "label", "alert"]
     assert len(df) == 300 and df["score"].notna().all()
+
+
+def test_cli_demo_opens_and_closes_an_alert_inside_the_labeled_anomaly():
+    """README's first command, as a user runs it: no broker, no extra files."""
+    from conftest import MODELS
+    if not (MODELS / "DLinear_ad.onnx").exists():
+        pytest.skip("shipped models missing")
+    r = run_cli("demo")
+    assert r.returncode == 0, r.stderr
+    assert "ALERT new" in r.stdout and "ALERT end" in r.stdout, r.stdout
+    assert "1 opened, 1 closed" in r.stderr, r.stderr
