@@ -79,6 +79,15 @@ class AlertTracker:
             "model": dict(self.model_info),
         }
 
+    def close(self, ts: float, threshold: float) -> dict | None:
+        """End the open alert now (agent stop or reload), stamped `ts`; None if none is open.
+
+        The tracker replacing this one starts normal and could never close it."""
+        if self.state != "anomaly":
+            return None
+        self.state = "normal"
+        return self._event("end", float("nan"), threshold, ts)
+
     # ------------------------------------------------------------ update
     def update(self, ts: np.ndarray, scores: np.ndarray, threshold: float,
                err: np.ndarray) -> list[dict]:

@@ -305,12 +305,10 @@ class Pipeline:
         Alert state lives in this pipeline; the one replacing it (reload) or the next
         process starts with every stream normal and could never close these."""
         for st in self.streams.values():
-            tr = st.tracker
-            if tr.state != "anomaly":
+            ev = st.tracker.close(st.last_ts, st.threshold)
+            if ev is None:
                 continue
-            ev = tr._event("end", float("nan"), st.threshold, st.last_ts)
-            tr.state = "normal"
-            log.info("stream %s: alert %s ended (%s)", st.id, tr.alert_id, why)
+            log.info("stream %s: alert %s ended (%s)", st.id, ev["id"], why)
             self.metrics.alerts["end"] += 1
             for sink in self.sinks:
                 try:

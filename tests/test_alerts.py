@@ -237,3 +237,12 @@ def test_blocks_equal_one_by_one_equal_reference(labels, k_n, close_m, cooldown,
             if e["type"] == "end":
                 open_id = None
     assert (whole.state == "anomaly") == (open_id is not None)
+
+
+def test_close_ends_the_open_alert_once():
+    t, ev = feed([1, 1, 1, 1])
+    assert kinds(ev) == ["new"] and t.state == "anomaly"
+    end = t.close(T0 + 10, THR)
+    assert end["type"] == "end" and end["id"] == ev[0]["id"]
+    assert end["end"] == iso_utc(T0 + 10) and t.state == "normal"
+    assert t.close(T0 + 11, THR) is None
