@@ -67,15 +67,17 @@ def replay_config(path: str, model: str, calibration_rows: int | None,
     return AgentConfig.model_validate(d)
 
 
-def predict_file(path: str, detector: Detector, cfg: AgentConfig) -> tuple[RecordSink, np.ndarray]:
-    """Replay one file through the pipeline; returns the recorded results and row timestamps."""
+def predict_file(path: str, detector: Detector, cfg: AgentConfig
+                 ) -> tuple[RecordSink, np.ndarray, np.ndarray | None]:
+    """Replay one file through the pipeline; returns the recorded results, the file's
+    row timestamps and its labels (None without an `anomaly` column)."""
     sink = RecordSink()
     p = Pipeline(cfg, [sink], detector=detector)
     p.start()
     p.run(until_exhausted=True)
     p.stop()
-    ts, _, _ = read_table(path, detector.meta.channels)
-    return sink, ts
+    ts, _, labels = read_table(path, detector.meta.channels)
+    return sink, ts, labels
 
 
 def rows_prediction(row_ts: np.ndarray, rec: dict, by: str) -> np.ndarray:
@@ -97,8 +99,7 @@ def evaluate(files: list[Path], model: str, calibration_rows: int = 400, by: str
     per_file = []
     for f in files:
         cfg = replay_config(str(f), model, calibration_rows, overrides)
-        sink, row_ts = predict_file(str(f), detector, cfg)
-        _, _, labels = read_table(str(f), detector.meta.channels)
+        sink, row_ts, labels = predict_file(str(f), detector, cfg)
         if labels is None:
             raise ValueError(f"{f}: no 'anomaly' column to evaluate against")
         pred = rows_prediction(row_ts, sink.table("replay"), by)

@@ -94,7 +94,7 @@ def test_sliding_labels_equal_evaluate_by_label(dlinear, tmp_path):
                  "--save_path", str(out), "--calibrate", "400"]) == 0
     labels = np.array([int(r[1]) for r in read_result(out / f"{DEMO_CSV.stem}_res.csv")[1:]])
     cfg = replay_config(str(DEMO_CSV), str(dlinear.path), 400)
-    sink, row_ts = predict_file(str(DEMO_CSV), dlinear, cfg)
+    sink, row_ts, _ = predict_file(str(DEMO_CSV), dlinear, cfg)
     want = rows_prediction(row_ts, sink.table("replay"), "label")
     np.testing.assert_array_equal(labels, want)
     assert labels[:400].sum() == 0 and 0 < labels.sum() < len(labels)
