@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import torch
 
+from export.parity import compare, ort_session
+
 INPUT_NAME = "x"
 OUTPUT_NAME = "recon"
 
@@ -91,14 +93,6 @@ def _check_signature(m: onnx.ModelProto, window: int, n_channels: int) -> None:
                               f"expected [batch, {window}, {n_channels}] with a symbolic batch")
 
 
-def _session(onnx_path: str | Path):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1   # a check, not a benchmark: stay polite on shared machines
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-
-
 def parity_check(model: torch.nn.Module, onnx_path: str | Path, windows: np.ndarray,
                  tol: float = 1e-4) -> float:
     """Max |ORT - torch| over: the first window alone (batch 1), up to 64 real windows as one
@@ -115,7 +109,7 @@ def parity_check(model: torch.nn.Module, onnx_path: str | Path, windows: np.ndar
         "random batch 4": rng.standard_normal((4,) + windows.shape[1:]).astype(np.float32),
     }
     model.eval()
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     worst = 0.0
     for label, batch in cases.items():
         with torch.no_grad():
@@ -124,14 +118,6 @@ def parity_check(model: torch.nn.Module, onnx_path: str | Path, windows: np.ndar
             got = sess.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         except Exception as e:
             raise ExportError(f"{onnx_path}: ONNX Runtime failed on {label} {batch.shape}: {e}") from e
-        if got.shape != expected.shape:
-            raise ExportError(f"{onnx_path}: {label}: ONNX output shape {got.shape}, "
-                              f"torch {expected.shape}")
-        if not (np.isfinite(got).all() and np.isfinite(expected).all()):
-            raise ExportError(f"{onnx_path}: {label}: non-finite values in the output")
-        diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
-        if diff > tol:
-            raise ExportError(f"{onnx_path}: ONNX Runtime and torch disagree on {label}: "
-                              f"max |diff| = {diff:.3g} > tol {tol:g}")
-        worst = max(worst, diff)
+        worst = max(worst, compare(got, expected, label, tol, "torch", ExportError,
+                                   where=f"{onnx_path}: "))
     return worst

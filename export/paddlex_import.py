@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from agent.model_meta import ModelMeta, Scaler, Threshold, meta_path_for, sha256_file
+from export.parity import compare, ort_session
 from export.publish import publish
 
 
@@ -417,11 +418,7 @@ def paddle_predict(folder: PaddleXFolder, windows: np.ndarray) -> np.ndarray:
 def parity_check(folder: PaddleXFolder, onnx_path: Path, windows: np.ndarray | None,
                  tol: float = PARITY_TOL) -> dict:
     """Max |ORT - Paddle| on batch 1, up to 64 real windows and 4 random N(0,1) windows."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_path)
     rng = np.random.default_rng(0)
     shape = (folder.window, len(folder.channels))
     cases = {"random batch 1": rng.standard_normal((1,) + shape),
@@ -433,16 +430,9 @@ def parity_check(folder: PaddleXFolder, onnx_path: Path, windows: np.ndarray | N
         batch = np.asarray(batch, dtype=np.float32)
         expected = paddle_predict(folder, batch)
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        if got.shape != expected.shape or got.shape != batch.shape:
-            raise PaddleXImportError(f"{label}: ONNX output {got.shape}, Paddle {expected.shape}, "
-                                     f"input {batch.shape}")
-        if not (np.isfinite(got).all() and np.isfinite(expected).all()):
-            raise PaddleXImportError(f"{label}: non-finite values in the output")
-        diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
-        if diff > tol:
-            raise PaddleXImportError(f"ONNX Runtime and Paddle disagree on {label}: "
-                                     f"max |diff| = {diff:.3g} > tol {tol:g}")
-        worst = max(worst, diff)
+        if got.shape != batch.shape:
+            raise PaddleXImportError(f"{label}: ONNX output {got.shape}, input {batch.shape}")
+        worst = max(worst, compare(got, expected, label, tol, "Paddle", PaddleXImportError))
     return {"max_abs_diff": worst, "cases": list(cases)}
 
 

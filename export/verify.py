@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.model_meta import ModelMetaError, load_meta
+from export.parity import ort_session
 
 
 class VerifyError(Exception):
@@ -13,12 +14,8 @@ class VerifyError(Exception):
 
 
 def open_session(path: Path):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort_session(path)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
         raise VerifyError(f"{path}: onnxruntime cannot load the model: {e}") from None
 
