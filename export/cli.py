@@ -66,6 +66,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise CliError(f"--window {a.window}: expected at least 2")
     if a.drift_rows < 0 or (a.drift_rows and not a.scale_rows):
         raise CliError(f"--drift-rows {a.drift_rows}: expected >= 0, and only with --scale-rows")
+    if not 0 < a.drift_quantile < 1:
+        raise CliError(f"--drift-quantile {a.drift_quantile}: expected a fraction between 0 and 1")
     hparams = _parse_hparams(a.hparam)
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
 
@@ -90,7 +92,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             # widen the unit by it (metadata tells the runtime) and train on calibration
             # blocks followed by the rows after them, as a calibrated stream runs.
             k = T.drift_std_scale([f.values for f in files], a.scale_rows, a.drift_rows,
-                                  a.block_std_floor * m_std)
+                                  a.block_std_floor * m_std, a.drift_quantile)
             std_scale, m_std = k.tolist(), m_std * k
             split = T.runtime_split([f.values for f in files], [f.path for f in files], cfg.window,
                                     cfg.val_frac, a.scale_rows, a.drift_rows, k,
@@ -101,7 +103,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                        f"{a.drift_rows} rows after it with its mean and max(own std x "
                        f"calibration_std_scale, {a.block_std_floor} x scaler.std), as the runtime's "
                        f"per-stream calibration does with calibration.std_floor = {a.block_std_floor}. "
-                       "calibration_std_scale: per channel, median over blocks of the RMS deviation "
+                       f"calibration_std_scale: per channel, quantile {a.drift_quantile} over blocks "
+                       "of the RMS deviation "
                        f"of the next {a.drift_rows} rows from the block mean / block std (>= 1). "
                        "scaler.std is the pooled within-block std x calibration_std_scale (the "
                        "model's unit). Validation: each file's last rows scaled by the block before "
@@ -151,6 +154,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         "calibration_std_floor": a.block_std_floor if a.scale_rows else None,
         "calibration_rows": a.scale_rows or None,
         "drift_rows": a.drift_rows or None,
+        "drift_quantile": a.drift_quantile if a.drift_rows else None,
         "seed": cfg.seed, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "max_epochs": cfg.epochs, "patience": cfg.patience, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "noise": cfg.noise, "level_noise": cfg.level_noise, "val_loss": result.best_val_loss,
@@ -265,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --scale-rows: learn per-channel normal drift over the H rows after "
                    "each calibration block (metadata calibration_std_scale) and train on those rows "
                    "scaled by the block before them (default 0: off)")
+    t.add_argument("--drift-quantile", type=float, default=0.5, metavar="Q",
+                   help="with --drift-rows: the std covers the drift of this fraction of normal "
+                   "blocks (default 0.5, the median block)")
     t.add_argument("--train-stride", type=int, default=1, metavar="K",
                    help="keep every K-th training window (faster epochs)")
     t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",

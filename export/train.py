@@ -72,17 +72,19 @@ def _drift_ratio(block: np.ndarray, future: np.ndarray, min_std: np.ndarray) -> 
 
 
 def drift_std_scale(arrays: list[np.ndarray], block_rows: int, horizon: int,
-                    min_std: np.ndarray) -> np.ndarray:
+                    min_std: np.ndarray, quantile: float = 0.5) -> np.ndarray:
     """Per-channel factor by which normal data drifts beyond a calibration block.
 
     Drift ratio of a block and the rows after it: RMS deviation of those rows from the
     block's mean over the block's (floored) std.  Long files give blocks of
     ``block_rows`` followed by ``horizon`` rows (stride a quarter block); files of one
     block (calibration rows of other recordings) give their first half against their
-    second.  Per channel, the larger of the two medians, never below 1: the std must
-    cover the drift seen at either horizon (a fluid temperature wandering over an hour,
-    a motor still warming up in the first minutes).  Scale-free, so it carries over to
-    streams with other offsets and noise levels.
+    second.  Per channel, the larger of the two ``quantile``s (0.5: the medians), never
+    below 1: the std must cover the drift seen at either horizon (a fluid temperature
+    wandering over an hour, a motor still warming up in the first minutes).  A quantile
+    above the median makes the std cover the drift of most blocks, not just a typical
+    one: a channel whose drift is heavy-tailed is trusted less.  Scale-free, so it
+    carries over to streams with other offsets and noise levels.
     """
     long, short = [], []
     for values in arrays:
@@ -96,7 +98,7 @@ def drift_std_scale(arrays: list[np.ndarray], block_rows: int, horizon: int,
     out = np.ones(arrays[0].shape[1])
     for ratios in (long, short):
         if ratios:
-            out = np.maximum(out, np.median(np.asarray(ratios), axis=0))
+            out = np.maximum(out, np.quantile(np.asarray(ratios), quantile, axis=0))
     return out
 
 

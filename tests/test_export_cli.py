@@ -120,6 +120,31 @@ def test_drift_rows_learns_calibration_std_scale_and_margin(tmp_path):
     assert meta.scaler.std[2] > 3 * meta.training["global_scaler"]["std"][2] / 20
     assert meta.calibration_margin is not None and meta.calibration_margin >= 1.0
     assert meta.training["drift_rows"] == 80
+    assert meta.training["drift_quantile"] == 0.5
+
+
+def test_drift_quantile_trusts_a_channel_with_heavy_tailed_drift_less():
+    from export.train import drift_std_scale
+    rng = np.random.default_rng(0)
+    blocks = []
+    for i in range(20):
+        v = rng.standard_normal((80, 2))
+        if i % 4 == 0:           # channel 1 jumps in one block in four, like a cooling motor
+            v[40:, 1] += 8.0
+        blocks.append(v)
+    floor = np.full(2, 1e-6)
+    # Each array is one calibration block (shorter than block + horizon): half against half.
+    median = drift_std_scale(blocks, 80, 100, floor)
+    q90 = drift_std_scale(blocks, 80, 100, floor, quantile=0.9)
+    # The median block never jumps, so the median cannot see the jumps; the 0.9 quantile does.
+    assert median[1] < 2.0 < 3 * median[1] < q90[1]
+    assert q90[0] < 1.5             # a channel that never jumps keeps a factor near 1
+
+
+def test_drift_quantile_out_of_range_is_rejected(tmp_path, capsys):
+    rc, _ = train(tmp_path, "--scale-rows", "40", "--drift-rows", "80", "--drift-quantile", "1.5")
+    assert rc == 1
+    assert "--drift-quantile 1.5: expected a fraction between 0 and 1" in capsys.readouterr().err
 
 
 def test_drift_rows_needs_scale_rows(tmp_path, capsys):
