@@ -249,3 +249,28 @@ def test_export_rejects_traces_that_freeze_data_dependent_values(tmp_path):
     with pytest.raises(ExportError, match="froze data-dependent"):
         export_onnx(_DataDependent(), path, 16, 2)
     assert not path.exists()
+
+
+def test_dlinear_exports_as_one_affine_map_equal_to_the_model(tmp_path):
+    # Trained weights, not the constant init, so the fold is checked on a non-trivial map.
+    torch.manual_seed(0)
+    model = build_model("DLinear_ad", 48, 4, moving_avg=7)
+    wins = windows_of(make_series(30 * 48, 4), 48, step=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for i in range(0, 320, 32):
+        xb = torch.from_numpy(wins[i:i + 32])
+        loss = F.mse_loss(model(xb), xb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path / "dl.onnx"
+    export_onnx(model, path, 48, 4)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMul") == 1 and "AveragePool" not in ops and len(ops) <= 3, ops
+    assert parity_check(model, path, wins[:64]) <= TOL
+    # Edge windows (a step at the first/last sample) exercise the moving average's padding.
+    edge = np.zeros((2, 48, 4), np.float32)
+    edge[0, 0, :], edge[1, -1, :] = 5.0, -5.0
+    with torch.no_grad():
+        expected = model(torch.from_numpy(edge)).numpy()
+    np.testing.assert_allclose(ort_run(path, edge), expected, atol=TOL)
