@@ -90,7 +90,8 @@ class CalibrationConfig(_Strict):
     quantile: float = Field(0.99, gt=0, lt=1)
     # x the model's own calibration_margin (metadata): chosen on SKAB valve1/ for models
     # exported with --drift-rows, whose factor already covers normal drift after calibration
-    margin: float = Field(0.75, gt=0)
+    # (below 1 because k-of-n alerting already rejects isolated crossings)
+    margin: float = Field(0.5, gt=0)
     # scaler std floor, as a fraction of the model's training std (keeps flat channels sane)
     std_floor: float = Field(0.1, ge=0)
 
@@ -102,7 +103,7 @@ class ScoringConfig(_Strict):
 
 
 class AlertConfig(_Strict):
-    open_k: int = Field(3, ge=1)          # k anomalous of the last n windows opens an alert
+    open_k: int = Field(4, ge=1)          # k anomalous of the last n windows opens an alert
     open_n: int = Field(5, ge=1)
     close_m: int = Field(10, ge=1)        # m consecutive normal windows close it
     cooldown_s: float = Field(0.0, ge=0)  # no new alert on a stream within this after an end

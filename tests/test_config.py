@@ -53,7 +53,7 @@ def test_minimal_config_gets_defaults():
     cfg = parse_config(BASE)
     assert cfg.node == "press-1" and cfg.model.providers == ["cpu"]
     assert cfg.streams[0].source.type == "serial" and cfg.streams[0].source.baud == 115200
-    assert cfg.alerts.open_k == 3 and cfg.mqtt.port == 1883
+    assert cfg.alerts.open_k == 4 and cfg.mqtt.port == 1883
     assert cfg.topic_prefix == "tsad/press-1/"
 
 

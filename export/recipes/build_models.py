@@ -23,8 +23,11 @@ CALIBRATION_ROWS = 400
 COMMON = ["--window", "64", "--scale-rows", str(CALIBRATION_ROWS), "--block-std-floor", "0.1",
           "--val-frac", "0.2", "--patience", "4", "--seed", "0", "--quantile", "0.99",
           "--margin", "1.0", "--noise", "0.1", "--level-noise", "2.0", "--batch-size", "64", "--threads", "1",
-          # Learn normal drift over the ~800 test rows that follow calibration on SKAB.
-          "--drift-rows", "800"]
+          # Learn normal drift over the ~800 test rows that follow calibration on SKAB, and
+          # widen each channel's unit to cover the drift of 9 in 10 normal blocks: the motor
+          # temperature wanders by many calibration stds in some blocks and not in others,
+          # and the median block (0.5) left it the main source of false alarms.
+          "--drift-rows", "800", "--drift-quantile", "0.9"]
 # Sized so each trains in under three minutes on one CPU thread.  The three window-
 # normalising architectures run with RevIN off: the stream is already standardised by its
 # calibration statistics, and per-window normalisation would copy sustained level shifts.
