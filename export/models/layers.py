@@ -67,3 +67,24 @@ class DataEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.value(x) + self.pe)
+
+
+class HeadProjections(nn.Module):
+    """The Q/K/V projections and head split shared by the attention variants; each
+    subclass adds its own score formula and output projection."""
+
+    def __init__(self, seq_len: int, d_model: int, n_heads: int):
+        super().__init__()
+        self.seq_len = seq_len
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:      # [B, L, D] -> [B, H, L, E]
+        return t.reshape(-1, self.seq_len, self.n_heads, self.d_head).transpose(1, 2)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import DataEmbedding, check_dims, circular_pad, normalize_window
+from .layers import DataEmbedding, HeadProjections, check_dims, circular_pad, normalize_window
 
 
 class Projector(nn.Module):
@@ -46,26 +46,16 @@ class Projector(nn.Module):
         return self.backbone(torch.cat([s, stats], dim=1).flatten(1))
 
 
-class DSAttention(nn.Module):
+class DSAttention(HeadProjections):
     """Multi-head self-attention with de-stationary factors: softmax(scale*(QK^T*tau + delta))."""
 
     def __init__(self, seq_len: int, d_model: int, n_heads: int, dropout: float):
-        super().__init__()
-        self.seq_len = seq_len
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.n_heads, self.d_head = n_heads, d_model // n_heads
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
+        super().__init__(seq_len, d_model, n_heads)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:      # [B, L, D] -> [B, H, L, E]
-        return t.reshape(-1, self.seq_len, self.n_heads, self.d_head).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, tau: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        q, k, v = self.project(x)
         scores = torch.matmul(q, k.transpose(-1, -2))
         scores = scores * tau[:, :, None, None] + delta[:, None, None, :]
         attn = self.dropout(torch.softmax(scores / math.sqrt(self.d_head), dim=-1))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import check_dims, normalize_window
+from .layers import HeadProjections, check_dims, normalize_window
 
 
 def patch_index(window: int, patch_len: int, stride: int) -> torch.Tensor:
@@ -34,27 +34,17 @@ def patch_index(window: int, patch_len: int, stride: int) -> torch.Tensor:
     return idx.clamp(max=window - 1)
 
 
-class ResidualAttention(nn.Module):
+class ResidualAttention(HeadProjections):
     """Multi-head attention whose pre-softmax scores are carried to the next layer and
     added there (PatchTST's res_attention)."""
 
     def __init__(self, seq_len: int, d_model: int, n_heads: int, dropout: float):
-        super().__init__()
-        self.seq_len = seq_len
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.n_heads, self.d_head = n_heads, d_model // n_heads
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
+        super().__init__(seq_len, d_model, n_heads)
         self.out = nn.Sequential(nn.Linear(d_model, d_model), nn.Dropout(dropout))
         self.scale = 1.0 / math.sqrt(self.d_head)
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1, self.seq_len, self.n_heads, self.d_head).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None):
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        q, k, v = self.project(x)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         if prev is not None:
             scores = scores + prev
