@@ -12,7 +12,7 @@ from .detector import Detector, DetectorError
 from .metrics import Metrics
 from .model_meta import ModelMetaError
 from .mqtt_client import make_client
-from .pipeline import Pipeline
+from .pipeline import Handover, Pipeline
 from .sinks.build import build_sinks
 
 log = logging.getLogger("tsad.daemon")
@@ -34,8 +34,9 @@ class Daemon:
             verify_checksum=cfg.model.verify_checksum, max_batch=cfg.model.max_batch,
             metrics=self.metrics))
 
-    def _new_pipeline(self, cfg: AgentConfig, detector: Detector) -> Pipeline:
-        p = Pipeline(cfg, self.sinks, metrics=self.metrics, detector=detector)
+    def _new_pipeline(self, cfg: AgentConfig, detector: Detector,
+                      handover: Handover | None = None) -> Pipeline:
+        p = Pipeline(cfg, self.sinks, metrics=self.metrics, detector=detector, handover=handover)
         p.on_tick = self._tick
         return p
 
@@ -89,7 +90,10 @@ class Daemon:
             log.error("reload rejected, keeping the running config and model: %s", e)
             sdnotify.ready()
             return
-        self.pipeline.stop(stop_sinks=False, close_alerts="reload")
+        keep = self.pipeline.reusable_sources(new_cfg, detector.meta.channels)
+        handover = self.pipeline.stop(stop_sinks=False, close_alerts="reload", keep=keep)
+        if keep:
+            log.info("reload: source(s) of %s keep running", ", ".join(sorted(keep)))
         # Outputs are rebuilt only when their settings changed, so a model swap keeps the
         # broker session (and its outbox) instead of flapping availability.
         rebuild = (new_cfg.mqtt, new_cfg.sinks, new_cfg.node, new_cfg.state_dir) != \
@@ -99,7 +103,7 @@ class Daemon:
                 s.stop()
             self.sinks = build_sinks(new_cfg, self.metrics)
         self.cfg = new_cfg
-        self.pipeline = self._new_pipeline(new_cfg, detector)
+        self.pipeline = self._new_pipeline(new_cfg, detector, handover)
         self.pipeline.start(start_sinks=rebuild)
         log.info("reloaded %s: model %s (%s)", self.config_path, detector.meta.name, detector.ep)
         sdnotify.ready()

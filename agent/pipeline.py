@@ -7,6 +7,10 @@ Threading: every source runs in its own thread and hands `Batch`es to a bounded
 queue (a full queue blocks the source: back-pressure, not data loss).  One
 pipeline thread drains the queue; all windows that fall due in one drain are
 scaled, stacked and served by ONE batched ONNX Runtime call.
+
+A reload hands the sources of unchanged streams, still reading, and the queue to
+the next pipeline (`stop(keep=...)` -> `Handover`): closing and reopening a serial
+port would lose what the device sent in between and any half-received line.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import numpy as np
 
 from .alerts import AlertTracker
 from .calibration import CalibrationStore, fit_scaler, fit_threshold
-from .config import AgentConfig
+from .config import AgentConfig, StreamConfig
 from .detector import Detector
 from .metrics import Metrics
 from .ring import RingBuffer
@@ -31,7 +35,63 @@ from .sources.base import Batch, Source
 
 log = logging.getLogger("tsad.pipeline")
 
-_END = object()   # queue marker: one finite source has finished
+
+class SourceRunner:
+    """One source in its own thread, with its own stop, feeding a queue.
+
+    It holds no reference to a pipeline, so it can outlive one: when its source has
+    finished it puts itself on the queue as the end marker."""
+
+    def __init__(self, stream: StreamConfig, source: Source, out: queue.Queue,
+                 metrics: Metrics) -> None:
+        self.stream, self.source, self.out, self.metrics = stream, source, out, metrics
+        self.stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"source-{self.stream.id}")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _put(self, item) -> None:
+        # blocks when the pipeline is behind: back-pressure instead of dropping data
+        while True:
+            try:
+                self.out.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self.stop_event.is_set():
+                    self.metrics.dropped["queue_full_at_stop"] += 1
+                    return
+
+    def _run(self) -> None:
+        try:
+            self.source.run(self._put, self.stop_event)
+        except Exception:
+            log.exception("source %s crashed", type(self.source).__name__)
+            self.metrics.bad("source_crash")
+        finally:
+            try:
+                self.source.close()
+            finally:
+                self._put(self)
+
+
+@dataclass
+class Handover:
+    """What a stopping pipeline passes to the next one: the shared queue and the
+    runners that keep reading; `ended` are those whose end marker it already took."""
+    queue: queue.Queue
+    runners: dict[str, SourceRunner]
+    ended: set[str]
 
 
 @dataclass
@@ -56,7 +116,8 @@ class StreamState:
 
 class Pipeline:
     def __init__(self, cfg: AgentConfig, sinks: list[Sink], metrics: Metrics | None = None,
-                 detector: Detector | None = None, sources: list[Source] | None = None):
+                 detector: Detector | None = None, sources: list[Source] | None = None,
+                 handover: Handover | None = None):
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -70,12 +131,18 @@ class Pipeline:
         self.store = (CalibrationStore(cfg.state_dir)
                       if cfg.calibration.enabled and cfg.state_dir else None)
         self.streams: dict[str, StreamState] = {}
-        self.sources = sources if sources is not None else [
-            build_source(s, self.meta.channels, self.metrics, cfg.mqtt, cfg.node)
-            for s in cfg.streams]
-        self.queue: queue.Queue = queue.Queue(maxsize=1024)
+        self.queue: queue.Queue = handover.queue if handover else queue.Queue(maxsize=1024)
+        kept = handover.runners if handover else {}
+        if sources is not None:
+            pairs = list(zip(cfg.streams, sources))
+        else:
+            pairs = [(s, None if s.id in kept else
+                      build_source(s, self.meta.channels, self.metrics, cfg.mqtt, cfg.node))
+                     for s in cfg.streams]
+        self.runners = [kept[s.id] if src is None else
+                        SourceRunner(s, src, self.queue, self.metrics) for s, src in pairs]
+        self._ended = {r.stream.id for r in self.runners} & (handover.ended if handover else set())
         self.stop_event = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._last_health = 0.0
         self._sink_errors = 0
         #: called once per main-loop iteration (the systemd watchdog hooks in here)
@@ -210,7 +277,7 @@ class Pipeline:
             "model": {**self.model_info, "window": self.meta.window},
             "ep": self.detector.ep,
             "sources": {s_cfg.id: {"type": s_cfg.source.type, "connected": bool(src.connected)}
-                        for s_cfg, src in zip(self.cfg.streams, self.sources)},
+                        for s_cfg, src in ((r.stream, r.source) for r in self.runners)},
             "streams": {sid: {"state": st.tracker.state, "samples": st.samples,
                               "calibrated": st.ready, "threshold": st.threshold,
                               "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}
@@ -230,28 +297,6 @@ class Pipeline:
                     log.exception("sink %s failed on health", type(sink).__name__)
 
     # ------------------------------------------------------------ lifecycle
-    def _run_source(self, src: Source) -> None:
-        def emit(b: Batch) -> None:
-            # blocks when the pipeline is behind: back-pressure instead of dropping data
-            while True:
-                try:
-                    self.queue.put(b, timeout=0.5)
-                    return
-                except queue.Full:
-                    if self.stop_event.is_set():
-                        self.metrics.dropped["queue_full_at_stop"] += 1
-                        return
-        try:
-            src.run(emit, self.stop_event)
-        except Exception:
-            log.exception("source %s crashed", type(src).__name__)
-            self.metrics.bad("source_crash")
-        finally:
-            try:
-                src.close()
-            finally:
-                emit(_END)
-
     def _drain(self) -> list:
         items = []
         while True:
@@ -264,15 +309,12 @@ class Pipeline:
         if start_sinks:
             for sink in self.sinks:
                 sink.start()
-        for src in self.sources:
-            t = threading.Thread(target=self._run_source, args=(src,), daemon=True,
-                                 name=f"source-{type(src).__name__}")
-            t.start()
-            self._threads.append(t)
+        for r in self.runners:
+            r.start()   # a runner handed over by a reload is already running
 
     def run(self, until_exhausted: bool = False, interrupted=None) -> None:
         """Drain the queue until stopped, `interrupted()` is true, or (replay) every source ended."""
-        ended = 0
+        ended = self._ended
         while not self.stop_event.is_set() and not (interrupted and interrupted()):
             if self.on_tick:
                 self.on_tick()
@@ -283,8 +325,8 @@ class Pipeline:
                 continue
             batch: list[Batch] = []
             while True:
-                if item is _END:
-                    ended += 1
+                if isinstance(item, SourceRunner):
+                    ended.add(item.stream.id)
                 else:
                     batch.append(item)
                 if len(batch) >= 256:
@@ -296,7 +338,7 @@ class Pipeline:
             if batch:
                 self.process(batch)
             self._maybe_health()
-            if until_exhausted and ended >= len(self.sources):
+            if until_exhausted and len(ended) >= len(self.runners):
                 break
 
     def close_alerts(self, why: str) -> None:
@@ -317,23 +359,44 @@ class Pipeline:
                 except Exception:
                     log.exception("sink %s failed", type(sink).__name__)
 
-    def stop(self, stop_sinks: bool = True, close_alerts: str | None = None) -> None:
-        """Stop the sources and process what they delivered; with `close_alerts`
-        (the reason), end the open alerts; with `stop_sinks`, stop the sinks."""
+    def reusable_sources(self, cfg: AgentConfig, channels: list[str]) -> set[str]:
+        """Ids of the streams whose running source can serve a pipeline for `cfg` and a
+        model with `channels`: same source settings, same channel order (the decoders
+        map fields onto it) and, for MQTT sources, the same broker settings and node."""
+        if list(channels) != list(self.meta.channels):
+            return set()
+        new = {s.id: s for s in cfg.streams}
+        same_broker = (cfg.mqtt, cfg.node) == (self.cfg.mqtt, self.cfg.node)
+        return {r.stream.id for r in self.runners
+                if new.get(r.stream.id) == r.stream
+                and (r.stream.source.type != "mqtt" or same_broker)}
+
+    def stop(self, stop_sinks: bool = True, close_alerts: str | None = None,
+             keep: set[str] = frozenset()) -> Handover:
+        """Stop the sources (but those of the streams in `keep`) and process what they
+        delivered; with `close_alerts` (the reason), end the open alerts; with
+        `stop_sinks`, stop the sinks.  Returns what the next pipeline takes over."""
         self.stop_event.set()
-        for t in self._threads:
-            t.join(timeout=3)
-        # what the sources delivered before stopping is still processed: nothing is lost
-        rest = [b for b in self._drain() if b is not _END]
+        going = [r for r in self.runners if r.stream.id not in keep]
+        for r in going:
+            r.stop()
+        for r in going:
+            r.join(timeout=3)
+        # What arrived before this point is processed here, the rest by the next
+        # pipeline: every sample exactly once, in order.
+        rest = self._drain()
+        ended = self._ended | {r.stream.id for r in rest if isinstance(r, SourceRunner)}
+        rest = [b for b in rest if isinstance(b, Batch)]
         if rest:
             self.process(rest)
         if close_alerts:
             self.close_alerts(close_alerts)
         self._maybe_health(force=True)
-        if not stop_sinks:
-            return
-        for sink in self.sinks:
-            try:
-                sink.stop()
-            except Exception:
-                log.exception("sink %s failed to stop cleanly", type(sink).__name__)
+        if stop_sinks:
+            for sink in self.sinks:
+                try:
+                    sink.stop()
+                except Exception:
+                    log.exception("sink %s failed to stop cleanly", type(sink).__name__)
+        kept = {r.stream.id: r for r in self.runners if r.stream.id in keep}
+        return Handover(self.queue, kept, ended & set(kept))

@@ -142,6 +142,62 @@ def test_replay_source_through_pipeline_matches_file(model, tmp_path):
     assert len(rec.table("replay")["ts"]) == 300 - W + 1
 
 
+def _replay_file(tmp_path, n: int):
+    import pandas as pd
+    f = tmp_path / "data.csv"
+    pd.DataFrame(normal(n), columns=CH).assign(
+        timestamp=1e9 + np.arange(n) * 0.001).to_csv(f, index=False)
+    return f
+
+
+def test_stop_hands_a_running_source_to_the_next_pipeline_without_loss(model, tmp_path):
+    # a replay at real time (2 s) stopped in the middle, as a reload does
+    f = _replay_file(tmp_path, 2000)
+    over = {"streams": [{"id": "replay", "source": {"type": "replay", "path": str(f),
+                                                    "speed": 1.0, "chunk": 16}}]}
+    cfg = replay_config(str(f), model, None, over)
+    metrics = Metrics()
+    rec1, rec2 = RecordSink(), RecordSink()
+    p1 = Pipeline(cfg, [rec1], metrics=metrics)
+    p1.start()
+    p1.run(interrupted=lambda: metrics.samples_in >= 300)
+    keep = p1.reusable_sources(cfg, CH)
+    assert keep == {"replay"}
+    handover = p1.stop(keep=keep)
+    src = p1.runners[0].source
+    p2 = Pipeline(cfg, [rec2], metrics=metrics, handover=handover)
+    assert p2.runners[0].source is src, "the running source was rebuilt, not handed over"
+    p2.start()
+    p2.run(until_exhausted=True)
+    p2.stop()
+    n1 = p1.streams["replay"].samples
+    n2 = p2.streams["replay"].samples
+    assert 0 < n1 < 2000 and n1 + n2 == 2000 == metrics.samples_in
+    # every sample once and in order: the second pipeline's windows start where the
+    # first one's samples ended (after its own warm-up of W - 1 samples)
+    t1, t2 = rec1.table("replay")["ts"], rec2.table("replay")["ts"]
+    assert np.all(np.diff(t1) > 0) and np.all(np.diff(t2) > 0)
+    assert t2[0] == pytest.approx(1e9 + (n1 + W - 1) * 0.001)
+    assert t2[-1] == pytest.approx(1e9 + 1999 * 0.001)
+
+
+def test_a_changed_source_channel_order_or_broker_is_not_reused(model, tmp_path):
+    serial = {"type": "serial", "port": str(tmp_path / "ttyX")}
+    mq = {"type": "mqtt", "topic": "plant/pump/sensors"}
+    streams = [{"id": "s", "source": serial}, {"id": "m", "source": mq}]
+    cfg = cfg_for(model, None, streams=streams, mqtt={"enabled": True, "port": 1883})
+    p = Pipeline(cfg, [])
+    assert p.reusable_sources(cfg, CH) == {"s", "m"}
+    assert p.reusable_sources(cfg, ["b", "a", "c"]) == set()
+    moved = cfg_for(model, None, mqtt={"enabled": True, "port": 1883}, streams=[
+        {"id": "s", "source": {**serial, "baud": 9600}}, {"id": "m", "source": mq}])
+    assert p.reusable_sources(moved, CH) == {"m"}
+    other_broker = cfg_for(model, None, streams=streams, mqtt={"enabled": True, "port": 1884})
+    assert p.reusable_sources(other_broker, CH) == {"s"}
+    gone = cfg_for(model, None, streams=streams[:1], mqtt={"enabled": True, "port": 1883})
+    assert p.reusable_sources(gone, CH) == {"s"}
+
+
 def run_cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=120, **kw)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
 from agent_harness import (MOSQUITTO, NODE, AgentProcess, LineWriter, Observer, Pty,
-                           alert_id, assert_exact, no_traceback, persistent_broker, tiny_model,
-                           wait_until, write_config)
+                           alert_id, assert_exact, no_traceback, persistent_broker, sample_ts,
+                           tiny_model, wait_until, write_config)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
 
@@ -124,7 +125,7 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     write_config(cfg, model=v2, **kw)
     agent.signal(signal.SIGHUP)
     agent.wait_log("reloaded")
-    agent.wait_log("open at", 2)          # the source reopened the port
+    assert "source(s) of pump keep running" in agent.log()
     wait_until(lambda: still_open in obs.ids("end"), "the open alert ended at the reload")
     assert _model_names(obs, {still_open}) == {"tiny_v1"}
     w.normal(10)                          # refill the new pipeline's window
@@ -135,4 +136,45 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     wait_until(lambda: obs.healths()[-1][1]["model"]["name"] == "tiny_v2", "health model")
     assert_exact(obs, expected)
     assert agent.running()
+    no_traceback(agent)
+
+
+def _health(obs: Observer) -> dict:
+    h = obs.healths()
+    return h[-1][1] if h else {}
+
+
+def test_sighup_keeps_the_serial_port_open_and_loses_no_line(tmp_path, rig):
+    broker, obs, pty, start = rig
+    v1 = tiny_model(tmp_path, "tiny_v1")
+    v2 = tiny_model(tmp_path, "tiny_v2", scale=0.8)
+    kw = dict(port=broker.port, serial_port=pty.path, state_dir=tmp_path / "state")
+    cfg = write_config(tmp_path / "agent.yaml", model=v1, **kw)
+    agent = start(cfg)
+    agent.wait_log("open at")
+    w = LineWriter(pty)
+    w.normal(20)
+    wait_until(lambda: _health(obs).get("samples_in") == 20, "20 samples in")
+
+    # Half a line before the reload and the rest after it: a port closed and reopened
+    # would have dropped the first half and counted the rest as a malformed line.
+    line = f"{sample_ts(w.i):.3f},{LineWriter.NORMAL}\n".encode()
+    cut = len(line) - 4                   # "...,0," now, "0,0\n" after the reload
+    os.write(pty.master, line[:cut])
+    time.sleep(0.5)   # let the agent read it (not a timing assertion)
+    write_config(cfg, model=v2, **kw)
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded")
+    os.write(pty.master, line[cut:])
+    w.i += 1
+    w.normal(10)                          # refill the new pipeline's window
+    ids = set(w.spikes(2))
+    obs.wait_ids(ids)
+    assert _model_names(obs, ids) == {"tiny_v2"}
+    wait_until(lambda: _health(obs).get("samples_in") == w.i, f"all {w.i} samples in")
+    h = _health(obs)
+    assert h["malformed"] == {}, h["malformed"]
+    assert sum(h["dropped"].values()) == 0, h["dropped"]
+    assert agent.count("open at") == 1, "the port was closed and reopened"
+    assert "source(s) of pump keep running" in agent.log()
     no_traceback(agent)
