@@ -21,6 +21,22 @@ from export.verify import VerifyError, open_session, verify_model
 
 MAX_WINDOWS = 2000
 LATENCY_RUNS = 200
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def weighted_nodes(path: Path) -> tuple[list[str], list[str]]:
+    """(MatMul/Gemm/Conv nodes whose weight, the second input, is stored in the file;
+    the others).  Dynamic int8 only quantizes stored weights: it raises on a Conv whose
+    weight the graph computes (TimesNet_ad's Inception block averages its kernels) and
+    leaves a MatMul with its constant on the left (DLinear_ad's folded map) as it was."""
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    stored = {i.name for i in m.graph.initializer}
+    ok, other = [], []
+    for n in m.graph.node:
+        if n.op_type in WEIGHTED_OPS:
+            (ok if len(n.input) > 1 and n.input[1] in stored else other).append(n.name)
+    return ok, other
 
 
 def _real_windows(data: list[str], meta, calib_rows: int) -> np.ndarray:
@@ -67,14 +83,24 @@ def quantize_model(src: Path, out: Path, data: list[str], calib_rows: int = 400)
 
     meta = load_meta(src)
     check_writable(out)
+    ok, other = weighted_nodes(src)
+    if not ok:
+        raise VerifyError(
+            f"{src}: nothing to quantize: none of its {len(other)} MatMul/Gemm/Conv node(s) "
+            f"has a stored weight as its second input, which is all dynamic int8 quantizes; "
+            f"keep the fp32 model")
     w = _real_windows(data, meta, calib_rows)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.onnx")
     tmp_meta = meta_path_for(tmp)
     try:
         try:
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
+                             nodes_to_exclude=other)
         except Exception as e:  # the quantizer raises bare Exceptions for unsupported graphs
             raise VerifyError(f"{src}: dynamic int8 quantization failed: {e}") from None
+        import onnx
+        n_int8 = sum(n.op_type in ("MatMulInteger", "ConvInteger")
+                     for n in onnx.load(str(tmp)).graph.node)
         fp, q = open_session(src), open_session(tmp)
         s_fp, s_q = _scores(fp, meta, w), _scores(q, meta, w)
         rho = spearman(s_fp, s_q)
@@ -86,6 +112,7 @@ def quantize_model(src: Path, out: Path, data: list[str], calib_rows: int = 400)
             "latency_ms_median_fp32": round(_latency_ms(fp, meta, w), 4),
             "latency_ms_median_int8": round(_latency_ms(q, meta, w), 4),
             "spearman_scores": round(rho, 5),
+            "nodes_int8": n_int8, "nodes_fp32_kept": len(other),
             "threshold_fp32": meta.threshold.value, "threshold_int8": meta.threshold.value * ratio,
         }
         qmeta = copy.deepcopy(meta)
@@ -98,6 +125,7 @@ def quantize_model(src: Path, out: Path, data: list[str], calib_rows: int = 400)
         qmeta.training["quantization"] = {
             "method": "onnxruntime.quantization.quantize_dynamic, weights QInt8",
             "from_sha256": meta.onnx_sha256, "spearman_scores": report["spearman_scores"],
+            "nodes_int8": n_int8, "nodes_fp32_kept": len(other),
             "calib_rows": calib_rows}
         qmeta.exported_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         qmeta.save(tmp_meta)

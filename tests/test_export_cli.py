@@ -11,6 +11,7 @@ import pytest
 
 from agent.model_meta import load_meta, meta_path_for, sha256_file
 from conftest import MODELS
+from onnx_factory import make_model
 
 pytest.importorskip("torch")
 from export.cli import main  # noqa: E402
@@ -34,11 +35,13 @@ def make_csv(path: Path, rows: int = 120, sep: str = ",", seed: int = 0) -> Path
     return path
 
 
-def train(tmp_path: Path, *extra: str, data: list[str] | None = None, name: str = "m.onnx") -> tuple[int, Path]:
+def train(tmp_path: Path, *extra: str, data: list[str] | None = None, name: str = "m.onnx",
+          model: str = "DLinear_ad") -> tuple[int, Path]:
     out = tmp_path / "out" / name
     data = data or [str(make_csv(tmp_path / "d.csv"))]
-    rc = main(["train", "--model", "DLinear_ad", "--data", *data, *TINY,
-               "--hparam", "moving_avg=3", *extra, "--out", str(out)])
+    hp = ["--hparam", "moving_avg=3"] if model == "DLinear_ad" else []
+    rc = main(["train", "--model", model, "--data", *data, *TINY, *hp, *extra,
+               "--out", str(out)])
     return rc, out
 
 
@@ -265,19 +268,55 @@ def test_verify_rejects_missing_and_mismatched_metadata(tiny_model, tmp_path, ca
     assert "model expects window 8 but metadata says 16" in capsys.readouterr().err
 
 
-def test_quantize_writes_a_verified_int8_model(tiny_model, tmp_path, capsys):
+def test_quantize_writes_a_verified_int8_model(tmp_path, capsys):
+    rc, ae = train(tmp_path, model="AutoEncoder_ad")
+    assert rc == 0
     data = make_csv(tmp_path / "q.csv", rows=100, seed=9)
     out = tmp_path / "q" / "m-int8.onnx"
     capsys.readouterr()
-    assert main(["quantize", str(tiny_model), "--out", str(out), "--data", str(data),
+    assert main(["quantize", str(ae), "--out", str(out), "--data", str(data),
                  "--calib-rows", "50"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert -1.0 <= report["spearman_scores"] <= 1.0
+    assert report["nodes_int8"] >= 2 and report["nodes_fp32_kept"] == 0
     assert report["latency_ms_median_int8"] > 0 and report["bytes_int8"] == out.stat().st_size
     meta = load_meta(out)
     assert meta.name.endswith("-int8")
     assert meta.threshold.value == pytest.approx(report["threshold_int8"])
-    assert meta.training["quantization"]["from_sha256"] == load_meta(tiny_model).onnx_sha256
+    assert meta.training["quantization"]["from_sha256"] == load_meta(ae).onnx_sha256
+    assert main(["verify", str(out)]) == 0
+
+
+def test_quantize_refuses_a_model_with_nothing_to_quantize(tmp_path, capsys):
+    # recon = M @ x: the stored matrix is on the left, like DLinear_ad's folded map,
+    # and dynamic int8 would hand back an unchanged fp32 graph under an int8 name
+    model, _ = make_model(tmp_path / "tm.onnx", window=8, channels=["a", "b", "c"],
+                          kind="timemix")
+    data = make_csv(tmp_path / "q.csv", rows=100, seed=9)
+    out = tmp_path / "tm-int8.onnx"
+    assert main(["quantize", str(model), "--out", str(out), "--data", str(data)]) == 1
+    assert "nothing to quantize" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.csv", "tm.onnx", "tm.onnx.json"]
+
+
+@pytest.mark.skipif(not (MODELS / "TimesNet_ad.onnx").exists(),
+                    reason=f"no shipped TimesNet_ad in {MODELS}")
+def test_quantize_keeps_computed_conv_weights_in_fp32(tmp_path, capsys):
+    # TimesNet_ad's Inception block averages its kernels in the graph; the quantizer
+    # used to raise on those Convs ("... to be an initializer")
+    src = MODELS / "TimesNet_ad.onnx"
+    meta = load_meta(src)
+    rng = np.random.default_rng(3)
+    data = tmp_path / "normal.csv"
+    pd.DataFrame(rng.normal(np.asarray(meta.scaler.mean), np.asarray(meta.scaler.std),
+                            (meta.window + 200, meta.n_channels)),
+                 columns=meta.channels).to_csv(data, index=False)
+    out = tmp_path / "tn-int8.onnx"
+    capsys.readouterr()
+    assert main(["quantize", str(src), "--out", str(out), "--data", str(data)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["nodes_int8"] >= 1 and report["nodes_fp32_kept"] >= 6
+    assert load_meta(out).training["quantization"]["nodes_fp32_kept"] == report["nodes_fp32_kept"]
     assert main(["verify", str(out)]) == 0
 
 
