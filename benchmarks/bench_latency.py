@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +27,10 @@ import paho.mqtt.client as mqtt
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import local_broker  # noqa: E402  (beside this script)
 from agent.detector import Detector  # noqa: E402
 from agent.model_meta import load_meta  # noqa: E402
 from agent.scoring import score_windows  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vm(pid: int, key: str) -> int:
@@ -135,14 +128,8 @@ def main() -> None:
     ap.add_argument("--models", default="AutoEncoder_ad,DLinear_ad,Nonstationary_ad,PatchTST_ad,TimesNet_ad")
     ap.add_argument("--alerts", type=int, default=200)
     a = ap.parse_args()
-    mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp) / "m.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-        broker = subprocess.Popen([mosq, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
+        broker, port = local_broker.start(Path(tmp))
         try:
             print(f"{'model':<17} {'alerts':>7} {'p50 ms':>7} {'p99 ms':>7} {'peak RSS MB':>11}")
             for name in a.models.split(","):

@@ -29,29 +29,11 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
+import local_broker  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 SKAB_FREE = REPO.parent / "shared" / "data" / "skab" / "anomaly-free" / "anomaly-free.csv"
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    import socket
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"mosquitto did not start on port {port}")
 
 
 def normal_rows(channels: list[str], mean, std, n: int, seed: int) -> np.ndarray:
@@ -132,15 +114,10 @@ def main() -> int:
     meta = json.loads(Path(a.model + ".json").read_text())
     channels, mean, std = meta["channels"], meta["scaler"]["mean"], meta["scaler"]["std"]
     work = Path(tempfile.mkdtemp(prefix="tsad-soak-"))
-    port = free_port()
     # No queue limits: a slow agent must show up as back-pressure and lag, not as
     # messages the broker threw away.
-    (work / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 0\nmax_queued_bytes 0\n")
-    broker = subprocess.Popen([MOSQUITTO, "-c", str(work / "mosquitto.conf")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
+    broker, port = local_broker.start(
+        work, "persistence false\nmax_queued_messages 0\nmax_queued_bytes 0\n")
 
     import yaml
     cfg = {
