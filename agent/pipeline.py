@@ -61,6 +61,10 @@ class SourceRunner:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _put(self, item) -> None:
         # blocks when the pipeline is behind: back-pressure instead of dropping data
         while True:
@@ -362,13 +366,14 @@ class Pipeline:
     def reusable_sources(self, cfg: AgentConfig, channels: list[str]) -> set[str]:
         """Ids of the streams whose running source can serve a pipeline for `cfg` and a
         model with `channels`: same source settings, same channel order (the decoders
-        map fields onto it) and, for MQTT sources, the same broker settings and node."""
+        map fields onto it) and, for MQTT sources, the same broker settings and node.
+        A source that has ended (a crash, a replay at its end) is rebuilt instead."""
         if list(channels) != list(self.meta.channels):
             return set()
         new = {s.id: s for s in cfg.streams}
         same_broker = (cfg.mqtt, cfg.node) == (self.cfg.mqtt, self.cfg.node)
         return {r.stream.id for r in self.runners
-                if new.get(r.stream.id) == r.stream
+                if r.running and new.get(r.stream.id) == r.stream
                 and (r.stream.source.type != "mqtt" or same_broker)}
 
     def stop(self, stop_sinks: bool = True, close_alerts: str | None = None,

@@ -1,6 +1,7 @@
 """The one code path (source -> ring -> detector -> scorer -> alerts -> sinks) with a real ONNX model."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -179,23 +180,35 @@ def test_stop_hands_a_running_source_to_the_next_pipeline_without_loss(model, tm
     assert np.all(np.diff(t1) > 0) and np.all(np.diff(t2) > 0)
     assert t2[0] == pytest.approx(1e9 + (n1 + W - 1) * 0.001)
     assert t2[-1] == pytest.approx(1e9 + 1999 * 0.001)
+    # an ended source is not handed over again: the next pipeline would sit without one
+    assert p2.reusable_sources(cfg, CH) == set()
 
 
-def test_a_changed_source_channel_order_or_broker_is_not_reused(model, tmp_path):
-    serial = {"type": "serial", "port": str(tmp_path / "ttyX")}
+def test_a_changed_source_channel_order_or_broker_is_not_reused(model, broker, tmp_path):
+    master, slave = os.openpty()
+    serial = {"type": "serial", "port": os.ttyname(slave)}
     mq = {"type": "mqtt", "topic": "plant/pump/sensors"}
     streams = [{"id": "s", "source": serial}, {"id": "m", "source": mq}]
-    cfg = cfg_for(model, None, streams=streams, mqtt={"enabled": True, "port": 1883})
+    mqtt = {"enabled": True, "host": "127.0.0.1", "port": broker.port}
+    cfg = cfg_for(model, None, streams=streams, mqtt=mqtt)
     p = Pipeline(cfg, [])
-    assert p.reusable_sources(cfg, CH) == {"s", "m"}
-    assert p.reusable_sources(cfg, ["b", "a", "c"]) == set()
-    moved = cfg_for(model, None, mqtt={"enabled": True, "port": 1883}, streams=[
-        {"id": "s", "source": {**serial, "baud": 9600}}, {"id": "m", "source": mq}])
-    assert p.reusable_sources(moved, CH) == {"m"}
-    other_broker = cfg_for(model, None, streams=streams, mqtt={"enabled": True, "port": 1884})
-    assert p.reusable_sources(other_broker, CH) == {"s"}
-    gone = cfg_for(model, None, streams=streams[:1], mqtt={"enabled": True, "port": 1883})
-    assert p.reusable_sources(gone, CH) == {"s"}
+    assert p.reusable_sources(cfg, CH) == set(), "sources that never started are not running"
+    p.start()
+    try:
+        assert p.reusable_sources(cfg, CH) == {"s", "m"}
+        assert p.reusable_sources(cfg, ["b", "a", "c"]) == set()
+        moved = cfg_for(model, None, mqtt=mqtt, streams=[
+            {"id": "s", "source": {**serial, "baud": 9600}}, {"id": "m", "source": mq}])
+        assert p.reusable_sources(moved, CH) == {"m"}
+        other_broker = cfg_for(model, None, streams=streams, mqtt={**mqtt, "port": 1})
+        assert p.reusable_sources(other_broker, CH) == {"s"}
+        gone = cfg_for(model, None, streams=streams[:1], mqtt=mqtt)
+        assert p.reusable_sources(gone, CH) == {"s"}
+    finally:
+        p.stop()
+        os.close(master)
+        os.close(slave)
+    assert p.reusable_sources(cfg, CH) == set(), "stopped sources are not running"
 
 
 def run_cli(*args, **kw):
