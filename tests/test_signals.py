@@ -72,7 +72,9 @@ def _model_names(obs: Observer, ids: set[str]) -> set[str]:
     return {a["model"]["name"] for a in obs.alerts() if a["id"] in ids}
 
 
-def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
+def _running_on_v1(tmp_path, rig):
+    """The agent on model tiny_v1 reading the pty, 20 normal lines in; returns it, the
+    line writer, the config path, tiny_v2 to swap in and write_config's other args."""
     broker, obs, pty, start = rig
     v1 = tiny_model(tmp_path, "tiny_v1")
     v2 = tiny_model(tmp_path, "tiny_v2", scale=0.8)
@@ -82,6 +84,12 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     agent.wait_log("open at")
     w = LineWriter(pty)
     w.normal(20)
+    return agent, w, cfg, v2, kw
+
+
+def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
+    obs = rig[1]
+    agent, w, cfg, v2, kw = _running_on_v1(tmp_path, rig)
     expected = set(w.spikes(2))
     obs.wait_ids(expected)
 
@@ -145,27 +153,20 @@ def _health(obs: Observer) -> dict:
 
 
 def test_sighup_keeps_the_serial_port_open_and_loses_no_line(tmp_path, rig):
-    broker, obs, pty, start = rig
-    v1 = tiny_model(tmp_path, "tiny_v1")
-    v2 = tiny_model(tmp_path, "tiny_v2", scale=0.8)
-    kw = dict(port=broker.port, serial_port=pty.path, state_dir=tmp_path / "state")
-    cfg = write_config(tmp_path / "agent.yaml", model=v1, **kw)
-    agent = start(cfg)
-    agent.wait_log("open at")
-    w = LineWriter(pty)
-    w.normal(20)
+    obs = rig[1]
+    agent, w, cfg, v2, kw = _running_on_v1(tmp_path, rig)
     wait_until(lambda: _health(obs).get("samples_in") == 20, "20 samples in")
 
     # Half a line before the reload and the rest after it: a port closed and reopened
     # would have dropped the first half and counted the rest as a malformed line.
     line = f"{sample_ts(w.i):.3f},{LineWriter.NORMAL}\n".encode()
     cut = len(line) - 4                   # "...,0," now, "0,0\n" after the reload
-    os.write(pty.master, line[:cut])
+    os.write(w.pty.master, line[:cut])
     time.sleep(0.5)   # let the agent read it (not a timing assertion)
     write_config(cfg, model=v2, **kw)
     agent.signal(signal.SIGHUP)
     agent.wait_log("reloaded")
-    os.write(pty.master, line[cut:])
+    os.write(w.pty.master, line[cut:])
     w.i += 1
     w.normal(10)                          # refill the new pipeline's window
     ids = set(w.spikes(2))
