@@ -136,16 +136,15 @@ class Pipeline:
                       if cfg.calibration.enabled and cfg.state_dir else None)
         self.streams: dict[str, StreamState] = {}
         self.queue: queue.Queue = handover.queue if handover else queue.Queue(maxsize=1024)
-        kept = handover.runners if handover else {}
         if sources is not None:
-            pairs = list(zip(cfg.streams, sources))
+            self.runners = [SourceRunner(s, src, self.queue, self.metrics)
+                            for s, src in zip(cfg.streams, sources)]
         else:
-            pairs = [(s, None if s.id in kept else
-                      build_source(s, self.meta.channels, self.metrics, cfg.mqtt, cfg.node))
-                     for s in cfg.streams]
-        self.runners = [kept[s.id] if src is None else
-                        SourceRunner(s, src, self.queue, self.metrics) for s, src in pairs]
-        self._ended = {r.stream.id for r in self.runners} & (handover.ended if handover else set())
+            kept = handover.runners if handover else {}
+            self.runners = [kept.get(s.id) or SourceRunner(
+                s, build_source(s, self.meta.channels, self.metrics, cfg.mqtt, cfg.node),
+                self.queue, self.metrics) for s in cfg.streams]
+        self._ended = set(handover.ended) if handover else set()
         self.stop_event = threading.Event()
         self._last_health = 0.0
         self._sink_errors = 0
