@@ -279,8 +279,9 @@ class Pipeline:
             "node": self.cfg.node,
             "model": {**self.model_info, "window": self.meta.window},
             "ep": self.detector.ep,
-            "sources": {s_cfg.id: {"type": s_cfg.source.type, "connected": bool(src.connected)}
-                        for s_cfg, src in ((r.stream, r.source) for r in self.runners)},
+            "sources": {r.stream.id: {"type": r.stream.source.type,
+                                      "connected": bool(r.source.connected)}
+                        for r in self.runners},
             "streams": {sid: {"state": st.tracker.state, "samples": st.samples,
                               "calibrated": st.ready, "threshold": st.threshold,
                               "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}

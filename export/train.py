@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from agent.model_meta import ModelMeta, Scaler, Threshold, meta_path_for, sha256_file
-
 from export.data import check_writable
 from export.publish import publish
 

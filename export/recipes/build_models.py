@@ -29,9 +29,11 @@ COMMON = ["--scale-rows", str(CALIBRATION_ROWS), "--block-std-floor", "0.1",
           # and the median block (0.5) left it the main source of false alarms.
           "--drift-rows", "800", "--drift-quantile", "0.9"]
 # Window per model, chosen on valve1/ among 16, 24, 32, 48 and 64 rows, valve2/ held out.
-# AutoEncoder_ad scores better at 32 rows with each of three seeds (fewer misses inside the
-# faults, fewer false alarms after them); TimesNet_ad's gain there is within seed noise.  DLinear_ad and PatchTST_ad lost recall at every shorter window; Nonstationary_ad's
-# FAR went over 8 % where its F1 rose.  README, "Evaluation", has the figures.
+# AutoEncoder_ad scores better at 32 rows with each of three seeds (with the recipe's seed:
+# fewer misses inside the faults, fewer false alarms after them); TimesNet_ad's gain there
+# is within seed noise.
+# DLinear_ad and PatchTST_ad lost recall at every shorter window; Nonstationary_ad's FAR
+# went over 8 % where its F1 rose.  README, "Evaluation", has the figures.
 # Sized so each trains in under three minutes on one CPU thread.  The three window-
 # normalising architectures run with RevIN off: the stream is already standardised by its
 # calibration statistics, and per-window normalisation would copy sustained level shifts.
