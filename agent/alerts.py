@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from .config import AlertConfig
-from .scoring import top_channels
+from .contract import top_channels
 
 SCHEMA = 1
 

@@ -16,14 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .scoring import StreamScaler
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-# A threshold of 0 would flag every window (score >= 0), e.g. when a model
-# reconstructs the calibration data perfectly; this is the smallest we hand out.
-MIN_THRESHOLD = 1e-9
 
 
 def _filename(stream: str) -> str:
@@ -116,41 +112,3 @@ class CalibrationStore:
         except OSError:
             pass   # some filesystems cannot fsync a directory; the rename is still atomic
         return p
-
-
-def fit_scaler(raw: np.ndarray, model_std: np.ndarray, std_floor: float,
-               std_scale: np.ndarray | None = None) -> StreamScaler:
-    """Mean/std of raw [N, C] samples (rows with any NaN ignored).
-
-    The std is multiplied by the model's per-channel `std_scale`
-    (ModelMeta.calibration_std_scale) when it has one: calibration rows see only a
-    moment of a slowly drifting channel, and the model was trained in those units.
-
-    Each std is floored at std_floor x the model's training std: a channel that is
-    flat during calibration (a constant flow reading) would otherwise turn the
-    smallest later wobble into an enormous score.  With std_floor = 0 a flat
-    channel falls back to the training std.
-    """
-    raw = np.asarray(raw, np.float64)
-    model_std = np.asarray(model_std, np.float64)
-    if raw.ndim != 2 or raw.shape[1] != model_std.shape[0]:
-        raise ValueError(f"calibration samples {list(raw.shape)} do not match "
-                         f"{model_std.shape[0]} model channels")
-    scale = np.ones_like(model_std) if std_scale is None else np.asarray(std_scale, np.float64)
-    if scale.shape != model_std.shape:
-        raise ValueError(f"std_scale has {scale.size} values for {model_std.shape[0]} channels")
-    rows = raw[np.all(np.isfinite(raw), axis=1)]
-    if len(rows) < 2:
-        raise ValueError(f"need at least 2 complete calibration samples, got {len(rows)}")
-    std = np.maximum(rows.std(axis=0) * scale, std_floor * model_std)
-    std = np.where(std > 0, std, model_std)
-    return StreamScaler(rows.mean(axis=0), std)
-
-
-def fit_threshold(scores: np.ndarray, quantile: float, margin: float) -> float:
-    """quantile(scores) x margin over the finite scores; always > 0."""
-    s = np.asarray(scores, np.float64)
-    s = s[np.isfinite(s)]
-    if s.size == 0:
-        raise ValueError("no finite calibration scores to fit a threshold on")
-    return max(float(np.quantile(s, quantile)) * margin, MIN_THRESHOLD)

@@ -158,7 +158,7 @@ def cmd_evaluate(a) -> int:
 def cmd_demo(a) -> int:
     logs.setup(a.log_level)
     from .evaluate import Counts, replay_config, rows_prediction
-    from .sources.replay import read_table
+    from .contract import read_table
     model = resolve_model(a.model)
     print(f"tsad-agent demo: replaying {DEMO_CSV.name} (SKAB valve1/1, water pump, 8 sensors) "
           f"through {Path(model).stem}; calibrating on the first 400 rows, then detecting.",
@@ -172,7 +172,8 @@ def cmd_demo(a) -> int:
         overrides["mqtt"] = {"enabled": True, "host": host, "port": int(port or 1883)}
     cfg = replay_config(str(DEMO_CSV), model, 400, overrides, node="demo")
     p, rec = _replay(cfg)
-    row_ts, _, labels = read_table(str(DEMO_CSV), p.meta.channels)
+    t = read_table(DEMO_CSV, p.meta.channels)
+    row_ts, labels = t.ts, t.labels
     pred = rows_prediction(row_ts, rec.table("pump"), "alert")
     c = Counts()
     c.add(labels[400:], pred[400:])

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .contract import DEFAULT_STD_FLOOR
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; `str()` lists every problem."""
@@ -93,7 +95,7 @@ class CalibrationConfig(_Strict):
     # (below 1 because k-of-n alerting already rejects isolated crossings)
     margin: float = Field(0.5, gt=0)
     # scaler std floor, as a fraction of the model's training std (keeps flat channels sane)
-    std_floor: float = Field(0.1, ge=0)
+    std_floor: float = Field(DEFAULT_STD_FLOOR, ge=0)
 
 
 class ScoringConfig(_Strict):

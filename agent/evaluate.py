@@ -17,7 +17,7 @@ from .config import AgentConfig
 from .detector import Detector
 from .pipeline import Pipeline
 from .sinks.record import RecordSink
-from .sources.replay import read_table
+from .contract import read_table
 
 log = logging.getLogger("tsad.evaluate")
 
@@ -76,8 +76,8 @@ def predict_file(path: str, detector: Detector, cfg: AgentConfig
     p.start()
     p.run(until_exhausted=True)
     p.stop()
-    ts, _, labels = read_table(path, detector.meta.channels)
-    return sink, ts, labels
+    t = read_table(path, detector.meta.channels)
+    return sink, t.ts, t.labels
 
 
 def rows_prediction(row_ts: np.ndarray, rec: dict, by: str) -> np.ndarray:

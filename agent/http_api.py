@@ -43,7 +43,7 @@ from .metrics import Metrics
 from .openapi import PADDLEX_PATH, build_spec
 from .pipeline import Pipeline
 from .predict import DEFAULT_MAX_GAP, PredictError, default_calibration, plot_png, predict
-from .scoring import StreamScaler, score_windows, top_channels
+from .contract import StreamScaler, score_windows, top_channels
 from .sinks.base import Sink
 from .sources.base import Batch
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .alerts import AlertTracker
-from .calibration import CalibrationStore, fit_scaler, fit_threshold
+from .calibration import CalibrationStore
 from .config import AgentConfig, StreamConfig
+from .contract import StreamScaler, fit_scaler, fit_threshold, score_windows
 from .detector import Detector
 from .metrics import Metrics
 from .ring import RingBuffer
-from .scoring import Smoother, StreamScaler, score_windows
+from .scoring import Smoother
 from .sinks.base import Sink
 from .sources import build_source
 from .sources.base import Batch, Source

@@ -44,7 +44,7 @@ from .metrics import Metrics
 from .model_meta import SCORE_DEFINITION
 from .pipeline import Pipeline
 from .sinks.record import RecordSink
-from .sources.replay import TIME_COLUMNS, read_table
+from .contract import read_table, squared_error
 
 DEFAULT_MAX_GAP = 2.5
 PADDLEX_SCORE = "paddlex_window_mse_scaled"
@@ -106,20 +106,6 @@ class Prediction:
 
 
 # ---------------------------------------------------------------- input
-def _time_text(path: Path, n: int) -> tuple[list[str], bool]:
-    import pandas as pd
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = f.readline()
-    sep = ";" if header.count(";") > header.count(",") else ","
-    names = [c.strip() for c in header.rstrip("\r\n").split(sep)]
-    # read_table takes the first column named like a time column: so does this
-    tcol = next((i for i, c in enumerate(names) if c.lower() in TIME_COLUMNS), None)
-    if tcol is None:
-        return [str(i) for i in range(n)], False
-    col = pd.read_csv(path, sep=sep, usecols=[tcol], dtype=str, keep_default_na=False).iloc[:, 0]
-    return [t.strip() for t in col.tolist()], True
-
-
 def _check_steps(table: Table, max_gap: float) -> None:
     d = np.diff(table.ts)
     if not len(d):
@@ -148,12 +134,13 @@ def load_table(path: str | Path, channels: list[str], max_gap: float = DEFAULT_M
     if not path.is_file():
         raise PredictError(f"{path}: no such file")
     try:
-        ts, values, _ = read_table(path, channels)
-        times, has_time = _time_text(path, len(ts))
+        t = read_table(path, channels, time_text=True)
     except (OSError, ValueError) as e:   # pandas' parser, decode and empty-file errors included
         msg = " ".join(str(e).split()) or type(e).__name__
         raise PredictError(msg if str(path) in msg else f"{path}: cannot read as CSV: {msg}") from None
-    table = Table(path, times, ts, values, has_time)
+    has_time = t.time_text is not None
+    times = t.time_text if has_time else [str(i) for i in range(len(t.ts))]
+    table = Table(path, times, t.ts, t.values, has_time)
     _check_steps(table, max_gap)
     return table
 
@@ -212,9 +199,7 @@ def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
             bad = int(np.flatnonzero(np.isnan(x).any(axis=1))[0]) + n - w
             raise PredictError(f"{table.path}: the last window (data rows {n - w + 1}-{n}) has "
                                f"missing or non-numeric values, first at data row {bad + 1}")
-        recon = detector.infer(x[None])[0]
-        err = (recon.astype(np.float64) - x.astype(np.float64)) ** 2
-        score[rows] = err.mean(axis=1)
+        score[rows] = squared_error(x[None], detector.infer(x[None]))[0].mean(axis=1)
         label[rows] = score[rows] >= st.threshold
     else:
         rows = slice(0, n)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import local_broker  # noqa: E402  (beside this script)
 from agent.detector import Detector  # noqa: E402
 from agent.model_meta import load_meta  # noqa: E402
-from agent.scoring import score_windows  # noqa: E402
+from agent.contract import score_windows  # noqa: E402
 
 
 def vm(pid: int, key: str) -> int:

@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from agent.contract import DEFAULT_STD_FLOOR
 from agent.model_meta import ModelMetaError
-from export.data import DataError, check_writable
+from export.data import DataError
 
 
 class CliError(Exception):
@@ -34,178 +33,26 @@ def _parse_hparams(items: list[str]) -> dict:
     return out
 
 
-def _build(name: str, window: int, n_channels: int, hparams: dict):
-    from export.models import REGISTRY, build_model
-    if name not in REGISTRY:
-        raise CliError(f"unknown model {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
-    kwargs = {k: v for k, v in hparams.items() if k not in ("window", "n_channels")}
-    try:
-        return build_model(name, window, n_channels, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise CliError(str(e)) from None
-
-
 def cmd_train(a: argparse.Namespace) -> int:
-    from export import data as D
-    from export import train as T
-    from export.models import ARCHITECTURE
-    from export.onnx_export import count_parameters
-
-    out = Path(a.out)
-    check_writable(out)
-    ckpt_path = Path(a.save_checkpoint) if a.save_checkpoint else None
-    if ckpt_path is not None:
-        check_writable(ckpt_path, suffix=".pt")
-    if not 0 < a.val_frac < 1:
-        raise CliError(f"--val-frac {a.val_frac}: expected a fraction between 0 and 1")
-    if not 0 < a.quantile <= 1 or a.margin <= 0:
-        raise CliError("--quantile must be in (0, 1] and --margin > 0")
-    if a.train_stride < 1:
-        raise CliError(f"--train-stride {a.train_stride}: expected at least 1")
-    if a.window < 2:
-        raise CliError(f"--window {a.window}: expected at least 2")
-    if a.drift_rows < 0 or (a.drift_rows and not a.scale_rows):
-        raise CliError(f"--drift-rows {a.drift_rows}: expected >= 0, and only with --scale-rows")
-    if not 0 < a.drift_quantile < 1:
-        raise CliError(f"--drift-quantile {a.drift_quantile}: expected a fraction between 0 and 1")
-    hparams = _parse_hparams(a.hparam)
-    columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
-
-    files, channels = D.load_files(a.data, columns, a.rows_per_file)
-    D.check_lengths(files, a.window)
-    cfg = T.TrainConfig(window=a.window, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                        patience=a.patience, val_frac=a.val_frac, seed=a.seed,
-                        quantile=a.quantile, margin=a.margin, noise=a.noise,
-                        level_noise=a.level_noise, threads=a.threads)
-    T.seed_everything(cfg.seed, cfg.threads)
-
-    g_mean, g_std = D.fit_scaler([f.values for f in files])
-    global_scaler = {"mean": g_mean.tolist(), "std": g_std.tolist()}
-    std_scale = None
-    if a.scale_rows:
-        # The model's unit is normal within-block variability; the runtime floors a
-        # calibrated std at std_floor x scaler.std, so scaler.std must be that unit, not a
-        # std inflated by the gaps between operating points.
-        m_mean, m_std = g_mean, D.pooled_block_std([f.values for f in files], a.scale_rows)
-        if a.drift_rows:
-            # Calibration rows understate later normal drift: learn by how much per channel,
-            # widen the unit by it (metadata tells the runtime) and train on calibration
-            # blocks followed by the rows after them, as a calibrated stream runs.
-            k = T.drift_std_scale([f.values for f in files], a.scale_rows, a.drift_rows,
-                                  a.block_std_floor * m_std, a.drift_quantile)
-            std_scale, m_std = k.tolist(), m_std * k
-            split = T.runtime_split([f.values for f in files], [f.path for f in files], cfg.window,
-                                    cfg.val_frac, a.scale_rows, a.drift_rows, k,
-                                    a.block_std_floor * m_std, a.train_stride)
-            scaled = [s for v in [f.values for f in files]
-                      for s in T.calibration_segments(v, a.scale_rows, 0, k, a.block_std_floor * m_std)]
-            scaling = (f"calibrate-then-run: each {a.scale_rows}-row block scales itself and the "
-                       f"{a.drift_rows} rows after it with its mean and max(own std x "
-                       f"calibration_std_scale, {a.block_std_floor} x scaler.std), as the runtime's "
-                       f"per-stream calibration does with calibration.std_floor = {a.block_std_floor}. "
-                       f"calibration_std_scale: per channel, quantile {a.drift_quantile} over blocks "
-                       "of the RMS deviation "
-                       f"of the next {a.drift_rows} rows from the block mean / block std (>= 1). "
-                       "scaler.std is the pooled within-block std x calibration_std_scale (the "
-                       "model's unit). Validation: each file's last rows scaled by the block before "
-                       "them. global_scaler is the plain mean/std of all training rows")
-        else:
-            scaled = [D.scale_per_block(f.values, a.scale_rows, a.block_std_floor * m_std)
-                      for f in files]
-            scaling = (f"per-block z-score: each file cut into blocks of {a.scale_rows} rows, each "
-                       f"block scaled with its own mean and max(own std, {a.block_std_floor} x "
-                       "scaler.std), as the runtime's per-stream calibration does with "
-                       f"calibration.std_floor = {a.block_std_floor}. scaler.mean is the global mean, "
-                       "scaler.std the pooled within-block std (the model's unit); use with "
-                       "per-stream calibration. global_scaler is the plain mean/std of all training rows")
-    else:
-        m_mean, m_std = g_mean, g_std
-        scaled = [D.scale(f.values, g_mean, g_std) for f in files]
-        scaling = "global z-score: the metadata scaler (mean/std of all training rows)"
-    if not (a.scale_rows and a.drift_rows):
-        split = D.chronological_split(scaled, [f.path for f in files], cfg.window, cfg.val_frac,
-                                      a.train_stride)
-
-    model = _build(a.model, cfg.window, len(channels), hparams)
-    try:
-        model.prepare(np.concatenate(scaled).astype(np.float32))
-    except ValueError as e:
-        raise CliError(f"{a.model}: {e}") from None
-    print(f"{a.model}: {len(channels)} channels, window {cfg.window}, "
-          f"{len(split.train)} train / {len(split.val)} validation windows", file=sys.stderr)
-    result = T.fit(model, split.train, split.val, cfg, desc=a.model)
-
-    cal_margin = None
-    if a.scale_rows and a.drift_rows:
-        cal_margin = T.calibration_margin(model, [f.values for f in files], cfg.window,
-                                          a.scale_rows, a.drift_rows, np.asarray(std_scale),
-                                          a.block_std_floor * m_std, cfg.quantile)
-    scores = T.window_scores(split.val, T.reconstruct(model, split.val))
-    threshold = T.calibrate(scores, cfg.quantile, cfg.margin)
-    training = {
-        "files": [f.describe() for f in files],
-        "validation": {"method": f"chronological: last {cfg.val_frac} of the rows of each file "
-                                 "long enough to hold a full window on both sides of the cut",
-                       "files": split.held_out_files, "windows": int(len(split.val))},
-        "train_windows": int(len(split.train)), "train_stride": a.train_stride,
-        "scaling": scaling,
-        "global_scaler": global_scaler,
-        "std_floor": {"abs": D.STD_FLOOR_ABS, "rel_to_mean": D.STD_FLOOR_REL},
-        "calibration_std_floor": a.block_std_floor if a.scale_rows else None,
-        "calibration_rows": a.scale_rows or None,
-        "drift_rows": a.drift_rows or None,
-        "drift_quantile": a.drift_quantile if a.drift_rows else None,
-        "seed": cfg.seed, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
-        "max_epochs": cfg.epochs, "patience": cfg.patience, "batch_size": cfg.batch_size,
-        "lr": cfg.lr, "noise": cfg.noise, "level_noise": cfg.level_noise, "val_loss": result.best_val_loss,
-        "train_seconds": round(result.seconds, 1), "threads": cfg.threads,
-    }
-    meta = T.build_meta(a.model, ARCHITECTURE[a.model], cfg.window, channels,
-                        T.Scaler(mean=m_mean.tolist(), std=m_std.tolist()), threshold,
-                        model.hparams(), training, int(count_parameters(model)), std_scale,
-                        cal_margin)
-    idx = np.linspace(0, len(split.val) - 1, min(T.PARITY_WINDOWS, len(split.val))).astype(int)
-    parity = split.val[idx]
-    meta = T.write_model(model, meta, out, parity, opset=a.opset)
-    if ckpt_path is not None:
-        T.save_checkpoint(T.make_checkpoint(model, meta, parity), ckpt_path)
-    print(json.dumps({"model": str(out), "val_loss": result.best_val_loss,
-                      "threshold": threshold.value, "epochs": result.epochs_run,
-                      "train_seconds": round(result.seconds, 1), "parameters": meta.parameters,
-                      "onnx_bytes": out.stat().st_size, "onnx_sha256": meta.onnx_sha256}))
+    from export.train import TrainOptions, train
+    opts = TrainOptions(
+        model=a.model, data=a.data, out=a.out,
+        columns=[c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None,
+        rows_per_file=a.rows_per_file, window=a.window, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, patience=a.patience, val_frac=a.val_frac,
+        seed=a.seed, quantile=a.quantile, margin=a.margin, noise=a.noise,
+        level_noise=a.level_noise, scale_rows=a.scale_rows,
+        block_std_floor=a.block_std_floor, drift_rows=a.drift_rows,
+        drift_quantile=a.drift_quantile, train_stride=a.train_stride,
+        hparams=_parse_hparams(a.hparam), threads=a.threads, opset=a.opset,
+        save_checkpoint=a.save_checkpoint)
+    print(json.dumps(train(opts)))
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    import torch
-
-    from export import train as T
-    from export.onnx_export import count_parameters
-
-    path = Path(a.checkpoint)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CliError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # torch raises many types for a bad pickle/zip
-        raise CliError(f"{path}: not a readable torch checkpoint: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != T.CHECKPOINT_FORMAT:
-        raise CliError(f"{path}: not a tsad-export checkpoint (save one with train --save-checkpoint)")
-    out = Path(a.out)
-    check_writable(out)
-    T.seed_everything(0, a.threads)
-    model = _build(ckpt["name"], ckpt["window"], len(ckpt["channels"]), ckpt["hparams"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise CliError(f"{path}: weights do not fit {ckpt['name']}{ckpt['hparams']}: {e}") from None
-    training = dict(ckpt["training"], converted_from=str(path))
-    meta = T.build_meta(ckpt["name"], ckpt["architecture"], ckpt["window"], ckpt["channels"],
-                        T.Scaler(**ckpt["scaler"]), T.Threshold(**ckpt["threshold"]),
-                        ckpt["hparams"], training, int(count_parameters(model)),
-                        ckpt.get("calibration_std_scale"), ckpt.get("calibration_margin"))
-    meta = T.write_model(model, meta, out, ckpt["parity_windows"].numpy(), opset=a.opset)
-    print(json.dumps({"model": str(out), "onnx_sha256": meta.onnx_sha256, "opset": meta.opset}))
+    from export.convert import convert_checkpoint
+    print(json.dumps(convert_checkpoint(a.checkpoint, a.out, a.opset, a.threads)))
     return 0
 
 
@@ -262,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale-rows", type=int, default=0, metavar="N",
                    help="scale each N-row block of each file with its own mean/std, like the "
                    "runtime's per-stream calibration (default 0: one global scaler)")
-    t.add_argument("--block-std-floor", type=float, default=0.1, metavar="F",
+    t.add_argument("--block-std-floor", type=float, default=DEFAULT_STD_FLOOR, metavar="F",
                    help="with --scale-rows: floor each block std at F x the global std; match the "
                    "runtime's calibration.std_floor")
     t.add_argument("--drift-rows", type=int, default=0, metavar="H",
@@ -321,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from export.verify import VerifyError
+    from export.train import TrainError
     errors: tuple[type[BaseException], ...] = (CliError, DataError, ModelMetaError, VerifyError,
-                                               OSError)
+                                               TrainError, OSError)
     try:
         from export.onnx_export import ExportError
         errors += (ExportError,)

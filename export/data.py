@@ -6,7 +6,6 @@ silently imputed training set yields a model whose threshold means nothing.
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 from dataclasses import dataclass
@@ -15,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agent.contract import LABEL_COLUMNS, TIME_COLUMNS, load_csv
 from agent.model_meta import sha256_file
 
-TIME_COLUMNS = ("datetime", "timestamp", "time", "date", "ts")
-LABEL_COLUMNS = ("anomaly", "changepoint")
 # Flat channels would divide by ~0; the floor keeps a flat training channel at 0
 # after scaling while bounding the blow-up when it finally moves.
 STD_FLOOR_ABS = 1e-6
@@ -48,31 +46,15 @@ def parse_data_arg(arg: str, default_rows: int | None) -> tuple[Path, int | None
     return Path(arg), default_rows
 
 
-def sniff_separator(path: Path) -> str:
+def read_table(path: Path, rows: int | None = None) -> pd.DataFrame:
+    """The CSV as a DataFrame of raw columns, time columns dropped, row limit applied."""
     try:
-        with open(path, newline="") as f:
-            head = f.readline()
+        df = load_csv(path, rows)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a text CSV file") from None
-    if not head.strip():
-        raise DataError(f"{path}: empty file (no header row)")
-    try:
-        return csv.Sniffer().sniff(head, delimiters=";,\t").delimiter
-    except csv.Error:
-        return ","
-
-
-def read_table(path: Path, rows: int | None = None) -> pd.DataFrame:
-    """The CSV as a DataFrame of raw columns, time column dropped, row limit applied."""
-    sep = sniff_separator(path)
-    try:
-        df = pd.read_csv(path, sep=sep, nrows=rows, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV: {e}") from None
-    drop = [c for c in df.columns if str(c).strip().lower() in TIME_COLUMNS]
-    return df.drop(columns=drop)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return df.drop(columns=[c for c in df.columns if c.lower() in TIME_COLUMNS])
 
 
 def default_columns(df: pd.DataFrame) -> list[str]:

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from agent.model_meta import load_meta, meta_path_for, sha256_file
-from export.data import DataError, check_writable, fit_scaler, load_files, scale, windows
+from agent.contract import DEFAULT_STD_FLOOR, StreamScaler, fit_scaler, score_windows
+from export.data import DataError, check_writable, load_files, scale, windows
 from export.verify import VerifyError, open_session, verify_model
 
 MAX_WINDOWS = 2000
@@ -44,10 +45,12 @@ def _real_windows(data: list[str], meta, calib_rows: int) -> np.ndarray:
     out = []
     for f in files:
         if calib_rows:
-            mean, std = fit_scaler([f.values[:calib_rows]])
+            # the scaler a stream calibrated on these rows would get
+            sc = fit_scaler(f.values[:calib_rows], np.asarray(meta.scaler.std), DEFAULT_STD_FLOOR,
+                            meta.calibration_std_scale)
         else:
-            mean, std = np.array(meta.scaler.mean), np.array(meta.scaler.std)
-        out.append(windows(scale(f.values, mean, std), meta.window))
+            sc = StreamScaler.from_meta(meta)
+        out.append(windows(scale(f.values, sc.mean, sc.std), meta.window))
     w = np.concatenate(out).astype(np.float32)
     if len(w) == 0:
         raise DataError(f"no file in --data holds a full window of {meta.window} rows")
@@ -58,8 +61,7 @@ def _real_windows(data: list[str], meta, calib_rows: int) -> np.ndarray:
 def _scores(sess, meta, w: np.ndarray) -> np.ndarray:
     recon = np.concatenate([sess.run([meta.output_name], {meta.input_name: w[i:i + 256]})[0]
                             for i in range(0, len(w), 256)])
-    err = (recon[:, -1, :].astype(np.float64) - w[:, -1, :].astype(np.float64)) ** 2
-    return err.mean(axis=1)
+    return score_windows(w, recon)[0]
 
 
 def _latency_ms(sess, meta, w: np.ndarray) -> float:

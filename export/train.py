@@ -1,42 +1,42 @@
-"""Fit a reconstruction model, calibrate its threshold, package it as ONNX + metadata.
+"""`tsad-export train`: from normal CSV files to a shipped model (ONNX + metadata).
 
-Everything is seeded (torch, numpy, batch order, noise) so one seed gives one
-ONNX file, byte for byte.  The threshold is calibrated on held-out NORMAL
-windows only, using the runtime's score (agent.model_meta.SCORE_DEFINITION).
+Three ways to put the data into the model's scaled space, by how the model will run:
+- global z-score (no --scale-rows): one scaler for every stream, the metadata's;
+- per-block (--scale-rows N): each N-row block z-scored on its own statistics, as the
+  runtime's per-stream calibration does;
+- calibrate-then-run (--scale-rows N --drift-rows H): as per-block, and the H rows after
+  each block are scaled by that block, so the model learns normal drift after
+  calibration; the drift per channel and the rise of normal scores go into the metadata.
 """
 from __future__ import annotations
 
-import copy
-import datetime as dt
-import os
-import time
-from dataclasses import asdict, dataclass, field
-from importlib import metadata as importlib_metadata
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from agent.model_meta import ModelMeta, Scaler, Threshold, meta_path_for, sha256_file
-from export.data import check_writable
-from export.publish import publish
+from agent.contract import DEFAULT_STD_FLOOR, score_windows
+from export import data as D
+from export import drift
+from export import fit as F
+from export import package as P
+from export.onnx_export import count_parameters
 
-TOOL_NAME = "tsad-export"
-CHECKPOINT_FORMAT = "tsad-checkpoint"
 PARITY_WINDOWS = 64
 
 
-def tool_info() -> dict:
-    try:
-        version = importlib_metadata.version("tsad-agent")
-    except importlib_metadata.PackageNotFoundError:
-        version = "unknown"
-    return {"name": TOOL_NAME, "version": version, "torch": torch.__version__}
+class TrainError(ValueError):
+    """Options that cannot train a model; the message says which and why."""
 
 
 @dataclass
-class TrainConfig:
+class TrainOptions:
+    model: str
+    data: list[str]
+    out: str
+    columns: list[str] | None = None
+    rows_per_file: int | None = None
     window: int = 96
     epochs: int = 30
     batch_size: int = 64
@@ -46,274 +46,176 @@ class TrainConfig:
     seed: int = 0
     quantile: float = 0.99
     margin: float = 1.0
-    noise: float = 0.0          # std of Gaussian input noise (scaled units): denoising objective
-    level_noise: float = 0.0    # std of a per-window, per-channel input offset (scaled units)
+    noise: float = 0.0
+    level_noise: float = 0.0
+    scale_rows: int = 0
+    block_std_floor: float = DEFAULT_STD_FLOOR
+    drift_rows: int = 0
+    drift_quantile: float = 0.5
+    train_stride: int = 1
+    hparams: dict = field(default_factory=dict)
     threads: int = 1
+    opset: int = 17
+    save_checkpoint: str | None = None
+
+    def check(self) -> None:
+        if not 0 < self.val_frac < 1:
+            raise TrainError(f"--val-frac {self.val_frac}: expected a fraction between 0 and 1")
+        if not 0 < self.quantile <= 1 or self.margin <= 0:
+            raise TrainError("--quantile must be in (0, 1] and --margin > 0")
+        if self.train_stride < 1:
+            raise TrainError(f"--train-stride {self.train_stride}: expected at least 1")
+        if self.window < 2:
+            raise TrainError(f"--window {self.window}: expected at least 2")
+        if self.drift_rows < 0 or (self.drift_rows and not self.scale_rows):
+            raise TrainError(f"--drift-rows {self.drift_rows}: expected >= 0, and only with "
+                             f"--scale-rows")
+        if not 0 < self.drift_quantile < 1:
+            raise TrainError(f"--drift-quantile {self.drift_quantile}: expected a fraction "
+                             f"between 0 and 1")
+
+
+def build(name: str, window: int, n_channels: int, hparams: dict):
+    """The architecture `name` with `hparams`; TrainError for an unknown name or a bad setting."""
+    from export.models import build_model
+    kwargs = {k: v for k, v in hparams.items() if k not in ("window", "n_channels")}
+    try:
+        return build_model(name, window, n_channels, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise TrainError(str(e)) from None
 
 
 @dataclass
-class TrainResult:
-    best_val_loss: float
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    history: list[dict] = field(default_factory=list)
+class _Space:
+    """The training data in the model's scaled space, and how it got there."""
+    global_scaler: tuple[np.ndarray, np.ndarray]     # plain mean/std of all training rows
+    mean: np.ndarray
+    std: np.ndarray
+    scaled: list[np.ndarray]
+    split: D.Split
+    std_scale: np.ndarray | None
+    description: str
 
 
-def _block_stats(block: np.ndarray, std_scale: np.ndarray, min_std: np.ndarray):
-    """The runtime's calibration (agent/calibration.fit_scaler) applied to one block."""
-    return block.mean(axis=0), np.maximum(block.std(axis=0) * std_scale, min_std)
+def _scaled_space(o: TrainOptions, files: list[D.DataFile]) -> _Space:
+    arrays = [f.values for f in files]
+    paths = [f.path for f in files]
+    g_mean, g_std = D.fit_scaler(arrays)
+    if not o.scale_rows:
+        scaled = [D.scale(v, g_mean, g_std) for v in arrays]
+        return _Space((g_mean, g_std), g_mean, g_std, scaled,
+                      D.chronological_split(scaled, paths, o.window, o.val_frac, o.train_stride),
+                      None, "global z-score: the metadata scaler (mean/std of all training rows)")
+    # The model's unit is normal within-block variability; the runtime floors a
+    # calibrated std at std_floor x scaler.std, so scaler.std must be that unit, not a
+    # std inflated by the gaps between operating points.
+    m_std = D.pooled_block_std(arrays, o.scale_rows)
+    if not o.drift_rows:
+        scaled = [D.scale_per_block(v, o.scale_rows, o.block_std_floor * m_std) for v in arrays]
+        return _Space(
+            (g_mean, g_std), g_mean, m_std, scaled,
+            D.chronological_split(scaled, paths, o.window, o.val_frac, o.train_stride), None,
+            f"per-block z-score: each file cut into blocks of {o.scale_rows} rows, each block "
+            f"scaled with its own mean and max(own std, {o.block_std_floor} x scaler.std), as "
+            f"the runtime's per-stream calibration does with calibration.std_floor = "
+            f"{o.block_std_floor}. scaler.mean is the global mean, scaler.std the pooled "
+            "within-block std (the model's unit); use with per-stream calibration. "
+            "global_scaler is the plain mean/std of all training rows")
+    # Calibration rows understate later normal drift: learn by how much per channel,
+    # widen the unit by it (metadata tells the runtime) and train on calibration blocks
+    # followed by the rows after them, as a calibrated stream runs.
+    k = drift.drift_std_scale(arrays, o.scale_rows, o.drift_rows, o.block_std_floor * m_std,
+                              o.drift_quantile)
+    m_std = m_std * k
+    floor = o.block_std_floor * m_std
+    split = drift.runtime_split(arrays, paths, o.window, o.val_frac, o.scale_rows, o.drift_rows,
+                                k, floor, o.train_stride)
+    scaled = [s for v in arrays for s in drift.calibration_segments(v, o.scale_rows, 0, k, floor)]
+    return _Space(
+        (g_mean, g_std), g_mean, m_std, scaled, split, k,
+        f"calibrate-then-run: each {o.scale_rows}-row block scales itself and the "
+        f"{o.drift_rows} rows after it with its mean and max(own std x calibration_std_scale, "
+        f"{o.block_std_floor} x scaler.std), as the runtime's per-stream calibration does with "
+        f"calibration.std_floor = {o.block_std_floor}. calibration_std_scale: per channel, "
+        f"quantile {o.drift_quantile} over blocks of the RMS deviation of the next "
+        f"{o.drift_rows} rows from the block mean / block std (>= 1). scaler.std is the pooled "
+        "within-block std x calibration_std_scale (the model's unit). Validation: each file's "
+        "last rows scaled by the block before them. global_scaler is the plain mean/std of "
+        "all training rows")
 
 
-def _drift_ratio(block: np.ndarray, future: np.ndarray, min_std: np.ndarray) -> np.ndarray:
-    mean, std = _block_stats(block, np.ones(block.shape[1]), min_std)
-    return np.sqrt(((future - mean) ** 2).mean(axis=0)) / std
-
-
-def drift_std_scale(arrays: list[np.ndarray], block_rows: int, horizon: int,
-                    min_std: np.ndarray, quantile: float = 0.5) -> np.ndarray:
-    """Per-channel factor by which normal data drifts beyond a calibration block.
-
-    Drift ratio of a block and the rows after it: RMS deviation of those rows from the
-    block's mean over the block's (floored) std.  Long files give blocks of
-    ``block_rows`` followed by ``horizon`` rows (stride a quarter block); files of one
-    block (calibration rows of other recordings) give their first half against their
-    second.  Per channel, the larger of the two ``quantile``s (0.5: the medians), never
-    below 1: the std must cover the drift seen at either horizon (a fluid temperature
-    wandering over an hour, a motor still warming up in the first minutes).  A quantile
-    above the median makes the std cover the drift of most blocks, not just a typical
-    one: a channel whose drift is heavy-tailed is trusted less.  Scale-free, so it
-    carries over to streams with other offsets and noise levels.
-    """
-    long, short = [], []
-    for values in arrays:
-        if len(values) >= block_rows + horizon:
-            for s in range(0, len(values) - block_rows - horizon + 1, max(1, block_rows // 4)):
-                long.append(_drift_ratio(values[s:s + block_rows],
-                                         values[s + block_rows:s + block_rows + horizon], min_std))
-        elif len(values) >= 4:
-            half = min(len(values), block_rows) // 2
-            short.append(_drift_ratio(values[:half], values[half:2 * half], min_std))
-    out = np.ones(arrays[0].shape[1])
-    for ratios in (long, short):
-        if ratios:
-            out = np.maximum(out, np.quantile(np.asarray(ratios), quantile, axis=0))
-    return out
-
-
-def calibration_segments(values: np.ndarray, block_rows: int, horizon: int, std_scale: np.ndarray,
-              min_std: np.ndarray) -> list[np.ndarray]:
-    """Each block scales itself and the ``horizon`` rows after it, as a stream calibrated
-    on that block would see them; a part shorter than a block calibrates on all of itself."""
-    starts = range(0, max(1, len(values) - block_rows + 1), block_rows)
-    out = []
-    for s in starts:
-        mean, std = _block_stats(values[s:s + block_rows], std_scale, min_std)
-        out.append((values[s:s + block_rows + horizon] - mean) / std)
-    return out
-
-
-def runtime_split(arrays: list[np.ndarray], paths: list[Path], window: int, val_frac: float,
-                  block_rows: int, horizon: int, std_scale: np.ndarray, min_std: np.ndarray,
-                  train_stride: int = 1):
-    """Train/validation windows in the space the runtime feeds after calibrating a stream.
-
-    Each file is cut chronologically first (last ``val_frac`` of its rows held out), so
-    no row is in both sets.  Training: every calibration block with the rows that follow
-    it, scaled by that block's statistics, so the model learns normal drift after
-    calibration.  Validation: the held-out rows scaled by the statistics of the last
-    block before the cut (calibrate, then run).
-    """
-    from export.data import DataError, Split, windows
-    train, val, held = [], [], []
-    for values, p in zip(arrays, paths):
-        n_val = int(round(len(values) * val_frac))
-        cut = len(values) - n_val
-        if n_val < window or cut < window:
-            cut, n_val = len(values), 0
-        for seg in calibration_segments(values[:cut], block_rows, horizon, std_scale, min_std):
-            train.append(windows(seg, window)[::train_stride])
-        if n_val:
-            mean, std = _block_stats(values[max(0, cut - block_rows):cut], std_scale, min_std)
-            val.append(windows((values[cut:] - mean) / std, window))
-            held.append(str(p))
-    if not val:
-        raise DataError(f"no file is long enough for a held-out validation split with window "
-                        f"{window} and --val-frac {val_frac}")
-    tr = np.concatenate(train).astype(np.float32)
-    if len(tr) == 0:
-        raise DataError(f"no training windows: every file is shorter than the window ({window})")
-    return Split(train=tr, val=np.concatenate(val).astype(np.float32), held_out_files=held)
-
-
-def calibration_margin(model: torch.nn.Module, arrays: list[np.ndarray], window: int,
-                       block_rows: int, horizon: int, std_scale: np.ndarray, min_std: np.ndarray,
-                       quantile: float) -> float | None:
-    """How far normal scores rise once a calibrated stream runs on (ModelMeta.calibration_margin).
-
-    Replays the runtime on normal data: every block of ``block_rows`` rows followed by at
-    least ``horizon`` rows is a calibration, scaled as the runtime scales it; the ratio is
-    quantile(scores of windows ending after the block) / quantile(scores of windows inside
-    it).  The median over blocks, never below 1; None when no file is long enough.
-    """
-    from export.data import windows
-    ratios = []
-    for values in arrays:
-        for s in range(0, len(values) - block_rows - horizon + 1, block_rows):
-            mean, std = _block_stats(values[s:s + block_rows], std_scale, min_std)
-            seg = ((values[s:s + block_rows + horizon] - mean) / std).astype(np.float32)
-            w = np.ascontiguousarray(windows(seg, window))
-            scores = window_scores(w, reconstruct(model, w))
-            n_cal = block_rows - window + 1
-            cal = float(np.quantile(scores[:n_cal], quantile))
-            if cal > 0:
-                ratios.append(float(np.quantile(scores[n_cal:], quantile)) / cal)
-    return max(float(np.median(ratios)), 1.0) if ratios else None
-
-
-def seed_everything(seed: int, threads: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-
-
-@torch.no_grad()
-def reconstruct(model: torch.nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
-    model.eval()
-    out = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy()
-           for i in range(0, len(x), batch)]
-    return np.concatenate(out) if out else np.empty_like(x)
-
-
-def window_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """SCORE_DEFINITION: mean over channels of the squared error at the newest step, float64."""
-    err = (recon[:, -1, :].astype(np.float64) - x[:, -1, :].astype(np.float64)) ** 2
-    return err.mean(axis=1)
-
-
-def calibrate(scores: np.ndarray, quantile: float, margin: float) -> Threshold:
-    value = float(np.quantile(scores, quantile)) * margin
-    return Threshold(
-        value=value,
-        method=f"quantile({quantile}) of {len(scores)} held-out normal window scores x {margin}",
-        quantile=quantile, margin=margin)
-
-
-def _mse(model: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> float:
-    model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch]
-            total += float(torch.mean((model(xb) - xb) ** 2)) * len(xb)
-    return total / len(x)
-
-
-def fit(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, cfg: TrainConfig,
-        desc: str = "train") -> TrainResult:
-    """Adam on window MSE with early stopping on validation MSE; restores the best epoch."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    xt, xv = torch.from_numpy(train), torch.from_numpy(val)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    best, best_epoch, best_state, stale = float("inf"), 0, copy.deepcopy(model.state_dict()), 0
-    history: list[dict] = []
-    start = time.monotonic()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        running = 0.0
-        for i in range(0, len(xt), cfg.batch_size):
-            xb = xt[perm[i:i + cfg.batch_size]]
-            inp = xb
-            if cfg.noise > 0:
-                inp = inp + cfg.noise * torch.randn(xb.shape, generator=gen)
-            if cfg.level_noise > 0:
-                # A random offset the model must undo teaches it where normal levels lie, so a
-                # sustained shift is reconstructed back towards them (and scores high) instead
-                # of being copied through.
-                inp = inp + cfg.level_noise * torch.randn((len(xb), 1, xb.shape[2]), generator=gen)
-            loss = torch.mean((model(inp) - xb) ** 2)
-            opt.zero_grad()
-            loss.backward()
-            # Outlier batches from other operating points must not wreck a converged model.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            running += loss.detach().item() * len(xb)
-        val_loss = _mse(model, xv)
-        history.append({"epoch": epoch, "train_loss": running / len(xt), "val_loss": val_loss})
-        bar.set_postfix(train=f"{running / len(xt):.4f}", val=f"{val_loss:.4f}")
-        if val_loss < best:
-            best, best_epoch, best_state, stale = val_loss, epoch, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    bar.close()
-    model.load_state_dict(best_state)
-    return TrainResult(best_val_loss=best, best_epoch=best_epoch, epochs_run=len(history),
-                       seconds=time.monotonic() - start, history=history)
-
-
-def build_meta(name: str, architecture: str, window: int, channels: list[str], scaler: Scaler,
-               threshold: Threshold, hyperparameters: dict, training: dict,
-               parameters: int, calibration_std_scale: list[float] | None = None,
-               calibration_margin: float | None = None) -> ModelMeta:
-    """Metadata minus what only the exported file knows (sha256, opset)."""
-    return ModelMeta(
-        name=name, architecture=architecture, window=window, channels=list(channels),
-        scaler=scaler, threshold=threshold, onnx_sha256="0" * 64, opset=0,
-        hyperparameters=hyperparameters, training=training, tool=tool_info(),
-        exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        parameters=parameters, calibration_std_scale=calibration_std_scale,
-        calibration_margin=calibration_margin)
-
-
-def write_model(model: torch.nn.Module, meta: ModelMeta, out: Path, parity_windows: np.ndarray,
-                opset: int = 17) -> ModelMeta:
-    """Export, parity-check and write ``out`` + ``out.json`` atomically: all or nothing."""
-    from export.onnx_export import export_onnx, parity_check
-    check_writable(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.onnx")
-    tmp_meta = meta_path_for(tmp)
-    leftovers = [tmp, tmp_meta, Path(str(tmp) + ".data")]
-    try:
-        model.eval()
-        meta.opset = int(export_onnx(model, tmp, meta.window, meta.n_channels, opset=opset))
-        diff = parity_check(model, tmp, parity_windows)
-        meta.training["parity_max_abs_diff"] = float(diff)
-        meta.onnx_sha256 = sha256_file(tmp)
-        publish(meta, tmp, tmp_meta, out)
-    finally:
-        for p in leftovers:
-            p.unlink(missing_ok=True)
-    return meta
-
-
-def make_checkpoint(model: torch.nn.Module, meta: ModelMeta, parity_windows: np.ndarray) -> dict:
+def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResult) -> dict:
+    g_mean, g_std = space.global_scaler
     return {
-        "format": CHECKPOINT_FORMAT,
-        "name": meta.name,
-        "architecture": meta.architecture,
-        "window": meta.window,
-        "channels": list(meta.channels),
-        "hparams": dict(meta.hyperparameters),
-        "state_dict": model.state_dict(),
-        "scaler": asdict(meta.scaler),
-        "threshold": asdict(meta.threshold),
-        "training": dict(meta.training),
-        "parameters": meta.parameters,
-        "calibration_std_scale": meta.calibration_std_scale,
-        "calibration_margin": meta.calibration_margin,
-        "parity_windows": torch.from_numpy(np.ascontiguousarray(parity_windows)),
+        "files": [f.describe() for f in files],
+        "validation": {"method": f"chronological: last {o.val_frac} of the rows of each file "
+                                 "long enough to hold a full window on both sides of the cut",
+                       "files": space.split.held_out_files, "windows": int(len(space.split.val))},
+        "train_windows": int(len(space.split.train)), "train_stride": o.train_stride,
+        "scaling": space.description,
+        "global_scaler": {"mean": g_mean.tolist(), "std": g_std.tolist()},
+        "std_floor": {"abs": D.STD_FLOOR_ABS, "rel_to_mean": D.STD_FLOOR_REL},
+        "calibration_std_floor": o.block_std_floor if o.scale_rows else None,
+        "calibration_rows": o.scale_rows or None,
+        "drift_rows": o.drift_rows or None,
+        "drift_quantile": o.drift_quantile if o.drift_rows else None,
+        "seed": o.seed, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
+        "max_epochs": o.epochs, "patience": o.patience, "batch_size": o.batch_size,
+        "lr": o.lr, "noise": o.noise, "level_noise": o.level_noise,
+        "val_loss": result.best_val_loss,
+        "train_seconds": round(result.seconds, 1), "threads": o.threads,
     }
 
 
-def save_checkpoint(ckpt: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def train(o: TrainOptions) -> dict:
+    """Train, calibrate, export and parity-check one model; returns a summary.
+
+    Nothing is written unless every step succeeded."""
+    from export.models import ARCHITECTURE
+    o.check()
+    out = Path(o.out)
+    D.check_writable(out)
+    ckpt_path = Path(o.save_checkpoint) if o.save_checkpoint else None
+    if ckpt_path is not None:
+        D.check_writable(ckpt_path, suffix=".pt")
+    files, channels = D.load_files(o.data, o.columns, o.rows_per_file)
+    D.check_lengths(files, o.window)
+    cfg = F.TrainConfig(window=o.window, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+                        patience=o.patience, val_frac=o.val_frac, seed=o.seed,
+                        quantile=o.quantile, margin=o.margin, noise=o.noise,
+                        level_noise=o.level_noise, threads=o.threads)
+    F.seed_everything(cfg.seed, cfg.threads)
+    space = _scaled_space(o, files)
+    split = space.split
+
+    model = build(o.model, o.window, len(channels), o.hparams)
     try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        model.prepare(np.concatenate(space.scaled).astype(np.float32))
+    except ValueError as e:
+        raise TrainError(f"{o.model}: {e}") from None
+    print(f"{o.model}: {len(channels)} channels, window {o.window}, "
+          f"{len(split.train)} train / {len(split.val)} validation windows", file=sys.stderr)
+    result = F.fit(model, split.train, split.val, cfg, desc=o.model)
+
+    cal_margin = None
+    if space.std_scale is not None:
+        cal_margin = drift.calibration_margin(
+            model, [f.values for f in files], o.window, o.scale_rows, o.drift_rows,
+            space.std_scale, o.block_std_floor * space.std, o.quantile)
+    scores = score_windows(split.val, F.reconstruct(model, split.val))[0]
+    threshold = F.calibrate(scores, o.quantile, o.margin)
+    meta = P.build_meta(o.model, ARCHITECTURE[o.model], o.window, channels,
+                        P.Scaler(mean=space.mean.tolist(), std=space.std.tolist()), threshold,
+                        model.hparams(), _training_record(o, files, space, result),
+                        int(count_parameters(model)),
+                        None if space.std_scale is None else space.std_scale.tolist(),
+                        cal_margin)
+    idx = np.linspace(0, len(split.val) - 1, min(PARITY_WINDOWS, len(split.val))).astype(int)
+    parity = split.val[idx]
+    meta = P.write_model(model, meta, out, parity, opset=o.opset)
+    if ckpt_path is not None:
+        P.save_checkpoint(P.make_checkpoint(model, meta, parity), ckpt_path)
+    return {"model": str(out), "val_loss": result.best_val_loss,
+            "threshold": threshold.value, "epochs": result.epochs_run,
+            "train_seconds": round(result.seconds, 1), "parameters": meta.parameters,
+            "onnx_bytes": out.stat().st_size, "onnx_sha256": meta.onnx_sha256}

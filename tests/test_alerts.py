@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from agent.alerts import AlertTracker, iso_utc
 from agent.config import AlertConfig
-from agent.scoring import top_channels
+from agent.contract import top_channels
 
 CH = ["a", "b", "c"]
 MODEL = {"name": "tiny", "sha256": "f" * 64, "ep": "CPUExecutionProvider"}

@@ -127,7 +127,7 @@ def test_drift_rows_learns_calibration_std_scale_and_margin(tmp_path):
 
 
 def test_drift_quantile_trusts_a_channel_with_heavy_tailed_drift_less():
-    from export.train import drift_std_scale
+    from export.drift import drift_std_scale
     rng = np.random.default_rng(0)
     blocks = []
     for i in range(20):

@@ -42,3 +42,19 @@ def test_cli_entry_points_answer():
     for args in (["-m", "agent.cli", "--version"], ["-m", "export.cli", "--help"]):
         r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO)
         assert r.returncode == 0, r.stderr
+
+
+def test_export_uses_the_runtime_contract_itself():
+    """Score, threshold, scaler and table reading exist once: export imports the
+    runtime's own functions (identity, not a copy that could drift)."""
+    from agent import contract
+    from export import data, drift, fit, quantize, train
+    assert train.score_windows is contract.score_windows
+    assert drift.score_windows is contract.score_windows
+    assert quantize.score_windows is contract.score_windows
+    assert fit.fit_threshold is contract.fit_threshold
+    assert drift.fit_scaler is contract.fit_scaler
+    assert quantize.fit_scaler is contract.fit_scaler
+    assert data.load_csv is contract.load_csv
+    assert data.TIME_COLUMNS is contract.TIME_COLUMNS
+    assert data.LABEL_COLUMNS is contract.LABEL_COLUMNS

@@ -13,7 +13,7 @@ from agent.cli import DEMO_CSV, main
 from agent.detector import Detector
 from agent.evaluate import predict_file, replay_config, rows_prediction
 from agent.predict import PredictError, predict
-from agent.scoring import StreamScaler
+from agent.contract import StreamScaler
 from conftest import MODELS
 from onnx_factory import make_model
 

@@ -7,9 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-from agent.calibration import MIN_THRESHOLD, CalibrationStore, fit_scaler, fit_threshold
+from agent.calibration import CalibrationStore
+from agent.contract import MIN_THRESHOLD, StreamScaler, fit_scaler, fit_threshold, score_windows, top_channels
 from agent.model_meta import SCORE_DEFINITION
-from agent.scoring import Smoother, StreamScaler, score_windows, top_channels
+from agent.scoring import Smoother
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 

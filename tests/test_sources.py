@@ -14,7 +14,8 @@ import pytest
 
 from agent.config import MqttConfig, StreamConfig
 from agent.metrics import Metrics
-from agent.sources import SOURCES, build_source, read_table
+from agent.contract import read_table
+from agent.sources import SOURCES, build_source
 from agent.sources.base import Batch
 
 CH = ["a", "b", "c"]
@@ -270,16 +271,20 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
 
 
 # ---------------------------------------------------------------- replay
+def _cols(t):
+    return t.ts, t.values, t.labels
+
+
 def test_read_table_skab_selects_channels_by_name(skab_dir):
     path = skab_dir / "valve1" / "0.csv"
-    ts, v, labels = read_table(path, ["Pressure", "Current"])
+    ts, v, labels = _cols(read_table(path, ["Pressure", "Current"]))
     assert v.shape == (len(ts), 2) and v.dtype == np.float32 and v.flags.c_contiguous
     assert ts.dtype == np.float64 and np.all(np.diff(ts) > 0)
     assert ts[0] == pytest.approx(1583748870.0)   # 2020-03-09 10:14:30 as UTC
     raw = path.read_text().splitlines()[1].split(";")
     assert v[0].tolist() == pytest.approx([float(raw[4]), float(raw[3])])
     assert labels is not None and labels.dtype == np.int8 and set(np.unique(labels)) == {0, 1}
-    _, _, none = read_table(skab_dir / "anomaly-free" / "anomaly-free.csv", SKAB_CH)
+    _, _, none = _cols(read_table(skab_dir / "anomaly-free" / "anomaly-free.csv", SKAB_CH))
     assert none is None
 
 
@@ -291,12 +296,12 @@ def test_read_table_missing_column_names_it(skab_dir):
 def test_read_table_plain_csv_variants(tmp_path):
     p = tmp_path / "plain.csv"
     p.write_text("c,a,b\n3,1,2\n6,4,x\n")
-    ts, v, labels = read_table(p, CH)
+    ts, v, labels = _cols(read_table(p, CH))
     np.testing.assert_array_equal(ts, [0, 1])            # no time column: 1 s steps
     np.testing.assert_array_equal(v, np.array([[1, 2, 3], [4, np.nan, 6]], np.float32))
     assert labels is None
     p.write_text("timestamp,a,b,c,anomaly\n100.5,1,2,3,0\n101.5,1,2,3,1\n")
-    ts, _, labels = read_table(p, CH)
+    ts, _, labels = _cols(read_table(p, CH))
     np.testing.assert_array_equal(ts, [100.5, 101.5])
     np.testing.assert_array_equal(labels, [0, 1])
     p.write_text("time,a,b,c\n2020-01-01T00:00:00Z,1,2,3\nlater,1,2,3\n")
@@ -306,7 +311,7 @@ def test_read_table_plain_csv_variants(tmp_path):
 
 def test_replay_source_full_speed_and_loop(skab_dir):
     path = skab_dir / "valve1" / "1.csv"
-    ts_file, v_file, _ = read_table(path, SKAB_CH)
+    ts_file, v_file, _ = _cols(read_table(path, SKAB_CH))
     n = len(ts_file)
     src = build_source(stream("r", type="replay", path=str(path), chunk=100, loop=True),
                        SKAB_CH, Metrics(), MqttConfig(), "n")

@@ -5,7 +5,7 @@ from ..config import MqttConfig, StreamConfig
 from ..metrics import Metrics
 from .base import Batch, Emit, Source
 from .mqtt import MqttLineSource
-from .replay import ReplayFileSource, read_table
+from .replay import ReplayFileSource
 from .serial import SerialLineSource
 
 SOURCES: dict[str, type[Source]] = {
@@ -26,4 +26,4 @@ def build_source(stream: StreamConfig, channels: list[str], metrics: Metrics,
     return SOURCES[cfg.type](stream.id, cfg, channels, metrics)
 
 
-__all__ = ["Batch", "Emit", "Source", "SOURCES", "build_source", "read_table"]
+__all__ = ["Batch", "Emit", "Source", "SOURCES", "build_source"]
