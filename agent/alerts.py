@@ -11,7 +11,8 @@ Rules (windows are labelled anomalous when score >= threshold):
   of the first window of that normal run (when the signal came back).  No new
   alert opens on the stream before end-event time + cooldown_s.
 Every event carries the score of the window that produced it, the peak score so
-far, and `top_channels` of the peak window (the channels behind the alert).
+far, and `top_channels` of the peak window (the channels behind the alert); an "end"
+also carries its `reason` (END_REASONS).
 
 State changes are the events: "new" means normal -> anomaly, "end" means
 anomaly -> normal; `state` is the state after the last window of the block.
@@ -30,11 +31,20 @@ from .config import AlertConfig
 from .contract import top_channels
 
 SCHEMA = 1
+# Why an alert ended: the signal came back; the agent stopped cleanly; a reload changed
+# the model or the stream; an operator re-baselined the stream; the agent found the
+# alert still open at start after a crash (the outbox's record of open alerts).
+END_REASONS = ("recovered", "stopped", "reload", "rebaseline", "restart")
 
 
-def iso_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
+def iso_utc(ts: float) -> str | None:
+    """ISO 8601 UTC with milliseconds; None for a time no calendar can show (the decoders
+    refuse such timestamps, but a replayed file or an API caller may still bring one)."""
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds") \
+            .replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _num(v: float) -> float | None:
@@ -69,8 +79,9 @@ class AlertTracker:
         self._normal_since = 0.0       # timestamp of the first of them
 
     # ------------------------------------------------------------ events
-    def _event(self, typ: str, score: float, threshold: float, end: float | None) -> dict:
-        return {
+    def _event(self, typ: str, score: float, threshold: float, end: float | None,
+               reason: str | None = None) -> dict:
+        ev = {
             "schema": SCHEMA, "type": typ, "id": self.alert_id,
             "node": self.node, "stream": self.stream,
             "start": iso_utc(self._start), "end": None if end is None else iso_utc(end),
@@ -78,15 +89,17 @@ class AlertTracker:
             "top_channels": top_channels(self._peak_err, self.channels, self.cfg.top_channels),
             "model": dict(self.model_info),
         }
+        if typ == "end":
+            ev["reason"] = reason
+        return ev
 
-    def close(self, ts: float, threshold: float) -> dict | None:
-        """End the open alert now (agent stop or reload), stamped `ts`; None if none is open.
-
-        The tracker replacing this one starts normal and could never close it."""
+    def close(self, ts: float, threshold: float, reason: str) -> dict | None:
+        """End the open alert now, stamped `ts`, for `reason` (END_REASONS); None if none
+        is open.  A stop, reload or re-baseline would otherwise leave it open forever."""
         if self.state != "anomaly":
             return None
         self.state = "normal"
-        return self._event("end", float("nan"), threshold, ts)
+        return self._event("end", float("nan"), threshold, ts, reason)
 
     # ------------------------------------------------------------ update
     def update(self, ts: np.ndarray, scores: np.ndarray, threshold: float,
@@ -110,84 +123,82 @@ class AlertTracker:
             # The common case: nothing can open.  Only the k-of-n history moves on.
             self._keep(self._h_ts, self._h_sc, self._h_lab, ts, scores, lab, err)
             return []
-        h = len(self._h_ts)
-        T = np.concatenate([self._h_ts, ts])
-        S = np.concatenate([self._h_sc, scores])
-        L = np.concatenate([self._h_lab, lab])
-        # Peak search must skip NaN scores.
-        Sp = np.where(np.isnan(S), -np.inf, S)
-        h_err = self._h_err
-
-        def err_row(i: int) -> np.ndarray:
-            return h_err[i] if i < h else err[i - h]
-
-        N = h + n
-        k, wn, m = self.cfg.open_k, self.cfg.open_n, self.cfg.close_m
-        interval = self.cfg.update_interval_s
+        b = _Block(self, ts, scores, err, lab, threshold)
         events: list[dict] = []
-        pos = h
-        while pos < N:
-            if self.state == "normal":
-                lo = max(pos - wn + 1, 0)
-                c = np.concatenate([[0], np.cumsum(L[lo:N], dtype=np.int64)])
-                j_idx = np.arange(pos, N)
-                cnt = c[j_idx - lo + 1] - c[np.maximum(j_idx - wn + 1, lo) - lo]
-                ok = (L[pos:N] == 1) & (cnt >= k) & (T[pos:N] >= self._cooldown_until)
-                if not ok.any():
-                    break
-                j = pos + int(np.argmax(ok))
-                w0 = max(j - wn + 1, 0)
-                onset = w0 + int(np.argmax(L[w0:j + 1]))
-                p = onset + int(np.argmax(Sp[onset:j + 1]))
-                self.state = "anomaly"
-                self._start = float(T[onset])
-                self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
-                self._peak = float(Sp[p])
-                self._peak_err = np.array(err_row(p))
-                self._last_update = float(T[j])
-                self._normal_run = 0
-                events.append(self._event("new", S[j], threshold, None))
-                self.open_mask[j - h:] = 1
-                pos = j + 1
-            else:
-                seg = L[pos:N]
-                idx = np.arange(N - pos)
-                last = np.maximum.accumulate(np.where(seg == 1, idx, -1 - self._normal_run))
-                run = idx - last
-                closing = run >= m
-                close = pos + int(np.argmax(closing)) if closing.any() else None
-                upper = close if close is not None else N
-                # Updates: each at the first window >= interval after the previous one.
-                p0 = pos
-                while p0 < upper:
-                    due = T[p0:upper] >= self._last_update + interval
-                    if not due.any():
-                        break
-                    u = p0 + int(np.argmax(due))
-                    self._take_peak(Sp, p0, u + 1, err_row)
-                    self._last_update = float(T[u])
-                    events.append(self._event("update", S[u], threshold, None))
-                    p0 = u + 1
-                stop = close + 1 if close is not None else N
-                self._take_peak(Sp, p0, stop, err_row)
-                end_at = stop - 1
-                rl = int(last[end_at - pos])
-                if rl >= 0 or self._normal_run == 0:
-                    # the normal run (if any) began inside this block
-                    if run[end_at - pos] > 0:
-                        self._normal_since = float(T[pos + rl + 1])
-                self._normal_run = int(run[end_at - pos])
-                if close is None:
-                    break
-                events.append(self._event("end", S[close], threshold, self._normal_since))
-                self.open_mask[close - h:] = 0
-                self.state = "normal"
-                self._cooldown_until = float(T[close]) + self.cfg.cooldown_s
-                # Windows up to the end belong to the closed alert, not to the next one.
-                L[max(close - wn + 1, 0):close + 1] = 0
-                pos = close + 1
-        self._keep(T[:h], S[:h], L[:h], ts, scores, L[h:], err)
+        pos = b.h
+        while pos is not None and pos < b.N:
+            pos = (self._scan_normal if self.state == "normal" else self._scan_open)(b, pos, events)
+        self._keep(b.T[:b.h], b.S[:b.h], b.L[:b.h], ts, scores, b.L[b.h:], err)
         return events
+
+    def _scan_normal(self, b: "_Block", pos: int, events: list) -> int | None:
+        """Open an alert at the first window from `pos` where the k-of-n rule holds;
+        the position after it, or None when none does."""
+        T, L, Sp, N = b.T, b.L, b.Sp, b.N
+        k, wn = self.cfg.open_k, self.cfg.open_n
+        lo = max(pos - wn + 1, 0)
+        c = np.concatenate([[0], np.cumsum(L[lo:N], dtype=np.int64)])
+        j_idx = np.arange(pos, N)
+        cnt = c[j_idx - lo + 1] - c[np.maximum(j_idx - wn + 1, lo) - lo]
+        ok = (L[pos:N] == 1) & (cnt >= k) & (T[pos:N] >= self._cooldown_until)
+        if not ok.any():
+            return None
+        j = pos + int(np.argmax(ok))
+        w0 = max(j - wn + 1, 0)
+        onset = w0 + int(np.argmax(L[w0:j + 1]))
+        p = onset + int(np.argmax(Sp[onset:j + 1]))
+        self.state = "anomaly"
+        self._start = float(T[onset])
+        self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
+        self._peak = float(Sp[p])
+        self._peak_err = np.array(b.err_row(p))
+        self._last_update = float(T[j])
+        self._normal_run = 0
+        events.append(self._event("new", b.S[j], b.threshold, None))
+        self.open_mask[j - b.h:] = 1
+        return j + 1
+
+    def _scan_open(self, b: "_Block", pos: int, events: list) -> int | None:
+        """While open: updates, the peak, and the close at the close_m-th normal window;
+        the position after the close, or None when the alert stays open."""
+        T, S, L, Sp, N = b.T, b.S, b.L, b.Sp, b.N
+        seg = L[pos:N]
+        idx = np.arange(N - pos)
+        last = np.maximum.accumulate(np.where(seg == 1, idx, -1 - self._normal_run))
+        run = idx - last
+        closing = run >= self.cfg.close_m
+        close = pos + int(np.argmax(closing)) if closing.any() else None
+        upper = close if close is not None else N
+        # Updates: each at the first window >= interval after the previous one.
+        p0 = pos
+        while p0 < upper:
+            due = T[p0:upper] >= self._last_update + self.cfg.update_interval_s
+            if not due.any():
+                break
+            u = p0 + int(np.argmax(due))
+            self._take_peak(Sp, p0, u + 1, b.err_row)
+            self._last_update = float(T[u])
+            events.append(self._event("update", S[u], b.threshold, None))
+            p0 = u + 1
+        stop = close + 1 if close is not None else N
+        self._take_peak(Sp, p0, stop, b.err_row)
+        end_at = stop - 1
+        rl = int(last[end_at - pos])
+        if rl >= 0 or self._normal_run == 0:
+            # the normal run (if any) began inside this block
+            if run[end_at - pos] > 0:
+                self._normal_since = float(T[pos + rl + 1])
+        self._normal_run = int(run[end_at - pos])
+        if close is None:
+            return None
+        events.append(self._event("end", S[close], b.threshold, self._normal_since,
+                                  "recovered"))
+        self.open_mask[close - b.h:] = 0
+        self.state = "normal"
+        self._cooldown_until = float(T[close]) + self.cfg.cooldown_s
+        # Windows up to the end belong to the closed alert, not to the next one.
+        L[max(close - self.cfg.open_n + 1, 0):close + 1] = 0
+        return close + 1
 
     def _keep(self, h_ts, h_sc, h_lab, ts, scores, lab, err) -> None:
         """Carry the last open_n - 1 windows into the next block."""
@@ -208,3 +219,21 @@ class AlertTracker:
         if Sp[p] > self._peak:
             self._peak = float(Sp[p])
             self._peak_err = np.array(err_row(p))
+
+
+class _Block:
+    """One update's windows joined to the k-of-n history carried from the last block."""
+
+    def __init__(self, t: AlertTracker, ts, scores, err, lab, threshold: float):
+        self.h = len(t._h_ts)
+        self.T = np.concatenate([t._h_ts, ts])
+        self.S = np.concatenate([t._h_sc, scores])
+        self.L = np.concatenate([t._h_lab, lab])
+        # Peak search must skip NaN scores.
+        self.Sp = np.where(np.isnan(self.S), -np.inf, self.S)
+        self.N = self.h + len(ts)
+        self.threshold = threshold
+        self._h_err, self._err = t._h_err, err
+
+    def err_row(self, i: int) -> np.ndarray:
+        return self._h_err[i] if i < self.h else self._err[i - self.h]

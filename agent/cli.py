@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, logs
-from .config import AgentConfig, ConfigError, load_config
+from .config import ConfigError, load_config
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models_onnx"
 DEMO_CSV = Path(__file__).resolve().parent / "demo_data" / "skab_valve1_1.csv"
@@ -72,66 +72,34 @@ def cmd_run(a) -> int:
     return d.serve()
 
 
-def _results_csv(path: Path, rec: dict) -> None:
-    import pandas as pd
-    pd.DataFrame({"timestamp": pd.to_datetime(rec["ts"], unit="s").strftime("%Y-%m-%d %H:%M:%S"),
-                  "score": rec["score"], "label": rec["label"].astype(int),
-                  "alert": rec["alert"].astype(int)}).to_csv(path, index=False, float_format="%.6g")
-
-
-def _replay(cfg: AgentConfig):
-    """Run a finite (replay) config to its end with its sinks plus a recorder."""
-    from .metrics import Metrics
-    from .pipeline import Pipeline
-    from .sinks.build import build_sinks
-    from .sinks.record import RecordSink
-    metrics = Metrics()
-    rec = RecordSink()
-    p = Pipeline(cfg, build_sinks(cfg, metrics) + [rec], metrics=metrics)
-    p.start()
-    try:
-        p.run(until_exhausted=True)
-    except KeyboardInterrupt:
-        pass
-    p.stop()
-    return p, rec
-
-
 def cmd_replay(a) -> int:
     logs.setup(a.log_level)
-    from .evaluate import replay_config
-    model = resolve_model(a.model)
+    from .jobs import file_config, replay_config, write_results_csv
     overrides = {"sinks": {"console": {"enabled": not a.quiet},
-                           **({"jsonl": {"path": a.alerts}} if a.alerts else {})},
-                 "streams": [{"id": a.stream, "source": {"type": "replay", "path": a.file,
-                                                         "speed": a.speed}}]}
+                           **({"jsonl": {"path": a.alerts}} if a.alerts else {})}}
+    model = resolve_model(a.model)
     try:
-        cfg = replay_config(a.file, model, a.calibrate or None, overrides)
-    except Exception as e:   # pydantic ValidationError: the CLI built it, show it plainly
-        return _fail(str(e))
-    p, rec = _replay(cfg)
+        cfg = file_config(a.file, model, a.calibrate or None, overrides, stream=a.stream,
+                          speed=a.speed)
+        engine, rec = replay_config(cfg, _detector(model))
+    except (OSError, ValueError) as e:
+        return _fail(" ".join(str(e).split()))
     if a.out:
-        _results_csv(Path(a.out), rec.table(a.stream))
-    h = p.health()
-    print(f"replayed {h['samples_in']} samples, {h['windows_inferred']} windows, "
-          f"{len(rec.alerts)} alert events; malformed {h['malformed'] or 0}"
+        write_results_csv(Path(a.out), rec.table(a.stream))
+    m = engine.metrics.snapshot()
+    print(f"replayed {m['samples_in']} samples, {m['windows_inferred']} windows, "
+          f"{len(rec.events)} alert events; malformed {m['malformed'] or 0}"
           + (f"; per-window results in {a.out}" if a.out else ""), file=sys.stderr)
     return 0
 
 
 def cmd_evaluate(a) -> int:
     logs.setup(a.log_level)
-    from .evaluate import evaluate, skab_files
-    files: list[Path] = []
-    for p in map(Path, a.paths):
-        if p.is_dir():
-            files += skab_files(p) if any(q.is_dir() for q in p.iterdir()) else sorted(p.glob("*.csv"))
-        elif p.is_file():
-            files.append(p)
-        else:
-            return _fail(f"{p}: no such file or directory")
-    if not files:
-        return _fail("no CSV files to evaluate")
+    from .evaluate import evaluate, evaluation_files, format_summary
+    try:
+        files = evaluation_files([Path(p) for p in a.paths])
+    except ValueError as e:
+        return _fail(str(e))
     overrides = {}
     if a.smoothing:
         overrides["scoring"] = {"smoothing": a.smoothing}
@@ -141,15 +109,16 @@ def cmd_evaluate(a) -> int:
         overrides["calibration"] = cal
     results = []
     for m in a.model:
-        r = evaluate(files, resolve_model(m), a.calibration, by=a.by,
-                     out_dir=Path(a.out) / Path(resolve_model(m)).stem if a.out else None,
-                     overrides=overrides)
+        model = resolve_model(m)
+        try:
+            r = evaluate(files, model, a.calibration, by=a.by,
+                         out_dir=Path(a.out) / Path(model).stem if a.out else None,
+                         overrides=overrides, detector=_detector(model))
+        except (OSError, ValueError) as e:
+            return _fail(" ".join(str(e).split()))
         results.append(r)
         if not a.json:
-            print(f"{r['model']:<18} files={r['files']}  P={r['precision']:.3f} "
-                  f"R={r['recall']:.3f} F1={r['f1']:.3f} FAR={100 * r['far']:.2f}% "
-                  f"MAR={100 * r['mar']:.2f}%  (TP={r['tp']} FP={r['fp']} TN={r['tn']} "
-                  f"FN={r['fn']})")
+            print(format_summary(r))
     if a.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     return 0
@@ -157,64 +126,51 @@ def cmd_evaluate(a) -> int:
 
 def cmd_demo(a) -> int:
     logs.setup(a.log_level)
-    from .evaluate import Counts, replay_config, rows_prediction
-    from .contract import read_table
+    from .evaluate import file_score
+    from .jobs import file_config, replay_config
     model = resolve_model(a.model)
     print(f"tsad-agent demo: replaying {DEMO_CSV.name} (SKAB valve1/1, water pump, 8 sensors) "
           f"through {Path(model).stem}; calibrating on the first 400 rows, then detecting.",
           file=sys.stderr)
-    overrides = {"node": "demo",
-                 "streams": [{"id": "pump", "source": {"type": "replay", "path": str(DEMO_CSV),
-                                                       "speed": a.speed}}],
-                 "sinks": {"console": {"enabled": True, "format": "json" if a.json else "text"}}}
+    overrides = {"sinks": {"console": {"enabled": True, "format": "json" if a.json else "text"}}}
     if a.mqtt:
         host, _, port = a.mqtt.partition(":")
         overrides["mqtt"] = {"enabled": True, "host": host, "port": int(port or 1883)}
-    cfg = replay_config(str(DEMO_CSV), model, 400, overrides, node="demo")
-    p, rec = _replay(cfg)
-    t = read_table(DEMO_CSV, p.meta.channels)
-    row_ts, labels = t.ts, t.labels
-    pred = rows_prediction(row_ts, rec.table("pump"), "alert")
-    c = Counts()
-    c.add(labels[400:], pred[400:])
-    s = c.summary()
-    lab = labels.nonzero()[0]
-    print(f"labeled anomaly: rows {lab.min()}-{lab.max()}; alert events: "
-          f"{sum(1 for e in rec.alerts if e['type'] == 'new')} opened, "
-          f"{sum(1 for e in rec.alerts if e['type'] == 'end')} closed; on this file: "
+    cfg = file_config(DEMO_CSV, model, 400, overrides, node="demo", stream="pump", speed=a.speed)
+    detector = _detector(model)
+    _, rec = replay_config(cfg, detector)
+    s = file_score(DEMO_CSV, detector.meta.channels, rec, "pump", 400)
+    print(f"labeled anomaly: rows {s['first_labeled']}-{s['last_labeled']}; alert events: "
+          f"{s['opened']} opened, {s['closed']} closed; on this file: "
           f"precision {s['precision']:.2f}, recall {s['recall']:.2f}, F1 {s['f1']:.2f}, "
           f"FAR {100 * s['far']:.1f}%", file=sys.stderr)
     return 0
 
 
-def cmd_predict(a) -> int:
+def _detector(model: str):
     from .detector import Detector, DetectorError
+    try:
+        return Detector(model)
+    except DetectorError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_predict(a) -> int:
+    from .detector import DetectorError
     from .model_meta import ModelMetaError
-    from .predict import PredictError, input_files, predict, write_outputs
+    from .predict import PredictError, predict_files
     logs.setup(a.log_level)
     try:
-        files = input_files(a.input)
-        det = Detector(resolve_model(a.model))
+        failed = predict_files(a.input, resolve_model(a.model), a.save_path, a.calibrate,
+                               a.paddlex_compat, a.max_gap, a.plot,
+                               report=lambda line: print(line, file=sys.stderr), fail=_fail)
     except (PredictError, DetectorError, ModelMetaError) as e:
         return _fail(str(e), 1)
-    failed = 0
-    for f in files:
-        try:
-            pred = predict(f, det, a.calibrate, a.paddlex_compat, a.max_gap)
-            out = write_outputs(pred, a.save_path, a.plot)
-        except (PredictError, DetectorError) as e:
-            failed += 1
-            _fail(str(e))
-            continue
-        lab = pred.label[pred.rows]
-        print(f"{f}: {len(lab)} row(s) written, {int(lab.sum())} anomalous "
-              f"(threshold {pred.threshold:.4g}) -> {', '.join(str(o) for o in out)}",
-              file=sys.stderr)
     return 1 if failed else 0
 
 
 def cmd_serve(a) -> int:
-    from .http_api import ApiError, serve
+    from .http.server import ApiError, serve
     logs.setup(a.log_level)
     try:
         return serve(resolve_model(a.model), host=a.host, port=a.port,
@@ -239,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.set_defaults(fn=cmd_check_config)
 
+    _file_commands(sub)
+    _model_commands(sub)
+    return ap
+
+
+def _file_commands(sub) -> None:
     s = sub.add_parser("replay", help="replay a CSV through the pipeline")
     s.add_argument("file")
     s.add_argument("--model", "-m", default=DEFAULT_MODEL)
@@ -276,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_demo)
 
+
+
+def _model_commands(sub) -> None:
     s = sub.add_parser("predict", help="label every row of CSV files (PaddleX-style outputs)",
                        description="Writes <stem>_res.csv (timestamp,label), <stem>_res.json "
                        "(threshold, per-row label and score) and with --plot <stem>_res.png. "
@@ -314,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PaddleX endpoint returns a PNG too (needs matplotlib)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=cmd_serve)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,68 +6,33 @@ a default on a machine nobody watches).
 """
 from __future__ import annotations
 
-import os
 import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from .config_base import STREAM_ID_PATTERN, ConfigError, Strict as _Strict
 from .contract import DEFAULT_STD_FLOOR
+from .mqtt_client import MqttConfig
+from .sinks import SINKS
+from .sources import SOURCES
 
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be used; `str()` lists every problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
-
-
-class _Strict(BaseModel):
-    # .inf / .nan are valid YAML floats but no sane interval, rate or threshold
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-# ---------------------------------------------------------------- sources
-class SerialSource(_Strict):
-    type: Literal["serial"]
-    port: str
-    baud: int = Field(115200, gt=0)
-    protocol: Literal["csv", "json"] = "csv"
-    # csv: does each line start with a timestamp field? ("auto" detects per line)
-    timestamp: Literal["auto", "first", "none"] = "auto"
-    reconnect_min_s: float = Field(0.2, gt=0)
-    reconnect_max_s: float = Field(10.0, gt=0)
-
-
-class MqttSource(_Strict):
-    type: Literal["mqtt"]
-    topic: str = Field(min_length=1)           # may hold + and # wildcards
-    # 0-based topic level that names the stream ("plant/+/sensors" -> 1); None: the stream id
-    stream_from_topic: int | None = Field(None, ge=0)
-    protocol: Literal["csv", "json"] = "json"
-    qos: Literal[0, 1, 2] = 1
-
-
-class ReplaySource(_Strict):
-    type: Literal["replay"]
-    path: str
-    # 0 = as fast as possible; otherwise real time x speed (using the file's timestamps)
-    speed: float = Field(0.0, ge=0)
-    loop: bool = False
-    # rows per batch at full speed (bigger = fewer Python round trips)
-    chunk: int = Field(256, ge=1)
-
-
-SourceConfig = Annotated[Union[SerialSource, MqttSource, ReplaySource], Field(discriminator="type")]
+# One optional section per sink plug-in under `sinks:` (the MQTT sink is configured by
+# the top-level `mqtt:` section it shares with the MQTT sources' broker connection).
+SinksConfig = create_model(
+    "SinksConfig", __base__=_Strict,
+    **{key: (cls.config_class | None if cls.default_config is None else cls.config_class,
+             cls.default_config) for key, cls in SINKS.items() if cls.config_class is not None})
 
 
 class StreamConfig(_Strict):
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    source: SourceConfig
+    id: str = Field(min_length=1, pattern=STREAM_ID_PATTERN)
+    # the source plug-ins' config classes, told apart by their `type` key
+    source: Annotated[Union[tuple(cls.config_class for cls in SOURCES.values())],
+                      Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------- pipeline
@@ -84,11 +49,15 @@ class BufferConfig(_Strict):
     stride: int = Field(1, ge=1)          # infer every k samples
     ffill_max: int = Field(3, ge=0)       # forward-fill up to N consecutive missing values
     gap_reset_s: float | None = Field(60.0, gt=0)  # reset the window after a larger time gap
+    # a stream without samples this long is dropped from memory (its baseline stays on disk)
+    idle_evict_s: float | None = Field(3600.0, gt=0)
 
 
 class CalibrationConfig(_Strict):
     enabled: bool = False
     samples: int = Field(400, ge=10)
+    # learning period by sample time instead of sample count (e.g. one shift)
+    duration_s: float | None = Field(None, gt=0)
     quantile: float = Field(0.99, gt=0, lt=1)
     # x the model's own calibration_margin (metadata): chosen on SKAB valve1/ for models
     # exported with --drift-rows, whose factor already covers normal drift after calibration
@@ -120,61 +89,17 @@ class AlertConfig(_Strict):
 
 
 # ---------------------------------------------------------------- outputs
-class TlsConfig(_Strict):
-    ca_file: str
-    cert_file: str | None = None
-    key_file: str | None = None
-    verify_hostname: bool = True
-
-
-class HomeAssistantConfig(_Strict):
-    enabled: bool = False
-    discovery_prefix: str = "homeassistant"
-
-
-class MqttConfig(_Strict):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: str | None = None
-    username: str | None = None
-    # exactly one way to give the password; it never appears in logs
-    password_file: str | None = None
-    password_env: str | None = None
-    password_credential: str | None = None    # name under $CREDENTIALS_DIRECTORY (systemd)
-    tls: TlsConfig | None = None
-    prefix: str | None = None                  # default "tsad/<node>/"
-    keepalive: int = Field(30, ge=5)
-    score_interval_s: float = Field(1.0, ge=0)
-    health_interval_s: float = Field(30.0, gt=0)
-    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
-
-    @model_validator(mode="after")
-    def _one_password(self):
-        given = [k for k in ("password_file", "password_env", "password_credential")
-                 if getattr(self, k)]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of password_file, password_env, "
-                             f"password_credential (got {', '.join(given)})")
-        return self
-
-
-class ConsoleSink(_Strict):
-    enabled: bool = True
-    format: Literal["text", "json"] = "text"
-
-
-class JsonlSink(_Strict):
-    path: str
-
-
-class SinksConfig(_Strict):
-    console: ConsoleSink = ConsoleSink()
-    jsonl: JsonlSink | None = None
+class DetectionConfig(_Strict):
+    """Everything the engine needs to turn samples into alerts (no sources, no outputs)."""
+    node: str = Field("local", min_length=1, pattern=STREAM_ID_PATTERN)
+    buffer: BufferConfig = BufferConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    alerts: AlertConfig = AlertConfig()
 
 
 class AgentConfig(_Strict):
-    node: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    node: str = Field(min_length=1, pattern=STREAM_ID_PATTERN)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # calibration and the alert outbox persist here; null = keep nothing (replay, evaluation)
     state_dir: str | None = "/var/lib/tsad-agent"
@@ -195,6 +120,11 @@ class AgentConfig(_Strict):
         if dup:
             raise ValueError(f"duplicate stream id(s): {', '.join(dup)}")
         return v
+
+    @property
+    def detection(self) -> DetectionConfig:
+        return DetectionConfig(node=self.node, buffer=self.buffer, scoring=self.scoring,
+                               calibration=self.calibration, alerts=self.alerts)
 
     @property
     def topic_prefix(self) -> str:
@@ -403,28 +333,3 @@ def load_config(path: str | Path) -> AgentConfig:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: cannot read: {e}"]) from None
     return parse_config(text, str(path))
-
-
-def resolve_password(m: MqttConfig) -> str | None:
-    """The MQTT password from file, environment or systemd credential; never logged."""
-    if m.password_file:
-        try:
-            return Path(m.password_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError([f"mqtt.password_file: cannot read {m.password_file!r}: {e.strerror}"])
-    if m.password_env:
-        v = os.environ.get(m.password_env)
-        if v is None:
-            raise ConfigError([f"mqtt.password_env: environment variable {m.password_env!r} is not set"])
-        return v
-    if m.password_credential:
-        d = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not d:
-            raise ConfigError(["mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
-                               "(use LoadCredential= in the systemd unit)"])
-        try:
-            return (Path(d) / m.password_credential).read_text().strip()
-        except OSError as e:
-            raise ConfigError([f"mqtt.password_credential: cannot read credential "
-                               f"{m.password_credential!r}: {e.strerror}"])
-    return None

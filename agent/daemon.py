@@ -1,23 +1,63 @@
-"""The long-running service: signals, systemd notify/watchdog, reload, clean stop."""
+"""The long-running service: signals, systemd notify/watchdog, reload, clean stop.
+
+Reload (SIGHUP) swaps in a new config and model; anything invalid keeps the old ones
+running.  When the model (its sha256) and the detection settings are unchanged, the
+engine carries over: every stream whose source settings are unchanged keeps its ring,
+baseline and alert state, so an open alert stays open.  Otherwise the open alerts
+end with reason "reload" and the new engine learns again (or restores its baselines
+from the state directory).
+"""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from . import sdnotify
 from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
+from .engine import Engine
 from .metrics import Metrics
 from .model_meta import ModelMetaError
 from .mqtt_client import make_client
 from .pipeline import Handover, Pipeline
-from .sinks.build import build_sinks
+from .sinks import build_sinks
+from .state_store import StateStore
 
 log = logging.getLogger("tsad.daemon")
 
 RELOAD_LOAD_LIMIT_S = 300.0
+
+
+def check_state_dir(cfg: AgentConfig) -> None:
+    """A state_dir that cannot be written is a configuration error (exit 2), found at start
+    rather than when the first alert or baseline has to be saved."""
+    if not cfg.state_dir:
+        return
+    d = Path(cfg.state_dir)
+    probe = d / f".write-test-{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError([f"state_dir: {d} is not writable ({e.strerror or e}); the alert "
+                           f"outbox and learned baselines live there"]) from None
+
+
+def stream_caps(cfg: AgentConfig) -> dict[str, int]:
+    """Streams each configured source may create: many only for topic-named MQTT streams."""
+    return {s.id: (s.source.max_streams if getattr(s.source, "stream_from_topic", None)
+                   is not None else 1) for s in cfg.streams}
+
+
+def build_engine(cfg: AgentConfig, detector: Detector, metrics: Metrics) -> Engine:
+    store = StateStore(cfg.state_dir) if cfg.state_dir and cfg.calibration.enabled else None
+    return Engine(cfg.detection, detector, store=store, metrics=metrics,
+                  max_streams=stream_caps(cfg))
 
 
 class Daemon:
@@ -28,15 +68,14 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.watchdog = sdnotify.Watchdog()
+        check_state_dir(cfg)
+        detector = Detector.from_config(cfg.model, self.metrics)
         self.sinks = build_sinks(cfg, self.metrics)
-        self.pipeline = self._new_pipeline(cfg, Detector(
-            cfg.model.path, providers=list(cfg.model.providers), threads=cfg.model.threads,
-            verify_checksum=cfg.model.verify_checksum, max_batch=cfg.model.max_batch,
-            metrics=self.metrics))
+        self.pipeline = self._new_pipeline(cfg, build_engine(cfg, detector, self.metrics))
 
-    def _new_pipeline(self, cfg: AgentConfig, detector: Detector,
+    def _new_pipeline(self, cfg: AgentConfig, engine: Engine,
                       handover: Handover | None = None) -> Pipeline:
-        p = Pipeline(cfg, self.sinks, metrics=self.metrics, detector=detector, handover=handover)
+        p = Pipeline(cfg, engine, self.sinks, handover=handover)
         p.on_tick = self._tick
         return p
 
@@ -74,15 +113,19 @@ class Daemon:
             raise box["error"]
         return box["value"]
 
+    def _engine_carries_over(self, new_cfg: AgentConfig, detector: Detector) -> bool:
+        old = self.pipeline.engine
+        return (detector.meta.onnx_sha256 == old.meta.onnx_sha256
+                and new_cfg.detection == self.cfg.detection
+                and new_cfg.state_dir == self.cfg.state_dir)
+
     def reload(self) -> None:
         """Swap in a new config and model; anything invalid keeps the old ones running."""
         sdnotify.reloading()
         try:
             new_cfg = load_config(self.config_path)
-            detector = self._load_alive(lambda: Detector(
-                new_cfg.model.path, providers=list(new_cfg.model.providers),
-                threads=new_cfg.model.threads, verify_checksum=new_cfg.model.verify_checksum,
-                max_batch=new_cfg.model.max_batch, metrics=self.metrics))
+            check_state_dir(new_cfg)
+            detector = self._load_alive(lambda: Detector.from_config(new_cfg.model, self.metrics))
             if new_cfg.mqtt.enabled:
                 # unreadable password or TLS files must fail here, before anything stops
                 make_client(new_cfg.mqtt, new_cfg.node, role="reload-check")
@@ -90,10 +133,21 @@ class Daemon:
             log.error("reload rejected, keeping the running config and model: %s", e)
             sdnotify.ready()
             return
+        carry = self._engine_carries_over(new_cfg, detector)
         keep = self.pipeline.reusable_sources(new_cfg, detector.meta.channels)
-        handover = self.pipeline.stop(stop_sinks=False, close_alerts="reload", keep=keep)
+        handover = self.pipeline.stop(stop_sinks=False, close_alerts=None if carry else "reload",
+                                      keep=keep, keep_engine=carry)
         if keep:
             log.info("reload: source(s) of %s keep running", ", ".join(sorted(keep)))
+        if carry:
+            engine = handover.engine
+            gone = engine.retain({s.id: s for s in new_cfg.streams},
+                                 {s.id: s for s in self.cfg.streams}, "reload")
+            engine.swap_detector(detector)
+            engine.max_streams = stream_caps(new_cfg)
+            log.info("reload: model and detection settings unchanged: streams carry on")
+        else:
+            engine, gone = build_engine(new_cfg, detector, self.metrics), []
         # Outputs are rebuilt only when their settings changed, so a model swap keeps the
         # broker session (and its outbox) instead of flapping availability.
         rebuild = (new_cfg.mqtt, new_cfg.sinks, new_cfg.node, new_cfg.state_dir) != \
@@ -103,8 +157,9 @@ class Daemon:
                 s.stop()
             self.sinks = build_sinks(new_cfg, self.metrics)
         self.cfg = new_cfg
-        self.pipeline = self._new_pipeline(new_cfg, detector, handover)
+        self.pipeline = self._new_pipeline(new_cfg, engine, handover)
         self.pipeline.start(start_sinks=rebuild)
+        self.pipeline.deliver_events(gone)
         log.info("reloaded %s: model %s (%s)", self.config_path, detector.meta.name, detector.ep)
         sdnotify.ready()
 
@@ -114,10 +169,9 @@ class Daemon:
         self.pipeline.start()
         self.watchdog.start()
         sdnotify.ready()
-        sdnotify.status(f"model {self.pipeline.meta.name} on {self.pipeline.detector.ep}, "
-                        f"{len(self.cfg.streams)} stream(s)")
-        log.info("running: node %s, model %s on %s", self.cfg.node, self.pipeline.meta.name,
-                 self.pipeline.detector.ep)
+        meta, ep = self.pipeline.engine.meta, self.pipeline.engine.detector.ep
+        sdnotify.status(f"model {meta.name} on {ep}, {len(self.cfg.streams)} stream(s)")
+        log.info("running: node %s, model %s on %s", self.cfg.node, meta.name, ep)
         while True:
             self.pipeline.run(interrupted=self._interrupted)
             if self._reload.is_set() and not self._stop.is_set():
@@ -128,5 +182,5 @@ class Daemon:
         sdnotify.stopping()
         log.info("stopping")
         self.watchdog.stop()
-        self.pipeline.stop(close_alerts="agent stopped")
+        self.pipeline.stop(close_alerts="stopped")
         return 0

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from .config import ModelConfig
 from .metrics import Metrics
 from .model_meta import ModelMeta, ModelMetaError, load_meta
 from .providers import CPU, resolve
@@ -72,6 +73,13 @@ class Detector:
                  f", fixed batch {self.fixed_batch}" if self.fixed_batch else "")
 
     # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, metrics: Metrics | None = None) -> "Detector":
+        """The detector a config's `model:` section asks for."""
+        return cls(model.path, providers=list(model.providers), threads=model.threads,
+                   verify_checksum=model.verify_checksum, max_batch=model.max_batch,
+                   metrics=metrics)
     def _session_options(self, threads: int) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads

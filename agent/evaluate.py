@@ -1,8 +1,8 @@
 """Evaluation through the live path (SKAB protocol).
 
-Each labeled file is replayed through the same `Pipeline` as the daemon: replay
-source -> ring buffer -> detector -> scorer -> alert tracker, with per-file
-calibration on its first N rows.  Rows after N are the test part; TP/FP/TN/FN
+Each labeled file is replayed through the daemon's engine (ring buffer -> detector ->
+scorer -> alert tracker, `jobs.run_table`), a fresh engine per file, learning its
+baseline on the file's first N rows.  Rows after N are the test part; TP/FP/TN/FN
 are pooled over all files' test parts, then F1, FAR and MAR are computed.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import AgentConfig
-from .detector import Detector
-from .pipeline import Pipeline
-from .sinks.record import RecordSink
+from .config import DetectionConfig
 from .contract import read_table
+from .detector import Detector
+from .engine import Engine
+from .jobs import Recording, detection_config, rows_prediction, run_table
 
 log = logging.getLogger("tsad.evaluate")
 
@@ -49,60 +49,26 @@ class Counts:
         }
 
 
-def replay_config(path: str, model: str, calibration_rows: int | None,
-                  overrides: dict | None = None, node: str = "replay") -> AgentConfig:
-    """The daemon config that replays one file at full speed with no broker and no state."""
-    d = {
-        "node": node,
-        "state_dir": None,
-        "model": {"path": model},
-        "streams": [{"id": "replay", "source": {"type": "replay", "path": str(path)}}],
-        "calibration": {"enabled": calibration_rows is not None,
-                        **({"samples": calibration_rows} if calibration_rows else {})},
-        "mqtt": {"enabled": False},
-        "sinks": {"console": {"enabled": False}},
-    }
-    for key, val in (overrides or {}).items():
-        d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val
-    return AgentConfig.model_validate(d)
-
-
-def predict_file(path: str, detector: Detector, cfg: AgentConfig
-                 ) -> tuple[RecordSink, np.ndarray, np.ndarray | None]:
-    """Replay one file through the pipeline; returns the recorded results, the file's
-    row timestamps and its labels (None without an `anomaly` column)."""
-    sink = RecordSink()
-    p = Pipeline(cfg, [sink], detector=detector)
-    p.start()
-    p.run(until_exhausted=True)
-    p.stop()
+def predict_file(path: str | Path, detector: Detector, cfg: DetectionConfig,
+                 stream: str = "replay") -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """One file through a fresh engine: (per-window table, row timestamps, labels or None)."""
     t = read_table(path, detector.meta.channels)
-    return sink, t.ts, t.labels
-
-
-def rows_prediction(row_ts: np.ndarray, rec: dict, by: str) -> np.ndarray:
-    """Per-row 0/1 from per-window results; rows without a window (warm-up) are 0."""
-    pred = np.zeros(len(row_ts), dtype=np.int8)
-    if len(rec["ts"]):
-        idx = np.searchsorted(row_ts, rec["ts"])
-        ok = (idx < len(row_ts))
-        ok[ok] = row_ts[idx[ok]] == rec["ts"][ok]
-        pred[idx[ok]] = rec[by][ok].astype(np.int8)
-    return pred
+    rec = run_table(Engine(cfg, detector), stream, t.ts, t.values)
+    return rec.table(stream), t.ts, t.labels
 
 
 def evaluate(files: list[Path], model: str, calibration_rows: int = 400, by: str = "alert",
              out_dir: Path | None = None, overrides: dict | None = None,
              detector: Detector | None = None) -> dict:
     detector = detector or Detector(model)
+    cfg = detection_config(detector.meta, calibration_rows, overrides)
     counts = Counts()
     per_file = []
     for f in files:
-        cfg = replay_config(str(f), model, calibration_rows, overrides)
-        sink, row_ts, labels = predict_file(str(f), detector, cfg)
+        table, row_ts, labels = predict_file(f, detector, cfg)
         if labels is None:
             raise ValueError(f"{f}: no 'anomaly' column to evaluate against")
-        pred = rows_prediction(row_ts, sink.table("replay"), by)
+        pred = rows_prediction(row_ts, table, by)
         test = slice(calibration_rows, None)
         c = Counts()
         c.add(labels[test], pred[test])
@@ -117,6 +83,42 @@ def evaluate(files: list[Path], model: str, calibration_rows: int = 400, by: str
                 "anomaly": pred}).to_csv(out_dir / name, index=False)
     return {"model": detector.meta.name, "files": len(files), "by": by,
             **counts.summary(), "per_file": per_file}
+
+
+def file_score(path: Path, channels: list[str], rec: Recording, stream: str,
+               learning_rows: int) -> dict:
+    """One labeled file's scores (the demo): counts after the learning rows, alerts opened
+    and closed, and where the labeled rows are."""
+    t = read_table(path, channels)
+    pred = rows_prediction(t.ts, rec.table(stream), "alert")
+    c = Counts()
+    c.add(t.labels[learning_rows:], pred[learning_rows:])
+    lab = t.labels.nonzero()[0]
+    return {**c.summary(), "first_labeled": int(lab.min()), "last_labeled": int(lab.max()),
+            "opened": sum(1 for e in rec.events if e["type"] == "new"),
+            "closed": sum(1 for e in rec.events if e["type"] == "end")}
+
+
+def format_summary(r: dict) -> str:
+    return (f"{r['model']:<18} files={r['files']}  P={r['precision']:.3f} "
+            f"R={r['recall']:.3f} F1={r['f1']:.3f} FAR={100 * r['far']:.2f}% "
+            f"MAR={100 * r['mar']:.2f}%  (TP={r['tp']} FP={r['fp']} TN={r['tn']} FN={r['fn']})")
+
+
+def evaluation_files(paths: list[Path]) -> list[Path]:
+    """The CSV files under the given files and folders (a folder of folders: SKAB's
+    labeled subfolders); ValueError when a path is missing or nothing is found."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += skab_files(p) if any(q.is_dir() for q in p.iterdir()) else sorted(p.glob("*.csv"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or directory")
+    if not files:
+        raise ValueError("no CSV files to evaluate")
+    return files
 
 
 def skab_files(root: Path) -> list[Path]:

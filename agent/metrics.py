@@ -27,6 +27,7 @@ class Metrics:
         self.malformed = Counter()        # reason -> count (decoders, sources)
         self.dropped = Counter()          # reason -> count (queues full, outbox policy)
         self.alerts = Counter()           # "new"/"update"/"end" -> count
+        self.errors = Counter()           # where -> count (a stream step or a sink that failed)
         self._lat_ms: deque[float] = deque(maxlen=latency_samples)
         self._lock = threading.Lock()
         # cumulative over the process lifetime, unlike the bounded latency sample
@@ -74,4 +75,5 @@ class Metrics:
             "malformed": malformed,
             "dropped": dict(self.dropped),
             "alerts": dict(self.alerts),
+            "errors": dict(self.errors),
         }

@@ -1,16 +1,84 @@
-"""One place that builds a configured paho-mqtt client (v2 callback API).
+"""The broker connection: its settings (the config's `mqtt:` section) and the one place
+that builds a configured paho-mqtt client (v2 callback API) from them.
 
 Shared by the MQTT source and the MQTT sink so TLS, credentials and client ids
 behave the same way for both.
 """
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from pydantic import Field, model_validator
 
-from .config import ConfigError, MqttConfig, resolve_password
+from .config_base import ConfigError, Strict
+
+
+class TlsConfig(Strict):
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+
+class HomeAssistantConfig(Strict):
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+
+
+class MqttConfig(Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = None
+    username: str | None = None
+    # exactly one way to give the password; it never appears in logs
+    password_file: str | None = None
+    password_env: str | None = None
+    password_credential: str | None = None    # name under $CREDENTIALS_DIRECTORY (systemd)
+    tls: TlsConfig | None = None
+    prefix: str | None = None                  # default "tsad/<node>/"
+    keepalive: int = Field(30, ge=5)
+    score_interval_s: float = Field(1.0, ge=0)
+    health_interval_s: float = Field(30.0, gt=0)
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    @model_validator(mode="after")
+    def _one_password(self):
+        given = [k for k in ("password_file", "password_env", "password_credential")
+                 if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of password_file, password_env, "
+                             f"password_credential (got {', '.join(given)})")
+        return self
+
+
+def resolve_password(m: MqttConfig) -> str | None:
+    """The MQTT password from file, environment or systemd credential; never logged."""
+    if m.password_file:
+        try:
+            return Path(m.password_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError([f"mqtt.password_file: cannot read {m.password_file!r}: {e.strerror}"])
+    if m.password_env:
+        v = os.environ.get(m.password_env)
+        if v is None:
+            raise ConfigError([f"mqtt.password_env: environment variable {m.password_env!r} is not set"])
+        return v
+    if m.password_credential:
+        d = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not d:
+            raise ConfigError(["mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
+                               "(use LoadCredential= in the systemd unit)"])
+        try:
+            return (Path(d) / m.password_credential).read_text().strip()
+        except OSError as e:
+            raise ConfigError([f"mqtt.password_credential: cannot read credential "
+                               f"{m.password_credential!r}: {e.strerror}"])
+    return None
 
 
 def make_client(cfg: MqttConfig, node: str, role: str) -> mqtt.Client:

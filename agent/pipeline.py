@@ -1,16 +1,15 @@
-"""The one code path: source -> ring buffer -> detector -> scorer -> alerts -> sinks.
+"""The daemon's threads around the engine: sources in, results out to the sinks.
 
-Live serial/MQTT streams, file replay, `evaluate`, the demo and the benchmarks
-all run through `Pipeline`, so what is measured is what is deployed.
+Threading: every source runs in its own thread (`SourceRunner`) and hands `Batch`es
+to a bounded queue (a full queue blocks the source: back-pressure, not data loss).
+One pipeline thread drains the queue, calls `Engine.step` once per drain, and hands
+the results to the sinks (`jobs.deliver`).  The engine itself has no threads.
 
-Threading: every source runs in its own thread and hands `Batch`es to a bounded
-queue (a full queue blocks the source: back-pressure, not data loss).  One
-pipeline thread drains the queue; all windows that fall due in one drain are
-scaled, stacked and served by ONE batched ONNX Runtime call.
-
-A reload hands the sources of unchanged streams, still reading, and the queue to
-the next pipeline (`stop(keep=...)` -> `Handover`): closing and reopening a serial
-port would lose what the device sent in between and any half-received line.
+A reload hands the sources of unchanged streams, still reading, and the queue to the
+next pipeline (`stop(keep=...)` -> `Handover`): closing and reopening a serial port
+would lose what the device sent in between and any half-received line.  When the
+model and the detection settings are unchanged, the engine itself is handed over
+too, so rings, baselines and open alerts carry on.
 """
 from __future__ import annotations
 
@@ -18,23 +17,21 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
-
-from .alerts import AlertTracker
-from .calibration import CalibrationStore
 from .config import AgentConfig, StreamConfig
-from .contract import StreamScaler, fit_scaler, fit_threshold, score_windows
-from .detector import Detector
+from .engine import Engine
+from .health import health_snapshot
+from .jobs import deliver
 from .metrics import Metrics
-from .ring import RingBuffer
-from .scoring import Smoother
 from .sinks.base import Sink
 from .sources import build_source
 from .sources.base import Batch, Source
 
 log = logging.getLogger("tsad.pipeline")
+
+DRAIN_MAX = 256          # queue items per engine step
+SAVE_INTERVAL_S = 300.0  # adapted baselines reach the disk at least this often
 
 
 class SourceRunner:
@@ -92,214 +89,78 @@ class SourceRunner:
 
 @dataclass
 class Handover:
-    """What a stopping pipeline passes to the next one: the shared queue and the
-    runners that keep reading; `ended` are those whose end marker it already took."""
+    """What a stopping pipeline passes to the next one: the shared queue, the runners
+    that keep reading (`ended`: those whose end marker it already took) and, when the
+    detection carries on unchanged, the engine."""
     queue: queue.Queue
     runners: dict[str, SourceRunner]
     ended: set[str]
-
-
-@dataclass
-class StreamState:
-    id: str
-    ring: RingBuffer
-    smoother: Smoother
-    tracker: AlertTracker
-    scaler: StreamScaler | None = None
-    threshold: float = 0.0
-    samples: int = 0
-    last_ts: float = float("nan")     # newest sample seen (ends alerts closed at a stop)
-    # raw samples held back until calibration has enough of them
-    calib_ts: list = field(default_factory=list)
-    calib_values: list = field(default_factory=list)
-    calib_n: int = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.scaler is not None
+    engine: Engine | None = None
 
 
 class Pipeline:
-    def __init__(self, cfg: AgentConfig, sinks: list[Sink], metrics: Metrics | None = None,
-                 detector: Detector | None = None, sources: list[Source] | None = None,
+    def __init__(self, cfg: AgentConfig, engine: Engine, sinks: list[Sink],
                  handover: Handover | None = None):
-        self.cfg = cfg
-        self.metrics = metrics or Metrics()
-        self.sinks = sinks
-        self.detector = detector or Detector(
-            cfg.model.path, providers=list(cfg.model.providers), threads=cfg.model.threads,
-            verify_checksum=cfg.model.verify_checksum, max_batch=cfg.model.max_batch,
-            metrics=self.metrics)
-        self.meta = self.detector.meta
-        self.model_info = {"name": self.meta.name, "sha256": self.meta.onnx_sha256,
-                           "ep": self.detector.ep}
-        self.store = (CalibrationStore(cfg.state_dir)
-                      if cfg.calibration.enabled and cfg.state_dir else None)
-        self.streams: dict[str, StreamState] = {}
+        self.cfg, self.engine, self.sinks = cfg, engine, sinks
+        self.metrics = engine.metrics
         self.queue: queue.Queue = handover.queue if handover else queue.Queue(maxsize=1024)
-        if sources is not None:
-            self.runners = [SourceRunner(s, src, self.queue, self.metrics)
-                            for s, src in zip(cfg.streams, sources)]
-        else:
-            kept = handover.runners if handover else {}
-            self.runners = [kept.get(s.id) or SourceRunner(
-                s, build_source(s, self.meta.channels, self.metrics, cfg.mqtt, cfg.node),
-                self.queue, self.metrics) for s in cfg.streams]
+        kept = handover.runners if handover else {}
+        self.runners = [kept.get(s.id) or SourceRunner(
+            s, build_source(s, engine.meta.channels, self.metrics, cfg.mqtt, cfg.node),
+            self.queue, self.metrics) for s in cfg.streams]
         self._ended = set(handover.ended) if handover else set()
         self.stop_event = threading.Event()
         self._last_health = 0.0
+        self._last_save = time.monotonic()
         self._sink_errors = 0
         #: called once per main-loop iteration (the systemd watchdog hooks in here)
         self.on_tick = None
 
-    # ------------------------------------------------------------ streams
-    def _stream(self, sid: str) -> StreamState:
-        st = self.streams.get(sid)
-        if st is not None:
-            return st
-        m, c = self.meta, self.cfg
-        st = StreamState(
-            id=sid,
-            ring=RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
-                            ffill_max=c.buffer.ffill_max, gap_reset_s=c.buffer.gap_reset_s),
-            smoother=Smoother(c.scoring.smoothing),
-            tracker=AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info))
-        if c.calibration.enabled:
-            saved = self.store.load(sid, m.onnx_sha256) if self.store else None
-            if saved:
-                st.scaler = StreamScaler(np.asarray(saved["mean"]), np.asarray(saved["std"]))
-                st.threshold = float(saved["threshold"])
-                log.info("stream %s: calibration restored (threshold %.4g)", sid, st.threshold)
-            else:
-                log.info("stream %s: calibrating on the first %d samples", sid,
-                         c.calibration.samples)
-        else:
-            st.scaler = StreamScaler(np.asarray(m.scaler.mean), np.asarray(m.scaler.std))
-            st.threshold = self._configured_threshold()
-        self.streams[sid] = st
-        return st
-
-    def _configured_threshold(self) -> float:
-        t = self.cfg.scoring.threshold
-        return float(self.meta.threshold.value if t == "model" else t)
-
-    def _calibrate(self, st: StreamState) -> None:
-        """Fit the stream's scaler and threshold on its first N samples (SKAB protocol)."""
-        c = self.cfg.calibration
-        ts = np.concatenate(st.calib_ts)
-        raw = np.concatenate(st.calib_values)
-        st.calib_ts, st.calib_values, st.calib_n = [], [], 0
-        try:
-            st.scaler = fit_scaler(raw, np.asarray(self.meta.scaler.std), c.std_floor,
-                                   self.meta.calibration_std_scale)
-        except ValueError as e:
-            st.scaler = StreamScaler(np.asarray(self.meta.scaler.mean),
-                                     np.asarray(self.meta.scaler.std))
-            log.error("stream %s: cannot calibrate (%s); using the model's scaler", st.id, e)
-        w = st.ring.push(ts, st.scaler.apply(raw))
-        if len(w.ts):
-            scores, _ = score_windows(w.x, self.detector.infer(w.x))
-            st.threshold = fit_threshold(st.smoother.update(scores), c.quantile,
-                                         c.margin * (self.meta.calibration_margin or 1.0))
-        else:
-            st.threshold = self._configured_threshold()
-            log.error("stream %s: no complete window in the %d calibration samples "
-                      "(too many missing values?); using the configured threshold %.4g",
-                      st.id, len(ts), st.threshold)
-        if self.cfg.scoring.threshold != "model":
-            st.threshold = float(self.cfg.scoring.threshold)
-        log.info("stream %s: calibrated on %d samples, threshold %.4g", st.id, len(ts),
-                 st.threshold)
-        if self.store:
-            self.store.save(st.id, self.meta.onnx_sha256, {
-                "mean": st.scaler.mean.tolist(), "std": st.scaler.std.tolist(),
-                "threshold": st.threshold, "samples": int(len(ts)),
-                "quantile": c.quantile, "margin": c.margin,
-                "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-
     # ------------------------------------------------------------ processing
     def process(self, batches: list[Batch]) -> None:
-        """Run one tick: every batch through its ring; all due windows in one ORT call."""
-        due: list[tuple[StreamState, object]] = []
-        n_cal = self.cfg.calibration.samples
-        for b in batches:
-            st = self._stream(b.stream)
-            self.metrics.samples_in += len(b)
-            st.samples += len(b)
-            ts, values = b.ts, b.values
-            if len(ts):
-                st.last_ts = float(ts[-1])
-            if not st.ready:
-                take = min(len(ts), n_cal - st.calib_n)
-                st.calib_ts.append(ts[:take])
-                st.calib_values.append(values[:take])
-                st.calib_n += take
-                if st.calib_n >= n_cal:
-                    self._calibrate(st)
-                ts, values = ts[take:], values[take:]
-                if not len(ts):
-                    continue
-            w = st.ring.push(ts, st.scaler.apply(values))
-            if len(w.ts):
-                due.append((st, w))
-        if not due:
-            return
-        x = due[0][1].x if len(due) == 1 else np.concatenate([w.x for _, w in due])
-        recon = self.detector.infer(x)
-        scores, err = score_windows(x, recon)
-        self.metrics.windows_inferred += len(x)
-        off = 0
-        for st, w in due:
-            k = len(w.ts)
-            s = st.smoother.update(scores[off:off + k])
-            events = st.tracker.update(w.ts, s, st.threshold, err[off:off + k])
-            off += k
-            self._emit(st, w.ts, s, events)
+        """One engine step and its delivery."""
+        deliver(self.engine.step(batches), self.sinks, self._sink_failed)
 
-    def _emit(self, st: StreamState, ts, scores, events) -> None:
-        tr = st.tracker
+    def _sink_failed(self, sink: Sink) -> None:
+        # one broken sink must not stop detection or the others
+        self._sink_errors += 1
+        self.metrics.errors["sink"] += 1
+        if self._sink_errors <= 5 or self._sink_errors % 1000 == 0:
+            log.exception("sink %s failed (%d failures so far)", type(sink).__name__,
+                          self._sink_errors)
+
+    def deliver_events(self, events: list[dict]) -> None:
+        """End events produced outside a step (a stop, a reload, a re-baseline)."""
         for sink in self.sinks:
             try:
-                sink.scores(st.id, ts, scores, st.threshold, tr.labels, tr.open_mask)
                 for ev in events:
                     sink.alert(ev)
-                    if ev["type"] in ("new", "end"):
-                        sink.state(st.id, "anomaly" if ev["type"] == "new" else "normal")
-            except Exception:   # one broken sink must not stop detection or the others
-                self._sink_errors += 1
-                if self._sink_errors <= 5 or self._sink_errors % 1000 == 0:
-                    log.exception("sink %s failed (%d failures so far)",
-                                  type(sink).__name__, self._sink_errors)
-        for ev in events:
-            self.metrics.alerts[ev["type"]] += 1
+                    sink.state(ev["stream"], "normal")
+            except Exception:
+                self._sink_failed(sink)
 
     # ------------------------------------------------------------ health
     def health(self) -> dict:
-        h = self.metrics.snapshot()
-        h.update({
-            "node": self.cfg.node,
-            "model": {**self.model_info, "window": self.meta.window},
-            "ep": self.detector.ep,
-            "sources": {r.stream.id: {"type": r.stream.source.type,
-                                      "connected": bool(r.source.connected)}
-                        for r in self.runners},
-            "streams": {sid: {"state": st.tracker.state, "samples": st.samples,
-                              "calibrated": st.ready, "threshold": st.threshold,
-                              "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}
-                        for sid, st in self.streams.items()},
-        })
-        return h
+        return health_snapshot(self.cfg, self.engine, self.runners)
 
-    def _maybe_health(self, force: bool = False) -> None:
+    def _housekeeping(self, force: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self._last_health >= self.cfg.mqtt.health_interval_s:
-            self._last_health = now
-            h = self.health()
-            for sink in self.sinks:
-                try:
-                    sink.health(h)
-                except Exception:
-                    log.exception("sink %s failed on health", type(sink).__name__)
+        if not force and now - self._last_health < self.cfg.mqtt.health_interval_s:
+            return
+        self._last_health = now
+        store = self.engine.store
+        if store is not None:
+            store.retry()
+            if now - self._last_save >= SAVE_INTERVAL_S:
+                self._last_save = now
+                self.engine.save_baselines()
+        self.engine.evict_idle(now)
+        h = self.health()
+        for sink in self.sinks:
+            try:
+                sink.health(h)
+            except Exception:
+                log.exception("sink %s failed on health", type(sink).__name__)
 
     # ------------------------------------------------------------ lifecycle
     def _drain(self) -> list:
@@ -326,7 +187,7 @@ class Pipeline:
             try:
                 item = self.queue.get(timeout=0.2)
             except queue.Empty:
-                self._maybe_health()
+                self._housekeeping()
                 continue
             batch: list[Batch] = []
             while True:
@@ -334,7 +195,7 @@ class Pipeline:
                     ended.add(item.stream.id)
                 else:
                     batch.append(item)
-                if len(batch) >= 256:
+                if len(batch) >= DRAIN_MAX:
                     break
                 try:
                     item = self.queue.get_nowait()
@@ -342,34 +203,20 @@ class Pipeline:
                     break
             if batch:
                 self.process(batch)
-            self._maybe_health()
+            self._housekeeping()
             if until_exhausted and len(ended) >= len(self.runners):
                 break
 
-    def close_alerts(self, why: str) -> None:
-        """Send "end" for every open alert, stamped with its stream's newest sample.
-
-        Alert state lives in this pipeline; the one replacing it (reload) or the next
-        process starts with every stream normal and could never close these."""
-        for st in self.streams.values():
-            ev = st.tracker.close(st.last_ts, st.threshold)
-            if ev is None:
-                continue
-            log.info("stream %s: alert %s ended (%s)", st.id, ev["id"], why)
-            self.metrics.alerts["end"] += 1
-            for sink in self.sinks:
-                try:
-                    sink.alert(ev)
-                    sink.state(st.id, "normal")
-                except Exception:
-                    log.exception("sink %s failed", type(sink).__name__)
+    def close_alerts(self, reason: str) -> None:
+        """End every open alert (the next pipeline or process could never close them)."""
+        self.deliver_events(self.engine.close_alerts(reason))
 
     def reusable_sources(self, cfg: AgentConfig, channels: list[str]) -> set[str]:
         """Ids of the streams whose running source can serve a pipeline for `cfg` and a
         model with `channels`: same source settings, same channel order (the decoders
         map fields onto it) and, for MQTT sources, the same broker settings and node.
         A source that has ended (a crash, a replay at its end) is rebuilt instead."""
-        if list(channels) != list(self.meta.channels):
+        if list(channels) != list(self.engine.meta.channels):
             return set()
         new = {s.id: s for s in cfg.streams}
         same_broker = (cfg.mqtt, cfg.node) == (self.cfg.mqtt, self.cfg.node)
@@ -378,7 +225,7 @@ class Pipeline:
                 and (r.stream.source.type != "mqtt" or same_broker)}
 
     def stop(self, stop_sinks: bool = True, close_alerts: str | None = None,
-             keep: set[str] = frozenset()) -> Handover:
+             keep: set[str] = frozenset(), keep_engine: bool = False) -> Handover:
         """Stop the sources (but those of the streams in `keep`) and process what they
         delivered; with `close_alerts` (the reason), end the open alerts; with
         `stop_sinks`, stop the sinks.  Returns what the next pipeline takes over."""
@@ -397,7 +244,8 @@ class Pipeline:
             self.process(rest)
         if close_alerts:
             self.close_alerts(close_alerts)
-        self._maybe_health(force=True)
+        self.engine.save_baselines()
+        self._housekeeping(force=True)
         if stop_sinks:
             for sink in self.sinks:
                 try:
@@ -405,4 +253,5 @@ class Pipeline:
                 except Exception:
                     log.exception("sink %s failed to stop cleanly", type(sink).__name__)
         kept = {r.stream.id: r for r in self.runners if r.stream.id in keep}
-        return Handover(self.queue, kept, ended & set(kept))
+        return Handover(self.queue, kept, ended & set(kept),
+                        self.engine if keep_engine else None)

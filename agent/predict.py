@@ -1,249 +1,14 @@
-"""Label every row of a CSV file, with PaddleX-style outputs (`tsad-agent predict`, HTTP API).
-
-Two modes, one input check and one pipeline run each:
-
-sliding (default)
-    The file goes through the daemon's `Pipeline` (replay source -> ring buffer
-    -> detector -> scorer).  Row t gets the score of the window ENDING at t
-    (model_meta.SCORE_DEFINITION: mean over channels of the squared
-    reconstruction error at the window's newest step, scaled space, float64)
-    and label = score >= threshold: the raw label, not the alert hysteresis
-    (`evaluate --by label`).  Rows with no window of their own get label 0 and
-    no score: the first window-1 rows, the --calibrate N rows (calibration
-    windows only fit the threshold) and windows with unfillable missing values.
-
-paddlex (--paddlex-compat)
-    Mirrors PaddleX's TSAdPredictor: TSCutOff keeps the last `window` rows,
-    the model reconstructs that ONE window, each of its rows is scored as
-    mean_c (recon - x)^2 (GetAnomaly, scaled space) and labelled
-    score >= threshold.  Only those rows are output, as PaddleX does.  The
-    scaler and threshold are the same as in sliding mode (the model's, or the
-    ones calibrated on the first N rows), taken from the same pipeline run.
-
-Input checks (PredictError, one line each): unreadable file, missing channel
-columns (named), unreadable or non-increasing timestamps, steps larger than
-`max_gap` x the median step (rows treated as consecutive would join unrelated
-stretches; PaddleX requires a regular frequency), too few rows.  The default
-max_gap of 2.5 lets single dropped samples through: every SKAB recording has
-2 s steps among its 1 s ones; 1.5 is the strict regular-frequency check, 0
-switches the check off.
+"""`tsad-agent predict`: label the rows of CSV files and write PaddleX-style outputs
+(`<stem>_res.csv`, `<stem>_res.json`, optionally `<stem>_res.png`) beside each other.
+The labelling itself is `agent.prediction.predict`, which the HTTP API shares.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .detector import Detector
-from .evaluate import replay_config, rows_prediction
-from .metrics import Metrics
-from .model_meta import SCORE_DEFINITION
-from .pipeline import Pipeline
-from .sinks.record import RecordSink
-from .contract import read_table, squared_error
-
-DEFAULT_MAX_GAP = 2.5
-PADDLEX_SCORE = "paddlex_window_mse_scaled"
-STREAM = "replay"   # the stream id replay_config gives the file
-
-
-class PredictError(ValueError):
-    """An input that cannot be predicted on; the message is one line naming the problem."""
-
-
-@dataclass
-class Table:
-    path: Path
-    times: list[str]        # the input's own timestamp text, or the row number
-    ts: np.ndarray          # float64 epoch seconds (row number without a time column)
-    values: np.ndarray      # float32 [n, C] in model channel order
-    has_time: bool
-
-
-@dataclass
-class Prediction:
-    table: Table
-    model: str
-    mode: str               # "sliding" | "paddlex"
-    window: int
-    threshold: float
-    calibration_rows: int | None
-    score: np.ndarray       # float64 [n], NaN where a row has no score
-    label: np.ndarray       # int8 [n]
-    rows: slice             # the rows that are output
-
-    def result_csv(self) -> str:
-        """`timestamp,label` for the output rows, as PaddleX writes it."""
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["timestamp", "label"])
-        times = self.table.times[self.rows]
-        w.writerows(zip(times, self.label[self.rows].tolist()))
-        return buf.getvalue()
-
-    def result_json(self) -> dict:
-        """Summary plus one {"timestamp", "label", "score"} per output row (score null if none)."""
-        s = self.score[self.rows]
-        lab = self.label[self.rows]
-        return {
-            "input_path": str(self.table.path),
-            "model": self.model,
-            "mode": self.mode,
-            "score_definition": SCORE_DEFINITION if self.mode == "sliding" else PADDLEX_SCORE,
-            "window": self.window,
-            "threshold": self.threshold,
-            "calibration_rows": self.calibration_rows,
-            "rows": int(len(lab)),
-            "anomalous_rows": int(lab.sum()),
-            "anomaly": [{"timestamp": t, "label": int(l),
-                         "score": float(v) if np.isfinite(v) else None}
-                        for t, l, v in zip(self.table.times[self.rows], lab.tolist(), s.tolist())],
-        }
-
-
-# ---------------------------------------------------------------- input
-def _check_steps(table: Table, max_gap: float) -> None:
-    d = np.diff(table.ts)
-    if not len(d):
-        return
-    back = np.flatnonzero(d <= 0)
-    if len(back):
-        i = int(back[0])
-        raise PredictError(
-            f"{table.path}: timestamps do not increase at data rows {i + 1}-{i + 2} "
-            f"({table.times[i]!r} then {table.times[i + 1]!r}); {len(back)} such step(s); "
-            f"sort the file and remove duplicate times")
-    if max_gap <= 0:
-        return
-    step = float(np.median(d))
-    gaps = np.flatnonzero(d > max_gap * step)
-    if len(gaps):
-        i = int(gaps[0])
-        raise PredictError(
-            f"{table.path}: irregular timestamps: {d[i]:g} s between data rows {i + 1} and "
-            f"{i + 2} ({table.times[i]!r} -> {table.times[i + 1]!r}), median step {step:g} s; "
-            f"{len(gaps)} step(s) over {max_gap:g}x the median (--max-gap; 0 = no check)")
-
-
-def load_table(path: str | Path, channels: list[str], max_gap: float = DEFAULT_MAX_GAP) -> Table:
-    path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"{path}: no such file")
-    try:
-        t = read_table(path, channels, time_text=True)
-    except (OSError, ValueError) as e:   # pandas' parser, decode and empty-file errors included
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise PredictError(msg if str(path) in msg else f"{path}: cannot read as CSV: {msg}") from None
-    has_time = t.time_text is not None
-    times = t.time_text if has_time else [str(i) for i in range(len(t.ts))]
-    table = Table(path, times, t.ts, t.values, has_time)
-    _check_steps(table, max_gap)
-    return table
-
-
-# ---------------------------------------------------------------- prediction
-def _run_pipeline(table: Table, detector: Detector, calibrate: int | None,
-                  metrics: Metrics | None) -> tuple[Pipeline, RecordSink]:
-    # Rows are consecutive by the step check; the daemon's wall-clock gap reset
-    # (60 s) would cut every window of a slow (e.g. hourly) series.
-    cfg = replay_config(str(table.path), str(detector.path), calibrate,
-                        {"buffer": {"gap_reset_s": None}}, node="predict")
-    sink = RecordSink()
-    p = Pipeline(cfg, [sink], metrics=metrics, detector=detector)
-    p.start()
-    p.run(until_exhausted=True)
-    p.stop()
-    return p, sink
-
-
-def default_calibration(detector: Detector) -> int | None:
-    """The calibration rows the model was trained for (metadata training.calibration_rows).
-
-    Models exported for per-stream calibration carry a scaler in per-block units
-    that is meaningless on raw data without it (every score far over threshold)."""
-    n = detector.meta.training.get("calibration_rows")
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
-def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
-            compat: bool = False, max_gap: float = DEFAULT_MAX_GAP,
-            metrics: Metrics | None = None) -> Prediction:
-    """Score and label one CSV file (see the module doc for the two modes).
-
-    calibrate: None = `default_calibration(detector)`, 0 = the model's scaler and
-    threshold, N = fit both on the file's first N rows."""
-    w = detector.window
-    calibrate = default_calibration(detector) if calibrate is None else (calibrate or None)
-    table = load_table(path, detector.meta.channels, max_gap)
-    n = len(table.ts)
-    need = max(w, (calibrate or 0) + 1)
-    if n < need:
-        why = (f"window {w}" + (f" after {calibrate} calibration rows; calibrate on fewer "
-                                f"or use the model's scaler with calibrate 0" if calibrate else ""))
-        raise PredictError(f"{table.path}: {n} data row(s), needs at least {need} ({why})")
-    p, sink = _run_pipeline(table, detector, calibrate, metrics)
-    st = p.streams.get(STREAM)
-    if st is None or not st.ready:
-        raise PredictError(f"{table.path}: no scaler after calibration (too many missing values?)")
-    rec = sink.table(STREAM)
-    score = np.full(n, np.nan)
-    label = np.zeros(n, np.int8)
-    if compat:
-        rows = slice(n - w, n)
-        x = st.scaler.apply(table.values[rows])
-        if np.isnan(x).any():
-            bad = int(np.flatnonzero(np.isnan(x).any(axis=1))[0]) + n - w
-            raise PredictError(f"{table.path}: the last window (data rows {n - w + 1}-{n}) has "
-                               f"missing or non-numeric values, first at data row {bad + 1}")
-        score[rows] = squared_error(x[None], detector.infer(x[None]))[0].mean(axis=1)
-        label[rows] = score[rows] >= st.threshold
-    else:
-        rows = slice(0, n)
-        label = rows_prediction(table.ts, rec, "label")
-        if len(rec["ts"]):
-            idx = np.searchsorted(table.ts, rec["ts"]).clip(max=n - 1)
-            ok = table.ts[idx] == rec["ts"]
-            score[idx[ok]] = rec["score"][ok]
-    return Prediction(table, detector.meta.name, "paddlex" if compat else "sliding", w,
-                      float(st.threshold), calibrate, score, label, rows)
-
-
-# ---------------------------------------------------------------- outputs
-def plot_png(pred: Prediction) -> bytes:
-    """Channels (z-scored per channel), score with the threshold line, anomalous rows shaded."""
-    try:
-        from matplotlib.figure import Figure   # Figure, not pyplot: no global state across threads
-    except ImportError:
-        raise PredictError("plotting needs matplotlib: pip install 'tsad-agent[plot]'") from None
-    t = pred.table
-    x = (np.asarray(t.ts, "datetime64[s]") if t.has_time else np.arange(len(t.ts)))
-    v = t.values.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sd = np.nanstd(v, axis=0)
-        z = (v - np.nanmean(v, axis=0)) / np.where(sd > 0, sd, 1.0)
-    fig = Figure(figsize=(12, 6), layout="constrained")
-    ax_v, ax_s = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
-    for j in range(z.shape[1]):
-        ax_v.plot(x, z[:, j], lw=0.7)
-    ax_v.set_ylabel("channels (z-score)")
-    ax_s.plot(x, pred.score, lw=0.8, color="black", label="score")
-    ax_s.axhline(pred.threshold, color="red", ls="--", lw=1, label=f"threshold {pred.threshold:.4g}")
-    if np.nanmax(pred.score, initial=0) > 20 * pred.threshold:
-        ax_s.set_yscale("log")   # spikes would flatten everything near the threshold
-    ax_s.set_ylabel("anomaly score")
-    ax_s.legend(loc="upper left", fontsize=8)
-    for ax in (ax_v, ax_s):
-        ax.fill_between(x, 0, 1, where=pred.label.astype(bool), color="red", alpha=0.15,
-                        transform=ax.get_xaxis_transform(), step="mid", lw=0)
-    ax_v.set_title(f"{t.path.name}: {pred.model} ({pred.mode}), "
-                   f"{int(pred.label[pred.rows].sum())} anomalous row(s)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return buf.getvalue()
+from .detector import Detector, DetectorError
+from .prediction import DEFAULT_MAX_GAP, PredictError, Prediction, plot_png, predict
 
 
 def write_outputs(pred: Prediction, save_path: str | Path, plot: bool = False) -> list[Path]:
@@ -271,3 +36,26 @@ def input_files(path: str | Path) -> list[Path]:
     if not p.exists():
         raise PredictError(f"{p}: no such file or folder")
     return [p]
+
+
+def predict_files(input_path: str | Path, model: str, save_path: str | Path,
+                  calibrate: int | None = None, compat: bool = False,
+                  max_gap: float = DEFAULT_MAX_GAP, plot: bool = False,
+                  report=print, fail=print) -> int:
+    """Predict every input file; `report(line)` per file written, `fail(message)` per file
+    refused.  Returns how many failed; PredictError/DetectorError when nothing can start."""
+    files = input_files(input_path)
+    det = Detector(model)
+    failed = 0
+    for f in files:
+        try:
+            pred = predict(f, det, calibrate, compat, max_gap)
+            out = write_outputs(pred, save_path, plot)
+        except (PredictError, DetectorError) as e:
+            failed += 1
+            fail(str(e))
+            continue
+        lab = pred.label[pred.rows]
+        report(f"{f}: {len(lab)} row(s) written, {int(lab.sum())} anomalous "
+               f"(threshold {pred.threshold:.4g}) -> {', '.join(str(o) for o in out)}")
+    return failed

@@ -26,12 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.cli import DEMO_CSV, REPO_MODELS  # noqa: E402
-from agent.config import AgentConfig  # noqa: E402
+from agent.contract import read_table  # noqa: E402
 from agent.detector import Detector  # noqa: E402
+from agent.engine import Engine  # noqa: E402
+from agent.jobs import detection_config  # noqa: E402
 from agent.metrics import Metrics  # noqa: E402
 from agent.model_meta import load_meta  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
-from agent.sinks.record import RecordSink  # noqa: E402
+from agent.sources.base import Batch  # noqa: E402
 
 MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 
@@ -65,20 +66,20 @@ def long_csv(rows: int, tmp: Path) -> Path:
     return out
 
 
-def pipeline_run(model: Path, csv: Path, streams: int, detector: Detector) -> tuple[int, float]:
-    cfg = AgentConfig.model_validate({
-        "node": "bench", "state_dir": None, "model": {"path": str(model), "threads": 1},
-        "streams": [{"id": f"s{i}", "source": {"type": "replay", "path": str(csv), "chunk": 256}}
-                    for i in range(streams)],
-        "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}})
+def engine_run(csv: Path, streams: int, detector: Detector) -> tuple[int, float]:
+    """The engine as replay and evaluate drive it: 256-row chunks, every stream per step,
+    each stream learning its baseline on its first 400 rows as deployed, results dropped
+    (no sinks)."""
+    t = read_table(csv, detector.meta.channels)
     m = Metrics()
     detector.metrics = m
-    p = Pipeline(cfg, [RecordSink(keep_scores=False)], metrics=m, detector=detector)
-    t = time.perf_counter()
-    p.start()
-    p.run(until_exhausted=True)
-    p.stop()
-    return m.windows_inferred, time.perf_counter() - t
+    e = Engine(detection_config(detector.meta, 400, node="bench"), detector, metrics=m,
+               default_max_streams=streams)
+    sids = [f"s{i}" for i in range(streams)]
+    start = time.perf_counter()
+    for a in range(0, len(t.ts), 256):
+        e.step([Batch(s, t.ts[a:a + 256], t.values[a:a + 256], source="bench") for s in sids])
+    return m.windows_inferred, time.perf_counter() - start
 
 
 def main() -> None:
@@ -104,9 +105,9 @@ def main() -> None:
             b1 = bare_ort_us(path, 1, a.reps)
             b256 = bare_ort_us(path, 256, max(a.reps // 10, 20))
             det = Detector(str(path), threads=1)
-            pipeline_run(path, csv32, 1, det)   # warm caches, imports
-            n1, t1 = pipeline_run(path, csv1, 1, det)
-            n32, t32 = pipeline_run(path, csv32, 32, det)
+            engine_run(csv32, 1, det)   # warm caches, imports
+            n1, t1 = engine_run(csv1, 1, det)
+            n32, t32 = engine_run(csv32, 32, det)
             per = t1 * 1e6 / n1
             print(f"{name:<17} {b1:9.1f} {b256:11.2f} {per:11.2f} {per / b256:9.2f} "
                   f"{per / b1:7.2f} {n1 / t1:14,.0f} {n32 / t32:16,.0f}")

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsad-export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
+    _train_command(sub)
+    _tool_commands(sub)
+    return p
+
+
+def _train_command(sub) -> None:
     t = sub.add_parser("train", help="train a model on normal data, export ONNX + metadata")
     t.add_argument("--model", required=True, help="architecture name, e.g. DLinear_ad")
     t.add_argument("--data", required=True, nargs="+", metavar="FILE[:ROWS]",
@@ -130,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output .onnx (metadata goes to OUT.json)")
     t.set_defaults(func=cmd_train)
 
+
+
+def _tool_commands(sub) -> None:
     c = sub.add_parser("convert", help="export a checkpoint saved by train to ONNX + metadata")
     c.add_argument("checkpoint")
     c.add_argument("--out", required=True)
@@ -162,21 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", nargs="+", metavar="FILE[:ROWS]",
                    help="CSV files for the parity check on real windows (default: random windows)")
     x.set_defaults(func=cmd_paddlex)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from export.verify import VerifyError
-    from export.train import TrainError
     errors: tuple[type[BaseException], ...] = (CliError, DataError, ModelMetaError, VerifyError,
-                                               TrainError, OSError)
-    try:
+                                               OSError)
+    try:   # torch: not in the paddle venv, which runs only `paddlex`
         from export.onnx_export import ExportError
-        errors += (ExportError,)
+        from export.train import TrainError
+        errors += (ExportError, TrainError)
     except ImportError:
         pass
-    from export.paddlex_import import PaddleXImportError
+    from export.paddlex_folder import PaddleXImportError
     errors += (PaddleXImportError,)
     started = time.monotonic()
     try:

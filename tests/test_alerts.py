@@ -242,7 +242,13 @@ def test_blocks_equal_one_by_one_equal_reference(labels, k_n, close_m, cooldown,
 def test_close_ends_the_open_alert_once():
     t, ev = feed([1, 1, 1, 1])
     assert kinds(ev) == ["new"] and t.state == "anomaly"
-    end = t.close(T0 + 10, THR)
-    assert end["type"] == "end" and end["id"] == ev[0]["id"]
+    end = t.close(T0 + 10, THR, "stopped")
+    assert end["type"] == "end" and end["id"] == ev[0]["id"] and end["reason"] == "stopped"
     assert end["end"] == iso_utc(T0 + 10) and t.state == "normal"
-    assert t.close(T0 + 11, THR) is None
+    assert t.close(T0 + 11, THR, "stopped") is None
+
+
+def test_times_no_calendar_can_show_do_not_raise():
+    assert iso_utc(1.7e15) is None and iso_utc(-1e20) is None and iso_utc(float("nan")) is None
+    t, ev = feed([1, 1, 1, 1], ts=1.7e15 + np.arange(4.0))
+    assert kinds(ev) == ["new"] and ev[0]["start"] is None

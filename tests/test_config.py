@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from agent.config import AgentConfig, ConfigError, MqttConfig, load_config, parse_config, resolve_password
+from agent.config import AgentConfig, ConfigError, load_config, parse_config
+from agent.mqtt_client import MqttConfig, resolve_password
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "agent" / "examples" / "agent.yaml"
@@ -135,7 +136,7 @@ def test_bad_source_type_in_a_list_item():
     text = BASE + "  - id: b\n    source:\n      type: modbus\n      port: /dev/ttyS0\n"
     p = only(text)
     assert p == (f"<config>:{BASE_LINES + 3}: streams[1].source.type: value 'modbus' is "
-                 f"invalid: expected one of 'serial', 'mqtt', 'replay'")
+                 f"invalid: expected one of 'mqtt', 'replay', 'serial'")
     p = only(BASE + "  - id: b\n    source:\n      port: /dev/ttyS0\n")
     assert p.startswith(f"<config>:{BASE_LINES + 2}: streams[1].source.type: required key")
 

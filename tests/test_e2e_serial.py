@@ -108,7 +108,7 @@ def test_serial_to_mqtt_alert_lifecycle(tmp_path, broker, skab_dir):
                 os.write(master, b"\xff\xfe garbage\n1,2,3\n")
             if i % 50 == 0:
                 time.sleep(0.01)
-        ends = sub.wait(lambda m: m[0] == "tsad/e2e/alerts" and b'"end"' in m[1], 60)
+        ends = sub.wait(lambda m: m[0] == "tsad/e2e/alerts" and b'"type":"end"' in m[1], 60)
         alerts = sub.alerts()
         new = [a for a in alerts if a["type"] == "new"]
         end = [a for a in alerts if a["type"] == "end"]

@@ -14,9 +14,9 @@ import pytest
 
 from agent.cli import DEMO_CSV, main
 from agent.detector import Detector
-from agent.http_api import ROUTES, ApiError, load_api_key, make_server
-from agent.predict import predict
-from agent.sources.replay import read_table
+from agent.http.server import ROUTES, ApiError, load_api_key, make_server
+from agent.prediction import predict
+from agent.contract import read_table
 from conftest import MODELS
 
 MODEL = MODELS / "DLinear_ad.onnx"
@@ -97,7 +97,7 @@ def test_paddlex_round_trip_matches_predict_cli(server, tmp_path):
     assert got == (tmp_path / f"{DEMO_CSV.stem}_res.csv").read_text()
     lines = got.splitlines()
     assert lines[0] == "timestamp,label" and lines[1].startswith("2020-03-09 10:34:33,")
-    assert len(lines) - 1 == len(read_table(DEMO_CSV, Detector(str(MODEL)).meta.channels)[0])
+    assert len(lines) - 1 == len(read_table(DEMO_CSV, Detector(str(MODEL)).meta.channels).ts)
     assert "1" in {l.rsplit(",", 1)[1] for l in lines[1:]}
 
 
@@ -142,7 +142,7 @@ def test_visualize_returns_png():
 
 # ---------------------------------------------------------------- /anomaly
 def demo_rows(n: int) -> np.ndarray:
-    _, values, _ = read_table(DEMO_CSV, Detector(str(MODEL)).meta.channels)
+    values = read_table(DEMO_CSV, Detector(str(MODEL)).meta.channels).values
     return values[:n]
 
 

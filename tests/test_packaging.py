@@ -10,8 +10,8 @@ from conftest import REPO
 
 
 def test_runtime_import_graph_has_no_torch():
-    code = ("import sys, agent.cli, agent.daemon, agent.pipeline, agent.evaluate, "
-            "agent.sinks.build, agent.sources; "
+    code = ("import sys, agent.cli, agent.daemon, agent.pipeline, agent.engine, agent.jobs, "
+            "agent.evaluate, agent.predict, agent.http.server, agent.sinks, agent.sources; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'paddle', 'export')); "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -18,7 +18,7 @@ import pytest
 
 from agent.model_meta import load_meta
 from export.cli import main as export_cli
-from export.paddlex_import import PaddleXImportError, load_inference_yaml, read_folder
+from export.paddlex_folder import PaddleXImportError, load_inference_yaml, read_folder
 from tests.conftest import REPO, SKAB
 
 PADDLE_PY = REPO / ".venv-paddle" / "bin" / "python"

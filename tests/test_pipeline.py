@@ -1,4 +1,5 @@
-"""The one code path (source -> ring -> detector -> scorer -> alerts -> sinks) with a real ONNX model."""
+"""The daemon's threads around the engine (agent.pipeline): sources in, sinks out,
+handover on reload; and the CLI commands built on them, with a real ONNX model."""
 from __future__ import annotations
 
 import os
@@ -9,12 +10,12 @@ import numpy as np
 import pytest
 
 from agent.config import AgentConfig
+from agent.daemon import build_engine
 from agent.detector import Detector
-from agent.evaluate import replay_config
+from agent.jobs import Recording, file_config
 from agent.metrics import Metrics
 from agent.pipeline import Pipeline
 from agent.sinks.base import Sink
-from agent.sinks.record import RecordSink
 from agent.sources.base import Batch
 from conftest import REPO
 from onnx_factory import make_model
@@ -32,7 +33,7 @@ def model(tmp_path):
 def cfg_for(model: str, state_dir, **over) -> AgentConfig:
     d = {"node": "t", "state_dir": str(state_dir) if state_dir else None,
          "model": {"path": model},
-         "streams": [{"id": "s1", "source": {"type": "replay", "path": "unused.csv"}}],
+         "streams": [{"id": "s1", "source": {"type": "serial", "port": "/dev/null"}}],
          "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}}
     d.update(over)
     return AgentConfig.model_validate(d)
@@ -50,69 +51,33 @@ def feed(p: Pipeline, stream: str, values: np.ndarray, t0: float = 1e9, block: i
         p.process([Batch(stream, t0 + np.arange(i, i + len(v), dtype=np.float64), v)])
 
 
-def test_calibration_fits_persists_and_survives_restart(model, tmp_path):
-    cfg = cfg_for(model, tmp_path / "state", calibration={"enabled": True, "samples": 200})
-    rec = RecordSink()
-    p = Pipeline(cfg, [rec], sources=[])
-    feed(p, "s1", normal(300))
-    st = p.streams["s1"]
-    assert st.ready and st.threshold > 0
-    # calibration windows are scored but never reach the sinks or the alert tracker
-    assert len(rec.table("s1")["ts"]) == 100
-    saved = (tmp_path / "state" / "calibration" / "s1.json")
-    assert saved.exists()
+class RecordSink(Sink):
+    """What the pipeline hands to its sinks, kept as results."""
 
-    p2 = Pipeline(cfg, [RecordSink()], sources=[])
-    feed(p2, "s1", normal(50, seed=1))
-    st2 = p2.streams["s1"]
-    assert st2.ready, "restart recalibrated instead of restoring the saved calibration"
-    assert st2.threshold == pytest.approx(st.threshold)
-    np.testing.assert_allclose(st2.scaler.mean, st.scaler.mean)
+    def __init__(self):
+        self.rec = Recording()
+        self.alerts: list[dict] = []
+        self.states: list[tuple[str, str]] = []
 
+    def scores(self, stream, ts, scores, threshold, labels, alert_open):
+        self.rec.blocks.setdefault(stream, []).append(
+            type("R", (), {"ts": ts, "scores": scores, "labels": labels,
+                           "alert_open": alert_open, "threshold": threshold})())
 
-def test_anomaly_opens_and_closes_an_alert(model):
-    cfg = cfg_for(model, None, calibration={"enabled": True, "samples": 200, "margin": 1.5},
-                  alerts={"open_k": 3, "open_n": 5, "close_m": 5})
-    rec = RecordSink()
-    p = Pipeline(cfg, [rec], sources=[])
-    v = normal(600)
-    v[400:450, 1] += 8.0          # a step on channel b
-    feed(p, "s1", v)
-    types = [a["type"] for a in rec.alerts]
-    assert types[0] == "new" and types[-1] == "end", types
-    new = rec.alerts[0]
-    assert new["top_channels"][0]["name"] == "b"
-    t = rec.table("s1")
-    opened = t["ts"][t["alert"] == 1] - 1e9
-    assert opened.min() >= 400 and opened.max() < 470
+    def alert(self, alert):
+        self.alerts.append(alert)
+
+    def state(self, stream, state):
+        self.states.append((stream, state))
+
+    def table(self, stream):
+        return self.rec.table(stream)
 
 
-def test_streams_due_in_one_tick_share_one_ort_run(model):
-    cfg = cfg_for(model, None)
-    m = Metrics()
-    det = Detector(model, metrics=m)
-    p = Pipeline(cfg, [RecordSink()], metrics=m, detector=det, sources=[])
-    v = normal(W)
-    before = len(m._lat_ms)
-    p.process([Batch(f"s{i}", 1e9 + np.arange(W, dtype=np.float64), v) for i in range(8)])
-    assert len(p.streams) == 8
-    assert m.windows_inferred == 8
-    assert len(m._lat_ms) - before == 1, "8 due windows should be one batched ORT run"
-
-
-def test_missing_values_are_filled_or_skipped_never_crash(model):
-    cfg = cfg_for(model, None, buffer={"ffill_max": 2})
-    rec = RecordSink()
-    p = Pipeline(cfg, [rec], sources=[])
-    v = normal(200)
-    v[50, 0] = np.nan                     # one gap: forward-filled
-    v[100:110, 2] = np.nan                # ten: windows containing them are skipped
-    feed(p, "s1", v)
-    st = p.streams["s1"]
-    assert st.ring.skipped > 0
-    t = rec.table("s1")
-    assert np.isfinite(t["score"]).all()
-    assert p.metrics.windows_inferred == len(t["ts"]) == 200 - W + 1 - st.ring.skipped
+def pipeline(cfg: AgentConfig, sinks, metrics=None, handover=None) -> Pipeline:
+    metrics = metrics or Metrics()
+    return Pipeline(cfg, build_engine(cfg, Detector.from_config(cfg.model, metrics), metrics),
+                    sinks, handover=handover)
 
 
 class Broken(Sink):
@@ -122,9 +87,10 @@ class Broken(Sink):
 
 def test_a_failing_sink_does_not_stop_the_others(model):
     rec = RecordSink()
-    p = Pipeline(cfg_for(model, None), [Broken(), rec], sources=[])
+    p = pipeline(cfg_for(model, None), [Broken(), rec])
     feed(p, "s1", normal(100))
     assert len(rec.table("s1")["ts"]) == 100 - W + 1
+    assert p.metrics.errors["sink"] == 2
 
 
 def test_replay_source_through_pipeline_matches_file(model, tmp_path):
@@ -133,9 +99,9 @@ def test_replay_source_through_pipeline_matches_file(model, tmp_path):
     f = tmp_path / "data.csv"
     pd.DataFrame(v, columns=CH).assign(
         timestamp=pd.date_range("2024-01-01", periods=300, freq="s")).to_csv(f, index=False)
-    cfg = replay_config(str(f), model, None)
+    cfg = file_config(str(f), model, None)
     rec = RecordSink()
-    p = Pipeline(cfg, [rec])
+    p = pipeline(cfg, [rec])
     p.start()
     p.run(until_exhausted=True)
     p.stop()
@@ -156,23 +122,23 @@ def test_stop_hands_a_running_source_to_the_next_pipeline_without_loss(model, tm
     f = _replay_file(tmp_path, 2000)
     over = {"streams": [{"id": "replay", "source": {"type": "replay", "path": str(f),
                                                     "speed": 1.0, "chunk": 16}}]}
-    cfg = replay_config(str(f), model, None, over)
+    cfg = file_config(str(f), model, None, over)
     metrics = Metrics()
     rec1, rec2 = RecordSink(), RecordSink()
-    p1 = Pipeline(cfg, [rec1], metrics=metrics)
+    p1 = pipeline(cfg, [rec1], metrics=metrics)
     p1.start()
     p1.run(interrupted=lambda: metrics.samples_in >= 300)
     keep = p1.reusable_sources(cfg, CH)
     assert keep == {"replay"}
     handover = p1.stop(keep=keep)
     src = p1.runners[0].source
-    p2 = Pipeline(cfg, [rec2], metrics=metrics, handover=handover)
+    p2 = pipeline(cfg, [rec2], metrics=metrics, handover=handover)
     assert p2.runners[0].source is src, "the running source was rebuilt, not handed over"
     p2.start()
     p2.run(until_exhausted=True)
     p2.stop()
-    n1 = p1.streams["replay"].samples
-    n2 = p2.streams["replay"].samples
+    n1 = p1.engine.streams["replay"].samples
+    n2 = p2.engine.streams["replay"].samples
     assert 0 < n1 < 2000 and n1 + n2 == 2000 == metrics.samples_in
     # every sample once and in order: the second pipeline's windows start where the
     # first one's samples ended (after its own warm-up of W - 1 samples)
@@ -191,7 +157,7 @@ def test_a_changed_source_channel_order_or_broker_is_not_reused(model, broker, t
     streams = [{"id": "s", "source": serial}, {"id": "m", "source": mq}]
     mqtt = {"enabled": True, "host": "127.0.0.1", "port": broker.port}
     cfg = cfg_for(model, None, streams=streams, mqtt=mqtt)
-    p = Pipeline(cfg, [])
+    p = pipeline(cfg, [])
     assert p.reusable_sources(cfg, CH) == set(), "sources that never started are not running"
     p.start()
     try:

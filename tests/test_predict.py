@@ -11,8 +11,9 @@ import pytest
 
 from agent.cli import DEMO_CSV, main
 from agent.detector import Detector
-from agent.evaluate import predict_file, replay_config, rows_prediction
-from agent.predict import PredictError, predict
+from agent.evaluate import predict_file
+from agent.jobs import detection_config, rows_prediction
+from agent.prediction import PredictError, predict
 from agent.contract import StreamScaler
 from conftest import MODELS
 from onnx_factory import make_model
@@ -93,9 +94,8 @@ def test_sliding_labels_equal_evaluate_by_label(dlinear, tmp_path):
     assert main(["predict", "--input", str(DEMO_CSV), "--model", str(dlinear.path),
                  "--save_path", str(out), "--calibrate", "400"]) == 0
     labels = np.array([int(r[1]) for r in read_result(out / f"{DEMO_CSV.stem}_res.csv")[1:]])
-    cfg = replay_config(str(DEMO_CSV), str(dlinear.path), 400)
-    sink, row_ts, _ = predict_file(str(DEMO_CSV), dlinear, cfg)
-    want = rows_prediction(row_ts, sink.table("replay"), "label")
+    table, row_ts, _ = predict_file(DEMO_CSV, dlinear, detection_config(dlinear.meta, 400))
+    want = rows_prediction(row_ts, table, "label")
     np.testing.assert_array_equal(labels, want)
     assert labels[:400].sum() == 0 and 0 < labels.sum() < len(labels)
 

@@ -1,19 +1,12 @@
-"""Score definition, channel shares, smoothing, scaling and per-stream calibration."""
+"""Score definition, channel shares, smoothing, scaling and threshold (agent.contract)."""
 from __future__ import annotations
-
-import json
-import logging
 
 import numpy as np
 import pytest
 
-from agent.calibration import CalibrationStore
 from agent.contract import MIN_THRESHOLD, StreamScaler, fit_scaler, fit_threshold, score_windows, top_channels
 from agent.model_meta import SCORE_DEFINITION
 from agent.scoring import Smoother
-
-SHA_A, SHA_B = "a" * 64, "b" * 64
-
 
 def test_score_definition_by_hand():
     assert SCORE_DEFINITION == "mse_last_step_scaled"
@@ -103,61 +96,3 @@ def test_fit_threshold():
     assert fit_threshold(np.zeros(10), 0.99, 1.5) == MIN_THRESHOLD > 0
     with pytest.raises(ValueError, match="no finite"):
         fit_threshold(np.array([np.nan]), 0.9, 1.0)
-
-
-def record(mean=(1.0, 2.0), std=(0.5, 0.25), thr=0.3):
-    return {"mean": np.array(mean), "std": np.array(std), "threshold": np.float64(thr),
-            "samples": 400, "quantile": 0.99, "margin": 1.5, "fitted_at": "2024-01-01T00:00:00Z"}
-
-
-def test_calibration_round_trip(tmp_path):
-    store = CalibrationStore(tmp_path)
-    p = store.save("pump-1", SHA_A, record())
-    assert p.parent == tmp_path / "calibration" and not list(p.parent.glob("*.tmp"))
-    got = CalibrationStore(tmp_path).load("pump-1", SHA_A)
-    np.testing.assert_array_equal(got["mean"], [1.0, 2.0])
-    np.testing.assert_array_equal(got["std"], [0.5, 0.25])
-    assert got["threshold"] == 0.3 and got["samples"] == 400 and got["quantile"] == 0.99
-    assert got["margin"] == 1.5 and got["fitted_at"] == "2024-01-01T00:00:00Z"
-    assert store.load("pump-2", SHA_A) is None
-    # saving again replaces the file
-    store.save("pump-1", SHA_A, record(thr=0.7))
-    assert store.load("pump-1", SHA_A)["threshold"] == 0.7
-
-
-def test_calibration_odd_stream_names_do_not_escape(tmp_path):
-    store = CalibrationStore(tmp_path)
-    for s in ["../evil", "a/b", ".", "x%2Fy", "x/y"]:
-        store.save(s, SHA_A, record(thr=len(s) / 10))
-    assert {p.parent for p in (tmp_path / "calibration").iterdir()} == {tmp_path / "calibration"}
-    assert store.load("x%2Fy", SHA_A)["threshold"] == 0.5
-    assert store.load("x/y", SHA_A)["threshold"] == 0.3
-
-
-def test_calibration_other_model_means_recalibrate(tmp_path, caplog):
-    store = CalibrationStore(tmp_path)
-    store.save("s", SHA_A, record())
-    caplog.set_level(logging.INFO, logger="agent.calibration")
-    assert store.load("s", SHA_B) is None
-    assert "recalibrating" in caplog.text
-    assert store.load("s", SHA_A) is not None
-
-
-@pytest.mark.parametrize("content", ['{"schema": 1, "mean": [1', "[]", "\xff\xfe",
-                                     '{"schema": 1, "model_sha256": "%s", "mean": [1.0], "std": [0.0], "threshold": 1}' % SHA_A,
-                                     '{"schema": 1, "model_sha256": "%s", "mean": [1.0], "std": [1.0], "threshold": -1}' % SHA_A,
-                                     '{"schema": 2, "model_sha256": "%s", "mean": [1.0], "std": [1.0], "threshold": 1}' % SHA_A])
-def test_calibration_corrupt_file_is_logged_and_ignored(tmp_path, caplog, content):
-    store = CalibrationStore(tmp_path)
-    store.save("s", SHA_A, record())
-    store.path("s").write_bytes(content.encode("latin-1"))
-    caplog.set_level(logging.WARNING, logger="agent.calibration")
-    assert store.load("s", SHA_A) is None
-    assert "recalibrating" in caplog.text and str(store.path("s")) in caplog.text
-
-
-def test_calibration_file_is_plain_json(tmp_path):
-    p = CalibrationStore(tmp_path).save("s", SHA_A, record())
-    d = json.loads(p.read_text())
-    assert d["schema"] == 1 and d["stream"] == "s" and d["model_sha256"] == SHA_A
-    assert d["mean"] == [1.0, 2.0] and d["threshold"] == 0.3

@@ -12,7 +12,8 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
-from agent.config import MqttConfig, StreamConfig
+from agent.config import StreamConfig
+from agent.mqtt_client import MqttConfig
 from agent.metrics import Metrics
 from agent.contract import read_table
 from agent.sources import SOURCES, build_source

@@ -1,8 +1,48 @@
-"""The sink plug-in interface: where alerts, states, scores and health go."""
+"""The sink plug-in interface: where alerts, states, scores and health go.
+
+Each plug-in is one module of this package: a `Sink` subclass that declares its
+section under the config's `sinks:` (`key`, `config_class`, `default_config`; key
+None when it has a top-level section of its own, as the MQTT sink has `mqtt:`) and
+builds itself with `from_config`.  The registry (`agent.sinks.SINKS`) and the
+`sinks:` config section are built from the subclasses.
+
+Also home of `to_json`, the one encoder all sinks use so that numpy values and
+non-finite floats (never valid JSON) are handled the same way everywhere.
+"""
 from __future__ import annotations
+
+import json
+import math
+from typing import ClassVar
+
+
+def _plain(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist"):          # numpy scalars and arrays
+        return _plain(obj.tolist())
+    return obj
+
+
+def to_json(obj) -> str:
+    """Compact JSON; NaN/inf become null, numpy values become Python values."""
+    return json.dumps(_plain(obj), separators=(",", ":"), allow_nan=False, default=str)
 
 
 class Sink:
+    key: ClassVar[str | None] = None
+    config_class: ClassVar[type | None] = None
+    default_config: ClassVar[object] = None
+
+    @classmethod
+    def from_config(cls, cfg, metrics) -> "Sink | None":
+        """The sink an AgentConfig asks for, or None when it is not enabled."""
+        raise NotImplementedError
+
     def start(self) -> None:
         """Connect / open; must not block the pipeline on an absent broker."""
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime
-from typing import TextIO
+from typing import Literal, TextIO
 
-from .base import Sink
-from .jsonl import to_json
+from ..config_base import Strict
+from .base import Sink, to_json
 
 
 def _num(v, spec: str = ".4g") -> str:
@@ -51,7 +51,21 @@ def format_alert(a: dict, now: float | None = None) -> str:
     return f"{head} {body} id={a.get('id', '?')}"
 
 
+class ConsoleSinkConfig(Strict):
+    enabled: bool = True
+    format: Literal["text", "json"] = "text"
+
+
 class ConsoleSink(Sink):
+    key = "console"
+    config_class = ConsoleSinkConfig
+    default_config = ConsoleSinkConfig()
+
+    @classmethod
+    def from_config(cls, cfg, metrics) -> "ConsoleSink | None":
+        c = cfg.sinks.console
+        return cls(c.format) if c.enabled else None
+
     def __init__(self, fmt: str = "text", stream: TextIO | None = None) -> None:
         if fmt not in ("text", "json"):
             raise ValueError(f"console format must be 'text' or 'json', not {fmt!r}")

@@ -1,38 +1,28 @@
-"""JSON-lines file sink: every alert event appended as one JSON object per line.
-
-Also home of `to_json`, the one encoder all sinks use so that numpy values and
-non-finite floats (never valid JSON) are handled the same way everywhere.
-"""
+"""JSON-lines file sink: every alert event appended as one JSON object per line."""
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 
-from .base import Sink
+from ..config_base import Strict
+from .base import Sink, to_json
 
 log = logging.getLogger(__name__)
 
 
-def _plain(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "tolist"):          # numpy scalars and arrays
-        return _plain(obj.tolist())
-    return obj
-
-
-def to_json(obj) -> str:
-    """Compact JSON; NaN/inf become null, numpy values become Python values."""
-    return json.dumps(_plain(obj), separators=(",", ":"), allow_nan=False, default=str)
+class JsonlSinkConfig(Strict):
+    path: str
 
 
 class JsonLinesSink(Sink):
+    key = "jsonl"
+    config_class = JsonlSinkConfig
+
+    @classmethod
+    def from_config(cls, cfg, metrics) -> "JsonLinesSink | None":
+        c = cfg.sinks.jsonl
+        return None if c is None else cls(c.path, metrics=metrics)
+
     def __init__(self, path: str | Path, metrics=None) -> None:
         self.path = Path(path)
         self.metrics = metrics

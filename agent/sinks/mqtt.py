@@ -27,16 +27,19 @@ import logging
 import re
 import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 
 from .. import __version__
-from ..config import AgentConfig
 from ..metrics import Metrics
 from ..mqtt_client import make_client, tls_problem
 from ..outbox import Outbox
-from .base import Sink
-from .jsonl import to_json
+from .base import Sink, to_json
+
+if TYPE_CHECKING:   # the config module builds its sinks section from this package
+    from ..config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,15 @@ def _acked(info: mqtt.MQTTMessageInfo | None) -> bool:
 
 
 class MqttSink(Sink):
+    @classmethod
+    def from_config(cls, cfg: AgentConfig, metrics: Metrics) -> "MqttSink | None":
+        if not cfg.mqtt.enabled:
+            return None
+        # Without a state dir the outbox lives in memory: alerts survive broker
+        # outages, not restarts.
+        path = str(Path(cfg.state_dir) / "outbox.sqlite") if cfg.state_dir else ":memory:"
+        return cls(cfg, metrics, Outbox(path, metrics=metrics))
+
     def __init__(self, cfg: AgentConfig, metrics: Metrics, outbox: Outbox) -> None:
         self.cfg, self.m, self.metrics, self.outbox = cfg, cfg.mqtt, metrics, outbox
         p = cfg.topic_prefix
@@ -119,8 +131,8 @@ class MqttSink(Sink):
         self.client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Publish "offline" (waiting up to timeout for the broker to have it) and
-        disconnect.  The outbox stays open: its owner closes it."""
+        """Publish "offline" (waiting up to timeout for the broker to have it),
+        disconnect and close the outbox."""
         # While the broker is there, what is queued goes out first (bounded), among it
         # the "end" events of alerts the stop itself closed; the rest waits in the
         # outbox for the next run.
@@ -141,6 +153,7 @@ class MqttSink(Sink):
             self._settle()
         self.client.disconnect()
         self.client.loop_stop()
+        self.outbox.close()
 
     @property
     def connected(self) -> bool:

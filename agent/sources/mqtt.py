@@ -12,26 +12,40 @@ import logging
 import re
 import threading
 import time
+from typing import Literal
 
 import numpy as np
 import paho.mqtt.client as paho
+from pydantic import Field
 
-from ..config import MqttConfig, MqttSource
+from ..config_base import STREAM_ID_PATTERN, Strict
 from ..decoders import LineDecoder
 from ..metrics import Metrics
-from ..mqtt_client import make_client
+from ..mqtt_client import MqttConfig, make_client
 from .base import Batch, Emit, Source
 
 log = logging.getLogger("tsad.source.mqtt")
 
-_STREAM_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")   # same rule as StreamConfig.id
+_STREAM_ID = re.compile(STREAM_ID_PATTERN)
+
+
+class MqttSourceConfig(Strict):
+    type: Literal["mqtt"]
+    topic: str = Field(min_length=1)           # may hold + and # wildcards
+    # 0-based topic level that names the stream ("plant/+/sensors" -> 1); None: the stream id
+    stream_from_topic: int | None = Field(None, ge=0)
+    protocol: Literal["csv", "json"] = "json"
+    qos: Literal[0, 1, 2] = 1
+    # streams this subscription may create (stream_from_topic); the rest are refused
+    max_streams: int = Field(256, ge=1)
 
 
 class MqttLineSource(Source):
-    kind = "mqtt"
+    type = "mqtt"
+    config_class = MqttSourceConfig
 
-    def __init__(self, stream_id: str, cfg: MqttSource, channels: list[str], metrics: Metrics,
-                 mqtt: MqttConfig, node: str):
+    def __init__(self, stream_id: str, cfg: MqttSourceConfig, channels: list[str],
+                 metrics: Metrics, mqtt: MqttConfig, node: str):
         super().__init__()
         self.stream_id = stream_id
         self.cfg = cfg
@@ -44,6 +58,10 @@ class MqttLineSource(Source):
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._started = False
+
+    @classmethod
+    def from_config(cls, stream_id, cfg, channels, metrics, broker, node) -> "MqttLineSource":
+        return cls(stream_id, cfg, channels, metrics, broker, node)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         self._emit = emit
@@ -106,6 +124,6 @@ class MqttLineSource(Source):
             if samples and self._emit is not None:
                 self._emit(Batch(sid,
                                  np.fromiter((s[0] for s in samples), np.float64, len(samples)),
-                                 np.stack([s[1] for s in samples])))
+                                 np.stack([s[1] for s in samples]), source=self.stream_id))
         except Exception:
             log.exception("%s: message on %r could not be handled", self.stream_id, msg.topic)

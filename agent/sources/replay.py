@@ -10,20 +10,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from ..config import ReplaySource
+from ..config_base import Strict
 from ..contract import read_table
 from ..metrics import Metrics
 from .base import Batch, Emit, Source
 
 log = logging.getLogger("tsad.source.replay")
 
-class ReplayFileSource(Source):
-    kind = "replay"
+class ReplaySourceConfig(Strict):
+    type: Literal["replay"]
+    path: str
+    # 0 = as fast as possible; otherwise real time x speed (using the file's timestamps)
+    speed: float = Field(0.0, ge=0)
+    loop: bool = False
+    # rows per batch at full speed (bigger = fewer Python round trips)
+    chunk: int = Field(256, ge=1)
 
-    def __init__(self, stream_id: str, cfg: ReplaySource, channels: list[str], metrics: Metrics):
+
+class ReplayFileSource(Source):
+    type = "replay"
+    config_class = ReplaySourceConfig
+
+    def __init__(self, stream_id: str, cfg: ReplaySourceConfig, channels: list[str],
+                 metrics: Metrics):
         super().__init__()
         self.stream_id = stream_id
         self.cfg = cfg

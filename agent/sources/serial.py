@@ -13,11 +13,13 @@ import logging
 import os
 import threading
 import time
+from typing import Literal
 
 import numpy as np
 import serial
+from pydantic import Field
 
-from ..config import SerialSource
+from ..config_base import Strict
 from ..decoders import MAX_LINE, LineDecoder
 from ..metrics import Metrics
 from .base import Batch, Emit, Source
@@ -66,10 +68,23 @@ class LineSplitter:
         self._pending.clear()
 
 
-class SerialLineSource(Source):
-    kind = "serial"
+class SerialSourceConfig(Strict):
+    type: Literal["serial"]
+    port: str
+    baud: int = Field(115200, gt=0)
+    protocol: Literal["csv", "json"] = "csv"
+    # csv: does each line start with a timestamp field? ("auto" detects per line)
+    timestamp: Literal["auto", "first", "none"] = "auto"
+    reconnect_min_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0)
 
-    def __init__(self, stream_id: str, cfg: SerialSource, channels: list[str], metrics: Metrics):
+
+class SerialLineSource(Source):
+    type = "serial"
+    config_class = SerialSourceConfig
+
+    def __init__(self, stream_id: str, cfg: SerialSourceConfig, channels: list[str],
+                 metrics: Metrics):
         super().__init__()
         self.stream_id = stream_id
         self.cfg = cfg

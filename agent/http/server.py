@@ -1,13 +1,13 @@
-"""Local HTTP API (`tsad-agent serve`), standard library only.
+"""The HTTP side of `tsad-agent serve` (standard library only).
 
 POST /time-series-anomaly-detection  PaddleX serving contract: {"csv": base64 CSV} ->
                                      {"logId", "errorCode": 0, "errorMsg": "Success",
                                       "result": {"csv": base64 `timestamp,label`, "image"}};
-                                     the labels are `agent.predict.predict`'s, same settings.
+                                     the labels are `agent.prediction.predict`'s, same settings.
 POST /anomaly                        {"values": [[C] x window]} -> one score (model's scaler
                                      and threshold); {"stream", "values": [C], "ts"?} -> one
-                                     sample into a named stream run by the daemon's Pipeline
-                                     (ring buffer, calibration, alert hysteresis).
+                                     sample into a named stream run by the daemon's engine
+                                     (learning period, ring buffer, alert hysteresis).
 GET  /healthz, /metrics (Prometheus text 0.0.4), /openapi.json
 
 Every error is {"logId", "errorCode": HTTP status, "errorMsg"}; no traceback ever
@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -36,22 +35,17 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from . import __version__
-from .detector import Detector, DetectorError
-from .evaluate import replay_config
-from .metrics import Metrics
+from .. import __version__
+from ..config_base import STREAM_ID_CHARS
+from ..detector import DetectorError
 from .openapi import PADDLEX_PATH, build_spec
-from .pipeline import Pipeline
-from .predict import DEFAULT_MAX_GAP, PredictError, default_calibration, plot_png, predict
-from .contract import StreamScaler, score_windows, top_channels
-from .sinks.base import Sink
-from .sources.base import Batch
+from .prometheus import metrics_text
+from .service import AnomalyService, InputError, TooManyStreams
 
 log = logging.getLogger("tsad.http")
 
 MAX_BODY = 8 << 20
-MAX_STREAMS = 1024
-STREAM_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+STREAM_ID = re.compile(rf"^{STREAM_ID_CHARS}{{1,64}}$")
 ROUTES = {PADDLEX_PATH: "POST", "/anomaly": "POST", "/healthz": "GET", "/metrics": "GET",
           "/openapi.json": "GET"}
 OPEN_PATHS = {"/healthz", "/openapi.json"}
@@ -70,96 +64,6 @@ class HttpError(Exception):
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
-
-
-# ---------------------------------------------------------------- model side
-class _LastScores(Sink):
-    """Keeps only the latest scores per stream: the stream API answers with them."""
-
-    def __init__(self):
-        self.last: dict[str, tuple] = {}
-
-    def scores(self, stream, ts, scores, threshold, labels, alert_open) -> None:
-        self.last[stream] = (np.array(ts), np.array(scores), float(threshold))
-
-
-class AnomalyService:
-    """Everything the endpoints compute; no HTTP in here."""
-
-    def __init__(self, model_path: str, calibrate: int | None = None, compat: bool = False,
-                 max_gap: float = DEFAULT_MAX_GAP, visualize: bool = False,
-                 metrics: Metrics | None = None, max_streams: int = MAX_STREAMS,
-                 workers: int = 4):
-        self.metrics = metrics or Metrics()
-        self.detector = Detector(model_path, metrics=self.metrics)
-        self.meta = self.detector.meta
-        self.calibrate = default_calibration(self.detector) if calibrate is None else calibrate
-        self.compat, self.max_gap, self.visualize = compat, max_gap, visualize
-        self.max_streams = max_streams
-        self.scaler = StreamScaler.from_meta(self.meta)
-        self.threshold = float(self.meta.threshold.value)
-        # file predictions run a whole pipeline each: bound how many at once
-        self._files = threading.BoundedSemaphore(workers)
-        # Named streams: one Pipeline with no sources, fed sample by sample.  Its
-        # config needs one stream entry; requests bring their own stream ids.
-        cfg = replay_config("<http>", model_path, self.calibrate or None, node="http")
-        self._last = _LastScores()
-        self._streams = Pipeline(cfg, [self._last], metrics=self.metrics,
-                                 detector=self.detector, sources=[])
-        self._lock = threading.Lock()
-
-    # ------------------------------------------------------------ /time-series-anomaly-detection
-    def predict_csv(self, data: bytes) -> tuple[str, str | None]:
-        """(result CSV text, base64 PNG or None) for one CSV file's bytes."""
-        with self._files, tempfile.TemporaryDirectory(prefix="tsad-http-") as d:
-            path = Path(d) / "input.csv"
-            path.write_bytes(data)
-            try:
-                pred = predict(path, self.detector, self.calibrate, self.compat, self.max_gap,
-                               metrics=self.metrics)
-                image = (base64.b64encode(plot_png(pred)).decode("ascii")
-                         if self.visualize else None)
-            except PredictError as e:
-                # the temporary path means nothing to the client
-                raise HttpError(422, str(e).replace(str(path), "csv"), "http_csv") from None
-            return pred.result_csv(), image
-
-    # ------------------------------------------------------------ /anomaly
-    def score_window(self, values: np.ndarray) -> dict:
-        x = self.scaler.apply(values)[None]
-        recon = self.detector.infer(x)
-        scores, err = score_windows(x, recon)
-        self.metrics.samples_in += len(values)
-        self.metrics.windows_inferred += 1
-        s = float(scores[0])
-        return {"score": s, "status": "anomaly" if s >= self.threshold else "normal",
-                "threshold": self.threshold,
-                "channels": top_channels(err[0], self.meta.channels, 3)}
-
-    def stream_count(self) -> int:
-        return len(self._streams.streams)
-
-    def push_sample(self, stream: str, ts: float, values: np.ndarray) -> dict:
-        with self._lock:
-            if stream not in self._streams.streams and len(self._streams.streams) >= self.max_streams:
-                raise HttpError(429, f"too many streams ({self.max_streams}); reuse stream ids",
-                                "http_streams")
-            self._last.last.pop(stream, None)
-            self._streams.process([Batch(stream, np.array([ts], np.float64), values[None])])
-            st = self._streams.streams[stream]
-            got = self._last.last.pop(stream, None)
-            if got is not None and len(got[0]):
-                s = float(got[1][-1])
-                return {"score": s, "status": "anomaly" if s >= got[2] else "normal",
-                        "threshold": got[2], "alert": st.tracker.state}
-            if not st.ready:
-                return {"status": "calibrating", "needed": self._streams.cfg.calibration.samples
-                        - st.calib_n}
-            need = self.meta.window - st.ring.filled
-            if need > 0:
-                return {"status": "warming_up", "needed": need}
-            # a full window that still holds a value the forward fill could not cover
-            return {"status": "skipped", "needed": 1}
 
 
 # ---------------------------------------------------------------- request parsing
@@ -222,46 +126,6 @@ def handle_anomaly(svc: AnomalyService, doc: dict) -> dict:
         raise HttpError(422, "with 'stream', values is ONE sample: a list of "
                              f"{c} numbers", "http_shape")
     return svc.push_sample(sid, float(ts), _matrix([v], 1, c, "values")[0])
-
-
-# ---------------------------------------------------------------- Prometheus
-def _label(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def metrics_text(svc: AnomalyService, requests: Counter) -> str:
-    snap = svc.metrics.snapshot()
-    out: list[str] = []
-
-    def family(name: str, kind: str, help_: str, samples) -> None:
-        """samples: (name suffix, labels, value)"""
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
-            lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"{name}{suffix}{{{lab}}} {value}" if lab else f"{name}{suffix} {value}")
-
-    family("tsad_samples_total", "counter", "Samples received (files, windows, streams).",
-           [("", {}, snap["samples_in"])])
-    family("tsad_windows_total", "counter", "Windows run through the model.",
-           [("", {}, snap["windows_inferred"])])
-    family("tsad_malformed_total", "counter", "Rejected input, by reason.",
-           [("", {"reason": r}, n) for r, n in sorted(snap["malformed"].items())])
-    buckets, total, count = svc.metrics.infer_histogram()
-    family("tsad_inference_seconds", "histogram", "ONNX Runtime call latency.",
-           [("_bucket", {"le": f"{le:g}"}, n) for le, n in buckets]
-           + [("_bucket", {"le": "+Inf"}, count), ("_sum", {}, f"{total:.9g}"),
-              ("_count", {}, count)])
-    family("tsad_outbox_depth", "gauge", "Alerts waiting for the broker (none in serve).",
-           [("", {}, 0)])
-    family("tsad_streams", "gauge", "Named streams held in memory.",
-           [("", {}, svc.stream_count())])
-    family("tsad_http_requests_total", "counter", "HTTP requests, by path and status.",
-           [("", {"path": p, "code": str(c)}, n) for (p, c), n in sorted(requests.items())])
-    family("tsad_uptime_seconds", "gauge", "Seconds since start.", [("", {}, snap["uptime_s"])])
-    family("tsad_build_info", "gauge", "Build and model (value always 1).",
-           [("", {"version": __version__, "model": svc.meta.name, "ep": svc.detector.ep}, 1)])
-    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------- HTTP
@@ -341,6 +205,12 @@ class _Handler(BaseHTTPRequestHandler):
             if e.reason:
                 self.server.svc.metrics.bad(e.reason)
             self._error(e.status, e.msg, e.headers)
+        except InputError as e:
+            self.server.svc.metrics.bad("http_input")
+            self._error(422, str(e))
+        except TooManyStreams as e:
+            self.server.svc.metrics.bad("http_streams")
+            self._error(429, str(e))
         except DetectorError as e:
             log.error("%s: %s", path, e)
             self._error(500, "inference failed; see the server log")

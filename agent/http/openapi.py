@@ -5,8 +5,8 @@ always match the model the server runs.
 """
 from __future__ import annotations
 
-from . import __version__
-from .model_meta import ModelMeta
+from .. import __version__
+from ..model_meta import ModelMeta
 
 PADDLEX_PATH = "/time-series-anomaly-detection"
 
@@ -118,9 +118,10 @@ def build_spec(meta: ModelMeta, ep: str, max_body: int, auth: bool) -> dict:
                     "alert": {"type": "string", "enum": ["normal", "anomaly"],
                               "description": "stream form: the alert state (hysteresis)"}}},
                 "Pending": {"type": "object", "required": ["status", "needed"], "properties": {
-                    "status": {"type": "string", "enum": ["calibrating", "warming_up", "skipped"]},
-                    "needed": {"type": "integer",
-                               "description": "samples still needed before the next score"}}},
+                    "status": {"type": "string", "enum": ["learning", "warming_up", "skipped"]},
+                    "needed": {"type": "integer", "nullable": True,
+                               "description": "samples still needed before the next score "
+                                              "(null: the learning period is set by time)"}}},
                 "Error": {"type": "object", "required": ["logId", "errorCode", "errorMsg"],
                           "properties": {"logId": {"type": "string"},
                                          "errorCode": {"type": "integer"},

@@ -1,0 +1,131 @@
+"""A stream's baseline: the scaler and the threshold that say what normal is for it.
+
+Learning period: with calibration enabled, a stream's first `calibration.samples`
+samples (or, with `calibration.duration_s`, the samples of its first that many
+seconds of sample time) are held back, not scored.  When the period ends, the
+scaler is fitted on them (`contract.fit_scaler`); the stream then pushes them
+through its ring and the threshold is fitted on their window scores
+(`contract.fit_threshold`, smoothed as every later score is).  Without calibration
+the model's own scaler and threshold serve from the first sample on.
+
+A fitted baseline is a plain record (`to_record` / `restore`) that the state store
+persists, tied to the model's sha256.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from .config import CalibrationConfig
+from .contract import StreamScaler, fit_scaler, fit_threshold
+from .model_meta import ModelMeta
+
+log = logging.getLogger("tsad.baseline")
+
+
+class Baseline:
+    def __init__(self, meta: ModelMeta, cal: CalibrationConfig, fixed_threshold: float | None):
+        self.meta, self.cal = meta, cal
+        # scoring.threshold given as a number wins over any fitted threshold
+        self.fixed_threshold = fixed_threshold
+        self.scaler: StreamScaler | None = None
+        self.threshold = 0.0
+        self.fitted_at: str | None = None
+        self.samples_used = 0
+        self._ts: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._held = 0
+        self._first_ts: float | None = None
+        self._ended = False
+        if not cal.enabled:
+            self.scaler = StreamScaler.from_meta(meta)
+            self.threshold = self._default_threshold()
+
+    def _default_threshold(self) -> float:
+        return float(self.meta.threshold.value if self.fixed_threshold is None
+                     else self.fixed_threshold)
+
+    # ------------------------------------------------------------ learning period
+    @property
+    def learning(self) -> bool:
+        return self.scaler is None
+
+    @property
+    def needed(self) -> int | None:
+        """Samples still to come before the period ends; None when it is set by duration."""
+        if not self.learning or self.cal.duration_s is not None:
+            return 0 if not self.learning else None
+        return self.cal.samples - self._held
+
+    @property
+    def period_over(self) -> bool:
+        return self._ended
+
+    def hold(self, ts: np.ndarray, values: np.ndarray) -> int:
+        """Keep the samples that belong to the learning period; returns how many it kept.
+        Once `period_over`, the caller fits the baseline (`take_held`, `fit_*`)."""
+        if self.cal.duration_s is None:
+            take = min(len(ts), self.cal.samples - self._held)
+            ended = self._held + take >= self.cal.samples
+        else:
+            if self._first_ts is None and len(ts):
+                self._first_ts = float(ts[0])
+            after = np.flatnonzero(ts >= self._first_ts + self.cal.duration_s)
+            take = int(after[0]) if len(after) else len(ts)
+            ended = len(after) > 0
+        if take:
+            self._ts.append(ts[:take])
+            self._values.append(values[:take])
+            self._held += take
+        self._ended = ended and self._held > 0
+        return take
+
+    def take_held(self) -> tuple[np.ndarray, np.ndarray]:
+        """The held samples (ts, raw values); the period is reset."""
+        ts, raw = np.concatenate(self._ts), np.concatenate(self._values)
+        self._ts, self._values, self._held = [], [], 0
+        self._first_ts, self._ended = None, False
+        return ts, raw
+
+    def fit_scaler(self, raw: np.ndarray, stream: str) -> None:
+        try:
+            self.scaler = fit_scaler(raw, np.asarray(self.meta.scaler.std), self.cal.std_floor,
+                                     self.meta.calibration_std_scale)
+        except ValueError as e:
+            self.scaler = StreamScaler.from_meta(self.meta)
+            log.error("stream %s: cannot learn its scaler (%s); using the model's", stream, e)
+        self.samples_used = len(raw)
+
+    def fit_threshold(self, smoothed: np.ndarray | None) -> None:
+        """From the learning windows' smoothed scores; None when no window was complete."""
+        if self.fixed_threshold is not None:
+            self.threshold = float(self.fixed_threshold)
+        elif smoothed is None or not len(smoothed):
+            self.threshold = self._default_threshold()
+        else:
+            self.threshold = fit_threshold(smoothed, self.cal.quantile,
+                                           self.cal.margin * (self.meta.calibration_margin or 1.0))
+        self.fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def relearn(self) -> None:
+        """Start a new learning period (after maintenance or a set-point change)."""
+        if self.cal.enabled:
+            self.scaler = None
+            self._ts, self._values, self._held = [], [], 0
+            self._first_ts, self._ended = None, False
+
+    # ------------------------------------------------------------ persistence
+    def to_record(self) -> dict:
+        return {"mean": self.scaler.mean.tolist(), "std": self.scaler.std.tolist(),
+                "threshold": self.threshold, "samples": self.samples_used,
+                "quantile": self.cal.quantile, "margin": self.cal.margin,
+                "fitted_at": self.fitted_at}
+
+    def restore(self, record: dict) -> None:
+        self.scaler = StreamScaler(np.asarray(record["mean"]), np.asarray(record["std"]))
+        self.threshold = (float(record["threshold"]) if self.fixed_threshold is None
+                          else float(self.fixed_threshold))
+        self.samples_used = int(record.get("samples") or 0)
+        self.fitted_at = record.get("fitted_at")

@@ -1,0 +1,275 @@
+"""The engine: every stream's detection, synchronous, no threads.
+
+    results = engine.step(batches)
+
+Batches of raw samples in (any streams, any sizes), per-window results and alert
+events out.  The daemon, replay, evaluate, predict, the HTTP API and the benchmarks
+all call `step`, so what is measured is what is deployed.
+
+Rules of a step:
+- Batches of one stream are joined first (a stream's samples stay in order), so a
+  tick of many one-sample messages costs one ring push per stream, not per message.
+- The windows that fall due, whatever their stream, are served by one batched ONNX
+  Runtime call per `max_batch` windows: memory stays bounded however large a batch
+  is (a 4 MB payload of 140k samples is inferred chunk by chunk).
+- A stream that fails (a bug, a value no sink can format) is logged and counted in
+  `metrics.errors`; the other streams of the step go on.
+- Streams are created on their first sample, at most `max_streams` per source (the
+  rest are refused and counted in `metrics.dropped["stream_limit"]`), and evicted
+  after `idle_evict_s` without samples unless an alert is open; a learned baseline is
+  in the state store by then and comes back with the stream's next sample.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import numpy as np
+
+from .alerts import AlertTracker
+from .baseline import Baseline
+from .config import DetectionConfig
+from .contract import score_windows
+from .detector import Detector
+from .metrics import Metrics
+from .ring import RingBuffer, Windows
+from .scoring import Smoother
+from .sources.base import Batch
+from .state_store import StateStore
+from .stream import Stream, StreamResult
+
+log = logging.getLogger("tsad.engine")
+
+
+class Engine:
+    def __init__(self, cfg: DetectionConfig, detector: Detector, store: StateStore | None = None,
+                 metrics: Metrics | None = None, max_streams: dict[str, int] | None = None,
+                 default_max_streams: int = 1):
+        self.cfg, self.detector, self.store = cfg, detector, store
+        self.meta = detector.meta
+        self.metrics = metrics or detector.metrics or Metrics()
+        self.model_info = {"name": self.meta.name, "sha256": self.meta.onnx_sha256,
+                           "ep": detector.ep}
+        self.streams: dict[str, Stream] = {}
+        # per source id: how many streams it may create (1 unless it names them by topic)
+        self.max_streams = dict(max_streams or {})
+        self.default_max_streams = default_max_streams
+        self._per_source: dict[str, int] = {}
+        self._refused_logged: set[str] = set()
+
+    # ------------------------------------------------------------ streams
+    def stream(self, sid: str, source: str | None = None) -> Stream | None:
+        """The stream `sid`, created on first use; None when its source is at its cap."""
+        st = self.streams.get(sid)
+        if st is not None:
+            return st
+        src = sid if source is None else source
+        cap = self.max_streams.get(src, self.default_max_streams)
+        if self._per_source.get(src, 0) >= cap:
+            self.metrics.dropped["stream_limit"] += 1
+            if src not in self._refused_logged:
+                self._refused_logged.add(src)
+                log.warning("source %s: new stream %r refused: it already has %d stream(s), "
+                            "its max_streams (counted in dropped.stream_limit)", src, sid, cap)
+            return None
+        st = self._new_stream(sid, src)
+        self.streams[sid] = st
+        self._per_source[src] = self._per_source.get(src, 0) + 1
+        return st
+
+    def _new_stream(self, sid: str, source: str) -> Stream:
+        c, m = self.cfg, self.meta
+        fixed = None if c.scoring.threshold == "model" else float(c.scoring.threshold)
+        baseline = Baseline(m, c.calibration, fixed)
+        if c.calibration.enabled:
+            saved = self.store.load(sid, m.onnx_sha256, m.n_channels) if self.store else None
+            if saved:
+                baseline.restore(saved)
+                log.info("stream %s: baseline restored (threshold %.4g)", sid, baseline.threshold)
+            else:
+                log.info("stream %s: learning its baseline on its first %s", sid,
+                         f"{c.calibration.duration_s:g} s" if c.calibration.duration_s
+                         else f"{c.calibration.samples} samples")
+        ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
+                          ffill_max=c.buffer.ffill_max, gap_reset_s=c.buffer.gap_reset_s,
+                          max_block=max(m.window, 64))
+        tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
+        return Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
+                      self.detector.max_batch)
+
+    def pending(self, sid: str) -> dict:
+        """Why a stream gave no score yet: {"status": "learning" | "warming_up" | "skipped",
+        "needed": samples still needed (null when the learning period is set by time)}."""
+        st = self.streams[sid]
+        if st.baseline.learning:
+            return {"status": "learning", "needed": st.baseline.needed}
+        need = self.meta.window - st.ring.filled
+        if need > 0:
+            return {"status": "warming_up", "needed": need}
+        # a full window that still holds a value the forward fill could not cover
+        return {"status": "skipped", "needed": 1}
+
+    def drop(self, sid: str) -> None:
+        st = self.streams.pop(sid, None)
+        if st is not None:
+            self._per_source[st.source] -= 1
+
+    def retain(self, new_sources: dict, old_sources: dict, reason: str) -> list[dict]:
+        """Keep the streams whose source is configured unchanged (source id -> settings,
+        new and old); drop the others, ending their open alerts for `reason`."""
+        events = []
+        for sid, st in list(self.streams.items()):
+            if st.source in new_sources and new_sources[st.source] == old_sources.get(st.source):
+                continue
+            ev = st.tracker.close(st.last_ts, st.threshold, reason)
+            if ev is not None:
+                self.metrics.alerts["end"] += 1
+                events.append(ev)
+            self.drop(sid)
+        return events
+
+    def swap_detector(self, detector: Detector) -> None:
+        """The same model loaded anew (other providers or threads): streams carry on."""
+        if detector.meta.onnx_sha256 != self.meta.onnx_sha256:
+            raise ValueError("swap_detector needs the same model; build a new engine instead")
+        self.detector = detector
+        self.model_info["ep"] = detector.ep
+        for st in self.streams.values():
+            st.tracker.model_info["ep"] = detector.ep
+
+    # ------------------------------------------------------------ the step
+    def step(self, batches: Iterable[Batch]) -> list[StreamResult]:
+        """Process a tick's batches; the results in stream order of first appearance."""
+        joined: dict[str, list[Batch]] = {}
+        for b in batches:
+            joined.setdefault(b.stream, []).append(b)
+        results: list[StreamResult] = []
+        due: list[tuple[Stream, Windows]] = []
+        pending = 0
+        now = time.monotonic()
+        chunk = self.detector.max_batch
+        for sid, parts in joined.items():
+            st = self.stream(sid, parts[0].source)
+            if st is None:
+                continue
+            st.last_seen = now
+            ts, values = _join(parts)
+            self.metrics.samples_in += len(ts)
+            for a in range(0, len(ts), chunk):
+                try:
+                    w = st.ingest(ts[a:a + chunk], values[a:a + chunk], self.detector.infer)
+                except Exception:
+                    self._failed(st, "ingest")
+                    break
+                if st.just_learned:
+                    st.just_learned = False
+                    self._save(st)
+                if w is not None:
+                    due.append((st, w))
+                    pending += len(w)
+                    if pending >= chunk:
+                        results += self._infer(due)
+                        due, pending = [], 0
+        if due:
+            results += self._infer(due)
+        return self._with_states(joined, results)
+
+    def _with_states(self, touched, results: list[StreamResult]) -> list[StreamResult]:
+        """Hand each stream's entered states to its last result (an empty one if none)."""
+        last = {r.stream: r for r in results}
+        for sid in touched:
+            st = self.streams.get(sid)
+            if st is None or not st.entered:
+                continue
+            r = last.get(sid)
+            if r is None:
+                r = StreamResult(sid, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I, _EMPTY_I, [])
+                results.append(r)
+            r.entered, st.entered = st.entered, []
+        return results
+
+    def _infer(self, due: list[tuple[Stream, Windows]]) -> list[StreamResult]:
+        x = due[0][1].x if len(due) == 1 else np.concatenate([w.x for _, w in due])
+        scores, err = score_windows(x, self.detector.infer(x))
+        self.metrics.windows_inferred += len(x)
+        out, off = [], 0
+        for st, w in due:
+            k = len(w)
+            try:
+                r = st.conclude(w.ts, scores[off:off + k], err[off:off + k])
+            except Exception:
+                self._failed(st, "conclude")
+            else:
+                for ev in r.events:
+                    self.metrics.alerts[ev["type"]] += 1
+                out.append(r)
+            off += k
+        return out
+
+    def _failed(self, st: Stream, where: str) -> None:
+        self.metrics.errors[f"stream_{where}"] += 1
+        n = self.metrics.errors[f"stream_{where}"]
+        if n <= 5 or n % 1000 == 0:
+            log.exception("stream %s: %s failed (%d so far); its other samples go on", st.id,
+                          where, n)
+
+    # ------------------------------------------------------------ lifecycle
+    def close_alerts(self, reason: str) -> list[dict]:
+        """End every open alert (a stop, a reload that changes the model); the end events."""
+        out = []
+        for st in self.streams.values():
+            ev = st.tracker.close(st.last_ts, st.threshold, reason)
+            if ev is not None:
+                log.info("stream %s: alert %s ended (%s)", st.id, ev["id"], reason)
+                self.metrics.alerts["end"] += 1
+                out.append(ev)
+        return out
+
+    def rebaseline(self, sid: str) -> tuple[bool, dict | None]:
+        """Start a new learning period for one stream: (known stream?, end event or None)."""
+        st = self.streams.get(sid)
+        if st is None:
+            return False, None
+        ev = st.relearn()
+        if ev is not None:
+            self.metrics.alerts["end"] += 1
+        if self.store:
+            self.store.forget(sid)
+        log.info("stream %s: re-baselining: a new learning period starts", sid)
+        return True, ev
+
+    def _save(self, st: Stream) -> None:
+        if self.store and self.cfg.calibration.enabled and not st.baseline.learning:
+            self.store.save(st.id, self.meta.onnx_sha256, st.baseline.to_record())
+
+    def save_baselines(self) -> None:
+        """Persist every learned baseline (intervals, clean stop)."""
+        for st in self.streams.values():
+            self._save(st)
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        """Drop streams without samples for idle_evict_s (none with an open alert)."""
+        limit = self.cfg.buffer.idle_evict_s
+        if limit is None:
+            return []
+        now = time.monotonic() if now is None else now
+        gone = [sid for sid, st in self.streams.items()
+                if now - st.last_seen > limit and st.tracker.state != "anomaly"]
+        for sid in gone:
+            self._save(self.streams[sid])
+            self.drop(sid)
+        if gone:
+            self.metrics.dropped["stream_evicted"] += len(gone)
+            log.info("evicted %d idle stream(s) (no sample for %g s)", len(gone), limit)
+        return gone
+
+
+_EMPTY_F = np.empty(0, np.float64)
+_EMPTY_I = np.empty(0, np.int8)
+
+
+def _join(parts: list[Batch]) -> tuple[np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0].ts, parts[0].values
+    return np.concatenate([p.ts for p in parts]), np.concatenate([p.values for p in parts])

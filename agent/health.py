@@ -1,0 +1,45 @@
+"""The health snapshot: what the agent publishes on `P health` and answers on its API.
+
+Bounded in size whatever the number of streams: at most HEALTH_STREAMS streams are
+listed in full (those in alarm first, then learning, then by id), the rest only
+counted in `streams_summary`, so a wildcard subscription with hundreds of devices
+cannot turn one retained message into megabytes.
+"""
+from __future__ import annotations
+
+import time
+
+from .alerts import iso_utc
+from .config import AgentConfig
+from .engine import Engine
+
+HEALTH_STREAMS = 32
+_ORDER = {"anomaly": 0, "learning": 1, "normal": 2}
+
+
+def stream_status(st) -> dict:
+    return {"state": st.state, "samples": st.samples,
+            "calibrated": not st.baseline.learning, "threshold": st.threshold,
+            "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}
+
+
+def health_snapshot(cfg: AgentConfig, engine: Engine, runners) -> dict:
+    h = engine.metrics.snapshot()
+    streams = sorted(engine.streams.values(), key=lambda s: (_ORDER.get(s.state, 3), s.id))
+    counts: dict[str, int] = {}
+    for st in streams:
+        counts[st.state] = counts.get(st.state, 0) + 1
+    h.update({
+        "ts": iso_utc(time.time()),
+        "node": cfg.node,
+        "model": {**engine.model_info, "window": engine.meta.window},
+        "ep": engine.detector.ep,
+        "sources": {r.stream.id: {"type": r.stream.source.type,
+                                  "connected": bool(r.source.connected)} for r in runners},
+        "streams": {st.id: stream_status(st) for st in streams[:HEALTH_STREAMS]},
+        "streams_summary": {"total": len(streams), "listed": min(len(streams), HEALTH_STREAMS),
+                            **counts},
+    })
+    if engine.store is not None:
+        h["state_dir"] = engine.store.health()
+    return h

@@ -1,0 +1,173 @@
+"""Running recorded data through the engine: the one way every file-based entry point
+(replay, evaluate, predict, the demo, the HTTP file endpoint, the benchmarks) turns a
+table into per-window results, so they all see exactly what the daemon would.
+
+A file is fed to `Engine.step` in chunks of `chunk` rows (the replay source's batch
+size), at full speed or paced by its timestamps; every result may go to sinks as it
+is produced, and a `Recording` keeps them as arrays per stream.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .config import AgentConfig, DetectionConfig
+from .contract import read_table
+from .detector import Detector
+from .engine import Engine
+from .model_meta import ModelMeta
+from .sinks import build_sinks
+from .sinks.base import Sink
+from .sources.base import Batch
+from .stream import StreamResult
+
+CHUNK = 256
+
+
+def detection_config_dict(learning_rows: int | None, overrides: dict | None,
+                          node: str) -> dict:
+    d: dict = {"node": node, "calibration": {"enabled": learning_rows is not None,
+                                             **({"samples": learning_rows} if learning_rows else {})}}
+    for key, val in (overrides or {}).items():
+        d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val
+    return d
+
+
+def detection_config(meta: ModelMeta, learning_rows: int | None = None,
+                     overrides: dict | None = None, node: str = "replay") -> DetectionConfig:
+    """The detection settings for a file job: learning on the first `learning_rows` rows
+    (None: the model's own scaler and threshold), config defaults otherwise; `overrides`
+    are merged one level deep per section."""
+    return DetectionConfig.model_validate(detection_config_dict(learning_rows, overrides, node))
+
+
+def file_config(path: str, model: str, learning_rows: int | None, overrides: dict | None = None,
+                node: str = "replay", stream: str = "replay", speed: float = 0.0) -> AgentConfig:
+    """The daemon config of one file replayed as one stream, with no broker and no state
+    (the replay and demo commands; `overrides` may enable sinks or the broker)."""
+    over = dict(overrides or {})
+    det = detection_config_dict(learning_rows, {k: over.pop(k) for k in list(over)
+                                                if k in DetectionConfig.model_fields}, node)
+    d = {**det, "state_dir": None, "model": {"path": model},
+         "streams": [{"id": stream, "source": {"type": "replay", "path": str(path),
+                                               "speed": speed}}],
+         "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}}
+    for key, val in over.items():
+        d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val
+    return AgentConfig.model_validate(d)
+
+
+def replay_config(cfg: AgentConfig, detector: Detector,
+                  stop: Callable[[], bool] | None = None) -> tuple[Engine, Recording]:
+    """Run a one-file config (`file_config`) to the end of its file, through its sinks."""
+    s = cfg.streams[0]
+    t = read_table(s.source.path, detector.meta.channels)
+    engine = Engine(cfg.detection, detector)
+    sinks = build_sinks(cfg, engine.metrics)
+    for sink in sinks:
+        sink.start()
+    try:
+        rec = run_table(engine, s.id, t.ts, t.values, chunk=s.source.chunk,
+                        speed=s.source.speed, sinks=sinks, stop=stop)
+    finally:
+        for sink in sinks:
+            sink.stop()
+    return engine, rec
+
+
+def model_learning_rows(meta: ModelMeta) -> int | None:
+    """The learning period the model was trained for (metadata training.calibration_rows).
+
+    Models exported for per-stream calibration carry a scaler in per-block units
+    that is meaningless on raw data without it (every score far over threshold)."""
+    n = meta.training.get("calibration_rows")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+@dataclass
+class Recording:
+    """Per-window results kept as numpy blocks per stream, joined once on read."""
+    blocks: dict[str, list[StreamResult]] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+
+    def add(self, results: list[StreamResult]) -> None:
+        for r in results:
+            if len(r.ts):
+                self.blocks.setdefault(r.stream, []).append(r)
+            self.events += r.events
+
+    def table(self, stream: str) -> dict[str, np.ndarray]:
+        """{"ts", "score", "label", "alert", "threshold"} arrays for one stream, in order."""
+        rs = self.blocks.get(stream, [])
+        if not rs:
+            return {k: np.empty(0) for k in ("ts", "score", "label", "alert", "threshold")}
+        return {"ts": np.concatenate([r.ts for r in rs]),
+                "score": np.concatenate([r.scores for r in rs]),
+                "label": np.concatenate([r.labels for r in rs]),
+                "alert": np.concatenate([r.alert_open for r in rs]),
+                "threshold": np.concatenate([np.full(len(r.ts), r.threshold) for r in rs])}
+
+
+def deliver(results: list[StreamResult], sinks: list[Sink], on_error=None) -> None:
+    """Hand results to sinks in order: scores, then each event, then the states entered.
+    A sink that raises is reported to `on_error(sink)` and does not stop the others."""
+    for sink in sinks:
+        try:
+            for r in results:
+                if len(r.ts):
+                    sink.scores(r.stream, r.ts, r.scores, r.threshold, r.labels, r.alert_open)
+                for ev in r.events:
+                    sink.alert(ev)
+                for state in r.entered:
+                    sink.state(r.stream, state)
+        except Exception:
+            if on_error is None:
+                raise
+            on_error(sink)
+
+
+def run_table(engine: Engine, stream: str, ts: np.ndarray, values: np.ndarray,
+              chunk: int = CHUNK, speed: float = 0.0, sinks: list[Sink] = (),
+              stop: Callable[[], bool] | None = None) -> Recording:
+    """Feed one stream's rows to the engine to the end (or until `stop()`); speed 0 = as
+    fast as possible, else real time x speed by the rows' timestamps."""
+    rec = Recording()
+    t0 = time.monotonic()
+    step = 1 if speed > 0 else chunk
+    for a in range(0, len(ts), step):
+        if stop is not None and stop():
+            break
+        if speed > 0:
+            delay = t0 + (ts[a] - ts[0]) / speed - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        results = engine.step([Batch(stream, ts[a:a + step], values[a:a + step])])
+        rec.add(results)
+        if sinks:
+            deliver(results, sinks)
+    return rec
+
+
+def write_results_csv(path: Path, table: dict) -> None:
+    """`timestamp,score,label,alert` per window (the replay command's --out)."""
+    import pandas as pd
+    pd.DataFrame({"timestamp": pd.to_datetime(table["ts"], unit="s").strftime("%Y-%m-%d %H:%M:%S"),
+                  "score": table["score"], "label": table["label"].astype(int),
+                  "alert": table["alert"].astype(int)}).to_csv(path, index=False,
+                                                               float_format="%.6g")
+
+
+def rows_prediction(row_ts: np.ndarray, table: dict, by: str) -> np.ndarray:
+    """Per-row 0/1 from per-window results (`by`: "alert" or "label"); rows without a
+    window of their own (warm-up, learning) are 0."""
+    pred = np.zeros(len(row_ts), dtype=np.int8)
+    if len(table["ts"]):
+        idx = np.searchsorted(row_ts, table["ts"])
+        ok = (idx < len(row_ts))
+        ok[ok] = row_ts[idx[ok]] == table["ts"][ok]
+        pred[idx[ok]] = table[by][ok].astype(np.int8)
+    return pred

@@ -1,0 +1,160 @@
+"""Per-stream baselines on disk: `<state_dir>/calibration/<stream>.json`.
+
+A learned baseline (scaler and threshold, see baseline.py) is saved when its
+learning period ends, at intervals and on a clean stop, so a restart resumes it
+instead of learning again.  Each file is tied to the model's sha256: a new model
+invalidates it and the stream learns again.
+
+Rules:
+- A file that is unreadable, malformed, for another model, or whose vectors do not
+  have one value per model channel is refused with a log line; the stream learns.
+- A save that fails (read-only or full disk) never stops detection: the error is
+  logged, the baseline stays in memory, the save is retried by `retry()` (the
+  pipeline calls it on its health tick), and `health()` reports the trouble.
+- Writes are atomic (tmp + fsync + rename): a power cut leaves the old file or the
+  new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+
+
+def _filename(stream: str) -> str:
+    # Stream ids from MQTT topic levels can hold any character; percent-encode
+    # everything else (and '%' itself, so the mapping stays one-to-one).
+    safe = re.sub(r"[^A-Za-z0-9_.\-]",
+                  lambda m: "".join("%%%02X" % b for b in m.group().encode()), stream)
+    if safe.startswith("."):
+        safe = "%2E" + safe[1:]   # no hidden files, no "." or ".."
+    return safe + ".json"
+
+
+def _vector(d: dict, key: str, n: int) -> np.ndarray:
+    v = d.get(key)
+    if not isinstance(v, list) or not all(isinstance(x, (int, float)) for x in v):
+        raise ValueError(f"'{key}' must be a list of numbers")
+    if len(v) != n:
+        raise ValueError(f"'{key}' has {len(v)} value(s), the model has {n} channel(s)")
+    a = np.asarray(v, np.float64)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"'{key}' holds non-finite values")
+    return a
+
+
+def _check(d, n_channels: int) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    if d.get("schema") != SCHEMA:
+        raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA}")
+    mean, std = _vector(d, "mean", n_channels), _vector(d, "std", n_channels)
+    if not np.all(std > 0):
+        raise ValueError("'std' must be > 0")
+    thr = d.get("threshold")
+    if not isinstance(thr, (int, float)) or not (0 < thr < float("inf")):
+        raise ValueError(f"'threshold' is {thr!r}, expected a finite number > 0")
+    return {**d, "mean": mean, "std": std, "threshold": float(thr)}
+
+
+def _plain(v):
+    if isinstance(v, (np.ndarray, list, tuple)):
+        return np.asarray(v).tolist()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class StateStore:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir) / "calibration"
+        self._pending: dict[str, tuple[str, dict]] = {}
+        self.problem: str | None = None
+
+    def path(self, stream: str) -> Path:
+        return self.dir / _filename(stream)
+
+    def load(self, stream: str, model_sha: str, n_channels: int) -> dict | None:
+        """The saved baseline ("mean"/"std" as float64 arrays), or None when none is usable."""
+        p = self.path(stream)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            log.warning("stream %s: baseline file %s is unreadable (%s); learning again",
+                        stream, p, e)
+            return None
+        try:
+            rec = _check(d, n_channels)
+        except ValueError as e:
+            log.warning("stream %s: baseline file %s is invalid (%s); learning again", stream, p, e)
+            return None
+        if rec.get("model_sha256") != model_sha:
+            log.info("stream %s: baseline was learned for model %.12s..., now %.12s...; "
+                     "learning again", stream, str(rec.get("model_sha256")), model_sha)
+            return None
+        return rec
+
+    def save(self, stream: str, model_sha: str, record: dict) -> bool:
+        """Write the record; False (logged, kept for `retry`) when the disk refuses it."""
+        body = {"schema": SCHEMA, "stream": stream, "model_sha256": model_sha,
+                **{k: _plain(v) for k, v in record.items()}}
+        try:
+            self._write(self.path(stream), body)
+        except OSError as e:
+            self._pending[stream] = (model_sha, record)
+            problem = f"cannot save baselines in {self.dir}: {e.strerror or e}"
+            if problem != self.problem:
+                log.error("%s; keeping them in memory and retrying", problem)
+            self.problem = problem
+            return False
+        self._pending.pop(stream, None)
+        if not self._pending and self.problem:
+            log.info("baselines saved again in %s", self.dir)
+            self.problem = None
+        return True
+
+    def retry(self) -> None:
+        for stream, (sha, record) in list(self._pending.items()):
+            if not self.save(stream, sha, record):
+                return
+
+    def forget(self, stream: str) -> None:
+        self._pending.pop(stream, None)
+        try:
+            self.path(stream).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("stream %s: cannot remove its old baseline file: %s", stream, e)
+
+    def health(self) -> dict:
+        return {"ok": self.problem is None, "error": self.problem, "unsaved": len(self._pending)}
+
+    def _write(self, p: Path, body: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass   # some filesystems cannot fsync a directory; the rename is still atomic

@@ -1,0 +1,222 @@
+"""The engine (agent.engine): learning, alerts, batching, bounds and isolation, with a
+real ONNX model and no threads."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from agent.config import DetectionConfig
+from agent.detector import Detector
+from agent.engine import Engine
+from agent.metrics import Metrics
+from agent.sources.base import Batch
+from agent.state_store import StateStore
+from onnx_factory import make_model
+
+CH = ["a", "b", "c"]
+W = 16
+
+
+@pytest.fixture
+def model(tmp_path):
+    path, _ = make_model(tmp_path / "m.onnx", window=W, channels=CH, kind="timemix")
+    return str(path)
+
+
+def engine_for(model: str, store=None, max_batch: int = 256, metrics=None, **over) -> Engine:
+    m = metrics or Metrics()
+    det = Detector(model, metrics=m, max_batch=max_batch)
+    return Engine(DetectionConfig.model_validate({"node": "t", **over}), det, store=store,
+                  metrics=m, max_streams={"many": 3})
+
+
+def normal(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None]
+    return (np.sin(t / 5.0 + np.arange(3)) + rng.normal(0, 0.05, (n, 3))).astype(np.float32)
+
+
+def feed(e: Engine, stream: str, values: np.ndarray, t0: float = 1e9, block: int = 64,
+         source: str | None = None) -> list:
+    out = []
+    for i in range(0, len(values), block):
+        v = values[i:i + block]
+        out += e.step([Batch(stream, t0 + np.arange(i, i + len(v), dtype=np.float64), v,
+                             source=source)])
+    return out
+
+
+def windows(results) -> int:
+    return sum(len(r.ts) for r in results)
+
+
+def test_learning_fits_persists_and_survives_restart(model, tmp_path):
+    cal = {"calibration": {"enabled": True, "samples": 200, "margin": 3.0}}
+    e = engine_for(model, StateStore(tmp_path), **cal)
+    res = feed(e, "s1", normal(300))
+    st = e.streams["s1"]
+    assert not st.baseline.learning and st.threshold > 0
+    # learning windows are scored for the threshold but never reach the sinks
+    assert windows(res) == 100
+    # the states entered reach the sinks: learning first, then normal
+    assert [s for r in res for s in r.entered] == ["learning", "normal"]
+    assert (tmp_path / "calibration" / "s1.json").exists()
+
+    e2 = engine_for(model, StateStore(tmp_path), **cal)
+    res2 = feed(e2, "s1", normal(50, seed=1))
+    st2 = e2.streams["s1"]
+    assert not st2.baseline.learning, "restart learned again instead of restoring"
+    assert st2.threshold == pytest.approx(st.threshold)
+    np.testing.assert_allclose(st2.baseline.scaler.mean, st.baseline.scaler.mean)
+    assert windows(res2) == 50 - W + 1
+
+
+def test_learning_period_by_duration(model):
+    e = engine_for(model, calibration={"enabled": True, "duration_s": 120.0})
+    res = feed(e, "s1", normal(300), block=50)
+    st = e.streams["s1"]
+    # samples are 1 s apart: 120 learned, the rest scored
+    assert st.baseline.samples_used == 120 and windows(res) == 180
+    e2 = engine_for(model, calibration={"enabled": True, "duration_s": 120.0})
+    feed(e2, "s1", normal(60))
+    assert e2.pending("s1") == {"status": "learning", "needed": None}
+
+
+def test_anomaly_opens_and_closes_an_alert(model):
+    e = engine_for(model, calibration={"enabled": True, "samples": 200, "margin": 1.5},
+                   alerts={"open_k": 3, "open_n": 5, "close_m": 5})
+    v = normal(600)
+    v[400:450, 1] += 8.0          # a step on channel b
+    res = feed(e, "s1", v)
+    events = [ev for r in res for ev in r.events]
+    assert [ev["type"] for ev in events][0] == "new" and events[-1]["type"] == "end"
+    assert events[-1]["reason"] == "recovered"
+    assert events[0]["top_channels"][0]["name"] == "b"
+    ts = np.concatenate([r.ts for r in res])
+    opened = ts[np.concatenate([r.alert_open for r in res]) == 1] - 1e9
+    assert opened.min() >= 400 and opened.max() < 470
+    assert [s for r in res for s in r.entered] == ["learning", "normal", "anomaly", "normal"]
+
+
+def test_streams_due_in_one_step_share_one_ort_run(model):
+    e = engine_for(model)
+    m = e.metrics
+    v = normal(W)
+    before = len(m._lat_ms)
+    e.step([Batch(f"s{i}", 1e9 + np.arange(W, dtype=np.float64), v) for i in range(8)])
+    assert len(e.streams) == 8
+    assert m.windows_inferred == 8
+    assert len(m._lat_ms) - before == 1, "8 due windows should be one batched ORT run"
+
+
+def test_one_sample_batches_of_a_stream_are_joined_in_order(model):
+    """50 one-sample messages in one tick give the results one 50-sample batch gives."""
+    v = normal(200)
+    ts = 1e9 + np.arange(200, dtype=np.float64)
+    a, b = engine_for(model), engine_for(model)
+    ra = a.step([Batch("s", ts[i:i + 1], v[i:i + 1]) for i in range(200)])
+    rb = b.step([Batch("s", ts, v)])
+    np.testing.assert_array_equal(np.concatenate([r.scores for r in ra]),
+                                  np.concatenate([r.scores for r in rb]))
+    assert a.streams["s"].samples == 200
+
+
+def test_a_huge_batch_is_inferred_in_bounded_chunks(model):
+    e = engine_for(model, max_batch=64)
+    n = 5000
+    res = e.step([Batch("s", 1e9 + np.arange(n, dtype=np.float64), normal(n))])
+    assert windows(res) == n - W + 1
+    # every ORT call had at most max_batch windows: one call per 64 windows
+    assert len(e.metrics._lat_ms) == -(-(n - W + 1) // 64) + 1     # + the warm-up at load
+    np.testing.assert_array_equal(np.concatenate([r.ts for r in res]),
+                                  1e9 + np.arange(W - 1, n))
+
+
+def test_missing_values_are_filled_or_skipped_never_crash(model):
+    e = engine_for(model, buffer={"ffill_max": 2})
+    v = normal(200)
+    v[50, 0] = np.nan                     # one gap: forward-filled
+    v[100:110, 2] = np.nan                # ten: windows containing them are skipped
+    res = feed(e, "s1", v)
+    st = e.streams["s1"]
+    assert st.ring.skipped > 0
+    assert np.isfinite(np.concatenate([r.scores for r in res])).all()
+    assert e.metrics.windows_inferred == windows(res) == 200 - W + 1 - st.ring.skipped
+
+
+def test_streams_per_source_are_capped_and_counted(model, caplog):
+    e = engine_for(model)
+    caplog.set_level(logging.WARNING, logger="tsad.engine")
+    for i in range(5):
+        e.step([Batch(f"dev{i}", np.array([1e9]), normal(1), source="many")])
+    assert sorted(e.streams) == ["dev0", "dev1", "dev2"]
+    assert e.metrics.dropped["stream_limit"] == 2
+    assert caplog.text.count("refused") == 1
+    # a stream of its own source (no cap given) is one stream
+    e.step([Batch("solo", np.array([1e9]), normal(1))])
+    assert "solo" in e.streams
+
+
+def test_idle_streams_are_evicted_and_come_back_with_their_baseline(model, tmp_path):
+    e = engine_for(model, StateStore(tmp_path), buffer={"idle_evict_s": 60},
+                   calibration={"enabled": True, "samples": 100, "margin": 3.0})
+    feed(e, "s1", normal(150))
+    thr = e.streams["s1"].threshold
+    e.streams["s1"].last_seen -= 61
+    assert e.evict_idle() == ["s1"] and "s1" not in e.streams
+    assert e.metrics.dropped["stream_evicted"] == 1
+    res = feed(e, "s1", normal(50, seed=2), t0=2e9)
+    assert e.streams["s1"].threshold == pytest.approx(thr)
+    assert not e.streams["s1"].baseline.learning and windows(res) == 50 - W + 1
+
+
+def test_an_open_alert_keeps_its_stream_in_memory(model):
+    e = engine_for(model, scoring={"threshold": 0.5}, buffer={"idle_evict_s": 60},
+                   alerts={"open_k": 1, "open_n": 1})
+    v = normal(40)
+    v[-5:] += 50.0
+    feed(e, "s1", v)
+    assert e.streams["s1"].tracker.state == "anomaly"
+    e.streams["s1"].last_seen -= 61
+    assert e.evict_idle() == []
+
+
+def test_a_failing_stream_does_not_stop_the_others(model, caplog):
+    e = engine_for(model)
+    caplog.set_level(logging.ERROR, logger="tsad.engine")
+    bad = Batch("bad", np.array([1e9, 1e9 + 1]), np.zeros((2, 5), np.float32))   # 5 channels
+    ts = 1e9 + np.arange(W, dtype=np.float64)
+    res = e.step([bad, Batch("good", ts, normal(W))])
+    assert [r.stream for r in res if len(r.ts)] == ["good"]
+    assert e.metrics.errors["stream_ingest"] == 1 and "bad" in caplog.text
+
+
+def test_rebaseline_ends_the_alert_and_learns_again(model, tmp_path):
+    store = StateStore(tmp_path)
+    e = engine_for(model, store, calibration={"enabled": True, "samples": 100, "margin": 3.0},
+                   alerts={"open_k": 1, "open_n": 1, "close_m": 50})
+    v = normal(200)
+    v[150:] += 30.0
+    feed(e, "s1", v)
+    assert e.streams["s1"].tracker.state == "anomaly"
+    known, ev = e.rebaseline("s1")
+    assert known and ev["type"] == "end" and ev["reason"] == "rebaseline"
+    assert e.streams["s1"].state == "learning" and e.pending("s1")["status"] == "learning"
+    assert not store.path("s1").exists()
+    assert e.rebaseline("nope") == (False, None)
+    res = feed(e, "s1", normal(150, seed=3) + 30.0, t0=2e9)   # the new normal
+    assert e.streams["s1"].state == "normal" and windows(res) == 50
+    assert not any(ev["type"] == "new" for r in res for ev in r.events)
+
+
+def test_close_alerts_ends_every_open_alert_with_its_reason(model):
+    e = engine_for(model, scoring={"threshold": 0.5}, alerts={"open_k": 1, "open_n": 1})
+    v = normal(40)
+    v[-3:] += 50.0
+    feed(e, "x", v)
+    feed(e, "y", normal(40))
+    evs = e.close_alerts("stopped")
+    assert [(ev["stream"], ev["type"], ev["reason"]) for ev in evs] == [("x", "end", "stopped")]
+    assert e.close_alerts("stopped") == []

@@ -1,0 +1,108 @@
+"""Per-stream baselines on disk (agent.state_store): round trip, refusal of bad files,
+and a disk that refuses writes (issue: an unwritable state_dir killed the daemon)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from agent.state_store import StateStore
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def record(mean=(1.0, 2.0), std=(0.5, 0.25), thr=0.3):
+    return {"mean": np.array(mean), "std": np.array(std), "threshold": np.float64(thr),
+            "samples": 400, "quantile": 0.99, "margin": 1.5, "fitted_at": "2024-01-01T00:00:00Z"}
+
+
+def test_calibration_round_trip(tmp_path):
+    store = StateStore(tmp_path)
+    assert store.save("pump-1", SHA_A, record())
+    p = store.path("pump-1")
+    assert p.parent == tmp_path / "calibration" and not list(p.parent.glob("*.tmp"))
+    got = StateStore(tmp_path).load("pump-1", SHA_A, 2)
+    np.testing.assert_array_equal(got["mean"], [1.0, 2.0])
+    np.testing.assert_array_equal(got["std"], [0.5, 0.25])
+    assert got["threshold"] == 0.3 and got["samples"] == 400 and got["quantile"] == 0.99
+    assert got["margin"] == 1.5 and got["fitted_at"] == "2024-01-01T00:00:00Z"
+    assert store.load("pump-2", SHA_A, 2) is None
+    # saving again replaces the file
+    store.save("pump-1", SHA_A, record(thr=0.7))
+    assert store.load("pump-1", SHA_A, 2)["threshold"] == 0.7
+
+
+def test_calibration_odd_stream_names_do_not_escape(tmp_path):
+    store = StateStore(tmp_path)
+    for s in ["../evil", "a/b", ".", "x%2Fy", "x/y"]:
+        store.save(s, SHA_A, record(thr=len(s) / 10))
+    assert {p.parent for p in (tmp_path / "calibration").iterdir()} == {tmp_path / "calibration"}
+    assert store.load("x%2Fy", SHA_A, 2)["threshold"] == 0.5
+    assert store.load("x/y", SHA_A, 2)["threshold"] == 0.3
+
+
+def test_calibration_other_model_means_recalibrate(tmp_path, caplog):
+    store = StateStore(tmp_path)
+    store.save("s", SHA_A, record())
+    caplog.set_level(logging.INFO, logger="agent.state_store")
+    assert store.load("s", SHA_B, 2) is None
+    assert "learning again" in caplog.text
+    assert store.load("s", SHA_A, 2) is not None
+
+
+@pytest.mark.parametrize("content", ['{"schema": 1, "mean": [1', "[]", "\xff\xfe",
+                                     '{"schema": 1, "model_sha256": "%s", "mean": [1.0, 1], "std": [0.0, 1], "threshold": 1}' % SHA_A,
+                                     '{"schema": 1, "model_sha256": "%s", "mean": [1.0, 1], "std": [1.0, 1], "threshold": -1}' % SHA_A,
+                                     '{"schema": 2, "model_sha256": "%s", "mean": [1.0, 1], "std": [1.0, 1], "threshold": 1}' % SHA_A,
+                                     # one value per channel or none: 3 would crash the scaler,
+                                     # 1 would be broadcast to every channel
+                                     '{"schema": 1, "model_sha256": "%s", "mean": [1, 2, 3], "std": [1, 1, 1], "threshold": 1}' % SHA_A,
+                                     '{"schema": 1, "model_sha256": "%s", "mean": [1], "std": [1], "threshold": 1}' % SHA_A])
+def test_calibration_corrupt_file_is_logged_and_ignored(tmp_path, caplog, content):
+    store = StateStore(tmp_path)
+    store.save("s", SHA_A, record())
+    store.path("s").write_bytes(content.encode("latin-1"))
+    caplog.set_level(logging.WARNING, logger="agent.state_store")
+    assert store.load("s", SHA_A, 2) is None
+    assert "learning again" in caplog.text and str(store.path("s")) in caplog.text
+
+
+def test_calibration_file_is_plain_json(tmp_path):
+    store = StateStore(tmp_path)
+    store.save("s", SHA_A, record())
+    d = json.loads(store.path("s").read_text())
+    assert d["schema"] == 1 and d["stream"] == "s" and d["model_sha256"] == SHA_A
+    assert d["mean"] == [1.0, 2.0] and d["threshold"] == 0.3
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_refused_save_is_kept_reported_and_retried(tmp_path, caplog):
+    store = StateStore(tmp_path)
+    (tmp_path / "calibration").mkdir()
+    os.chmod(tmp_path / "calibration", 0o500)
+    caplog.set_level(logging.ERROR, logger="agent.state_store")
+    try:
+        assert store.save("s", SHA_A, record()) is False
+        assert store.save("t", SHA_A, record()) is False
+        h = store.health()
+        assert h["ok"] is False and h["unsaved"] == 2 and "calibration" in h["error"]
+        assert caplog.text.count("cannot save baselines") == 1   # once per problem
+    finally:
+        os.chmod(tmp_path / "calibration", 0o700)
+    store.retry()
+    assert store.health() == {"ok": True, "error": None, "unsaved": 0}
+    assert store.load("s", SHA_A, 2)["threshold"] == 0.3 and store.load("t", SHA_A, 2)
+
+
+def test_a_save_into_a_file_where_the_folder_should_be_fails_softly(tmp_path):
+    # works as root too: a plain file blocks the folder
+    (tmp_path / "calibration").write_text("not a folder")
+    store = StateStore(tmp_path)
+    assert store.save("s", SHA_A, record()) is False
+    assert store.health()["ok"] is False
+    (tmp_path / "calibration").unlink()
+    store.retry()
+    assert store.health()["ok"] is True and store.load("s", SHA_A, 2) is not None
