@@ -149,13 +149,7 @@ class Outbox:
                 raise _Damaged("; ".join(problems[:3]))
             self._depth = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
             seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-            if (seq[0] if seq else 0) < self._last_id:
-                # a replacement file continues the ids: the sender's cursor stays valid
-                db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
-                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)",
-                           (self._last_id,))
-            elif seq:
-                self._last_id = seq[0]
+            self._last_id = max(self._last_id, seq[0] if seq else 0)
             if not self._loaded:     # later, memory knows better than the file
                 self._adopt(db.execute("SELECT id, topic, payload, last_ts FROM open_alerts"))
         except BaseException:
@@ -299,16 +293,19 @@ class Outbox:
                 return (None, f"all rows are new/end events: refused a {kind!r} event"), 0
             db.execute("DELETE FROM outbox WHERE id = ?", row)
             delta, dropped = 0, "evicted the oldest 'update' event"
-        cur = db.execute("INSERT INTO outbox (topic, payload, kind, created) VALUES (?, ?, ?, ?)",
-                         (topic, payload, kind, time.time()))
+        # ids are issued here, not by SQLite: memory rows and a replacement file share
+        # one sequence (AUTOINCREMENT still keeps its high-water mark across restarts)
+        rowid = self._last_id + 1
+        db.execute("INSERT INTO outbox (id, topic, payload, kind, created) VALUES (?, ?, ?, ?, ?)",
+                   (rowid, topic, payload, kind, time.time()))
         if alert_id is not None:
             if kind == "end":
                 db.execute("DELETE FROM open_alerts WHERE id = ?", (alert_id,))
             else:
                 db.execute("INSERT OR REPLACE INTO open_alerts VALUES (?, ?, ?, ?)",
                            (alert_id, topic, payload, last_ts))
-        self._last_id = max(self._last_id, cur.lastrowid)
-        return (cur.lastrowid, dropped), delta
+        self._last_id = rowid
+        return (rowid, dropped), delta
 
     def _keep(self, topic: str, payload: bytes, kind: str) -> int:
         if len(self._mem) >= self.memory_rows:

@@ -202,6 +202,25 @@ def test_full_disk_keeps_events_in_memory_and_writes_them_back(tmp_path, quick_r
     assert dict(m.dropped) == {}
 
 
+def test_ids_keep_growing_across_memory_rows(tmp_path, quick_retry):
+    # rows that lived only in memory and were acknowledged there still used their ids
+    with tiny_fs(tmp_path / "fs") as d:
+        ob = Outbox(d / "outbox.sqlite")
+        first = ob.put("t", body(0), "new")
+        filler = fill(d)
+        in_memory = [ob.put("t", body(i), "end") for i in range(1, 40)]
+        assert ob.state()["memory"] > 0
+        for rowid in [first] + in_memory:
+            ob.ack(rowid)
+        filler.unlink()
+        ob.retry()
+        assert ob.state()["ok"] is True
+        nxt = ob.put("t", body(99), "new")
+        assert nxt > in_memory[-1]
+        assert ob.pending(10, after=in_memory[-1]) == [(nxt, "t", body(99))]
+        ob.close()
+
+
 def test_memory_is_bounded_keeping_the_newest_new_and_end(tmp_path, caplog):
     caplog.set_level(logging.ERROR)
     m = Metrics()
