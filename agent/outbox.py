@@ -2,43 +2,36 @@
 
 An alert is written here before it is published and deleted only when the
 broker has acknowledged it, so broker outages and agent restarts lose nothing.
-Row ids never go backwards (AUTOINCREMENT, and a replacement file continues
-from the last id issued), which is what lets the sender deliver strictly in id
-order.
+Row ids are issued here and never go backwards (the file keeps the high-water
+mark), which is what lets the sender deliver strictly in id order.
 
 Full-queue policy (max_rows): the oldest "update" is evicted to make room;
 "new" and "end" events are never evicted, because they open and close an
 alert and a consumer cannot reconstruct them.  When only new/end rows remain,
 the incoming event is refused.  Both cases count in metrics.dropped["outbox_full"].
 
-A failing disk (full, I/O error, remounted read-only) does not lose alerts while
-the process lives: an event that cannot be stored is kept in memory, and so is
-every later one until the memory rows are written back (retry(), every RETRY_S),
-so the order stays "disk rows, then memory rows".  pending() returns both, so a
-connected sender still publishes everything.  Memory holds at most memory_rows:
-past that the oldest "update" goes first, then the oldest event (the newest
-new/end are kept).  Health says ok=false while the disk fails.
+A failing disk (full, I/O error, remounted read-only) loses nothing while the
+process lives: an event the file refuses is kept in memory, and so is every
+later one until retry() writes them back, so the order stays "file rows, then
+memory rows"; pending() returns both, so a connected sender publishes them all.
+Memory holds at most memory_rows: past that the oldest "update" goes, else the
+oldest event (the newest new/end stay).  state()["ok"] is false meanwhile.
 
-Damage: `PRAGMA quick_check` runs at open, and any operation may report
-corruption later.  Either way the rows that can still be read are saved, the
-file is moved aside (`<name>.corrupt-<ms>`) and a fresh one gets the saved rows
-plus what is in memory.  Every transaction stamps the row count into the file
-header (user_version, on page 1), so the loss can be counted even when the
+Damage (`PRAGMA quick_check` at open, or corruption reported later): the rows
+that can still be read are saved, the file is moved aside (`<name>.corrupt-<ms>`)
+and a fresh one gets them plus what is in memory.  Every transaction stamps the
+row count into the header (user_version), so the loss is counted even when the
 table's pages are gone.
 
-Open alerts (a new/update seen, no end yet) live in the open_alerts table,
-written in the same transaction as their event, with the last sample time
-(touch(), a few times a minute at most): after a kill -9 the next run reads them
-(left_open()) and ends them.
+Open alerts (new/update seen, no end yet) live in the open_alerts table, written
+with their event, plus the last sample time (touch()): after a kill -9 the next
+run finds them in left_open().  The WAL is capped (checkpoint every WAL_PAGES,
+truncated to WAL_BYTES) so it cannot fill a small state partition.
 
-The WAL is capped: checkpointed every WAL_PAGES pages and truncated to
-WAL_BYTES, so it cannot fill a small state partition.
-
-A file or folder that cannot be created or written at start (read-only
-state_dir) raises OutboxError: the agent must refuse to start.  Every loss
-counts in metrics.dropped[reason] (outbox_full, outbox_corrupt,
-outbox_memory_full, outbox_unsaved) and is logged, one line per LOG_EVERY_S at
-most, with counts.
+A file or folder that cannot be created or written at start raises OutboxError:
+the agent must refuse to start.  Every loss counts in metrics.dropped[reason]
+(outbox_full, outbox_corrupt, outbox_memory_full, outbox_unsaved) and is logged,
+at most one line per LOG_EVERY_S, with counts.
 """
 from __future__ import annotations
 
@@ -49,6 +42,8 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+from .outbox_salvage import salvage
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +82,14 @@ class _Damaged(Exception):
 def _damaged(e: BaseException) -> bool:
     if isinstance(e, _Damaged):
         return True
-    name = getattr(e, "sqlite_errorname", "") or ""       # Python >= 3.11
-    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) \
+    return getattr(e, "sqlite_errorname", "").startswith(    # Python >= 3.11
+        ("SQLITE_CORRUPT", "SQLITE_NOTADB")) \
         or "malformed" in str(e) or "not a database" in str(e)
 
 
 def _unwritable(e: BaseException) -> bool:
-    name = getattr(e, "sqlite_errorname", "") or ""
-    return name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) \
+    return getattr(e, "sqlite_errorname", "").startswith(
+        ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) \
         or "readonly" in str(e) or "unable to open" in str(e)
 
 
@@ -187,7 +182,7 @@ class Outbox:
             except sqlite3.Error:
                 pass
             self._db = None
-        rows, opened, stamped = _salvage(self.path)
+        rows, opened, stamped = salvage(self.path)
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time() * 1000)}")
         self.path.rename(aside)
         wal = Path(f"{self.path}-wal")
@@ -202,7 +197,7 @@ class Outbox:
         log.error("outbox %s is damaged (%s): saved %d rows, lost %s; moved it to %s and "
                   "started a fresh one%s", self.path, why, len(rows),
                   "an unknown number (the header is unreadable)" if unknown else lost, aside,
-                  f"; counted in dropped.outbox_corrupt" if lost else "")
+                  "; counted in dropped.outbox_corrupt" if lost else "")
         self._loss("outbox_corrupt", lost, logged=True)
         for rid, topic, payload, kind in rows:
             self._mem[rid] = (topic, payload, kind)
@@ -311,9 +306,9 @@ class Outbox:
         if len(self._mem) >= self.memory_rows:
             victim = next((i for i, r in self._mem.items() if r[2] == "update"),
                           next(iter(self._mem)))
+            gone = self._mem.pop(victim)[2]
             self._loss("outbox_memory_full", 1, f"memory full ({self.memory_rows} events, "
-                                                f"disk failing): dropped a "
-                                                f"{self._mem.pop(victim)[2]!r} event")
+                                                f"disk failing): dropped a {gone!r} event")
         self._last_id += 1
         self._mem[self._last_id] = (topic, payload, kind)
         return self._last_id
@@ -450,72 +445,3 @@ class Outbox:
                 except sqlite3.Error:
                     pass
                 self._db = None
-
-
-def _salvage(path: Path) -> tuple[list[tuple], list[tuple], int | None]:
-    """(outbox rows, open_alerts rows, the row count stamped in the header) that can
-    still be read from a damaged file."""
-    rows: list[tuple] = []
-    opened: list[tuple] = []
-    stamped = None
-    try:
-        db = sqlite3.connect(path)
-    except sqlite3.Error:
-        return rows, opened, _header_stamp(path)
-    try:
-        try:
-            stamped = db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.Error:
-            stamped = _header_stamp(path)
-        rows = _scan(db)
-        try:
-            opened = db.execute("SELECT id, topic, payload, last_ts FROM open_alerts").fetchall()
-        except sqlite3.Error:
-            pass
-    finally:
-        db.close()
-    return rows, opened, stamped
-
-
-def _scan(db: sqlite3.Connection) -> list[tuple]:
-    """Every readable outbox row: a scan in id order that steps over damaged pages by
-    seeking past them (doubling the jump, then bisecting back to the first readable id)."""
-    def first_after(v: int):
-        try:
-            return db.execute("SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT 1",
-                              (v,)).fetchone() or ()
-        except sqlite3.Error:
-            return None
-    rows, v = [], 0
-    while True:
-        try:
-            for r in db.execute("SELECT id, topic, payload, kind FROM outbox WHERE id > ? "
-                                "ORDER BY id", (v,)):
-                rows.append(r)
-                v = r[0]
-            return rows
-        except sqlite3.Error:
-            pass
-        lo, hi = 0, 1
-        while first_after(v + hi) is None:
-            if hi > 2 ** 62:
-                return rows
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if first_after(v + mid) is None else (lo, mid)
-        if first_after(v + hi) == ():
-            return rows
-        v += hi
-
-
-def _header_stamp(path: Path) -> int | None:
-    """user_version straight from the file header, for a file SQLite will not read."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(100)
-    except OSError:
-        return None
-    if len(head) < 100 or not head.startswith(b"SQLite format 3\0"):
-        return None
-    return int.from_bytes(head[60:64], "big")
