@@ -398,7 +398,8 @@ class Outbox:
         """After a disk failure, at most every RETRY_S: reopen the file, free the WAL and
         write memory back.  Also emits held-back loss counts.  Called by the sender."""
         with self._lock:
-            if self._error and time.monotonic() >= self._retry_at:
+            if (self._error or self._mem or self._undeleted) \
+                    and time.monotonic() >= self._retry_at:
                 self._retry_at = time.monotonic() + RETRY_S
                 if self._db is None:
                     self._db = self._open_db()

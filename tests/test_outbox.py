@@ -312,6 +312,17 @@ def test_garbage_file_is_moved_aside(tmp_path, caplog):
     ob.close()
 
 
+def _stale_cache(path: Path, rows: int) -> None:
+    """Another writer moves the WAL on (keeping the stamped row count), so an open
+    Outbox re-reads its pages, damaged ones included, instead of using its cache."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute(f"PRAGMA user_version = {rows}")
+    other.execute("COMMIT")
+    other.close()
+
+
 def test_damage_found_at_run_time(tmp_path, caplog):
     caplog.set_level(logging.ERROR)
     path = tmp_path / "outbox.sqlite"
@@ -319,13 +330,7 @@ def test_damage_found_at_run_time(tmp_path, caplog):
     ob = Outbox(path, metrics=m)
     ids = [ob.put("t", body(i), "update") for i in range(400)]
     _scribble(path, range(15, 20))
-    # another writer moves the WAL on, so the outbox's cached pages are stale
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("PRAGMA user_version = 400")
-    other.execute("COMMIT")
-    other.close()
+    _stale_cache(path, 400)
     first = ob.pending(2000)                     # finds the damage and replaces the file
     assert "is damaged" in caplog.text
     saved = ob.pending(2000)
@@ -336,6 +341,27 @@ def test_damage_found_at_run_time(tmp_path, caplog):
     nxt = ob.put("t", b"next", "end")
     assert nxt > ids[-1] and ob.pending(1, after=saved[-1][0])[0][0] == nxt
     ob.close()
+
+
+def test_damage_found_by_a_write(tmp_path, quick_retry, caplog):
+    caplog.set_level(logging.ERROR)
+    path = tmp_path / "outbox.sqlite"
+    m = Metrics()
+    ob = Outbox(path, metrics=m)
+    ids = [ob.put("t", body(i), "new") for i in range(50)]
+    ob.close()
+    ob = Outbox(path, metrics=m)
+    _scribble(path, range(1, path.stat().st_size // 4096))     # all but the header page
+    _stale_cache(path, 50)
+    nxt = ob.put("t", b"next", "end")            # finds the damage, replaces the file
+    assert "is damaged" in caplog.text and m.dropped["outbox_corrupt"] == 50
+    assert nxt > ids[-1] and ob.pending(10) == [(nxt, "t", b"next")]
+    ob.retry()                                   # the event reaches the fresh file
+    assert ob.state() == {"ok": True, "error": None, "depth": 1, "memory": 0, "lost": 50}
+    ob.close()
+    again = Outbox(path)
+    assert again.pending(10) == [(nxt, "t", b"next")]
+    again.close()
 
 
 # ---------------------------------------------------------------- open alerts
