@@ -17,7 +17,7 @@ import pytest
 from agent_harness import (MOSQUITTO, AgentProcess, LineWriter, Observer, Pty, alert_id,
                            assert_exact, no_traceback, persistent_broker, sample_ts, tiny_model,
                            wait_until, write_config)
-from test_outbox import _scribble, fill, tiny_fs
+from test_outbox import scribble, fill, tiny_fs
 
 from agent.alerts import iso_utc
 from agent.outbox import Outbox
@@ -122,7 +122,7 @@ def test_damaged_outbox_is_salvaged_and_delivery_goes_on(rig, damage):
     old = _old_queue(rig.state, 300)
     path = rig.state / "outbox.sqlite"
     if damage == "pages":
-        _scribble(path, range(20, 30))
+        scribble(path, range(20, 30))
     else:
         os.truncate(path, 4096)
     agent = rig.agent()

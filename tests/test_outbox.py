@@ -252,7 +252,7 @@ def _filled(path: Path, n: int, acked: int = 0) -> list[int]:
     return ids
 
 
-def _scribble(path: Path, pages: range, seed: int = 7) -> None:
+def scribble(path: Path, pages: range, seed: int = 7) -> None:
     rnd = random.Random(seed)
     with open(path, "r+b") as f:
         for pg in pages:
@@ -264,7 +264,7 @@ def test_damaged_pages_at_open_are_salvaged(tmp_path, caplog):
     caplog.set_level(logging.ERROR)
     path = tmp_path / "outbox.sqlite"
     ids = _filled(path, 800, acked=50)
-    _scribble(path, range(20, 28))
+    scribble(path, range(20, 28))
     m = Metrics()
     ob = Outbox(path, metrics=m)
     saved = ob.pending(5000)
@@ -329,7 +329,7 @@ def test_damage_found_at_run_time(tmp_path, caplog):
     m = Metrics()
     ob = Outbox(path, metrics=m)
     ids = [ob.put("t", body(i), "update") for i in range(400)]
-    _scribble(path, range(15, 20))
+    scribble(path, range(15, 20))
     _stale_cache(path, 400)
     first = ob.pending(2000)                     # finds the damage and replaces the file
     assert "is damaged" in caplog.text
@@ -351,7 +351,7 @@ def test_damage_found_by_a_write(tmp_path, quick_retry, caplog):
     ids = [ob.put("t", body(i), "new") for i in range(50)]
     ob.close()
     ob = Outbox(path, metrics=m)
-    _scribble(path, range(1, path.stat().st_size // 4096))     # all but the header page
+    scribble(path, range(1, path.stat().st_size // 4096))     # all but the header page
     _stale_cache(path, 50)
     nxt = ob.put("t", b"next", "end")            # finds the damage, replaces the file
     assert "is damaged" in caplog.text and m.dropped["outbox_corrupt"] == 50
