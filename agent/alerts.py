@@ -23,28 +23,17 @@ events do not depend on how the scores were split into blocks.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import numpy as np
 
 from .config import AlertConfig
 from .contract import top_channels
+from .timestamps import iso_utc
 
 SCHEMA = 1
 # Why an alert ended: the signal came back; the agent stopped cleanly; a reload changed
 # the model or the stream; an operator re-baselined the stream; the agent found the
 # alert still open at start after a crash (the outbox's record of open alerts).
 END_REASONS = ("recovered", "stopped", "reload", "rebaseline", "restart")
-
-
-def iso_utc(ts: float) -> str | None:
-    """ISO 8601 UTC with milliseconds; None for a time no calendar can show (the decoders
-    refuse such timestamps, but a replayed file or an API caller may still bring one)."""
-    try:
-        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds") \
-            .replace("+00:00", "Z")
-    except (ValueError, OverflowError, OSError):
-        return None
 
 
 def _num(v: float) -> float | None:

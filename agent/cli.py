@@ -63,12 +63,15 @@ def cmd_run(a) -> int:
     from .daemon import Daemon
     from .detector import DetectorError
     from .model_meta import ModelMetaError
+    from .outbox import OutboxError
     try:
         d = Daemon(a.config, cfg)
     except ConfigError as e:      # settings only checkable at use: password/TLS files
         return _fail("; ".join(e.problems))
     except (DetectorError, ModelMetaError) as e:
         return _fail(str(e), 1)
+    except (OutboxError, OSError, ValueError) as e:   # state_dir, a replay file, a port
+        return _fail(" ".join(str(e).split()))
     return d.serve()
 
 

@@ -23,6 +23,7 @@ from .engine import Engine
 from .metrics import Metrics
 from .model_meta import ModelMetaError
 from .mqtt_client import make_client
+from .outbox import OutboxError
 from .pipeline import Handover, Pipeline
 from .sinks import build_sinks
 from .state_store import StateStore
@@ -155,7 +156,13 @@ class Daemon:
         if rebuild:
             for s in self.sinks:
                 s.stop()
-            self.sinks = build_sinks(new_cfg, self.metrics)
+            try:
+                self.sinks = build_sinks(new_cfg, self.metrics)
+            except (OutboxError, ConfigError) as e:
+                log.error("reload: the new outputs cannot start (%s); keeping the old ones", e)
+                self.sinks = build_sinks(self.cfg, self.metrics)
+                new_cfg = new_cfg.model_copy(update={"mqtt": self.cfg.mqtt, "sinks": self.cfg.sinks,
+                                                     "state_dir": self.cfg.state_dir})
         self.cfg = new_cfg
         self.pipeline = self._new_pipeline(new_cfg, engine, handover)
         self.pipeline.start(start_sinks=rebuild)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .alerts import iso_utc
+from .timestamps import iso_utc
 from .config import AgentConfig
 from .engine import Engine
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.alerts import AlertTracker, iso_utc
+from agent.alerts import AlertTracker
+from agent.timestamps import iso_utc
 from agent.config import AlertConfig
 from agent.contract import top_channels
 

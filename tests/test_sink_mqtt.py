@@ -12,9 +12,12 @@ import threading
 import time
 import uuid
 
+import sqlite3
+
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import MOSQUITTO, REPO, Broker, free_port
+from test_outbox import fill, tiny_fs
 
 from agent.config import AgentConfig
 from agent.metrics import Metrics
@@ -103,15 +106,13 @@ def sinks():
     made = []
 
     def make(cfg):
-        ob = Outbox(cfg.state_dir + "/outbox.sqlite", metrics=Metrics())
-        s = MqttSink(cfg, ob.metrics, ob)
-        made.append((s, ob))
-        return s, ob
+        s = MqttSink(cfg, Metrics())
+        made.append(s)
+        return s, s.outbox
 
     yield make
-    for s, ob in made:
+    for s in made:
         s.stop()
-        ob.close()
 
 
 def wait_until(pred, what: str):
@@ -151,10 +152,9 @@ _LWT_SCRIPT = """
 import sys, time
 from agent.config import AgentConfig
 from agent.metrics import Metrics
-from agent.outbox import Outbox
 from agent.sinks.mqtt import MqttSink
 cfg = AgentConfig.model_validate_json(sys.argv[1])
-s = MqttSink(cfg, Metrics(), Outbox(cfg.state_dir + "/outbox.sqlite"))
+s = MqttSink(cfg, Metrics())
 s.start()
 time.sleep(600)
 """
@@ -205,7 +205,9 @@ def test_alert_state_score_health_flags(broker, tmp_path, sinks):
     assert scores[0][2] == 0
     health = json.loads(sub.on(P + "health")[-1][1])
     assert health["samples_in"] == 7 and health["mqtt"]["connected"] is True
-    assert set(health["mqtt"]) == {"connected", "queued", "dropped"}
+    assert set(health["mqtt"]) == {"connected", "queued", "dropped", "outbox"}
+    assert health["mqtt"]["outbox"] == {"ok": True, "error": None, "depth": 1, "memory": 0,
+                                        "lost": 0}    # the end, published after this health
     assert (P + "stream/pump1/state", "anomaly", 1, False) in msgs
     wait_until(lambda: ob.depth() == 0, "outbox emptied by PUBACKs")
 
@@ -272,20 +274,98 @@ def test_restart_delivers_what_an_earlier_run_queued(broker, tmp_path, sinks):
     cfg = make_cfg(tmp_path / "st", port)
     s1, ob1 = sinks(cfg)
     s1.start()
-    for i in range(10):
-        s1.alert(ev(i, "new" if i % 2 == 0 else "end"))
+    for i in range(5):
+        s1.alert(ev(i, "new"))
+        s1.alert(ev(i, "end"))
     s1.stop()
-    ob1.close()
 
     broker.start()
     sub = Sub(port, [P + "alerts"])
     s2, ob2 = sinks(cfg)
     assert ob2.depth() == 10
     s2.start()
-    msgs = sub.wait(lambda m: len(alert_ids(m)) >= 10, "queued alerts from the first run")
-    assert alert_ids(msgs) == [f"n1-pump1-{i}" for i in range(10)]
+    sub.wait(lambda m: len(alert_ids(m)) >= 10, "queued alerts from the first run")
     wait_until(lambda: ob2.depth() == 0, "outbox emptied")
+    # in order, and no "restart" end: every alert had its own end
+    assert [(json.loads(m[1])["id"], json.loads(m[1])["type"]) for m in sub.on(P + "alerts")] \
+        == [(f"n1-pump1-{i}", t) for i in range(5) for t in ("new", "end")]
     sub.close()
+
+
+_KILLED_SCRIPT = """
+import sys, time
+import numpy as np
+from agent.config import AgentConfig
+from agent.metrics import Metrics
+from agent.sinks import mqtt
+mqtt.PERSIST_S = 0.0
+cfg = AgentConfig.model_validate_json(sys.argv[1])
+s = mqtt.MqttSink(cfg, Metrics())
+s.start()
+one = np.ones(2, np.int8)
+s.scores("pump1", np.array([1000.0, 1001.0]), np.array([0.9, 0.9]), 0.3, one, one)
+s.alert(eval(sys.argv[2]))
+s.scores("pump1", np.array([1005.5]), np.array([0.8]), 0.3, one[:1], one[:1])
+time.sleep(600)
+"""
+
+
+def test_alert_left_open_by_a_killed_run_ends_with_reason_restart(broker, tmp_path, sinks):
+    cfg = make_cfg(tmp_path / "st", broker.port)
+    sub = Sub(broker.port, [P + "alerts"])
+    opened = ev(1, "new")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, cfg.model_dump_json(),
+                             repr(opened)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    db_path = tmp_path / "st" / "outbox.sqlite"
+
+    def persisted():
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute("SELECT id, last_ts FROM open_alerts").fetchall()
+        except sqlite3.OperationalError:      # not created yet
+            return []
+        finally:
+            db.close()
+    try:
+        sub.wait(lambda m: alert_ids(m) == [opened["id"]], "the new event from the child")
+        wait_until(lambda: persisted() == [(opened["id"], 1005.5)], "the last sample time stored")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+    finally:
+        proc.kill()
+    s, ob = sinks(cfg)
+    s.start()
+    sub.wait(lambda m: any(json.loads(x[1])["type"] == "end" for x in m), "the restart end")
+    wait_until(lambda: ob.depth() == 0, "outbox emptied")
+    # the new may come twice (at least once: the killed run may not have seen its PUBACK)
+    events = [json.loads(m[1]) for m in sub.on(P + "alerts")]
+    assert {json.dumps(e) for e in events[:-1]} == {json.dumps(opened)}
+    assert events[-1] == {**opened, "type": "end", "end": "1970-01-01T00:16:45.500Z",
+                          "reason": "restart"}
+    assert persisted() == []
+    s.stop()
+    assert Outbox(db_path).left_open() == []     # ended once, never again
+    sub.close()
+
+
+def test_full_disk_alerts_still_published_and_health_says_so(broker, tmp_path, sinks):
+    with tiny_fs(tmp_path / "fs") as d:
+        s, ob = sinks(make_cfg(d / "st", broker.port))
+        sub = Sub(broker.port, [P + "alerts", P + "health"])
+        s.start()
+        fill(d)
+        sent = [ev(i, ("new", "update", "end")[i % 3]) for i in range(30)]
+        for e in sent:
+            s.alert(e)
+        msgs = sub.wait(lambda m: len(alert_ids(m)) >= 30, "every alert despite the full disk")
+        assert [json.loads(m[1]) for m in msgs if m[0] == P + "alerts"] == sent
+        wait_until(lambda: ob.depth() == 0, "all acknowledged")
+        s.health({"x": 2})
+        msgs = sub.wait(has(P + "health"), "health")
+        out = json.loads(sub.on(P + "health")[-1][1])["mqtt"]["outbox"]
+        assert out["ok"] is False and "full" in out["error"] and out["lost"] == 0, out
+        s.stop()
+        sub.close()
 
 
 # ---------------------------------------------------------------- authentication

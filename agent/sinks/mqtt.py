@@ -9,20 +9,29 @@ Topics (P = cfg.topic_prefix, default "tsad/<node>/"):
   P health                  pipeline snapshot + "mqtt" section   QoS 1, retained
   <discovery_prefix>/device/<node>/config   Home Assistant device discovery (when enabled), QoS 1, retained
 
-Alert delivery: alert() writes the event to the Outbox and returns; a sender
+Alert delivery: alert() writes the event to the sink's own Outbox
+(state_dir/outbox.sqlite; in memory without a state_dir) and returns; a sender
 thread hands the oldest rows to paho (at most WINDOW unacknowledged) and deletes
 each row when its PUBACK arrives.  Rows still in the outbox at exit are sent
 again by the next run, so delivery is at least once and consumers de-duplicate
 by alert id.  Order is kept across outages: after a reconnect paho first resends
 its unacknowledged copies in their original order, and new rows are handed over
 only once the broker has acknowledged this connection's "online" message, which
-it can only do after those resends went out.
+it can only do after those resends went out.  The outbox also keeps events the
+disk refused (in memory, bounded), and the sender publishes those the same way.
+
+Open alerts: the outbox records each alert between its new and its end, and the
+stream's last sample time every PERSIST_S at most (from the sender thread: the
+score blocks only update a dict).  A run that finds records left behind (the
+previous one was killed) sends an "end" for each, with "reason": "restart" and
+"end" = the last sample time known.
 
 TLS: when mqtt.tls is set the client speaks TLS only (see make_client); there is
 no plaintext fallback.  Credentials never appear in log lines.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -33,6 +42,7 @@ from typing import TYPE_CHECKING
 import paho.mqtt.client as mqtt
 
 from .. import __version__
+from ..timestamps import iso_utc
 from ..metrics import Metrics
 from ..mqtt_client import make_client, tls_problem
 from ..outbox import Outbox
@@ -45,6 +55,13 @@ log = logging.getLogger(__name__)
 
 WINDOW = 32      # alert rows handed to paho but not yet acknowledged
 FLUSH_S = 2.0    # how long a clean stop may spend delivering queued alerts
+PERSIST_S = 2.0  # how often open alerts' last sample time is written
+
+
+def outbox_path(cfg: AgentConfig) -> str:
+    # Without a state dir the outbox lives in memory: alerts survive broker outages,
+    # not restarts.
+    return str(Path(cfg.state_dir) / "outbox.sqlite") if cfg.state_dir else ":memory:"
 
 
 def discovery(cfg: AgentConfig) -> tuple[str, dict]:
@@ -86,15 +103,11 @@ def _acked(info: mqtt.MQTTMessageInfo | None) -> bool:
 class MqttSink(Sink):
     @classmethod
     def from_config(cls, cfg: AgentConfig, metrics: Metrics) -> "MqttSink | None":
-        if not cfg.mqtt.enabled:
-            return None
-        # Without a state dir the outbox lives in memory: alerts survive broker
-        # outages, not restarts.
-        path = str(Path(cfg.state_dir) / "outbox.sqlite") if cfg.state_dir else ":memory:"
-        return cls(cfg, metrics, Outbox(path, metrics=metrics))
+        return cls(cfg, metrics) if cfg.mqtt.enabled else None
 
-    def __init__(self, cfg: AgentConfig, metrics: Metrics, outbox: Outbox) -> None:
-        self.cfg, self.m, self.metrics, self.outbox = cfg, cfg.mqtt, metrics, outbox
+    def __init__(self, cfg: AgentConfig, metrics: Metrics, outbox: str | None = None) -> None:
+        """`outbox`: the file (default: outbox_path(cfg)); OutboxError when unwritable."""
+        self.cfg, self.m, self.metrics = cfg, cfg.mqtt, metrics
         p = cfg.topic_prefix
         self.t_alerts, self.t_avail, self.t_health = p + "alerts", p + "availability", p + "health"
         self.client = make_client(cfg.mqtt, cfg.node, role="sink")
@@ -120,6 +133,23 @@ class MqttSink(Sink):
         self._was_connected = False
         self.connect_failures = 0
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self._open: dict[str, str] = {}          # stream -> its open alert's id
+        self._last_ts: dict[str, float] = {}     # stream -> newest sample time
+        self._touched = 0.0
+        # last: a client that cannot be built (TLS files) must not leave the file open
+        self.outbox = Outbox(outbox or outbox_path(cfg), metrics=metrics)
+        self._end_left_open()
+
+    def _end_left_open(self) -> None:
+        for aid, topic, payload, last_ts in self.outbox.left_open():
+            ev = json.loads(payload)
+            ev.update(type="end", reason="restart",
+                      end=iso_utc(last_ts) if last_ts is not None else ev.get("start"))
+            log.warning("alert %s of stream %s was open when the agent last stopped without "
+                        "ending it: sending its end (reason restart, last sample %s)",
+                        aid, ev.get("stream"), ev["end"])
+            self.outbox.put(topic, to_json(ev).encode(), "end", alert_id=aid)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -132,7 +162,10 @@ class MqttSink(Sink):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish "offline" (waiting up to timeout for the broker to have it),
-        disconnect and close the outbox."""
+        disconnect and close the outbox.  A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         # While the broker is there, what is queued goes out first (bounded), among it
         # the "end" events of alerts the stop itself closed; the rest waits in the
         # outbox for the next run.
@@ -161,8 +194,19 @@ class MqttSink(Sink):
 
     # ------------------------------------------------------------ events
     def alert(self, alert: dict) -> None:
-        self.outbox.put(self.t_alerts, to_json(alert).encode(), str(alert.get("type", "?")))
+        kind, stream = str(alert.get("type", "?")), alert.get("stream")
+        if kind == "end":
+            self._open.pop(stream, None)
+        else:
+            self._open[stream] = alert.get("id")
+        self.outbox.put(self.t_alerts, to_json(alert).encode(), kind, alert_id=alert.get("id"),
+                        last_ts=self._last_ts.get(stream))
         self._wake.set()
+
+    def scores(self, stream: str, ts, scores, threshold: float, labels, alert_open) -> None:
+        if len(ts):
+            self._last_ts[stream] = float(ts[-1])
+        super().scores(stream, ts, scores, threshold, labels, alert_open)
 
     def state(self, stream: str, state: str) -> None:
         self._states[stream] = state
@@ -193,7 +237,8 @@ class MqttSink(Sink):
     def _pub_health(self) -> None:
         doc = dict(self._health or {})
         doc["mqtt"] = {"connected": self.client.is_connected(), "queued": self.outbox.depth(),
-                       "dropped": self.metrics.dropped.get("outbox_full", 0)}
+                       "dropped": self.metrics.dropped.get("outbox_full", 0),
+                       "outbox": self.outbox.state()}
         self.client.publish(self.t_health, to_json(doc), qos=1, retain=True)
 
     # ------------------------------------------------------------ paho callbacks (network thread)
@@ -255,6 +300,8 @@ class MqttSink(Sink):
             try:
                 self._settle()
                 self._hand_off()
+                self._touch()
+                self.outbox.retry()
             except Exception:      # a broken outbox must not end delivery for good
                 log.exception("MQTT sink sender failed; retrying")
                 time.sleep(1.0)
@@ -264,6 +311,13 @@ class MqttSink(Sink):
             if _acked(info):
                 self.outbox.ack(rowid)
                 del self._inflight[rowid]
+
+    def _touch(self) -> None:
+        now = time.monotonic()
+        if self._open and now - self._touched >= PERSIST_S:
+            self._touched = now
+            self.outbox.touch({aid: self._last_ts[s] for s, aid in list(self._open.items())
+                               if s in self._last_ts})
 
     def _hand_off(self) -> None:
         if not (self.client.is_connected() and _acked(self._gate)):
