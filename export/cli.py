@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from agent import __version__
 from agent.contract import DEFAULT_STD_FLOOR
 from agent.model_meta import ModelMetaError
 from export.data import DataError
@@ -38,7 +39,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     opts = TrainOptions(
         model=a.model, data=a.data, out=a.out,
         columns=[c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None,
-        rows_per_file=a.rows_per_file, window=a.window, epochs=a.epochs,
+        data_root=a.data_root, rows_per_file=a.rows_per_file, window=a.window, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, patience=a.patience, val_frac=a.val_frac,
         seed=a.seed, quantile=a.quantile, margin=a.margin, noise=a.noise,
         level_noise=a.level_noise, scale_rows=a.scale_rows,
@@ -82,12 +83,16 @@ def cmd_paddlex(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsad-export", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"tsad-export {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on normal data, export ONNX + metadata")
     t.add_argument("--model", required=True, help="architecture name, e.g. DLinear_ad")
     t.add_argument("--data", required=True, nargs="+", metavar="FILE[:ROWS]",
                    help="CSV files (';' or ',' separated); FILE:ROWS uses only the first ROWS rows")
+    t.add_argument("--data-root", metavar="DIR",
+                   help="the metadata records each data file by its path below DIR, and DIR by "
+                   "its name only (default: the deepest folder holding every data file)")
     t.add_argument("--columns", help="comma-separated channel names, in model input order "
                    "(default: every numeric column except anomaly/changepoint and the time column)")
     t.add_argument("--rows-per-file", type=int, help="use only the first N rows of each file")
@@ -168,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from export.verify import VerifyError
-    from export.train import TrainError
     errors: tuple[type[BaseException], ...] = (CliError, DataError, ModelMetaError, VerifyError,
-                                               TrainError, OSError)
-    try:
+                                               OSError)
+    try:   # torch (the export extra) trains and converts; verify runs on the runtime alone
         from export.onnx_export import ExportError
-        errors += (ExportError,)
+        from export.train import TrainError
+        errors += (ExportError, TrainError)
     except ImportError:
         pass
     from export.paddlex_import import PaddleXImportError

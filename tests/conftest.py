@@ -66,10 +66,13 @@ class Broker:
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+NO_MOSQUITTO = "mosquitto not installed"
+
+
 @pytest.fixture
 def broker(tmp_path):
     if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto not installed (apt-get install mosquitto; .ci/run does this)")
+        pytest.skip(f"{NO_MOSQUITTO} (apt-get install mosquitto; .ci/run does this)")
     b = Broker(tmp_path).start()
     yield b
     b.stop()
@@ -80,3 +83,14 @@ def skab_dir():
     if not SKAB.is_dir():
         pytest.skip(f"SKAB data not found at {SKAB} (expected ../shared/data/skab beside the repo)")
     return SKAB
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for every test a missing broker skipped: they skip from several files, so
+    `-ra` spreads them over several lines, and a silent loss of MQTT coverage must show."""
+    n = sum(1 for r in terminalreporter.stats.get("skipped", [])
+            if isinstance(r.longrepr, tuple) and NO_MOSQUITTO in r.longrepr[2])
+    if n:
+        terminalreporter.write_line(f"{n} test(s) skipped because {NO_MOSQUITTO}: MQTT, fault "
+                                    f"and signal tests did not run (apt-get install mosquitto)",
+                                    yellow=True, bold=True)
