@@ -17,6 +17,10 @@ from agent.model_meta import ModelMetaError
 from export.data import DataError
 
 
+# A runtime-only install (a plant's) verifies models; the rest needs these.
+EXPORT_EXTRA = {"torch", "onnx", "onnxscript", "tqdm"}
+
+
 class CliError(Exception):
     """A usage problem the user can fix; printed without a traceback."""
 
@@ -188,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except errors as e:
         print(f"tsad-export: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        if e.name not in EXPORT_EXTRA:
+            raise
+        print(f"tsad-export: error: {args.command} needs {e.name} (the export extra: "
+              f"python3 -m pip install 'tsad-agent[export]')", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tsad-export: interrupted; no model written", file=sys.stderr)

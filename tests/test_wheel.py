@@ -138,3 +138,11 @@ def test_installed_export_verifies_every_shipped_model(source, installed):
         path = installed.py(f"__import__('agent.shipped').shipped.resolve_model({name!r})")
         report = json.loads(_ok(installed.run("tsad-export", "verify", path)))
         assert report["ok"] is True and report["model"] == path, report
+
+
+def test_installed_runtime_names_the_export_extra_for_training(installed):
+    r = installed.run("tsad-export", "train", "--model", "DLinear_ad", "--data", "x.csv",
+                      "--out", "m.onnx")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "train needs torch (the export extra: python3 -m pip install 'tsad-agent[export]')" \
+        in r.stderr
