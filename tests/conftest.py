@@ -66,13 +66,10 @@ class Broker:
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
-NO_MOSQUITTO = "mosquitto not installed"
-
-
 @pytest.fixture
 def broker(tmp_path):
     if not Path(MOSQUITTO).exists():
-        pytest.skip(f"{NO_MOSQUITTO} (apt-get install mosquitto; .ci/run does this)")
+        pytest.skip("mosquitto not installed (apt-get install mosquitto; .ci/run does this)")
     b = Broker(tmp_path).start()
     yield b
     b.stop()
@@ -86,11 +83,11 @@ def skab_dir():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """One line for every test a missing broker skipped: they skip from several files, so
-    `-ra` spreads them over several lines, and a silent loss of MQTT coverage must show."""
+    """One line for every test the missing broker skipped: they skip from several files with
+    several reasons, so `-ra` spreads them out, and lost MQTT coverage must not pass unseen."""
     n = sum(1 for r in terminalreporter.stats.get("skipped", [])
-            if isinstance(r.longrepr, tuple) and NO_MOSQUITTO in r.longrepr[2])
+            if isinstance(r.longrepr, tuple) and "mosquitto" in r.longrepr[2])
     if n:
-        terminalreporter.write_line(f"{n} test(s) skipped because {NO_MOSQUITTO}: MQTT, fault "
-                                    f"and signal tests did not run (apt-get install mosquitto)",
-                                    yellow=True, bold=True)
+        terminalreporter.write_line(f"{n} test(s) skipped for lack of mosquitto: the MQTT, TLS, "
+                                    f"fault and signal tests did not run (apt-get install "
+                                    f"mosquitto)", yellow=True, bold=True)

@@ -172,13 +172,13 @@ def test_missing_mosquitto_is_summed_up_in_one_line(tmp_path):
     (tmp_path / "test_a.py").write_text(
         "import pytest\n"
         "def test_one(): pytest.skip('mosquitto not installed (apt-get install mosquitto)')\n"
-        "@pytest.mark.skipif(True, reason='mosquitto not installed')\n"
+        "@pytest.mark.skipif(True, reason='mosquitto and mosquitto_passwd are needed')\n"
         "def test_two(): pass\n"
         "def test_three(): pytest.skip('no GPU')\n")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "."],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = [ln for ln in r.stdout.splitlines() if "skipped because mosquitto not installed" in ln]
+    lines = [ln for ln in r.stdout.splitlines() if "for lack of mosquitto" in ln]
     assert len(lines) == 1 and lines[0].startswith("2 test(s) skipped"), r.stdout
 
 
