@@ -130,7 +130,8 @@ def _csv(path: Path, seed: int) -> str:
     t = np.arange(120)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"a": np.sin(t / 5) + 0.05 * rng.standard_normal(120),
-                  "b": 10 + np.cos(t / 7) + 0.05 * rng.standard_normal(120)}).to_csv(path, index=False)
+                  "b": 10 + np.cos(t / 7) + 0.05 * rng.standard_normal(120)}
+                 ).to_csv(path, index=False)
     return str(path)
 
 
@@ -149,9 +150,10 @@ def test_train_records_paths_relative_to_the_data_root(tmp_path, root_arg, root_
     assert str(tmp_path) not in text
     training = json.loads(text)["training"]
     assert training["data_root"] == (root_name or tmp_path.name)
-    assert [f["path"] for f in training["files"]] == [f"{prefix}line1/a.csv", f"{prefix}line2/b.csv"]
+    want = [f"{prefix}line1/a.csv", f"{prefix}line2/b.csv"]
+    assert [f["path"] for f in training["files"]] == want
     assert [f["rows"] for f in training["files"]] == [120, 100]
-    assert training["validation"]["files"] == [f"{prefix}line1/a.csv", f"{prefix}line2/b.csv"]
+    assert training["validation"]["files"] == want
 
 
 def test_train_refuses_a_data_root_that_does_not_hold_the_data(tmp_path, capsys):

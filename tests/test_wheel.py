@@ -76,8 +76,11 @@ class Installed:
     def run(self, tool: str, *args) -> subprocess.CompletedProcess:
         return _run([self.bin / tool, *args], cwd=self.cwd)
 
-    def py(self, code: str):
-        return json.loads(_ok(self.run("python", "-c", f"import json; print(json.dumps({code}))")))
+    def py(self, expr: str):
+        """`expr` evaluated by the installed package's Python, `shipped` imported."""
+        code = ("import importlib.util, json, agent; from agent import shipped; "
+                f"print(json.dumps({expr}))")
+        return json.loads(_ok(self.run("python", "-c", code)))
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +107,8 @@ def test_wheel_carries_every_module_models_example_and_demo(source, wheel):
 
 
 def test_installed_package_runs_from_its_own_files(installed):
-    where = installed.py("[__import__('agent').__file__, str(__import__('agent.shipped').shipped"
-                         ".models_dir()), __import__('importlib.util').util.find_spec('torch') "
-                         "is None]")
+    where = installed.py("[agent.__file__, str(shipped.models_dir()), "
+                         "importlib.util.find_spec('torch') is None]")
     site = str(installed.bin.parent / "lib")
     assert where[0].startswith(site) and where[1].startswith(site), where
     assert where[1].endswith("agent/shipped_models")
@@ -123,19 +125,19 @@ def test_installed_demo_runs(installed):
 
 
 def test_installed_example_config_checks(installed):
-    example = installed.py("str(__import__('agent.shipped').shipped.EXAMPLE_CONFIG)")
+    example = installed.py("str(shipped.EXAMPLE_CONFIG)")
     out = _ok(installed.run("tsad-agent", "check-config", example))
     assert "OK" in out and "model DLinear_ad (window 64, 8 channels)" in out
 
 
 def test_installed_export_verifies_every_shipped_model(source, installed):
-    names = installed.py("__import__('agent.shipped').shipped.shipped_models()")
+    names = installed.py("shipped.shipped_models()")
     built = source / "models_onnx"
     assert names == sorted(p.relative_to(built).with_suffix("").as_posix()
                            for p in built.rglob("*.onnx"))
     assert f"{SUBFOLDER}/DLinear_ad" in names
     for name in names:
-        path = installed.py(f"__import__('agent.shipped').shipped.resolve_model({name!r})")
+        path = installed.py(f"shipped.resolve_model({name!r})")
         report = json.loads(_ok(installed.run("tsad-export", "verify", path)))
         assert report["ok"] is True and report["model"] == path, report
 
