@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import pytest
 
 from agent import __version__
-from agent.config import load_config
+from agent.config import ConfigError, load_config, parse_config
 from agent.model_meta import load_meta, sha256_file
 from agent.shipped import (EXAMPLE_CONFIG, ShippedModelError, models_dir, resolve_model,
                            shipped_models)
@@ -90,6 +90,10 @@ def test_shipped_models_are_found_by_name_and_unknown_names_listed(tmp_path):
     with pytest.raises(ShippedModelError, match=r"'DLinear' is neither a file nor a shipped "
                                                 r"model \(AutoEncoder_ad, DLinear_ad"):
         resolve_model("DLinear")
+    with pytest.raises(ConfigError, match=r":3: model.path: value 'DLinear' is invalid: model "
+                                          r"'DLinear' is neither a file nor a shipped model \("):
+        parse_config("node: n\nmodel:\n  path: DLinear\nstreams:\n  - id: a\n"
+                     "    source: {type: serial, port: /dev/ttyUSB0}\n")
     r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--model", "nope"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1 and "'nope' is neither a file nor a shipped model" in r.stderr
