@@ -6,25 +6,19 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, logs, shipped
 from .config import ConfigError, load_config
+from .shipped import DEMO_CSV
 
-REPO_MODELS = Path(__file__).resolve().parents[1] / "models_onnx"
-DEMO_CSV = Path(__file__).resolve().parent / "demo_data" / "skab_valve1_1.csv"
 DEFAULT_MODEL = "DLinear_ad"
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A shipped model's name (e.g. DLinear_ad) or a path to an .onnx file."""
-    p = Path(name_or_path)
-    if p.suffix == ".onnx" or p.exists():
-        return str(p)
-    shipped = REPO_MODELS / f"{name_or_path}.onnx"
-    if shipped.exists():
-        return str(shipped)
-    names = sorted(q.stem for q in REPO_MODELS.glob("*.onnx"))
-    raise SystemExit(f"error: model {name_or_path!r} is neither a file nor a shipped model "
-                     f"({', '.join(names) or 'none shipped'})")
+    """shipped.resolve_model; an unknown name ends the command with the list of shipped ones."""
+    try:
+        return shipped.resolve_model(name_or_path)
+    except shipped.ShippedModelError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _fail(msg: str, code: int = 2) -> int:

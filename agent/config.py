@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from .config_base import STREAM_ID_PATTERN, ConfigError, Strict as _Strict
 from .contract import DEFAULT_STD_FLOOR
 from .mqtt_client import MqttConfig
+from .shipped import resolve_model
 from .sinks import SINKS
 from .sources import SOURCES
 
@@ -37,12 +38,19 @@ class StreamConfig(_Strict):
 
 # ---------------------------------------------------------------- pipeline
 class ModelConfig(_Strict):
-    path: str
+    path: str                       # an .onnx file, or a shipped model's name (DLinear_ad)
     # tried in order; cpu is always the last resort
     providers: list[Literal["openvino", "cuda", "tensorrt", "cpu"]] = ["cpu"]
     threads: int = Field(1, ge=0)   # intra-op threads; 0 = ORT default
     verify_checksum: bool = True
     max_batch: int = Field(256, ge=1)
+
+    # A shipped name stands for the file inside the installed package, so a config written
+    # after `pip install` needs no model copied by hand; the error lists the shipped names.
+    @field_validator("path")
+    @classmethod
+    def _shipped_name(cls, v: str) -> str:
+        return resolve_model(v)
 
 
 class BufferConfig(_Strict):

@@ -25,13 +25,13 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.cli import DEMO_CSV, REPO_MODELS  # noqa: E402
 from agent.contract import read_table  # noqa: E402
 from agent.detector import Detector  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.jobs import detection_config  # noqa: E402
 from agent.metrics import Metrics  # noqa: E402
 from agent.model_meta import load_meta  # noqa: E402
+from agent.shipped import DEMO_CSV, ShippedModelError, resolve_model  # noqa: E402
 from agent.sources.base import Batch  # noqa: E402
 
 MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
@@ -98,8 +98,9 @@ def main() -> None:
         csv1 = long_csv(a.rows, Path(tmp))
         csv32 = long_csv(max(a.rows // 8, 2000), Path(tmp))
         for name in a.models.split(","):
-            path = REPO_MODELS / f"{name}.onnx"
-            if not path.exists():
+            try:
+                path = Path(resolve_model(name))
+            except ShippedModelError:
                 print(f"{name:<17} (not shipped)")
                 continue
             b1 = bare_ort_us(path, 1, a.reps)

@@ -11,9 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from agent import __version__
 from agent.contract import DEFAULT_STD_FLOOR
 from agent.model_meta import ModelMetaError
 from export.data import DataError
+
+
+# A runtime-only install (a plant's) verifies models; the rest needs these.
+EXPORT_EXTRA = {"torch", "onnx", "onnxscript", "tqdm"}
 
 
 class CliError(Exception):
@@ -38,7 +43,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     opts = TrainOptions(
         model=a.model, data=a.data, out=a.out,
         columns=[c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None,
-        rows_per_file=a.rows_per_file, window=a.window, epochs=a.epochs,
+        data_root=a.data_root, rows_per_file=a.rows_per_file, window=a.window, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, patience=a.patience, val_frac=a.val_frac,
         seed=a.seed, quantile=a.quantile, margin=a.margin, noise=a.noise,
         level_noise=a.level_noise, scale_rows=a.scale_rows,
@@ -82,6 +87,7 @@ def cmd_paddlex(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsad-export", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"tsad-export {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     _train_command(sub)
@@ -94,6 +100,9 @@ def _train_command(sub) -> None:
     t.add_argument("--model", required=True, help="architecture name, e.g. DLinear_ad")
     t.add_argument("--data", required=True, nargs="+", metavar="FILE[:ROWS]",
                    help="CSV files (';' or ',' separated); FILE:ROWS uses only the first ROWS rows")
+    t.add_argument("--data-root", metavar="DIR",
+                   help="the metadata records each data file by its path below DIR, and DIR by "
+                   "its name only (default: the deepest folder holding every data file)")
     t.add_argument("--columns", help="comma-separated channel names, in model input order "
                    "(default: every numeric column except anomaly/changepoint and the time column)")
     t.add_argument("--rows-per-file", type=int, help="use only the first N rows of each file")
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.verify import VerifyError
     errors: tuple[type[BaseException], ...] = (CliError, DataError, ModelMetaError, VerifyError,
                                                OSError)
-    try:   # torch: not in the paddle venv, which runs only `paddlex`
+    try:   # torch (the export extra) trains and converts; verify and paddlex run without it
         from export.onnx_export import ExportError
         from export.train import TrainError
         errors += (ExportError, TrainError)
@@ -191,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except errors as e:
         print(f"tsad-export: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        if e.name not in EXPORT_EXTRA:
+            raise
+        print(f"tsad-export: error: {args.command} needs {e.name} (the export extra: "
+              f"python3 -m pip install 'tsad-agent[export]')", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tsad-export: interrupted; no model written", file=sys.stderr)

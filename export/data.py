@@ -34,8 +34,24 @@ class DataFile:
     rows: int                 # rows actually used (after the per-file row limit)
     values: np.ndarray        # float64 [rows, channels], raw units
 
-    def describe(self) -> dict:
-        return {"path": str(self.path), "sha256": self.sha256, "rows": self.rows}
+    def describe(self, root: Path) -> dict:
+        return {"path": relative_path(self.path, root), "sha256": self.sha256, "rows": self.rows}
+
+
+def data_root(paths: list[Path], given: str | Path | None = None) -> Path:
+    """The folder training paths are recorded against: `given`, else the deepest folder
+    holding every file.  Metadata must not carry the build machine's folder layout."""
+    found = [p.resolve() for p in paths]
+    root = Path(given).resolve() if given else Path(os.path.commonpath([p.parent for p in found]))
+    outside = [str(p) for p in found if not p.is_relative_to(root)]
+    if outside:
+        raise DataError(f"--data-root {given}: not a folder above {', '.join(outside)}")
+    return root
+
+
+def relative_path(path: str | Path, root: Path) -> str:
+    """`path` below `root`, with / separators on every OS."""
+    return Path(path).resolve().relative_to(root).as_posix()
 
 
 def parse_data_arg(arg: str, default_rows: int | None) -> tuple[Path, int | None]:

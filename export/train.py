@@ -35,6 +35,7 @@ class TrainOptions:
     model: str
     data: list[str]
     out: str
+    data_root: str | None = None
     columns: list[str] | None = None
     rows_per_file: int | None = None
     window: int = 96
@@ -144,13 +145,16 @@ def _scaled_space(o: TrainOptions, files: list[D.DataFile]) -> _Space:
         "all training rows")
 
 
-def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResult) -> dict:
+def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResult,
+                     root: Path) -> dict:
     g_mean, g_std = space.global_scaler
     return {
-        "files": [f.describe() for f in files],
+        "data_root": root.name,
+        "files": [f.describe(root) for f in files],
         "validation": {"method": f"chronological: last {o.val_frac} of the rows of each file "
                                  "long enough to hold a full window on both sides of the cut",
-                       "files": space.split.held_out_files, "windows": int(len(space.split.val))},
+                       "files": [D.relative_path(p, root) for p in space.split.held_out_files],
+                       "windows": int(len(space.split.val))},
         "train_windows": int(len(space.split.train)), "train_stride": o.train_stride,
         "scaling": space.description,
         "global_scaler": {"mean": g_mean.tolist(), "std": g_std.tolist()},
@@ -179,6 +183,7 @@ def train(o: TrainOptions) -> dict:
     if ckpt_path is not None:
         D.check_writable(ckpt_path, suffix=".pt")
     files, channels = D.load_files(o.data, o.columns, o.rows_per_file)
+    root = D.data_root([f.path for f in files], o.data_root)
     D.check_lengths(files, o.window)
     cfg = F.TrainConfig(window=o.window, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
                         patience=o.patience, val_frac=o.val_frac, seed=o.seed,
@@ -206,7 +211,7 @@ def train(o: TrainOptions) -> dict:
     threshold = F.calibrate(scores, o.quantile, o.margin)
     meta = P.build_meta(o.model, ARCHITECTURE[o.model], o.window, channels,
                         P.Scaler(mean=space.mean.tolist(), std=space.std.tolist()), threshold,
-                        model.hparams(), _training_record(o, files, space, result),
+                        model.hparams(), _training_record(o, files, space, result, root),
                         int(count_parameters(model)),
                         None if space.std_scale is None else space.std_scale.tolist(),
                         cal_margin)

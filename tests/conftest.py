@@ -80,3 +80,14 @@ def skab_dir():
     if not SKAB.is_dir():
         pytest.skip(f"SKAB data not found at {SKAB} (expected ../shared/data/skab beside the repo)")
     return SKAB
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for every test the missing broker skipped: they skip from several files with
+    several reasons, so `-ra` spreads them out, and lost MQTT coverage must not pass unseen."""
+    n = sum(1 for r in terminalreporter.stats.get("skipped", [])
+            if isinstance(r.longrepr, tuple) and "mosquitto" in r.longrepr[2])
+    if n:
+        terminalreporter.write_line(f"{n} test(s) skipped for lack of mosquitto: the MQTT, TLS, "
+                                    f"fault and signal tests did not run (apt-get install "
+                                    f"mosquitto)", yellow=True, bold=True)

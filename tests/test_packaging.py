@@ -1,12 +1,23 @@
-"""Packaging promises: a torch-free runtime, pinned torch for export, README == CI."""
+"""Packaging promises: a torch-free runtime, pinned torch for export, README == CI, shipped
+models found by name, metadata free of the build machine's paths, an example that runs."""
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from conftest import REPO
+import pytest
+
+from agent import __version__
+from agent.config import ConfigError, load_config, parse_config
+from agent.model_meta import load_meta, sha256_file
+from agent.shipped import (EXAMPLE_CONFIG, ShippedModelError, models_dir, resolve_model,
+                           shipped_models)
+from conftest import MODELS, REPO
 
 
 def test_runtime_import_graph_has_no_torch():
@@ -33,15 +44,148 @@ def _readme_block(after_heading_text: str) -> str:
 
 
 def test_ci_runs_the_readme_test_command():
+    """One line that a fresh venv can paste: it installs the extras the tests use, then runs
+    them; .ci/run runs exactly that line, so README and CI cannot drift apart."""
     cmd = _readme_block("Run the tests")
+    assert "\n" not in cmd, f"README test command is not one line: {cmd!r}"
     ci = (REPO / ".ci" / "run").read_text()
     assert cmd in ci.splitlines(), f"README test command {cmd!r} not run by .ci/run"
+    install, _, run = cmd.partition(" && ")
+    extras = set(re.search(r"\.\[([\w,]+)\]", install).group(1).split(","))
+    assert install.startswith("python3 -m pip install") and {"test", "export", "plot"} <= extras
+    assert run.startswith("python3 -m pytest"), cmd
 
 
 def test_cli_entry_points_answer():
-    for args in (["-m", "agent.cli", "--version"], ["-m", "export.cli", "--help"]):
-        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO)
+    for prog, mod in (("tsad-agent", "agent.cli"), ("tsad-export", "export.cli")):
+        r = subprocess.run([sys.executable, "-m", mod, "--version"], capture_output=True,
+                           text=True, cwd=REPO)
         assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"{prog} {__version__}"
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "agent.__version__"}
+
+
+def test_example_config_checks_with_the_shipped_models():
+    """The example runs the shipped model by name, with the calibration it was trained for."""
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(EXAMPLE_CONFIG)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(EXAMPLE_CONFIG)
+    assert Path(cfg.model.path) == models_dir() / "DLinear_ad.onnx"
+    training = load_meta(cfg.model.path).training
+    assert cfg.calibration.enabled
+    assert cfg.calibration.samples == training["calibration_rows"]
+    assert cfg.calibration.std_floor == training["calibration_std_floor"]
+
+
+def test_shipped_models_are_found_by_name_and_unknown_names_listed(tmp_path):
+    names = shipped_models()
+    on_disk = sorted(p.relative_to(MODELS).with_suffix("").as_posix()
+                     for p in MODELS.rglob("*.onnx"))
+    assert names == on_disk and "DLinear_ad" in names
+    assert resolve_model("DLinear_ad") == str(MODELS / "DLinear_ad.onnx")
+    own = tmp_path / "DLinear_ad.onnx"          # a path always wins over a name
+    assert resolve_model(str(own)) == str(own)
+    with pytest.raises(ShippedModelError, match=r"'DLinear' is neither a file nor a shipped "
+                                                r"model \(AutoEncoder_ad, DLinear_ad"):
+        resolve_model("DLinear")
+    with pytest.raises(ConfigError, match=r":3: model.path: value 'DLinear' is invalid: model "
+                                          r"'DLinear' is neither a file nor a shipped model \("):
+        parse_config("node: n\nmodel:\n  path: DLinear\nstreams:\n  - id: a\n"
+                     "    source: {type: serial, port: /dev/ttyUSB0}\n")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--model", "nope"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and "'nope' is neither a file nor a shipped model" in r.stderr
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def test_shipped_metadata_holds_no_absolute_path():
+    for name in shipped_models():
+        meta = json.loads((MODELS / f"{name}.onnx.json").read_text())
+        absolute = [s for s in _strings(meta)
+                    if PurePosixPath(s).is_absolute() or PureWindowsPath(s).is_absolute()]
+        assert absolute == [], f"{name}: {absolute[:3]}"
+
+
+def test_shipped_training_paths_name_the_files_below_the_data_root(skab_dir):
+    for name in shipped_models():
+        training = json.loads((MODELS / f"{name}.onnx.json").read_text())["training"]
+        root = skab_dir.parent / training["data_root"]
+        for f in training["files"]:
+            assert sha256_file(root / f["path"]) == f["sha256"], (name, f["path"])
+        assert set(training["validation"]["files"]) <= {f["path"] for f in training["files"]}
+
+
+def _csv(path: Path, seed: int) -> str:
+    import numpy as np
+    import pandas as pd
+    rng = np.random.default_rng(seed)
+    t = np.arange(120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"a": np.sin(t / 5) + 0.05 * rng.standard_normal(120),
+                  "b": 10 + np.cos(t / 7) + 0.05 * rng.standard_normal(120)}
+                 ).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("root_arg, root_name, prefix", [(None, "plant", ""),
+                                                         ("tmp", None, "plant/")])
+def test_train_records_paths_relative_to_the_data_root(tmp_path, root_arg, root_name, prefix):
+    pytest.importorskip("torch")
+    from export.cli import main
+    data = [_csv(tmp_path / "plant" / "line1" / "a.csv", 0),
+            _csv(tmp_path / "plant" / "line2" / "b.csv", 1) + ":100"]
+    out = tmp_path / "out" / "m.onnx"
+    extra = ["--data-root", str(tmp_path)] if root_arg else []
+    assert main(["train", "--model", "DLinear_ad", "--data", *data, "--window", "8",
+                 "--epochs", "1", "--hparam", "moving_avg=3", *extra, "--out", str(out)]) == 0
+    text = (tmp_path / "out" / "m.onnx.json").read_text()
+    assert str(tmp_path) not in text
+    training = json.loads(text)["training"]
+    assert training["data_root"] == (root_name or tmp_path.name)
+    want = [f"{prefix}line1/a.csv", f"{prefix}line2/b.csv"]
+    assert [f["path"] for f in training["files"]] == want
+    assert [f["rows"] for f in training["files"]] == [120, 100]
+    assert training["validation"]["files"] == want
+
+
+def test_train_refuses_a_data_root_that_does_not_hold_the_data(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from export.cli import main
+    data = _csv(tmp_path / "plant" / "a.csv", 0)
+    other = tmp_path / "elsewhere"
+    assert main(["train", "--model", "DLinear_ad", "--data", data, "--data-root", str(other),
+                 "--out", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert f"--data-root {other}: not a folder above {data}" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_missing_mosquitto_is_summed_up_in_one_line(tmp_path):
+    """The summary line counts broker skips from every file (fixture or module marker)."""
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_a.py").write_text(
+        "import pytest\n"
+        "def test_one(): pytest.skip('mosquitto not installed (apt-get install mosquitto)')\n"
+        "@pytest.mark.skipif(True, reason='mosquitto and mosquitto_passwd are needed')\n"
+        "def test_two(): pass\n"
+        "def test_three(): pytest.skip('no GPU')\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "."],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "for lack of mosquitto" in ln]
+    assert len(lines) == 1 and lines[0].startswith("2 test(s) skipped"), r.stdout
 
 
 def test_export_uses_the_runtime_contract_itself():
