@@ -59,7 +59,11 @@ class AlertTracker:
         self._h_lab = np.empty(0, np.int8)
         self._h_err = np.empty((0, c), np.float64)
         self._cooldown_until = -np.inf
+        # operator shelving (ISA-18.2): no alert opens on windows before this time
+        self.shelved_until = -np.inf
         # open-alert state
+        self.acknowledged = False
+        self._last_score = float("nan")
         self._start = 0.0
         self._peak = -np.inf
         self._peak_err = np.zeros(c)
@@ -76,11 +80,30 @@ class AlertTracker:
             "start": iso_utc(self._start), "end": None if end is None else iso_utc(end),
             "score": _num(score), "peak_score": _num(self._peak), "threshold": _num(threshold),
             "top_channels": top_channels(self._peak_err, self.channels, self.cfg.top_channels),
-            "model": dict(self.model_info),
+            "model": dict(self.model_info), "acknowledged": self.acknowledged,
         }
         if typ == "end":
             ev["reason"] = reason
         return ev
+
+    @property
+    def alarm(self) -> str:
+        """The stream's alarm state for operators: normal, unacknowledged or acknowledged."""
+        if self.state != "anomaly":
+            return "normal"
+        return "acknowledged" if self.acknowledged else "unacknowledged"
+
+    def ack(self, alert_id: str, threshold: float) -> dict | None:
+        """Acknowledge the open alert `alert_id`: an "update" showing it, or None when it is
+        not the open one (ended meanwhile, or another stream's)."""
+        if self.state != "anomaly" or alert_id != self.alert_id:
+            return None
+        self.acknowledged = True
+        return self._event("update", self._last_score, threshold, None)
+
+    def shelve(self, until: float) -> None:
+        """No new alert opens on windows before sample time `until`; an open one runs on."""
+        self.shelved_until = until
 
     def close(self, ts: float, threshold: float, reason: str) -> dict | None:
         """End the open alert now, stamped `ts`, for `reason` (END_REASONS); None if none
@@ -112,6 +135,7 @@ class AlertTracker:
             # The common case: nothing can open.  Only the k-of-n history moves on.
             self._keep(self._h_ts, self._h_sc, self._h_lab, ts, scores, lab, err)
             return []
+        self._last_score = float(scores[-1])
         b = _Block(self, ts, scores, err, lab, threshold)
         events: list[dict] = []
         pos = b.h
@@ -129,7 +153,8 @@ class AlertTracker:
         c = np.concatenate([[0], np.cumsum(L[lo:N], dtype=np.int64)])
         j_idx = np.arange(pos, N)
         cnt = c[j_idx - lo + 1] - c[np.maximum(j_idx - wn + 1, lo) - lo]
-        ok = (L[pos:N] == 1) & (cnt >= k) & (T[pos:N] >= self._cooldown_until)
+        ok = (L[pos:N] == 1) & (cnt >= k) & (T[pos:N] >= self._cooldown_until) \
+            & (T[pos:N] >= self.shelved_until)
         if not ok.any():
             return None
         j = pos + int(np.argmax(ok))
@@ -137,6 +162,7 @@ class AlertTracker:
         onset = w0 + int(np.argmax(L[w0:j + 1]))
         p = onset + int(np.argmax(Sp[onset:j + 1]))
         self.state = "anomaly"
+        self.acknowledged = False
         self._start = float(T[onset])
         self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
         self._peak = float(Sp[p])

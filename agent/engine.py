@@ -239,6 +239,34 @@ class Engine:
         log.info("stream %s: re-baselining: a new learning period starts", sid)
         return True, ev
 
+    def ack(self, alert_id: str) -> dict | None:
+        """Acknowledge an open alert: the "update" event that shows it, or None when no
+        stream has it open."""
+        for st in self.streams.values():
+            ev = st.tracker.ack(alert_id, st.threshold)
+            if ev is not None:
+                self.metrics.alerts["update"] += 1
+                return ev
+        return None
+
+    def shelve(self, sid: str, for_s: float) -> float | None:
+        """No new alert on the stream for `for_s` seconds of its sample time; the sample
+        time it ends, or None for an unknown stream.  for_s = 0 lifts it."""
+        st = self.streams.get(sid)
+        if st is None:
+            return None
+        until = (st.last_ts if np.isfinite(st.last_ts) else time.time()) + for_s
+        st.tracker.shelve(until if for_s > 0 else -np.inf)
+        log.info("stream %s: %s", sid, f"shelved for {for_s:g} s" if for_s > 0 else "unshelved")
+        return until
+
+    def take_entered(self) -> list[tuple[str, str]]:
+        """States streams entered outside a step (a command, a re-baseline), in order."""
+        out = [(sid, state) for sid, st in self.streams.items() for state in st.entered]
+        for st in self.streams.values():
+            st.entered = []
+        return out
+
     def _save(self, st: Stream) -> None:
         if self.store and self.cfg.calibration.enabled and not st.baseline.learning:
             self.store.save(st.id, self.meta.onnx_sha256, st.baseline.to_record())

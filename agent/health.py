@@ -18,8 +18,11 @@ _ORDER = {"anomaly": 0, "learning": 1, "normal": 2}
 
 
 def stream_status(st) -> dict:
-    return {"state": st.state, "samples": st.samples,
-            "calibrated": not st.baseline.learning, "threshold": st.threshold,
+    shelved = st.tracker.shelved_until
+    return {"state": st.state, "alarm": st.tracker.alarm,
+            "shelved_until": iso_utc(shelved) if shelved > st.last_ts else None,
+            "samples": st.samples, "calibrated": not st.baseline.learning,
+            "threshold": st.threshold, "last_sample": iso_utc(st.last_ts),
             "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .commands import Command, execute
 from .config import AgentConfig, StreamConfig
 from .engine import Engine
 from .health import health_snapshot
@@ -129,6 +130,28 @@ class Pipeline:
             log.exception("sink %s failed (%d failures so far)", type(sink).__name__,
                           self._sink_errors)
 
+    def submit(self, command: Command) -> None:
+        """Queue an operator command (any thread): the pipeline thread carries it out between
+        steps, so the engine is never touched by two threads."""
+        self.queue.put(command)
+
+    def _command(self, c: Command) -> None:
+        result, events = execute(c, self.engine)
+        states = self.engine.take_entered()
+        for sink in self.sinks:
+            try:
+                for ev in events:
+                    sink.alert(ev)
+                for sid, state in states:
+                    sink.state(sid, state)
+            except Exception:
+                self._sink_failed(sink)
+        if c.reply is not None:
+            try:
+                c.reply(result)
+            except Exception:
+                log.exception("command %s: its result could not be sent", c.request_id)
+
     def deliver_events(self, events: list[dict]) -> None:
         """End events produced outside a step (a stop, a reload, a re-baseline)."""
         for sink in self.sinks:
@@ -193,6 +216,11 @@ class Pipeline:
             while True:
                 if isinstance(item, SourceRunner):
                     ended.add(item.stream.id)
+                elif isinstance(item, Command):
+                    if batch:      # the samples before it first: commands act in order
+                        self.process(batch)
+                        batch = []
+                    self._command(item)
                 else:
                     batch.append(item)
                 if len(batch) >= DRAIN_MAX:
@@ -239,6 +267,8 @@ class Pipeline:
         # pipeline: every sample exactly once, in order.
         rest = self._drain()
         ended = self._ended | {r.stream.id for r in rest if isinstance(r, SourceRunner)}
+        for c in [c for c in rest if isinstance(c, Command)]:
+            self._command(c)
         rest = [b for b in rest if isinstance(b, Batch)]
         if rest:
             self.process(rest)
