@@ -31,6 +31,8 @@ SinksConfig = create_model(
 
 class StreamConfig(_Strict):
     id: str = Field(min_length=1, pattern=STREAM_ID_PATTERN)
+    # the sensor's sampling interval, when known; else it is learned (buffer.gap_reset_s)
+    interval_s: float | None = Field(None, gt=0)
     # the source plug-ins' config classes, told apart by their `type` key
     source: Annotated[Union[tuple(cls.config_class for cls in SOURCES.values())],
                       Field(discriminator="type")]
@@ -56,7 +58,11 @@ class ModelConfig(_Strict):
 class BufferConfig(_Strict):
     stride: int = Field(1, ge=1)          # infer every k samples
     ffill_max: int = Field(3, ge=0)       # forward-fill up to N consecutive missing values
-    gap_reset_s: float | None = Field(60.0, gt=0)  # reset the window after a larger time gap
+    # restart the window after a longer time gap: "auto" = gap_factor x the stream's own
+    # sampling interval (streams[].interval_s, else learned from its first samples), so a
+    # 1 Hz sensor and a 3-minute historian poll are both judged by their own pace
+    gap_reset_s: Union[Literal["auto"], Annotated[float, Field(gt=0)], None] = "auto"
+    gap_factor: float = Field(10.0, ge=1)
     # a stream without samples this long is dropped from memory (its baseline stays on disk)
     idle_evict_s: float | None = Field(3600.0, gt=0)
 

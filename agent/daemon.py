@@ -58,7 +58,8 @@ def stream_caps(cfg: AgentConfig) -> dict[str, int]:
 def build_engine(cfg: AgentConfig, detector: Detector, metrics: Metrics) -> Engine:
     store = StateStore(cfg.state_dir) if cfg.state_dir and cfg.calibration.enabled else None
     return Engine(cfg.detection, detector, store=store, metrics=metrics,
-                  max_streams=stream_caps(cfg))
+                  max_streams=stream_caps(cfg),
+                  intervals={s.id: s.interval_s for s in cfg.streams if s.interval_s})
 
 
 class Daemon:

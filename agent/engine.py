@@ -37,7 +37,7 @@ from .ring import RingBuffer, Windows
 from .scoring import Smoother
 from .sources.base import Batch
 from .state_store import StateStore
-from .stream import Stream, StreamResult
+from .stream import Pace, Stream, StreamResult
 
 log = logging.getLogger("tsad.engine")
 
@@ -45,7 +45,7 @@ log = logging.getLogger("tsad.engine")
 class Engine:
     def __init__(self, cfg: DetectionConfig, detector: Detector, store: StateStore | None = None,
                  metrics: Metrics | None = None, max_streams: dict[str, int] | None = None,
-                 default_max_streams: int = 1):
+                 default_max_streams: int = 1, intervals: dict[str, float] | None = None):
         self.cfg, self.detector, self.store = cfg, detector, store
         self.meta = detector.meta
         self.metrics = metrics or detector.metrics or Metrics()
@@ -55,6 +55,8 @@ class Engine:
         # per source id: how many streams it may create (1 unless it names them by topic)
         self.max_streams = dict(max_streams or {})
         self.default_max_streams = default_max_streams
+        # per source id: the sampling interval its config gives (else streams learn theirs)
+        self.intervals = dict(intervals or {})
         self._per_source: dict[str, int] = {}
         self._refused_logged: set[str] = set()
 
@@ -91,12 +93,14 @@ class Engine:
                 log.info("stream %s: learning its baseline on its first %s", sid,
                          f"{c.calibration.duration_s:g} s" if c.calibration.duration_s
                          else f"{c.calibration.samples} samples")
+        gap = c.buffer.gap_reset_s
         ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
-                          ffill_max=c.buffer.ffill_max, gap_reset_s=c.buffer.gap_reset_s,
-                          max_block=max(m.window, 64))
+                          ffill_max=c.buffer.ffill_max,
+                          gap_reset_s=None if gap == "auto" else gap, max_block=max(m.window, 64))
+        pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source))
         tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
         return Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
-                      self.detector.max_batch)
+                      self.detector.max_batch, pace)
 
     def pending(self, sid: str) -> dict:
         """Why a stream gave no score yet: {"status": "learning" | "warming_up" | "skipped",

@@ -160,8 +160,7 @@ def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
         why = (f"window {w}" + (f" after {calibrate} calibration rows; calibrate on fewer "
                                 f"or use the model's scaler with calibrate 0" if calibrate else ""))
         raise PredictError(f"{table.path}: {n} data row(s), needs at least {need} ({why})")
-    # Rows are consecutive by the step check; the daemon's wall-clock gap reset
-    # (60 s) would cut every window of a slow (e.g. hourly) series.
+    # Rows are consecutive by the step check (max_gap), so no window restarts here.
     engine = Engine(detection_config(detector.meta, calibrate, {"buffer": {"gap_reset_s": None}},
                                      node="predict"), detector, metrics=metrics)
     rec = run_table(engine, STREAM, table.ts, table.values).table(STREAM)

@@ -13,6 +13,7 @@ never materialises all its windows at once.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,9 @@ from .ring import RingBuffer, Windows
 from .scoring import Smoother
 
 log = logging.getLogger("tsad.stream")
+
+PACE_STEPS = 32      # steps that teach a stream its sampling interval
+GAP_LOG_S = 600.0    # a stream logs its window restarts at most this often
 
 Infer = Callable[[np.ndarray], np.ndarray]
 
@@ -43,12 +47,46 @@ class StreamResult:
     entered: list[str] = field(default_factory=list)
 
 
+class Pace:
+    """A stream's sampling interval, learned from its first PACE_STEPS positive steps (the
+    median: jitter and the odd missing sample do not move it) when it was not given;
+    once known, a gap longer than `factor` intervals restarts the stream's window."""
+
+    def __init__(self, ring: RingBuffer, factor: float | None, interval: float | None):
+        self.ring, self.factor = ring, factor
+        self.interval = interval
+        self._steps: list[np.ndarray] = []
+        self._n = 0
+        self._prev = float("nan")
+        if interval is not None and factor is not None:
+            ring.gap_reset_s = factor * interval
+
+    @property
+    def learning(self) -> bool:
+        return self.factor is not None and self.interval is None
+
+    def observe(self, ts: np.ndarray, sid: str) -> None:
+        d = np.diff(np.concatenate([[self._prev], ts]))
+        self._prev = float(ts[-1])
+        d = d[d > 0]
+        self._steps.append(d)
+        self._n += len(d)
+        if self._n >= PACE_STEPS:
+            self.interval = float(np.median(np.concatenate(self._steps)))
+            self._steps = []
+            self.ring.gap_reset_s = self.factor * self.interval
+            log.info("stream %s: a sample every %.3g s; a gap over %.3g s restarts its window",
+                     sid, self.interval, self.ring.gap_reset_s)
+
+
 class Stream:
     def __init__(self, sid: str, source: str, ring: RingBuffer, smoother: Smoother,
-                 baseline: Baseline, tracker: AlertTracker, max_batch: int):
+                 baseline: Baseline, tracker: AlertTracker, max_batch: int, pace: Pace):
         self.id, self.source = sid, source
         self.ring, self.smoother, self.baseline, self.tracker = ring, smoother, baseline, tracker
         self.max_batch = max_batch
+        self.pace = pace
+        self._gap_logged = -np.inf
         self.samples = 0
         self.last_ts = float("nan")     # newest sample time (stamps alerts closed at a stop)
         self.last_seen = 0.0            # monotonic time of the newest batch (idle eviction)
@@ -68,8 +106,11 @@ class Stream:
     def ingest(self, ts: np.ndarray, values: np.ndarray, infer: Infer) -> Windows | None:
         """Raw samples in; the windows now due (scaled), or None."""
         self.samples += len(ts)
-        if len(ts):
-            self.last_ts = float(ts[-1])
+        if not len(ts):
+            return None
+        if self.pace.learning:
+            self.pace.observe(ts, self.id)
+        self.last_ts = float(ts[-1])
         if self.baseline.learning:
             k = self.baseline.hold(ts, values)
             ts, values = ts[k:], values[k:]
@@ -77,7 +118,16 @@ class Stream:
                 self._end_learning(infer)
             if not len(ts):
                 return None
-        w = self.ring.push(ts, self.baseline.scaler.apply(values))
+        return self._push(ts, self.baseline.scaler.apply(values))
+
+    def _push(self, ts: np.ndarray, scaled: np.ndarray) -> Windows | None:
+        resets = self.ring.resets
+        w = self.ring.push(ts, scaled)
+        if self.ring.resets > resets and time.monotonic() - self._gap_logged > GAP_LOG_S:
+            self._gap_logged = time.monotonic()
+            log.warning("stream %s: a gap of over %.3g s between samples: its window starts "
+                        "again (%d restart(s) so far; counted in health ring_resets)", self.id,
+                        self.ring.gap_reset_s, self.ring.resets)
         return w if len(w) else None
 
     def _end_learning(self, infer: Infer) -> None:
@@ -87,8 +137,8 @@ class Stream:
         scaled = b.scaler.apply(raw)
         scores = []
         for a in range(0, len(ts), self.max_batch):
-            w = self.ring.push(ts[a:a + self.max_batch], scaled[a:a + self.max_batch])
-            if len(w):
+            w = self._push(ts[a:a + self.max_batch], scaled[a:a + self.max_batch])
+            if w is not None:
                 scores.append(self.smoother.update(score_windows(w.x, infer(w.x))[0]))
         if scores:
             b.fit_threshold(np.concatenate(scores))

@@ -220,3 +220,30 @@ def test_close_alerts_ends_every_open_alert_with_its_reason(model):
     evs = e.close_alerts("stopped")
     assert [(ev["stream"], ev["type"], ev["reason"]) for ev in evs] == [("x", "end", "stopped")]
     assert e.close_alerts("stopped") == []
+
+
+@pytest.mark.parametrize("interval", [1.0, 60.0, 180.0])
+def test_gaps_are_judged_by_the_stream_own_pace(model, interval):
+    """At 1 s, 1 min and 3 min sampling: jitter and a missing sample keep the window,
+    a gap of 20 intervals restarts it, once."""
+    e = engine_for(model)
+    n = 300
+    steps = np.full(n, interval)
+    steps[50::37] = 2 * interval          # the odd missing sample
+    steps[200] = 20 * interval            # the sensor was away
+    ts = 1e9 + np.cumsum(steps)
+    res = e.step([Batch("s", ts, normal(n))])
+    st = e.streams["s"]
+    assert st.pace.interval == pytest.approx(interval)
+    assert st.ring.resets == 1
+    assert windows(res) == (200 - W + 1) + (n - 200 - W + 1)
+
+
+def test_a_given_interval_needs_no_learning(model):
+    m = Metrics()
+    e = Engine(DetectionConfig.model_validate({"node": "t"}), Detector(model, metrics=m),
+               metrics=m, intervals={"hist": 180.0})
+    ts = 1e9 + 180.0 * np.arange(40)
+    ts[20:] += 3600                          # an hour away, within the first 32 steps
+    e.step([Batch("s", ts, normal(40), source="hist")])
+    assert e.streams["s"].ring.resets == 1 and not e.streams["s"].pace.learning
