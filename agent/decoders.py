@@ -1,19 +1,47 @@
 """Turn text lines (serial) and payloads (MQTT) into timestamped samples.
 
 Input from field devices is noisy: half lines after a reconnect, line noise,
-firmware printing banners, sensors reporting NaN.  A decoder therefore never
-raises.  Every line it cannot use is counted by reason in `Metrics.malformed`
-and logged at most once per reason per 10 s, so a broken sensor neither floods
-the journal nor goes unnoticed.
+firmware printing banners, sensors reporting NaN, clocks that are wrong.  A
+decoder therefore never raises.  Every input it cannot use is counted by reason
+in `Metrics.malformed` and logged at most once per reason per 10 s, so a broken
+sensor neither floods the journal nor goes unnoticed.
 
-Value policy: an explicit missing value (empty CSV field, NaN, null, inf) in
-an otherwise valid sample keeps the sample with NaN in that channel (the ring
-buffer forward-fills it) and counts reason "nan" once for the line.  A line
-that cannot be read as a whole sample yields None.
+Accepted forms (C = the model's channels, in the model's order):
+- CSV line: `v1,…,vC` or `T,v1,…,vC`, separated by `,` or (if the line has one) `;`.
+  `timestamp: first` requires T, `none` forbids it, `auto` (MQTT always) lets
+  the stream's first valid line decide once; a later line with the other field
+  count is `field_count`.
+- JSON object with values: `{"ts": T, "values": [v1, …, vC]}` or
+  `{"ts": T, "values": {"<channel>": v, …}}`.
+- Flat JSON object (ESPHome, Tasmota, Node-RED): `{"<channel>": v, …, "ts": T}`;
+  one level of nested objects is flattened with ".", so Tasmota's
+  `{"Time": T, "ANALOG": {"A0": 512}}` carries channel `ANALOG.A0`.
+- An MQTT payload is one of these objects (possibly pretty-printed), a JSON
+  list of them, or several lines of one form (JSON lines, CSV lines).
+The time key is `ts`, `timestamp` or `time` in any case (the first one present);
+without one, the sample is stamped with this machine's clock on arrival.
+"values" is read as the values form when it holds a list or an object.  In a
+keyed form, a key that is not a channel (nor the time key) counts
+`unknown_channel` and an absent channel `missing_channel`, both soft; a
+sample with no known channel is `no_known_channel`.  A channel value is a JSON
+number, a numeric string or null.
 
-Timestamps: epoch seconds (numbers above 1e11 are read as epoch milliseconds,
-which many devices send; 1e11 s would be the year 5138) or ISO-8601 /
-"YYYY-MM-DD hh:mm:ss"; a time without a zone is taken as UTC.
+Numbers: plain ASCII decimal only ("1_000" and non-ASCII digits, which Python's
+float() accepts, are `non_numeric`).  An explicit missing value (empty field,
+nan, null, none, na, n/a, inf, or a magnitude beyond float32) keeps the sample
+with NaN in that channel (the ring buffer forward-fills it) and counts reason
+"nan" once for the sample.
+
+Timestamps follow agent/timestamps.py (epoch s/ms/µs/ns by magnitude or
+ISO 8601, inside 2000-2100).  Per stream, a device timestamp is also refused
+(`bad_timestamp`) when it is more than BACKWARD_TOLERANCE_S behind the newest
+one accepted, or more than FUTURE_TOLERANCE_S ahead of this machine's clock;
+a corrupted digit then costs one sample instead of resetting or freezing the
+window.  A device whose clock really stepped back (NTP, RTC reset) is followed
+again after RESYNC_AFTER consecutive such samples, so a stream is never left
+blind for the length of the step.
+
+Not thread-safe: each source calls its decoder from one thread.
 """
 from __future__ import annotations
 
@@ -21,93 +49,98 @@ import json
 import logging
 import math
 import time
-from datetime import datetime, timezone
+from collections import OrderedDict
 
 import numpy as np
 
 from .metrics import Metrics
+from .timestamps import BadTimestamp, epoch_seconds
 
 log = logging.getLogger("tsad.decode")
 
 MAX_LINE = 64 * 1024            # bytes; longer lines are framing errors, not data
 MAX_PAYLOAD = 4 * 1024 * 1024   # an MQTT payload may carry many lines / objects
 LOG_INTERVAL_S = 10.0
-_MS_EPOCH_ABOVE = 1e11
+# NTP steps and sampling jitter move a clock back by well under a second.
+BACKWARD_TOLERANCE_S = 1.0
+# A device sending local time as if it were UTC is up to 14 h ahead; that is a
+# configuration fault the operator can see in the alert times, not corruption.
+FUTURE_TOLERANCE_S = 86_400.0
+RESYNC_AFTER = 5                # consecutive backward samples that mean a real clock step
+MAX_TRACKED_STREAMS = 4096      # per-stream clocks kept (least recently seen dropped)
+TIME_KEYS = ("ts", "timestamp", "time")
 
-# A None result is always accompanied by exactly one of these.
+# A rejected sample is always accompanied by exactly one of these.
 FATAL_REASONS = frozenset({"empty", "too_long", "non_utf8", "bad_json", "field_count",
                            "non_numeric", "bad_timestamp", "no_known_channel"})
 # Counted, but the sample is kept.
 SOFT_REASONS = frozenset({"nan", "missing_channel", "unknown_channel"})
 
 _MISSING_TOKENS = frozenset({"", "nan", "null", "none", "na", "n/a"})
+_FLT_MAX = float(np.finfo(np.float32).max)
+_NAN = math.nan
 
-Sample = tuple[float, np.ndarray]
+Sample = tuple[float, np.ndarray]           # (ts, float32[C])
+Samples = tuple[np.ndarray, np.ndarray]     # (ts float64[n], values float32[n, C])
 
 
 class _Unusable(Exception):
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
-
-
-def _epoch(v: float) -> float:
-    if not math.isfinite(v):
-        raise _Unusable("bad_timestamp")
-    return v / 1000.0 if abs(v) > _MS_EPOCH_ABOVE else v
-
-
-def parse_timestamp(v) -> float:
-    """Epoch seconds from a number or a string (epoch or ISO-8601); raises ValueError."""
-    try:
-        return _parse_ts(v)
-    except _Unusable:
-        raise ValueError(f"not a timestamp: {v!r}") from None
+        self.detail = detail
 
 
 def _parse_ts(v) -> float:
-    if isinstance(v, bool):
-        raise _Unusable("bad_timestamp")
-    if isinstance(v, (int, float)):
-        try:
-            return _epoch(float(v))
-        except OverflowError:
-            raise _Unusable("bad_timestamp") from None
-    if not isinstance(v, str):
-        raise _Unusable("bad_timestamp")
-    s = v.strip()
     try:
-        return _epoch(float(s))
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s)
-    except (ValueError, OverflowError):
-        raise _Unusable("bad_timestamp") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        return epoch_seconds(v)
+    except BadTimestamp as e:
+        raise _Unusable("bad_timestamp", str(e)) from None
 
 
 def _num(v) -> float:
-    """One JSON value as float; None is a missing value (NaN)."""
-    if v is None:
-        return math.nan
-    if isinstance(v, bool):
-        raise _Unusable("non_numeric")
-    if isinstance(v, (int, float)):
+    """One JSON value as float; None and missing tokens are NaN."""
+    t = type(v)
+    if t is float:
+        return v
+    if t is int:
         try:
             return float(v)
         except OverflowError:
             return math.inf
-    if isinstance(v, str):
+    if v is None:
+        return _NAN
+    if t is str:
         s = v.strip()
         if s.lower() in _MISSING_TOKENS:
-            return math.nan
-        try:
-            return float(s)
-        except ValueError:
-            pass
+            return _NAN
+        if s.isascii() and "_" not in s:
+            try:
+                return float(s)
+            except ValueError:
+                pass
     raise _Unusable("non_numeric")
+
+
+def _clean(vals: list[float]) -> bool:
+    """Replace values float32 cannot hold (NaN, inf, huge) by NaN in place; True if any."""
+    if sum(map(abs, vals)) <= _FLT_MAX:     # false for NaN and inf as well
+        return False
+    bad = False
+    for i, v in enumerate(vals):
+        if not -_FLT_MAX <= v <= _FLT_MAX:
+            vals[i] = _NAN
+            bad = True
+    return bad
+
+
+class _Clock:
+    """What a decoder remembers about one stream."""
+    __slots__ = ("last", "behind", "has_ts")
+
+    def __init__(self) -> None:
+        self.last: float | None = None     # newest accepted device timestamp
+        self.behind = 0                    # consecutive samples refused as backward
+        self.has_ts: bool | None = None    # CSV `auto`: decided by the first valid line
 
 
 class LineDecoder:
@@ -123,131 +156,207 @@ class LineDecoder:
         self.metrics = metrics
         self.log_name = log_name
         self._index = {name: i for i, name in enumerate(self.channels)}
+        self._values_key = "values" not in self._index   # else "values" is a channel
+        self._clocks: OrderedDict[str | None, _Clock] = OrderedDict()
         self._last_log: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        # counts of the current call, reported once at its end (a payload may hold 100k)
+        self._pending: dict[str, list] = {}
 
     # ------------------------------------------------------------ public API
-    def decode(self, line: bytes, now: float) -> Sample | None:
+    def decode(self, line: bytes, now: float, stream: str | None = None) -> Sample | None:
         """One line -> (ts, float32[C] in model channel order), or None if unusable."""
-        try:
-            text = self._text(line)
-            if self.protocol == "csv":
-                return self._csv(text, line, now)
-            try:
-                obj = json.loads(text)
-            except (ValueError, RecursionError):
-                raise _Unusable("bad_json") from None
-            return self._json_obj(obj, line, now)
-        except _Unusable as e:
-            self.bad(e.reason, line)
-            return None
+        ts, rows = [], []
+        self._lines((line,), now, self._clock(stream), ts, rows)
+        self._flush()
+        return (ts[0], np.array(rows[0], np.float32)) if rows else None
 
-    def decode_payload(self, payload: bytes, now: float) -> list[Sample]:
-        """An MQTT payload: one or more lines, or (json) one object or a list of objects."""
+    def decode_lines(self, lines, now: float, stream: str | None = None) -> Samples | None:
+        """Lines read together (serial) -> (ts float64[n], float32[n, C]), None if none usable."""
+        ts, rows = [], []
+        self._lines(lines, now, self._clock(stream), ts, rows)
+        self._flush()
+        return _pack(ts, rows)
+
+    def decode_payload(self, payload: bytes, now: float,
+                       stream: str | None = None) -> Samples | None:
+        """An MQTT payload (see the module docstring for its forms) -> (ts, values) or None.
+
+        `stream` keys the per-stream clock when one subscription feeds many streams."""
         if len(payload) > MAX_PAYLOAD:
             self.bad("too_long", payload)
-            return []
+            return None
         if not payload.strip():
             self.bad("empty", payload)
-            return []
-        if self.protocol == "json" and payload.lstrip()[:1] in (b"{", b"["):
-            whole = self._json_whole(payload, now)
-            if whole is not None:
-                return whole
-        out = []
-        for line in payload.splitlines():
-            if line.strip():
-                s = self.decode(line, now)
-                if s is not None:
-                    out.append(s)
-        return out
+            return None
+        clock = self._clock(stream)
+        ts, rows = [], []
+        if not (self.protocol == "json" and payload.lstrip()[:1] in (b"{", b"[")
+                and self._json_whole(payload, now, clock, ts, rows)):
+            self._lines([ln for ln in payload.splitlines() if ln.strip()], now, clock, ts, rows)
+        self._flush()
+        return _pack(ts, rows)
 
-    def bad(self, reason: str, data: bytes | str = b"") -> None:
-        """Count one unusable input; log it unless this reason was logged < 10 s ago."""
-        self.metrics.bad(reason)
+    def bad(self, reason: str, data: bytes | str = b"", n: int = 1, detail: str = "") -> None:
+        """Count n unusable inputs; log unless this reason was logged < 10 s ago."""
+        self.metrics.bad(reason, n)
         now = time.monotonic()
         last = self._last_log.get(reason)
         if last is not None and now - last < LOG_INTERVAL_S:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + n
             return
         self._last_log[reason] = now
-        more = self._suppressed.pop(reason, 0)
+        more = self._suppressed.pop(reason, 0) + n - 1
         snippet = data[:80] if isinstance(data, (bytes, str)) else b""
-        log.warning("%s: %s in %r%s", self.log_name, reason, snippet,
-                    f" (+{more} more since last report)" if more else "")
+        log.warning("%s: %s%s in %r%s", self.log_name, reason, f" ({detail})" if detail else "",
+                    snippet, f" (+{more} more since last report)" if more else "")
 
     # ------------------------------------------------------------ internals
-    def _text(self, line: bytes) -> str:
-        if len(line) > MAX_LINE:
-            raise _Unusable("too_long")
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise _Unusable("non_utf8") from None
-        if not text:
-            raise _Unusable("empty")
-        return text
-
-    def _csv(self, text: str, line: bytes, now: float) -> Sample:
-        fields = text.split(";" if ";" in text else ",")
-        c = len(self.channels)
-        n = len(fields)
-        if self.timestamp == "first" or (self.timestamp == "auto" and n == c + 1):
-            if n != c + 1:
-                raise _Unusable("field_count")
-            ts = _parse_ts(fields[0])
-            fields = fields[1:]
-        elif n == c:
-            ts = now
+    def _note(self, reason: str, data, detail: str = "") -> None:
+        p = self._pending.get(reason)
+        if p is None:
+            self._pending[reason] = [1, data, detail]
         else:
-            raise _Unusable("field_count")
-        try:
-            vals = [float(f) for f in fields]
-        except ValueError:
-            vals = []
-            for f in fields:
-                try:
-                    vals.append(float(f))
-                except ValueError:
-                    if f.strip().lower() not in _MISSING_TOKENS:
-                        raise _Unusable("non_numeric") from None
-                    vals.append(math.nan)
-        return ts, self._finish(vals, line)
+            p[0] += 1
 
-    def _json_obj(self, obj, line: bytes, now: float) -> Sample:
-        if not isinstance(obj, dict) or "values" not in obj:
-            raise _Unusable("bad_json")
-        raw_ts = obj.get("ts")
-        ts = now if raw_ts is None else _parse_ts(raw_ts)
-        values = obj["values"]
-        if isinstance(values, list):
-            if len(values) != len(self.channels):
-                raise _Unusable("field_count")
-            return ts, self._finish([_num(v) for v in values], line)
-        if isinstance(values, dict):
-            vals = [math.nan] * len(self.channels)
-            present = np.zeros(len(self.channels), dtype=bool)
-            unknown = 0
-            for k, v in values.items():
-                i = self._index.get(k)
-                if i is None:
-                    unknown += 1
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for reason, (n, data, detail) in pending.items():
+                self.bad(reason, data, n, detail)
+
+    def _clock(self, stream: str | None) -> _Clock:
+        clocks = self._clocks
+        c = clocks.get(stream)
+        if c is None:
+            c = clocks[stream] = _Clock()
+            if len(clocks) > MAX_TRACKED_STREAMS:
+                clocks.popitem(last=False)
+        elif len(clocks) > 1:
+            clocks.move_to_end(stream)
+        return c
+
+    def _lines(self, lines, now: float, clock: _Clock, ts: list, rows: list) -> None:
+        csv = self.protocol == "csv"
+        for line in lines:
+            try:
+                if csv:
+                    t, vals = self._csv(line, now, clock)
                 else:
-                    vals[i] = _num(v)
-                    present[i] = True
-            known = int(present.sum())
-            if unknown:
-                self.bad("unknown_channel", line)
-            if not known:
-                raise _Unusable("no_known_channel")
-            if known < len(self.channels):
-                self.bad("missing_channel", line)
-            return ts, self._finish(vals, line, present)
-        raise _Unusable("bad_json")
+                    t, vals = self._json_sample(_loads(_text(line)), line, now, clock)
+            except _Unusable as e:
+                self._note(e.reason, line, e.detail)
+                continue
+            ts.append(t)
+            rows.append(vals)
 
-    def _json_whole(self, payload: bytes, now: float) -> list[Sample] | None:
+    def _csv(self, line: bytes, now: float, clock: _Clock) -> tuple[float, list[float]]:
+        text = _text(line)
+        fields = text.split(";" if ";" in text else ",")
+        n, c = len(fields), len(self.channels)
+        if self.timestamp == "auto":
+            has_ts = clock.has_ts
+            if has_ts is None:
+                has_ts = n == c + 1
+        else:
+            has_ts = self.timestamp == "first"
+        if n != c + has_ts:
+            raise _Unusable("field_count", f"{n} fields, expected {c + has_ts}")
+        if "_" in text or not text.isascii():
+            raise _Unusable("non_numeric", "not a plain ASCII decimal number")
+        t = self._device_time(fields[0], now, clock) if has_ts else now
+        try:
+            vals = [float(f) for f in fields[has_ts:]]
+        except ValueError:
+            vals = [_missing_or_float(f) for f in fields[has_ts:]]
+        if _clean(vals):
+            self._note("nan", line)
+        if has_ts:
+            _keep(t, clock)
+        clock.has_ts = has_ts
+        return t, vals
+
+    def _json_sample(self, obj, data, now: float, clock: _Clock) -> tuple[float, list[float]]:
+        if type(obj) is not dict:
+            raise _Unusable("bad_json", "not an object")
+        values = obj.get("values")
+        flat = not self._values_key or type(values) not in (list, dict)
+        raw_ts = _time_of(obj, self._index if flat else {})
+        t = now if raw_ts is None else self._device_time(raw_ts, now, clock)
+        if flat:
+            vals = self._keyed(obj, data, with_time=True)
+        elif type(values) is list:
+            if len(values) != len(self.channels):
+                raise _Unusable("field_count",
+                                f"{len(values)} values, expected {len(self.channels)}")
+            vals = [v if type(v) is float else _num(v) for v in values]
+            if _clean(vals):
+                self._note("nan", data)
+        else:
+            vals = self._keyed(values, data)
+        if raw_ts is not None:
+            _keep(t, clock)
+        return t, vals
+
+    def _keyed(self, obj: dict, data, with_time: bool = False) -> list[float]:
+        """Values of a {"<channel>": v} object, one level of nesting flattened with ".";
+        `with_time`: the object's first time key is not counted as an unknown channel."""
+        index = self._index
+        vals: list = [None] * len(self.channels)
+        known = unknown = 0
+        bad = False
+        timed = not with_time
+        for k, v in obj.items():
+            i = index.get(k)
+            if i is not None:
+                pairs = ((i, v),)
+            elif type(v) is dict:
+                pairs = [(index.get(f"{k}.{k2}"), v2) for k2, v2 in v.items()]
+                unknown += sum(1 for j, _ in pairs if j is None)
+            else:
+                if not timed and k.lower() in TIME_KEYS:
+                    timed = True
+                else:
+                    unknown += 1
+                continue
+            for j, x in pairs:
+                if j is not None:
+                    f = _num(x)
+                    if not -_FLT_MAX <= f <= _FLT_MAX:
+                        f, bad = _NAN, True
+                    known += vals[j] is None        # a repeated channel counts once
+                    vals[j] = f
+        if unknown:
+            self._note("unknown_channel", data)
+        if not known:
+            raise _Unusable("no_known_channel")
+        if known < len(vals):
+            self._note("missing_channel", data)
+            vals = [_NAN if v is None else v for v in vals]
+        if bad:
+            self._note("nan", data)
+        return vals
+
+    def _device_time(self, raw, now: float, clock: _Clock) -> float:
+        """A device timestamp, refused when far ahead of this machine or behind the stream;
+        `_keep` records it once the whole sample is accepted."""
+        t = _parse_ts(raw)
+        if t > now + FUTURE_TOLERANCE_S:
+            raise _Unusable("bad_timestamp", f"{(t - now) / 3600:.1f} h ahead of this clock")
+        last = clock.last
+        if last is not None and t < last - BACKWARD_TOLERANCE_S:
+            clock.behind += 1
+            if clock.behind < RESYNC_AFTER:
+                raise _Unusable("bad_timestamp", f"{last - t:.3f} s behind the stream")
+            log.warning("%s: device clock stepped back %.3f s; following it", self.log_name,
+                        last - t)
+            clock.last = None
+        return t
+
+    def _json_whole(self, payload: bytes, now: float, clock: _Clock, ts: list,
+                    rows: list) -> bool:
         """The payload as one JSON document (an object, possibly pretty-printed, or a list
-        of objects); None when it is not one, so the caller reads it as JSON lines."""
+        of objects); False when it is not one, so the caller reads it as JSON lines."""
         try:
             doc = json.loads(payload.decode("utf-8"))
         except UnicodeDecodeError:
@@ -258,25 +367,66 @@ class LineDecoder:
             reason = None
         if reason is not None:
             if payload.lstrip()[:1] == b"{":
-                return None
-            self.bad(reason, payload)
-            return []
-        out = []
-        for item in doc if isinstance(doc, list) else [doc]:
+                return False
+            self._note(reason, payload)
+            return True
+        sample = self._json_sample
+        for item in doc if type(doc) is list else (doc,):
             try:
-                out.append(self._json_obj(item, payload, now))
+                t, vals = sample(item, payload, now, clock)
             except _Unusable as e:
-                self.bad(e.reason, payload)
-        return out
+                self._note(e.reason, payload, e.detail)
+                continue
+            ts.append(t)
+            rows.append(vals)
+        return True
 
-    def _finish(self, vals: list[float], line: bytes,
-                present: np.ndarray | None = None) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            arr = np.asarray(vals, dtype=np.float32)
-        bad = ~np.isfinite(arr)   # also catches values that overflow float32
-        if bad.any():
-            arr[bad] = np.nan
-            # absent dict keys are already counted as missing_channel
-            if present is None or (bad & present).any():
-                self.bad("nan", line)
-        return arr
+
+def _text(line: bytes) -> str:
+    if len(line) > MAX_LINE:
+        raise _Unusable("too_long")
+    try:
+        text = line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise _Unusable("non_utf8") from None
+    if not text:
+        raise _Unusable("empty")
+    return text
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise _Unusable("bad_json") from None
+
+
+def _missing_or_float(f: str) -> float:
+    try:
+        return float(f)
+    except ValueError:
+        if f.strip().lower() in _MISSING_TOKENS:
+            return _NAN
+        raise _Unusable("non_numeric") from None
+
+
+def _time_of(obj: dict, channels: dict):
+    """The value under the object's first time key (any case) that is not a channel."""
+    for k, v in obj.items():
+        if k.lower() in TIME_KEYS and k not in channels:
+            return v
+    return None
+
+
+def _keep(t: float, clock: _Clock) -> None:
+    clock.behind = 0
+    if clock.last is None or t > clock.last:
+        clock.last = t
+
+
+def _pack(ts: list[float], rows: list[list[float]]) -> Samples | None:
+    if not rows:
+        return None
+    # rows hold only finite float32-range values or NaN (_clean), so the cast is exact
+    # enough and raises no overflow warning
+    return np.array(ts, np.float64), np.array(rows, np.float32)
