@@ -90,13 +90,6 @@ class _Unusable(Exception):
         self.detail = detail
 
 
-def _parse_ts(v) -> float:
-    try:
-        return epoch_seconds(v)
-    except BadTimestamp as e:
-        raise _Unusable("bad_timestamp", str(e)) from None
-
-
 def _num(v) -> float:
     """One JSON value as float; None and missing tokens are NaN."""
     t = type(v)
@@ -281,7 +274,7 @@ class LineDecoder:
             raise _Unusable("bad_json", "not an object")
         values = obj.get("values")
         flat = not self._values_key or type(values) not in (list, dict)
-        raw_ts = _time_of(obj, self._index if flat else {})
+        raw_ts = _time_of(obj, self._index if flat else ())
         t = now if raw_ts is None else self._device_time(raw_ts, now, clock)
         if flat:
             vals = self._keyed(obj, data, with_time=True)
@@ -340,7 +333,10 @@ class LineDecoder:
     def _device_time(self, raw, now: float, clock: _Clock) -> float:
         """A device timestamp, refused when far ahead of this machine or behind the stream;
         `_keep` records it once the whole sample is accepted."""
-        t = _parse_ts(raw)
+        try:
+            t = epoch_seconds(raw)
+        except BadTimestamp as e:
+            raise _Unusable("bad_timestamp", str(e)) from None
         if t > now + FUTURE_TOLERANCE_S:
             raise _Unusable("bad_timestamp", f"{(t - now) / 3600:.1f} h ahead of this clock")
         last = clock.last
@@ -410,7 +406,7 @@ def _missing_or_float(f: str) -> float:
         raise _Unusable("non_numeric") from None
 
 
-def _time_of(obj: dict, channels: dict):
+def _time_of(obj: dict, channels):
     """The value under the object's first time key (any case) that is not a channel."""
     for k, v in obj.items():
         if k.lower() in TIME_KEYS and k not in channels:
