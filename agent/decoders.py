@@ -6,25 +6,27 @@ decoder therefore never raises.  Every input it cannot use is counted by reason
 in `Metrics.malformed` and logged at most once per reason per 10 s, so a broken
 sensor neither floods the journal nor goes unnoticed.
 
-Accepted forms (C = the model's channels, in the model's order):
-- CSV line: `v1,…,vC` or `T,v1,…,vC`, separated by `,` or (if the line has one) `;`.
-  `timestamp: first` requires T, `none` forbids it, `auto` (MQTT always) lets
-  the stream's first valid line decide once; a later line with the other field
-  count is `field_count`.
-- JSON object with values: `{"ts": T, "values": [v1, …, vC]}` or
+Accepted forms (C = the model's channels; T = a timestamp, number or string):
+- CSV line: `v1,…,vC` or `T,v1,…,vC`, separated by `,` or (if the line has one)
+  `;`, values in the model's channel order.  `timestamp: first` requires T,
+  `none` forbids it, `auto` (MQTT always) lets the stream's first valid line
+  decide once; a later line with the other field count is `field_count`.
+- JSON with values: `{"ts": T, "values": [v1, …, vC]}` (model order) or
   `{"ts": T, "values": {"<channel>": v, …}}`.
-- Flat JSON object (ESPHome, Tasmota, Node-RED): `{"<channel>": v, …, "ts": T}`;
-  one level of nested objects is flattened with ".", so Tasmota's
+- Flat JSON (ESPHome, Tasmota, Node-RED): `{"<channel>": v, …, "ts": T}`; one
+  level of nested objects is flattened with ".", so Tasmota's
   `{"Time": T, "ANALOG": {"A0": 512}}` carries channel `ANALOG.A0`.
-- An MQTT payload is one of these objects (possibly pretty-printed), a JSON
-  list of them, or several lines of one form (JSON lines, CSV lines).
-The time key is `ts`, `timestamp` or `time` in any case (the first one present);
-without one, the sample is stamped with this machine's clock on arrival.
-"values" is read as the values form when it holds a list or an object.  In a
-keyed form, a key that is not a channel (nor the time key) counts
-`unknown_channel` and an absent channel `missing_channel`, both soft; a
-sample with no known channel is `no_known_channel`.  A channel value is a JSON
-number, a numeric string or null.
+- A payload (MQTT) is one JSON object of either form (pretty-printed or not), a
+  JSON list of such objects, or lines of one of the line forms (CSV lines, or
+  JSON lines: one object per line).
+The time key is `ts`, `timestamp` or `time`, looked up in this order, then in
+any case (Tasmota's "Time"); without one (or null) the sample is stamped with
+this machine's clock on arrival.  "values" holding a list or an object selects
+the values form (unless a channel is called "values").  In the keyed forms a
+key that is neither a channel nor (flat form) a time key counts
+`unknown_channel`, an absent channel `missing_channel`, both soft; no known
+channel at all is `no_known_channel`.  A value is a JSON number, a numeric
+string or null.
 
 Numbers: plain ASCII decimal only ("1_000" and non-ASCII digits, which Python's
 float() accepts, are `non_numeric`).  An explicit missing value (empty field,
@@ -79,6 +81,7 @@ SOFT_REASONS = frozenset({"nan", "missing_channel", "unknown_channel"})
 _MISSING_TOKENS = frozenset({"", "nan", "null", "none", "na", "n/a"})
 _FLT_MAX = float(np.finfo(np.float32).max)
 _NAN = math.nan
+_ABSENT = object()      # a channel the keyed sample does not name
 
 Sample = tuple[float, np.ndarray]           # (ts, float32[C])
 Samples = tuple[np.ndarray, np.ndarray]     # (ts float64[n], values float32[n, C])
@@ -277,7 +280,7 @@ class LineDecoder:
         raw_ts = _time_of(obj, self._index if flat else ())
         t = now if raw_ts is None else self._device_time(raw_ts, now, clock)
         if flat:
-            vals = self._keyed(obj, data, with_time=True)
+            vals = self._keyed(obj, data, flat=True)
         elif type(values) is list:
             if len(values) != len(self.channels):
                 raise _Unusable("field_count",
@@ -291,41 +294,39 @@ class LineDecoder:
             _keep(t, clock)
         return t, vals
 
-    def _keyed(self, obj: dict, data, with_time: bool = False) -> list[float]:
+    def _keyed(self, obj: dict, data, flat: bool = False) -> list[float]:
         """Values of a {"<channel>": v} object, one level of nesting flattened with ".";
-        `with_time`: the object's first time key is not counted as an unknown channel."""
+        `flat`: time keys are the sample's time, not unknown channels."""
         index = self._index
-        vals: list = [None] * len(self.channels)
-        known = unknown = 0
-        bad = False
-        timed = not with_time
+        raw = [_ABSENT] * len(self.channels)
+        unknown = 0
         for k, v in obj.items():
             i = index.get(k)
             if i is not None:
-                pairs = ((i, v),)
+                raw[i] = v
             elif type(v) is dict:
-                pairs = [(index.get(f"{k}.{k2}"), v2) for k2, v2 in v.items()]
-                unknown += sum(1 for j, _ in pairs if j is None)
-            else:
-                if not timed and k.lower() in TIME_KEYS:
-                    timed = True
-                else:
-                    unknown += 1
-                continue
-            for j, x in pairs:
-                if j is not None:
-                    f = _num(x)
-                    if not -_FLT_MAX <= f <= _FLT_MAX:
-                        f, bad = _NAN, True
-                    known += vals[j] is None        # a repeated channel counts once
-                    vals[j] = f
+                for k2, v2 in v.items():
+                    j = index.get(f"{k}.{k2}")
+                    if j is None:
+                        unknown += 1
+                    else:
+                        raw[j] = v2
+            elif not (flat and k.lower() in TIME_KEYS):
+                unknown += 1
+        missing = raw.count(_ABSENT)
+        if missing == len(raw):
+            raise _Unusable("no_known_channel")
+        if missing:
+            vals = [_NAN if v is _ABSENT else _num(v) for v in raw]
+            bad = any(not -_FLT_MAX <= f <= _FLT_MAX
+                      for f, v in zip(vals, raw) if v is not _ABSENT)
+            _clean(vals)
+            self._note("missing_channel", data)
+        else:
+            vals = [v if type(v) is float else _num(v) for v in raw]
+            bad = _clean(vals)
         if unknown:
             self._note("unknown_channel", data)
-        if not known:
-            raise _Unusable("no_known_channel")
-        if known < len(vals):
-            self._note("missing_channel", data)
-            vals = [_NAN if v is None else v for v in vals]
         if bad:
             self._note("nan", data)
         return vals
@@ -407,7 +408,12 @@ def _missing_or_float(f: str) -> float:
 
 
 def _time_of(obj: dict, channels):
-    """The value under the object's first time key (any case) that is not a channel."""
+    """The value under the first of TIME_KEYS, then of them in any case, that is not a
+    channel; None without one."""
+    for k in TIME_KEYS:
+        v = obj.get(k)
+        if v is not None and k not in channels:
+            return v
     for k, v in obj.items():
         if k.lower() in TIME_KEYS and k not in channels:
             return v

@@ -264,6 +264,14 @@ def test_json_values_list_and_dict():
     ts, v = d.decode(b'{"values": [1, null, NaN]}', NOW)
     np.testing.assert_array_equal(v, np.array([1, np.nan, np.nan], np.float32))
     assert m.malformed["nan"] == 1
+    # an absent channel is missing_channel; only a present bad value is "nan"
+    m.malformed.clear()
+    v = d.decode(b'{"values": {"a": 1, "c": 3}}', NOW)[1]
+    np.testing.assert_array_equal(v, np.array([1, np.nan, 3], np.float32))
+    assert m.malformed == Counter({"missing_channel": 1})
+    v = d.decode(b'{"values": {"a": "inf", "c": 1e39}}', NOW)[1]
+    assert np.isnan(v).all()
+    assert m.malformed == Counter({"missing_channel": 2, "nan": 1})
     ts, v = d.decode(b'{"TS": 1700000000000000, "values": [1, "2.5", " 3 "]}', NOW)   # µs
     assert ts == 1_700_000_000.0
     np.testing.assert_array_equal(v, [1, 2.5, 3])
