@@ -367,8 +367,11 @@ class LineDecoder:
                 return False
             self._note(reason, payload)
             return True
+        items = doc if type(doc) is list else [doc]
+        del doc
         sample = self._json_sample
-        for item in doc if type(doc) is list else (doc,):
+        for k, item in enumerate(items):
+            items[k] = None         # each parsed object is freed once read: lower peak memory
             try:
                 t, vals = sample(item, payload, now, clock)
             except _Unusable as e:
