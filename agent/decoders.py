@@ -41,7 +41,8 @@ one accepted, or more than FUTURE_TOLERANCE_S ahead of this machine's clock;
 a corrupted digit then costs one sample instead of resetting or freezing the
 window.  A device whose clock really stepped back (NTP, RTC reset) is followed
 again after RESYNC_AFTER consecutive such samples, so a stream is never left
-blind for the length of the step.
+blind for the length of the step.  This per-stream memory (and the CSV `auto`
+decision) is kept for the MAX_TRACKED_STREAMS streams seen most recently.
 
 Not thread-safe: each source calls its decoder from one thread.
 """
@@ -162,10 +163,8 @@ class LineDecoder:
     # ------------------------------------------------------------ public API
     def decode(self, line: bytes, now: float, stream: str | None = None) -> Sample | None:
         """One line -> (ts, float32[C] in model channel order), or None if unusable."""
-        ts, rows = [], []
-        self._lines((line,), now, self._clock(stream), ts, rows)
-        self._flush()
-        return (ts[0], np.array(rows[0], np.float32)) if rows else None
+        got = self.decode_lines((line,), now, stream)
+        return None if got is None else (float(got[0][0]), got[1][0])
 
     def decode_lines(self, lines, now: float, stream: str | None = None) -> Samples | None:
         """Lines read together (serial) -> (ts float64[n], float32[n, C]), None if none usable."""
@@ -196,18 +195,24 @@ class LineDecoder:
     def bad(self, reason: str, data: bytes | str = b"", n: int = 1, detail: str = "") -> None:
         """Count n unusable inputs; log unless this reason was logged < 10 s ago."""
         self.metrics.bad(reason, n)
-        now = time.monotonic()
-        last = self._last_log.get(reason)
-        if last is not None and now - last < LOG_INTERVAL_S:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + n
-            return
-        self._last_log[reason] = now
-        more = self._suppressed.pop(reason, 0) + n - 1
-        snippet = data[:80] if isinstance(data, (bytes, str)) else b""
-        log.warning("%s: %s%s in %r%s", self.log_name, reason, f" ({detail})" if detail else "",
-                    snippet, f" (+{more} more since last report)" if more else "")
+        more = self._may_log(reason, n)
+        if more is not None:
+            snippet = data[:80] if isinstance(data, (bytes, str)) else b""
+            log.warning("%s: %s%s in %r%s", self.log_name, reason,
+                        f" ({detail})" if detail else "", snippet,
+                        f" (+{more} more since last report)" if more else "")
 
     # ------------------------------------------------------------ internals
+    def _may_log(self, key: str, n: int = 1) -> int | None:
+        """How many more of `key` to report with this log line; None: logged < 10 s ago."""
+        now = time.monotonic()
+        last = self._last_log.get(key)
+        if last is not None and now - last < LOG_INTERVAL_S:
+            self._suppressed[key] = self._suppressed.get(key, 0) + n
+            return None
+        self._last_log[key] = now
+        return self._suppressed.pop(key, 0) + n - 1
+
     def _note(self, reason: str, data, detail: str = "") -> None:
         p = self._pending.get(reason)
         if p is None:
@@ -345,8 +350,10 @@ class LineDecoder:
             clock.behind += 1
             if clock.behind < RESYNC_AFTER:
                 raise _Unusable("bad_timestamp", f"{last - t:.3f} s behind the stream")
-            log.warning("%s: device clock stepped back %.3f s; following it", self.log_name,
-                        last - t)
+            more = self._may_log("clock_step")
+            if more is not None:    # two devices on one stream would otherwise flood the log
+                log.warning("%s: device clock stepped back %.3f s; following it%s",
+                            self.log_name, last - t, f" (+{more} more steps)" if more else "")
             clock.last = None
         return t
 

@@ -232,7 +232,15 @@ def test_a_real_clock_step_back_is_followed(caplog):
     assert got[:RESYNC_AFTER - 1] == [None] * (RESYNC_AFTER - 1)
     assert [g[0] for g in got[RESYNC_AFTER - 1:]] == stepped[RESYNC_AFTER - 1:]
     assert m.malformed == Counter({"bad_timestamp": RESYNC_AFTER - 1})
-    assert any("stepped back" in r.getMessage() for r in caplog.records)
+    # a second step soon after is followed as well, and logged at most once per 10 s
+    again = [stepped[-1] - 3600 + i for i in range(RESYNC_AFTER)]
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        got = [d.decode(json.dumps({"ts": t, "values": [1, 2, 3]}).encode(), NOW)
+               for t in again]
+    assert got[-1][0] == again[-1]
+    assert m.malformed == Counter({"bad_timestamp": 2 * (RESYNC_AFTER - 1)})
+    steps = [r.getMessage() for r in caplog.records if "stepped back" in r.getMessage()]
+    assert len(steps) == 1 and steps[0].startswith("test: device clock stepped back 3596.000 s")
 
 
 def test_clocks_are_per_stream_and_bounded():
