@@ -1,113 +1,120 @@
 """Turn text lines (serial) and payloads (MQTT) into timestamped samples.
 
 Input from field devices is noisy: half lines after a reconnect, line noise,
-firmware printing banners, sensors reporting NaN.  A decoder therefore never
-raises.  Every line it cannot use is counted by reason in `Metrics.malformed`
-and logged at most once per reason per 10 s, so a broken sensor neither floods
-the journal nor goes unnoticed.
+firmware printing banners, sensors reporting NaN, clocks that are wrong.  A
+decoder therefore never raises.  Every input it cannot use is counted by reason
+in `Metrics.malformed` and logged at most once per reason per 10 s, so a broken
+sensor neither floods the journal nor goes unnoticed.
 
-Value policy: an explicit missing value (empty CSV field, NaN, null, inf) in
-an otherwise valid sample keeps the sample with NaN in that channel (the ring
-buffer forward-fills it) and counts reason "nan" once for the line.  A line
-that cannot be read as a whole sample yields None.
+Accepted forms (C = the model's channels; T = a timestamp, number or string):
+- CSV line: `v1,…,vC` or `T,v1,…,vC`, separated by `,` or (if the line has one)
+  `;`, values in the model's channel order.  `timestamp: first` requires T,
+  `none` forbids it, `auto` (MQTT always) lets the stream's first valid line
+  decide once; a later line with the other field count is `field_count`.
+- JSON with values: `{"ts": T, "values": [v1, …, vC]}` (model order) or
+  `{"ts": T, "values": {"<channel>": v, …}}`.
+- Flat JSON (ESPHome, Tasmota, Node-RED): `{"<channel>": v, …, "ts": T}`; one
+  level of nested objects is flattened with ".", so Tasmota's
+  `{"Time": T, "ANALOG": {"A0": 512}}` carries channel `ANALOG.A0`.
+- A payload (MQTT) is one JSON object of either form (pretty-printed or not), a
+  JSON list of such objects, or lines of one of the line forms (CSV lines, or
+  JSON lines: one object per line).
+The time key is `ts`, `timestamp` or `time`, looked up in this order, then in
+any case (Tasmota's "Time"); without one (or null) the sample is stamped with
+this machine's clock on arrival.  "values" holding a list or an object selects
+the values form (unless a channel is called "values").  In the keyed forms a
+key that is neither a channel nor (flat form) a time key counts
+`unknown_channel`, an absent channel `missing_channel`, both soft; no known
+channel at all is `no_known_channel`.  A value is a JSON number, a numeric
+string or null.
 
-Timestamps: epoch seconds (numbers above 1e11 are read as epoch milliseconds,
-which many devices send; 1e11 s would be the year 5138) or ISO-8601 /
-"YYYY-MM-DD hh:mm:ss"; a time without a zone is taken as UTC.
+Numbers: plain ASCII decimal only ("1_000" and non-ASCII digits, which Python's
+float() accepts, are `non_numeric`).  An explicit missing value (empty field,
+nan, null, none, na, n/a, inf, or a magnitude beyond float32) keeps the sample
+with NaN in that channel (the ring buffer forward-fills it) and counts reason
+"nan" once for the sample.
+
+Timestamps follow agent/timestamps.py (epoch s/ms/µs/ns by magnitude or
+ISO 8601, inside 2000-2100), and each stream's device clock must be plausible
+(agent/device_clock.py: not behind the stream, not far ahead of this machine).
+
+Not thread-safe: each source calls its decoder from one thread.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import time
-from datetime import datetime, timezone
 
 import numpy as np
 
+from .device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, RESYNC_AFTER, Clock,
+                           Clocks)
+from .bad_input import BadInput
 from .metrics import Metrics
+from .timestamps import BadTimestamp, epoch_seconds
 
 log = logging.getLogger("tsad.decode")
 
 MAX_LINE = 64 * 1024            # bytes; longer lines are framing errors, not data
 MAX_PAYLOAD = 4 * 1024 * 1024   # an MQTT payload may carry many lines / objects
-LOG_INTERVAL_S = 10.0
-_MS_EPOCH_ABOVE = 1e11
+TIME_KEYS = ("ts", "timestamp", "time")
 
-# A None result is always accompanied by exactly one of these.
+# A rejected sample is always accompanied by exactly one of these.
 FATAL_REASONS = frozenset({"empty", "too_long", "non_utf8", "bad_json", "field_count",
                            "non_numeric", "bad_timestamp", "no_known_channel"})
 # Counted, but the sample is kept.
 SOFT_REASONS = frozenset({"nan", "missing_channel", "unknown_channel"})
 
 _MISSING_TOKENS = frozenset({"", "nan", "null", "none", "na", "n/a"})
+_FLT_MAX = float(np.finfo(np.float32).max)
+_NAN = math.nan
+_ABSENT = object()      # a channel the keyed sample does not name
 
-Sample = tuple[float, np.ndarray]
+Sample = tuple[float, np.ndarray]           # (ts, float32[C])
+Samples = tuple[np.ndarray, np.ndarray]     # (ts float64[n], values float32[n, C])
 
 
 class _Unusable(Exception):
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
-
-
-def _epoch(v: float) -> float:
-    if not math.isfinite(v):
-        raise _Unusable("bad_timestamp")
-    return v / 1000.0 if abs(v) > _MS_EPOCH_ABOVE else v
-
-
-def parse_timestamp(v) -> float:
-    """Epoch seconds from a number or a string (epoch or ISO-8601); raises ValueError."""
-    try:
-        return _parse_ts(v)
-    except _Unusable:
-        raise ValueError(f"not a timestamp: {v!r}") from None
-
-
-def _parse_ts(v) -> float:
-    if isinstance(v, bool):
-        raise _Unusable("bad_timestamp")
-    if isinstance(v, (int, float)):
-        try:
-            return _epoch(float(v))
-        except OverflowError:
-            raise _Unusable("bad_timestamp") from None
-    if not isinstance(v, str):
-        raise _Unusable("bad_timestamp")
-    s = v.strip()
-    try:
-        return _epoch(float(s))
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s)
-    except (ValueError, OverflowError):
-        raise _Unusable("bad_timestamp") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        self.detail = detail
 
 
 def _num(v) -> float:
-    """One JSON value as float; None is a missing value (NaN)."""
-    if v is None:
-        return math.nan
-    if isinstance(v, bool):
-        raise _Unusable("non_numeric")
-    if isinstance(v, (int, float)):
+    """One JSON value as float; None and missing tokens are NaN."""
+    t = type(v)
+    if t is float:
+        return v
+    if t is int:
         try:
             return float(v)
         except OverflowError:
             return math.inf
-    if isinstance(v, str):
+    if v is None:
+        return _NAN
+    if t is str:
         s = v.strip()
         if s.lower() in _MISSING_TOKENS:
-            return math.nan
-        try:
-            return float(s)
-        except ValueError:
-            pass
+            return _NAN
+        if s.isascii() and "_" not in s:
+            try:
+                return float(s)
+            except ValueError:
+                pass
     raise _Unusable("non_numeric")
+
+
+def _clean(vals: list[float]) -> bool:
+    """Replace values float32 cannot hold (NaN, inf, huge) by NaN in place; True if any."""
+    if sum(map(abs, vals)) <= _FLT_MAX:     # false for NaN and inf as well
+        return False
+    bad = False
+    for i, v in enumerate(vals):
+        if not -_FLT_MAX <= v <= _FLT_MAX:
+            vals[i] = _NAN
+            bad = True
+    return bad
 
 
 class LineDecoder:
@@ -123,131 +130,171 @@ class LineDecoder:
         self.metrics = metrics
         self.log_name = log_name
         self._index = {name: i for i, name in enumerate(self.channels)}
-        self._last_log: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._values_key = "values" not in self._index   # else "values" is a channel
+        self._clocks = Clocks()
+        self.report = BadInput(metrics, log_name)
 
     # ------------------------------------------------------------ public API
-    def decode(self, line: bytes, now: float) -> Sample | None:
+    def decode(self, line: bytes, now: float, stream: str | None = None) -> Sample | None:
         """One line -> (ts, float32[C] in model channel order), or None if unusable."""
-        try:
-            text = self._text(line)
-            if self.protocol == "csv":
-                return self._csv(text, line, now)
-            try:
-                obj = json.loads(text)
-            except (ValueError, RecursionError):
-                raise _Unusable("bad_json") from None
-            return self._json_obj(obj, line, now)
-        except _Unusable as e:
-            self.bad(e.reason, line)
-            return None
+        got = self.decode_lines((line,), now, stream)
+        return None if got is None else (float(got[0][0]), got[1][0])
 
-    def decode_payload(self, payload: bytes, now: float) -> list[Sample]:
-        """An MQTT payload: one or more lines, or (json) one object or a list of objects."""
+    def decode_lines(self, lines, now: float, stream: str | None = None) -> Samples | None:
+        """Lines read together (serial) -> (ts float64[n], float32[n, C]), None if none usable."""
+        ts, rows = [], []
+        self._lines(lines, now, self._clocks.get(stream), ts, rows)
+        self.report.flush()
+        return _pack(ts, rows)
+
+    def decode_payload(self, payload: bytes, now: float,
+                       stream: str | None = None) -> Samples | None:
+        """An MQTT payload (see the module docstring for its forms) -> (ts, values) or None.
+
+        `stream` keys the per-stream clock when one subscription feeds many streams."""
         if len(payload) > MAX_PAYLOAD:
             self.bad("too_long", payload)
-            return []
+            return None
         if not payload.strip():
             self.bad("empty", payload)
-            return []
-        if self.protocol == "json" and payload.lstrip()[:1] in (b"{", b"["):
-            whole = self._json_whole(payload, now)
-            if whole is not None:
-                return whole
-        out = []
-        for line in payload.splitlines():
-            if line.strip():
-                s = self.decode(line, now)
-                if s is not None:
-                    out.append(s)
-        return out
+            return None
+        clock = self._clocks.get(stream)
+        ts, rows = [], []
+        if not (self.protocol == "json" and payload.lstrip()[:1] in (b"{", b"[")
+                and self._json_whole(payload, now, clock, ts, rows)):
+            self._lines([ln for ln in payload.splitlines() if ln.strip()], now, clock, ts, rows)
+        self.report.flush()
+        return _pack(ts, rows)
 
-    def bad(self, reason: str, data: bytes | str = b"") -> None:
-        """Count one unusable input; log it unless this reason was logged < 10 s ago."""
-        self.metrics.bad(reason)
-        now = time.monotonic()
-        last = self._last_log.get(reason)
-        if last is not None and now - last < LOG_INTERVAL_S:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return
-        self._last_log[reason] = now
-        more = self._suppressed.pop(reason, 0)
-        snippet = data[:80] if isinstance(data, (bytes, str)) else b""
-        log.warning("%s: %s in %r%s", self.log_name, reason, snippet,
-                    f" (+{more} more since last report)" if more else "")
+    def bad(self, reason: str, data: bytes | str = b"", n: int = 1, detail: str = "") -> None:
+        """Count n unusable inputs; log unless this reason was logged < 10 s ago."""
+        self.report.bad(reason, data, n, detail)
 
     # ------------------------------------------------------------ internals
-    def _text(self, line: bytes) -> str:
-        if len(line) > MAX_LINE:
-            raise _Unusable("too_long")
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise _Unusable("non_utf8") from None
-        if not text:
-            raise _Unusable("empty")
-        return text
-
-    def _csv(self, text: str, line: bytes, now: float) -> Sample:
-        fields = text.split(";" if ";" in text else ",")
-        c = len(self.channels)
-        n = len(fields)
-        if self.timestamp == "first" or (self.timestamp == "auto" and n == c + 1):
-            if n != c + 1:
-                raise _Unusable("field_count")
-            ts = _parse_ts(fields[0])
-            fields = fields[1:]
-        elif n == c:
-            ts = now
-        else:
-            raise _Unusable("field_count")
-        try:
-            vals = [float(f) for f in fields]
-        except ValueError:
-            vals = []
-            for f in fields:
-                try:
-                    vals.append(float(f))
-                except ValueError:
-                    if f.strip().lower() not in _MISSING_TOKENS:
-                        raise _Unusable("non_numeric") from None
-                    vals.append(math.nan)
-        return ts, self._finish(vals, line)
-
-    def _json_obj(self, obj, line: bytes, now: float) -> Sample:
-        if not isinstance(obj, dict) or "values" not in obj:
-            raise _Unusable("bad_json")
-        raw_ts = obj.get("ts")
-        ts = now if raw_ts is None else _parse_ts(raw_ts)
-        values = obj["values"]
-        if isinstance(values, list):
-            if len(values) != len(self.channels):
-                raise _Unusable("field_count")
-            return ts, self._finish([_num(v) for v in values], line)
-        if isinstance(values, dict):
-            vals = [math.nan] * len(self.channels)
-            present = np.zeros(len(self.channels), dtype=bool)
-            unknown = 0
-            for k, v in values.items():
-                i = self._index.get(k)
-                if i is None:
-                    unknown += 1
+    def _lines(self, lines, now: float, clock: Clock, ts: list, rows: list) -> None:
+        csv = self.protocol == "csv"
+        for line in lines:
+            try:
+                if csv:
+                    t, vals = self._csv(line, now, clock)
                 else:
-                    vals[i] = _num(v)
-                    present[i] = True
-            known = int(present.sum())
-            if unknown:
-                self.bad("unknown_channel", line)
-            if not known:
-                raise _Unusable("no_known_channel")
-            if known < len(self.channels):
-                self.bad("missing_channel", line)
-            return ts, self._finish(vals, line, present)
-        raise _Unusable("bad_json")
+                    t, vals = self._json_sample(_loads(_text(line)), line, now, clock)
+            except _Unusable as e:
+                self.report.note(e.reason, line, e.detail)
+                continue
+            ts.append(t)
+            rows.append(vals)
 
-    def _json_whole(self, payload: bytes, now: float) -> list[Sample] | None:
+    def _csv(self, line: bytes, now: float, clock: Clock) -> tuple[float, list[float]]:
+        text = _text(line)
+        fields = text.split(";" if ";" in text else ",")
+        n, c = len(fields), len(self.channels)
+        if self.timestamp == "auto":
+            has_ts = clock.has_ts
+            if has_ts is None:
+                has_ts = n == c + 1
+        else:
+            has_ts = self.timestamp == "first"
+        if n != c + has_ts:
+            raise _Unusable("field_count", f"{n} fields, expected {c + has_ts}")
+        if "_" in text or not text.isascii():
+            raise _Unusable("non_numeric", "not a plain ASCII decimal number")
+        t = self._device_time(fields[0], now, clock) if has_ts else now
+        try:
+            vals = [float(f) for f in fields[has_ts:]]
+        except ValueError:
+            vals = [_missing_or_float(f) for f in fields[has_ts:]]
+        if _clean(vals):
+            self.report.note("nan", line)
+        if has_ts:
+            clock.keep(t)
+        clock.has_ts = has_ts
+        return t, vals
+
+    def _json_sample(self, obj, data, now: float, clock: Clock) -> tuple[float, list[float]]:
+        if type(obj) is not dict:
+            raise _Unusable("bad_json", "not an object")
+        values = obj.get("values")
+        flat = not self._values_key or type(values) not in (list, dict)
+        raw_ts = _time_of(obj, self._index if flat else ())
+        t = now if raw_ts is None else self._device_time(raw_ts, now, clock)
+        if flat:
+            vals = self._keyed(obj, data, flat=True)
+        elif type(values) is list:
+            if len(values) != len(self.channels):
+                raise _Unusable("field_count",
+                                f"{len(values)} values, expected {len(self.channels)}")
+            vals = [v if type(v) is float else _num(v) for v in values]
+            if _clean(vals):
+                self.report.note("nan", data)
+        else:
+            vals = self._keyed(values, data)
+        if raw_ts is not None:
+            clock.keep(t)
+        return t, vals
+
+    def _keyed(self, obj: dict, data, flat: bool = False) -> list[float]:
+        """Values of a {"<channel>": v} object, one level of nesting flattened with ".";
+        `flat`: time keys are the sample's time, not unknown channels."""
+        index = self._index
+        raw = [_ABSENT] * len(self.channels)
+        unknown = 0
+        for k, v in obj.items():
+            i = index.get(k)
+            if i is not None:
+                raw[i] = v
+            elif type(v) is dict:
+                for k2, v2 in v.items():
+                    j = index.get(f"{k}.{k2}")
+                    if j is None:
+                        unknown += 1
+                    else:
+                        raw[j] = v2
+            elif not (flat and k.lower() in TIME_KEYS):
+                unknown += 1
+        missing = raw.count(_ABSENT)
+        if missing == len(raw):
+            raise _Unusable("no_known_channel")
+        if missing:
+            vals = [_NAN if v is _ABSENT else _num(v) for v in raw]
+            bad = any(not -_FLT_MAX <= f <= _FLT_MAX
+                      for f, v in zip(vals, raw) if v is not _ABSENT)
+            _clean(vals)
+            self.report.note("missing_channel", data)
+        else:
+            vals = [v if type(v) is float else _num(v) for v in raw]
+            bad = _clean(vals)
+        if unknown:
+            self.report.note("unknown_channel", data)
+        if bad:
+            self.report.note("nan", data)
+        return vals
+
+    def _device_time(self, raw, now: float, clock: Clock) -> float:
+        """A device timestamp, refused when far ahead of this machine or behind the stream;
+        `Clock.keep` records it once the whole sample is accepted."""
+        try:
+            t = epoch_seconds(raw)
+        except BadTimestamp as e:
+            raise _Unusable("bad_timestamp", str(e)) from None
+        if t > now + FUTURE_TOLERANCE_S:
+            raise _Unusable("bad_timestamp", f"{(t - now) / 3600:.1f} h ahead of this clock")
+        last = clock.last
+        if last is not None and t < last - BACKWARD_TOLERANCE_S:
+            clock.behind += 1
+            if clock.behind < RESYNC_AFTER:
+                raise _Unusable("bad_timestamp", f"{last - t:.3f} s behind the stream")
+            more = self.report.may_log("clock_step")
+            if more is not None:    # two devices on one stream would otherwise flood the log
+                log.warning("%s: device clock stepped back %.3f s; following it%s",
+                            self.log_name, last - t, f" (+{more} more steps)" if more else "")
+            clock.last = None
+        return t
+
+    def _json_whole(self, payload: bytes, now: float, clock: Clock, ts: list,
+                    rows: list) -> bool:
         """The payload as one JSON document (an object, possibly pretty-printed, or a list
-        of objects); None when it is not one, so the caller reads it as JSON lines."""
+        of objects); False when it is not one, so the caller reads it as JSON lines."""
         try:
             doc = json.loads(payload.decode("utf-8"))
         except UnicodeDecodeError:
@@ -258,25 +305,68 @@ class LineDecoder:
             reason = None
         if reason is not None:
             if payload.lstrip()[:1] == b"{":
-                return None
-            self.bad(reason, payload)
-            return []
-        out = []
-        for item in doc if isinstance(doc, list) else [doc]:
+                return False
+            self.report.note(reason, payload)
+            return True
+        items = doc if type(doc) is list else [doc]
+        del doc
+        sample = self._json_sample
+        for k, item in enumerate(items):
+            items[k] = None         # each parsed object is freed once read: lower peak memory
             try:
-                out.append(self._json_obj(item, payload, now))
+                t, vals = sample(item, payload, now, clock)
             except _Unusable as e:
-                self.bad(e.reason, payload)
-        return out
+                self.report.note(e.reason, payload, e.detail)
+                continue
+            ts.append(t)
+            rows.append(vals)
+        return True
 
-    def _finish(self, vals: list[float], line: bytes,
-                present: np.ndarray | None = None) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            arr = np.asarray(vals, dtype=np.float32)
-        bad = ~np.isfinite(arr)   # also catches values that overflow float32
-        if bad.any():
-            arr[bad] = np.nan
-            # absent dict keys are already counted as missing_channel
-            if present is None or (bad & present).any():
-                self.bad("nan", line)
-        return arr
+
+def _text(line: bytes) -> str:
+    if len(line) > MAX_LINE:
+        raise _Unusable("too_long")
+    try:
+        text = line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise _Unusable("non_utf8") from None
+    if not text:
+        raise _Unusable("empty")
+    return text
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise _Unusable("bad_json") from None
+
+
+def _missing_or_float(f: str) -> float:
+    try:
+        return float(f)
+    except ValueError:
+        if f.strip().lower() in _MISSING_TOKENS:
+            return _NAN
+        raise _Unusable("non_numeric") from None
+
+
+def _time_of(obj: dict, channels):
+    """The value under the first of TIME_KEYS, then of them in any case, that is not a
+    channel; None without one."""
+    for k in TIME_KEYS:
+        v = obj.get(k)
+        if v is not None and k not in channels:
+            return v
+    for k, v in obj.items():
+        if k.lower() in TIME_KEYS and k not in channels:
+            return v
+    return None
+
+
+def _pack(ts: list[float], rows: list[list[float]]) -> Samples | None:
+    if not rows:
+        return None
+    # rows hold only finite float32-range values or NaN (_clean), so the cast is exact
+    # enough and raises no overflow warning
+    return np.array(ts, np.float64), np.array(rows, np.float32)

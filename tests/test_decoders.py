@@ -1,4 +1,5 @@
-"""LineDecoder: every input is either a sample or exactly one counted reason; it never raises."""
+"""LineDecoder and the timestamp rule: every input is either a sample or exactly one
+counted reason; nothing raises; no timestamp outside 2000-2100 gets through."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from agent.decoders import FATAL_REASONS, MAX_LINE, LineDecoder
+from agent.device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, MAX_TRACKED_STREAMS,
+                                RESYNC_AFTER)
 from agent.metrics import Metrics
+from agent.timestamps import (MAX_EPOCH_S, MIN_EPOCH_S, BadTimestamp, epoch_seconds,
+                              epoch_seconds_array)
 
 CH = ["a", "b", "c"]
 NOW = 1_700_000_000.0
+T0 = 1_699_999_000.0          # device timestamps a little before NOW
 
 
 def make(protocol="csv", timestamp="auto", channels=CH):
@@ -26,6 +32,10 @@ def fatal(m: Metrics) -> int:
     return sum(v for k, v in m.malformed.items() if k in FATAL_REASONS)
 
 
+def valid_ts(ts) -> bool:
+    return ts == NOW or MIN_EPOCH_S <= ts < MAX_EPOCH_S
+
+
 def check_result(res, before: int, m: Metrics, c: int = len(CH)):
     """A None result adds exactly one fatal reason; a sample adds none and is well formed."""
     if res is None:
@@ -33,9 +43,84 @@ def check_result(res, before: int, m: Metrics, c: int = len(CH)):
     else:
         assert fatal(m) == before
         ts, v = res
-        assert isinstance(ts, float) and math.isfinite(ts)
+        assert isinstance(ts, float) and valid_ts(ts)
         assert v.dtype == np.float32 and v.shape == (c,)
         assert not np.isinf(v).any()
+
+
+def check_payload(out, c: int = len(CH)):
+    if out is not None:
+        ts, v = out
+        assert ts.dtype == np.float64 and v.dtype == np.float32
+        assert v.shape == (len(ts), c) and len(ts) >= 1
+        assert all(valid_ts(t) for t in ts.tolist()) and not np.isinf(v).any()
+
+
+# ---------------------------------------------------------------- timestamps
+@pytest.mark.parametrize("value", [1_700_000_000, 1_700_000_000.0, 1_700_000_000_000,
+                                   1.7e15, 1_700_000_000_000_000_000, np.int64(1.7e12),
+                                   "1700000000", " 1.7e12 ", "1700000000000000",
+                                   "2023-11-14T22:13:20Z", "2023-11-14T23:13:20+01:00",
+                                   "2023-11-14 22:13:20", "2023-11-14T22:13:20"])
+def test_epoch_seconds_units_and_iso_name_the_same_instant(value):
+    assert epoch_seconds(value) == pytest.approx(1_700_000_000.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("value", [
+    0, -1, -1.7e9, 1e30, 10**30, 10**400, math.nan, math.inf, -math.inf, True, False, None,
+    [1.7e9], b"1700000000", 4.2e9, 1e11, 5e13, 5e16, 5e18,       # between / above the ranges
+    MAX_EPOCH_S, MIN_EPOCH_S - 1, MIN_EPOCH_S * 1000 - 1, MAX_EPOCH_S * 10**9,
+    "1_700_000_000", "\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660",
+    "\uff11\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10", "", "soon", "nan",
+    "1970-01-01T00:00:00Z", "2100-01-01T00:00:00Z", "1999-12-31T23:59:59Z",
+    "0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00"])
+def test_epoch_seconds_refuses(value):
+    with pytest.raises(BadTimestamp):
+        epoch_seconds(value)
+    assert issubclass(BadTimestamp, ValueError)
+
+
+def test_epoch_seconds_range_edges():
+    assert epoch_seconds(MIN_EPOCH_S) == MIN_EPOCH_S
+    assert epoch_seconds(MIN_EPOCH_S * 10**9) == MIN_EPOCH_S
+    assert epoch_seconds(MAX_EPOCH_S - 1) == MAX_EPOCH_S - 1
+    assert epoch_seconds("2099-12-31T23:59:59Z") == MAX_EPOCH_S - 1
+
+
+unit_value = st.sampled_from([1, 10**3, 10**6, 10**9]).flatmap(
+    lambda s: st.floats(MIN_EPOCH_S * s, MAX_EPOCH_S * s, exclude_max=True).map(lambda v: (s, v)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(unit_value)
+def test_each_unit_range_reads_as_that_unit(sv):
+    scale, v = sv
+    assert epoch_seconds(v) == v / scale
+    assert MIN_EPOCH_S <= epoch_seconds(v) < MAX_EPOCH_S
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(), unit_value.map(lambda sv: sv[1]),
+                          st.integers(-2**63, 2**63 - 1).map(float)), max_size=20))
+def test_array_rule_equals_scalar_rule(values):
+    got = epoch_seconds_array(np.array(values, np.float64))
+    assert got.dtype == np.float64 and got.shape == (len(values),)
+    for v, g in zip(values, got.tolist()):
+        try:
+            want = epoch_seconds(v)
+        except BadTimestamp:
+            assert math.isnan(g), v
+        else:
+            assert g == want, v
+
+
+def test_array_rule_ints_and_non_numeric():
+    ns = np.array([1_700_000_000_123_456_789, -5, 0], np.int64)
+    got = epoch_seconds_array(ns)
+    assert got[0] == pytest.approx(1_700_000_000.123457, abs=1e-6)
+    assert np.isnan(got[1:]).all()
+    assert np.isnan(epoch_seconds_array(np.array([True, False]))).all()
+    assert np.isnan(epoch_seconds_array(np.array(["1700000000"]))).all()
 
 
 # ---------------------------------------------------------------- CSV, examples
@@ -44,6 +129,8 @@ def check_result(res, before: int, m: Metrics, c: int = len(CH)):
     (b" 1.5 ; -2e3 ; 3 \r", NOW, [1.5, -2000, 3]),
     (b"1583764481,1,2,3", 1583764481.0, [1, 2, 3]),
     (b"1583764481500,1,2,3", 1583764481.5, [1, 2, 3]),          # epoch milliseconds
+    (b"1583764481500250,1,2,3", 1583764481.50025, [1, 2, 3]),   # epoch microseconds
+    (b"1583764481500250000,1,2,3", 1583764481.50025, [1, 2, 3]),  # epoch nanoseconds
     (b"2020-03-09 14:34:41;1;2;3", 1583764481.0, [1, 2, 3]),    # SKAB style, naive = UTC
     (b"2020-03-09T16:34:41+02:00,1,2,3", 1583764481.0, [1, 2, 3]),
     (b"2020-03-09T14:34:41Z,1,2,3", 1583764481.0, [1, 2, 3]),
@@ -63,9 +150,16 @@ def test_csv_valid(line, ts, values):
     (b"1,2", "field_count"),
     (b"1,2,3,4,5", "field_count"),
     (b"1,x,3", "non_numeric"),
+    (b"1_000,2,3", "non_numeric"),
+    ("\u0661,2,3".encode(), "non_numeric"),                        # Arabic-Indic one
+    ("\uff11,2,3".encode(), "non_numeric"),                        # fullwidth one
     (b"1,2,3\xff", "non_utf8"),
     (b"yesterday,1,2,3", "bad_timestamp"),
     (b"nan,1,2,3", "bad_timestamp"),
+    (b"-1700000000,1,2,3", "bad_timestamp"),
+    (b"1e30,1,2,3", "bad_timestamp"),
+    (b"55840,1,2,3", "bad_timestamp"),
+    (b"1970-01-01T00:00:01Z,1,2,3", "bad_timestamp"),
     pytest.param(b"1," * (MAX_LINE // 2) + b"1", "too_long", id="too_long"),
     (b"Accelerometer;Current;Pressure", "non_numeric"),   # a header line
 ])
@@ -77,50 +171,165 @@ def test_csv_unusable(line, reason):
 
 def test_csv_missing_values_keep_the_sample():
     d, m = make()
-    for line in (b"1,nan,3", b"1,,3", b"1,inf,3", b"1,NULL,3", b"1,1e300,3"):
+    for line in (b"1,nan,3", b"1,,3", b"1,inf,3", b"1,NULL,3", b"1,1e300,3", b"1,3.5e38,3",
+                 b"1, n/a ,3"):
         got = d.decode(line, NOW)
         assert got is not None, line
         np.testing.assert_array_equal(got[1], np.array([1, np.nan, 3], np.float32))
-    assert m.malformed == Counter({"nan": 5})
+    assert m.malformed == Counter({"nan": 7})
 
 
 def test_csv_timestamp_modes():
     d, m = make(timestamp="first")
     assert d.decode(b"1,2,3", NOW) is None                  # no room for a timestamp
-    assert d.decode(b"10,1,2,3", NOW)[0] == 10.0
+    assert d.decode(b"1699999999,1,2,3", NOW)[0] == 1699999999.0
     d2, m2 = make(timestamp="none")
-    assert d2.decode(b"10,1,2,3", NOW) is None
+    assert d2.decode(b"1699999999,1,2,3", NOW) is None
     assert d2.decode(b"1,2,3", NOW)[0] == NOW
     assert m.malformed == m2.malformed == Counter({"field_count": 1})
+
+
+def test_auto_mode_first_valid_line_decides_once():
+    d, m = make()
+    # garbage, a bad timestamp and a header do not decide the mode
+    for junk in (b"1,2,3,4", b"x,y,z", b"\xff\xfe", b"1,2"):
+        assert d.decode(junk, NOW) is None
+    assert d.decode(b"1699999999.5,1.5,2,3", NOW)[0] == 1699999999.5     # decides: timestamp
+    # one corrupted "." -> ",": 5 fields; counted, not read as a 1970 timestamp + shifted values
+    assert d.decode(b"1699999999,6,1.5,2,3", NOW) is None
+    assert d.decode(b"1.5,2,3", NOW) is None                # a line without the timestamp
+    ts, v = d.decode(b"1699999999.6,1.5,2,3", NOW)
+    assert ts == 1699999999.6
+    np.testing.assert_array_equal(v, np.array([1.5, 2, 3], np.float32))
+    assert m.malformed == Counter({"bad_timestamp": 1, "non_numeric": 1, "non_utf8": 1,
+                                   "field_count": 3})
+    d2, m2 = make()
+    assert d2.decode(b"1,2,3", NOW)[0] == NOW                 # decides: no timestamp
+    assert d2.decode(b"1699999999,1,2,3", NOW) is None
+    assert m2.malformed == Counter({"field_count": 1})
+
+
+def test_backward_and_future_timestamps_are_refused():
+    d, m = make()
+    assert d.decode(f"{T0},1,2,3".encode(), NOW) is not None
+    back = T0 - BACKWARD_TOLERANCE_S * 0.9                  # jitter / NTP slew: kept
+    assert d.decode(f"{back},1,2,3".encode(), NOW)[0] == back
+    assert d.decode(f"{T0 - 10},1,2,3".encode(), NOW) is None                  # corrupted digit
+    assert d.decode(f"{NOW + FUTURE_TOLERANCE_S + 60},1,2,3".encode(), NOW) is None
+    # the stream's clock did not move: the next good line follows T0
+    assert d.decode(f"{T0 + 0.01},1,2,3".encode(), NOW)[0] == T0 + 0.01
+    local_time = NOW + 14 * 3600                            # UTC+14 sent as UTC: allowed
+    assert d.decode(f"{local_time},1,2,3".encode(), NOW)[0] == local_time
+    assert m.malformed == Counter({"bad_timestamp": 2})
+
+
+def test_a_real_clock_step_back_is_followed(caplog):
+    d, m = make("json")
+    assert d.decode(json.dumps({"ts": T0, "values": [1, 2, 3]}).encode(), NOW) is not None
+    stepped = [T0 - 3600 + i for i in range(RESYNC_AFTER + 2)]
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        got = [d.decode(json.dumps({"ts": t, "values": [1, 2, 3]}).encode(), NOW)
+               for t in stepped]
+    assert got[:RESYNC_AFTER - 1] == [None] * (RESYNC_AFTER - 1)
+    assert [g[0] for g in got[RESYNC_AFTER - 1:]] == stepped[RESYNC_AFTER - 1:]
+    assert m.malformed == Counter({"bad_timestamp": RESYNC_AFTER - 1})
+    # a second step soon after is followed as well, and logged at most once per 10 s
+    again = [stepped[-1] - 3600 + i for i in range(RESYNC_AFTER)]
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        got = [d.decode(json.dumps({"ts": t, "values": [1, 2, 3]}).encode(), NOW)
+               for t in again]
+    assert got[-1][0] == again[-1]
+    assert m.malformed == Counter({"bad_timestamp": 2 * (RESYNC_AFTER - 1)})
+    steps = [r.getMessage() for r in caplog.records if "stepped back" in r.getMessage()]
+    assert len(steps) == 1 and steps[0].startswith("test: device clock stepped back 3596.000 s")
+
+
+def test_clocks_are_per_stream_and_bounded():
+    d, m = make("json")
+    p = lambda t: json.dumps({"ts": t, "values": [1, 2, 3]}).encode()   # noqa: E731
+    assert d.decode_payload(p(T0), NOW, "pump1") is not None
+    assert d.decode_payload(p(T0 - 500), NOW, "pump2") is not None      # another device
+    assert d.decode_payload(p(T0 - 500), NOW, "pump1") is None
+    for i in range(MAX_TRACKED_STREAMS):                    # pump1 becomes the oldest: dropped
+        d.decode_payload(p(T0), NOW, f"s{i}")
+    assert d.decode_payload(p(T0 - 500), NOW, "pump1") is not None
+    assert m.malformed == Counter({"bad_timestamp": 1})
 
 
 # ---------------------------------------------------------------- JSON, examples
 def test_json_values_list_and_dict():
     d, m = make("json")
-    ts, v = d.decode(b'{"ts": 100.5, "values": [1, 2, 3]}', NOW)
-    assert ts == 100.5
+    ts, v = d.decode(b'{"ts": 1699999990.5, "values": [1, 2, 3]}', NOW)
+    assert ts == 1699999990.5
     np.testing.assert_array_equal(v, [1, 2, 3])
     ts, v = d.decode(b'{"values": {"c": 3, "a": 1, "b": 2}}', NOW)
     assert ts == NOW
     np.testing.assert_array_equal(v, [1, 2, 3])
-    ts, v = d.decode(b'{"ts": "2020-03-09 14:34:41", "values": {"a": 1, "zz": 9, "c": 3}}', NOW)
-    assert ts == 1583764481.0
+    ts, v = d.decode(b'{"Timestamp": "2023-11-14 22:13:20", '
+                     b'"values": {"a": 1, "zz": 9, "c": 3}}', NOW)
+    assert ts == 1_700_000_000.0
     np.testing.assert_array_equal(v, np.array([1, np.nan, 3], np.float32))
     assert m.malformed == Counter({"missing_channel": 1, "unknown_channel": 1})
     ts, v = d.decode(b'{"values": [1, null, NaN]}', NOW)
     np.testing.assert_array_equal(v, np.array([1, np.nan, np.nan], np.float32))
     assert m.malformed["nan"] == 1
+    # an absent channel is missing_channel; only a present bad value is "nan"
+    m.malformed.clear()
+    v = d.decode(b'{"values": {"a": 1, "c": 3}}', NOW)[1]
+    np.testing.assert_array_equal(v, np.array([1, np.nan, 3], np.float32))
+    assert m.malformed == Counter({"missing_channel": 1})
+    v = d.decode(b'{"values": {"a": "inf", "c": 1e39}}', NOW)[1]
+    assert np.isnan(v).all()
+    assert m.malformed == Counter({"missing_channel": 2, "nan": 1})
+    ts, v = d.decode(b'{"TS": 1700000000000000, "values": [1, "2.5", " 3 "]}', NOW)   # µs
+    assert ts == 1_700_000_000.0
+    np.testing.assert_array_equal(v, [1, 2.5, 3])
+
+
+def test_json_flat_objects():
+    d, m = make("json")
+    # ESPHome / Node-RED style, the form agent/examples/agent.yaml documents
+    ts, v = d.decode(b'{"a": 1.5, "b": 2, "c": "3", "timestamp": 1699999999}', NOW)
+    assert ts == 1699999999.0
+    np.testing.assert_array_equal(v, [1.5, 2, 3])
+    ts, v = d.decode(b'{"c": 3, "a": 1, "b": null}', NOW)           # no time key: now
+    assert ts == NOW
+    np.testing.assert_array_equal(v, np.array([1, np.nan, 3], np.float32))
+    assert m.malformed == Counter({"nan": 1})
+    # Tasmota: "Time" (local ISO), sensors nested one level, text fields
+    t, mt = make("json", channels=["ANALOG.A0", "ENERGY.Power", "ENERGY.Voltage"])
+    tasmota = (b'{"Time": "2023-11-14T22:13:20", "ANALOG": {"A0": 512}, '
+               b'"ENERGY": {"TotalStartTime": "2023-01-01T00:00:00", "Power": 42, '
+               b'"Voltage": 230.5}, "TempUnit": "C"}')
+    ts, v = t.decode(tasmota, NOW)
+    assert ts == 1_700_000_000.0
+    np.testing.assert_array_equal(v, [512, 42, 230.5])
+    assert mt.malformed == Counter({"unknown_channel": 1})
+    # a channel may itself be called "time"; then it is a value, not the timestamp
+    tc, mc = make("json", channels=["time", "b"])
+    ts, v = tc.decode(b'{"time": 7, "b": 8, "ts": 1699999999}', NOW)
+    assert ts == 1699999999.0 and v.tolist() == [7, 8]
+    assert sum(mc.malformed.values()) == 0
 
 
 @pytest.mark.parametrize("line, reason", [
     (b'{"values": [1, 2]}', "field_count"),
     (b'{"values": [1, "x", 3]}', "non_numeric"),
     (b'{"values": [1, true, 3]}', "non_numeric"),
+    (b'{"values": [1, "1_000", 3]}', "non_numeric"),
+    (b'{"values": [1, "\\u0661", 3]}', "non_numeric"),
     (b'{"values": {"zz": 1}}', "no_known_channel"),
+    (b'{"a": 1, "b": [2], "c": 3}', "non_numeric"),
+    (b'{"a": "high", "b": 2, "c": 3}', "non_numeric"),
     (b'{"ts": "soon", "values": [1, 2, 3]}', "bad_timestamp"),
+    (b'{"ts": -1, "values": [1, 2, 3]}', "bad_timestamp"),
+    (b'{"ts": 1e30, "values": [1, 2, 3]}', "bad_timestamp"),
+    (b'{"ts": true, "values": [1, 2, 3]}', "bad_timestamp"),
+    (b'{"time": 55840e10, "a": 1, "b": 2, "c": 3}', "bad_timestamp"),
     (b'{"ts": 1, "vals', "bad_json"),
     (b'[1, 2, 3]', "bad_json"),
-    (b'{"ts": 1}', "bad_json"),
+    (b'{"ts": 1699999999}', "no_known_channel"),
+    (b'"text"', "bad_json"),
     # deep nesting makes json raise RecursionError
     pytest.param(b"[" * 5000 + b"]" * 5000, "bad_json", id="deep_nesting"),
 ])
@@ -133,20 +342,37 @@ def test_json_unusable(line, reason):
 
 def test_payloads():
     d, m = make("json")
-    objs = [{"ts": i, "values": [i, i, i]} for i in range(3)]
-    assert [s[0] for s in d.decode_payload(json.dumps(objs).encode(), NOW)] == [0, 1, 2]
-    assert [s[0] for s in d.decode_payload(
-        "\n".join(json.dumps(o) for o in objs).encode() + b"\n", NOW)] == [0, 1, 2]
-    pretty = json.dumps(objs[1], indent=2).encode()
-    assert [s[0] for s in d.decode_payload(pretty, NOW)] == [1]
+    objs = [{"ts": T0 + i, "values": [i, i, i]} for i in range(3)]
+    ts, v = d.decode_payload(json.dumps(objs).encode(), NOW)
+    assert ts.tolist() == [T0, T0 + 1, T0 + 2] and ts.dtype == np.float64
+    assert v.dtype == np.float32 and v.tolist() == [[0] * 3, [1] * 3, [2] * 3]
+    lines = "\n".join(json.dumps(dict(o, ts=o["ts"] + 10)) for o in objs).encode() + b"\n"
+    assert d.decode_payload(lines, NOW)[0].tolist() == [T0 + 10, T0 + 11, T0 + 12]
+    pretty = json.dumps(dict(objs[1], ts=T0 + 20), indent=2).encode()
+    assert d.decode_payload(pretty, NOW)[0].tolist() == [T0 + 20]
+    flat = json.dumps([{"a": 1, "b": 2, "c": 3, "time": T0 + 21}]).encode()
+    assert d.decode_payload(flat, NOW)[1].tolist() == [[1, 2, 3]]
     # one bad element does not cost the good ones
-    mixed = json.dumps([objs[0], {"values": [1]}, 7, objs[2]]).encode()
-    assert [s[0] for s in d.decode_payload(mixed, NOW)] == [0, 2]
+    good = [dict(o, ts=o["ts"] + 30) for o in objs]
+    mixed = json.dumps([good[0], {"values": [1]}, 7, good[2]]).encode()
+    assert d.decode_payload(mixed, NOW)[0].tolist() == [T0 + 30, T0 + 32]
     assert m.malformed == Counter({"field_count": 1, "bad_json": 1})
-    assert d.decode_payload(b"", NOW) == [] and m.malformed["empty"] == 1
+    assert d.decode_payload(b"", NOW) is None and m.malformed["empty"] == 1
+    assert d.decode_payload(b"[7, 8]", NOW) is None and m.malformed["bad_json"] == 3
     c, mc = make("csv")
-    assert [s[0] for s in c.decode_payload(b"1,1,2,3\r\n2,1,2,3\r\nbad\r\n", NOW)] == [1, 2]
+    got = c.decode_payload(f"{T0},1,2,3\r\n{T0 + 1},1,2,3\r\nbad\r\n".encode(), NOW)
+    assert got[0].tolist() == [T0, T0 + 1] and got[1].shape == (2, 3)
     assert mc.malformed == Counter({"field_count": 1})
+
+
+def test_decode_lines_is_decode_per_line():
+    d, m = make()
+    lines = [f"{T0 + i},{i},2,3".encode() for i in range(4)] + [b"junk", b"1,2"]
+    ts, v = d.decode_lines(lines, NOW)
+    assert ts.tolist() == [T0 + i for i in range(4)]
+    assert v[:, 0].tolist() == [0, 1, 2, 3]
+    assert m.malformed == Counter({"field_count": 2})
+    assert d.decode_lines([b"junk"], NOW) is None
 
 
 def test_logging_is_rate_limited(caplog):
@@ -155,10 +381,11 @@ def test_logging_is_rate_limited(caplog):
         for _ in range(50):
             d.decode(b"1,2", NOW)
             d.decode(b"\xff", NOW)
-    assert m.malformed == Counter({"field_count": 50, "non_utf8": 50})
+        d.decode_payload(b"1,2\n" * 100, NOW)
+    assert m.malformed == Counter({"field_count": 150, "non_utf8": 50})
     assert len(caplog.records) == 2
     assert {r.getMessage().split(" in ")[0] for r in caplog.records} == \
-        {"test: field_count", "test: non_utf8"}
+        {"test: field_count (2 fields, expected 3)", "test: non_utf8"}
 
 
 # ---------------------------------------------------------------- generated garbage
@@ -167,20 +394,22 @@ finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
 @st.composite
 def csv_line(draw):
-    """(line, expected reason or None, number of explicit missing values)"""
+    """(line, kind, has an explicit missing value); "ts" lines carry a `{ts}` field that
+    the test fills with increasing times (a backward one would be refused)."""
     vals = draw(st.lists(finite, min_size=3, max_size=3))
     fields = [repr(float(v)) for v in vals]
     kind = draw(st.sampled_from(["ok", "ts", "nan", "count", "text", "utf8", "empty", "long"]))
     sep = draw(st.sampled_from([",", ";"]))
     if kind == "ts":
-        fields.insert(0, str(draw(st.integers(0, 2_000_000_000))))
+        fields.insert(0, "{ts}")
     if kind == "nan":
         i = draw(st.integers(0, 2))
         fields[i] = draw(st.sampled_from(["nan", "NaN", "inf", "-inf", "", "null"]))
     if kind == "count":   # neither C nor C+1 fields
         fields = draw(st.sampled_from([fields[:1], fields[:2], fields + ["1", "2"]]))
     if kind == "text":
-        fields[draw(st.integers(0, 2))] = draw(st.sampled_from(["abc", "1.2.3", "--", "0x1g"]))
+        fields[draw(st.integers(0, 2))] = draw(st.sampled_from(["abc", "1.2.3", "--", "0x1g",
+                                                                "1_0", "\u0663"]))
     line = sep.join(fields).encode()
     if kind == "utf8":
         line += draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]))
@@ -188,9 +417,18 @@ def csv_line(draw):
         line = draw(st.sampled_from([b"", b" ", b"\t\r"]))
     if kind == "long":
         line = line + b"0" * (MAX_LINE + 1)
-    expected = {"ok": None, "ts": None, "nan": None, "count": "field_count", "text": "non_numeric",
-                "utf8": "non_utf8", "empty": "empty", "long": "too_long"}[kind]
-    return line, expected, kind == "nan"
+    return line, kind, kind == "nan"
+
+
+def expected_reason(kind: str, mode: bool | None) -> tuple[str | None, bool | None]:
+    """(reason or None if kept, the `auto` mode after this line)."""
+    has_ts = {"ok": False, "nan": False, "ts": True}.get(kind)
+    if has_ts is not None:
+        return (None, has_ts) if mode in (None, has_ts) else ("field_count", mode)
+    if kind == "text":
+        return ("field_count" if mode else "non_numeric"), mode
+    return {"count": "field_count", "utf8": "non_utf8", "empty": "empty",
+            "long": "too_long"}[kind], mode
 
 
 @settings(max_examples=200, deadline=None)
@@ -198,17 +436,19 @@ def csv_line(draw):
 def test_csv_generated_lines_are_counted_exactly(lines):
     d, m = make()
     want = Counter()
-    for line, reason, has_nan in lines:
+    mode = None
+    for k, (line, kind, has_nan) in enumerate(lines):
+        line = line.replace(b"{ts}", f"{T0 + k * 0.01:.2f}".encode())
         before = fatal(m)
         res = d.decode(line, NOW)
         check_result(res, before, m)
+        reason, mode = expected_reason(kind, mode)
         if reason is None:
             assert res is not None, line
+            want["nan"] += has_nan
         else:
             want[reason] += 1
-        if has_nan:
-            want["nan"] += 1
-    assert m.malformed == want
+    assert m.malformed == +want
 
 
 @settings(max_examples=200, deadline=None)
@@ -219,35 +459,38 @@ def test_random_bytes_never_raise(blobs, protocol, timestamp):
     for b in blobs:
         before = fatal(m)
         check_result(d.decode(b, NOW), before, m)
-        out = d.decode_payload(b, NOW)
-        assert all(v.shape == (3,) for _, v in out)
+        check_payload(d.decode_payload(b, NOW, "s"))
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(csv_line(), min_size=1, max_size=5), st.data())
 def test_truncated_lines(lines, data):
     d, m = make()
-    for line, _, _ in lines:
+    for k, (line, _, _) in enumerate(lines):
+        line = line.replace(b"{ts}", f"{T0 + k}".encode())
         cut = data.draw(st.integers(0, len(line)))
         before = fatal(m)
         check_result(d.decode(line[:cut], NOW), before, m)
 
 
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),
-                        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
+                        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                        st.floats(1e9, 4e18), st.sampled_from(["1699999999", "2023-11-14"]))
 json_value = st.recursive(json_scalar, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=4)), max_leaves=10)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["ts", "values", "x"]), json_value, max_size=3),
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["ts", "Time", "values", "x", "a", "b"]), json_value,
+                       max_size=4),
        st.one_of(st.lists(json_value, max_size=4),
-                 st.dictionaries(st.sampled_from(CH + ["zz"]), json_value, max_size=4)))
-def test_json_generated_objects(obj, values):
+                 st.dictionaries(st.sampled_from(CH + ["zz"]), json_value, max_size=4)),
+       st.booleans())
+def test_json_generated_objects(obj, values, flat):
     d, m = make("json")
-    obj = dict(obj, values=values) if "values" not in obj else obj
+    obj = dict(obj, values=values) if "values" not in obj and not flat else obj
     line = json.dumps(obj).encode()
     before = fatal(m)
     check_result(d.decode(line, NOW), before, m)
-    d.decode_payload(line, NOW)
-    d.decode_payload(json.dumps([obj, obj]).encode(), NOW)
+    check_payload(d.decode_payload(line, NOW))
+    check_payload(d.decode_payload(json.dumps([obj, obj]).encode(), NOW))

@@ -48,8 +48,11 @@ def test_decoders_never_raise_and_count_every_rejection(lines, protocol, timesta
             assert fatal(m) == before and np.isfinite(ts)
             assert values.dtype == np.float32 and values.shape == (len(CH),)
         fed["lines"] += 1
-        samples = d.decode_payload(raw, NOW)      # the MQTT path: one payload
-        assert all(v.shape == (len(CH),) for _, v in samples)
+        got = d.decode_payload(raw, NOW, "s")     # the MQTT path: one payload
+        if got is not None:
+            ts, values = got
+            assert values.dtype == np.float32 and values.shape == (len(ts), len(CH))
+            assert np.isfinite(ts).all() and ts.dtype == np.float64
         fed["payloads"] += 1
 
 

@@ -23,6 +23,7 @@ CH = ["a", "b", "c"]
 SKAB_CH = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature",
            "Thermocouple", "Voltage", "Volume Flow RateRMS"]
 WAIT = 15.0   # generous: only bounds how long a broken test hangs
+T = 1_700_000_000            # device timestamps: T + k
 
 
 def wait_for(cond, timeout=WAIT, what="condition"):
@@ -106,13 +107,13 @@ def test_serial_lines_partial_reads_and_garbage():
     try:
         with Runner(src) as r:
             wait_for(lambda: src.connected, what="serial open")
-            os.write(master, b"1,1,2,3\r\n2,4,")
+            os.write(master, f"{T + 1},1,2,3\r\n{T + 2},4,".encode())
             time.sleep(0.05)                      # the line is split across two reads
-            os.write(master, b"5,6\n\xff\xfe garbage\r\n3,7\n4,9,9,9\n")
+            os.write(master, b"5,6\n\xff\xfe garbage\r\n" + f"{T + 3},7\n{T + 4},9,9,9\n".encode())
             got = r.take(3)
         ts, v = samples(got)
         assert all(b.stream == "s1" and b.values.dtype == np.float32 for b in got)
-        np.testing.assert_array_equal(ts, [1, 2, 4])
+        np.testing.assert_array_equal(ts, [T + 1, T + 2, T + 4])
         np.testing.assert_array_equal(v, [[1, 2, 3], [4, 5, 6], [9, 9, 9]])
         assert m.malformed["non_utf8"] == 1 and m.malformed["field_count"] == 1
         assert src.connected is False
@@ -156,8 +157,8 @@ def test_serial_absent_port_then_unplug_and_replug(tmp_path):
         ma, sa, name_a = open_pty()
         os.symlink(name_a, link)
         wait_for(lambda: src.connected, what="connect to pty A")
-        os.write(ma, b"1,1,1,1\n")
-        assert samples(r.take(1))[0].tolist() == [1.0]
+        os.write(ma, f"{T + 1},1,1,1\n".encode())
+        assert samples(r.take(1))[0].tolist() == [T + 1]
 
         watcher = threading.Thread(target=lambda: (wait_for(lambda: not src.connected,
                                                             what="unplug noticed"),
@@ -172,9 +173,9 @@ def test_serial_absent_port_then_unplug_and_replug(tmp_path):
         link.unlink()
         os.symlink(name_b, link)
         wait_for(lambda: src.connected, what="reconnect to pty B")
-        os.write(mb, b"2,2,2,2\n3,3,3,3\n")
+        os.write(mb, f"{T + 2},2,2,2\n{T + 3},3,3,3\n".encode())
         ts, v = samples(r.take(2))
-        np.testing.assert_array_equal(ts, [2, 3])
+        np.testing.assert_array_equal(ts, [T + 2, T + 3])
         np.testing.assert_array_equal(v, [[2, 2, 2], [3, 3, 3]])
     os.close(mb)
     os.close(sb)
@@ -190,9 +191,9 @@ def test_serial_overlong_run_without_newline_is_dropped_once():
             junk = b"7" * 4096
             for _ in range(40):              # 160 KiB without a line end
                 os.write(master, junk)
-            os.write(master, b"\n5,1,2,3\n")
+            os.write(master, f"\n{T + 5},1,2,3\n".encode())
             ts, v = samples(r.take(1))
-        np.testing.assert_array_equal(ts, [5])
+        np.testing.assert_array_equal(ts, [T + 5])
         assert m.malformed["too_long"] == 1
     finally:
         os.close(master)
@@ -216,12 +217,13 @@ def test_mqtt_wildcard_topic_feeds_two_streams(broker):
     try:
         with Runner(src) as r:
             wait_for(lambda: src.connected, what="mqtt subscribe")   # set on SUBACK
-            pub.publish("plant/pump1/sensors", b'{"ts": 1, "values": [1, 2, 3]}', qos=1).wait_for_publish(WAIT)
+            # pump2's clock is 8 s behind pump1's: each stream is checked against its own
+            pub.publish("plant/pump1/sensors", b'{"ts": 1700000010, "values": [1, 2, 3]}', qos=1).wait_for_publish(WAIT)
             pub.publish("plant/pump1/sensors", b"not json", qos=1).wait_for_publish(WAIT)
             pub.publish("plant/pump2/sensors",
-                        b'[{"ts": 2, "values": {"a": 4, "b": 5, "c": 6}}, {"ts": 3, "values": [7, 8, 9]}]',
+                        b'[{"ts": 1700000002, "values": {"a": 4, "b": 5, "c": 6}}, {"ts": 1700000003, "values": [7, 8, 9]}]',
                         qos=1).wait_for_publish(WAIT)
-            pub.publish("plant/pump1/other", b'{"ts": 9, "values": [0, 0, 0]}', qos=1).wait_for_publish(WAIT)
+            pub.publish("plant/pump1/other", b'{"ts": 1700000009, "values": [0, 0, 0]}', qos=1).wait_for_publish(WAIT)
             got = r.take(3)
         by_stream = {}
         for b in got:
@@ -229,7 +231,7 @@ def test_mqtt_wildcard_topic_feeds_two_streams(broker):
         assert set(by_stream) == {"pump1", "pump2"}
         np.testing.assert_array_equal(samples(by_stream["pump1"])[1], [[1, 2, 3]])
         ts2, v2 = samples(by_stream["pump2"])
-        np.testing.assert_array_equal(ts2, [2, 3])
+        np.testing.assert_array_equal(ts2, [T + 2, T + 3])
         np.testing.assert_array_equal(v2, [[4, 5, 6], [7, 8, 9]])
         assert m.malformed["bad_json"] == 1
         assert src.connected is False
@@ -250,7 +252,7 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
         wait_for(lambda: src.connected, timeout=40, what="subscribed after broker start")
         pub = publisher(broker)
         try:
-            pub.publish("dev/pump7", b"5,1,2,3\n6,4,5,6\n", qos=1).wait_for_publish(WAIT)
+            pub.publish("dev/pump7", f"{T + 5},1,2,3\n{T + 6},4,5,6\n", qos=1).wait_for_publish(WAIT)
             got = r.take(2)
         finally:
             pub.loop_stop()
@@ -262,13 +264,13 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
         wait_for(lambda: src.connected, timeout=40, what="resubscribed after restart")
         pub = publisher(broker)
         try:
-            pub.publish("dev/pump7", b"7,1,2,3", qos=1).wait_for_publish(WAIT)
+            pub.publish("dev/pump7", f"{T + 7},1,2,3", qos=1).wait_for_publish(WAIT)
             got += r.take(1)
         finally:
             pub.loop_stop()
             pub.disconnect()
     assert {b.stream for b in got} == {"pump7"}
-    np.testing.assert_array_equal(samples(got)[0], [5, 6, 7])
+    np.testing.assert_array_equal(samples(got)[0], [T + 5, T + 6, T + 7])
 
 
 # ---------------------------------------------------------------- replay

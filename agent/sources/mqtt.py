@@ -14,7 +14,6 @@ import threading
 import time
 from typing import Literal
 
-import numpy as np
 import paho.mqtt.client as paho
 from pydantic import Field
 
@@ -120,10 +119,8 @@ class MqttLineSource(Source):
             if sid is None:
                 self.decoder.bad("bad_stream_id", msg.topic)
                 return
-            samples = self.decoder.decode_payload(msg.payload, time.time())
-            if samples and self._emit is not None:
-                self._emit(Batch(sid,
-                                 np.fromiter((s[0] for s in samples), np.float64, len(samples)),
-                                 np.stack([s[1] for s in samples]), source=self.stream_id))
+            got = self.decoder.decode_payload(msg.payload, time.time(), sid)
+            if got is not None and self._emit is not None:
+                self._emit(Batch(sid, *got, source=self.stream_id))
         except Exception:
             log.exception("%s: message on %r could not be handled", self.stream_id, msg.topic)

@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Literal
 
-import numpy as np
 import serial
 from pydantic import Field
 
@@ -146,13 +145,9 @@ class SerialLineSource(Source):
             data = port.read(port.in_waiting or 1)
             if not data:
                 continue
-            now = time.time()
-            samples = [s for s in (self.decoder.decode(ln, now)
-                                   for ln in self._splitter.feed(data)) if s is not None]
-            if samples:
-                emit(Batch(self.stream_id,
-                           np.fromiter((s[0] for s in samples), np.float64, len(samples)),
-                           np.stack([s[1] for s in samples])))
+            got = self.decoder.decode_lines(self._splitter.feed(data), time.time())
+            if got is not None:
+                emit(Batch(self.stream_id, *got))
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,56 @@
+"""Counting and logging unusable input: every reason counted in `Metrics.malformed`,
+logged at most once per reason per LOG_INTERVAL_S with how many more came meanwhile,
+so a broken sensor neither floods the journal nor goes unnoticed.  Reasons met while
+one payload is decoded (it may hold 100k samples) are `note`d and reported once by
+`flush`."""
+from __future__ import annotations
+
+import logging
+import time
+
+from .metrics import Metrics
+
+log = logging.getLogger("tsad.decode")
+
+LOG_INTERVAL_S = 10.0
+
+
+class BadInput:
+    def __init__(self, metrics: Metrics, log_name: str):
+        self.metrics, self.log_name = metrics, log_name
+        self._last_log: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._pending: dict[str, list] = {}
+
+    def bad(self, reason: str, data: bytes | str = b"", n: int = 1, detail: str = "") -> None:
+        """Count n unusable inputs; log unless this reason was logged < 10 s ago."""
+        self.metrics.bad(reason, n)
+        more = self.may_log(reason, n)
+        if more is not None:
+            snippet = data[:80] if isinstance(data, (bytes, str)) else b""
+            log.warning("%s: %s%s in %r%s", self.log_name, reason,
+                        f" ({detail})" if detail else "", snippet,
+                        f" (+{more} more since last report)" if more else "")
+
+    def may_log(self, key: str, n: int = 1) -> int | None:
+        """How many more of `key` to report with this log line; None: logged < 10 s ago."""
+        now = time.monotonic()
+        last = self._last_log.get(key)
+        if last is not None and now - last < LOG_INTERVAL_S:
+            self._suppressed[key] = self._suppressed.get(key, 0) + n
+            return None
+        self._last_log[key] = now
+        return self._suppressed.pop(key, 0) + n - 1
+
+    def note(self, reason: str, data, detail: str = "") -> None:
+        p = self._pending.get(reason)
+        if p is None:
+            self._pending[reason] = [1, data, detail]
+        else:
+            p[0] += 1
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for reason, (n, data, detail) in pending.items():
+                self.bad(reason, data, n, detail)
