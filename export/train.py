@@ -18,6 +18,7 @@ import numpy as np
 
 from agent.contract import DEFAULT_STD_FLOOR, score_windows
 from export import data as D
+from export.data import DEFAULT_NOISE
 from export import drift
 from export import fit as F
 from export import package as P
@@ -52,7 +53,7 @@ class TrainOptions:
     seed: int = 0
     quantile: float = 0.99
     margin: float = 1.0
-    noise: float = 0.0
+    noise: float = DEFAULT_NOISE
     level_noise: float = 0.0
     scale_rows: int = 0
     block_std_floor: float = DEFAULT_STD_FLOOR
@@ -165,7 +166,7 @@ def check_not_degenerate(name: str, val: np.ndarray, val_loss: float, threshold:
             f"{name}: degenerate model: it reproduces its input (validation error {val_loss:.2g}, "
             f"threshold {threshold:.2g}, data variance {var:.2g} in scaled units; refused below "
             f"{DEGENERATE_REL:g} x variance), so it would copy anomalies through and score "
-            f"every window ~0. Train with input noise (--noise 0.5, the default) or a smaller model")
+            f"every window ~0. Train with input noise (--noise {DEFAULT_NOISE:g}, the default) or a smaller model")
 
 
 def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResult) -> dict:
