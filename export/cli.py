@@ -14,7 +14,7 @@ from pathlib import Path
 from agent import __version__
 from agent.contract import DEFAULT_STD_FLOOR
 from agent.model_meta import ModelMetaError
-from export.data import DataError
+from export.data import DEFAULT_NOISE, DataError
 
 
 # A runtime-only install (a plant's) verifies models; the rest needs these.
@@ -116,8 +116,9 @@ def _train_command(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quantile", type=float, default=0.99)
     t.add_argument("--margin", type=float, default=1.0)
-    t.add_argument("--noise", type=float, default=0.0,
-                   help="std of input noise (scaled units) for a denoising objective")
+    t.add_argument("--noise", type=float, default=DEFAULT_NOISE,
+                   help="std of input noise (scaled units) for a denoising objective; 0 lets "
+                   f"models that can copy their input learn the identity (default {DEFAULT_NOISE:g})")
     t.add_argument("--level-noise", type=float, default=0.0,
                    help="std of a random per-window, per-channel input offset (scaled units): "
                    "teaches the model the normal levels so sustained shifts are not copied")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from agent.contract import fit_threshold
 from agent.model_meta import Threshold
+from export.data import DEFAULT_NOISE
 
 @dataclass
 class TrainConfig:
@@ -28,7 +29,7 @@ class TrainConfig:
     seed: int = 0
     quantile: float = 0.99
     margin: float = 1.0
-    noise: float = 0.0          # std of Gaussian input noise (scaled units): denoising objective
+    noise: float = DEFAULT_NOISE  # std of Gaussian input noise (scaled units): denoising objective
     level_noise: float = 0.0    # std of a per-window, per-channel input offset (scaled units)
     threads: int = 1
 

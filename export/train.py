@@ -18,12 +18,19 @@ import numpy as np
 
 from agent.contract import DEFAULT_STD_FLOOR, score_windows
 from export import data as D
+from export.data import DEFAULT_NOISE
 from export import drift
 from export import fit as F
 from export import package as P
 from export.onnx_export import count_parameters
 
 PARITY_WINDOWS = 64
+# A model whose held-out error (or threshold) is below this fraction of the data's own
+# variance in the scaled space reproduces its input, anomalies included: an identity map
+# scores every window ~0, so its threshold sits at numerical noise and any later window
+# scores either over it (noise) or not at all.  Real reconstructions of noisy sensor data
+# stay far above it (SKAB, TEP: 0.05-0.5 of the variance); the identity sits at 1e-5-1e-12.
+DEGENERATE_REL = 1e-3
 
 
 class TrainError(ValueError):
@@ -47,7 +54,7 @@ class TrainOptions:
     seed: int = 0
     quantile: float = 0.99
     margin: float = 1.0
-    noise: float = 0.0
+    noise: float = DEFAULT_NOISE
     level_noise: float = 0.0
     scale_rows: int = 0
     block_std_floor: float = DEFAULT_STD_FLOOR
@@ -58,6 +65,7 @@ class TrainOptions:
     threads: int = 1
     opset: int = 17
     save_checkpoint: str | None = None
+    check_degenerate: bool = True
 
     def check(self) -> None:
         if not 0 < self.val_frac < 1:
@@ -145,6 +153,23 @@ def _scaled_space(o: TrainOptions, files: list[D.DataFile]) -> _Space:
         "all training rows")
 
 
+def check_not_degenerate(name: str, val: np.ndarray, val_loss: float, threshold: float) -> None:
+    """TrainError when the model reproduces its validation windows (DEGENERATE_REL)."""
+    var = float(np.mean(np.var(val[:, -1, :].astype(np.float64), axis=0))) if len(val) else 0.0
+    if not np.isfinite(val_loss):
+        raise TrainError(f"{name}: validation error is {val_loss}: training diverged; "
+                         "lower --lr or check the data")
+    if var <= 0:
+        raise TrainError(f"{name}: the validation rows do not vary in any channel: "
+                         "nothing to learn normal behaviour from")
+    if min(val_loss, threshold) < DEGENERATE_REL * var:
+        raise TrainError(
+            f"{name}: degenerate model: it reproduces its input (validation error {val_loss:.2g}, "
+            f"threshold {threshold:.2g}, data variance {var:.2g} in scaled units; refused below "
+            f"{DEGENERATE_REL:g} x variance), so it would copy anomalies through and score "
+            f"every window ~0. Train with input noise (--noise {DEFAULT_NOISE:g}, the default) or a smaller model")
+
+
 def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResult,
                      root: Path) -> dict:
     g_mean, g_std = space.global_scaler
@@ -209,6 +234,8 @@ def train(o: TrainOptions) -> dict:
             space.std_scale, o.block_std_floor * space.std, o.quantile)
     scores = score_windows(split.val, F.reconstruct(model, split.val))[0]
     threshold = F.calibrate(scores, o.quantile, o.margin)
+    if o.check_degenerate:
+        check_not_degenerate(o.model, split.val, result.best_val_loss, threshold.value)
     meta = P.build_meta(o.model, ARCHITECTURE[o.model], o.window, channels,
                         P.Scaler(mean=space.mean.tolist(), std=space.std.tolist()), threshold,
                         model.hparams(), _training_record(o, files, space, result, root),

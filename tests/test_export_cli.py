@@ -320,13 +320,51 @@ def test_quantize_keeps_computed_conv_weights_in_fp32(tmp_path, capsys):
     assert main(["verify", str(out)]) == 0
 
 
-SHIPPED = sorted(MODELS.glob("*.onnx")) if MODELS.is_dir() else []
+# the SKAB models and the Tennessee Eastman ones (export/recipes/tep_models.py)
+SHIPPED = sorted([*MODELS.glob("*.onnx"), *MODELS.glob("tep/*.onnx")]) if MODELS.is_dir() else []
 
 
 @pytest.mark.skipif(not SHIPPED, reason=f"no shipped models in {MODELS} (build: python -m export.recipes.build_models)")
-@pytest.mark.parametrize("model", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.parametrize("model", SHIPPED, ids=[str(p.relative_to(MODELS).with_suffix("")) for p in SHIPPED])
 def test_shipped_models_verify(model, capsys):
     assert main(["verify", str(model)]) == 0
     meta = load_meta(model)
     assert meta.name == model.stem
     assert meta.training["files"] and all(f["rows"] > 0 for f in meta.training["files"])
+
+
+def test_train_refuses_a_model_that_reproduces_its_input(tmp_path, capsys):
+    # Without input noise a DLinear map converges to the identity on any data: it would
+    # copy every anomaly through and its threshold would sit at numerical noise.
+    rc, out = train(tmp_path, "--noise", "0", "--level-noise", "0", "--lr", "0.02",
+                    "--epochs", "40", "--patience", "40",
+                    data=[str(make_csv(tmp_path / "d.csv", rows=200))])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "degenerate model: it reproduces its input" in err
+    assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1
+    assert no_model_files(out.parent)
+
+
+def test_the_same_data_trains_with_the_default_noise(tmp_path):
+    rc, out = train(tmp_path, "--lr", "0.02", "--epochs", "40", "--patience", "40",
+                    data=[str(make_csv(tmp_path / "d.csv", rows=200))])
+    assert rc == 0
+    meta = load_meta(out)
+    from export.train import DEGENERATE_REL
+    assert meta.threshold.value > 10 * DEGENERATE_REL
+    assert meta.training["noise"] > 0
+
+
+def test_degenerate_rule_is_relative_to_the_data_variance():
+    from export.train import TrainError, check_not_degenerate
+    val = np.random.default_rng(0).normal(scale=3.0, size=(50, 8, 4)).astype(np.float32)
+    check_not_degenerate("m", val, val_loss=0.2, threshold=0.5)          # a real model
+    with pytest.raises(TrainError, match="degenerate"):
+        check_not_degenerate("m", val, val_loss=0.2, threshold=1e-9)     # threshold at noise
+    with pytest.raises(TrainError, match="degenerate"):
+        check_not_degenerate("m", val, val_loss=5e-5, threshold=0.5)     # near-zero error
+    with pytest.raises(TrainError, match="diverged"):
+        check_not_degenerate("m", val, val_loss=float("nan"), threshold=0.5)
+    with pytest.raises(TrainError, match="do not vary"):
+        check_not_degenerate("m", np.zeros((5, 8, 4), np.float32), 0.0, 1e-9)
