@@ -12,7 +12,10 @@ Rules (windows are labelled anomalous when score >= threshold):
   alert opens on the stream before end-event time + cooldown_s.
 Every event carries the score of the window that produced it, the peak score so
 far, and `top_channels` of the peak window (the channels behind the alert); an "end"
-also carries its `reason` (END_REASONS).
+also carries its `reason` (END_REASONS).  `acknowledged` says an operator acked it;
+`standing` that its score has settled into a steady level (the machine runs in a new
+state, still abnormal against its baseline: see `_track_standing`), which an operator
+answers by re-baselining the stream, or `alerts.rebaseline_after_s` does.
 
 State changes are the events: "new" means normal -> anomaly, "end" means
 anomaly -> normal; `state` is the state after the last window of the block.
@@ -30,6 +33,7 @@ from .contract import top_channels
 from .timestamps import iso_utc
 
 SCHEMA = 1
+STANDING_CHANGE = 0.25   # a settled score moves less than this (relative) per half span
 # Why an alert ended: the signal came back; the agent stopped cleanly; a reload changed
 # the model or the stream; an operator re-baselined the stream; the agent found the
 # alert still open at start after a crash (the outbox's record of open alerts).
@@ -64,6 +68,10 @@ class AlertTracker:
         # open-alert state
         self.acknowledged = False
         self._last_score = float("nan")
+        # the open alert's recent scores (standing_after_s of them) and since when it stands
+        self._st_ts = np.empty(0, np.float64)
+        self._st_sc = np.empty(0, np.float64)
+        self.standing_since: float | None = None
         self._start = 0.0
         self._peak = -np.inf
         self._peak_err = np.zeros(c)
@@ -81,6 +89,7 @@ class AlertTracker:
             "score": _num(score), "peak_score": _num(self._peak), "threshold": _num(threshold),
             "top_channels": top_channels(self._peak_err, self.channels, self.cfg.top_channels),
             "model": dict(self.model_info), "acknowledged": self.acknowledged,
+            "standing": self.standing_since is not None,
         }
         if typ == "end":
             ev["reason"] = reason
@@ -100,6 +109,38 @@ class AlertTracker:
             return None
         self.acknowledged = True
         return self._event("update", self._last_score, threshold, None)
+
+    def _track_standing(self, ts: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+        """An open alert is standing once its score has settled: open at least
+        standing_after_s, still over the threshold, and the median score of the last half
+        of that span within 25 % of the half before (a new steady level, not a fault
+        still growing or fading)."""
+        if self.state != "anomaly":
+            self.standing_since = None
+            return
+        keep = ts >= self._start
+        span = self.cfg.standing_after_s
+        t = np.concatenate([self._st_ts, ts[keep & (self.open_mask == 1)]])
+        sc = np.concatenate([self._st_sc, scores[keep & (self.open_mask == 1)]])
+        recent = t >= t[-1] - span if len(t) else np.zeros(0, bool)
+        self._st_ts, self._st_sc = t[recent], sc[recent]
+        settled = False
+        if len(t) and t[-1] - self._start >= span:
+            half = t[-1] - span / 2
+            a, b = self._st_sc[self._st_ts < half], self._st_sc[self._st_ts >= half]
+            if len(a) and len(b):
+                m1, m2 = float(np.median(a)), float(np.median(b))
+                settled = min(m1, m2) >= threshold and abs(m2 - m1) <= STANDING_CHANGE * m1
+        if not settled:
+            self.standing_since = None
+        elif self.standing_since is None:
+            self.standing_since = float(t[-1])
+
+    def rebaseline_due(self) -> bool:
+        """Standing for alerts.rebaseline_after_s: the stream should learn its new normal."""
+        after = self.cfg.rebaseline_after_s
+        return (after is not None and self.standing_since is not None
+                and float(self._st_ts[-1]) - self.standing_since >= after)
 
     def shelve(self, until: float) -> None:
         """No new alert opens on windows before sample time `until`; an open one runs on."""
@@ -142,6 +183,7 @@ class AlertTracker:
         while pos is not None and pos < b.N:
             pos = (self._scan_normal if self.state == "normal" else self._scan_open)(b, pos, events)
         self._keep(b.T[:b.h], b.S[:b.h], b.L[:b.h], ts, scores, b.L[b.h:], err)
+        self._track_standing(ts, scores, threshold)
         return events
 
     def _scan_normal(self, b: "_Block", pos: int, events: list) -> int | None:
@@ -163,6 +205,7 @@ class AlertTracker:
         p = onset + int(np.argmax(Sp[onset:j + 1]))
         self.state = "anomaly"
         self.acknowledged = False
+        self._st_ts, self._st_sc = np.empty(0, np.float64), np.empty(0, np.float64)
         self._start = float(T[onset])
         self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
         self._peak = float(Sp[p])

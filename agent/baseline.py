@@ -3,10 +3,12 @@
 Learning period: with calibration enabled, a stream's first `calibration.samples`
 samples (or, with `calibration.duration_s`, the samples of its first that many
 seconds of sample time) are held back, not scored.  When the period ends, the
-scaler is fitted on them (`contract.fit_scaler`); the stream then pushes them
-through its ring and the threshold is fitted on their window scores
-(`contract.fit_threshold`, smoothed as every later score is).  Without calibration
-the model's own scaler and threshold serve from the first sample on.
+scaler is fitted on them (`contract.fit_scaler`; with `fit: mean` only its mean, the
+std staying the model's); the stream then pushes them through its ring and the
+threshold is fitted on their window scores (`contract.fit_threshold`, smoothed as
+every later score is), unless `threshold: model` keeps the model's.  Without
+calibration the model's own scaler and threshold serve from the first sample on.
+After the period, adaptation (adaptation.py) may move the mean.
 
 A fitted baseline is a plain record (`to_record` / `restore`) that the state store
 persists, tied to the model's sha256.
@@ -24,6 +26,8 @@ from .model_meta import ModelMeta
 
 log = logging.getLogger("tsad.baseline")
 
+LEVEL_FLOOR = 1.0
+
 
 class Baseline:
     def __init__(self, meta: ModelMeta, cal: CalibrationConfig, fixed_threshold: float | None):
@@ -32,6 +36,7 @@ class Baseline:
         self.fixed_threshold = fixed_threshold
         self.scaler: StreamScaler | None = None
         self.threshold = 0.0
+        self.level: np.ndarray | None = None     # per-channel typical error (normalize)
         self.fitted_at: str | None = None
         self.samples_used = 0
         self._ts: list[np.ndarray] = []
@@ -91,22 +96,36 @@ class Baseline:
 
     def fit_scaler(self, raw: np.ndarray, stream: str) -> None:
         try:
-            self.scaler = fit_scaler(raw, np.asarray(self.meta.scaler.std), self.cal.std_floor,
-                                     self.meta.calibration_std_scale)
+            sc = fit_scaler(raw, np.asarray(self.meta.scaler.std), self.cal.std_floor,
+                            self.meta.calibration_std_scale)
+            self.scaler = sc if self.cal.fit == "scaler" else \
+                StreamScaler(sc.mean, np.asarray(self.meta.scaler.std))
         except ValueError as e:
             self.scaler = StreamScaler.from_meta(self.meta)
             log.error("stream %s: cannot learn its scaler (%s); using the model's", stream, e)
         self.samples_used = len(raw)
 
-    def fit_threshold(self, smoothed: np.ndarray | None) -> None:
-        """From the learning windows' smoothed scores; None when no window was complete."""
+    def fit_level(self, err: np.ndarray) -> None:
+        """Each channel's typical error on the learning windows (the median), floored at
+        LEVEL_FLOOR x the channels' mean: a channel the model reproduces almost exactly
+        must not turn its smallest wobble into the whole score."""
+        med = np.median(np.asarray(err, np.float64), axis=0)
+        floor = max(LEVEL_FLOOR * float(med.mean()), 1e-12)
+        self.level = np.maximum(med, floor)
+
+    def fit_threshold(self, smoothed: np.ndarray | None, normalized: bool = False) -> None:
+        """From the learning windows' smoothed scores; None when no window was complete.
+        `normalized`: the scores are per-channel normalised (scoring.normalize)."""
         if self.fixed_threshold is not None:
             self.threshold = float(self.fixed_threshold)
-        elif smoothed is None or not len(smoothed):
+        elif smoothed is None or not len(smoothed) or self.cal.threshold == "model":
             self.threshold = self._default_threshold()
         else:
+            # the model's calibration_margin was measured on its own score, not on the
+            # per-channel normalised one
+            model_margin = 1.0 if normalized else (self.meta.calibration_margin or 1.0)
             self.threshold = fit_threshold(smoothed, self.cal.quantile,
-                                           self.cal.margin * (self.meta.calibration_margin or 1.0))
+                                           self.cal.margin * model_margin)
         self.fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def relearn(self) -> None:
@@ -118,10 +137,13 @@ class Baseline:
 
     # ------------------------------------------------------------ persistence
     def to_record(self) -> dict:
-        return {"mean": self.scaler.mean.tolist(), "std": self.scaler.std.tolist(),
-                "threshold": self.threshold, "samples": self.samples_used,
-                "quantile": self.cal.quantile, "margin": self.cal.margin,
-                "fitted_at": self.fitted_at}
+        rec = {"mean": self.scaler.mean.tolist(), "std": self.scaler.std.tolist(),
+               "threshold": self.threshold, "samples": self.samples_used,
+               "quantile": self.cal.quantile, "margin": self.cal.margin,
+               "fitted_at": self.fitted_at}
+        if self.level is not None:
+            rec["level"] = self.level.tolist()
+        return rec
 
     def restore(self, record: dict) -> None:
         self.scaler = StreamScaler(np.asarray(record["mean"]), np.asarray(record["std"]))
@@ -129,3 +151,6 @@ class Baseline:
                           else float(self.fixed_threshold))
         self.samples_used = int(record.get("samples") or 0)
         self.fitted_at = record.get("fitted_at")
+        level = record.get("level")
+        if isinstance(level, list) and len(level) == len(self.scaler.mean):
+            self.level = np.asarray(level, np.float64)

@@ -215,7 +215,8 @@ def _file_commands(sub) -> None:
     s.add_argument("paths", nargs="+", help="labeled CSV files or folders (e.g. ../shared/data/skab)")
     s.add_argument("--model", "-m", action="append", required=True,
                    help="model name or path (repeat for several)")
-    s.add_argument("--calibration", type=int, default=400)
+    s.add_argument("--calibration", type=int, metavar="N",
+                   help="learn on each file's first N rows (0: none; default: the model's policy)")
     s.add_argument("--by", choices=["alert", "label"], default="alert",
                    help="row prediction: alert open (hysteresis) or raw score >= threshold")
     s.add_argument("--smoothing", type=int)

@@ -79,12 +79,31 @@ class CalibrationConfig(_Strict):
     margin: float = Field(0.5, gt=0)
     # scaler std floor, as a fraction of the model's training std (keeps flat channels sane)
     std_floor: float = Field(DEFAULT_STD_FLOOR, ge=0)
+    # what the learning period fits: the scaler (mean and std, for models trained on
+    # per-block scaled data) or only the mean (models with one global scaler keep its std)
+    fit: Literal["scaler", "mean"] = "scaler"
+    # the threshold: fitted on the learning windows, or the model's own
+    threshold: Literal["fit", "model"] = "fit"
+
+
+class AdaptationConfig(_Strict):
+    """After learning, the scaler mean follows slow normal change (agent/adaptation.py)."""
+    enabled: bool = False
+    time_constant_s: float = Field(3600.0, gt=0)
+    # values further than this many stds from the current mean are not learned from
+    gate: float = Field(4.0, gt=0)
+    # the mean stays within learned mean +- max_shift x learned std (null: unbounded)
+    max_shift: float | None = Field(None, gt=0)
 
 
 class ScoringConfig(_Strict):
     # "model" = threshold from the model metadata (or calibration when enabled)
     threshold: Union[Literal["model"], Annotated[float, Field(gt=0)]] = "model"
     smoothing: int = Field(1, ge=1)       # moving average over the last k scores
+    # "channel": each channel's error in units of its own typical error on this stream
+    # (learned with the baseline, adapted with it), so a channel whose error is always
+    # high or slowly rising does not drown the others; "none": the model's score as is
+    normalize: Literal["none", "channel"] = "none"
 
 
 class AlertConfig(_Strict):
@@ -94,6 +113,10 @@ class AlertConfig(_Strict):
     cooldown_s: float = Field(0.0, ge=0)  # no new alert on a stream within this after an end
     update_interval_s: float = Field(10.0, gt=0)
     top_channels: int = Field(3, ge=1)
+    # an alert whose score has settled into a steady level for this long is "standing"
+    standing_after_s: float = Field(600.0, gt=0)
+    # a standing alert this old re-baselines its stream (a new learning period); null: never
+    rebaseline_after_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _k_le_n(self):
@@ -109,6 +132,7 @@ class DetectionConfig(_Strict):
     buffer: BufferConfig = BufferConfig()
     scoring: ScoringConfig = ScoringConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    adaptation: AdaptationConfig = AdaptationConfig()
     alerts: AlertConfig = AlertConfig()
 
 
@@ -122,6 +146,7 @@ class AgentConfig(_Strict):
     buffer: BufferConfig = BufferConfig()
     scoring: ScoringConfig = ScoringConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    adaptation: AdaptationConfig = AdaptationConfig()
     alerts: AlertConfig = AlertConfig()
     mqtt: MqttConfig = MqttConfig()
     sinks: SinksConfig = SinksConfig()
@@ -138,7 +163,8 @@ class AgentConfig(_Strict):
     @property
     def detection(self) -> DetectionConfig:
         return DetectionConfig(node=self.node, buffer=self.buffer, scoring=self.scoring,
-                               calibration=self.calibration, alerts=self.alerts)
+                               calibration=self.calibration, adaptation=self.adaptation,
+                               alerts=self.alerts)
 
     @property
     def topic_prefix(self) -> str:

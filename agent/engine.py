@@ -33,6 +33,7 @@ from .config import DetectionConfig
 from .contract import score_windows
 from .detector import Detector
 from .metrics import Metrics
+from .policy import effective
 from .ring import RingBuffer, Windows
 from .scoring import Smoother
 from .sources.base import Batch
@@ -46,7 +47,8 @@ class Engine:
     def __init__(self, cfg: DetectionConfig, detector: Detector, store: StateStore | None = None,
                  metrics: Metrics | None = None, max_streams: dict[str, int] | None = None,
                  default_max_streams: int = 1, intervals: dict[str, float] | None = None):
-        self.cfg, self.detector, self.store = cfg, detector, store
+        self.cfg = effective(cfg, detector.meta)
+        self.detector, self.store = detector, store
         self.meta = detector.meta
         self.metrics = metrics or detector.metrics or Metrics()
         self.model_info = {"name": self.meta.name, "sha256": self.meta.onnx_sha256,
@@ -84,6 +86,7 @@ class Engine:
         c, m = self.cfg, self.meta
         fixed = None if c.scoring.threshold == "model" else float(c.scoring.threshold)
         baseline = Baseline(m, c.calibration, fixed)
+        saved = None
         if c.calibration.enabled:
             saved = self.store.load(sid, m.onnx_sha256, m.n_channels) if self.store else None
             if saved:
@@ -99,8 +102,12 @@ class Engine:
                           gap_reset_s=None if gap == "auto" else gap, max_block=max(m.window, 64))
         pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source))
         tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
-        return Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
-                      self.detector.max_batch, pace)
+        st = Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
+                    self.detector.max_batch, pace, c.adaptation,
+                    c.scoring.normalize == "channel")
+        if saved and st.adapter is not None:
+            st.adapter.restore(saved)
+        return st
 
     def pending(self, sid: str) -> dict:
         """Why a stream gave no score yet: {"status": "learning" | "warming_up" | "skipped",
@@ -149,10 +156,9 @@ class Engine:
         for b in batches:
             joined.setdefault(b.stream, []).append(b)
         results: list[StreamResult] = []
-        due: list[tuple[Stream, Windows]] = []
-        pending = 0
+        self._due: list[tuple[Stream, Windows]] = []
+        self._pending = 0
         now = time.monotonic()
-        chunk = self.detector.max_batch
         for sid, parts in joined.items():
             st = self.stream(sid, parts[0].source)
             if st is None:
@@ -160,24 +166,43 @@ class Engine:
             st.last_seen = now
             ts, values = _join(parts)
             self.metrics.samples_in += len(ts)
-            for a in range(0, len(ts), chunk):
-                try:
-                    w = st.ingest(ts[a:a + chunk], values[a:a + chunk], self.detector.infer)
-                except Exception:
-                    self._failed(st, "ingest")
-                    break
-                if st.just_learned:
-                    st.just_learned = False
-                    self._save(st)
-                if w is not None:
-                    due.append((st, w))
-                    pending += len(w)
-                    if pending >= chunk:
-                        results += self._infer(due)
-                        due, pending = [], 0
-        if due:
-            results += self._infer(due)
+            results += self._feed(st, ts, values)
+        results += self._flush()
         return self._with_states(joined, results)
+
+    def _feed(self, st: Stream, ts: np.ndarray, values: np.ndarray) -> list[StreamResult]:
+        """One stream's samples, piece by piece as it takes them; inference runs whenever
+        max_batch windows wait, or the stream waits for its earlier windows' scores."""
+        out: list[StreamResult] = []
+        a, stalled = 0, False
+        while a < len(ts):
+            try:
+                k, w = st.ingest(ts[a:], values[a:], self.detector.infer)
+            except Exception:
+                self._failed(st, "ingest")
+                return out
+            if st.just_learned:
+                st.just_learned = False
+                self._save(st)
+            if k == 0:
+                if stalled:    # nothing left to conclude and still no room: a bug, not a wait
+                    self._failed(st, "ingest")
+                    return out
+                out += self._flush()
+                stalled = True
+                continue
+            stalled = False
+            a += k
+            if w is not None:
+                self._due.append((st, w))
+                self._pending += len(w)
+                if self._pending >= self.detector.max_batch:
+                    out += self._flush()
+        return out
+
+    def _flush(self) -> list[StreamResult]:
+        due, self._due, self._pending = self._due, [], 0
+        return self._infer(due) if due else []
 
     def _with_states(self, touched, results: list[StreamResult]) -> list[StreamResult]:
         """Hand each stream's entered states to its last result (an empty one if none)."""
@@ -201,8 +226,9 @@ class Engine:
         for st, w in due:
             k = len(w)
             try:
-                r = st.conclude(w.ts, scores[off:off + k], err[off:off + k])
+                r = st.conclude(w, scores[off:off + k], err[off:off + k])
             except Exception:
+                st.abandon()
                 self._failed(st, "conclude")
             else:
                 for ev in r.events:
@@ -273,7 +299,10 @@ class Engine:
 
     def _save(self, st: Stream) -> None:
         if self.store and self.cfg.calibration.enabled and not st.baseline.learning:
-            self.store.save(st.id, self.meta.onnx_sha256, st.baseline.to_record())
+            record = st.baseline.to_record()
+            if st.adapter is not None:
+                record.update(st.adapter.to_record())
+            self.store.save(st.id, self.meta.onnx_sha256, record)
 
     def save_baselines(self) -> None:
         """Persist every learned baseline (intervals, clean stop)."""

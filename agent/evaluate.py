@@ -1,9 +1,15 @@
-"""Evaluation through the live path (SKAB protocol).
+"""Evaluation through the live path.
 
-Each labeled file is replayed through the daemon's engine (ring buffer -> detector ->
-scorer -> alert tracker, `jobs.run_table`), a fresh engine per file, learning its
-baseline on the file's first N rows.  Rows after N are the test part; TP/FP/TN/FN
-are pooled over all files' test parts, then F1, FAR and MAR are computed.
+Each file is replayed through the daemon's engine (ring buffer -> detector -> scorer
+-> alert tracker, `jobs.run_table`), a fresh engine per file, learning its baseline
+on the file's first N rows (the model's policy, or --calibration N).  Rows after N are
+the test part, and a row counts as flagged while an alert is open (`--by label`: while
+its window scores over the threshold).
+- Labeled files (an `anomaly` column; SKAB protocol): TP/FP/TN/FN pooled over all
+  files' test parts, then F1, FAR and MAR; per labeled event, its detection rate (its
+  rows flagged) and delay (from its first row to the first flagged one).
+- Every file, labeled or not (a long normal recording): the share of its test rows
+  with an alert open, and the alerts that opened, per hour and per day.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ from .config import DetectionConfig
 from .contract import read_table
 from .detector import Detector
 from .engine import Engine
-from .jobs import Recording, detection_config, rows_prediction, run_table
+from .jobs import Recording, detection_config, long_run, rows_prediction, run_table
+from .policy import learning_rows
+from .timestamps import iso_utc
 
 log = logging.getLogger("tsad.evaluate")
 
@@ -57,32 +65,52 @@ def predict_file(path: str | Path, detector: Detector, cfg: DetectionConfig,
     return rec.table(stream), t.ts, t.labels
 
 
-def evaluate(files: list[Path], model: str, calibration_rows: int = 400, by: str = "alert",
-             out_dir: Path | None = None, overrides: dict | None = None,
+def events(ts: np.ndarray, labels: np.ndarray, pred: np.ndarray) -> list[dict]:
+    """Each labeled event (a run of label 1): its start, length, the share of its rows with
+    an alert open (detection rate) and the delay from its start to the first such row."""
+    out = []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], labels.astype(np.int8), [0]])))
+    for a, b in zip(edges[::2], edges[1::2]):
+        hit = np.flatnonzero(pred[a:b])
+        out.append({"start": iso_utc(ts[a]), "rows": int(b - a),
+                     "detection_rate": float(pred[a:b].mean()),
+                     "delay_s": float(ts[a + hit[0]] - ts[a]) if len(hit) else None})
+    return out
+
+
+def evaluate(files: list[Path], model: str, calibration_rows: int | None = None,
+             by: str = "alert", out_dir: Path | None = None, overrides: dict | None = None,
              detector: Detector | None = None) -> dict:
+    """Every file through a fresh engine.  Labeled files: pooled counts (SKAB protocol),
+    per-event detection rate and delay; every file: its long-run figures.  The rows of
+    the learning period (None: the model's policy) are not scored."""
     detector = detector or Detector(model)
     cfg = detection_config(detector.meta, calibration_rows, overrides)
+    skip = learning_rows(cfg)
     counts = Counts()
     per_file = []
     for f in files:
         table, row_ts, labels = predict_file(f, detector, cfg)
-        if labels is None:
-            raise ValueError(f"{f}: no 'anomaly' column to evaluate against")
         pred = rows_prediction(row_ts, table, by)
-        test = slice(calibration_rows, None)
-        c = Counts()
-        c.add(labels[test], pred[test])
-        counts.add(labels[test], pred[test])
-        per_file.append({"file": str(f), **c.summary()})
+        row = {"file": str(f), **long_run(row_ts[skip:], pred[skip:])}
+        if labels is not None:
+            c = Counts()
+            c.add(labels[skip:], pred[skip:])
+            counts.add(labels[skip:], pred[skip:])
+            row.update(c.summary(), events=events(row_ts[skip:], labels[skip:], pred[skip:]))
+        per_file.append(row)
         if out_dir is not None:
-            import pandas as pd
-            out_dir.mkdir(parents=True, exist_ok=True)
-            name = f"{f.parent.name}_{f.stem}.csv"
-            pd.DataFrame({
-                "datetime": pd.to_datetime(row_ts, unit="s").strftime("%Y-%m-%d %H:%M:%S"),
-                "anomaly": pred}).to_csv(out_dir / name, index=False)
-    return {"model": detector.meta.name, "files": len(files), "by": by,
-            **counts.summary(), "per_file": per_file}
+            _write_prediction(out_dir / f"{f.parent.name}_{f.stem}.csv", row_ts, pred)
+    labeled = [r for r in per_file if "events" in r]
+    return {"model": detector.meta.name, "files": len(files), "labeled_files": len(labeled),
+            "by": by, "learning_rows": skip, **counts.summary(), "per_file": per_file}
+
+
+def _write_prediction(path: Path, row_ts: np.ndarray, pred: np.ndarray) -> None:
+    import pandas as pd
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"datetime": pd.to_datetime(row_ts, unit="s").strftime("%Y-%m-%d %H:%M:%S"),
+                  "anomaly": pred}).to_csv(path, index=False)
 
 
 def file_score(path: Path, channels: list[str], rec: Recording, stream: str,
@@ -100,9 +128,25 @@ def file_score(path: Path, channels: list[str], rec: Recording, stream: str,
 
 
 def format_summary(r: dict) -> str:
-    return (f"{r['model']:<18} files={r['files']}  P={r['precision']:.3f} "
+    """The report as text: pooled scores and events of the labeled files, then the long-run
+    figures of each unlabeled one."""
+    lines = []
+    if r["labeled_files"]:
+        ev = [e for f in r["per_file"] for e in f.get("events", [])]
+        delays = [e["delay_s"] for e in ev if e["delay_s"] is not None]
+        lines.append(
+            f"{r['model']:<18} files={r['labeled_files']}  P={r['precision']:.3f} "
             f"R={r['recall']:.3f} F1={r['f1']:.3f} FAR={100 * r['far']:.2f}% "
             f"MAR={100 * r['mar']:.2f}%  (TP={r['tp']} FP={r['fp']} TN={r['tn']} FN={r['fn']})")
+        lines.append(f"{'':<18} events={len(ev)} detected={len(delays)} median delay="
+                     + (f"{np.median(delays):.0f} s" if delays else "-"))
+    for f in r["per_file"]:
+        if "events" not in f:
+            lines.append(f"{r['model']:<18} {f['file']}: {f['hours']:.1f} h, alert open on "
+                         f"{100 * f['alert_open_share']:.2f}% of rows, {f['alerts']} alert(s)"
+                         + (f" ({f['alerts_per_day']:.2f}/day)" if f['alerts_per_day'] is not None
+                            else ""))
+    return "\n".join(lines)
 
 
 def evaluation_files(paths: list[Path]) -> list[Path]:

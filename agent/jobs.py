@@ -20,6 +20,7 @@ from .contract import read_table
 from .detector import Detector
 from .engine import Engine
 from .model_meta import ModelMeta
+from .policy import effective, learning_rows
 from .sinks import build_sinks
 from .sinks.base import Sink
 from .sources.base import Batch
@@ -30,8 +31,10 @@ CHUNK = 256
 
 def detection_config_dict(learning_rows: int | None, overrides: dict | None,
                           node: str) -> dict:
-    d: dict = {"node": node, "calibration": {"enabled": learning_rows is not None,
-                                             **({"samples": learning_rows} if learning_rows else {})}}
+    d: dict = {"node": node}
+    if learning_rows is not None:
+        d["calibration"] = ({"enabled": True, "samples": learning_rows} if learning_rows
+                            else {"enabled": False})
     for key, val in (overrides or {}).items():
         d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val
     return d
@@ -39,10 +42,11 @@ def detection_config_dict(learning_rows: int | None, overrides: dict | None,
 
 def detection_config(meta: ModelMeta, learning_rows: int | None = None,
                      overrides: dict | None = None, node: str = "replay") -> DetectionConfig:
-    """The detection settings for a file job: learning on the first `learning_rows` rows
-    (None: the model's own scaler and threshold), config defaults otherwise; `overrides`
-    are merged one level deep per section."""
-    return DetectionConfig.model_validate(detection_config_dict(learning_rows, overrides, node))
+    """The detection settings for a file job: the model's own policy (agent/policy.py),
+    except a learning period on the first `learning_rows` rows (0: none, the model's
+    scaler and threshold) when given, and `overrides` (merged one level deep per section)."""
+    return effective(DetectionConfig.model_validate(
+        detection_config_dict(learning_rows, overrides, node)), meta)
 
 
 def file_config(path: str, model: str, learning_rows: int | None, overrides: dict | None = None,
@@ -80,12 +84,8 @@ def replay_config(cfg: AgentConfig, detector: Detector,
 
 
 def model_learning_rows(meta: ModelMeta) -> int | None:
-    """The learning period the model was trained for (metadata training.calibration_rows).
-
-    Models exported for per-stream calibration carry a scaler in per-block units
-    that is meaningless on raw data without it (every score far over threshold)."""
-    n = meta.training.get("calibration_rows")
-    return int(n) if isinstance(n, int) and n > 0 else None
+    """The learning period the model's policy asks for, in rows (None: none)."""
+    return learning_rows(detection_config(meta)) or None
 
 
 @dataclass
@@ -171,3 +171,14 @@ def rows_prediction(row_ts: np.ndarray, table: dict, by: str) -> np.ndarray:
         ok[ok] = row_ts[idx[ok]] == table["ts"][ok]
         pred[idx[ok]] = table[by][ok].astype(np.int8)
     return pred
+
+
+def long_run(ts: np.ndarray, pred: np.ndarray) -> dict:
+    """What an operator lives with: the share of rows with an alert open and the alerts
+    that opened, per hour and per day of the recording."""
+    hours = float(ts[-1] - ts[0]) / 3600 if len(ts) > 1 else 0.0
+    opened = int(np.sum(np.diff(np.concatenate([[0], pred])) == 1))
+    return {"rows": int(len(pred)), "hours": round(hours, 3),
+            "alert_open_share": float(pred.mean()) if len(pred) else 0.0, "alerts": opened,
+            "alerts_per_hour": opened / hours if hours else None,
+            "alerts_per_day": 24 * opened / hours if hours else None}

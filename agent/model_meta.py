@@ -83,6 +83,11 @@ class ModelMeta:
     # model that reproduces its calibration block closely needs a wider margin than one
     # that does not).  None = 1.
     calibration_margin: float | None = None
+    # The model's default detection policy: {"settings": {section: {key: value}}, "fitted":
+    # how its numbers were found, "reason": why}.  Sections are those of the agent's
+    # detection config (buffer, scoring, calibration, adaptation, alerts); a key the
+    # agent's config sets explicitly wins (agent/policy.py).  None: the agent's defaults.
+    policy: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -156,6 +161,14 @@ class ModelMeta:
         cm = self.calibration_margin
         if cm is not None and (not isinstance(cm, (int, float)) or not (0 < cm < float("inf"))):
             raise ModelMetaError(f"{where}: 'calibration_margin' is {cm!r}, expected a finite number > 0")
+        p = self.policy
+        if p is not None:
+            sections = ("buffer", "scoring", "calibration", "adaptation", "alerts")
+            settings = p.get("settings") if isinstance(p, dict) else None
+            if not isinstance(settings, dict) or not all(
+                    k in sections and isinstance(v, dict) for k, v in settings.items()):
+                raise ModelMetaError(f"{where}: 'policy.settings' must map sections of "
+                                     f"{', '.join(sections)} to key/value objects")
         t = self.threshold.value
         if not isinstance(t, (int, float)) or not (t > 0) or t == float("inf"):
             raise ModelMetaError(f"{where}: 'threshold.value' is {t!r}, expected a finite number > 0")

@@ -149,10 +149,10 @@ def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
             metrics: Metrics | None = None) -> Prediction:
     """Score and label one CSV file (see the module doc for the two modes).
 
-    calibrate: None = `jobs.model_learning_rows(meta)`, 0 = the model's scaler and
-    threshold, N = fit both on the file's first N rows."""
+    calibrate: None = the model's policy (`jobs.model_learning_rows`), 0 = the model's
+    scaler and threshold, N = learn both on the file's first N rows."""
     w = detector.window
-    calibrate = model_learning_rows(detector.meta) if calibrate is None else (calibrate or None)
+    calibrate = model_learning_rows(detector.meta) if calibrate is None else calibrate
     table = load_table(path, detector.meta.channels, max_gap)
     n = len(table.ts)
     need = max(w, (calibrate or 0) + 1)
@@ -161,7 +161,7 @@ def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
                                 f"or use the model's scaler with calibrate 0" if calibrate else ""))
         raise PredictError(f"{table.path}: {n} data row(s), needs at least {need} ({why})")
     # Rows are consecutive by the step check (max_gap), so no window restarts here.
-    engine = Engine(detection_config(detector.meta, calibrate, {"buffer": {"gap_reset_s": None}},
+    engine = Engine(detection_config(detector.meta, calibrate or 0, {"buffer": {"gap_reset_s": None}},
                                      node="predict"), detector, metrics=metrics)
     rec = run_table(engine, STREAM, table.ts, table.values).table(STREAM)
     st = engine.streams.get(STREAM)
@@ -171,7 +171,7 @@ def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
     label = np.zeros(n, np.int8)
     if compat:
         rows = slice(n - w, n)
-        x = st.baseline.scaler.apply(table.values[rows])
+        x = st.scaler.apply(table.values[rows])
         if np.isnan(x).any():
             bad = int(np.flatnonzero(np.isnan(x).any(axis=1))[0]) + n - w
             raise PredictError(f"{table.path}: the last window (data rows {n - w + 1}-{n}) has "

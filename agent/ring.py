@@ -30,6 +30,7 @@ import numpy as np
 class Windows:
     ts: np.ndarray      # float64 [k]  timestamp of each window's newest sample
     x: np.ndarray       # float32 [k, W, C], C-contiguous
+    rows: np.ndarray    # int64 [k]  row of the pushed block each window ends at
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -88,16 +89,19 @@ class RingBuffer:
                 e = min(b, s + self.max_block)
                 w = self._append(ts[s:e], values[s:e])
                 if w is not None:
+                    w.rows += s
                     parts.append(w)
         if len(ts):
             self._prev_ts = float(ts[-1])
         if not parts:
             return Windows(np.empty(0, np.float64),
-                           np.empty((0, self.window, self.channels), np.float32))
+                           np.empty((0, self.window, self.channels), np.float32),
+                           np.empty(0, np.int64))
         if len(parts) == 1:
             return parts[0]
         return Windows(np.concatenate([p.ts for p in parts]),
-                       np.concatenate([p.x for p in parts]))
+                       np.concatenate([p.x for p in parts]),
+                       np.concatenate([p.rows for p in parts]))
 
     # ------------------------------------------------------------ internals
     def _segments(self, ts: np.ndarray):
@@ -179,4 +183,4 @@ class RingBuffer:
         end = (self._total - 1) % self._cap + self._cap + 1
         region = self._buf[end - (W - 1 + m):end]
         x = region[due[:, None] + self._offsets[None, :]]
-        return Windows(ts[due], x)
+        return Windows(ts[due], x, due.astype(np.int64))

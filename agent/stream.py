@@ -1,8 +1,9 @@
 """One stream's detection state and the two halves of its step.
 
 `ingest` takes raw samples: while the baseline is learning it holds them; then they
-are scaled and appended to the ring, which returns the windows that fell due.
-`conclude` takes those windows' scores: smoothing, the alert tracker, and the result
+are scaled (with the adapted scaler, adaptation.py) and appended to the ring, which
+returns the windows that fell due.  `conclude` takes those windows' scores:
+smoothing, the alert tracker, the samples the adapter may learn from, and the result
 the sinks see.  The engine runs the model between the two, once for every stream
 that has windows due.
 
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from .alerts import AlertTracker
+from .adaptation import CHANNEL_OK, Adapter
 from .baseline import Baseline
+from .config import AdaptationConfig
 from .contract import score_windows
 from .ring import RingBuffer, Windows
 from .scoring import Smoother
@@ -81,11 +85,16 @@ class Pace:
 
 class Stream:
     def __init__(self, sid: str, source: str, ring: RingBuffer, smoother: Smoother,
-                 baseline: Baseline, tracker: AlertTracker, max_batch: int, pace: Pace):
+                 baseline: Baseline, tracker: AlertTracker, max_batch: int, pace: Pace,
+                 adaptation: AdaptationConfig, normalize: bool = False):
         self.id, self.source = sid, source
+        self.normalize = normalize
         self.ring, self.smoother, self.baseline, self.tracker = ring, smoother, baseline, tracker
         self.max_batch = max_batch
         self.pace = pace
+        self.adaptation = adaptation
+        self.adapter: Adapter | None = None
+        self._pieces: deque = deque()   # ingested pieces not concluded yet: [raw, windows?]
         self._gap_logged = -np.inf
         self.samples = 0
         self.last_ts = float("nan")     # newest sample time (stamps alerts closed at a stop)
@@ -93,6 +102,8 @@ class Stream:
         self.just_learned = False       # set when a learning period ended: the engine saves it
         # states entered since the engine last collected them (see StreamResult.entered)
         self.entered: list[str] = ["learning"] if baseline.learning else []
+        if not baseline.learning:
+            self._start_adapting()
 
     @property
     def state(self) -> str:
@@ -102,23 +113,51 @@ class Stream:
     def threshold(self) -> float:
         return self.baseline.threshold
 
+    @property
+    def scaler(self):
+        """The scaler in force now (learned, then adapted)."""
+        return self.adapter.scaler if self.adapter else self.baseline.scaler
+
+    def _start_adapting(self) -> None:
+        self.adapter = (Adapter(self.adaptation, self.baseline.scaler, self.pace.interval,
+                                self.baseline.level)
+                        if self.adaptation.enabled else None)
+
     # ------------------------------------------------------------ step, first half
-    def ingest(self, ts: np.ndarray, values: np.ndarray, infer: Infer) -> Windows | None:
-        """Raw samples in; the windows now due (scaled), or None."""
-        self.samples += len(ts)
+    def ingest(self, ts: np.ndarray, values: np.ndarray, infer: Infer) -> tuple[int, Windows | None]:
+        """Raw samples in: (how many it took, the windows now due or None).  It takes fewer
+        than offered at the end of a learning period, of an adaptation epoch, or of
+        `max_batch`; 0 when its scaler waits for earlier windows to be concluded."""
+        if self.baseline.learning:
+            k = self.baseline.hold(ts, values)
+            self._took(ts[:k])
+            if self.baseline.period_over:
+                self._end_learning(infer)
+            return k, None
+        k = min(len(ts), self.max_batch)
+        scaler = self.scaler
+        if self.adapter is not None:
+            k = min(k, self.adapter.room())
+            if k == 0:
+                return 0, None
+            version = self.adapter.version_now()
+            scaler = self.adapter.at(version)[0]
+            self.adapter.took(k)
+        ts, values = ts[:k], values[:k]
+        self._took(ts)
+        w = self._push(ts, scaler.apply(values))
+        if self.adapter is not None:
+            self._pieces.append([values, w is not None, version, None])
+            self._settle()
+        return k, w
+
+    def _took(self, ts: np.ndarray) -> None:
         if not len(ts):
-            return None
+            return
+        self.samples += len(ts)
         if self.pace.learning:
             self.pace.observe(ts, self.id)
         self.last_ts = float(ts[-1])
-        if self.baseline.learning:
-            k = self.baseline.hold(ts, values)
-            ts, values = ts[k:], values[k:]
-            if self.baseline.period_over:
-                self._end_learning(infer)
-            if not len(ts):
-                return None
-        return self._push(ts, self.baseline.scaler.apply(values))
 
     def _push(self, ts: np.ndarray, scaled: np.ndarray) -> Windows | None:
         resets = self.ring.resets
@@ -135,13 +174,17 @@ class Stream:
         ts, raw = b.take_held()
         b.fit_scaler(raw, self.id)
         scaled = b.scaler.apply(raw)
-        scores = []
+        errs = []
         for a in range(0, len(ts), self.max_batch):
             w = self._push(ts[a:a + self.max_batch], scaled[a:a + self.max_batch])
             if w is not None:
-                scores.append(self.smoother.update(score_windows(w.x, infer(w.x))[0]))
-        if scores:
-            b.fit_threshold(np.concatenate(scores))
+                errs.append(score_windows(w.x, infer(w.x))[1])
+        if errs:
+            err = np.concatenate(errs)
+            b.fit_level(err)
+            if self.normalize:
+                err = err / b.level
+            b.fit_threshold(self.smoother.update(err.mean(axis=1)), self.normalize)
         else:
             b.fit_threshold(None)
             log.error("stream %s: no complete window of %d samples in its %d learning samples "
@@ -150,19 +193,57 @@ class Stream:
                       self.ring.resets, self.ring.skipped, b.threshold)
         log.info("stream %s: learned its baseline on %d samples, threshold %.4g", self.id,
                  len(ts), b.threshold)
+        self._start_adapting()
         self.just_learned = True
         self.entered.append("normal")
 
     # ------------------------------------------------------------ step, second half
-    def conclude(self, ts: np.ndarray, scores: np.ndarray, err: np.ndarray) -> StreamResult:
-        """Scores of the windows `ingest` returned (raw, unsmoothed) -> the result."""
+    def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray) -> StreamResult:
+        """Scores of windows `ingest` returned (raw, unsmoothed), in order -> the result."""
+        piece = self._pieces[0] if self.adapter is not None else None
+        level = self.adapter.at(piece[2])[1] if piece is not None else self.baseline.level
+        shown = err
+        if self.normalize and level is not None:
+            shown = err / level
+            scores = shown.mean(axis=1)
         s = self.smoother.update(scores)
         thr = self.baseline.threshold
-        events = self.tracker.update(ts, s, thr, err)
+        events = self.tracker.update(w.ts, s, thr, shown)
+        if piece is not None:
+            win_ok = (self.tracker.labels == 0) & (self.tracker.open_mask == 0)
+            level = self.adapter.at(piece[2])[1]
+            ok = win_ok[:, None] if level is None else \
+                win_ok[:, None] | (err <= CHANNEL_OK * level)
+            n, c = len(piece[0]), err.shape[1]
+            piece[1] = np.zeros((n, c), bool)
+            piece[1][w.rows] = ok
+            piece[3] = np.full((n, c), np.nan)
+            piece[3][w.rows] = err
+            self._settle()
         self.entered += [("anomaly" if ev["type"] == "new" else "normal") for ev in events
                          if ev["type"] != "update"]
-        return StreamResult(self.id, ts, s, thr, self.tracker.labels, self.tracker.open_mask,
-                            events)
+        r = StreamResult(self.id, w.ts, s, thr, self.tracker.labels, self.tracker.open_mask,
+                         events)
+        if self.tracker.rebaseline_due():
+            ev = self.relearn()
+            if ev is not None:
+                r.events.append(ev)
+        return r
+
+    def abandon(self) -> None:
+        """The newest windows could not be concluded (a bug): their samples are learned
+        from by no channel, so the adapter's epochs stay whole."""
+        if self._pieces:
+            self._pieces[0][1] = False
+            self._settle()
+
+    def _settle(self) -> None:
+        """Hand concluded pieces to the adapter, in order (a piece without windows has
+        no normal sample; one still awaiting its scores stops the queue)."""
+        q = self._pieces
+        while q and q[0][1] is not True:
+            raw, ok, _, err = q.popleft()
+            self.adapter.observe(raw, ok if ok is not False else np.zeros(raw.shape, bool), err)
 
     def relearn(self) -> dict | None:
         """Forget the baseline and start a new learning period; the end event of an open
@@ -171,8 +252,12 @@ class Stream:
         self.baseline.relearn()
         self.ring.reset()
         self.smoother.reset()
+        self._pieces.clear()
         if self.baseline.learning:
+            self.adapter = None
             self.entered.append("learning")
-        elif ev is not None:
-            self.entered.append("normal")
+        else:
+            self._start_adapting()
+            if ev is not None:
+                self.entered.append("normal")
         return ev

@@ -55,8 +55,9 @@ def test_event_schema_and_json():
     t, ev = feed([1, 1, 1], dict(open_k=2, open_n=3))
     e = ev[0]
     assert set(e) == {"schema", "type", "id", "node", "stream", "start", "end", "score",
-                      "peak_score", "threshold", "top_channels", "model", "acknowledged"}
-    assert e["acknowledged"] is False
+                      "peak_score", "threshold", "top_channels", "model", "acknowledged",
+                      "standing"}
+    assert e["acknowledged"] is False and e["standing"] is False
     assert e["schema"] == 1 and e["node"] == "node1" and e["stream"] == "pump"
     assert e["start"] == "2023-11-14T22:13:20.000Z"
     assert e["score"] == 2.0 and e["peak_score"] == 2.0 and e["threshold"] == THR

@@ -1,0 +1,144 @@
+"""Adaptation: a learned baseline that keeps following slow normal change.
+
+After its learning period, a stream's scaler mean tracks its own normal samples with
+an exponentially weighted moving average of time constant `time_constant_s`, so
+warm-up, shifts and seasons do not turn into standing alarms.  Rules:
+
+- Only normal values count.  A sample whose window scored under the threshold with no
+  alert open counts for every channel; while windows score anomalous or an alert is
+  open, a channel counts only while its own error stays within CHANNEL_OK times its
+  typical error: the channels behind the anomaly are frozen, so a fault is never
+  learned as normal while it is reported, and the others keep following their own
+  drift (a motor warming up during a valve fault), so the alert can close when the
+  fault does.
+- Bounded, so a slow fault still alarms: a value further than `gate` stds from the
+  current mean is not used (a step is never absorbed by the EWMA, only drift is); the
+  mean never leaves `learned mean +- max_shift x learned std` (when set); and a ramp
+  is followed with a lag of slope x time_constant_s, so a fault that grows faster than
+  the baseline follows shows up as that lag.
+- Exact and chunk-independent: samples are counted in epochs of EPOCH samples from the
+  end of the learning period.  The mean changes only between epochs, and sample i is
+  scaled with the mean as it stood after epoch i // EPOCH - 2 ended (version v = the
+  mean after epochs < v).  So the daemon fed one sample at a time and `evaluate`
+  feeding 256-row chunks compute the same scores, bit for bit, and the lag (at most
+  3 epochs) is negligible against any useful time constant.
+- The std stays as learned: a variance that grows is itself a symptom (vibration).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import AdaptationConfig
+from .contract import StreamScaler
+
+EPOCH = 64          # samples per scaler version
+LAG = 2             # versions between a sample and the scaler that scales it
+CHANNEL_OK = 4.0    # error (squared) within this x the channel's typical error: normal
+
+
+class Adapter:
+    def __init__(self, cfg: AdaptationConfig, scaler: StreamScaler, interval: float | None,
+                 level: np.ndarray | None = None):
+        self.cfg = cfg
+        self.learned = scaler
+        self.scaler = scaler                      # the newest version
+        self.level = level                        # per-channel typical error, or None
+        self.version = 0                          # epochs folded into `scaler`
+        self._by_version = {0: (scaler, level)}
+        self.interval = interval
+        c = len(scaler.mean)
+        self._sum = np.zeros(c)
+        self._n = np.zeros(c)
+        self._err_sum = np.zeros(c)
+        self._err_n = np.zeros(c)
+        self.seen = 0                             # samples concluded since learning ended
+        self.ingested = 0                         # samples ingested since learning ended
+
+    # ------------------------------------------------------------ ingest side
+    def room(self) -> int:
+        """Samples the stream may ingest now: to the end of the current epoch, and only
+        while the scaler that epoch needs exists."""
+        epoch = self.ingested // EPOCH
+        if epoch - LAG > self.version:
+            return 0
+        return (epoch + 1) * EPOCH - self.ingested
+
+    def version_now(self) -> int:
+        """The version that scales (and then scores) the samples `room()` allows."""
+        return max(self.ingested // EPOCH - LAG, 0)
+
+    def at(self, version: int) -> tuple[StreamScaler, np.ndarray | None]:
+        """(scaler, error level) of a version still in use."""
+        return self._by_version[version]
+
+    def took(self, n: int) -> None:
+        self.ingested += n
+
+    # ------------------------------------------------------------ conclude side
+    def observe(self, raw: np.ndarray, ok: np.ndarray, err: np.ndarray | None = None) -> None:
+        """The concluded samples of one piece (inside one epoch), in order: raw values
+        [n, C], which values may be learned from (bool [n, C]), and the errors [n, C] of
+        their windows (NaN for a sample without a window)."""
+        if ok.any():
+            x = np.asarray(raw, np.float64)
+            ok = ok & np.isfinite(x) & \
+                (np.abs(x - self.scaler.mean) <= self.cfg.gate * self.scaler.std)
+            self._sum += np.where(ok, x, 0.0).sum(axis=0)
+            self._n += ok.sum(axis=0)
+            if err is not None and self.level is not None:
+                e_ok = ok & np.isfinite(err)
+                self._err_sum += np.where(e_ok, err, 0.0).sum(axis=0)
+                self._err_n += e_ok.sum(axis=0)
+        self.seen += len(raw)
+        if self.seen % EPOCH == 0:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        mean = self.scaler.mean.copy()
+        used = self._n > 0
+        if used.any():
+            dt = self.interval or 1.0
+            alpha = 1.0 - np.exp(-self._n[used] * dt / self.cfg.time_constant_s)
+            mean[used] += alpha * (self._sum[used] / self._n[used] - mean[used])
+            if self.cfg.max_shift is not None:
+                lim = self.cfg.max_shift * self.learned.std
+                mean = np.clip(mean, self.learned.mean - lim, self.learned.mean + lim)
+            self.scaler = StreamScaler(mean, self.scaler.std)
+        seen = self._err_n > 0
+        if self.level is not None and seen.any():
+            a = 1.0 - np.exp(-self._err_n[seen] * (self.interval or 1.0) / self.cfg.time_constant_s)
+            level = self.level.copy()
+            level[seen] += a * (self._err_sum[seen] / self._err_n[seen] - level[seen])
+            self.level = level
+        self._sum[:] = 0.0
+        self._n[:] = 0.0
+        self._err_sum[:] = 0.0
+        self._err_n[:] = 0.0
+        self.version += 1
+        self._by_version[self.version] = (self.scaler, self.level)
+        self._by_version.pop(self.version - LAG - 2, None)
+
+    # ------------------------------------------------------------ persistence
+    def shift(self) -> np.ndarray:
+        """How far the mean has moved from the learned one, in learned stds."""
+        return (self.scaler.mean - self.learned.mean) / self.learned.std
+
+    def to_record(self) -> dict:
+        rec = {"adapted_mean": self.scaler.mean.tolist(), "adapted_epochs": self.version}
+        if self.level is not None:
+            rec["adapted_level"] = self.level.tolist()
+        return rec
+
+    def restore(self, record: dict) -> None:
+        """Resume from a saved mean: the new run's epochs start from it."""
+        mean = record.get("adapted_mean")
+        if isinstance(mean, list) and len(mean) == len(self.learned.mean) and \
+                all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean):
+            self.scaler = StreamScaler(np.asarray(mean, np.float64), self.learned.std)
+        level = record.get("adapted_level")
+        if self.level is not None and isinstance(level, list) and len(level) == len(self.level) \
+                and all(isinstance(v, (int, float)) and v > 0 for v in level):
+            self.level = np.asarray(level, np.float64)
+        self._by_version = {0: (self.scaler, self.level)}

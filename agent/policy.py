@@ -1,0 +1,44 @@
+"""A model's default detection policy, and how a stream's settings are resolved from it.
+
+Precedence, per key: the agent's built-in defaults, then the model's policy (its
+metadata `policy.settings`: what its trainer measured works for it), then what the
+agent's configuration sets explicitly.  So `tsad-agent evaluate FILES -m MODEL` and
+`replay` with no flags run the model as its trainer meant, and any key a plant sets
+in its config still wins.  Every entry point builds its engine through `effective`.
+"""
+from __future__ import annotations
+
+from .config import DetectionConfig
+from .model_meta import ModelMeta
+
+SECTIONS = ("buffer", "scoring", "calibration", "adaptation", "alerts")
+
+
+def model_policy(meta: ModelMeta) -> dict:
+    """The model's policy settings.  A model without one that was trained on per-block
+    scaled data (training.calibration_rows) still needs that learning period: its
+    scaler means nothing on raw data without it."""
+    if meta.policy is not None:
+        return meta.policy.get("settings", {})
+    n = meta.training.get("calibration_rows")
+    return {"calibration": {"enabled": True, "samples": n}} \
+        if isinstance(n, int) and n > 0 else {}
+
+
+def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
+    """`cfg` with every key it leaves at its default taken from the model's policy."""
+    policy = model_policy(meta)
+    if not policy:
+        return cfg
+    d: dict = {"node": cfg.node}
+    for sec in SECTIONS:
+        mine = getattr(cfg, sec)
+        d[sec] = {**policy.get(sec, {}), **{k: getattr(mine, k) for k in mine.model_fields_set}}
+    return DetectionConfig.model_validate(d)
+
+
+def learning_rows(cfg: DetectionConfig) -> int:
+    """The rows a file job's learning period holds back (0: no learning period, or one set
+    by duration, whose length depends on the file's timestamps)."""
+    c = cfg.calibration
+    return c.samples if c.enabled and c.duration_s is None else 0

@@ -1,0 +1,128 @@
+"""Fitting a model's default policy on normal data (`tsad-agent fit-policy`).
+
+The settings that shape detection (learning period, adaptation, per-channel
+normalisation, smoothing, alert hysteresis) are given; this finds the one number
+that depends on the model and the plant: the threshold margin.  Rule, on normal
+data only:
+
+- Each normal recording is replayed as a deployed stream lives: it learns on its
+  first `learning` rows, then runs to its end, through the engine exactly as
+  deployed (alerts, freezing, adaptation, all of it), for a candidate margin.
+- The margin is the smallest on a geometric grid (1.1x steps) for which these normal
+  recordings raise at most `alerts_per_day` alerts per day of running (at least 1 in
+  all) and keep an alert open on at most `open_share` of their running rows.
+
+So the threshold is set by how often the plant's own normal operation would disturb
+an operator, never by labeled faults.  The result goes into the model's metadata
+(`policy`), which every entry point then uses by default (agent/policy.py).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .contract import read_table
+from .detector import Detector
+from .engine import Engine
+from .jobs import detection_config, long_run, rows_prediction, run_table
+from .model_meta import meta_path_for, sha256_file
+
+GRID = tuple(round(1.1 ** k, 3) for k in range(0, 40))    # margins 1 .. ~41
+
+
+@dataclass
+class Segment:
+    path: Path
+    ts: np.ndarray
+    values: np.ndarray
+
+
+def segments(files: list[Path], channels: list[str], learning: int) -> list[Segment]:
+    """The recordings long enough to run after their learning period."""
+    out = []
+    for f in files:
+        t = read_table(f, channels)
+        if len(t.ts) > 2 * learning:
+            out.append(Segment(f, t.ts, t.values))
+    return out
+
+
+def trial(det: Detector, segs: list[Segment], settings: dict, margin: float,
+          learning: int) -> dict:
+    """Alerts, hours and open share over the segments' running rows at `margin`."""
+    over = {**settings, "calibration": {**settings.get("calibration", {}), "margin": margin}}
+    cfg = detection_config(det.meta, learning, over)
+    alerts, hours, open_rows, rows = 0, 0.0, 0, 0
+    for seg in segs:
+        rec = run_table(Engine(cfg, det), "s", seg.ts, seg.values)
+        pred = rows_prediction(seg.ts, rec.table("s"), "alert")[learning:]
+        lr = long_run(seg.ts[learning:], pred)
+        alerts, hours = alerts + lr["alerts"], hours + lr["hours"]
+        open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
+    return {"margin": margin, "alerts": alerts, "hours": round(hours, 2),
+            "open_share": open_rows / rows if rows else 0.0}
+
+
+def fit_margin(det: Detector, files: list[Path], settings: dict, learning: int,
+               alerts_per_day: float = 1.0, open_share: float = 0.01) -> tuple[dict, list[dict]]:
+    """(the chosen trial, every trial run), smallest margin first."""
+    segs = segments(files, det.meta.channels, learning)
+    if not segs:
+        raise ValueError(f"no normal recording runs longer than its learning period "
+                         f"({learning} rows)")
+    tried = []
+    lo, hi = 0, len(GRID) - 1
+    while lo < hi:                      # alerts fall as the margin grows: bisect the grid
+        mid = (lo + hi) // 2
+        r = trial(det, segs, settings, GRID[mid], learning)
+        tried.append(r)
+        budget = max(1.0, alerts_per_day * r["hours"] / 24)
+        if r["alerts"] <= budget and r["open_share"] <= open_share:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = next((r for r in tried if r["margin"] == GRID[lo]), None) or \
+        trial(det, segs, settings, GRID[lo], learning)
+    return best, sorted(tried + ([best] if best not in tried else []), key=lambda r: r["margin"])
+
+
+def fit_policy(model: str, files: list[Path], settings: dict, learning: int, reason: str,
+               alerts_per_day: float = 1.0, open_share: float = 0.01,
+               data_root: Path | None = None) -> dict:
+    """The policy (metadata `policy`) for `model` on normal `files`."""
+    det = Detector(model)
+    best, tried = fit_margin(det, files, settings, learning, alerts_per_day, open_share)
+    root = data_root or Path(*Path(files[0]).resolve().parts[:-1])
+    chosen = {**settings, "calibration": {**settings.get("calibration", {}),
+                                          "enabled": True, "samples": learning,
+                                          "margin": best["margin"]}}
+    return {"settings": chosen, "reason": reason, "fitted": {
+        "rule": (f"smallest margin on a 1.1x grid for which the normal recordings, each "
+                 f"learning on its first {learning} rows and running to its end, raise at "
+                 f"most {alerts_per_day:g} alert(s) per day of running (at least 1 in all) "
+                 f"with an alert open on at most {100 * open_share:g}% of running rows"),
+        "data": [{"path": _rel(f, root), "sha256": sha256_file(f)} for f in files],
+        "result": best, "trials": tried,
+        "fitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
+
+
+def _rel(f: Path, root: Path) -> str:
+    try:
+        return Path(f).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return Path(f).name
+
+
+def write_policy(model: str, policy: dict) -> Path:
+    """Store the policy in the model's metadata (the ONNX file and its sha256 unchanged)."""
+    p = meta_path_for(model)
+    d = json.loads(p.read_text())
+    d["policy"] = policy
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(d, indent=2) + "\n")
+    tmp.replace(p)
+    return p
