@@ -1,0 +1,179 @@
+"""OpenVINO execution provider vs the CPU provider, as the agent calls them.
+
+Runs inside .venv-openvino (export/recipes/openvino_env.sh), where `onnxruntime` is
+the OpenVINO build and has both providers.  Every variant is an `agent.detector.Detector`
+(model.threads = 1, max_batch 256), so sessions, warm-up and chunking are the agent's own.
+Variants: `cpu` (CPU EP), `ov` (OpenVINO EP with providers.DEFAULT_OPTIONS), and the
+OpenVINO options under test (`--variants`).
+
+Per model, in one run, side by side:
+  1. load: Detector construction (session + warm-up) in ms; `ov+cache` loads twice
+     with a fresh cache_dir and reports the second load.
+  2. shapes: does a new batch size recompile?  On a fresh detector, per batch size
+     never seen before: first call, an immediate repeat, and a revisit after another
+     size ran in between; reported as the extra ms of a first call and of a revisit
+     over a repeat (medians over the sizes).
+  3. cost per window (µs) at fixed batch 1, 16, 256, and for two varying workloads:
+     `live` (sizes 1..8 at random: a few streams or a fast sensor between two engine
+     steps) and `bursty` (sizes 1..256 at random: many streams, backlog after a stall).
+     Rounds interleave the variants in shuffled order on the same inputs; each
+     variant's figure is the median over rounds, its ratio to `cpu` the median of the
+     per-round ratios, so a machine that changes speed mid-run moves both alike.
+
+    .venv-openvino/bin/python benchmarks/bench_openvino.py [--models DLinear_ad,...] [--rounds 7]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.detector import Detector  # noqa: E402
+from agent.model_meta import load_meta  # noqa: E402
+
+MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
+OV = "OpenVINOExecutionProvider"
+# OpenVINO provider options under test, by variant name ("ov" = the agent's defaults);
+# {input}, {window}, {channels}, {max_batch} are the model's
+VARIANTS: dict[str, dict] = {
+    "ov": {},
+    "ov-t1": {"num_of_threads": "1"},
+    "ov-bounded": {"reshape_input": "{input}[1..{max_batch},{window},{channels}]"},
+    "ov-bounded-t1": {"reshape_input": "{input}[1..{max_batch},{window},{channels}]",
+                      "num_of_threads": "1"},
+}
+# batch sizes a shape probe sees for the first time (the warm-up ran batch 1), one list per trial
+NEW_SIZES = [[3, 5, 9, 17, 33, 65, 129, 200], [2, 6, 11, 23, 47, 97, 150, 255],
+             [4, 7, 13, 29, 57, 111, 180, 240]]
+MAX_BATCH = 256
+# workload name -> (calls per round, batch size of each call from an rng)
+WORKLOADS = {
+    "b1": (200, lambda r: 1),
+    "b16": (40, lambda r: 16),
+    "b256": (4, lambda r: 256),
+    "live 1..8": (150, lambda r: r.randint(1, 8)),
+    "bursty 1..256": (12, lambda r: r.randint(1, 256)),
+}
+
+
+def detector(path: Path, variant: str, options: dict | None = None) -> Detector:
+    if variant == "cpu":
+        return Detector(str(path), providers=["cpu"], threads=1, max_batch=MAX_BATCH)
+    meta = load_meta(path)
+    fill = {"input": meta.input_name, "window": meta.window, "channels": meta.n_channels,
+            "max_batch": MAX_BATCH}
+    opts = {k: v.format(**fill) for k, v in {**VARIANTS[variant], **(options or {})}.items()}
+    det = Detector(str(path), providers=["openvino", "cpu"], threads=1, max_batch=MAX_BATCH,
+                   provider_options={"openvino": opts})
+    if det.ep != OV:
+        sys.exit(f"{variant}: OpenVINO did not initialise (got {det.ep}); run inside .venv-openvino")
+    return det
+
+
+def windows(det: Detector, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, det.window, det.n_channels)).astype(np.float32)
+
+
+def ms(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def load_ms(path: Path, names: list[str]) -> dict[str, float]:
+    out = {v: ms(lambda v=v: detector(path, v)) for v in names}
+    with tempfile.TemporaryDirectory() as cache:
+        detector(path, "ov", {"cache_dir": cache})
+        out["ov+cache"] = ms(lambda: detector(path, "ov", {"cache_dir": cache}))
+    return out
+
+
+def shape_costs(path: Path, variant: str) -> tuple[float, float, float]:
+    """Median extra ms of a first call and of a revisit over a repeat, and the median repeat,
+    over every size of every trial (a fresh detector per trial)."""
+    first, revisit, repeat = [], [], []
+    for sizes in NEW_SIZES:
+        det = detector(path, variant)
+        x = windows(det, max(sizes), 1)
+        rep = {}
+        for s in sizes:
+            f = ms(lambda: det.infer(x[:s]))
+            rep[s] = ms(lambda: det.infer(x[:s]))
+            first.append(f - rep[s])
+        for i, s in enumerate(sizes):
+            det.infer(x[:sizes[i - 1]])       # another, known size in between
+            revisit.append(ms(lambda: det.infer(x[:s])) - rep[s])
+        repeat += rep.values()
+    return statistics.median(first), statistics.median(revisit), statistics.median(repeat)
+
+
+def per_window_us(dets: dict[str, Detector], rounds: int, seed: int) -> dict[str, dict]:
+    """workload -> variant -> (median µs per window, median ratio to cpu)."""
+    any_det = next(iter(dets.values()))
+    x = windows(any_det, 256, seed)
+    table: dict[str, dict] = {}
+    for name, (calls, size) in WORKLOADS.items():
+        per: dict[str, list[float]] = {v: [] for v in dets}
+        for r in range(rounds):
+            rng = random.Random(seed * 1000 + r)
+            sizes = [size(rng) for _ in range(calls)]
+            order = list(dets)
+            rng.shuffle(order)
+            for v in order:
+                det = dets[v]
+                det.infer(x[:sizes[-1]])       # untimed: every variant starts from the same last shape
+                t = time.perf_counter()
+                for s in sizes:
+                    det.infer(x[:s])
+                per[v].append((time.perf_counter() - t) * 1e6 / sum(sizes))
+        table[name] = {v: (statistics.median(per[v]),
+                           statistics.median(a / b for a, b in zip(per[v], per["cpu"])))
+                       for v in dets}
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args()
+    if OV not in ort.get_available_providers():
+        sys.exit(f"onnxruntime {ort.__version__} has no {OV}: run inside .venv-openvino "
+                 f"(bash export/recipes/openvino_env.sh)")
+    names = ["cpu", *a.variants.split(",")]
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}  onnxruntime {ort.__version__} ({ort.__file__})")
+    print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores "
+          f"visible; model.threads = 1; {a.rounds} rounds")
+    print("variants: " + "; ".join(f"{v} = {VARIANTS.get(v, 'CPU EP')}" for v in names))
+    for model in a.models.split(","):
+        path = REPO / "models_onnx" / f"{model}.onnx"
+        print(f"\n## {model}")
+        loads = load_ms(path, names)
+        print("load ms: " + ", ".join(f"{v} {t:.0f}" for v, t in loads.items()))
+        print(f"{'shape probe':<14} {'first +ms':>9} {'revisit +ms':>11} {'repeat ms':>9}")
+        for v in names:
+            f, r, rep = shape_costs(path, v)
+            print(f"{v:<14} {f:9.2f} {r:11.2f} {rep:9.2f}")
+        dets = {v: detector(path, v) for v in names}
+        table = per_window_us(dets, a.rounds, seed=len(model))
+        print(f"{'µs/window':<14}" + "".join(f"{v:>20}" for v in names))
+        for w, row in table.items():
+            print(f"{w:<14}" + "".join(f"{us:11.1f} ({ratio:4.2f}x)" for us, ratio in row.values()))
+
+
+if __name__ == "__main__":
+    main()
