@@ -17,6 +17,7 @@ OpenVINO does on CPUs with AMX or on GPUs unless told FP32) would be off by abou
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import pytest
 import yaml
 
 from agent_harness import Observer, wait_until
-from conftest import REPO, Broker
+from conftest import REPO
 
 VENV_PYTHON = REPO / ".venv-openvino" / "bin" / "python"
 OV, CPU = "OpenVINOExecutionProvider", "CPUExecutionProvider"
@@ -39,14 +40,16 @@ ULPS = 64
 # times what the providers' float32 differences move a score
 AGENT_MODEL = REPO / "models_onnx" / "PatchTST_ad.onnx"
 SKAB_FILE = "valve1/4.csv"
+SMALL_MODEL = REPO / "models_onnx" / "DLinear_ad.onnx"
 NODE, STREAM = "ov", "pump"
 
 
 @pytest.fixture(scope="module")
 def ov_python() -> str:
-    if not VENV_PYTHON.exists():
-        pytest.skip(f"{VENV_PYTHON.parent.parent} not built: run bash export/recipes/openvino_env.sh "
-                    f"(onnxruntime-openvino, x86-64 only; .ci/run builds it)")
+    if not (VENV_PYTHON.parent.parent / ".tsad-openvino-env").exists():
+        pytest.skip(f"{VENV_PYTHON.parent.parent} not built (or not completely): run bash "
+                    f"export/recipes/openvino_env.sh (onnxruntime-openvino, x86-64 only; "
+                    f".ci/run builds it)")
     r = subprocess.run([str(VENV_PYTHON), "-c", "import onnxruntime as o; print(o.get_available_providers())"],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     if OV not in r.stdout:
@@ -128,9 +131,11 @@ def _unique(events: list[dict]) -> list[dict]:
 
 
 def run_agent(python: str, providers: list[str], port: int, csv: Path, d: Path,
-              **config) -> tuple[list[dict], dict, str]:
+              preexec=None, **config) -> tuple[list[dict], dict, str]:
     """The agent from `python` on one replayed file until every sample is scored and every
-    alert delivered, then SIGTERM.  Returns (alert events, the retained health, its log)."""
+    alert delivered, then SIGTERM.  Returns (alert events, the retained health, its log).
+    Runs one after another may share a broker: only health published live (not the
+    previous run's retained one) tells when this run is done."""
     from agent.contract import read_table
     from agent.model_meta import load_meta
     d.mkdir(parents=True)
@@ -141,15 +146,15 @@ def run_agent(python: str, providers: list[str], port: int, csv: Path, d: Path,
     log = d / "agent.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen([python, "-m", "agent.cli", "run", "--config", str(cfg)],
-                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec)
     try:
         def done():
             if proc.poll() is not None:
                 raise AssertionError(f"agent exited ({proc.returncode}):\n{log.read_text()}")
-            hs = obs.healths()
-            if not hs:
+            live = [p for _, p, retained in obs.topic("health") if not retained]
+            if not live:
                 return False
-            h = hs[-1][1]
+            h = json.loads(live[-1])
             sent = sum(h.get("alerts", {}).values())
             return (h["streams"].get(STREAM, {}).get("samples") == n
                     and len(_unique(obs.alerts())) >= sent)
@@ -189,33 +194,56 @@ def test_agent_on_openvino_raises_the_cpu_runs_alerts(ov_python, broker, skab_di
     assert ov_health["ep"] == OV and ov_health["model"]["ep"] == OV, ov_health
     assert f"on {OV}" in ov_log and "falling back" not in ov_log, ov_log
     assert {e["model"]["ep"] for e in ov_alerts} == {OV}
-    # the same file on the CPU provider of the same onnxruntime build, on a broker of its own
-    # (the first run's retained health must not answer for the second)
-    (tmp_path / "cpu-broker").mkdir()
-    cpu_broker = Broker(tmp_path / "cpu-broker").start()
-    try:
-        cpu_alerts, cpu_health, _ = run_agent(ov_python, ["cpu"], cpu_broker.port, csv,
-                                              tmp_path / "cpu")
-    finally:
-        cpu_broker.stop()
+    # the same file on the CPU provider of the same onnxruntime build
+    cpu_alerts, cpu_health, _ = run_agent(ov_python, ["cpu"], broker.port, csv, tmp_path / "cpu")
     assert cpu_health["ep"] == CPU
     assert sum(e["type"] == "new" for e in cpu_alerts) == 2, cpu_alerts
     _same_alerts(ov_alerts, cpu_alerts)
 
 
+def _synthetic_csv(path: Path, model: Path, rows: int = 120) -> Path:
+    """Normal-looking samples for `model`'s channels, one a second."""
+    from agent.model_meta import load_meta
+    channels = load_meta(model).channels
+    values = np.random.default_rng(1).normal(size=(rows, len(channels)))
+    lines = [",".join(["ts", *channels])] + [",".join([str(1_700_000_000 + i), *map(str, v)])
+                                             for i, v in enumerate(values)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.mark.skipif(OV in ort.get_available_providers(),
                     reason="this environment has OpenVINO; the fallback needs one without it")
 def test_agent_without_openvino_falls_back_to_cpu_and_says_why(broker, tmp_path):
-    csv = tmp_path / "pump.csv"
-    from agent.model_meta import load_meta
-    channels = load_meta(REPO / "models_onnx" / "DLinear_ad.onnx").channels
-    rows = np.random.default_rng(1).normal(size=(120, len(channels)))
-    csv.write_text("\n".join([",".join(["ts", *channels])]
-                             + [",".join([str(1_700_000_000 + i), *map(str, r)])
-                                for i, r in enumerate(rows)]) + "\n")
-    alerts, health, log = run_agent(sys.executable, ["openvino", "cpu"], broker.port, csv,
-                                    tmp_path / "run", model=REPO / "models_onnx" / "DLinear_ad.onnx",
-                                    calibration=False)
+    csv = _synthetic_csv(tmp_path / "pump.csv", SMALL_MODEL)
+    _, health, log = run_agent(sys.executable, ["openvino", "cpu"], broker.port, csv,
+                               tmp_path / "run", model=SMALL_MODEL, calibration=False)
     assert health["ep"] == CPU and health["model"]["ep"] == CPU, health
     assert ("execution provider 'openvino' skipped: OpenVINOExecutionProvider is not in this "
             "onnxruntime build") in log and "install onnxruntime-openvino" in log, log
+
+
+# ---------------------------------------------------------------- under the systemd unit
+# tests/test_systemd.py builds the seccomp filters systemd compiles from the unit's
+# SystemCallFilter= and MemoryDenyWriteExecute= lines; the agent runs under them here.
+@pytest.mark.skipif(os.uname().machine != "x86_64",
+                    reason="the seccomp emulation is written for x86_64 syscall numbers")
+def test_openvino_needs_the_drop_in_that_allows_executable_memory(ov_python, broker, tmp_path):
+    from test_systemd import ANALYZE, _allowed_syscalls, _allowlist_filter, _install, _mdwe_filter
+    if ANALYZE is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    csv = _synthetic_csv(tmp_path / "pump.csv", SMALL_MODEL)
+    unit = [_allowlist_filter(_allowed_syscalls())]
+    # the unit as shipped, MemoryDenyWriteExecute=yes: OpenVINO cannot start, the agent
+    # says why and runs on CPU
+    preexec, _keep = _install(unit + [_mdwe_filter()])
+    _, health, log = run_agent(ov_python, ["openvino", "cpu"], broker.port, csv, tmp_path / "as-shipped",
+                               preexec=preexec, model=SMALL_MODEL, calibration=False)
+    assert health["ep"] == CPU, health
+    assert (f"execution provider {OV} failed to initialise (can't protect: executable memory "
+            f"is denied (systemd MemoryDenyWriteExecute=yes)") in log, log
+    # with README's drop-in, MemoryDenyWriteExecute=no, under the same syscall filter
+    preexec, _keep = _install(unit)
+    _, health, log = run_agent(ov_python, ["openvino", "cpu"], broker.port, csv, tmp_path / "drop-in",
+                               preexec=preexec, model=SMALL_MODEL, calibration=False)
+    assert health["ep"] == OV and "falling back" not in log, log
