@@ -8,10 +8,11 @@ VARIANTS lists them (providers, model.threads, extra OpenVINO options).
 Per model, in one run, side by side:
   1. load: Detector construction (session + warm-up) in ms, after one untimed load;
      `ov+cache` is a load from a warm OpenVINO cache_dir.
-  2. shapes: does a new batch size recompile?  On fresh detectors, per batch size never
-     seen before: a first call, an immediate repeat, and a revisit after another size
-     ran in between; reported as the extra ms of a first call and of a revisit over
-     the repeat (medians over 24 sizes), and the repeat's ms.
+  2. shapes: does a new batch size recompile?  `new size`: the extra ms of the first
+     call at a batch size never seen before over an immediate repeat (median over 24
+     sizes 2..255, fresh detectors).  `size change`: the extra ms of a call at a known
+     small size (2..9) right after a call at another size, over the same call after
+     one at the same size (median of 10 each, 5 pairs); `b2..9 ms` is the latter.
   3. cost per window (µs) at fixed batch 1, 16, 256, and for two workloads whose batch
      size changes from call to call: `live 1..8` (a few streams, or a fast sensor,
      between two engine steps) and `bursty 1..256` (many streams, or a backlog after a
@@ -60,6 +61,8 @@ VARIANTS: dict[str, tuple[list[str], int, dict]] = {
 # batch sizes a shape probe sees for the first time (the warm-up ran batch 1), one list per trial
 NEW_SIZES = [[3, 5, 9, 17, 33, 65, 129, 200], [2, 6, 11, 23, 47, 97, 150, 255],
              [4, 7, 13, 29, 57, 111, 180, 240]]
+# (a, b): a call at size a right after size b, both sizes known (live traffic sizes)
+CHANGE_PAIRS = [(2, 3), (4, 5), (5, 9), (9, 17), (3, 4)]
 MAX_BATCH = 256
 # workload name -> (calls per round, batch size of each call from an rng)
 WORKLOADS = {
@@ -108,22 +111,26 @@ def load_ms(path: Path, names: list[str]) -> dict[str, float]:
 
 
 def shape_costs(path: Path, variant: str) -> tuple[float, float, float]:
-    """Median extra ms of a first call and of a revisit over a repeat, and the median repeat,
-    over every size of every trial (a fresh detector per trial)."""
-    first, revisit, repeat = [], [], []
+    """(median extra ms of the first call at a never-seen batch size over a repeat,
+    median extra ms of a call at a known small size right after another size over the
+    same call after the same size, median ms of those calls after the same size)."""
+    first, change, same = [], [], []
     for sizes in NEW_SIZES:
         det = detector(path, variant)
         x = windows(det, max(sizes), 1)
-        rep = {}
         for s in sizes:
             f = ms(lambda: det.infer(x[:s]))
-            rep[s] = ms(lambda: det.infer(x[:s]))
-            first.append(f - rep[s])
-        for i, s in enumerate(sizes):
-            det.infer(x[:sizes[i - 1]])       # another, known size in between
-            revisit.append(ms(lambda: det.infer(x[:s])) - rep[s])
-        repeat += rep.values()
-    return statistics.median(first), statistics.median(revisit), statistics.median(repeat)
+            first.append(f - ms(lambda: det.infer(x[:s])))
+    for a, b in CHANGE_PAIRS:          # on the last trial's detector; untimed calls meet new sizes
+        det.infer(x[:a])
+        steady = statistics.median(ms(lambda: det.infer(x[:a])) for _ in range(10))
+        switched = []
+        for _ in range(10):
+            det.infer(x[:b])
+            switched.append(ms(lambda: det.infer(x[:a])))
+        change.append(statistics.median(switched) - steady)
+        same.append(steady)
+    return statistics.median(first), statistics.median(change), statistics.median(same)
 
 
 def per_window_us(dets: dict[str, Detector], rounds: int, seed: int) -> tuple[dict, dict]:
@@ -188,10 +195,10 @@ def main() -> None:
         print(f"\n## {model}")
         loads = load_ms(path, names)
         print("load ms: " + ", ".join(f"{v} {t:.0f}" for v, t in loads.items()))
-        print(f"{'shape probe':<14} {'first +ms':>9} {'revisit +ms':>11} {'repeat ms':>9}")
+        print(f"{'shape probe':<14} {'new size +ms':>12} {'size change +ms':>15} {'b2..9 ms':>9}")
         for v in names:
             f, r, rep = shape_costs(path, v)
-            print(f"{v:<14} {f:9.2f} {r:11.2f} {rep:9.2f}")
+            print(f"{v:<14} {f:12.2f} {r:15.3f} {rep:9.3f}")
         dets = {v: detector(path, v) for v in names}
         table, busy = per_window_us(dets, a.rounds, seed=len(model))
         print(f"{'µs/window':<14}" + "".join(f"{v:>20}" for v in names))
