@@ -38,6 +38,19 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _provider_failure(e: BaseException) -> str:
+    """Why a provider failed to start, in one line.  ORT puts its own call frames first and
+    the provider's reason last (OpenVINO: "...core.cpp:114:\n...plugin.cpp:53:\ncan't
+    protect"), so a message of several lines is summed up by its last."""
+    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+    why = lines[-1] if lines else type(e).__name__
+    if why == "can't protect":
+        # OpenVINO's CPU plugin compiles its kernels at load; mprotect(PROT_EXEC) refused
+        why += (": executable memory is denied (systemd MemoryDenyWriteExecute=yes); "
+                "the OpenVINO provider needs the drop-in MemoryDenyWriteExecute=no")
+    return why
+
+
 class Detector:
     def __init__(self, model_path: str, providers: list[str] = ["cpu"], threads: int = 1,
                  verify_checksum: bool = True, max_batch: int = 256,
@@ -89,11 +102,14 @@ class Detector:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return so
 
-    def _with_shape_hints(self, chain: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    def _with_hints(self, chain: list[tuple[str, dict]], threads: int) -> list[tuple[str, dict]]:
         # Without an optimisation profile TensorRT rebuilds its engine for every new
-        # batch size; give it the full range we will ever send.
+        # batch size; give it the full range we will ever send.  OpenVINO ignores ORT's
+        # intra-op setting and runs a thread per core: hold it to model.threads as well.
         out = []
         for ep, opts in chain:
+            if ep == "OpenVINOExecutionProvider" and threads > 0 and "num_of_threads" not in opts:
+                opts = {**opts, "num_of_threads": str(threads)}
             if ep == "TensorrtExecutionProvider" and "trt_profile_min_shapes" not in opts:
                 w, c = self.window, self.n_channels
                 opts = {**opts,
@@ -105,7 +121,7 @@ class Detector:
 
     def _open(self, blob: bytes, requested: list[str], threads: int,
               provider_options: dict[str, dict] | None) -> ort.InferenceSession:
-        chain = self._with_shape_hints(resolve(requested, provider_options))
+        chain = self._with_hints(resolve(requested, provider_options), threads)
         for i, (ep, _) in enumerate(chain):
             # Hand ORT the rest of the chain, so nodes the preferred provider cannot
             # run are placed on the next one instead of failing the session.
@@ -121,7 +137,8 @@ class Detector:
                     raise DetectorError(
                         f"{self.path}: onnxruntime cannot build a session: {_first_line(e)}") from None
                 log.warning("execution provider %s failed to initialise (%s); falling back to %s",
-                            ep, _first_line(e), chain[i + 1][0])
+                            ep, _provider_failure(e), chain[i + 1][0])
+                log.debug("%s failed with: %s", ep, e)
                 continue
             got = sess.get_providers()[0]
             if got != ep:
