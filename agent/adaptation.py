@@ -39,15 +39,17 @@ CHANNEL_OK = 4.0    # error (squared) within this x the channel's typical error:
 
 
 class Adapter:
-    def __init__(self, cfg: AdaptationConfig, scaler: StreamScaler, interval: float | None,
+    def __init__(self, cfg: AdaptationConfig, scaler: StreamScaler, pace,
                  level: np.ndarray | None = None):
+        """`pace`: the stream's sampling interval (`.interval`, seconds; learned, so read at
+        each epoch); a time constant is in seconds, an epoch in samples."""
         self.cfg = cfg
         self.learned = scaler
         self.scaler = scaler                      # the newest version
         self.level = level                        # per-channel typical error, or None
         self.version = 0                          # epochs folded into `scaler`
         self._by_version = {0: (scaler, level)}
-        self.interval = interval
+        self.pace = pace
         c = len(scaler.mean)
         self._sum = np.zeros(c)
         self._n = np.zeros(c)
@@ -99,7 +101,7 @@ class Adapter:
         mean = self.scaler.mean.copy()
         used = self._n > 0
         if used.any():
-            dt = self.interval or 1.0
+            dt = self.pace.interval or 1.0
             alpha = 1.0 - np.exp(-self._n[used] * dt / self.cfg.time_constant_s)
             mean[used] += alpha * (self._sum[used] / self._n[used] - mean[used])
             if self.cfg.max_shift is not None:
@@ -108,7 +110,8 @@ class Adapter:
             self.scaler = StreamScaler(mean, self.scaler.std)
         seen = self._err_n > 0
         if self.level is not None and seen.any():
-            a = 1.0 - np.exp(-self._err_n[seen] * (self.interval or 1.0) / self.cfg.time_constant_s)
+            a = 1.0 - np.exp(-self._err_n[seen] * (self.pace.interval or 1.0)
+                             / self.cfg.time_constant_s)
             level = self.level.copy()
             level[seen] += a * (self._err_sum[seen] / self._err_n[seen] - level[seen])
             self.level = level

@@ -166,6 +166,37 @@ def cmd_predict(a) -> int:
     return 1 if failed else 0
 
 
+def cmd_fit_policy(a) -> int:
+    logs.setup(a.log_level)
+    from .policy_fit import fit_policy, write_policy
+    settings: dict = {}
+    for item in a.set:
+        key, sep, raw = item.partition("=")
+        sec, dot, name = key.partition(".")
+        if not sep or not dot:
+            return _fail(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. scoring.smoothing=10")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        settings.setdefault(sec, {})[name] = value
+    model = resolve_model(a.model)
+    try:
+        policy = fit_policy(model, [Path(f) for f in a.data], settings, a.learn, a.reason,
+                            a.alerts_per_day, a.open_share)
+    except (OSError, ValueError) as e:
+        return _fail(" ".join(str(e).split()))
+    r = policy["fitted"]["result"]
+    print(f"{Path(model).stem}: margin {r['margin']:g} -> {r['alerts']} alert(s) in {r['hours']} h "
+          f"of normal running, alert open on {100 * r['open_share']:.2f}% of its rows",
+          file=sys.stderr)
+    if a.write:
+        print(f"policy written to {write_policy(model, policy)}", file=sys.stderr)
+    else:
+        print(json.dumps(policy, indent=2))
+    return 0
+
+
 def cmd_serve(a) -> int:
     from .http.server import ApiError, serve
     logs.setup(a.log_level)
@@ -258,6 +289,26 @@ def _model_commands(sub) -> None:
                    help="reject steps over K x the median step (1.5 = strictly regular; 0 = off)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("fit-policy", help="fit a model's default policy on normal recordings",
+                       description="Replays each normal recording as a deployed stream (learn on "
+                       "its first --learn rows, then run to its end) and finds the smallest "
+                       "threshold margin that keeps false alerts within budget; the other "
+                       "settings are given with --set. With --write the policy goes into the "
+                       "model's metadata and every command then uses it by default.")
+    s.add_argument("model")
+    s.add_argument("--data", nargs="+", required=True, help="normal recordings (CSV)")
+    s.add_argument("--learn", type=int, default=400, help="learning period in rows")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a detection setting of the policy (JSON value), repeatable")
+    s.add_argument("--alerts-per-day", type=float, default=1.0,
+                   help="false alerts allowed per day of normal running (at least 1 in all)")
+    s.add_argument("--open-share", type=float, default=0.01,
+                   help="share of normal rows an alert may be open on")
+    s.add_argument("--reason", default="", help="why these settings (stored with the policy)")
+    s.add_argument("--write", action="store_true", help="store the policy in the metadata")
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(fn=cmd_fit_policy)
 
     s = sub.add_parser("serve", help="local HTTP API (PaddleX serving endpoint, /anomaly, "
                                      "/healthz, /metrics, /openapi.json)")

@@ -31,7 +31,7 @@ from .engine import Engine
 from .jobs import detection_config, long_run, rows_prediction, run_table
 from .model_meta import meta_path_for, sha256_file
 
-GRID = tuple(round(1.1 ** k, 3) for k in range(0, 40))    # margins 1 .. ~41
+GRID = tuple(round(1.1 ** k, 3) for k in range(-15, 40))  # margins 0.24 .. ~41
 
 
 @dataclass
@@ -46,16 +46,28 @@ def segments(files: list[Path], channels: list[str], learning: int) -> list[Segm
     out = []
     for f in files:
         t = read_table(f, channels)
-        if len(t.ts) > 2 * learning:
+        if len(t.ts) > 2 * max(learning, 1):
             out.append(Segment(f, t.ts, t.values))
     return out
+
+
+def with_margin(det: Detector, settings: dict, margin: float, learning: int) -> dict:
+    """The settings at `margin`: on the threshold the learning period fits, or without one
+    (learning 0) on the model's own threshold."""
+    if learning:
+        return {**settings, "calibration": {**settings.get("calibration", {}),
+                                            "enabled": True, "samples": learning,
+                                            "margin": margin}}
+    return {**settings, "calibration": {**settings.get("calibration", {}), "enabled": False},
+            "scoring": {**settings.get("scoring", {}),
+                        "threshold": round(det.meta.threshold.value * margin, 6)}}
 
 
 def trial(det: Detector, segs: list[Segment], settings: dict, margin: float,
           learning: int) -> dict:
     """Alerts, hours and open share over the segments' running rows at `margin`."""
-    over = {**settings, "calibration": {**settings.get("calibration", {}), "margin": margin}}
-    cfg = detection_config(det.meta, learning, over)
+    over = with_margin(det, settings, margin, learning)
+    cfg = detection_config(det.meta, None, over)
     alerts, hours, open_rows, rows = 0, 0.0, 0, 0
     for seg in segs:
         rec = run_table(Engine(cfg, det), "s", seg.ts, seg.values)
@@ -97,12 +109,12 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
     det = Detector(model)
     best, tried = fit_margin(det, files, settings, learning, alerts_per_day, open_share)
     root = data_root or Path(*Path(files[0]).resolve().parts[:-1])
-    chosen = {**settings, "calibration": {**settings.get("calibration", {}),
-                                          "enabled": True, "samples": learning,
-                                          "margin": best["margin"]}}
+    chosen = with_margin(det, settings, best["margin"], learning)
     return {"settings": chosen, "reason": reason, "fitted": {
-        "rule": (f"smallest margin on a 1.1x grid for which the normal recordings, each "
-                 f"learning on its first {learning} rows and running to its end, raise at "
+        "rule": ("smallest margin on a 1.1x grid (on the threshold "
+                 + (f"learned on each recording's first {learning} rows" if learning
+                    else "of the model") + ") for which the normal recordings, each "
+                 f"running from its start to its end as a deployed stream, raise at "
                  f"most {alerts_per_day:g} alert(s) per day of running (at least 1 in all) "
                  f"with an alert open on at most {100 * open_share:g}% of running rows"),
         "data": [{"path": _rel(f, root), "sha256": sha256_file(f)} for f in files],

@@ -53,8 +53,9 @@ class StreamResult:
 
 class Pace:
     """A stream's sampling interval, learned from its first PACE_STEPS positive steps (the
-    median: jitter and the odd missing sample do not move it) when it was not given;
-    once known, a gap longer than `factor` intervals restarts the stream's window."""
+    median: jitter and the odd missing sample do not move it) when it was not given.
+    Adaptation reads it to turn time constants into samples; with `factor` (gap reset
+    "auto"), a gap longer than `factor` intervals restarts the stream's window."""
 
     def __init__(self, ring: RingBuffer, factor: float | None, interval: float | None):
         self.ring, self.factor = ring, factor
@@ -67,7 +68,7 @@ class Pace:
 
     @property
     def learning(self) -> bool:
-        return self.factor is not None and self.interval is None
+        return self.interval is None
 
     def observe(self, ts: np.ndarray, sid: str) -> None:
         d = np.diff(np.concatenate([[self._prev], ts]))
@@ -78,9 +79,10 @@ class Pace:
         if self._n >= PACE_STEPS:
             self.interval = float(np.median(np.concatenate(self._steps)))
             self._steps = []
-            self.ring.gap_reset_s = self.factor * self.interval
-            log.info("stream %s: a sample every %.3g s; a gap over %.3g s restarts its window",
-                     sid, self.interval, self.ring.gap_reset_s)
+            if self.factor is not None:
+                self.ring.gap_reset_s = self.factor * self.interval
+                log.info("stream %s: a sample every %.3g s; a gap over %.3g s restarts its "
+                         "window", sid, self.interval, self.ring.gap_reset_s)
 
 
 class Stream:
@@ -119,7 +121,7 @@ class Stream:
         return self.adapter.scaler if self.adapter else self.baseline.scaler
 
     def _start_adapting(self) -> None:
-        self.adapter = (Adapter(self.adaptation, self.baseline.scaler, self.pace.interval,
+        self.adapter = (Adapter(self.adaptation, self.baseline.scaler, self.pace,
                                 self.baseline.level)
                         if self.adaptation.enabled else None)
 

@@ -1,16 +1,17 @@
 """Tennessee Eastman report: the TEP models through the live pipeline, beside PCA T² and Q.
 
     python benchmarks/tep_report.py [--data runs/tep] [--models models_onnx/tep] [--set test]
-                                    [--calibration none 100] [--out report.json]
+                                    [--learn N] [--settings JSON] [--out report.json]
 
 Every file of the chosen seed set (export/recipes/tep_data.py) is replayed through
-`agent.evaluate` (replay -> ring -> detector -> scorer -> alert tracker) with gap resets
-off; a row counts as flagged while an alert is open, as known at that row.  The PCA
+the engine as `tsad-agent evaluate` does, with each model's own policy (or --learn and
+--settings over it); a row counts as flagged while an alert is open, as known at that
+row.  The PCA
 references (export/reference.py) are fitted on the TRAIN runs and alarm per row.
 Per fault (mean over its seeds): detection rate = flagged share of the post-onset rows;
 delay = minutes from the onset to the first flagged row at or after it (median over
 seeds; '-' when no seed is flagged).  Pre-onset FAR: flagged share of all pre-onset rows
-of the fault runs (after the calibration rows, when calibrating).  Fault-free 7-day runs:
+of the fault runs after the learning period.  Fault-free 7-day runs:
 alerts opened per simulated day and the flagged share of their rows.
 """
 from __future__ import annotations
@@ -24,7 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.detector import Detector  # noqa: E402
-from agent.evaluate import predict_file, replay_config, rows_prediction  # noqa: E402
+from agent.evaluate import predict_file  # noqa: E402
+from agent.jobs import detection_config, rows_prediction  # noqa: E402
+from agent.policy import learning_rows  # noqa: E402
 from export.recipes.tep_data import FAULT_FREE, FAULTS, SAMPLING_MIN, SETS, TRAIN, classic52  # noqa: E402
 from export.reference import fit_pca_files  # noqa: E402
 
@@ -32,10 +35,9 @@ MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "Ti
 DETECTED = 0.5       # a fault a reference "detects": rate >= this
 
 
-def model_rows(path: Path, detector: Detector, model: str, cal: int | None) -> np.ndarray:
-    cfg = replay_config(str(path), model, cal, {"buffer": {"gap_reset_s": None}})
-    sink, row_ts, _ = predict_file(str(path), detector, cfg)
-    return rows_prediction(row_ts, sink.table("replay"), "alert")
+def model_rows(path: Path, detector: Detector, cfg) -> np.ndarray:
+    table, row_ts, _ = predict_file(path, detector, cfg)
+    return rows_prediction(row_ts, table, "alert")
 
 
 def file_metrics(pred: np.ndarray, labels: np.ndarray, skip: int) -> dict:
@@ -117,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="models_onnx/tep")
     ap.add_argument("--only", nargs="+", default=MODELS)
     ap.add_argument("--set", default="test", choices=sorted(SETS))
-    ap.add_argument("--calibration", nargs="+", default=["none", "100"],
-                    help="'none' (the model's scaler) and/or per-file calibration rows")
+    ap.add_argument("--learn", type=int, help="learning rows (default: each model's policy)")
     ap.add_argument("--out", help="JSON with every figure")
+    ap.add_argument("--settings", default="{}",
+                    help="detection settings over each model's policy, JSON by section")
     a = ap.parse_args(argv)
     data = Path(a.data)
     manifest = json.loads((data / "manifest.json").read_text())
@@ -128,23 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     ref = fit_pca_files([data / s.name for s in TRAIN], classic52())
     print(f"PCA: {ref.describe()}", file=sys.stderr)
     alarms = {p: ref.file_alarms(p) for _, p in files}
-    report = {}
-    for cal in a.calibration:
-        rows = None if cal == "none" else int(cal)
-        results = {}
-        for name in a.only:
-            model = str(Path(a.models) / f"{name}.onnx")
-            det = Detector(model)
-            results[name] = run_detector(
-                files, lambda p: (model_rows(p, det, model, rows), alarms[p]["labels"]), rows or 0)
-            print(f"calibration {cal}: {name} done", file=sys.stderr)
-        for stat in ("t2", "q"):
-            results[f"PCA-{stat.upper()}"] = run_detector(
-                files, lambda p: (alarms[p][stat], alarms[p]["labels"]), rows or 0)
-        names = list(results)
-        print(f"\n### calibration: {cal}  (rate / delay in minutes)\n")
-        print(table(results, names))
-        report[cal] = results
+    over = json.loads(a.settings)
+    results, skips = {}, set()
+    for name in a.only:
+        det = Detector(str(Path(a.models) / f"{name}.onnx"))
+        cfg = detection_config(det.meta, a.learn, over)
+        skip = learning_rows(cfg)
+        skips.add(skip)
+        results[name] = run_detector(files, lambda p: (model_rows(p, det, cfg), alarms[p]["labels"]),
+                                     skip)
+        print(f"{name} done (learning {skip} rows)", file=sys.stderr)
+    skip = max(skips) if skips else 0      # the references are scored on the same rows
+    for stat in ("t2", "q"):
+        results[f"PCA-{stat.upper()}"] = run_detector(
+            files, lambda p: (alarms[p][stat], alarms[p]["labels"]), skip)
+    print(f"\n### {a.set} set, settings {a.settings}  (rate / delay in minutes)\n")
+    print(table(results, list(results)))
+    report = {"settings": over, "results": results}
     if a.out:
         Path(a.out).write_text(json.dumps({"pca": ref.describe(), "results": report}, indent=1))
     return 0
