@@ -23,6 +23,7 @@ from .mqtt_client import MqttConfig, TlsConfig, make_client
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?")
 _UNIT_S = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+MAX_SHELVE_S = 7 * 86400     # the agent's limit (agent.commands.MAX_SHELVE_S)
 
 
 class UsageError(ValueError):
@@ -34,7 +35,10 @@ def duration_s(text: str) -> float:
     m = _DURATION.fullmatch(text.strip())
     if not m or float(m.group(1)) <= 0:
         raise UsageError(f"--for {text!r}: expected a duration such as 90s, 15m, 1h or 2d")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
+    s = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if s > MAX_SHELVE_S:
+        raise UsageError(f"--for {text!r}: a shelve lasts a week at most")
+    return s
 
 
 def command_doc(a) -> dict:

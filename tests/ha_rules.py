@@ -148,7 +148,7 @@ def check(topic: str, raw: str | bytes, prefix: str = "homeassistant") -> tuple[
         problems.append("origin with a name is required")
     problems += _availability("device", doc)
     cmps = doc.get("components")
-    if not isinstance(cmps, dict) or not cmps:
+    if not isinstance(cmps, dict):
         return problems + ["components (cmps) is required"], {}
     out = {}
     for key, c in cmps.items():

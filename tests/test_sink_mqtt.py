@@ -76,7 +76,7 @@ class Sub:
 
     def _on_message(self, c, u, m):
         with self.cond:
-            self.msgs.append((m.topic, m.payload.decode(), m.qos, bool(m.retain)))
+            self.msgs.append((m.topic, m.payload.decode(errors="replace"), m.qos, bool(m.retain)))
             self.cond.notify_all()
 
     def wait(self, pred, what: str) -> list:

@@ -272,6 +272,7 @@ class MqttSink(Sink):
         self.connect_failures += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.streams.on_disconnect()
         if self._was_connected and not self._stopping:
             self._was_connected = False
             self._report(logging.WARNING, f"MQTT connection to {self.m.host}:{self.m.port} lost "

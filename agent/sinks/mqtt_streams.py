@@ -67,6 +67,9 @@ class StreamTopics:
         self._dirty = False
         self._last_discovery = 0.0
         self._read_back = self.ha              # the previous run's payload, once
+        # set by on_connect: before it, a discovery publication could overwrite the
+        # previous run's payload before it was read back
+        self._online = False
 
     @property
     def discovery_topic(self) -> str:
@@ -144,11 +147,16 @@ class StreamTopics:
     # ------------------------------------------------------------ from the network thread
     def on_connect(self) -> None:
         with self._lock:
+            self._online = True
             if self._read_back:
                 self.client.subscribe(self.discovery_topic, qos=1)
             for sid in sorted(self.known):
                 self._publish_stream(sid)
             self.publish_discovery()
+
+    def on_disconnect(self) -> None:
+        with self._lock:
+            self._online = False
 
     def read_back(self, payload: bytes) -> None:
         """The retained discovery payload found at the first connect (a previous run's, or
@@ -182,12 +190,13 @@ class StreamTopics:
     # ------------------------------------------------------------ from the sender thread
     def publish_discovery(self) -> None:
         with self._lock:
-            if not (self.ha and self.client.is_connected()):
+            if not (self.ha and self._online and self.client.is_connected()):
                 return
             self._dirty = False
             self._last_discovery = time.monotonic()
             topic, payload = discovery(self.cfg, self.known, self.removed)
-            self.client.publish(topic, to_json(payload), qos=1, retain=True)
+            if payload["cmps"]:      # a wildcard source before its first stream: nothing yet
+                self.client.publish(topic, to_json(payload), qos=1, retain=True)
 
     def tick(self) -> None:
         if self._dirty and time.monotonic() - self._last_discovery >= DISCOVERY_S:
