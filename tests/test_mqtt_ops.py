@@ -24,8 +24,8 @@ from agent.sinks.homeassistant import discovery, slug
 from agent.sinks.mqtt import MqttSink
 from agent.sinks.mqtt_streams import configured
 from agent_harness import (MOSQUITTO, NODE, STREAM, AgentProcess, LineWriter, Pty, alert_id,
-                           no_traceback, sample_ts, tiny_model, wait_until, write_config)
-from conftest import REPO
+                           no_traceback, tiny_model, write_config)
+from conftest import REPO, Broker
 from ha_rules import Registry, check
 from test_sink_mqtt import Sub
 
@@ -66,8 +66,11 @@ def cli(port: int, *args: str, timeout: float = 20) -> tuple[int, dict | None, s
     return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None, p.stderr
 
 
-def publish(port: int, items: list[tuple[str, bytes | str]]) -> None:
+def publish(port: int, items: list[tuple[str, bytes | str]],
+            auth: tuple[str, str] | None = None) -> None:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}")
+    if auth:
+        c.username_pw_set(*auth)
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:
@@ -264,11 +267,76 @@ def test_home_assistant_follows_topic_named_streams_across_a_reload(broker, tmp_
                  "press9 online")
         rc, res, err = cli(broker.port, "shelve", "press9", "--for", "10m")
         assert rc == 0 and res["stream"] == "press9", err
+
+        # a reload that changes the broker settings rebuilds the sink: still wired
+        cfg = yaml.safe_load(path.read_text())
+        cfg["mqtt"]["score_interval_s"] = 0.3
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        agent.signal(signal.SIGHUP)
+        agent.wait_log("reloaded", 2)
+        agent.wait_log("MQTT connected", 2)
+        rc, res, err = cli(broker.port, "unshelve", "press9")
+        assert rc == 0 and res["stream"] == "press9", err
+        assert ha_view(sub).streams() == {"press9"}
         no_traceback(agent)
         assert assert_payloads_valid(sub.msgs) > 5
     finally:
         agent.close()
         sub.close()
+
+
+# ---------------------------------------------------------------- the documented ACL
+def test_the_documented_acl_lets_operators_command_and_nobody_else(tmp_path, monkeypatch):
+    d = tmp_path / "mq"
+    d.mkdir()
+    (d / "acl").write_text((REPO / "docs" / "mosquitto" / "acl.conf").read_text()
+                           .replace("pump-hall-2", NODE))
+    users = {f"tsad-{NODE}": "AGENT_PW", "operator-anna": "OP_PW",
+             "homeassistant": "HA_PW", "dashboard": "DASH_PW"}
+    for i, (user, env) in enumerate(users.items()):
+        monkeypatch.setenv(env, f"{user}-secret")
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(d / "passwd"),
+                        user, f"{user}-secret"], check=True, capture_output=True)
+    root = "user root\n" if os.geteuid() == 0 else ""    # see test_sink_mqtt.persistent_broker
+    b = Broker(d, extra_conf=f"allow_anonymous false\npassword_file {d / 'passwd'}\n"
+                             f"acl_file {d / 'acl'}\n{root}").start()
+    pty = Pty()
+    cfg = write_config(tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=b.port,
+                       serial_port=pty.path, state_dir=tmp_path / "state",
+                       mqtt={"username": f"tsad-{NODE}", "password_env": "AGENT_PW",
+                             "homeassistant": {"enabled": True}})
+    op = Sub(b.port, [P + "#"], auth=("operator-anna", "operator-anna-secret"))
+    ha = Sub(b.port, ["homeassistant/#"], auth=("homeassistant", "homeassistant-secret"))
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("open at")
+        LineWriter(pty).normal(9)
+        for topic in ("availability", "health", f"stream/{STREAM}/state",
+                      f"stream/{STREAM}/score"):       # the agent writes what it must
+            op.wait(lambda m: any(x[0] == P + topic for x in m), topic)
+        ha.wait(lambda m: any(x[0] == HA for x in m), "discovery")
+
+        rc, res, err = cli(b.port, "shelve", STREAM, "--for", "5m", "--username",
+                           "operator-anna", "--password-env", "OP_PW")
+        assert rc == 0 and res["ok"], err
+        rc, res, err = cli(b.port, "unshelve", STREAM, "--username", "dashboard",
+                           "--password-env", "DASH_PW", timeout=3)
+        assert rc == 2 and "no result from the agent" in err    # the broker dropped it
+        publish_as = ("homeassistant", "homeassistant-secret")
+        _, press = ha_view(ha).entities[f"{STREAM}_unshelve"]
+        publish(b.port, [(press["command_topic"], press["payload_press"])], auth=publish_as)
+        op.wait(lambda m: any(x[0] == P + "cmd/result" and json.loads(x[1])["id"]
+                              == f"ha-unshelve-{STREAM}" for x in m), "the HA button's result")
+        answered = [json.loads(x[1]) for x in op.msgs if x[0] == P + "cmd/result"]
+        assert [(r["cmd"], r["ok"]) for r in answered] == [("shelve", True), ("unshelve", True)]
+        assert "refused" not in agent.log()      # neither its connection nor a subscription
+        no_traceback(agent)
+    finally:
+        agent.close()
+        op.close()
+        ha.close()
+        b.stop()
+        pty.close()
 
 
 # ---------------------------------------------------------------- discovery across a restart
@@ -331,7 +399,7 @@ def test_discovery_payload_passes_home_assistants_rules():
             assert c["qos"] == 1
             own = [a["topic"] for a in c["availability"]]
             if cmps[k][0] == "button" or k.endswith("_shelved"):     # the node's, inherited
-                assert own == [f"tsad/hall.2/availability"] and "availability_mode" not in c
+                assert own == ["tsad/hall.2/availability"] and "availability_mode" not in c
             else:
                 assert own == ["tsad/hall.2/availability", f"tsad/hall.2/stream/{sid}/availability"]
                 assert c["availability_mode"] == "all"
@@ -389,7 +457,8 @@ def test_schemas_accept_the_documented_payloads_and_refuse_others():
             ("score", {"ts": 1583750689.25, "score": 1, "threshold": 1, "label": 1}),
             ("command", {"cmd": "shelve", "stream": "p"}),                # for_s missing
             ("command", {"cmd": "ack", "stream": "p"}),
-            ("command-result", {"id": "x", "cmd": "ack", "ok": False, "ts": "2020-03-09T10:44:49.000Z"}),
+            ("command-result", {"id": "x", "cmd": "ack", "ok": False,     # no error
+                                "ts": "2020-03-09T10:44:49.000Z"}),
             ("shelved", {"ts": "2020-03-09T10:44:49Z", "shelved_until": None})]:
         with pytest.raises(jsonschema.ValidationError):
             SCHEMAS[name].validate(doc)

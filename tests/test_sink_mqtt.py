@@ -48,7 +48,7 @@ class Sub:
     """A test subscriber: records (topic, payload, qos, retain); resubscribes on reconnect."""
 
     def __init__(self, port: int, topics: list[str], client_id: str | None = None,
-                 clean: bool = True):
+                 clean: bool = True, auth: tuple[str, str] | None = None):
         self.topics = topics
         self.msgs: list[tuple[str, str, int, bool]] = []
         self.cond = threading.Condition()
@@ -56,6 +56,8 @@ class Sub:
                              client_id=client_id or f"sub-{uuid.uuid4().hex[:8]}",
                              clean_session=clean)
         self.c.reconnect_delay_set(0.2, 1)
+        if auth:
+            self.c.username_pw_set(*auth)
         self._up = threading.Event()
         self._subacks = threading.Semaphore(0)
         self.c.on_connect = self._on_connect

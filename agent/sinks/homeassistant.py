@@ -10,13 +10,14 @@ discovery.py, schemas.py, the platform schemas):
 - Availability: a stream's anomaly, state and score entities are available only while
   the node AND the stream are online (an `availability` list with
   `availability_mode: all`); the score also expires (`expire_after`) when no score
-  came for `stale_after_s` + `score_interval_s`.  The buttons and the shelved sensor need only the node:
-  they inherit the device-level `availability`.  (`availability_topic` is never used:
-  HA refuses it beside an `availability` list.)
+  came for `stale_after_s` + `score_interval_s`.  The buttons and the shelved sensor
+  need only the node: they inherit the device-level `availability`.
+  (`availability_topic` is never used: HA refuses it beside an `availability` list.)
 - Buttons publish the JSON command on `P cmd` (QoS 1, not retained).
 - HA does not remove a component that is merely left out of a later payload: a
   removed one is sent as its platform alone ({"p": "sensor"}), which HA takes as a
   removal, for as long as the sink runs.
+- Nothing is published while there is no stream (a wildcard source before its first).
 """
 from __future__ import annotations
 
