@@ -223,11 +223,11 @@ class Pipeline:
                 return items
 
     def start(self, start_sinks: bool = True) -> None:
-        if start_sinks:
-            for sink in self.sinks:
-                sink.start()
         for sink in self.sinks:     # kept sinks too: commands now go to this pipeline
             sink.attach(self.cfg, self.command)
+        if start_sinks:             # after attach: a command may wait for them in the broker
+            for sink in self.sinks:
+                sink.start()
         for r in self.runners:
             r.start()   # a runner handed over by a reload is already running
 

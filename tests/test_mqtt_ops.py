@@ -373,6 +373,27 @@ def test_a_restart_without_a_stream_removes_it_from_home_assistant(broker, tmp_p
     sub.close()
 
 
+def test_a_stream_dropped_by_a_reload_stays_dropped_when_its_alert_ends(broker, tmp_path):
+    """The reload ends the dropped stream's open alert after the new pipeline attached:
+    that end (and the state "normal" with it) must not bring the stream back."""
+    fixed = {"id": "bench", "source": {"type": "replay", "path": "a.csv"}}
+    wildcard = {"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
+                                          "stream_from_topic": 1}}
+    sub = Sub(broker.port, [P + "#", "homeassistant/#"])
+    s = MqttSink(_sink_cfg(broker.port, tmp_path / "st", [fixed, wildcard]), Metrics())
+    s.start()
+    s.stream_status("pump1", {"state": "anomaly", "online": True, "shelved_until": None})
+    sub.wait(lambda m: ha_view(sub).streams() == {"bench", "pump1"}, "pump1")
+    s.attach(_sink_cfg(broker.port, tmp_path / "st", [fixed]), None)
+    s.state("pump1", "normal")
+    s.state("bench", "learning")
+    sub.wait(lambda m: on(sub, "stream/bench/state")[-1:] == ["learning"], "bench learning")
+    sub.wait(lambda m: ha_view(sub).streams() == {"bench"}, "pump1 dropped")
+    assert on(sub, "stream/pump1/state")[-1] == ""
+    s.stop()
+    sub.close()
+
+
 # ---------------------------------------------------------------- rules, without a broker
 def _cfg(**mqtt_kw) -> AgentConfig:
     return AgentConfig.model_validate({

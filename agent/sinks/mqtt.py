@@ -115,6 +115,7 @@ class MqttSink(Sink):
         self.streams = StreamTopics(cfg, self.client)
         self._command = None           # the attached pipeline's command(payload, reply)
         self.commands: Counter = Counter()     # "ok" / "refused"
+        self._commands_lock = threading.Lock()  # results come from two threads
         self._health: dict | None = None
         self._last_score: dict[str, float] = {}
         self._wake = threading.Event()
@@ -302,9 +303,13 @@ class MqttSink(Sink):
     def _reply(self, result: dict) -> None:
         """Publish a command's result (any thread: the pipeline's, or paho's)."""
         ok = bool(result.get("ok"))
-        self.commands["ok" if ok else "refused"] += 1
-        n = self.commands["refused"]
-        if not ok and (n <= 5 or n % 100 == 0):
+        with self._commands_lock:
+            self.commands["ok" if ok else "refused"] += 1
+            n = self.commands["refused"]
+        if ok:       # the broker knows who sent it; this log says what was done
+            log.info("command %s (id %r) carried out: %s", result.get("cmd"), result.get("id"),
+                     {k: v for k, v in result.items() if k not in ("id", "cmd", "ok")})
+        elif n <= 5 or n % 100 == 0:
             log.warning("command %s (id %r) refused: %s (%d refused so far)", result.get("cmd"),
                         result.get("id"), result.get("error"), n)
         self.client.publish(self.t_result, to_json({**result, "ts": iso_utc(time.time())}),

@@ -89,9 +89,13 @@ class StreamTopics:
                   "online" if self.status.get(sid, {}).get("online") else "offline")
         self._pub(sid, "shelved", self._shelved(sid))
 
-    def _add(self, sid: str) -> bool:
+    def _add(self, sid: str) -> bool | None:
+        """True: a new stream; False: a known one; None: one the config does not produce
+        (the end event of a stream a reload dropped still brings its state)."""
         if sid in self.known:
             return False
+        if not configured(self.cfg, sid):
+            return None
         self.known.add(sid)
         for key in stream_components(self.cfg, sid):
             self.removed.pop(key, None)
@@ -102,6 +106,8 @@ class StreamTopics:
     def state(self, sid: str, state: str) -> None:
         with self._lock:
             new = self._add(sid)
+            if new is None:
+                return
             self.states[sid] = state
             if new:
                 self._publish_stream(sid)
@@ -111,6 +117,8 @@ class StreamTopics:
     def stream_status(self, sid: str, status: dict) -> None:
         with self._lock:
             new = self._add(sid)
+            if new is None:
+                return
             before = self.status.get(sid, {})
             self.status[sid] = status
             if new or self.states.get(sid) != status["state"]:
@@ -168,10 +176,13 @@ class StreamTopics:
             self._read_back = False
             self.client.unsubscribe(self.discovery_topic)
             try:
-                cmps = json.loads(payload or b"{}").get("cmps") or {}
-            except (ValueError, AttributeError):
-                log.warning("the retained Home Assistant discovery payload on %s is not a JSON "
-                            "object; replacing it", self.discovery_topic)
+                cmps = json.loads(payload or b"{}").get("cmps")
+            except (ValueError, AttributeError, RecursionError):
+                cmps = None
+            if not isinstance(cmps, dict):
+                if payload:
+                    log.warning("the retained Home Assistant discovery payload on %s is not "
+                                "one of ours; replacing it", self.discovery_topic)
                 cmps = {}
             earlier = {k: c for k, c in cmps.items() if isinstance(c, dict) and len(c) > 1}
             for sid in sorted({stream_of(c, self.prefix) for c in earlier.values()} - {None}):
