@@ -85,7 +85,8 @@ def resolve_password(m: MqttConfig) -> str | None:
     return None
 
 
-def make_client(cfg: MqttConfig, node: str, role: str, clean_session: bool = False) -> mqtt.Client:
+def make_client(cfg: MqttConfig, node: str, role: str,
+                clean_session: bool = False) -> mqtt.Client:
     """The agent's connections keep their broker session (clean_session False: QoS 1
     messages wait for them across reconnects); a one-shot client (the command verbs)
     asks for a clean one so that it leaves nothing behind in the broker."""
