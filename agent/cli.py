@@ -1,4 +1,5 @@
-"""`tsad-agent`: run the daemon, check a config, replay or evaluate files, run the demo."""
+"""`tsad-agent`: run the daemon, check a config, replay or evaluate files, run the demo,
+send operator commands to a running agent."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, logs, shipped
+from . import __version__, logs, remote, shipped
 from .config import ConfigError, load_config
 from .shipped import DEMO_CSV
 
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _file_commands(sub)
     _model_commands(sub)
+    remote.add_parsers(sub)
     return ap
 
 

@@ -46,3 +46,19 @@ def health_snapshot(cfg: AgentConfig, engine: Engine, runners) -> dict:
     if engine.store is not None:
         h["state_dir"] = engine.store.health()
     return h
+
+
+def stream_presence(engine: Engine, runners, stale_after_s: float, now: float) -> dict[str, dict]:
+    """Per stream what operators see at a glance: its state, whether it is online (its
+    source is connected and its last sample arrived less than `stale_after_s` ago, by
+    the monotonic clock `now`) and until when it is shelved (a shelve lifts when the
+    stream's sample time passes it, so it is shown until then)."""
+    connected = {r.stream.id: bool(r.source.connected) for r in runners}
+    out = {}
+    for st in list(engine.streams.values()):
+        shelved = st.tracker.shelved_until
+        out[st.id] = {"state": st.state,
+                      "online": connected.get(st.source, False)
+                      and now - st.last_seen < stale_after_s,
+                      "shelved_until": iso_utc(shelved) if shelved > st.last_ts else None}
+    return out

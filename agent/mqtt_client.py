@@ -27,6 +27,8 @@ class TlsConfig(Strict):
 class HomeAssistantConfig(Strict):
     enabled: bool = False
     discovery_prefix: str = "homeassistant"
+    # how long the per-stream "shelve" button shelves (a week at most, as for any shelve)
+    shelve_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
 
 
 class MqttConfig(Strict):
@@ -44,6 +46,8 @@ class MqttConfig(Strict):
     keepalive: int = Field(30, ge=5)
     score_interval_s: float = Field(1.0, ge=0)
     health_interval_s: float = Field(30.0, gt=0)
+    # a stream is "online" while its source is connected and its last sample is younger
+    stale_after_s: float = Field(60.0, gt=0)
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 
     @model_validator(mode="after")
@@ -81,10 +85,14 @@ def resolve_password(m: MqttConfig) -> str | None:
     return None
 
 
-def make_client(cfg: MqttConfig, node: str, role: str) -> mqtt.Client:
+def make_client(cfg: MqttConfig, node: str, role: str,
+                clean_session: bool = False) -> mqtt.Client:
+    """The agent's connections keep their broker session (clean_session False: QoS 1
+    messages wait for them across reconnects); a one-shot client (the command verbs)
+    asks for a clean one so that it leaves nothing behind in the broker."""
     client_id = f"{cfg.client_id or 'tsad-' + node}-{role}"
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                    protocol=mqtt.MQTTv311, clean_session=False)
+                    protocol=mqtt.MQTTv311, clean_session=clean_session)
     if cfg.username:
         c.username_pw_set(cfg.username, resolve_password(cfg))
     if cfg.tls:

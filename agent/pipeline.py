@@ -19,10 +19,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .commands import Command, execute
+from .commands import Command, execute, parse
 from .config import AgentConfig, StreamConfig
 from .engine import Engine
-from .health import health_snapshot
+from .health import health_snapshot, stream_presence
 from .jobs import deliver
 from .metrics import Metrics
 from .sinks.base import Sink
@@ -33,6 +33,7 @@ log = logging.getLogger("tsad.pipeline")
 
 DRAIN_MAX = 256          # queue items per engine step
 SAVE_INTERVAL_S = 300.0  # adapted baselines reach the disk at least this often
+PRESENCE_S = 1.0         # how often streams' online/shelved status is compared for changes
 
 
 class SourceRunner:
@@ -112,6 +113,8 @@ class Pipeline:
         self._ended = set(handover.ended) if handover else set()
         self.stop_event = threading.Event()
         self._last_health = 0.0
+        self._last_presence = 0.0
+        self._presence: dict[str, dict] = {}
         self._last_save = time.monotonic()
         self._sink_errors = 0
         #: called once per main-loop iteration (the systemd watchdog hooks in here)
@@ -134,6 +137,13 @@ class Pipeline:
         """Queue an operator command (any thread): the pipeline thread carries it out between
         steps, so the engine is never touched by two threads."""
         self.queue.put(command)
+
+    def command(self, payload: bytes, reply) -> None:
+        """An operator command as received (any thread, e.g. the MQTT sink's): parsed, then
+        queued; `reply(result)` gets its one result, an error for a malformed one."""
+        c = parse(payload)
+        c.reply = reply
+        self.submit(c)
 
     def _command(self, c: Command) -> None:
         result, events = execute(c, self.engine)
@@ -166,8 +176,26 @@ class Pipeline:
     def health(self) -> dict:
         return health_snapshot(self.cfg, self.engine, self.runners)
 
+    def _stream_status(self, now: float) -> None:
+        """Hand the sinks each stream whose status (health.stream_presence) changed; a stream
+        gone from the engine (evicted) is reported offline once."""
+        self._last_presence = now
+        new = stream_presence(self.engine, self.runners, self.cfg.mqtt.stale_after_s, now)
+        changed = {sid: v for sid, v in new.items() if self._presence.get(sid) != v}
+        changed.update({sid: {**v, "online": False} for sid, v in self._presence.items()
+                        if sid not in new and v["online"]})
+        self._presence = new
+        for sink in self.sinks:
+            try:
+                for sid, status in changed.items():
+                    sink.stream_status(sid, status)
+            except Exception:
+                self._sink_failed(sink)
+
     def _housekeeping(self, force: bool = False) -> None:
         now = time.monotonic()
+        if now - self._last_presence >= PRESENCE_S:
+            self._stream_status(now)
         if not force and now - self._last_health < self.cfg.mqtt.health_interval_s:
             return
         self._last_health = now
@@ -195,7 +223,9 @@ class Pipeline:
                 return items
 
     def start(self, start_sinks: bool = True) -> None:
-        if start_sinks:
+        for sink in self.sinks:     # kept sinks too: commands now go to this pipeline
+            sink.attach(self.cfg, self.command)
+        if start_sinks:             # after attach: a command may wait for them in the broker
             for sink in self.sinks:
                 sink.start()
         for r in self.runners:

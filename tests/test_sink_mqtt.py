@@ -22,7 +22,8 @@ from test_outbox import fill, tiny_fs
 from agent.config import AgentConfig
 from agent.metrics import Metrics
 from agent.outbox import Outbox
-from agent.sinks.mqtt import MqttSink, discovery
+from agent.sinks.mqtt import MqttSink
+from ha_rules import check
 
 WAIT = 30.0      # generous: only ever waited on, never asserted as a duration
 P = "tsad/n1/"
@@ -47,7 +48,7 @@ class Sub:
     """A test subscriber: records (topic, payload, qos, retain); resubscribes on reconnect."""
 
     def __init__(self, port: int, topics: list[str], client_id: str | None = None,
-                 clean: bool = True):
+                 clean: bool = True, auth: tuple[str, str] | None = None):
         self.topics = topics
         self.msgs: list[tuple[str, str, int, bool]] = []
         self.cond = threading.Condition()
@@ -55,6 +56,8 @@ class Sub:
                              client_id=client_id or f"sub-{uuid.uuid4().hex[:8]}",
                              clean_session=clean)
         self.c.reconnect_delay_set(0.2, 1)
+        if auth:
+            self.c.username_pw_set(*auth)
         self._up = threading.Event()
         self._subacks = threading.Semaphore(0)
         self.c.on_connect = self._on_connect
@@ -75,7 +78,7 @@ class Sub:
 
     def _on_message(self, c, u, m):
         with self.cond:
-            self.msgs.append((m.topic, m.payload.decode(), m.qos, bool(m.retain)))
+            self.msgs.append((m.topic, m.payload.decode(errors="replace"), m.qos, bool(m.retain)))
             self.cond.notify_all()
 
     def wait(self, pred, what: str) -> list:
@@ -133,10 +136,10 @@ def test_availability_online_offline_and_discovery(broker, tmp_path, sinks):
     late = Sub(broker.port, [P + "availability", "homeassistant/device/n1/config"])
     msgs = late.wait(has("homeassistant/device/n1/config"), "discovery")
     assert (P + "availability", "online", 1, True) in msgs          # retained
-    disc = json.loads([m for m in msgs if m[0].startswith("homeassistant/")][0][1])
-    assert disc == json.loads(json.dumps(discovery(cfg)[1]))
-    assert disc["availability_topic"] == P + "availability"
-    kinds = {k: (c["p"], c["state_topic"]) for k, c in disc["cmps"].items()}
+    topic, raw = [m[:2] for m in msgs if m[0].startswith("homeassistant/")][0]
+    problems, cmps = check(topic, raw)
+    assert problems == []
+    kinds = {k: (p, c.get("state_topic")) for k, (p, c) in cmps.items()}
     assert kinds["pump1_anomaly"] == ("binary_sensor", P + "stream/pump1/state")
     assert kinds["pump2_score"] == ("sensor", P + "stream/pump2/score")
 
@@ -201,11 +204,11 @@ def test_alert_state_score_health_flags(broker, tmp_path, sinks):
     # rate limited: the first score only (the later alert proves the others had their chance)
     scores = sub.on(P + "stream/pump1/score")
     assert [json.loads(p) for _, p, _, _ in scores] == [
-        {"ts": 1000.0, "score": 0.5, "threshold": 0.3, "label": 1}]
+        {"ts": "1970-01-01T00:16:40.000Z", "score": 0.5, "threshold": 0.3, "label": 1}]
     assert scores[0][2] == 0
     health = json.loads(sub.on(P + "health")[-1][1])
     assert health["samples_in"] == 7 and health["mqtt"]["connected"] is True
-    assert set(health["mqtt"]) == {"connected", "queued", "dropped", "outbox"}
+    assert set(health["mqtt"]) == {"connected", "queued", "dropped", "outbox", "commands"}
     assert health["mqtt"]["outbox"] == {"ok": True, "error": None, "depth": 1, "memory": 0,
                                         "lost": 0}    # the end, published after this health
     assert (P + "stream/pump1/state", "anomaly", 1, False) in msgs

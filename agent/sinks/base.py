@@ -46,11 +46,21 @@ class Sink:
     def start(self) -> None:
         """Connect / open; must not block the pipeline on an absent broker."""
 
+    def attach(self, cfg, command) -> None:
+        """A pipeline feeds this sink from now on (at its start, and after every reload,
+        which may keep the sink): its config, and `command(payload, reply)`, which takes
+        an operator command as received and calls `reply(result)` once."""
+
     def alert(self, alert: dict) -> None:
         """An alert lifecycle event (schema in README: new/update/end)."""
 
     def state(self, stream: str, state: str) -> None:
-        """Stream state changed: 'normal' or 'anomaly'."""
+        """Stream state entered: 'learning', 'normal' or 'anomaly'.  A stream that starts
+        without learning enters nothing: its first `stream_status` carries its state."""
+
+    def stream_status(self, stream: str, status: dict) -> None:
+        """A stream's status changed: {"state", "online", "shelved_until"}
+        (agent.health.stream_presence), at most once a second."""
 
     def score(self, stream: str, ts: float, score: float, threshold: float, label: int) -> None:
         """Latest score of a stream (sinks rate-limit as they need)."""

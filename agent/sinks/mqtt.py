@@ -1,13 +1,23 @@
 """MQTT sink: alerts (durable, in order, at least once), stream states, scores,
-health, availability and Home Assistant device discovery.
+health, availability, Home Assistant device discovery, and the operator command channel.
 
-Topics (P = cfg.topic_prefix, default "tsad/<node>/"):
-  P alerts                  every alert event (JSON)             QoS 1, not retained
+Topics (P = cfg.topic_prefix, default "tsad/<node>/"); JSON payloads follow docs/schemas/:
+  P alerts                  every alert event (alert.json)        QoS 1, not retained
   P availability            "online" / "offline"                 QoS 1, retained; "offline" is the Last Will
-  P stream/<id>/state       "normal" / "anomaly"                 QoS 1, retained
-  P stream/<id>/score       {"ts","score","threshold","label"}   QoS 0, not retained, <= 1 per score_interval_s
-  P health                  pipeline snapshot + "mqtt" section   QoS 1, retained
-  <discovery_prefix>/device/<node>/config   Home Assistant device discovery (when enabled), QoS 1, retained
+  P stream/<id>/...         state, availability, shelved (mqtt_streams.py)   QoS 1, retained
+  P stream/<id>/score       score.json, <= 1 per score_interval_s  QoS 0, not retained
+  P health                  health.json (+ this sink's "mqtt")   QoS 1, retained
+  P cmd                     operator commands in (command.json)  QoS 1, subscribed
+  P cmd/result              one result per command (command-result.json)  QoS 1, not retained
+  <discovery_prefix>/device/<node>/config   Home Assistant device discovery (homeassistant.py)
+
+Commands: each message on P cmd goes to the attached pipeline (`attach`), which parses
+it, carries it out on its own thread and hands the result back; the result, stamped
+`ts`, goes out on P cmd/result.  Nothing but the broker's ACL authorises a command
+(README, "Operate").  A malformed command gets an error result (with its request id
+when it has one), never an exception; refused commands are counted in health
+(`mqtt.commands`) and logged.  The subscription lives in the sink's persistent
+session, so a command sent while the agent is away is carried out when it is back.
 
 Alert delivery: alert() writes the event to the sink's own Outbox
 (state_dir/outbox.sqlite; in memory without a state_dir) and returns; a sender
@@ -33,20 +43,20 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 
-from .. import __version__
 from ..timestamps import iso_utc
 from ..metrics import Metrics
 from ..mqtt_client import make_client, tls_problem
 from ..outbox import Outbox
 from .base import Sink, to_json
+from .mqtt_streams import StreamTopics
 
 if TYPE_CHECKING:   # the config module builds its sinks section from this package
     from ..config import AgentConfig
@@ -56,6 +66,7 @@ log = logging.getLogger(__name__)
 WINDOW = 32      # alert rows handed to paho but not yet acknowledged
 FLUSH_S = 2.0    # how long a clean stop may spend delivering queued alerts
 PERSIST_S = 2.0  # how often open alerts' last sample time is written
+MAX_COMMAND_BYTES = 4096   # a command is a few short fields; anything longer is refused unread
 
 
 def outbox_path(cfg: AgentConfig) -> str:
@@ -64,33 +75,12 @@ def outbox_path(cfg: AgentConfig) -> str:
     return str(Path(cfg.state_dir) / "outbox.sqlite") if cfg.state_dir else ":memory:"
 
 
-def discovery(cfg: AgentConfig) -> tuple[str, dict]:
-    """Home Assistant device-discovery topic and payload: per stream an anomaly
-    binary_sensor (from the state topic) and a score sensor (from the score topic)."""
-    p = cfg.topic_prefix
-    # HA allows only [a-zA-Z0-9_-] in discovery topic ids
-    dev = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.node)
-    cmps = {}
-    for s in cfg.streams:
-        sid = re.sub(r"[^A-Za-z0-9_-]", "_", s.id)
-        cmps[f"{sid}_anomaly"] = {
-            "p": "binary_sensor", "name": f"{s.id} anomaly", "unique_id": f"tsad_{dev}_{sid}_anomaly",
-            "state_topic": f"{p}stream/{s.id}/state", "payload_on": "anomaly",
-            "payload_off": "normal", "device_class": "problem"}
-        cmps[f"{sid}_score"] = {
-            "p": "sensor", "name": f"{s.id} anomaly score", "unique_id": f"tsad_{dev}_{sid}_score",
-            "state_topic": f"{p}stream/{s.id}/score", "value_template": "{{ value_json.score }}",
-            "state_class": "measurement", "json_attributes_topic": f"{p}stream/{s.id}/score"}
-    payload = {
-        "dev": {"ids": [f"tsad_{dev}"], "name": f"tsad {cfg.node}", "mf": "tsad-agent",
-                "mdl": "edge anomaly detector", "sw": __version__},
-        "o": {"name": "tsad-agent", "sw": __version__},
-        "availability_topic": f"{p}availability",
-        "payload_available": "online", "payload_not_available": "offline",
-        "qos": 1,
-        "cmps": cmps,
-    }
-    return f"{cfg.mqtt.homeassistant.discovery_prefix}/device/{dev}/config", payload
+def _request_id(payload: bytes) -> str | None:
+    try:
+        rid = json.loads(payload).get("id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return rid if isinstance(rid, str) else None
 
 
 def _acked(info: mqtt.MQTTMessageInfo | None) -> bool:
@@ -110,6 +100,7 @@ class MqttSink(Sink):
         self.cfg, self.m, self.metrics = cfg, cfg.mqtt, metrics
         p = cfg.topic_prefix
         self.t_alerts, self.t_avail, self.t_health = p + "alerts", p + "availability", p + "health"
+        self.t_cmd, self.t_result = p + "cmd", p + "cmd/result"
         self.client = make_client(cfg.mqtt, cfg.node, role="sink")
         # The will must be registered before the first CONNECT to be part of it.
         self.client.will_set(self.t_avail, "offline", qos=1, retain=True)
@@ -120,8 +111,11 @@ class MqttSink(Sink):
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = lambda *a: self._wake.set()
-        # A fresh process has no open alert, so every stream starts "normal".
-        self._states = {s.id: "normal" for s in cfg.streams}
+        self.client.on_message = self._on_message
+        self.streams = StreamTopics(cfg, self.client)
+        self._command = None           # the attached pipeline's command(payload, reply)
+        self.commands: Counter = Counter()     # "ok" / "refused"
+        self._commands_lock = threading.Lock()  # results come from two threads
         self._health: dict | None = None
         self._last_score: dict[str, float] = {}
         self._wake = threading.Event()
@@ -209,9 +203,14 @@ class MqttSink(Sink):
         super().scores(stream, ts, scores, threshold, labels, alert_open)
 
     def state(self, stream: str, state: str) -> None:
-        self._states[stream] = state
-        if self.client.is_connected():
-            self._pub_state(stream, state)
+        self.streams.state(stream, state)
+
+    def stream_status(self, stream: str, status: dict) -> None:
+        self.streams.stream_status(stream, status)
+
+    def attach(self, cfg, command) -> None:
+        self.streams.attach(cfg)
+        self._command = command
 
     def score(self, stream: str, ts: float, score: float, threshold: float, label: int) -> None:
         now = time.monotonic()
@@ -222,7 +221,7 @@ class MqttSink(Sink):
             return      # scores are live values: nothing to catch up on later
         self._last_score[stream] = now
         self.client.publish(f"{self.cfg.topic_prefix}stream/{stream}/score",
-                            to_json({"ts": ts, "score": score, "threshold": threshold,
+                            to_json({"ts": iso_utc(ts), "score": score, "threshold": threshold,
                                      "label": label}), qos=0, retain=False)
 
     def health(self, health: dict) -> None:
@@ -230,15 +229,13 @@ class MqttSink(Sink):
         if self.client.is_connected():
             self._pub_health()
 
-    def _pub_state(self, stream: str, state: str) -> None:
-        self.client.publish(f"{self.cfg.topic_prefix}stream/{stream}/state", state,
-                            qos=1, retain=True)
-
     def _pub_health(self) -> None:
         doc = dict(self._health or {})
         doc["mqtt"] = {"connected": self.client.is_connected(), "queued": self.outbox.depth(),
                        "dropped": self.metrics.dropped.get("outbox_full", 0),
-                       "outbox": self.outbox.state()}
+                       "outbox": self.outbox.state(),
+                       "commands": {"ok": self.commands["ok"],
+                                    "refused": self.commands["refused"]}}
         self.client.publish(self.t_health, to_json(doc), qos=1, retain=True)
 
     # ------------------------------------------------------------ paho callbacks (network thread)
@@ -255,11 +252,8 @@ class MqttSink(Sink):
         log.info("MQTT connected to %s:%d as %s (%d alert events queued)", self.m.host,
                  self.m.port, self.m.username or "anonymous", self.outbox.depth())
         self._gate = client.publish(self.t_avail, "online", qos=1, retain=True)
-        if self.m.homeassistant.enabled:
-            topic, payload = discovery(self.cfg)
-            client.publish(topic, to_json(payload), qos=1, retain=True)
-        for stream, state in list(self._states.items()):
-            self._pub_state(stream, state)
+        client.subscribe(self.t_cmd, qos=1)
+        self.streams.on_connect()
         if self._health is not None:
             self._pub_health()
         self._wake.set()
@@ -279,10 +273,47 @@ class MqttSink(Sink):
         self.connect_failures += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.streams.on_disconnect()
         if self._was_connected and not self._stopping:
             self._was_connected = False
             self._report(logging.WARNING, f"MQTT connection to {self.m.host}:{self.m.port} lost "
                                           f"({reason_code}); reconnecting")
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        # an exception escaping a paho callback would stop the network loop
+        try:
+            if msg.topic == self.t_cmd:
+                self._on_command(msg.payload)
+            elif msg.topic == self.streams.discovery_topic:
+                self.streams.read_back(msg.payload)
+        except Exception:
+            log.exception("MQTT message on %r could not be handled", msg.topic)
+
+    def _on_command(self, payload: bytes) -> None:
+        command = self._command
+        if len(payload) > MAX_COMMAND_BYTES:
+            self._reply({"id": None, "cmd": None, "ok": False,
+                         "error": f"command longer than {MAX_COMMAND_BYTES} bytes"})
+        elif command is None:     # a file replay (the demo's --mqtt) runs no pipeline
+            self._reply({"id": _request_id(payload), "cmd": None, "ok": False,
+                         "error": "this run of the agent takes no commands"})
+        else:
+            command(payload, self._reply)
+
+    def _reply(self, result: dict) -> None:
+        """Publish a command's result (any thread: the pipeline's, or paho's)."""
+        ok = bool(result.get("ok"))
+        with self._commands_lock:
+            self.commands["ok" if ok else "refused"] += 1
+            n = self.commands["refused"]
+        if ok:       # the broker knows who sent it; this log says what was done
+            log.info("command %s (id %r) carried out: %s", result.get("cmd"), result.get("id"),
+                     {k: v for k, v in result.items() if k not in ("id", "cmd", "ok")})
+        elif n <= 5 or n % 100 == 0:
+            log.warning("command %s (id %r) refused: %s (%d refused so far)", result.get("cmd"),
+                        result.get("id"), result.get("error"), n)
+        self.client.publish(self.t_result, to_json({**result, "ts": iso_utc(time.time())}),
+                            qos=1, retain=False)
 
     def _report(self, level: int, msg: str) -> None:
         # once per distinct problem, not once per retry
@@ -301,6 +332,7 @@ class MqttSink(Sink):
                 self._settle()
                 self._hand_off()
                 self._touch()
+                self.streams.tick()
                 self.outbox.retry()
             except Exception:      # a broken outbox must not end delivery for good
                 log.exception("MQTT sink sender failed; retrying")

@@ -1,0 +1,215 @@
+"""What the MQTT sink publishes per stream, and the Home Assistant device that shows it.
+
+Topics (P = the topic prefix), all QoS 1 and retained:
+  P stream/<id>/state          learning | normal | anomaly
+  P stream/<id>/availability   online | offline: its source is connected and its last
+                               sample is younger than mqtt.stale_after_s
+  P stream/<id>/shelved        {"ts", "shelved_until"} (docs/schemas/shelved.json)
+
+Which streams exist: the config's own streams from the start, and a topic-named one
+(`stream_from_topic`) from its first sample on; never the id of a topic-named source
+itself, which names a subscription, not a stream.  A stream stays while the config can
+still produce it (`configured`); one that a reload (or a restart: the previous
+discovery payload is read back once from the broker) leaves without a source is
+dropped: its retained topics are cleared and HA is told to remove its entities.
+
+A fresh process has no open alert, so every stream known at start is "normal" until
+its status says otherwise.  The discovery payload is re-published when the set of
+streams changes, at most once per DISCOVERY_S (a wildcard source may bring hundreds
+of streams at once).  All publishing happens under one lock, so that a reconnect's
+re-publication never overtakes a newer state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from ..timestamps import iso_utc
+from .base import to_json
+from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_components, stream_of
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_S = 1.0
+
+
+def fixed_streams(cfg) -> set[str]:
+    return {s.id for s in cfg.streams if getattr(s.source, "stream_from_topic", None) is None}
+
+
+def configured(cfg, sid: str) -> bool:
+    """Whether `cfg` can still produce stream `sid`: a stream of its own, or a topic-named
+    source whose filter admits that id at its stream level."""
+    for s in cfg.streams:
+        level = getattr(s.source, "stream_from_topic", None)
+        if level is None:
+            if s.id == sid:
+                return True
+            continue
+        parts = s.source.topic.split("/")
+        if "#" in parts[:level + 1] or (level < len(parts) and parts[level] in ("+", sid)):
+            return True
+    return False
+
+
+class StreamTopics:
+    def __init__(self, cfg, client) -> None:
+        self.cfg, self.client = cfg, client
+        self.prefix = cfg.topic_prefix
+        self.ha = cfg.mqtt.homeassistant.enabled
+        self._lock = threading.RLock()
+        self.known: set[str] = fixed_streams(cfg)
+        self.states = {sid: "normal" for sid in self.known}
+        self.status: dict[str, dict] = {}
+        self.removed: dict[str, str] = {}      # component key -> platform, until it returns
+        self._dirty = False
+        self._last_discovery = 0.0
+        self._read_back = self.ha              # the previous run's payload, once
+        # set by on_connect: before it, a discovery publication could overwrite the
+        # previous run's payload before it was read back
+        self._online = False
+
+    @property
+    def discovery_topic(self) -> str:
+        return discovery_topic(self.cfg)
+
+    def _pub(self, sid: str, kind: str, payload) -> None:
+        if self.client.is_connected():
+            self.client.publish(f"{self.prefix}stream/{sid}/{kind}", payload, qos=1, retain=True)
+
+    def _shelved(self, sid: str) -> str:
+        until = self.status.get(sid, {}).get("shelved_until")
+        return to_json({"ts": iso_utc(time.time()), "shelved_until": until})
+
+    def _publish_stream(self, sid: str) -> None:
+        self._pub(sid, "state", self.states.get(sid, "normal"))
+        self._pub(sid, "availability",
+                  "online" if self.status.get(sid, {}).get("online") else "offline")
+        self._pub(sid, "shelved", self._shelved(sid))
+
+    def _add(self, sid: str) -> bool | None:
+        """True: a new stream; False: a known one; None: one the config does not produce
+        (the end event of a stream a reload dropped still brings its state)."""
+        if sid in self.known:
+            return False
+        if not configured(self.cfg, sid):
+            return None
+        self.known.add(sid)
+        for key in stream_components(self.cfg, sid):
+            self.removed.pop(key, None)
+        self._dirty = True
+        return True
+
+    # ------------------------------------------------------------ from the pipeline
+    def state(self, sid: str, state: str) -> None:
+        with self._lock:
+            new = self._add(sid)
+            if new is None:
+                return
+            self.states[sid] = state
+            if new:
+                self._publish_stream(sid)
+            else:
+                self._pub(sid, "state", state)
+
+    def stream_status(self, sid: str, status: dict) -> None:
+        with self._lock:
+            new = self._add(sid)
+            if new is None:
+                return
+            before = self.status.get(sid, {})
+            self.status[sid] = status
+            if new or self.states.get(sid) != status["state"]:
+                self.states[sid] = status["state"]
+                self._pub(sid, "state", status["state"])
+            if new or before.get("online") != status["online"]:
+                self._pub(sid, "availability", "online" if status["online"] else "offline")
+            if new or before.get("shelved_until") != status["shelved_until"]:
+                self._pub(sid, "shelved", self._shelved(sid))
+
+    def attach(self, cfg) -> None:
+        """A (re)loaded config: streams it can no longer produce are dropped."""
+        with self._lock:
+            self.cfg = cfg
+            for sid in sorted(self.known):
+                if not configured(cfg, sid):
+                    self._drop(sid)
+            for sid in sorted(fixed_streams(cfg) - self.known):
+                self._add(sid)
+                self.states.setdefault(sid, "normal")
+                self._publish_stream(sid)
+
+    def _drop(self, sid: str) -> None:
+        log.info("stream %s: no longer configured; its retained topics are cleared%s", sid,
+                 " and Home Assistant drops its entities" if self.ha else "")
+        self.known.discard(sid)
+        self.states.pop(sid, None)
+        self.status.pop(sid, None)
+        self.removed.update({k: c["p"] for k, c in stream_components(self.cfg, sid).items()})
+        self._dirty = True
+        for kind in ("state", "availability", "shelved"):
+            self._pub(sid, kind, b"")      # an empty retained message deletes the retained one
+
+    # ------------------------------------------------------------ from the network thread
+    def on_connect(self) -> None:
+        with self._lock:
+            self._online = True
+            if self._read_back:
+                self.client.subscribe(self.discovery_topic, qos=1)
+            for sid in sorted(self.known):
+                self._publish_stream(sid)
+            self.publish_discovery()
+
+    def on_disconnect(self) -> None:
+        with self._lock:
+            self._online = False
+
+    def read_back(self, payload: bytes) -> None:
+        """The retained discovery payload found at the first connect (a previous run's, or
+        this run's own when there was none): its streams that the config still produces
+        are known again, its other components are removed."""
+        with self._lock:
+            if not self._read_back:
+                return
+            self._read_back = False
+            self.client.unsubscribe(self.discovery_topic)
+            try:
+                cmps = json.loads(payload or b"{}").get("cmps")
+            except (ValueError, AttributeError, RecursionError):
+                cmps = None
+            if not isinstance(cmps, dict):
+                if payload:
+                    log.warning("the retained Home Assistant discovery payload on %s is not "
+                                "one of ours; replacing it", self.discovery_topic)
+                cmps = {}
+            earlier = {k: c for k, c in cmps.items() if isinstance(c, dict) and len(c) > 1}
+            for sid in sorted({stream_of(c, self.prefix) for c in earlier.values()} - {None}):
+                if not configured(self.cfg, sid):
+                    for kind in ("state", "availability", "shelved"):
+                        self._pub(sid, kind, b"")
+                elif self._add(sid):
+                    self.states.setdefault(sid, "normal")
+                    self._publish_stream(sid)
+            current = {k for sid in self.known for k in stream_components(self.cfg, sid)}
+            for k, c in earlier.items():
+                if k not in current and c.get("p") in COMPONENTS.values():
+                    self.removed[k] = c["p"]
+                    self._dirty = True
+
+    # ------------------------------------------------------------ from the sender thread
+    def publish_discovery(self) -> None:
+        with self._lock:
+            if not (self.ha and self._online and self.client.is_connected()):
+                return
+            self._dirty = False
+            self._last_discovery = time.monotonic()
+            topic, payload = discovery(self.cfg, self.known, self.removed)
+            if payload["cmps"]:      # a wildcard source before its first stream: nothing yet
+                self.client.publish(topic, to_json(payload), qos=1, retain=True)
+
+    def tick(self) -> None:
+        if self._dirty and time.monotonic() - self._last_discovery >= DISCOVERY_S:
+            self.publish_discovery()
+
