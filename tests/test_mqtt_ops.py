@@ -463,7 +463,7 @@ def test_which_streams_a_config_still_produces():
 def test_schemas_accept_the_documented_payloads_and_refuse_others():
     alert = {"schema": 1, "type": "new", "id": "pump-07:pump:1583750689000", "node": "pump-07",
              "stream": "pump", "start": "2020-03-09T10:44:49.000Z", "end": None, "score": 0.91,
-             "peak_score": 1.25, "threshold": 0.21, "acknowledged": False,
+             "peak_score": 1.25, "threshold": 0.21, "acknowledged": False, "standing": False,
              "top_channels": [{"name": "Current", "share": 0.82}],
              "model": {"name": "DLinear_ad", "sha256": "e25d", "ep": "CPUExecutionProvider"}}
     SCHEMAS["alert"].validate(alert)
