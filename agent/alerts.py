@@ -139,7 +139,7 @@ class AlertTracker:
     def rebaseline_due(self) -> bool:
         """Standing for alerts.rebaseline_after_s: the stream should learn its new normal."""
         after = self.cfg.rebaseline_after_s
-        return (after is not None and self.standing_since is not None
+        return (after is not None and self.state == "anomaly" and self.standing_since is not None
                 and float(self._st_ts[-1]) - self.standing_since >= after)
 
     def shelve(self, until: float) -> None:
@@ -152,7 +152,9 @@ class AlertTracker:
         if self.state != "anomaly":
             return None
         self.state = "normal"
-        return self._event("end", float("nan"), threshold, ts, reason)
+        ev = self._event("end", float("nan"), threshold, ts, reason)
+        self.standing_since = None
+        return ev
 
     # ------------------------------------------------------------ update
     def update(self, ts: np.ndarray, scores: np.ndarray, threshold: float,

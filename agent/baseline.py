@@ -6,7 +6,7 @@ seconds of sample time) are held back, not scored.  When the period ends, the
 scaler is fitted on them (`contract.fit_scaler`; with `fit: mean` only its mean, the
 std staying the model's); the stream then pushes them through its ring and the
 threshold is fitted on their window scores (`contract.fit_threshold`, smoothed as
-every later score is), unless `threshold: model` keeps the model's.  Without
+every later score is), or with `threshold: model` is the model's x the margin.  Without
 calibration the model's own scaler and threshold serve from the first sample on.
 After the period, adaptation (adaptation.py) may move the mean.
 
@@ -118,7 +118,9 @@ class Baseline:
         `normalized`: the scores are per-channel normalised (scoring.normalize)."""
         if self.fixed_threshold is not None:
             self.threshold = float(self.fixed_threshold)
-        elif smoothed is None or not len(smoothed) or self.cal.threshold == "model":
+        elif self.cal.threshold == "model":
+            self.threshold = float(self.meta.threshold.value) * self.cal.margin
+        elif smoothed is None or not len(smoothed):
             self.threshold = self._default_threshold()
         else:
             # the model's calibration_margin was measured on its own score, not on the

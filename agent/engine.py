@@ -168,7 +168,24 @@ class Engine:
             self.metrics.samples_in += len(ts)
             results += self._feed(st, ts, values)
         results += self._flush()
+        for sid in joined:
+            st = self.streams.get(sid)
+            if st is not None and st.rebaseline_due:
+                results += self._rebaseline_standing(st)
         return self._with_states(joined, results)
+
+    def _rebaseline_standing(self, st: Stream) -> list[StreamResult]:
+        """alerts.rebaseline_after_s: a standing alert ends (reason "rebaseline") and the
+        stream learns its new normal."""
+        ev = st.relearn()
+        if self.store:
+            self.store.forget(st.id)
+        log.warning("stream %s: its alert stood for alerts.rebaseline_after_s: learning the "
+                    "new level as normal", st.id)
+        if ev is None:
+            return []
+        self.metrics.alerts["end"] += 1
+        return [StreamResult(st.id, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I, _EMPTY_I, [ev])]
 
     def _feed(self, st: Stream, ts: np.ndarray, values: np.ndarray) -> list[StreamResult]:
         """One stream's samples, piece by piece as it takes them; inference runs whenever
@@ -176,6 +193,9 @@ class Engine:
         out: list[StreamResult] = []
         a, stalled = 0, False
         while a < len(ts):
+            if st.rebaseline_due:
+                out += self._flush()
+                out += self._rebaseline_standing(st)
             try:
                 k, w = st.ingest(ts[a:], values[a:], self.detector.infer)
             except Exception:

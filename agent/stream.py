@@ -102,6 +102,7 @@ class Stream:
         self.last_ts = float("nan")     # newest sample time (stamps alerts closed at a stop)
         self.last_seen = 0.0            # monotonic time of the newest batch (idle eviction)
         self.just_learned = False       # set when a learning period ended: the engine saves it
+        self.rebaseline_due = False     # a standing alert asked for a new learning period
         # states entered since the engine last collected them (see StreamResult.entered)
         self.entered: list[str] = ["learning"] if baseline.learning else []
         if not baseline.learning:
@@ -224,13 +225,10 @@ class Stream:
             self._settle()
         self.entered += [("anomaly" if ev["type"] == "new" else "normal") for ev in events
                          if ev["type"] != "update"]
-        r = StreamResult(self.id, w.ts, s, thr, self.tracker.labels, self.tracker.open_mask,
-                         events)
-        if self.tracker.rebaseline_due():
-            ev = self.relearn()
-            if ev is not None:
-                r.events.append(ev)
-        return r
+        # the engine re-baselines once this step's windows are all concluded
+        self.rebaseline_due = self.rebaseline_due or self.tracker.rebaseline_due()
+        return StreamResult(self.id, w.ts, s, thr, self.tracker.labels, self.tracker.open_mask,
+                            events)
 
     def abandon(self) -> None:
         """The newest windows could not be concluded (a bug): their samples are learned
@@ -251,6 +249,7 @@ class Stream:
         """Forget the baseline and start a new learning period; the end event of an open
         alert (reason "rebaseline"), or None."""
         ev = self.tracker.close(self.last_ts, self.baseline.threshold, "rebaseline")
+        self.rebaseline_due = False
         self.baseline.relearn()
         self.ring.reset()
         self.smoother.reset()

@@ -1,0 +1,138 @@
+"""Adaptation (agent/adaptation.py), standing alerts and re-baselining, with a real ONNX
+model: recon = 0.9 x + 0.01 in scaled space, so a sample's error grows with how far
+it sits from the stream's (adapted) mean: a drift the baseline follows stays quiet, a
+change faster than it shows up."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.adaptation import EPOCH
+from agent.config import DetectionConfig
+from agent.detector import Detector
+from agent.engine import Engine
+from agent.jobs import Recording, file_config, replay_config
+from agent.sources.base import Batch
+from onnx_factory import make_model
+
+CH = ["a", "b", "c"]
+LEARN = 300
+HZ = 1.0
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _ = make_model(tmp_path_factory.mktemp("m") / "affine.onnx", window=8, channels=CH)
+    return str(path)
+
+
+def engine(model: str, **over) -> Engine:
+    d = {"node": "t", "calibration": {"enabled": True, "samples": LEARN, "margin": 3.0},
+         "adaptation": {"enabled": True, "time_constant_s": 600}, **over}
+    return Engine(DetectionConfig.model_validate(d), Detector(model))
+
+
+def series(n: int, level: np.ndarray | float = 0.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (10.0 + np.asarray(level, float)[..., None] * np.ones(3)
+            + rng.normal(0, 1.0, (n, 3))).astype(np.float32)
+
+
+def run(e: Engine, values: np.ndarray, t0: float = 1.7e9, block: int = 100) -> Recording:
+    rec = Recording()
+    ts = t0 + np.arange(len(values)) / HZ
+    for a in range(0, len(values), block):
+        rec.add(e.step([Batch("s", ts[a:a + block], values[a:a + block])]))
+    return rec
+
+
+def alerts(rec: Recording) -> list[dict]:
+    return [ev for ev in rec.events if ev["type"] == "new"]
+
+
+def open_share(rec: Recording, stream: str = "s") -> float:
+    return float(rec.table(stream)["alert"].mean())
+
+
+# A rise of 8 stds: over 6 hours (1.9 std/h, normal drift) or over 10 minutes (a fault).
+RISE = 8.0
+
+
+def drift(hours: float) -> np.ndarray:
+    n = int(hours * 3600 * HZ)
+    return np.concatenate([np.zeros(LEARN), np.linspace(0, RISE, n), np.full(1200, RISE)])
+
+
+def test_a_slow_normal_drift_is_followed(model):
+    level = drift(6)
+    e = engine(model)
+    rec = run(e, series(len(level), level))
+    assert alerts(rec) == [] and open_share(rec) == 0.0
+    shift = e.streams["s"].adapter.shift()
+    assert np.all(shift > 0.9 * RISE), shift          # the mean followed the plant
+    # without adaptation the same drift is one standing alarm: the test can fail
+    frozen = run(engine(model, adaptation={"enabled": False}), series(len(level), level))
+    assert open_share(frozen) > 0.5
+
+
+def test_a_ramp_fault_of_the_same_size_is_not_absorbed(model):
+    level = drift(10 / 60)
+    e = engine(model)
+    rec = run(e, series(len(level), level))
+    new = alerts(rec)
+    assert len(new) == 1, [a["start"] for a in new]
+    t = rec.table("s")
+    first = t["ts"][np.argmax(t["alert"] == 1)] - 1.7e9
+    assert LEARN < first < LEARN + 600                   # during the ramp
+    assert rec.events[-1]["type"] != "end"               # still open at the new level
+    assert np.all(np.abs(e.streams["s"].adapter.shift()) < 2.0)   # the fault was not learned
+
+
+def test_blocks_or_one_by_one_give_the_same_scores(model):
+    """The adapted scaler changes only between epochs, so chunking cannot change a score."""
+    level = drift(0.5)
+    vals = series(len(level), level, seed=3)
+    a = run(engine(model), vals, block=1)
+    b = run(engine(model), vals, block=256)
+    np.testing.assert_array_equal(a.table("s")["score"], b.table("s")["score"])
+    assert len(a.table("s")["score"]) > 4 * EPOCH
+
+
+def test_a_standing_alert_re_baselines_when_asked(model):
+    """A new steady level (a set point changed without telling the agent): the alert turns
+    standing once its score settles; with rebaseline_after_s the stream learns again."""
+    level = np.concatenate([np.zeros(LEARN + 200), np.full(3000, RISE)])
+    over = {"alerts": {"standing_after_s": 120, "rebaseline_after_s": 300, "close_m": 10}}
+    e = engine(model, **over)
+    rec = run(e, series(len(level), level))
+    kinds = [(ev["type"], ev.get("reason"), ev["standing"]) for ev in rec.events
+             if ev["type"] != "update" or ev["standing"]]
+    assert kinds[0] == ("new", None, False)
+    assert ("update", None, True) in kinds
+    assert ("end", "rebaseline", True) in kinds
+    end = next(i for i, k in enumerate(kinds) if k[0] == "end")
+    assert all(k[0] != "new" for k in kinds[end:]), "learned the new level, no new alert"
+    assert e.streams["s"].state == "normal"
+    # off by default: the alert stays open, standing
+    stays = run(engine(model, alerts={"standing_after_s": 120}), series(len(level), level))
+    assert [ev["type"] for ev in stays.events if ev["type"] != "update"] == ["new"]
+    assert stays.events[-1]["standing"] is True
+
+
+def test_a_long_drifting_normal_replay_stays_quiet(model, tmp_path):
+    """Two days of a sensor that wanders (a daily cycle of 6 stds and a slow trend), replayed
+    like `tsad-agent replay`: alerts open on at most 1 % of rows."""
+    import pandas as pd
+    n = 2 * 24 * 3600 // 10                      # a sample every 10 s
+    t = np.arange(n) * 10.0
+    level = 3.0 * np.sin(2 * np.pi * t / 86400) + t / 86400
+    f = tmp_path / "long.csv"
+    v = series(n, level, seed=5)
+    pd.DataFrame({"timestamp": 1.7e9 + t, **{c: v[:, i] for i, c in enumerate(CH)}}).to_csv(f, index=False)
+    cfg = file_config(f, model, LEARN, {"adaptation": {"enabled": True, "time_constant_s": 3600},
+                                        "calibration": {"margin": 3.0}})
+    _, rec = replay_config(cfg, Detector(model))
+    assert open_share(rec, "replay") <= 0.01, open_share(rec, "replay")
+    cfg = file_config(f, model, LEARN, {"calibration": {"margin": 3.0}})
+    _, frozen = replay_config(cfg, Detector(model))
+    assert open_share(frozen, "replay") > 0.05
