@@ -6,7 +6,10 @@ import base64
 import http.client
 import json
 import re
+import select
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,18 +18,20 @@ import pytest
 from agent.cli import DEMO_CSV, main
 from agent.detector import Detector
 from agent.http.server import ROUTES, ApiError, load_api_key, make_server
+from agent.http.service import DEFAULT_STREAM
 from agent.prediction import predict
 from agent.contract import read_table
 from conftest import MODELS
 
 MODEL = MODELS / "DLinear_ad.onnx"
 KEY = "s3cret-key-for-tests"
+T0 = 1.7e9      # 2023-11-14
 
 
-def start(**kw):
-    if not MODEL.exists():
-        pytest.skip(f"shipped model {MODEL} not built")
-    srv = make_server(str(MODEL), host="127.0.0.1", port=0, **kw)
+def start(model=MODEL, **kw):
+    if not model.exists():
+        pytest.skip(f"shipped model {model} not built")
+    srv = make_server(str(model), host="127.0.0.1", port=0, **kw)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     return srv, t
@@ -163,7 +168,7 @@ def test_window_score_matches_detector(raw_server):
 def test_stream_warms_up_then_scores_like_a_window(raw_server):
     rows = demo_rows(66)
     answers = [json.loads(call(raw_server, "POST", "/anomaly",
-                               {"stream": "pump-1", "values": r.tolist(), "ts": 1000.0 + i})[2])
+                               {"stream": "pump-1", "values": r.tolist(), "ts": T0 + i})[2])
                for i, r in enumerate(rows)]
     assert answers[0] == {"status": "warming_up", "needed": 63}
     assert answers[62] == {"status": "warming_up", "needed": 1}
@@ -174,6 +179,85 @@ def test_stream_warms_up_then_scores_like_a_window(raw_server):
         assert answers[i]["status"] == win["status"] and answers[i]["alert"] in ("normal", "anomaly")
 
 
+def feed(srv, stream: str | None, rows: np.ndarray, t0: float = T0) -> list[dict]:
+    """One sample per request on one kept-alive connection; the answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    out = []
+    for i, r in enumerate(rows):
+        body = {"values": r.tolist(), "ts": t0 + i, **({"stream": stream} if stream else {})}
+        conn.request("POST", "/anomaly", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        out.append(json.loads(resp.read()))
+    conn.close()
+    return out
+
+
+def test_seed_api_flat_list_learns_then_judges_windows_on_its_baseline(server):
+    """`{"values": [v1..vC]}`, the AutoEncoder REST API's own call, is one sample on the
+    default stream; a window on that stream is judged against what it learned."""
+    rows = demo_rows(402)
+    answers = feed(server, None, rows)
+    assert answers[0] == {"status": "learning", "needed": 399}
+    assert answers[398] == {"status": "learning", "needed": 1}
+    learned = answers[399]
+    assert learned["status"] == "learned" and learned["needed"] == 1
+    thr = learned["threshold"]
+    assert set(answers[400]) == {"score", "status", "threshold", "alert"}
+    assert answers[400]["threshold"] == thr
+    # normal SKAB rows are normal against the learned baseline; against the model's
+    # training scaler (the old window mode) they scored 211-321 over a threshold of 1.18
+    assert [a["status"] for a in answers[400:]] == ["normal", "normal"]
+    for end in (400, 401):
+        win = call(server, "POST", "/anomaly", {"stream": DEFAULT_STREAM,
+                                                "values": rows[end - 63:end + 1].tolist()})
+        doc = json.loads(win[2])
+        assert win[0] == 200 and doc["threshold"] == thr and doc["status"] == "normal"
+        assert doc["score"] == pytest.approx(answers[end]["score"], rel=1e-5)
+    # the model needs a per-stream baseline: a window without a stream cannot be judged
+    msg = error_of(call(server, "POST", "/anomaly", {"values": rows[-64:].tolist()}), 422)
+    assert "baseline learned per stream" in msg and "'default'" in msg
+
+
+def test_window_on_a_learning_or_unknown_stream_is_refused(server):
+    feed(server, "young", demo_rows(10))
+    win = demo_rows(64).tolist()
+    assert error_of(call(server, "POST", "/anomaly", {"stream": "young", "values": win}),
+                    422) == "stream young is still learning: 390 samples needed"
+    assert "no stream 'ghost': send it samples first" in error_of(
+        call(server, "POST", "/anomaly", {"stream": "ghost", "values": win}), 422)
+    # judging a window creates no stream and changes none
+    assert "ghost" not in server.svc.engine.streams
+    assert json.loads(call(server, "POST", "/anomaly", {"stream": "young",
+                                                       "values": win[0]})[2])["needed"] == 389
+
+
+def test_window_without_stream_on_a_model_that_needs_no_baseline(tmp_path):
+    from onnx_factory import make_model
+    path, meta = make_model(tmp_path / "m.onnx", window=8, channels=["a", "b", "c"],
+                            kind="timemix", mean=[1.0, 2.0, 3.0], std=[0.5, 1.0, 2.0],
+                            threshold=0.05)
+    srv, t = start(path)
+    try:
+        win = np.random.default_rng(1).normal(2.0, 1.0, (8, 3)).astype(np.float32)
+        code, _, body = call(srv, "POST", "/anomaly", {"values": win.tolist()})
+        spec = json.loads(call(srv, "GET", "/openapi.json")[2])
+        first = feed(srv, None, win[:1])[0]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+    assert code == 200
+    doc = json.loads(body)
+    x = (win - np.float32(meta.scaler.mean)) / np.float32(meta.scaler.std)
+    recon = srv.svc.detector.infer(x[None])
+    want = float(((recon[0, -1].astype(np.float64) - x[-1]) ** 2).mean())
+    assert doc["score"] == pytest.approx(want, rel=1e-5) and doc["threshold"] == 0.05
+    assert doc["status"] == ("anomaly" if want >= 0.05 else "normal")
+    assert "scored with the model's own scaler" in spec["paths"]["/anomaly"]["post"]["description"]
+    assert first == {"status": "warming_up", "needed": 7}
+
+
 def test_stream_limit_is_429(raw_server):
     row = demo_rows(1)[0].tolist()
     codes = [call(raw_server, "POST", "/anomaly", {"stream": f"lim{i}", "values": row})[0]
@@ -181,19 +265,56 @@ def test_stream_limit_is_429(raw_server):
     assert codes[-1] == 429 and 200 in codes
 
 
+SHAPES = "values must be one sample: a list of 8 numbers, or one window: a list of 64 lists"
+
+
 @pytest.mark.parametrize("body, expect", [
-    ({"values": [[0.0] * 8] * 63}, "must be [64 x 8]"),
-    ({"values": [[0.0] * 7] * 64}, "must be [64 x 8]"),
-    ({"values": [["x"] * 8] * 64}, "lists of numbers"),
-    ({"values": [[1e39] * 8] * 64}, "finite"),
-    ({"stream": "s", "values": [0.0] * 3}, "must be [1 x 8]"),
-    ({"stream": "s", "values": [[0.0] * 8]}, "ONE sample"),
+    ({"values": [[0.0] * 8] * 63}, "got 63 list(s) of 8 number(s)"),
+    ({"values": [[0.0] * 7] * 64}, "got 64 list(s) of 7 number(s)"),
+    ({"values": [["x"] * 8] * 64}, "something other than numbers"),
+    ({"values": [[1e39] * 8] * 64}, "within float32 range"),
+    ({"values": [10 ** 400] * 8}, "within float32 range"),
+    ({"values": [[10 ** 400] * 8] * 64}, "within float32 range"),
+    ({"values": [0.0] * 3}, "got a list of 3 numbers"),
+    ({"values": []}, "got an empty list"),
+    ({"values": "1,2,3"}, "got str"),
+    ({"values": [1.0, [2.0]] * 4}, "got list"),
+    ({}, "field 'values' is required"),
+    ({"stream": "s", "values": [0.0] * 3}, "got a list of 3 numbers"),
+    ({"stream": "s", "values": [[0.0] * 8]}, "got 1 list(s) of 8 number(s)"),
     ({"stream": "bad id!", "values": [0.0] * 8}, "stream must be"),
-    ({"stream": "s", "values": [0.0] * 8, "ts": "now"}, "ts must be a number"),
+    ({"stream": 7, "values": [0.0] * 8}, "stream must be"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": "now"}, "ts must be epoch seconds"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": 10 ** 400}, "between 2000 and 2100"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": 1000.0}, "between 2000 and 2100"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": 4.2e9}, "between 2000 and 2100"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": "1999-12-31T23:59:59Z"}, "between 2000"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": None}, "between 2000 and 2100"),
+    ({"values": [[0.0] * 8] * 64, "ts": T0}, "ts belongs to one sample"),
     ([1, 2, 3], "JSON object"),
 ])
 def test_wrong_shapes_are_422(server, body, expect):
-    assert expect in error_of(call(server, "POST", "/anomaly", body), 422)
+    msg = error_of(call(server, "POST", "/anomaly", body), 422)
+    assert expect in msg
+    if "values" in str(body) and "got" in expect:
+        assert msg.startswith(SHAPES), msg
+
+
+def test_sample_times_in_every_unit_are_accepted(server):
+    row = demo_rows(1)[0].tolist()
+    for i, ts in enumerate((T0, (T0 + 1) * 1e3, (T0 + 2) * 1e6, int(T0 + 3) * 10 ** 9,
+                            "2023-11-14T22:13:24Z", "2023-11-14 22:13:25",
+                            "2023-11-14T23:13:26+01:00", str(T0 + 7))):
+        code, _, body = call(server, "POST", "/anomaly",
+                             {"stream": "times", "values": row, "ts": ts})
+        assert code == 200 and json.loads(body)["status"] == "learning", (ts, body)
+        assert server.svc.engine.streams["times"].last_ts == pytest.approx(T0 + i, abs=1e-6)
+    # an out-of-range time is refused and the stream is unharmed: it goes on learning
+    error_of(call(server, "POST", "/anomaly", {"stream": "times", "values": row,
+                                                "ts": 1e15 * 1e6}), 422)
+    doc = json.loads(call(server, "POST", "/anomaly",
+                          {"stream": "times", "values": row, "ts": T0 + 8})[2])
+    assert doc == {"status": "learning", "needed": 400 - 9}
 
 
 def test_bad_json_is_400(server):
@@ -247,7 +368,7 @@ def test_healthz(server):
 
 # ---------------------------------------------------------------- API key
 def test_api_key(keyed_server):
-    win = {"values": demo_rows(64).tolist()}
+    win = {"values": demo_rows(1)[0].tolist()}
     assert "API key" in error_of(call(keyed_server, "POST", "/anomaly", win), 401)
     assert error_of(call(keyed_server, "POST", "/anomaly", win, {"X-API-Key": KEY + "x"}), 401)
     assert error_of(call(keyed_server, "GET", "/metrics", None, {"Authorization": "Basic " + KEY}), 401)
@@ -255,6 +376,14 @@ def test_api_key(keyed_server):
     assert call(keyed_server, "POST", "/anomaly", win, {"Authorization": f"Bearer {KEY}"})[0] == 200
     assert call(keyed_server, "GET", "/metrics", None, {"X-API-Key": KEY})[0] == 200
     assert call(keyed_server, "GET", "/healthz")[0] == 200
+    # the first non-empty credential counts: an empty X-API-Key does not hide a Bearer
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    assert call(keyed_server, "POST", "/anomaly", win, {"X-API-Key": "", **bearer})[0] == 200
+    assert call(keyed_server, "POST", "/anomaly", win, {"X-API-Key": " ", **bearer})[0] == 200
+    assert error_of(call(keyed_server, "POST", "/anomaly", win,
+                         {"X-API-Key": "wrong", **bearer}), 401)
+    assert error_of(call(keyed_server, "POST", "/anomaly", win, {"X-API-Key": ""}), 401)
+    assert error_of(call(keyed_server, "POST", "/anomaly", win, {"Authorization": "Bearer "}), 401)
     spec = json.loads(call(keyed_server, "GET", "/openapi.json")[2])
     assert spec["paths"]["/anomaly"]["post"]["security"] == [{"ApiKey": []}, {"Bearer": []}]
 
@@ -279,10 +408,10 @@ COMMENT = re.compile(r"^# (HELP [a-zA-Z_:][a-zA-Z0-9_:]* .*|TYPE [a-zA-Z_:][a-zA
                      r"(counter|gauge|histogram|summary|untyped))$")
 
 
-def test_metrics_exposition_format(server):
-    call(server, "POST", "/anomaly", b"not json")
-    call(server, "POST", "/anomaly", {"values": demo_rows(64).tolist()})
-    code, headers, body = call(server, "GET", "/metrics")
+def test_metrics_exposition_format(raw_server):
+    call(raw_server, "POST", "/anomaly", b"not json")
+    call(raw_server, "POST", "/anomaly", {"values": demo_rows(64).tolist()})
+    code, headers, body = call(raw_server, "GET", "/metrics")
     assert code == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = body.decode()
     assert text.endswith("\n")
@@ -295,6 +424,8 @@ def test_metrics_exposition_format(server):
     buckets = [v for k, v in val.items() if k.startswith("tsad_inference_seconds_bucket")]
     assert buckets == sorted(buckets) and buckets[-1] == val["tsad_inference_seconds_count"] >= 1
     assert val["tsad_outbox_depth"] == 0
+    assert val['tsad_http_busy_total{reason="queue"}'] == 0 and val["tsad_http_waiting"] >= 0
+    assert val["tsad_http_timeouts_total"] >= 0
     assert val['tsad_build_info{version="0.1.0",model="DLinear_ad",ep="CPUExecutionProvider"}'] == 1
 
 
@@ -308,10 +439,27 @@ def test_openapi_document(server):
     assert refs and set(refs) <= set(spec["components"]["schemas"])
     win = spec["components"]["schemas"]["WindowRequest"]["properties"]["values"]
     assert win["minItems"] == win["maxItems"] == 64 and win["items"]["maxItems"] == 8
+    sample = spec["components"]["schemas"]["SampleRequest"]["properties"]
+    assert sample["values"]["minItems"] == sample["values"]["maxItems"] == 8
+    assert sample["stream"]["default"] == DEFAULT_STREAM
+    assert set(spec["components"]["schemas"]["Pending"]["properties"]["status"]["enum"]) == \
+        {"learning", "learned", "warming_up", "skipped"}
+    # every status the server answers on a path is documented there
+    anomaly = spec["paths"]["/anomaly"]["post"]
+    assert {"200", "400", "408", "411", "413", "422", "429", "500", "503"} <= set(anomaly["responses"])
+    assert "Retry-After" in anomaly["responses"]["503"]["headers"]
+    for ops in spec["paths"].values():
+        assert {"408", "503"} <= set(next(iter(ops.values()))["responses"])
+    # this server's model needs a per-stream baseline: the document says windows
+    # without a stream are refused, as they are
+    assert "Without `stream` a window is refused (422)" in anomaly["description"]
+    assert "per stream" in error_of(call(server, "POST", "/anomaly",
+                                         {"values": demo_rows(64).tolist()}), 422)
 
 
 # ---------------------------------------------------------------- concurrency
-def test_concurrent_requests(server):
+def test_concurrent_requests(raw_server):
+    server = raw_server
     win = {"values": demo_rows(64).tolist()}
     alone = json.loads(call(server, "POST", "/anomaly", win)[2])
     want_csv = json.loads(call(server, "POST", "/time-series-anomaly-detection",
@@ -363,7 +511,6 @@ def test_serve_command_refuses_an_unset_key(capsys):
 
 
 def test_garbage_request_line_gets_a_json_400(server):
-    import socket
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
         s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
         data = b""
@@ -372,3 +519,56 @@ def test_garbage_request_line_gets_a_json_400(server):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") or head.startswith(b"HTTP/1.0 400"), head
     assert json.loads(body)["errorCode"] == 400
+
+
+# ---------------------------------------------------------------- deadlines
+def slow_client(port: int, first: bytes, rest: bytes, pace: float = 1.0) -> tuple[bytes, int]:
+    """Send `first` at once, then `rest` a byte every `pace` seconds until the server
+    answers or closes; (what it answered, bytes of `rest` sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(first)
+        for sent, byte in enumerate(rest):
+            if select.select([s], [], [], pace)[0]:
+                break
+            s.sendall(bytes([byte]))
+        else:
+            sent = len(rest)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data, sent
+
+
+def test_slowloris_is_cut_off_by_the_deadline_while_others_are_served():
+    srv, t = start(calibrate=0, deadline_s=2.0, threads=4)
+    port = srv.server_address[1]
+    headers = b"Host: x\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
+    slow = {
+        # headers at a byte a second: 408 once the request line is in
+        "headers": (b"POST /anomaly HTTP/1.1\r\nContent-Length: 2\r\n", headers),
+        # the body at a byte a second
+        "body": (b"POST /anomaly HTTP/1.1\r\nContent-Length: 40\r\n\r\n", b"{" + b" " * 39),
+        # not even a request line: the connection is closed without an answer
+        "line": (b"PO", b"ST /anomaly HTTP/1.1\r\n" + headers),
+    }
+    with ThreadPoolExecutor(len(slow)) as ex:
+        futures = {k: ex.submit(slow_client, port, *v) for k, v in slow.items()}
+        others = []
+        while not all(f.done() for f in futures.values()):
+            others.append(call(srv, "GET", "/healthz")[0])
+            time.sleep(0.2)
+        got = {k: f.result() for k, f in futures.items()}
+    metrics = call(srv, "GET", "/metrics")[2].decode()
+    srv.shutdown()
+    srv.server_close()
+    t.join(5)
+    for k in ("headers", "body"):
+        data, sent = got[k]
+        assert data.startswith(b"HTTP/1.1 408 "), (k, data)
+        doc = json.loads(data.partition(b"\r\n\r\n")[2])
+        assert doc["errorCode"] == 408 and "within 2 s" in doc["errorMsg"]
+        assert sent < len(slow[k][1]), k    # cut off, not waited for
+    assert got["line"][0] == b"" and got["line"][1] < len(slow["line"][1])
+    # the other clients were answered all along
+    assert len(others) >= 5 and set(others) == {200}
+    assert "tsad_http_timeouts_total 3" in metrics.splitlines()

@@ -4,142 +4,78 @@ POST /time-series-anomaly-detection  PaddleX serving contract: {"csv": base64 CS
                                      {"logId", "errorCode": 0, "errorMsg": "Success",
                                       "result": {"csv": base64 `timestamp,label`, "image"}};
                                      the labels are `agent.prediction.predict`'s, same settings.
-POST /anomaly                        {"values": [[C] x window]} -> one score (model's scaler
-                                     and threshold); {"stream", "values": [C], "ts"?} -> one
-                                     sample into a named stream run by the daemon's engine
-                                     (learning period, ring buffer, alert hysteresis).
+POST /anomaly                        one sample (C numbers) into a stream, or one window
+                                     (W x C) scored against a fitting baseline: `bodies`.
 GET  /healthz, /metrics (Prometheus text 0.0.4), /openapi.json
 
 Every error is {"logId", "errorCode": HTTP status, "errorMsg"}; no traceback ever
 reaches a client.  With an API key (X-API-Key or Authorization: Bearer, compared in
-constant time) everything but /healthz and /openapi.json needs it: probes and API
-browsers carry no secrets.  Binds 127.0.0.1 unless told otherwise.
+constant time; the first non-empty one counts) everything but /healthz and
+/openapi.json needs it: probes and API browsers carry no secrets.  Binds 127.0.0.1
+unless told otherwise.
+
+Load and memory (connections, deadlines and closes: `transport`): `threads` workers
+serve at most that many requests at once, `queue_size` more connections wait, beyond
+that 503 + Retry-After.  A body is at most `max_body` bytes (8 MiB, refused unread
+when larger); at most `large_bodies` (2) bodies over `LARGE_BODY` (1 MiB) are read and
+processed at once, a third waits up to `large_wait_s` for a turn, then gets 503.  So
+the bodies held at once are bounded by large_bodies x 8 MiB + threads x 1 MiB, each
+with its parse (a JSON list of numbers takes about 5x its text).
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
+import io
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
-
 from .. import __version__
-from ..config_base import STREAM_ID_CHARS
 from ..detector import DetectorError
+from .bodies import HttpError, handle_anomaly, handle_paddlex, json_body
 from .openapi import PADDLEX_PATH, build_spec
 from .prometheus import metrics_text
-from .service import AnomalyService, InputError, TooManyStreams
+from .service import AnomalyService, InputError, NotJudgeable, TooManyStreams
+from .transport import RETRY_AFTER_S, DeadlineReader, DeadlineWriter, PooledServer
 
 log = logging.getLogger("tsad.http")
 
 MAX_BODY = 8 << 20
-STREAM_ID = re.compile(rf"^{STREAM_ID_CHARS}{{1,64}}$")
+LARGE_BODY = 1 << 20
 ROUTES = {PADDLEX_PATH: "POST", "/anomaly": "POST", "/healthz": "GET", "/metrics": "GET",
           "/openapi.json": "GET"}
 OPEN_PATHS = {"/healthz", "/openapi.json"}
+LIMITS = {"threads": 8, "queue_size": 256, "deadline_s": 10.0, "idle_s": 5.0,
+          "large_bodies": 2, "large_wait_s": 10.0}
 
 
 class ApiError(RuntimeError):
     """The server cannot start (key not set, port taken, ...); one line."""
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, msg: str, reason: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(msg)
-        self.status, self.msg, self.reason, self.headers = status, msg, reason, headers
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# ---------------------------------------------------------------- request parsing
-def _json_body(body: bytes) -> dict:
-    try:
-        doc = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError
-        raise HttpError(400, f"body is not JSON: {' '.join(str(e).split())[:200]}",
-                        "http_json") from None
-    if not isinstance(doc, dict):
-        raise HttpError(422, f"body must be a JSON object, got {type(doc).__name__}", "http_shape")
-    return doc
-
-
-def _matrix(v, rows: int, cols: int, what: str) -> np.ndarray:
-    """A finite float32 matrix of exactly [rows, cols]."""
-    ok = (isinstance(v, list) and all(isinstance(r, list) for r in v)
-          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in v for x in r))
-    if not ok:
-        raise HttpError(422, f"{what} must be a list of lists of numbers", "http_shape")
-    got = sorted({len(r) for r in v})
-    if len(v) != rows or got != [cols]:
-        raise HttpError(422, f"{what} must be [{rows} x {cols}] (samples x channels), got "
-                             f"{len(v)} row(s) of {', '.join(map(str, got)) or 'no'} value(s)",
-                        "http_shape")
-    a = np.asarray(v, np.float64)
-    if not np.isfinite(a).all() or np.abs(a).max(initial=0) > 3e38:
-        raise HttpError(422, f"{what} must be finite float32 numbers", "http_shape")
-    return a.astype(np.float32)
-
-
-def handle_paddlex(svc: AnomalyService, doc: dict) -> dict:
-    csv_b64 = doc.get("csv")
-    if not isinstance(csv_b64, str) or not csv_b64:
-        raise HttpError(422, "field 'csv' (base64 of a CSV file) is required", "http_shape")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://", csv_b64):
-        raise HttpError(422, "'csv' is a URL: this server does not fetch URLs (no network); "
-                             "send the file as base64", "http_url")
-    try:
-        data = base64.b64decode(csv_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "field 'csv' is not valid base64", "http_base64") from None
-    text, image = svc.predict_csv(data)
-    return {"logId": str(uuid.uuid4()), "errorCode": 0, "errorMsg": "Success",
-            "result": {"csv": base64.b64encode(text.encode()).decode("ascii"), "image": image}}
-
-
-def handle_anomaly(svc: AnomalyService, doc: dict) -> dict:
-    w, c = svc.meta.window, svc.meta.n_channels
-    if "stream" not in doc:
-        return svc.score_window(_matrix(doc.get("values"), w, c, "values"))
-    sid = doc["stream"]
-    if not isinstance(sid, str) or not STREAM_ID.match(sid):
-        raise HttpError(422, "stream must be 1-64 characters of A-Z a-z 0-9 _ . -", "http_shape")
-    ts = doc.get("ts", time.time())
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not np.isfinite(ts):
-        raise HttpError(422, "ts must be a number (epoch seconds)", "http_shape")
-    v = doc.get("values")
-    if isinstance(v, list) and v and isinstance(v[0], list):
-        raise HttpError(422, "with 'stream', values is ONE sample: a list of "
-                             f"{c} numbers", "http_shape")
-    return svc.push_sample(sid, float(ts), _matrix([v], 1, c, "values")[0])
-
-
 # ---------------------------------------------------------------- HTTP
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class ApiServer(PooledServer):
     def __init__(self, svc: AnomalyService, host: str, port: int, api_key: str | None = None,
-                 max_body: int = MAX_BODY):
+                 max_body: int = MAX_BODY, **limits):
+        lim = {**LIMITS, **limits}
         self.svc, self.api_key, self.max_body = svc, api_key, max_body
         self.requests: Counter = Counter()
         self._req_lock = threading.Lock()
-        self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, max_body, bool(api_key)),
-                               indent=1).encode()
-        super().__init__((host, port), _Handler)
+        self.large = threading.BoundedSemaphore(lim["large_bodies"])
+        self.large_wait_s = lim["large_wait_s"]
+        self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, max_body, bool(api_key),
+                                          svc.model_scaler_ok), indent=1).encode()
+        super().__init__((host, port), _Handler, lim["threads"], lim["queue_size"],
+                         lim["deadline_s"], lim["idle_s"])
 
     @property
     def url(self) -> str:
@@ -150,19 +86,86 @@ class ApiServer(ThreadingHTTPServer):
         with self._req_lock:
             self.requests[(path if path in ROUTES else "other", code)] += 1
 
+    def metrics(self) -> str:
+        with self._req_lock:
+            requests = Counter(self.requests)
+        return metrics_text(self.svc, requests, Counter(self.stats), self.waiting)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"tsad-agent/{__version__}"
     sys_version = ""
-    timeout = 30        # a client that stops sending frees its thread
     server: ApiServer
+
+    # ------------------------------------------------------------ connection
+    def setup(self) -> None:
+        self.connection = self.request
+        self._in = DeadlineReader(self.request)
+        self.rfile = io.BufferedReader(self._in, 64 * 1024)
+        self.wfile = self._out = DeadlineWriter(self.request)
+
+    def finish(self) -> None:
+        # the socket itself is the server's to close (a lingering close)
+        self.rfile.close()
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self._in.deadline = time.monotonic() + self.server.deadline_s
+        self.handle_one_request()
+        while not self.close_connection and self._next_request():
+            self._in.deadline = time.monotonic() + self.server.deadline_s
+            self.handle_one_request()
+
+    def _next_request(self) -> bool:
+        """Wait for a kept-alive connection's next request while nobody else waits."""
+        end = time.monotonic() + self.server.idle_s
+        while not self.server.waiting:
+            self._in.deadline = min(end, time.monotonic() + 0.05)
+            try:
+                return bool(self.rfile.peek(1))
+            except TimeoutError:
+                if time.monotonic() >= end:
+                    return False
+            except OSError:
+                return False
+        return False
+
+    def handle_one_request(self) -> None:
+        """BaseHTTPRequestHandler's, under the request deadline: a request cut off by it
+        gets 408 once its request line has come, else the connection is just closed."""
+        self.raw_requestline, self._responded, self._slot = b"", False, False
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.command = ""
+                self.request_version = "HTTP/1.1"
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            elif not self.raw_requestline:
+                self.close_connection = True
+            elif self.parse_request():
+                self._dispatch()
+        except TimeoutError:
+            self.server.stats["timeout"] += 1
+            self.close_connection = True
+            if self.raw_requestline and not self._responded:
+                self._out.deadline = time.monotonic() + 1.0
+                self._error(408, f"request not received within {self.server.deadline_s:g} s")
+        except OSError:
+            self.close_connection = True
+        finally:
+            if self._slot:
+                self.server.large.release()
 
     # ------------------------------------------------------------ plumbing
     def log_message(self, fmt, *args) -> None:
         log.debug("%s " + fmt, self.client_address[0], *args)
 
     def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self._responded = True
+        if self.server.waiting:     # others wait for a worker: do not keep this one
+            self.close_connection = True
+        self._out.deadline = time.monotonic() + self.server.deadline_s
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -191,11 +194,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(code, message or self.responses.get(code, ("error",))[0])
 
     # ------------------------------------------------------------ dispatch
-    def do_GET(self):
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
-
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
         self._route = path
@@ -205,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
             if e.reason:
                 self.server.svc.metrics.bad(e.reason)
             self._error(e.status, e.msg, e.headers)
+        except NotJudgeable as e:
+            self.server.svc.metrics.bad("http_no_baseline")
+            self._error(422, str(e))
         except InputError as e:
             self.server.svc.metrics.bad("http_input")
             self._error(422, str(e))
@@ -214,8 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
         except DetectorError as e:
             log.error("%s: %s", path, e)
             self._error(500, "inference failed; see the server log")
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        except (TimeoutError, ConnectionError):     # the deadline, or the client went away
+            raise
         except Exception:
             log.exception("unhandled error on %s %s", self.command, path)
             self.close_connection = True
@@ -239,19 +240,20 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/openapi.json":
             return self._send(200, srv.spec, "application/json")
         if path == "/metrics":
-            return self._send(200, metrics_text(svc, srv.requests).encode(),
+            return self._send(200, srv.metrics().encode(),
                               "text/plain; version=0.0.4; charset=utf-8")
-        doc = _json_body(self._body())
+        doc = json_body(self._body())
         handler = handle_paddlex if path == PADDLEX_PATH else handle_anomaly
         self._json(200, handler(svc, doc))
 
     def _authorized(self, key: str) -> bool:
-        given = self.headers.get("X-API-Key")
-        if given is None:
-            auth = self.headers.get("Authorization", "")
-            if auth[:7].lower() == "bearer ":
-                given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode(), key.encode())
+        # the first non-empty credential counts: an empty X-API-Key next to a Bearer
+        # token is a client's template left blank, not an attempt with an empty key
+        given = (self.headers.get("X-API-Key") or "").strip()
+        if not given:
+            auth = self.headers.get("Authorization") or ""
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
@@ -272,11 +274,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True   # the body is never read
             raise HttpError(413, f"body of {n} bytes is over the {self.server.max_body}-byte limit",
                             "http_too_large")
+        if n > LARGE_BODY:
+            self._large_turn()
         body = self.rfile.read(n)
         if len(body) < n:
             self.close_connection = True
             raise HttpError(400, f"body ended after {len(body)} of {n} bytes")
         return body
+
+    def _large_turn(self) -> None:
+        """Wait for one of the large-body turns; the wait does not count against the
+        client's deadline.  503 when none comes in time."""
+        t0 = time.monotonic()
+        if not self.server.large.acquire(timeout=self.server.large_wait_s):
+            self.close_connection = True
+            self.server.stats["busy_large_body"] += 1
+            raise HttpError(503, "server busy: too many large bodies at once; retry later",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        self._slot = True
+        self._in.deadline += time.monotonic() - t0
 
 
 # ---------------------------------------------------------------- start-up
@@ -300,8 +316,11 @@ def load_api_key(env: str | None = None, file: str | None = None) -> str | None:
 
 
 def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
-                api_key: str | None = None, max_body: int = MAX_BODY, **service_kw) -> ApiServer:
-    """Load the model and bind; `serve_forever()` (or a thread) runs it."""
+                api_key: str | None = None, max_body: int = MAX_BODY, **kw) -> ApiServer:
+    """Load the model and bind; `serve_forever()` (or a thread) runs it.  Keywords named
+    in LIMITS go to the server, the others to the service."""
+    limits = {k: kw.pop(k) for k in list(kw) if k in LIMITS}
+    service_kw = kw
     if service_kw.get("visualize"):
         try:
             import matplotlib  # noqa: F401  (checked now, not on the first request)
@@ -312,7 +331,7 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
     except DetectorError as e:
         raise ApiError(str(e)) from None
     try:
-        return ApiServer(svc, host, port, api_key, max_body)
+        return ApiServer(svc, host, port, api_key, max_body, **limits)
     except OSError as e:
         raise ApiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
