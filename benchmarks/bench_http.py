@@ -5,17 +5,20 @@ load    CLIENTS threads start together (a barrier) and each sends REQUESTS reque
         one connection each, alternating a sample on its own stream and /healthz.
         Reports status codes, connection errors by kind (resets, refusals, timeouts),
         and latency percentiles (connect to last byte).
-memory  BODIES clients send an 8 MiB JSON body at once ({"values": one long list of
-        numbers}, parsed by the server and refused with 422: the body and its parse are
-        the cost measured). Reports the server's peak RSS (VmHWM) before and after.
+memory  BODIES clients send an 8 MiB body at once and the server's peak RSS (VmHWM)
+        is reported.  --body anomaly: {"values": one long list of numbers} to
+        /anomaly (a server that reads and parses it refuses it with 422); --body csv:
+        the PaddleX endpoint's {"csv": base64} of a regular SKAB-style CSV of ~6 MiB
+        (~75k rows), labelled in full.
 
     python benchmarks/bench_http.py load [--clients 200] [--requests 5]
-    python benchmarks/bench_http.py memory [--bodies 16]
+    python benchmarks/bench_http.py memory [--bodies 16] [--body anomaly|csv]
     --repo DIR runs the server from another checkout (a before/after comparison).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import socket
@@ -113,16 +116,35 @@ def run_load(port: int, clients: int, requests: int) -> dict:
             "max_ms": round(lat[-1] * 1e3, 1), "wall_s": round(wall, 2)}
 
 
-def run_memory(port: int, pid: int, bodies: int) -> dict:
-    n = (BODY_BYTES - 64) // len("1.234567,")   # just under the server's 8 MiB limit
-    body = ('{"values": [' + ",".join(["1.234567"] * n) + "]}").encode()
+def csv_body(limit: int) -> bytes:
+    """{"csv": base64 CSV} just under `limit` bytes: SKAB demo rows, repeated, 1 s apart."""
+    lines = (REPO / "agent/demo_data/skab_valve1_1.csv").read_text().splitlines()
+    rows = [line.split(";", 1)[1] for line in lines[1:]]
+    want = (limit - 64) * 3 // 4
+    out, size, t0 = [lines[0]], len(lines[0]) + 1, 1.7e9
+    while True:
+        line = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0 + len(out))) + ";" \
+            + rows[len(out) % len(rows)]
+        if size + len(line) + 1 > want:
+            break
+        out.append(line)
+        size += len(line) + 1
+    return json.dumps({"csv": base64.b64encode("\n".join(out).encode()).decode()}).encode()
+
+
+def run_memory(port: int, pid: int, bodies: int, kind: str) -> dict:
+    if kind == "csv":
+        path, body = "/time-series-anomaly-detection", csv_body(BODY_BYTES)
+    else:
+        n = (BODY_BYTES - 64) // len("1.234567,")   # just under the 8 MiB limit
+        path, body = "/anomaly", ('{"values": [' + ",".join(["1.234567"] * n) + "]}").encode()
     before = vm_kb(pid, "VmHWM")
     barrier = threading.Barrier(bodies)
     codes: list = []
 
     def client() -> None:
         barrier.wait()
-        codes.append(request(port, "POST", "/anomaly", body)[0])
+        codes.append(request(port, "POST", path, body, timeout=600)[0])
 
     threads = [threading.Thread(target=client) for _ in range(bodies)]
     t0 = time.perf_counter()
@@ -130,7 +152,7 @@ def run_memory(port: int, pid: int, bodies: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return {"bodies": bodies, "body_mib": round(len(body) / 2**20, 2),
+    return {"bodies": bodies, "path": path, "body_mib": round(len(body) / 2**20, 2),
             "codes": dict(Counter(str(c) for c in codes)),
             "peak_rss_idle_mib": round(before / 1024, 1),
             "peak_rss_mib": round(vm_kb(pid, "VmHWM") / 1024, 1),
@@ -143,6 +165,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--bodies", type=int, default=16)
+    ap.add_argument("--body", choices=["anomaly", "csv"], default="csv")
     ap.add_argument("--repo", type=Path, default=REPO)
     a = ap.parse_args()
     port = free_port()
@@ -151,7 +174,7 @@ def main() -> int:
         if a.what == "load":
             res = run_load(port, a.clients, a.requests)
         else:
-            res = run_memory(port, srv.pid, a.bodies)
+            res = run_memory(port, srv.pid, a.bodies, a.body)
     finally:
         srv.terminate()
         srv.wait(30)

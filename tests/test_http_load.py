@@ -1,7 +1,8 @@
-"""The HTTP server under a crowd: 200 concurrent clients against the real `serve`
+"""The `serve` process and its connections: 200 concurrent clients against the real
 process, a full worker queue, large bodies taking turns, keep-alive given up for
-waiting clients.  Latency is printed (run with -s), never asserted; the speed numbers
-come from benchmarks/bench_http.py."""
+waiting clients, the HTTP rules (413, 411, 404, 405, garbage), SIGTERM.  Latency is
+printed (run with -s), never asserted; the speed numbers come from
+benchmarks/bench_http.py.  Slow clients and the request deadline: test_http_api."""
 from __future__ import annotations
 
 import http.client
@@ -14,14 +15,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from agent.http.server import make_server
-from conftest import MODELS, REPO, free_port, wait_port
+from agent.cli import main
+from conftest import REPO, free_port, wait_port
+from http_harness import MODEL, call, demo_b64, demo_rows, error_of, read_all, start, stop
 
-MODEL = MODELS / "DLinear_ad.onnx"
 CLIENTS, REQUESTS = 200, 3
+KEY = "s3cret-key-for-tests"
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"shipped model {MODEL} not built")
 
@@ -79,16 +82,16 @@ def test_200_concurrent_clients_are_all_answered_without_a_reset():
 
 
 # ---------------------------------------------------------------- in-process limits
-def start(**kw):
-    srv = make_server(str(MODEL), host="127.0.0.1", port=0, calibrate=0, **kw)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    return srv
+@pytest.fixture(scope="module")
+def server():
+    """Model scaler and threshold (no calibration): windows without a stream are scored."""
+    srv = start(calibrate=0)
+    yield srv
+    stop(srv)
 
 
-def stop(srv) -> None:
-    srv.shutdown()
-    srv.server_close()
+def limited(**kw):
+    return start(calibrate=0, **kw)
 
 
 def wait_until(cond, timeout: float = 10.0) -> None:
@@ -106,25 +109,21 @@ def turn_free(srv) -> bool:
     return False
 
 
-def read_all(s: socket.socket) -> bytes:
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    return data
-
-
 def test_full_queue_answers_503_with_retry_after_and_no_reset():
-    srv = start(threads=1, queue_size=1, deadline_s=3.0)
+    srv = limited(threads=1, queue_size=1, deadline_s=3.0)
     port = srv.server_address[1]
     try:
-        # the one worker waits for this idle connection's request (until its deadline)
-        idle = socket.create_connection(("127.0.0.1", port))
+        # a large body that does not come holds the one worker (until its deadline);
+        # small ones never reach a worker before they are complete
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        slow.sendall(b"POST /time-series-anomaly-detection HTTP/1.1\r\n"
+                     b"Content-Length: 100000\r\n\r\n{")
         time.sleep(0.3)
         wait_until(lambda: srv.waiting == 0)
         queued = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         queued.request("GET", "/healthz")
         wait_until(lambda: srv.waiting == 1)
-        # the queue is full: answered at once, its request and body sent but never read
+        # the queue is full: answered at once, its body sent but never read, no reset
         body = json.dumps({"values": [1.0] * 8}).encode() * 200
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"POST /anomaly HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -132,43 +131,53 @@ def test_full_queue_answers_503_with_retry_after_and_no_reset():
         assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head
         doc = json.loads(rest)
         assert doc["errorCode"] == 503 and "retry" in doc["errorMsg"]
-        # the queued request is served once the idle connection's deadline frees the worker
+        # the slow body is cut off by its deadline, which frees the worker for the queue
+        assert read_all(slow).startswith(b"HTTP/1.1 408 ")
         r = queued.getresponse()
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
         assert srv.stats["busy_queue"] == 1 and srv.stats["timeout"] == 1
-        idle.close()
+        slow.close()
         queued.close()
     finally:
         stop(srv)
 
 
-def test_keep_alive_is_given_up_while_others_wait():
-    srv = start(threads=1, queue_size=4, idle_s=60.0)
+def test_an_idle_kept_alive_connection_holds_no_worker():
+    srv = limited(threads=1, idle_s=60.0)
     port = srv.server_address[1]
     try:
         kept = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         kept.request("GET", "/healthz")
         r = kept.getresponse()
         r.read()
-        assert r.getheader("Connection") is None     # kept alive: nobody waits
+        assert r.getheader("Connection") is None
+        sock = kept.sock
+        # the only worker is free for others while `kept` idles (for up to 60 s)
         other = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         other.request("GET", "/healthz")
-        # the worker gives `kept` up as soon as `other` waits, not after idle_s
-        r = other.getresponse()
-        assert r.status == 200
-        r.read()
-        assert kept.sock.recv(1) == b""              # closed by the server
+        assert other.getresponse().status == 200
         other.close()
+        # and `kept` is still open for its next request
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().status == 200 and kept.sock is sock
         kept.close()
     finally:
         stop(srv)
 
 
+def test_pipelined_requests_are_all_answered(server):
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\n\r\n" * 3 + b"GET /healthz HTTP/1.1\r\n"
+                  b"Connection: close\r\n\r\n")
+        data = read_all(s)
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == 4
+
+
 def test_large_bodies_take_turns():
-    srv = start(large_bodies=1, large_wait_s=0.5, deadline_s=5.0, idle_s=0.2)
+    srv = limited(large_bodies=1, large_wait_s=0.5, deadline_s=5.0, idle_s=0.2)
     port = srv.server_address[1]
     big = 2 << 20
-    head = b"POST /anomaly HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % big
+    head = b"POST /time-series-anomaly-detection HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % big
     try:
         # a large body that is slow to come holds the only large-body turn
         holder = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -197,7 +206,7 @@ def test_large_bodies_take_turns():
 
 
 def test_request_counts_survive_a_crowd_in_metrics():
-    srv = start(threads=2)
+    srv = limited(threads=2)
     port = srv.server_address[1]
     try:
         threads = [threading.Thread(target=one_request, args=(port, "GET", "/healthz"))
@@ -215,3 +224,112 @@ def test_request_counts_survive_a_crowd_in_metrics():
         assert 'tsad_http_requests_total{path="/healthz",code="200"} 51' in text.splitlines()
     finally:
         stop(srv)
+
+
+# ---------------------------------------------------------------- HTTP rules
+def test_oversized_body_is_413_without_reading_it(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.putrequest("POST", "/time-series-anomaly-detection")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(9 << 20))
+    conn.endheaders(b"{\"csv\": \"")
+    r = conn.getresponse()
+    assert r.status == 413 and r.getheader("Connection") == "close"
+    msg = json.loads(r.read())["errorMsg"]
+    assert msg.endswith("over the 8388608-byte limit of /time-series-anomaly-detection")
+    conn.close()
+    # /anomaly takes one window at most: 64 KiB is plenty, more is refused unread
+    code, headers, body = call(server, "POST", "/anomaly", b"[" + b" " * (64 << 10) + b"]")
+    assert code == 413 and headers["Connection"] == "close"
+    assert "over the 65536-byte limit of /anomaly" in json.loads(body)["errorMsg"]
+
+
+def test_missing_length_unknown_path_wrong_method(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.putrequest("POST", "/anomaly")
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 411
+    conn.close()
+    assert "no such path" in error_of(call(server, "GET", "/nope"), 404)
+    code, headers, _ = call(server, "GET", "/anomaly")
+    assert code == 405 and headers["Allow"] == "POST"
+    assert call(server, "DELETE", "/healthz")[0] == 405
+    code, _, body = call(server, "HEAD", "/healthz")
+    assert code == 200 and body == b""
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    for _ in range(3):
+        conn.request("GET", "/healthz")
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    conn.close()
+
+
+def test_expect_100_continue(server):
+    body = json.dumps({"values": [1.0] * 8}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"POST /anomaly HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n")
+        s.sendall(body)
+        head, _, rest = read_all(s).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and json.loads(rest)["status"] == "warming_up"
+
+
+# ---------------------------------------------------------------- concurrency
+def test_concurrent_requests(server):
+    win = {"values": demo_rows(64).tolist()}
+    alone = json.loads(call(server, "POST", "/anomaly", win)[2])
+    want_csv = json.loads(call(server, "POST", "/time-series-anomaly-detection",
+                               {"csv": demo_b64()})[2])["result"]["csv"]
+
+    def one(i):
+        if i % 8 == 0:
+            code, _, body = call(server, "POST", "/time-series-anomaly-detection", {"csv": demo_b64()})
+            return code, json.loads(body)["result"]["csv"] == want_csv
+        code, _, body = call(server, "POST", "/anomaly", win)
+        return code, json.loads(body)["score"] == alone["score"]
+
+    with ThreadPoolExecutor(12) as ex:
+        results = list(ex.map(one, range(48)))
+    assert results == [(200, True)] * 48
+
+
+def test_garbage_request_line_gets_a_json_400(server):
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") or head.startswith(b"HTTP/1.0 400"), head
+    assert json.loads(body)["errorCode"] == 400
+
+
+# ---------------------------------------------------------------- the CLI daemon
+def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**os.environ, "TSAD_KEY": KEY}
+    p = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--model", str(MODEL),
+                          "--port", str(port), "--api-key-env", "TSAD_KEY"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_port(port, 60)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 401
+        conn.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0, out
+    assert f"http://127.0.0.1:{port}" in out and "API key required" in out
+
+
+def test_serve_command_refuses_an_unset_key(capsys):
+    assert main(["serve", "--model", str(MODEL), "--api-key-env", "TSAD_SURELY_UNSET_VAR"]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "error: API key variable TSAD_SURELY_UNSET_VAR is not set or empty"

@@ -90,7 +90,7 @@ def handle_anomaly(svc: AnomalyService, doc: dict) -> dict:
                              f"{svc.meta.n_channels} numbers) or one window", "http_shape")
     values = _values(doc["values"], svc.meta.window, svc.meta.n_channels)
     sid = doc.get("stream")
-    if sid is not None and not (isinstance(sid, str) and STREAM_ID.match(sid)):
+    if "stream" in doc and not (isinstance(sid, str) and STREAM_ID.match(sid)):
         raise HttpError(422, "stream must be 1-64 characters of A-Z a-z 0-9 _ . -", "http_shape")
     if values.ndim == 2:
         if "ts" in doc:

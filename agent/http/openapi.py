@@ -47,10 +47,10 @@ def _window_rule(model_scaler_ok: bool) -> str:
             "judges data against a baseline learned per stream.")
 
 
-def build_spec(meta: ModelMeta, ep: str, max_body: int, auth: bool,
+def build_spec(meta: ModelMeta, ep: str, limits: dict[str, int], auth: bool,
                model_scaler_ok: bool = True) -> dict:
-    """model_scaler_ok: windows without a stream are scored with the model's scaler
-    (`service.AnomalyService.model_scaler_ok`)."""
+    """limits: the body size limit of each POST path; model_scaler_ok: windows without
+    a stream are scored with the model's scaler (`service.AnomalyService.model_scaler_ok`)."""
     w, c = meta.window, meta.n_channels
     row = {"type": "array", "items": {"type": "number"}, "minItems": c, "maxItems": c,
            "description": f"one sample: {c} values in channel order {meta.channels}"}
@@ -62,7 +62,9 @@ def build_spec(meta: ModelMeta, ep: str, max_body: int, auth: bool,
         "openapi": "3.0.3",
         "info": {"title": "tsad-agent HTTP API", "version": __version__,
                  "description": f"Model {meta.name} ({meta.architecture}), window {w}, "
-                                f"{c} channels, on {ep}. Bodies up to {max_body} bytes. "
+                                f"{c} channels, on {ep}. Bodies up to "
+                                + ", ".join(f"{n} bytes on {p}" for p, n in limits.items())
+                                + ". "
                                 "Every error is {logId, errorCode (= HTTP status), errorMsg}."},
         "paths": {
             PADDLEX_PATH: {"post": {

@@ -14,7 +14,7 @@ def _label(v: str) -> str:
 def metrics_text(svc: AnomalyService, requests: Counter, transport: Counter,
                  waiting: int) -> str:
     """`transport`: the server's connection counters (busy_queue, busy_large_body,
-    timeout); `waiting`: connections queued for a worker now."""
+    busy_open, timeout); `waiting`: requests queued for a worker now."""
     snap = svc.metrics.snapshot()
     out: list[str] = []
 
@@ -44,11 +44,12 @@ def metrics_text(svc: AnomalyService, requests: Counter, transport: Counter,
     family("tsad_http_requests_total", "counter", "HTTP requests, by path and status.",
            [("", {"path": p, "code": str(c)}, n) for (p, c), n in sorted(requests.items())])
     family("tsad_http_busy_total", "counter",
-           "Requests refused with 503: worker queue full, or too many large bodies at once.",
-           [("", {"reason": r}, transport[f"busy_{r}"]) for r in ("queue", "large_body")])
+           "Requests refused with 503: the worker queue full (queue), too many large bodies "
+           "at once (large_body), too many open connections (open).",
+           [("", {"reason": r}, transport[f"busy_{r}"]) for r in ("queue", "large_body", "open")])
     family("tsad_http_timeouts_total", "counter",
-           "Connections cut off by the whole-request deadline.", [("", {}, transport["timeout"])])
-    family("tsad_http_waiting", "gauge", "Connections waiting for a worker.",
+           "Requests cut off by the whole-request deadline.", [("", {}, transport["timeout"])])
+    family("tsad_http_waiting", "gauge", "Requests waiting for a worker.",
            [("", {}, waiting)])
     family("tsad_uptime_seconds", "gauge", "Seconds since start.", [("", {}, snap["uptime_s"])])
     family("tsad_build_info", "gauge", "Build and model (value always 1).",

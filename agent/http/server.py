@@ -14,10 +14,11 @@ constant time; the first non-empty one counts) everything but /healthz and
 /openapi.json needs it: probes and API browsers carry no secrets.  Binds 127.0.0.1
 unless told otherwise.
 
-Load and memory (connections, deadlines and closes: `transport`): `threads` workers
-serve at most that many requests at once, `queue_size` more connections wait, beyond
-that 503 + Retry-After.  A body is at most `max_body` bytes (8 MiB, refused unread
-when larger); at most `large_bodies` (2) bodies over `LARGE_BODY` (1 MiB) are read and
+Load and memory (connections, deadlines, keep-alive and closes: `pool`): `threads`
+workers serve at most that many requests at once, `queue_size` more wait, beyond that
+503 + Retry-After.  A body is at most `max_body` bytes (8 MiB) for the PaddleX
+endpoint and `anomaly_body_limit` (64 KiB, or 64 bytes per number of a window if
+more) for /anomaly, refused unread when larger; at most `large_bodies` (2) bodies over `LARGE_BODY` (1 MiB) are read and
 processed at once, a third waits up to `large_wait_s` for a turn, then gets 503.  So
 the bodies held at once are bounded by large_bodies x 8 MiB + threads x 1 MiB, each
 with its parse (a JSON list of numbers takes about 5x its text).
@@ -25,7 +26,6 @@ with its parse (a JSON list of numbers takes about 5x its text).
 from __future__ import annotations
 
 import hmac
-import io
 import json
 import logging
 import os
@@ -34,7 +34,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -45,7 +44,8 @@ from .bodies import HttpError, handle_anomaly, handle_paddlex, json_body
 from .openapi import PADDLEX_PATH, build_spec
 from .prometheus import metrics_text
 from .service import AnomalyService, InputError, NotJudgeable, TooManyStreams
-from .transport import RETRY_AFTER_S, DeadlineReader, DeadlineWriter, PooledServer
+from .pool import PooledServer
+from .transport import RETRY_AFTER_S, Conn, DeadlineReader, DeadlineWriter
 
 log = logging.getLogger("tsad.http")
 
@@ -54,8 +54,13 @@ LARGE_BODY = 1 << 20
 ROUTES = {PADDLEX_PATH: "POST", "/anomaly": "POST", "/healthz": "GET", "/metrics": "GET",
           "/openapi.json": "GET"}
 OPEN_PATHS = {"/healthz", "/openapi.json"}
-LIMITS = {"threads": 8, "queue_size": 256, "deadline_s": 10.0, "idle_s": 5.0,
+LIMITS = {"threads": 4, "queue_size": 256, "deadline_s": 10.0, "idle_s": 5.0,
           "large_bodies": 2, "large_wait_s": 10.0}
+
+
+def anomaly_body_limit(svc: AnomalyService, max_body: int) -> int:
+    """The largest /anomaly body worth reading: a window, generously formatted."""
+    return min(max_body, max(64 << 10, 64 * svc.meta.window * svc.meta.n_channels))
 
 
 class ApiError(RuntimeError):
@@ -68,11 +73,12 @@ class ApiServer(PooledServer):
                  max_body: int = MAX_BODY, **limits):
         lim = {**LIMITS, **limits}
         self.svc, self.api_key, self.max_body = svc, api_key, max_body
+        self.limits = {PADDLEX_PATH: max_body, "/anomaly": anomaly_body_limit(svc, max_body)}
         self.requests: Counter = Counter()
         self._req_lock = threading.Lock()
         self.large = threading.BoundedSemaphore(lim["large_bodies"])
         self.large_wait_s = lim["large_wait_s"]
-        self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, max_body, bool(api_key),
+        self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, self.limits, bool(api_key),
                                           svc.model_scaler_ok), indent=1).encode()
         super().__init__((host, port), _Handler, lim["threads"], lim["queue_size"],
                          lim["deadline_s"], lim["idle_s"])
@@ -89,7 +95,7 @@ class ApiServer(PooledServer):
     def metrics(self) -> str:
         with self._req_lock:
             requests = Counter(self.requests)
-        return metrics_text(self.svc, requests, Counter(self.stats), self.waiting)
+        return metrics_text(self.svc, requests, self.stats_now(), self.waiting)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -100,55 +106,33 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ connection
     def setup(self) -> None:
-        self.connection = self.request
-        self._in = DeadlineReader(self.request)
-        self.rfile = io.BufferedReader(self._in, 64 * 1024)
-        self.wfile = self._out = DeadlineWriter(self.request)
-
-    def finish(self) -> None:
-        # the socket itself is the server's to close (a lingering close)
-        self.rfile.close()
+        conn: Conn = self.request
+        self.connection = conn.sock
+        # the head is complete in conn.buf (the watcher waited for it); what is left
+        # after this request stays there for the next one
+        self.rfile = self._in = DeadlineReader(conn.sock, conn.buf,
+                                               conn.deadline(self.server.deadline_s))
+        self.wfile = self._out = DeadlineWriter(conn.sock, self._in.deadline)
 
     def handle(self) -> None:
         self.close_connection = True
-        self._in.deadline = time.monotonic() + self.server.deadline_s
         self.handle_one_request()
-        while not self.close_connection and self._next_request():
-            self._in.deadline = time.monotonic() + self.server.deadline_s
-            self.handle_one_request()
 
-    def _next_request(self) -> bool:
-        """Wait for a kept-alive connection's next request while nobody else waits."""
-        end = time.monotonic() + self.server.idle_s
-        while not self.server.waiting:
-            self._in.deadline = min(end, time.monotonic() + 0.05)
-            try:
-                return bool(self.rfile.peek(1))
-            except TimeoutError:
-                if time.monotonic() >= end:
-                    return False
-            except OSError:
-                return False
-        return False
+    def finish(self) -> None:
+        pass     # the connection is the server's: kept alive, or closed with a linger
 
     def handle_one_request(self) -> None:
-        """BaseHTTPRequestHandler's, under the request deadline: a request cut off by it
-        gets 408 once its request line has come, else the connection is just closed."""
-        self.raw_requestline, self._responded, self._slot = b"", False, False
+        """BaseHTTPRequestHandler's, on a head already complete (the watcher waited for
+        it, under MAX_HEAD): a body cut off by the deadline gets 408."""
+        self._responded, self._slot, self._route = False, False, "other"
         try:
             self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.requestline = self.command = ""
-                self.request_version = "HTTP/1.1"
-                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
-            elif not self.raw_requestline:
-                self.close_connection = True
-            elif self.parse_request():
+            if self.parse_request():
                 self._dispatch()
         except TimeoutError:
-            self.server.stats["timeout"] += 1
+            self.server.bump("timeout")
             self.close_connection = True
-            if self.raw_requestline and not self._responded:
+            if not self._responded:
                 self._out.deadline = time.monotonic() + 1.0
                 self._error(408, f"request not received within {self.server.deadline_s:g} s")
         except OSError:
@@ -163,8 +147,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
         self._responded = True
-        if self.server.waiting:     # others wait for a worker: do not keep this one
-            self.close_connection = True
         self._out.deadline = time.monotonic() + self.server.deadline_s
         self.send_response(code)
         self.send_header("Content-Type", ctype)
@@ -176,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server.count(getattr(self, "_route", "other"), code)
+        self.server.count(self._route, code)
 
     def _json(self, code: int, doc: dict, extra: dict | None = None) -> None:
         self._send(code, json.dumps(doc).encode(), "application/json", extra)
@@ -242,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             return self._send(200, srv.metrics().encode(),
                               "text/plain; version=0.0.4; charset=utf-8")
-        doc = json_body(self._body())
+        doc = json_body(self._body(srv.limits[path]))
         handler = handle_paddlex if path == PADDLEX_PATH else handle_anomaly
         self._json(200, handler(svc, doc))
 
@@ -255,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
-    def _body(self) -> bytes:
+    def _body(self, limit: int) -> bytes:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise HttpError(411, "send a Content-Length; chunked bodies are not accepted")
@@ -270,10 +252,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             raise HttpError(400, f"bad Content-Length {raw[:40]!r}") from None
-        if n > self.server.max_body:
+        if n > limit:
             self.close_connection = True   # the body is never read
-            raise HttpError(413, f"body of {n} bytes is over the {self.server.max_body}-byte limit",
-                            "http_too_large")
+            raise HttpError(413, f"body of {n} bytes is over the {limit}-byte limit of "
+                                 f"{self._route}", "http_too_large")
         if n > LARGE_BODY:
             self._large_turn()
         body = self.rfile.read(n)
@@ -288,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
         t0 = time.monotonic()
         if not self.server.large.acquire(timeout=self.server.large_wait_s):
             self.close_connection = True
-            self.server.stats["busy_large_body"] += 1
+            self.server.bump("busy_large_body")
             raise HttpError(503, "server busy: too many large bodies at once; retry later",
                             headers={"Retry-After": str(RETRY_AFTER_S)})
         self._slot = True

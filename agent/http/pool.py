@@ -1,0 +1,161 @@
+"""The HTTP server's connections: what a hostile or merely crowded network can do to
+it is bounded here, with the standard library only.
+
+    accept thread -> watcher thread (request heads) -> queue -> worker threads
+                     ^-- kept-alive connections, and every close  <--'
+
+Rules:
+- Listen backlog `BACKLOG` (128): a burst of connections waits in the kernel instead
+  of being reset.  The accept thread only accepts.
+- The watcher thread (`transport.Watcher`, a selector) holds every connection that
+  has not yet sent a complete request head, and a complete body when that is small
+  (up to 64 KiB, any /anomaly request): at most `MAX_OPEN` (512) connections, beyond
+  which a new one gets 503.  Slow or silent clients cost a socket and at most 80 KiB
+  of buffer (40 MiB for all), never a worker: a client sending a byte a second holds
+  no thread at all.  Only a large body (the PaddleX endpoint) is read by a worker,
+  under the same deadline.
+- A complete request joins a queue of at most `queue_size` requests served by a fixed
+  pool of `threads` workers; when the queue is full the request gets 503 with
+  Retry-After at once.
+- Whole-request deadline: a request's head and body must arrive within `deadline_s`
+  of its first byte (for a new connection: of its accept), not counting the time it
+  waits for a worker.  A request cut off gets 408 (a connection that never sent a
+  byte is closed silently), and a worker reading a large body is freed.  A response must
+  be taken within `deadline_s` too.
+- Keep-alive: after a response the connection goes back to the watcher, which waits
+  up to `idle_s` for the next request; bytes already read (pipelining) go with it.
+- Closes linger (`transport`): a client refused before its body was read still gets
+  its answer, not a reset.
+- File descriptors: MAX_OPEN + queue_size + threads + MAX_LINGER (900 by default)
+  stay under the usual limit of 1024; an accept that fails for lack of them pauses
+  instead of spinning.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import socketserver
+import threading
+import time
+from collections import Counter
+
+from .transport import BUSY, Conn, Watcher, error_response, send_now
+
+log = logging.getLogger("tsad.http")
+
+BACKLOG = 128
+
+
+class PooledServer(socketserver.TCPServer):
+    """A TCP server whose requests are served by a fixed pool of worker threads; the
+    handler serves exactly one request per call (`finish_request`)."""
+    request_queue_size = BACKLOG
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, threads: int, queue_size: int, deadline_s: float,
+                 idle_s: float):
+        self.deadline_s, self.idle_s = deadline_s, idle_s
+        # busy_queue, busy_large_body, busy_open, timeout (`bump`, `stats_now`)
+        self.stats: Counter = Counter()
+        self._stats_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(queue_size)
+        self._full_logged = 0.0
+        self.watcher = Watcher(self._enqueue, self.bump, deadline_s)
+        try:
+            super().__init__(address, handler)
+        except OSError:
+            self.watcher.stop()
+            raise
+        self._workers = [threading.Thread(target=self._work, name=f"http-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._workers:
+            t.start()
+
+    def bump(self, what: str) -> None:
+        with self._stats_lock:
+            self.stats[what] += 1
+
+    def stats_now(self) -> Counter:
+        with self._stats_lock:
+            return Counter(self.stats)
+
+    @property
+    def waiting(self) -> int:
+        """Requests whose head is in, waiting for a worker."""
+        return self._queue.qsize()
+
+    # ------------------------------------------------------------ accept thread
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                now = time.monotonic()
+                if now - self._full_logged > 60:
+                    self._full_logged = now
+                    log.error("cannot accept connections: out of file descriptors (%s)", e)
+                time.sleep(0.1)     # the listening socket stays readable: do not spin
+            raise
+
+    def process_request(self, request, client_address) -> None:
+        self.watcher.watch(Conn(request, client_address, started=time.monotonic()))
+
+    def shutdown_request(self, request) -> None:
+        self.watcher.close(request)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("connection from %s failed", client_address[0])
+
+    # ------------------------------------------------------------ watcher thread
+    def _enqueue(self, conn: Conn) -> None:
+        conn.queued = time.monotonic()
+        try:
+            self._queue.put_nowait(conn)
+        except queue.Full:
+            self.bump("busy_queue")
+            send_now(conn.sock, error_response(
+                *BUSY[:2], "server busy: too many requests waiting; retry later", BUSY[2]))
+            self.watcher.close(conn.sock)
+
+    # ------------------------------------------------------------ workers
+    def _work(self) -> None:
+        while True:
+            conn = self._queue.get()
+            if conn is None:
+                return
+            if conn.started is not None:    # the wait for a worker is not the client's
+                conn.started += time.monotonic() - conn.queued
+            try:
+                keep = self.finish_request(conn, conn.addr)
+            except Exception:
+                self.handle_error(conn.sock, conn.addr)
+                keep = False
+            if keep:
+                now = time.monotonic()
+                conn.started = now if conn.buf else None
+                conn.idle_end = now + self.idle_s
+                self.watcher.watch(conn)
+            else:
+                self.watcher.close(conn.sock)
+
+    def finish_request(self, conn: Conn, client_address) -> bool:
+        """Serve one request; whether the connection stays open for the next."""
+        return not self.RequestHandlerClass(conn, client_address, self).close_connection
+
+    def server_close(self) -> None:
+        """Stop listening, drop waiting requests, stop the workers once they are done."""
+        super().server_close()
+        while True:
+            try:
+                conn = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if conn is not None:
+                conn.sock.close()
+        for _ in self._workers:
+            self._queue.put(None)
+        end = time.monotonic() + self.deadline_s
+        for t in self._workers:
+            t.join(max(0.0, end - time.monotonic()))
+        self.watcher.stop()
