@@ -27,8 +27,8 @@ _ERROR_TEXT = {
     "judge yet (the message says why and what to send), or a CSV that cannot be predicted "
     "on (missing columns, irregular timestamps, too few rows)",
     429: "Too many named streams", 500: "Internal error (details in the server log)",
-    503: "Server busy (all workers busy and the wait queue full, or too many large bodies "
-         "at once): retry after Retry-After seconds"}
+    503: "Server busy (all workers busy and their wait queue full, or too many open "
+         "connections): retry after Retry-After seconds"}
 
 
 def _errors(*codes: int) -> dict:

@@ -12,21 +12,24 @@ Rules:
   (up to 64 KiB, any /anomaly request): at most `MAX_OPEN` (512) connections, beyond
   which a new one gets 503.  Slow or silent clients cost a socket and at most 80 KiB
   of buffer (40 MiB for all), never a worker: a client sending a byte a second holds
-  no thread at all.  Only a large body (the PaddleX endpoint) is read by a worker,
-  under the same deadline.
+  no thread at all.
 - A complete request joins a queue of at most `queue_size` requests served by a fixed
-  pool of `threads` workers; when the queue is full the request gets 503 with
-  Retry-After at once.
+  pool of `threads` workers.  A request with a large body (over 64 KiB: the PaddleX
+  endpoint) joins its own queue of at most `large_queue`, served by `large_threads`
+  workers of its own, which read the body (under the same deadline) and process it:
+  large requests never hold the workers of small ones, at most `large_threads` large
+  bodies are in memory at once, and their memory stays in those threads' malloc
+  arenas.  A full queue answers 503 with Retry-After at once.
 - Whole-request deadline: a request's head and body must arrive within `deadline_s`
   of its first byte (for a new connection: of its accept), not counting the time it
   waits for a worker.  A request cut off gets 408 (a connection that never sent a
-  byte is closed silently), and a worker reading a large body is freed.  A response must
+  byte is closed silently); a worker reading a large body cut off is freed.  A response must
   be taken within `deadline_s` too.
 - Keep-alive: after a response the connection goes back to the watcher, which waits
   up to `idle_s` for the next request; bytes already read (pipelining) go with it.
 - Closes linger (`transport`): a client refused before its body was read still gets
   its answer, not a reset.
-- File descriptors: MAX_OPEN + queue_size + threads + MAX_LINGER (900 by default)
+- File descriptors: MAX_OPEN + both queues + both pools + MAX_LINGER (924 by default)
   stay under the usual limit of 1024; an accept that fails for lack of them pauses
   instead of spinning.
 """
@@ -40,7 +43,8 @@ import threading
 import time
 from collections import Counter
 
-from .transport import BUSY, Conn, Watcher, error_response, send_now
+from .transport import (BUSY, SMALL_BODY, Conn, Watcher, body_length, error_response,
+                        head_end, send_now)
 
 log = logging.getLogger("tsad.http")
 
@@ -53,13 +57,13 @@ class PooledServer(socketserver.TCPServer):
     request_queue_size = BACKLOG
     allow_reuse_address = True
 
-    def __init__(self, address, handler, threads: int, queue_size: int, deadline_s: float,
-                 idle_s: float):
+    def __init__(self, address, handler, threads: int, queue_size: int, large_threads: int,
+                 large_queue: int, deadline_s: float, idle_s: float):
         self.deadline_s, self.idle_s = deadline_s, idle_s
-        # busy_queue, busy_large_body, busy_open, timeout (`bump`, `stats_now`)
+        # busy_queue, busy_large_queue, busy_open, timeout (`bump`, `stats_now`)
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(queue_size)
+        self._queues = {"": queue.Queue(queue_size), "large_": queue.Queue(large_queue)}
         self._full_logged = 0.0
         self.watcher = Watcher(self._enqueue, self.bump, deadline_s)
         try:
@@ -67,9 +71,13 @@ class PooledServer(socketserver.TCPServer):
         except OSError:
             self.watcher.stop()
             raise
-        self._workers = [threading.Thread(target=self._work, name=f"http-{i}", daemon=True)
-                         for i in range(threads)]
-        for t in self._workers:
+        # (thread, the queue it serves)
+        self._workers = [(threading.Thread(target=self._work, args=(self._queues[kind],),
+                                           name=f"http-{kind}{i}", daemon=True),
+                          self._queues[kind])
+                         for kind, n in (("", threads), ("large_", large_threads))
+                         for i in range(n)]
+        for t, _ in self._workers:
             t.start()
 
     def bump(self, what: str) -> None:
@@ -83,7 +91,7 @@ class PooledServer(socketserver.TCPServer):
     @property
     def waiting(self) -> int:
         """Requests whose head is in, waiting for a worker."""
-        return self._queue.qsize()
+        return sum(q.qsize() for q in self._queues.values())
 
     # ------------------------------------------------------------ accept thread
     def get_request(self):
@@ -110,18 +118,19 @@ class PooledServer(socketserver.TCPServer):
     # ------------------------------------------------------------ watcher thread
     def _enqueue(self, conn: Conn) -> None:
         conn.queued = time.monotonic()
+        kind = "large_" if body_length(conn.buf, head_end(conn.buf)) > SMALL_BODY else ""
         try:
-            self._queue.put_nowait(conn)
+            self._queues[kind].put_nowait(conn)
         except queue.Full:
-            self.bump("busy_queue")
+            self.bump(f"busy_{kind}queue")
             send_now(conn.sock, error_response(
                 *BUSY[:2], "server busy: too many requests waiting; retry later", BUSY[2]))
             self.watcher.close(conn.sock)
 
     # ------------------------------------------------------------ workers
-    def _work(self) -> None:
+    def _work(self, q: queue.Queue) -> None:
         while True:
-            conn = self._queue.get()
+            conn = q.get()
             if conn is None:
                 return
             if conn.started is not None:    # the wait for a worker is not the client's
@@ -146,16 +155,17 @@ class PooledServer(socketserver.TCPServer):
     def server_close(self) -> None:
         """Stop listening, drop waiting requests, stop the workers once they are done."""
         super().server_close()
-        while True:
-            try:
-                conn = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if conn is not None:
-                conn.sock.close()
-        for _ in self._workers:
-            self._queue.put(None)
+        for q in self._queues.values():
+            while True:
+                try:
+                    conn = q.get_nowait()
+                except queue.Empty:
+                    break
+                if conn is not None:
+                    conn.sock.close()
+        for _, q in self._workers:
+            q.put(None)
         end = time.monotonic() + self.deadline_s
-        for t in self._workers:
+        for t, _ in self._workers:
             t.join(max(0.0, end - time.monotonic()))
         self.watcher.stop()

@@ -13,7 +13,7 @@ def _label(v: str) -> str:
 
 def metrics_text(svc: AnomalyService, requests: Counter, transport: Counter,
                  waiting: int) -> str:
-    """`transport`: the server's connection counters (busy_queue, busy_large_body,
+    """`transport`: the server's connection counters (busy_queue, busy_large_queue,
     busy_open, timeout); `waiting`: requests queued for a worker now."""
     snap = svc.metrics.snapshot()
     out: list[str] = []
@@ -44,9 +44,9 @@ def metrics_text(svc: AnomalyService, requests: Counter, transport: Counter,
     family("tsad_http_requests_total", "counter", "HTTP requests, by path and status.",
            [("", {"path": p, "code": str(c)}, n) for (p, c), n in sorted(requests.items())])
     family("tsad_http_busy_total", "counter",
-           "Requests refused with 503: the worker queue full (queue), too many large bodies "
-           "at once (large_body), too many open connections (open).",
-           [("", {"reason": r}, transport[f"busy_{r}"]) for r in ("queue", "large_body", "open")])
+           "Requests refused with 503: a worker queue full (queue, large_queue), too many "
+           "open connections (open).",
+           [("", {"reason": r}, transport[f"busy_{r}"]) for r in ("queue", "large_queue", "open")])
     family("tsad_http_timeouts_total", "counter",
            "Requests cut off by the whole-request deadline.", [("", {}, transport["timeout"])])
     family("tsad_http_waiting", "gauge", "Requests waiting for a worker.",

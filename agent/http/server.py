@@ -14,14 +14,14 @@ constant time; the first non-empty one counts) everything but /healthz and
 /openapi.json needs it: probes and API browsers carry no secrets.  Binds 127.0.0.1
 unless told otherwise.
 
-Load and memory (connections, deadlines, keep-alive and closes: `pool`): `threads`
-workers serve at most that many requests at once, `queue_size` more wait, beyond that
-503 + Retry-After.  A body is at most `max_body` bytes (8 MiB) for the PaddleX
-endpoint and `anomaly_body_limit` (64 KiB, or 64 bytes per number of a window if
-more) for /anomaly, refused unread when larger; at most `large_bodies` (2) bodies over `LARGE_BODY` (1 MiB) are read and
-processed at once, a third waits up to `large_wait_s` for a turn, then gets 503.  So
-the bodies held at once are bounded by large_bodies x 8 MiB + threads x 1 MiB, each
-with its parse (a JSON list of numbers takes about 5x its text).
+Load and memory (connections, deadlines, keep-alive, the worker pools: `pool`):
+`threads` workers serve small requests, `queue_size` more wait; `large_threads`
+workers serve requests with a body over 64 KiB (the PaddleX endpoint), `large_queue`
+more wait; beyond, 503 + Retry-After.  A body is at most `max_body` (8 MiB) on the
+PaddleX endpoint and `anomaly_body_limit` (64 KiB, or 64 bytes per number of a window
+if more) on /anomaly, refused unread (413) when larger.  So at most `large_threads`
+large bodies (2 x 8 MiB, plus their decoding and the prediction: about 100 MiB each
+measured) are held at once, and every small one is at most 64 KiB.
 """
 from __future__ import annotations
 
@@ -45,17 +45,16 @@ from .openapi import PADDLEX_PATH, build_spec
 from .prometheus import metrics_text
 from .service import AnomalyService, InputError, NotJudgeable, TooManyStreams
 from .pool import PooledServer
-from .transport import RETRY_AFTER_S, Conn, DeadlineReader, DeadlineWriter
+from .transport import Conn, DeadlineReader, DeadlineWriter
 
 log = logging.getLogger("tsad.http")
 
 MAX_BODY = 8 << 20
-LARGE_BODY = 1 << 20
 ROUTES = {PADDLEX_PATH: "POST", "/anomaly": "POST", "/healthz": "GET", "/metrics": "GET",
           "/openapi.json": "GET"}
 OPEN_PATHS = {"/healthz", "/openapi.json"}
-LIMITS = {"threads": 4, "queue_size": 256, "deadline_s": 10.0, "idle_s": 5.0,
-          "large_bodies": 2, "large_wait_s": 10.0}
+LIMITS = {"threads": 4, "queue_size": 256, "large_threads": 2, "large_queue": 16,
+          "deadline_s": 10.0, "idle_s": 5.0}
 
 
 def anomaly_body_limit(svc: AnomalyService, max_body: int) -> int:
@@ -76,12 +75,11 @@ class ApiServer(PooledServer):
         self.limits = {PADDLEX_PATH: max_body, "/anomaly": anomaly_body_limit(svc, max_body)}
         self.requests: Counter = Counter()
         self._req_lock = threading.Lock()
-        self.large = threading.BoundedSemaphore(lim["large_bodies"])
-        self.large_wait_s = lim["large_wait_s"]
         self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, self.limits, bool(api_key),
                                           svc.model_scaler_ok), indent=1).encode()
         super().__init__((host, port), _Handler, lim["threads"], lim["queue_size"],
-                         lim["deadline_s"], lim["idle_s"])
+                         lim["large_threads"], lim["large_queue"], lim["deadline_s"],
+                         lim["idle_s"])
 
     @property
     def url(self) -> str:
@@ -124,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         """BaseHTTPRequestHandler's, on a head already complete (the watcher waited for
         it, under MAX_HEAD): a body cut off by the deadline gets 408."""
-        self._responded, self._slot, self._route = False, False, "other"
+        self._responded, self._route = False, "other"
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if self.parse_request():
@@ -137,9 +135,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(408, f"request not received within {self.server.deadline_s:g} s")
         except OSError:
             self.close_connection = True
-        finally:
-            if self._slot:
-                self.server.large.release()
 
     # ------------------------------------------------------------ plumbing
     def log_message(self, fmt, *args) -> None:
@@ -256,25 +251,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True   # the body is never read
             raise HttpError(413, f"body of {n} bytes is over the {limit}-byte limit of "
                                  f"{self._route}", "http_too_large")
-        if n > LARGE_BODY:
-            self._large_turn()
         body = self.rfile.read(n)
         if len(body) < n:
             self.close_connection = True
             raise HttpError(400, f"body ended after {len(body)} of {n} bytes")
         return body
-
-    def _large_turn(self) -> None:
-        """Wait for one of the large-body turns; the wait does not count against the
-        client's deadline.  503 when none comes in time."""
-        t0 = time.monotonic()
-        if not self.server.large.acquire(timeout=self.server.large_wait_s):
-            self.close_connection = True
-            self.server.bump("busy_large_body")
-            raise HttpError(503, "server busy: too many large bodies at once; retry later",
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        self._slot = True
-        self._in.deadline += time.monotonic() - t0
 
 
 # ---------------------------------------------------------------- start-up

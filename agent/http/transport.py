@@ -54,6 +54,12 @@ def head_end(buf: bytes | bytearray) -> int | None:
     return min(ends) if ends else None
 
 
+def body_length(buf: bytes | bytearray, end: int) -> int:
+    """The Content-Length of the head buf[:end] (0 when it has none or a bad one)."""
+    m = _LENGTH.search(bytes(buf[:end]))
+    return int(m.group(1)) if m else 0
+
+
 def request_ready(buf: bytes | bytearray) -> bool:
     """Whether a worker can take the request without waiting for the client: the head
     is complete and so is its body when that is small (up to SMALL_BODY).  A larger
@@ -61,12 +67,8 @@ def request_ready(buf: bytes | bytearray) -> bool:
     end = head_end(buf)
     if end is None:
         return False
-    head = bytes(buf[:end])
-    m = _LENGTH.search(head)
-    if m is None or _EXPECT.search(head):
-        return True
-    n = int(m.group(1))
-    return n > SMALL_BODY or len(buf) >= end + n
+    n = body_length(buf, end)
+    return n > SMALL_BODY or len(buf) >= end + n or bool(_EXPECT.search(bytes(buf[:end])))
 
 
 def error_response(code: int, reason: str, msg: str, extra: str = "") -> bytes:
