@@ -361,7 +361,7 @@ def test_openapi_document(server):
     assert {"200", "400", "408", "411", "413", "422", "429", "500", "503"} <= set(anomaly["responses"])
     assert "Retry-After" in anomaly["responses"]["503"]["headers"]
     for ops in spec["paths"].values():
-        assert {"408", "503"} <= set(next(iter(ops.values()))["responses"])
+        assert {"408", "431", "503"} <= set(next(iter(ops.values()))["responses"])
     # this server's model needs a per-stream baseline: the document says windows
     # without a stream are refused, as they are
     assert "Without `stream` a window is refused (422)" in anomaly["description"]

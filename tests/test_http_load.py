@@ -267,6 +267,13 @@ def test_keep_alive_serves_several_requests_on_one_connection(server):
     conn.close()
 
 
+def test_a_head_over_16_kib_is_431(server):
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\n" + b"X-Pad: " + b"a" * (17 << 10) + b"\r\n\r\n")
+        head, _, body = read_all(s).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ") and json.loads(body)["errorCode"] == 431
+
+
 def test_expect_100_continue(server):
     body = json.dumps({"values": [1.0] * 8}).encode()
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:

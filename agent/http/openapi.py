@@ -26,7 +26,8 @@ _ERROR_TEXT = {
     "shape, numbers outside float32, a `ts` outside 2000-2100, a window no baseline can "
     "judge yet (the message says why and what to send), or a CSV that cannot be predicted "
     "on (missing columns, irregular timestamps, too few rows)",
-    429: "Too many named streams", 500: "Internal error (details in the server log)",
+    429: "Too many named streams",
+    431: "Request head (request line and headers) over 16 KiB", 500: "Internal error (details in the server log)",
     503: "Server busy (all workers busy and their wait queue full, or too many open "
          "connections): retry after Retry-After seconds"}
 
@@ -76,7 +77,7 @@ def build_spec(meta: ModelMeta, ep: str, limits: dict[str, int], auth: bool,
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/PaddlexRequest"}}}},
                 "responses": {"200": _json("PaddlexResponse", "Labels as a base64 CSV"),
-                              **_errors(400, *auth_err, 408, 411, 413, 422, 500, 503)}}},
+                              **_errors(400, *auth_err, 408, 411, 413, 422, 431, 500, 503)}}},
             "/anomaly": {"post": {
                 "operationId": "anomaly",
                 "summary": "Append one sample to a stream, or score one window",
@@ -94,7 +95,7 @@ def build_spec(meta: ModelMeta, ep: str, limits: dict[str, int], auth: bool,
                                       "content": {"application/json": {"schema": {"oneOf": [
                                           {"$ref": "#/components/schemas/AnomalyResult"},
                                           {"$ref": "#/components/schemas/Pending"}]}}}},
-                              **_errors(400, *auth_err, 408, 411, 413, 422, 429, 500, 503)}}},
+                              **_errors(400, *auth_err, 408, 411, 413, 422, 429, 431, 500, 503)}}},
             "/healthz": {"get": {
                 "operationId": "healthz", "summary": "Liveness; never needs the API key",
                 "responses": {"200": {"description": "Up", "content": {"application/json": {
@@ -102,18 +103,18 @@ def build_spec(meta: ModelMeta, ep: str, limits: dict[str, int], auth: bool,
                                "properties": {"status": {"type": "string", "enum": ["ok"]},
                                               "model": {"type": "string"},
                                               "ep": {"type": "string"}}}}}},
-                              **_errors(408, 503)}}},
+                              **_errors(408, 431, 503)}}},
             "/metrics": {"get": {
                 "operationId": "metrics", "summary": "Prometheus text exposition format 0.0.4",
                 **protected,
                 "responses": {"200": {"description": "Counters, histogram, gauges",
                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
-                              **_errors(*auth_err, 408, 503)}}},
+                              **_errors(*auth_err, 408, 431, 503)}}},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document; never needs the API key",
                 "responses": {"200": {"description": "OpenAPI 3 document",
                                       "content": {"application/json": {"schema": {"type": "object"}}}},
-                              **_errors(408, 503)}}},
+                              **_errors(408, 431, 503)}}},
         },
         "components": {
             "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},

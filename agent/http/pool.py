@@ -5,8 +5,9 @@ it is bounded here, with the standard library only.
                      ^-- kept-alive connections, and every close  <--'
 
 Rules:
-- Listen backlog `BACKLOG` (128): a burst of connections waits in the kernel instead
-  of being reset.  The accept thread only accepts.
+- Listen backlog `BACKLOG` (1024, capped by the kernel's somaxconn, 4096 on current
+  kernels): a burst of connections waits in the kernel instead of being dropped.  The
+  accept thread only accepts, every waiting connection at each wake-up.
 - The watcher thread (`transport.Watcher`, a selector) holds every connection that
   has not yet sent a complete request head, and a complete body when that is small
   (up to 64 KiB, any /anomaly request): at most `MAX_OPEN` (512) connections, beyond
@@ -48,7 +49,7 @@ from .transport import (BUSY, SMALL_BODY, Conn, Watcher, body_length, error_resp
 
 log = logging.getLogger("tsad.http")
 
-BACKLOG = 128
+BACKLOG = 1024
 
 
 class PooledServer(socketserver.TCPServer):
@@ -94,6 +95,21 @@ class PooledServer(socketserver.TCPServer):
         return sum(q.qsize() for q in self._queues.values())
 
     # ------------------------------------------------------------ accept thread
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)
+
+    def _handle_request_noblock(self) -> None:
+        """Accept every connection waiting, not one per wake-up of serve_forever: a
+        burst of 200 connects must not overflow the backlog while the accept thread
+        waits its turn for the interpreter."""
+        for _ in range(BACKLOG):
+            try:
+                request, client_address = self.get_request()
+            except OSError:             # BlockingIOError: none left
+                return
+            self.process_request(request, client_address)
+
     def get_request(self):
         try:
             return super().get_request()

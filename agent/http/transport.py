@@ -54,6 +54,11 @@ def head_end(buf: bytes | bytearray) -> int | None:
     return min(ends) if ends else None
 
 
+def head_too_big(buf: bytes | bytearray) -> bool:
+    end = head_end(buf)
+    return (len(buf) if end is None else end) > MAX_HEAD
+
+
 def body_length(buf: bytes | bytearray, end: int) -> int:
     """The Content-Length of the head buf[:end] (0 when it has none or a bad one)."""
     m = _LENGTH.search(bytes(buf[:end]))
@@ -252,7 +257,9 @@ class Watcher:
         return min(ends, default=time.monotonic() + 60)
 
     def _admit(self, conn: Conn) -> None:
-        if request_ready(conn.buf):         # pipelined: the next request is already here
+        if head_too_big(conn.buf):
+            self._refuse_head(conn.sock)
+        elif request_ready(conn.buf):       # pipelined: the next request is already here
             self.on_head(conn)
         elif len(self._heads) >= self.max_open:
             if conn.started is not None:    # a new client, not an idle kept-alive one
@@ -280,14 +287,17 @@ class Watcher:
         if conn.started is None:
             conn.started = time.monotonic()
         conn.buf += data
-        if request_ready(conn.buf):
+        if head_too_big(conn.buf):
+            self._forget(sock)
+            self._refuse_head(sock)
+        elif request_ready(conn.buf):
             self._forget(sock)
             self.on_head(conn)
-        elif len(conn.buf) > MAX_HEAD and head_end(conn.buf) is None:
-            self._forget(sock)
-            send_now(sock, error_response(431, "Request Header Fields Too Large",
-                                          f"request head over {MAX_HEAD} bytes"))
-            self._start_linger(sock)
+
+    def _refuse_head(self, sock: socket.socket) -> None:
+        send_now(sock, error_response(431, "Request Header Fields Too Large",
+                                      f"request head over {MAX_HEAD} bytes"))
+        self._start_linger(sock)
 
     def _expire(self, now: float) -> None:
         for sock, conn in [(s, c) for s, c in self._heads.items()
