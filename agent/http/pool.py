@@ -44,8 +44,7 @@ import threading
 import time
 from collections import Counter
 
-from .transport import (BUSY, SMALL_BODY, Conn, Watcher, body_length, error_response,
-                        head_end, send_now)
+from .transport import SMALL_BODY, Conn, Watcher, body_length, busy_response, head_end, send_now
 
 log = logging.getLogger("tsad.http")
 
@@ -139,8 +138,7 @@ class PooledServer(socketserver.TCPServer):
             self._queues[kind].put_nowait(conn)
         except queue.Full:
             self.bump(f"busy_{kind}queue")
-            send_now(conn.sock, error_response(
-                *BUSY[:2], "server busy: too many requests waiting; retry later", BUSY[2]))
+            send_now(conn.sock, busy_response("too many requests waiting"))
             self.watcher.close(conn.sock)
 
     # ------------------------------------------------------------ workers
@@ -149,8 +147,7 @@ class PooledServer(socketserver.TCPServer):
             conn = q.get()
             if conn is None:
                 return
-            if conn.started is not None:    # the wait for a worker is not the client's
-                conn.started += time.monotonic() - conn.queued
+            conn.started += time.monotonic() - conn.queued   # that wait is not the client's
             try:
                 keep = self.finish_request(conn, conn.addr)
             except Exception:

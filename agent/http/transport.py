@@ -83,7 +83,9 @@ def error_response(code: int, reason: str, msg: str, extra: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n{body}").encode()
 
 
-BUSY = (503, "Service Unavailable", f"Retry-After: {RETRY_AFTER_S}\r\n")
+def busy_response(why: str) -> bytes:
+    return error_response(503, "Service Unavailable", f"server busy: {why}; retry later",
+                          f"Retry-After: {RETRY_AFTER_S}\r\n")
 
 
 class DeadlineReader:
@@ -264,8 +266,7 @@ class Watcher:
         elif len(self._heads) >= self.max_open:
             if conn.started is not None:    # a new client, not an idle kept-alive one
                 self.count("busy_open")
-                send_now(conn.sock, error_response(
-                    *BUSY[:2], "server busy: too many open connections; retry later", BUSY[2]))
+                send_now(conn.sock, busy_response("too many open connections"))
             self._start_linger(conn.sock)
         else:
             conn.sock.setblocking(False)
