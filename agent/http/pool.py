@@ -23,9 +23,10 @@ Rules:
   arenas.  A full queue answers 503 with Retry-After at once.
 - Whole-request deadline: a request's head and body must arrive within `deadline_s`
   of its first byte (for a new connection: of its accept), not counting the time it
-  waits for a worker.  A request cut off gets 408 (a connection that never sent a
-  byte is closed silently); a worker reading a large body cut off is freed.  A response must
-  be taken within `deadline_s` too.
+  waits for a worker (a large body gets one second more per 256 KiB: `server`).  A
+  request cut off gets 408 (a connection that never sent a byte is closed
+  silently); a worker reading a large body cut off is freed.  A response must be
+  taken within `deadline_s` too.
 - Keep-alive: after a response the connection goes back to the watcher, which waits
   up to `idle_s` for the next request; bytes already read (pipelining) go with it.
 - Closes linger (`transport`): a client refused before its body was read still gets

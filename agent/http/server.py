@@ -19,7 +19,8 @@ Load and memory (connections, deadlines, keep-alive, the worker pools: `pool`):
 workers serve requests with a body over 64 KiB (the PaddleX endpoint), `large_queue`
 more wait; beyond, 503 + Retry-After.  A body is at most `max_body` (8 MiB) on the
 PaddleX endpoint and `anomaly_body_limit` (64 KiB, or 64 bytes per number of a window
-if more) on /anomaly, refused unread (413) when larger.  So at most `large_threads`
+if more) on /anomaly, refused unread (413) when larger; a large body gets one second
+more than the deadline per 256 KiB.  So at most `large_threads`
 large bodies (2 x 8 MiB, plus their decoding and the prediction: about 100 MiB each
 measured) are held at once, and every small one is at most 64 KiB.
 """
@@ -50,6 +51,7 @@ from .transport import Conn, DeadlineReader, DeadlineWriter
 log = logging.getLogger("tsad.http")
 
 MAX_BODY = 8 << 20
+MIN_BODY_RATE = 256 << 10      # bytes/s
 ROUTES = {PADDLEX_PATH: "POST", "/anomaly": "POST", "/healthz": "GET", "/metrics": "GET",
           "/openapi.json": "GET"}
 OPEN_PATHS = {"/healthz", "/openapi.json"}
@@ -251,6 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True   # the body is never read
             raise HttpError(413, f"body of {n} bytes is over the {limit}-byte limit of "
                                  f"{self._route}", "http_too_large")
+        # a large body gets one more second per MIN_BODY_RATE bytes, so an 8 MiB upload
+        # over a 2 Mbit/s link still arrives; a stalled one is still cut off
+        self._in.deadline += n / MIN_BODY_RATE
         body = self.rfile.read(n)
         if len(body) < n:
             self.close_connection = True
