@@ -11,7 +11,10 @@ def _label(v: str) -> str:
     return str(v).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def metrics_text(svc: AnomalyService, requests: Counter) -> str:
+def metrics_text(svc: AnomalyService, requests: Counter, transport: Counter,
+                 waiting: int) -> str:
+    """`transport`: the server's connection counters (busy_queue, busy_large_queue,
+    busy_open, timeout); `waiting`: requests queued for a worker now."""
     snap = svc.metrics.snapshot()
     out: list[str] = []
 
@@ -40,6 +43,14 @@ def metrics_text(svc: AnomalyService, requests: Counter) -> str:
            [("", {}, svc.stream_count())])
     family("tsad_http_requests_total", "counter", "HTTP requests, by path and status.",
            [("", {"path": p, "code": str(c)}, n) for (p, c), n in sorted(requests.items())])
+    family("tsad_http_busy_total", "counter",
+           "Requests refused with 503: a worker queue full (queue, large_queue), too many "
+           "open connections (open).",
+           [("", {"reason": r}, transport[f"busy_{r}"]) for r in ("queue", "large_queue", "open")])
+    family("tsad_http_timeouts_total", "counter",
+           "Requests cut off by the whole-request deadline.", [("", {}, transport["timeout"])])
+    family("tsad_http_waiting", "gauge", "Requests waiting for a worker.",
+           [("", {}, waiting)])
     family("tsad_uptime_seconds", "gauge", "Seconds since start.", [("", {}, snap["uptime_s"])])
     family("tsad_build_info", "gauge", "Build and model (value always 1).",
            [("", {"version": __version__, "model": svc.meta.name, "ep": svc.detector.ep}, 1)])

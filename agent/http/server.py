@@ -4,142 +4,84 @@ POST /time-series-anomaly-detection  PaddleX serving contract: {"csv": base64 CS
                                      {"logId", "errorCode": 0, "errorMsg": "Success",
                                       "result": {"csv": base64 `timestamp,label`, "image"}};
                                      the labels are `agent.prediction.predict`'s, same settings.
-POST /anomaly                        {"values": [[C] x window]} -> one score (model's scaler
-                                     and threshold); {"stream", "values": [C], "ts"?} -> one
-                                     sample into a named stream run by the daemon's engine
-                                     (learning period, ring buffer, alert hysteresis).
+POST /anomaly                        one sample (C numbers) into a stream, or one window
+                                     (W x C) scored against a fitting baseline: `bodies`.
 GET  /healthz, /metrics (Prometheus text 0.0.4), /openapi.json
 
 Every error is {"logId", "errorCode": HTTP status, "errorMsg"}; no traceback ever
 reaches a client.  With an API key (X-API-Key or Authorization: Bearer, compared in
-constant time) everything but /healthz and /openapi.json needs it: probes and API
-browsers carry no secrets.  Binds 127.0.0.1 unless told otherwise.
+constant time; the first non-empty one counts) everything but /healthz and
+/openapi.json needs it: probes and API browsers carry no secrets.  Binds 127.0.0.1
+unless told otherwise.
+
+Load and memory (connections, deadlines, keep-alive, the worker pools: `pool`):
+`threads` workers serve small requests, `queue_size` more wait; `large_threads`
+workers serve requests with a body over 64 KiB (the PaddleX endpoint), `large_queue`
+more wait; beyond, 503 + Retry-After.  A body is at most `max_body` (8 MiB) on the
+PaddleX endpoint and `anomaly_body_limit` (64 KiB, or 64 bytes per number of a window
+if more) on /anomaly, refused unread (413) when larger; a large body gets one second
+more than the deadline per 256 KiB.  So at most `large_threads`
+large bodies (2 x 8 MiB, plus their decoding and the prediction: about 100 MiB each
+measured) are held at once, and every small one is at most 64 KiB.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
-
 from .. import __version__
-from ..config_base import STREAM_ID_CHARS
 from ..detector import DetectorError
+from .bodies import HttpError, handle_anomaly, handle_paddlex, json_body
 from .openapi import PADDLEX_PATH, build_spec
 from .prometheus import metrics_text
-from .service import AnomalyService, InputError, TooManyStreams
+from .service import AnomalyService, InputError, NotJudgeable, TooManyStreams
+from .pool import PooledServer
+from .transport import Conn, DeadlineReader, DeadlineWriter
 
 log = logging.getLogger("tsad.http")
 
 MAX_BODY = 8 << 20
-STREAM_ID = re.compile(rf"^{STREAM_ID_CHARS}{{1,64}}$")
+MIN_BODY_RATE = 256 << 10      # bytes/s
 ROUTES = {PADDLEX_PATH: "POST", "/anomaly": "POST", "/healthz": "GET", "/metrics": "GET",
           "/openapi.json": "GET"}
 OPEN_PATHS = {"/healthz", "/openapi.json"}
+LIMITS = {"threads": 4, "queue_size": 256, "large_threads": 2, "large_queue": 16,
+          "deadline_s": 10.0, "idle_s": 5.0}
+
+
+def anomaly_body_limit(svc: AnomalyService, max_body: int) -> int:
+    """The largest /anomaly body worth reading: a window, generously formatted."""
+    return min(max_body, max(64 << 10, 64 * svc.meta.window * svc.meta.n_channels))
 
 
 class ApiError(RuntimeError):
     """The server cannot start (key not set, port taken, ...); one line."""
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, msg: str, reason: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(msg)
-        self.status, self.msg, self.reason, self.headers = status, msg, reason, headers
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# ---------------------------------------------------------------- request parsing
-def _json_body(body: bytes) -> dict:
-    try:
-        doc = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError
-        raise HttpError(400, f"body is not JSON: {' '.join(str(e).split())[:200]}",
-                        "http_json") from None
-    if not isinstance(doc, dict):
-        raise HttpError(422, f"body must be a JSON object, got {type(doc).__name__}", "http_shape")
-    return doc
-
-
-def _matrix(v, rows: int, cols: int, what: str) -> np.ndarray:
-    """A finite float32 matrix of exactly [rows, cols]."""
-    ok = (isinstance(v, list) and all(isinstance(r, list) for r in v)
-          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in v for x in r))
-    if not ok:
-        raise HttpError(422, f"{what} must be a list of lists of numbers", "http_shape")
-    got = sorted({len(r) for r in v})
-    if len(v) != rows or got != [cols]:
-        raise HttpError(422, f"{what} must be [{rows} x {cols}] (samples x channels), got "
-                             f"{len(v)} row(s) of {', '.join(map(str, got)) or 'no'} value(s)",
-                        "http_shape")
-    a = np.asarray(v, np.float64)
-    if not np.isfinite(a).all() or np.abs(a).max(initial=0) > 3e38:
-        raise HttpError(422, f"{what} must be finite float32 numbers", "http_shape")
-    return a.astype(np.float32)
-
-
-def handle_paddlex(svc: AnomalyService, doc: dict) -> dict:
-    csv_b64 = doc.get("csv")
-    if not isinstance(csv_b64, str) or not csv_b64:
-        raise HttpError(422, "field 'csv' (base64 of a CSV file) is required", "http_shape")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://", csv_b64):
-        raise HttpError(422, "'csv' is a URL: this server does not fetch URLs (no network); "
-                             "send the file as base64", "http_url")
-    try:
-        data = base64.b64decode(csv_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "field 'csv' is not valid base64", "http_base64") from None
-    text, image = svc.predict_csv(data)
-    return {"logId": str(uuid.uuid4()), "errorCode": 0, "errorMsg": "Success",
-            "result": {"csv": base64.b64encode(text.encode()).decode("ascii"), "image": image}}
-
-
-def handle_anomaly(svc: AnomalyService, doc: dict) -> dict:
-    w, c = svc.meta.window, svc.meta.n_channels
-    if "stream" not in doc:
-        return svc.score_window(_matrix(doc.get("values"), w, c, "values"))
-    sid = doc["stream"]
-    if not isinstance(sid, str) or not STREAM_ID.match(sid):
-        raise HttpError(422, "stream must be 1-64 characters of A-Z a-z 0-9 _ . -", "http_shape")
-    ts = doc.get("ts", time.time())
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not np.isfinite(ts):
-        raise HttpError(422, "ts must be a number (epoch seconds)", "http_shape")
-    v = doc.get("values")
-    if isinstance(v, list) and v and isinstance(v[0], list):
-        raise HttpError(422, "with 'stream', values is ONE sample: a list of "
-                             f"{c} numbers", "http_shape")
-    return svc.push_sample(sid, float(ts), _matrix([v], 1, c, "values")[0])
-
-
 # ---------------------------------------------------------------- HTTP
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class ApiServer(PooledServer):
     def __init__(self, svc: AnomalyService, host: str, port: int, api_key: str | None = None,
-                 max_body: int = MAX_BODY):
+                 max_body: int = MAX_BODY, **limits):
+        lim = {**LIMITS, **limits}
         self.svc, self.api_key, self.max_body = svc, api_key, max_body
+        self.limits = {PADDLEX_PATH: max_body, "/anomaly": anomaly_body_limit(svc, max_body)}
         self.requests: Counter = Counter()
         self._req_lock = threading.Lock()
-        self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, max_body, bool(api_key)),
-                               indent=1).encode()
-        super().__init__((host, port), _Handler)
+        self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, self.limits, bool(api_key),
+                                          svc.model_scaler_ok), indent=1).encode()
+        super().__init__((host, port), _Handler, lim["threads"], lim["queue_size"],
+                         lim["large_threads"], lim["large_queue"], lim["deadline_s"],
+                         lim["idle_s"])
 
     @property
     def url(self) -> str:
@@ -150,19 +92,59 @@ class ApiServer(ThreadingHTTPServer):
         with self._req_lock:
             self.requests[(path if path in ROUTES else "other", code)] += 1
 
+    def metrics(self) -> str:
+        with self._req_lock:
+            requests = Counter(self.requests)
+        return metrics_text(self.svc, requests, self.stats_now(), self.waiting)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"tsad-agent/{__version__}"
     sys_version = ""
-    timeout = 30        # a client that stops sending frees its thread
     server: ApiServer
+
+    # ------------------------------------------------------------ connection
+    def setup(self) -> None:
+        conn: Conn = self.request
+        self.connection = conn.sock
+        # the head is complete in conn.buf (the watcher waited for it); what is left
+        # after this request stays there for the next one
+        self.rfile = self._in = DeadlineReader(conn.sock, conn.buf,
+                                               conn.deadline(self.server.deadline_s))
+        self.wfile = self._out = DeadlineWriter(conn.sock, self._in.deadline)
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self) -> None:
+        pass     # the connection is the server's: kept alive, or closed with a linger
+
+    def handle_one_request(self) -> None:
+        """BaseHTTPRequestHandler's, on a head already complete (the watcher waited for
+        it, under MAX_HEAD): a body cut off by the deadline gets 408."""
+        self._responded, self._route = False, "other"
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if self.parse_request():
+                self._dispatch()
+        except TimeoutError:
+            self.server.bump("timeout")
+            self.close_connection = True
+            if not self._responded:
+                self._out.deadline = time.monotonic() + 1.0
+                self._error(408, f"request not received within {self.server.deadline_s:g} s")
+        except OSError:
+            self.close_connection = True
 
     # ------------------------------------------------------------ plumbing
     def log_message(self, fmt, *args) -> None:
         log.debug("%s " + fmt, self.client_address[0], *args)
 
     def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self._responded = True
+        self._out.deadline = time.monotonic() + self.server.deadline_s
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -173,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server.count(getattr(self, "_route", "other"), code)
+        self.server.count(self._route, code)
 
     def _json(self, code: int, doc: dict, extra: dict | None = None) -> None:
         self._send(code, json.dumps(doc).encode(), "application/json", extra)
@@ -191,11 +173,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(code, message or self.responses.get(code, ("error",))[0])
 
     # ------------------------------------------------------------ dispatch
-    def do_GET(self):
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
-
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
         self._route = path
@@ -205,6 +182,9 @@ class _Handler(BaseHTTPRequestHandler):
             if e.reason:
                 self.server.svc.metrics.bad(e.reason)
             self._error(e.status, e.msg, e.headers)
+        except NotJudgeable as e:
+            self.server.svc.metrics.bad("http_no_baseline")
+            self._error(422, str(e))
         except InputError as e:
             self.server.svc.metrics.bad("http_input")
             self._error(422, str(e))
@@ -214,8 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
         except DetectorError as e:
             log.error("%s: %s", path, e)
             self._error(500, "inference failed; see the server log")
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        except (TimeoutError, ConnectionError):     # the deadline, or the client went away
+            raise
         except Exception:
             log.exception("unhandled error on %s %s", self.command, path)
             self.close_connection = True
@@ -239,21 +219,22 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/openapi.json":
             return self._send(200, srv.spec, "application/json")
         if path == "/metrics":
-            return self._send(200, metrics_text(svc, srv.requests).encode(),
+            return self._send(200, srv.metrics().encode(),
                               "text/plain; version=0.0.4; charset=utf-8")
-        doc = _json_body(self._body())
+        doc = json_body(self._body(srv.limits[path]))
         handler = handle_paddlex if path == PADDLEX_PATH else handle_anomaly
         self._json(200, handler(svc, doc))
 
     def _authorized(self, key: str) -> bool:
-        given = self.headers.get("X-API-Key")
-        if given is None:
-            auth = self.headers.get("Authorization", "")
-            if auth[:7].lower() == "bearer ":
-                given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode(), key.encode())
+        # the first non-empty credential counts: an empty X-API-Key next to a Bearer
+        # token is a client's template left blank, not an attempt with an empty key
+        given = (self.headers.get("X-API-Key") or "").strip()
+        if not given:
+            auth = self.headers.get("Authorization") or ""
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
-    def _body(self) -> bytes:
+    def _body(self, limit: int) -> bytes:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise HttpError(411, "send a Content-Length; chunked bodies are not accepted")
@@ -268,10 +249,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             raise HttpError(400, f"bad Content-Length {raw[:40]!r}") from None
-        if n > self.server.max_body:
+        if n > limit:
             self.close_connection = True   # the body is never read
-            raise HttpError(413, f"body of {n} bytes is over the {self.server.max_body}-byte limit",
-                            "http_too_large")
+            raise HttpError(413, f"body of {n} bytes is over the {limit}-byte limit of "
+                                 f"{self._route}", "http_too_large")
+        # a large body gets one more second per MIN_BODY_RATE bytes, so an 8 MiB upload
+        # over a 2 Mbit/s link still arrives; a stalled one is still cut off
+        self._in.deadline += n / MIN_BODY_RATE
         body = self.rfile.read(n)
         if len(body) < n:
             self.close_connection = True
@@ -300,8 +284,11 @@ def load_api_key(env: str | None = None, file: str | None = None) -> str | None:
 
 
 def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
-                api_key: str | None = None, max_body: int = MAX_BODY, **service_kw) -> ApiServer:
-    """Load the model and bind; `serve_forever()` (or a thread) runs it."""
+                api_key: str | None = None, max_body: int = MAX_BODY, **kw) -> ApiServer:
+    """Load the model and bind; `serve_forever()` (or a thread) runs it.  Keywords named
+    in LIMITS go to the server, the others to the service."""
+    limits = {k: kw.pop(k) for k in list(kw) if k in LIMITS}
+    service_kw = kw
     if service_kw.get("visualize"):
         try:
             import matplotlib  # noqa: F401  (checked now, not on the first request)
@@ -312,7 +299,7 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
     except DetectorError as e:
         raise ApiError(str(e)) from None
     try:
-        return ApiServer(svc, host, port, api_key, max_body)
+        return ApiServer(svc, host, port, api_key, max_body, **limits)
     except OSError as e:
         raise ApiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

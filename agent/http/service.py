@@ -2,16 +2,31 @@
 errors below to status codes.
 
 - `predict_csv`: one CSV file through `agent.prediction` (the PaddleX endpoint).
-- `score_window`: one window scored with the model's scaler and threshold.
-- `push_sample`: one sample appended to a named stream, run by the daemon's engine
-  (learning period, ring buffer, alert hysteresis), so a stream fed over HTTP is
-  judged exactly as one fed over MQTT.
+- `push_sample`: one sample appended to a named stream (the default stream
+  `DEFAULT_STREAM` when the caller names none), run by the daemon's engine (learning
+  period, ring buffer, alert hysteresis), so a stream fed over HTTP is judged exactly
+  as one fed over MQTT.  The answer is the score, or why there is none yet
+  (`Engine.pending`: learning / warming_up / skipped, with the samples needed), or
+  "learned" for the sample that ended the learning period.
+- `score_window`: one window scored, never against a baseline that does not fit it:
+  with a stream, against that stream's learned baseline (scaler and threshold; refused
+  while it is still learning); without one, against the model's own scaler and
+  threshold, but only when those mean something on raw data: the model needs no
+  per-stream baseline (`jobs.model_learning_rows` is None), or the server was started
+  with `calibrate=0` (the operator chose the model's scaler for everything, as PaddleX
+  does).  Otherwise it is refused with the way to get a score.  Windows are scored
+  unsmoothed, as the service's streams are (smoothing 1).
+- Sample times (`sample_time`): epoch seconds, milliseconds, microseconds or
+  nanoseconds told apart by magnitude, or ISO 8601 (UTC when no zone is given),
+  between 2000 and 2100; anything else is refused.
 """
 from __future__ import annotations
 
 import base64
+import math
 import tempfile
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +40,17 @@ from ..prediction import DEFAULT_MAX_GAP, PredictError, plot_png, predict
 from ..sources.base import Batch
 
 MAX_STREAMS = 1024
+DEFAULT_STREAM = "default"
+# sample times outside [2000, 2100) are a wrong unit or a broken clock, not data
+TS_MIN, TS_MAX = 946684800.0, 4102444800.0
 
 
 class InputError(ValueError):
     """Well-formed but unusable input (the server answers 422)."""
+
+
+class NotJudgeable(InputError):
+    """A window that no fitting baseline can judge (yet); the message says what to do."""
 
 
 class TooManyStreams(RuntimeError):
@@ -47,6 +69,8 @@ class AnomalyService:
         self.compat, self.max_gap, self.visualize = compat, max_gap, visualize
         self.scaler = StreamScaler.from_meta(self.meta)
         self.threshold = float(self.meta.threshold.value)
+        # the model's scaler means something on raw data: see the module doc
+        self.model_scaler_ok = model_learning_rows(self.meta) is None or calibrate == 0
         # file predictions run a whole file each: bound how many at once
         self._files = threading.BoundedSemaphore(workers)
         self.engine = Engine(detection_config(self.meta, self.calibrate or None, node="http"),
@@ -70,15 +94,38 @@ class AnomalyService:
             return pred.result_csv(), image
 
     # ------------------------------------------------------------ windows and streams
-    def score_window(self, values: np.ndarray) -> dict:
-        x = self.scaler.apply(values)[None]
+    def score_window(self, values: np.ndarray, stream: str | None = None) -> dict:
+        scaler, threshold = self._window_baseline(stream)
+        x = scaler.apply(values)[None]
         scores, err = score_windows(x, self.detector.infer(x))
         self.metrics.samples_in += len(values)
         self.metrics.windows_inferred += 1
         s = float(scores[0])
-        return {"score": s, "status": "anomaly" if s >= self.threshold else "normal",
-                "threshold": self.threshold,
-                "channels": top_channels(err[0], self.meta.channels, 3)}
+        return {"score": s, "status": "anomaly" if s >= threshold else "normal",
+                "threshold": threshold, "channels": top_channels(err[0], self.meta.channels, 3)}
+
+    def _window_baseline(self, stream: str | None) -> tuple[StreamScaler, float]:
+        c = self.meta.n_channels
+        if stream is None:
+            if self.model_scaler_ok:
+                return self.scaler, self.threshold
+            raise NotJudgeable(
+                f"model {self.meta.name} judges data against a baseline learned per stream "
+                f"(its first {self.calibrate} samples); a window without a stream has none. "
+                f"Send samples one at a time ({{\"values\": [{c} numbers]}} feeds stream "
+                f"'{DEFAULT_STREAM}', {{\"stream\": ID, \"values\": [...]}} a named one), "
+                f"then windows with that \"stream\"")
+        with self._lock:
+            st = self.engine.streams.get(stream)
+            if st is None:
+                raise NotJudgeable(f"no stream {stream!r}: send it samples first; a window "
+                                   f"is judged against its stream's learned baseline")
+            if st.baseline.learning:
+                n = st.baseline.needed
+                raise NotJudgeable(f"stream {stream} is still learning: "
+                                   + (f"{n} samples needed" if n is not None
+                                      else "its learning period is set by time"))
+            return st.baseline.scaler, st.baseline.threshold
 
     def stream_count(self) -> int:
         return len(self.engine.streams)
@@ -97,5 +144,35 @@ class AnomalyService:
                 s = float(r.scores[-1])
                 return {"score": s, "status": "anomaly" if s >= r.threshold else "normal",
                         "threshold": r.threshold, "alert": self.engine.streams[stream].tracker.state}
-            return self.engine.pending(stream)
+            pending = self.engine.pending(stream)
+            if pending["status"] == "skipped" and any("normal" in r.entered for r in results):
+                # the sample that ended the learning period: its window fitted the
+                # threshold and is not reported; the next sample is scored
+                st = self.engine.streams[stream]
+                return {"status": "learned", "needed": 1, "threshold": st.threshold}
+            return pending
 
+
+def sample_time(value) -> float:
+    """Epoch seconds from an API caller's `ts` (see the module doc); InputError if unusable."""
+    why = ("ts must be epoch seconds, ms, µs or ns, or ISO 8601, between 2000 and 2100; "
+           f"got {str(value)[:40]!r}")
+    t = None
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.strip())
+            t = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+        except (ValueError, OverflowError):
+            value = value.strip()
+    if t is None and not isinstance(value, bool):
+        try:
+            t = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(why) from None
+        for unit in (1e9, 1e6, 1e3):    # ns, µs, ms: each 1000x beyond the next
+            if abs(t) >= TS_MIN * unit / 10:
+                t /= unit
+                break
+    if t is None or not math.isfinite(t) or not TS_MIN <= t < TS_MAX:
+        raise InputError(why)
+    return t
