@@ -46,6 +46,8 @@ class ModelConfig(_Strict):
     threads: int = Field(1, ge=0)   # intra-op threads; 0 = ORT default
     verify_checksum: bool = True
     max_batch: int = Field(256, ge=1)
+    # take the detection keys this file leaves unset from the model's metadata policy
+    policy: bool = True
 
     # A shipped name stands for the file inside the installed package, so a config written
     # after `pip install` needs no model copied by hand; the error lists the shipped names.
@@ -129,6 +131,9 @@ class AlertConfig(_Strict):
 class DetectionConfig(_Strict):
     """Everything the engine needs to turn samples into alerts (no sources, no outputs)."""
     node: str = Field("local", min_length=1, pattern=STREAM_ID_PATTERN)
+    # keys left unset come from the model's default policy (agent/policy.py); false: the
+    # agent's own defaults, the model as a bare scaler + network + threshold
+    model_policy: bool = True
     buffer: BufferConfig = BufferConfig()
     scoring: ScoringConfig = ScoringConfig()
     calibration: CalibrationConfig = CalibrationConfig()
@@ -162,7 +167,8 @@ class AgentConfig(_Strict):
 
     @property
     def detection(self) -> DetectionConfig:
-        return DetectionConfig(node=self.node, buffer=self.buffer, scoring=self.scoring,
+        return DetectionConfig(node=self.node, model_policy=self.model.policy,
+                               buffer=self.buffer, scoring=self.scoring,
                                calibration=self.calibration, adaptation=self.adaptation,
                                alerts=self.alerts)
 

@@ -33,8 +33,9 @@ def detection_config_dict(learning_rows: int | None, overrides: dict | None,
                           node: str) -> dict:
     d: dict = {"node": node}
     if learning_rows is not None:
-        d["calibration"] = ({"enabled": True, "samples": learning_rows} if learning_rows
-                            else {"enabled": False})
+        # 0: the bare model, its own scaler and threshold, none of its policy
+        d.update({"calibration": {"enabled": True, "samples": learning_rows}} if learning_rows
+                 else {"model_policy": False})
     for key, val in (overrides or {}).items():
         d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val
     return d
@@ -43,8 +44,9 @@ def detection_config_dict(learning_rows: int | None, overrides: dict | None,
 def detection_config(meta: ModelMeta, learning_rows: int | None = None,
                      overrides: dict | None = None, node: str = "replay") -> DetectionConfig:
     """The detection settings for a file job: the model's own policy (agent/policy.py),
-    except a learning period on the first `learning_rows` rows (0: none, the model's
-    scaler and threshold) when given, and `overrides` (merged one level deep per section)."""
+    except a learning period on the first `learning_rows` rows when given (0: none of the
+    policy, the bare model with its own scaler and threshold), and `overrides` (merged one
+    level deep per section)."""
     return effective(DetectionConfig.model_validate(
         detection_config_dict(learning_rows, overrides, node)), meta)
 

@@ -27,7 +27,7 @@ def model_policy(meta: ModelMeta) -> dict:
 
 def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
     """`cfg` with every key it leaves at its default taken from the model's policy."""
-    policy = model_policy(meta)
+    policy = model_policy(meta) if cfg.model_policy else {}
     if not policy:
         return cfg
     d: dict = {"node": cfg.node}

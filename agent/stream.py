@@ -230,6 +230,18 @@ class Stream:
         return StreamResult(self.id, w.ts, s, thr, self.tracker.labels, self.tracker.open_mask,
                             events)
 
+    def judge(self, values: np.ndarray, infer: Infer) -> tuple[float, np.ndarray]:
+        """One window of raw values [window, C] scored as this stream scores now (its
+        adapted scaler, its channel normalisation; a single window is not smoothed):
+        (score, per-channel error as shown in top_channels)."""
+        x = self.scaler.apply(values)[None]
+        scores, err = score_windows(x, infer(x))
+        level = self.adapter.level if self.adapter is not None else self.baseline.level
+        if self.normalize and level is not None:
+            err = err / level
+            return float(err[0].mean()), err[0]
+        return float(scores[0]), err[0]
+
     def abandon(self) -> None:
         """The newest windows could not be concluded (a bug): their samples are learned
         from by no channel, so the adapter's epochs stay whole."""

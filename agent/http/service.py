@@ -23,10 +23,8 @@ errors below to status codes.
 from __future__ import annotations
 
 import base64
-import math
 import tempfile
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +36,11 @@ from ..jobs import detection_config, model_learning_rows
 from ..metrics import Metrics
 from ..prediction import DEFAULT_MAX_GAP, PredictError, plot_png, predict
 from ..sources.base import Batch
+from ..timestamps import BadTimestamp, epoch_seconds
 
 MAX_STREAMS = 1024
 DEFAULT_STREAM = "default"
 # sample times outside [2000, 2100) are a wrong unit or a broken clock, not data
-TS_MIN, TS_MAX = 946684800.0, 4102444800.0
 
 
 class InputError(ValueError):
@@ -73,7 +71,7 @@ class AnomalyService:
         self.model_scaler_ok = model_learning_rows(self.meta) is None or calibrate == 0
         # file predictions run a whole file each: bound how many at once
         self._files = threading.BoundedSemaphore(workers)
-        self.engine = Engine(detection_config(self.meta, self.calibrate or None, node="http"),
+        self.engine = Engine(detection_config(self.meta, self.calibrate or 0, node="http"),
                              self.detector, metrics=self.metrics, default_max_streams=max_streams)
         self._lock = threading.Lock()
 
@@ -95,20 +93,21 @@ class AnomalyService:
 
     # ------------------------------------------------------------ windows and streams
     def score_window(self, values: np.ndarray, stream: str | None = None) -> dict:
-        scaler, threshold = self._window_baseline(stream)
-        x = scaler.apply(values)[None]
-        scores, err = score_windows(x, self.detector.infer(x))
+        s, err, threshold = self._judge(values, stream)
         self.metrics.samples_in += len(values)
         self.metrics.windows_inferred += 1
-        s = float(scores[0])
         return {"score": s, "status": "anomaly" if s >= threshold else "normal",
-                "threshold": threshold, "channels": top_channels(err[0], self.meta.channels, 3)}
+                "threshold": threshold, "channels": top_channels(err, self.meta.channels, 3)}
 
-    def _window_baseline(self, stream: str | None) -> tuple[StreamScaler, float]:
+    def _judge(self, values: np.ndarray, stream: str | None) -> tuple[float, np.ndarray, float]:
+        """(score, channel errors, threshold): against the stream's baseline as it scores
+        now, or without a stream the model's own scaler and threshold."""
         c = self.meta.n_channels
         if stream is None:
             if self.model_scaler_ok:
-                return self.scaler, self.threshold
+                x = self.scaler.apply(values)[None]
+                scores, err = score_windows(x, self.detector.infer(x))
+                return float(scores[0]), err[0], self.threshold
             raise NotJudgeable(
                 f"model {self.meta.name} judges data against a baseline learned per stream "
                 f"(its first {self.calibrate} samples); a window without a stream has none. "
@@ -125,7 +124,7 @@ class AnomalyService:
                 raise NotJudgeable(f"stream {stream} is still learning: "
                                    + (f"{n} samples needed" if n is not None
                                       else "its learning period is set by time"))
-            return st.baseline.scaler, st.baseline.threshold
+            return (*st.judge(values, self.detector.infer), st.threshold)
 
     def stream_count(self) -> int:
         return len(self.engine.streams)
@@ -154,25 +153,10 @@ class AnomalyService:
 
 
 def sample_time(value) -> float:
-    """Epoch seconds from an API caller's `ts` (see the module doc); InputError if unusable."""
-    why = ("ts must be epoch seconds, ms, µs or ns, or ISO 8601, between 2000 and 2100; "
-           f"got {str(value)[:40]!r}")
-    t = None
-    if isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value.strip())
-            t = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-        except (ValueError, OverflowError):
-            value = value.strip()
-    if t is None and not isinstance(value, bool):
-        try:
-            t = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(why) from None
-        for unit in (1e9, 1e6, 1e3):    # ns, µs, ms: each 1000x beyond the next
-            if abs(t) >= TS_MIN * unit / 10:
-                t /= unit
-                break
-    if t is None or not math.isfinite(t) or not TS_MIN <= t < TS_MAX:
-        raise InputError(why)
-    return t
+    """Epoch seconds from an API caller's `ts` (agent/timestamps.py, the decoders' rule);
+    InputError if unusable."""
+    try:
+        return epoch_seconds(value)
+    except BadTimestamp:
+        raise InputError("ts must be epoch seconds, ms, µs or ns, or ISO 8601, between 2000 "
+                         f"and 2100; got {str(value)[:40]!r}") from None
