@@ -156,6 +156,13 @@ class AgentConfig(_Strict):
     mqtt: MqttConfig = MqttConfig()
     sinks: SinksConfig = SinksConfig()
 
+    @field_validator("buffer", "scoring", "calibration", "adaptation", "alerts", "mqtt", "sinks",
+                     mode="before")
+    @classmethod
+    def _empty_section(cls, v):
+        # a section whose keys are all commented out is YAML null: all its defaults
+        return {} if v is None else v
+
     @field_validator("streams")
     @classmethod
     def _unique_ids(cls, v: list[StreamConfig]):

@@ -71,12 +71,15 @@ def test_example_config_checks_with_the_shipped_models():
     r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(EXAMPLE_CONFIG)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
+    from agent.policy import effective
     cfg = load_config(EXAMPLE_CONFIG)
     assert Path(cfg.model.path) == models_dir() / "DLinear_ad.onnx"
-    training = load_meta(cfg.model.path).training
-    assert cfg.calibration.enabled
-    assert cfg.calibration.samples == training["calibration_rows"]
-    assert cfg.calibration.std_floor == training["calibration_std_floor"]
+    meta = load_meta(cfg.model.path)
+    # the example leaves detection to the model's policy: what the model was trained for
+    cal = effective(cfg.detection, meta).calibration
+    assert cal.enabled and cal.samples == meta.training["calibration_rows"]
+    assert cal.std_floor == meta.training["calibration_std_floor"]
+    assert cal.margin == meta.policy["settings"]["calibration"]["margin"]
 
 
 def test_shipped_models_are_found_by_name_and_unknown_names_listed(tmp_path):
