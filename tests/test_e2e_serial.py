@@ -62,6 +62,8 @@ node: e2e
 state_dir: {tmp / 'state'}
 model:
   path: {MODEL}
+  # the plumbing under test, not the model's fitted policy: the agent's own defaults
+  policy: false
 streams:
   - id: pump
     source: {{type: serial, port: {tty}, baud: 115200, protocol: csv, timestamp: first}}
