@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from .config_base import STREAM_ID_PATTERN, ConfigError, Strict as _Strict
 from .contract import DEFAULT_STD_FLOOR
+from .metrics_server import MetricsConfig
 from .mqtt_client import MqttConfig
 from .shipped import resolve_model
 from .sinks import SINKS
@@ -155,9 +156,10 @@ class AgentConfig(_Strict):
     alerts: AlertConfig = AlertConfig()
     mqtt: MqttConfig = MqttConfig()
     sinks: SinksConfig = SinksConfig()
+    metrics: MetricsConfig = MetricsConfig()   # the daemon's Prometheus endpoint
 
     @field_validator("buffer", "scoring", "calibration", "adaptation", "alerts", "mqtt", "sinks",
-                     mode="before")
+                     "metrics", mode="before")
     @classmethod
     def _empty_section(cls, v):
         # a section whose keys are all commented out is YAML null: all its defaults

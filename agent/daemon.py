@@ -21,10 +21,12 @@ from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
 from .engine import Engine
 from .metrics import Metrics
+from .metrics_server import MetricsServer
 from .model_meta import ModelMetaError
 from .mqtt_client import make_client
 from .outbox import OutboxError
 from .pipeline import Handover, Pipeline
+from .prom import DaemonCollector
 from .sinks import build_sinks
 from .state_store import StateStore
 
@@ -71,6 +73,9 @@ class Daemon:
         self._reload = threading.Event()
         self.watchdog = sdnotify.Watchdog()
         check_state_dir(cfg)
+        # before the model loads: a port in use fails the start at once; kept for life
+        self.exporter = DaemonCollector(self.metrics) if cfg.metrics.listen else None
+        self.endpoint = MetricsServer(cfg.metrics, self.exporter) if self.exporter else None
         detector = Detector.from_config(cfg.model, self.metrics)
         self.sinks = build_sinks(cfg, self.metrics)
         self.pipeline = self._new_pipeline(cfg, build_engine(cfg, detector, self.metrics))
@@ -83,6 +88,9 @@ class Daemon:
 
     def _tick(self) -> None:
         self.watchdog.alive()
+        if self.exporter is not None:
+            p = self.pipeline
+            self.exporter.publish(p.engine, p.runners, p.sinks)
 
     def _interrupted(self) -> bool:
         return self._stop.is_set() or self._reload.is_set()
@@ -135,6 +143,9 @@ class Daemon:
             log.error("reload rejected, keeping the running config and model: %s", e)
             sdnotify.ready()
             return
+        if new_cfg.metrics != self.cfg.metrics:
+            log.warning("reload: metrics: changes take effect at the next start")
+            new_cfg = new_cfg.model_copy(update={"metrics": self.cfg.metrics})
         carry = self._engine_carries_over(new_cfg, detector)
         keep = self.pipeline.reusable_sources(new_cfg, detector.meta.channels)
         handover = self.pipeline.stop(stop_sinks=False, close_alerts=None if carry else "reload",
@@ -191,4 +202,6 @@ class Daemon:
         log.info("stopping")
         self.watchdog.stop()
         self.pipeline.stop(close_alerts="stopped")
+        if self.endpoint is not None:
+            self.endpoint.close()
         return 0

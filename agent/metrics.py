@@ -28,6 +28,11 @@ class Metrics:
         self.dropped = Counter()          # reason -> count (queues full, outbox policy)
         self.alerts = Counter()           # "new"/"update"/"end" -> count
         self.errors = Counter()           # where -> count (a stream step or a sink that failed)
+        # Per stream, for the daemon's Prometheus endpoint (agent/prom.py): written by the
+        # prometheus sink on the pipeline thread, kept here so that a reload that rebuilds
+        # the sinks keeps them (counters must not restart at every SIGHUP).
+        self.stream_scores: dict[str, float] = {}   # stream -> its latest window's score
+        self.stream_alerts = Counter()               # (stream, event type) -> count
         self._lat_ms: deque[float] = deque(maxlen=latency_samples)
         self._lock = threading.Lock()
         # cumulative over the process lifetime, unlike the bounded latency sample

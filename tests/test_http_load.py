@@ -220,7 +220,7 @@ def test_request_counts_survive_a_crowd_in_metrics():
         conn.request("GET", "/metrics")
         text = conn.getresponse().read().decode()
         conn.close()
-        assert 'tsad_http_requests_total{path="/healthz",code="200"} 51' in text.splitlines()
+        assert 'tsad_http_requests_total{code="200",path="/healthz"} 51.0' in text.splitlines()
     finally:
         stop(srv)
 

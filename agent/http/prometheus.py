@@ -1,57 +1,49 @@
-"""Prometheus text exposition (format 0.0.4) of the API server's metrics."""
+"""Prometheus text exposition (format 0.0.4) of the API server's metrics: the families
+every exposition of the agent shares (agent/prom.py), the server's own, and the
+standard process ones.  There is no outbox here (serve publishes nothing to a broker),
+so no tsad_outbox_depth: the daemon's endpoint has the real one."""
 from __future__ import annotations
 
 from collections import Counter
 
-from .. import __version__
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..prom import shared_families, standard_registry
 from .service import AnomalyService
 
+_PROCESS = standard_registry()
 
-def _label(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+class _Families:
+    """Families built for one scrape, in the shape generate_latest reads."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
 
 
 def metrics_text(svc: AnomalyService, requests: Counter, transport: Counter,
                  waiting: int) -> str:
     """`transport`: the server's connection counters (busy_queue, busy_large_queue,
     busy_open, timeout); `waiting`: requests queued for a worker now."""
-    snap = svc.metrics.snapshot()
-    out: list[str] = []
-
-    def family(name: str, kind: str, help_: str, samples) -> None:
-        """samples: (name suffix, labels, value)"""
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
-            lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"{name}{suffix}{{{lab}}} {value}" if lab else f"{name}{suffix} {value}")
-
-    family("tsad_samples_total", "counter", "Samples received (files, windows, streams).",
-           [("", {}, snap["samples_in"])])
-    family("tsad_windows_total", "counter", "Windows run through the model.",
-           [("", {}, snap["windows_inferred"])])
-    family("tsad_malformed_total", "counter", "Rejected input, by reason.",
-           [("", {"reason": r}, n) for r, n in sorted(snap["malformed"].items())])
-    buckets, total, count = svc.metrics.infer_histogram()
-    family("tsad_inference_seconds", "histogram", "ONNX Runtime call latency.",
-           [("_bucket", {"le": f"{le:g}"}, n) for le, n in buckets]
-           + [("_bucket", {"le": "+Inf"}, count), ("_sum", {}, f"{total:.9g}"),
-              ("_count", {}, count)])
-    family("tsad_outbox_depth", "gauge", "Alerts waiting for the broker (none in serve).",
-           [("", {}, 0)])
-    family("tsad_streams", "gauge", "Named streams held in memory.",
-           [("", {}, svc.stream_count())])
-    family("tsad_http_requests_total", "counter", "HTTP requests, by path and status.",
-           [("", {"path": p, "code": str(c)}, n) for (p, c), n in sorted(requests.items())])
-    family("tsad_http_busy_total", "counter",
-           "Requests refused with 503: a worker queue full (queue, large_queue), too many "
-           "open connections (open).",
-           [("", {"reason": r}, transport[f"busy_{r}"]) for r in ("queue", "large_queue", "open")])
-    family("tsad_http_timeouts_total", "counter",
-           "Requests cut off by the whole-request deadline.", [("", {}, transport["timeout"])])
-    family("tsad_http_waiting", "gauge", "Requests waiting for a worker.",
-           [("", {}, waiting)])
-    family("tsad_uptime_seconds", "gauge", "Seconds since start.", [("", {}, snap["uptime_s"])])
-    family("tsad_build_info", "gauge", "Build and model (value always 1).",
-           [("", {"version": __version__, "model": svc.meta.name, "ep": svc.detector.ep}, 1)])
-    return "\n".join(out) + "\n"
+    out = shared_families(svc.metrics, svc.meta.name, svc.detector.ep)
+    out.append(GaugeMetricFamily("tsad_streams", "Named streams held in memory.",
+                                 value=svc.stream_count()))
+    req = CounterMetricFamily("tsad_http_requests", "HTTP requests, by path and status.",
+                              labels=["path", "code"])
+    for (path, code), n in sorted(requests.items()):
+        req.add_metric([path, str(code)], n)
+    busy = CounterMetricFamily("tsad_http_busy", "Requests refused with 503: a worker queue "
+                               "full (queue, large_queue), too many open connections (open).",
+                               labels=["reason"])
+    for r in ("queue", "large_queue", "open"):
+        busy.add_metric([r], transport[f"busy_{r}"])
+    out += [req, busy,
+            CounterMetricFamily("tsad_http_timeouts", "Requests cut off by the whole-request "
+                                "deadline.", value=transport["timeout"]),
+            GaugeMetricFamily("tsad_http_waiting", "Requests waiting for a worker.",
+                              value=waiting)]
+    return (generate_latest(_Families(out)) + generate_latest(_PROCESS)).decode()
