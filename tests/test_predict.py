@@ -13,7 +13,7 @@ from agent.cli import DEMO_CSV, main
 from agent.detector import Detector
 from agent.evaluate import predict_file
 from agent.jobs import detection_config, rows_prediction
-from agent.prediction import PredictError, predict
+from agent.prediction import LEGEND_CHANNELS, PredictError, figure, predict
 from agent.contract import StreamScaler
 from conftest import MODELS
 from onnx_factory import make_model
@@ -219,7 +219,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_plot_names_each_channel_and_shades_the_learning_period(tiny, tmp_path):
     pytest.importorskip("matplotlib", reason="plotting needs the optional [plot] extra")
-    from agent.prediction import figure
     src = write_csv(tmp_path / "v.csv", 40, spike_at=30)
     out = tmp_path / "out"
     assert main(["predict", "--input", str(src), "--model", str(tiny.path), "--save_path", str(out),
@@ -239,7 +238,6 @@ def test_plot_names_each_channel_and_shades_the_learning_period(tiny, tmp_path):
 def test_plot_draws_the_files_labels_apart_from_the_predicted_ones(tiny, tmp_path):
     pytest.importorskip("matplotlib", reason="plotting needs the optional [plot] extra")
     import pandas as pd
-    from agent.prediction import figure
     src = write_csv(tmp_path / "l.csv", 40, spike_at=30)
     df = pd.read_csv(src)
     df["anomaly"] = ((df.index >= 28) & (df.index <= 33)).astype(int)
@@ -259,7 +257,6 @@ def test_plot_draws_the_files_labels_apart_from_the_predicted_ones(tiny, tmp_pat
 
 def test_plot_of_many_channels_names_each_heatmap_row(tmp_path):
     pytest.importorskip("matplotlib", reason="plotting needs the optional [plot] extra")
-    from agent.prediction import LEGEND_CHANNELS, figure
     names = [f"sensor_{i}" for i in range(LEGEND_CHANNELS + 3)]
     path, _ = make_model(tmp_path / "wide.onnx", window=W, channels=names, kind="timemix")
     f = tmp_path / "w.csv"
