@@ -210,7 +210,7 @@ def test_train_refuses_a_data_root_that_does_not_hold_the_data(tmp_path, capsys)
     data = _csv(tmp_path / "plant" / "a.csv", 0)
     other = tmp_path / "elsewhere"
     assert main(["train", "--model", "DLinear_ad", "--data", data, "--data-root", str(other),
-                 "--out", str(tmp_path / "m.onnx")]) == 1
+                 "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert f"--data-root {other}: not a folder above {data}" in err
     assert not (tmp_path / "m.onnx").exists()
