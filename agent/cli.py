@@ -1,5 +1,12 @@
 """`tsad-agent`: run the daemon, check a config, replay or evaluate files, run the demo,
-send operator commands to a running agent."""
+send operator commands to a running agent.
+
+Errors: one line on stderr starting with `error: `, never a traceback for anything the
+user can fix.  Exit 2: the command cannot start (a bad flag or value, an unknown model
+name, a missing or unusable input file, a config that `run` refuses).  Exit 1: the work
+ran into a problem (check-config: INVALID; predict: a file refused; a model that does
+not load or fails its checksum).
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,17 +16,17 @@ from pathlib import Path
 
 from . import __version__, logs, remote, shipped
 from .config import ConfigError, load_config
+from .preflight import reason
 from .shipped import DEMO_CSV
 
 DEFAULT_MODEL = "DLinear_ad"
 
 
-def resolve_model(name_or_path: str) -> str:
-    """shipped.resolve_model; an unknown name ends the command with the list of shipped ones."""
-    try:
-        return shipped.resolve_model(name_or_path)
-    except shipped.ShippedModelError as e:
-        raise SystemExit(f"error: {e}") from None
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in one line too (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -27,21 +34,45 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+def resolve_model(name_or_path: str) -> str:
+    """shipped.resolve_model; an unknown name ends the command (exit 2) with the list of
+    shipped ones."""
+    try:
+        return shipped.resolve_model(name_or_path)
+    except shipped.ShippedModelError as e:
+        raise SystemExit(_fail(str(e))) from None
+
+
 # ---------------------------------------------------------------- commands
+def _invalid(path: str, problems: list[str], why: str = "") -> int:
+    print(f"{path}: INVALID{why}", file=sys.stderr)
+    for p in problems:
+        print(f"  {p}", file=sys.stderr)
+    return 1
+
+
 def cmd_check_config(a) -> int:
+    """Exit 0: `run` would start (warnings and notes allowed); 1: INVALID, every problem listed."""
+    if not Path(a.config).is_file():
+        return _fail(f"{a.config}: no such file")
     try:
         cfg = load_config(a.config)
     except ConfigError as e:
-        print(f"{a.config}: INVALID", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-        return 1
-    from .model_meta import ModelMetaError, load_meta
+        return _invalid(a.config, e.problems)
+    from .detector import Detector, DetectorError
+    from .preflight import check
     try:
-        meta = load_meta(cfg.model.path, verify_checksum=cfg.model.verify_checksum)
-    except ModelMetaError as e:
+        meta = Detector.from_config(cfg.model).meta
+    except DetectorError as e:
         print(f"{a.config}: config valid, but model.path: {e}", file=sys.stderr)
         return 1
+    found = check(cfg, meta)
+    for w in found.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for n in found.notes:
+        print(f"note: {n}", file=sys.stderr)
+    if found.problems:
+        return _invalid(a.config, found.problems, ": `run` would refuse to start")
     print(f"{a.config}: OK — node {cfg.node}, {len(cfg.streams)} stream(s), model {meta.name} "
           f"(window {meta.window}, {meta.n_channels} channels), "
           f"mqtt {'%s:%d' % (cfg.mqtt.host, cfg.mqtt.port) if cfg.mqtt.enabled else 'disabled'}")
@@ -49,11 +80,12 @@ def cmd_check_config(a) -> int:
 
 
 def cmd_run(a) -> int:
+    if not Path(a.config).is_file():
+        return _fail(f"{a.config}: no such file")
     try:
         cfg = load_config(a.config)
     except ConfigError as e:
-        print("\n".join(e.problems), file=sys.stderr)
-        return 2
+        return _fail(reason(e))
     logs.setup(cfg.log_level)
     from .daemon import Daemon
     from .detector import DetectorError
@@ -61,12 +93,10 @@ def cmd_run(a) -> int:
     from .outbox import OutboxError
     try:
         d = Daemon(a.config, cfg)
-    except ConfigError as e:      # settings only checkable at use: password/TLS files
-        return _fail("; ".join(e.problems))
     except (DetectorError, ModelMetaError) as e:
         return _fail(str(e), 1)
-    except (OutboxError, OSError, ValueError) as e:   # state_dir, a replay file, a port
-        return _fail(" ".join(str(e).split()))
+    except (ConfigError, OutboxError, OSError, ValueError) as e:   # preflight.check's problems
+        return _fail(reason(e))
     return d.serve()
 
 
@@ -80,10 +110,10 @@ def cmd_replay(a) -> int:
         cfg = file_config(a.file, model, a.calibrate or None, overrides, stream=a.stream,
                           speed=a.speed)
         engine, rec = replay_config(cfg, _detector(model))
+        if a.out:
+            write_results_csv(Path(a.out), rec.table(a.stream))
     except (OSError, ValueError) as e:
-        return _fail(" ".join(str(e).split()))
-    if a.out:
-        write_results_csv(Path(a.out), rec.table(a.stream))
+        return _fail(reason(e))
     m = engine.metrics.snapshot()
     print(f"replayed {m['samples_in']} samples, {m['windows_inferred']} windows, "
           f"{len(rec.events)} alert events; malformed {m['malformed'] or 0}"
@@ -113,7 +143,7 @@ def cmd_evaluate(a) -> int:
                          out_dir=Path(a.out) / Path(model).stem if a.out else None,
                          overrides=overrides, detector=_detector(model))
         except (OSError, ValueError) as e:
-            return _fail(" ".join(str(e).split()))
+            return _fail(reason(e))
         results.append(r)
         if not a.json:
             print(format_summary(r))
@@ -127,16 +157,22 @@ def cmd_demo(a) -> int:
     from .evaluate import file_score
     from .jobs import file_config, replay_config
     model = resolve_model(a.model)
-    print(f"tsad-agent demo: replaying {DEMO_CSV.name} (SKAB valve1/1, water pump, 8 sensors) "
-          f"through {Path(model).stem}; calibrating on the first 400 rows, then detecting.",
-          file=sys.stderr)
     overrides = {"sinks": {"console": {"enabled": True, "format": "json" if a.json else "text"}}}
     if a.mqtt:
         host, _, port = a.mqtt.partition(":")
+        if port and not port.isdigit():
+            return _fail(f"--mqtt {a.mqtt}: expected HOST or HOST:PORT")
         overrides["mqtt"] = {"enabled": True, "host": host, "port": int(port or 1883)}
-    cfg = file_config(DEMO_CSV, model, 400, overrides, node="demo", stream="pump", speed=a.speed)
-    detector = _detector(model)
-    _, rec = replay_config(cfg, detector)
+    try:
+        cfg = file_config(DEMO_CSV, model, 400, overrides, node="demo", stream="pump",
+                          speed=a.speed)
+        detector = _detector(model)
+        print(f"tsad-agent demo: replaying {DEMO_CSV.name} (SKAB valve1/1, water pump, "
+              f"8 sensors) through {Path(model).stem}; calibrating on the first 400 rows, "
+              f"then detecting.", file=sys.stderr)
+        _, rec = replay_config(cfg, detector)
+    except (OSError, ValueError) as e:
+        return _fail(reason(e))
     s = file_score(DEMO_CSV, detector.meta.channels, rec, "pump", 400)
     print(f"labeled anomaly: rows {s['first_labeled']}-{s['last_labeled']}; alert events: "
           f"{s['opened']} opened, {s['closed']} closed; on this file: "
@@ -150,7 +186,7 @@ def _detector(model: str):
     try:
         return Detector(model)
     except DetectorError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(_fail(str(e), 1)) from None
 
 
 def cmd_predict(a) -> int:
@@ -162,13 +198,18 @@ def cmd_predict(a) -> int:
         failed = predict_files(a.input, resolve_model(a.model), a.save_path, a.calibrate,
                                a.paddlex_compat, a.max_gap, a.plot,
                                report=lambda line: print(line, file=sys.stderr), fail=_fail)
-    except (PredictError, DetectorError, ModelMetaError) as e:
+    except (DetectorError, ModelMetaError) as e:
         return _fail(str(e), 1)
+    except (PredictError, OSError) as e:    # no input files, an unwritable --save_path
+        return _fail(reason(e))
     return 1 if failed else 0
 
 
 def cmd_fit_policy(a) -> int:
     logs.setup(a.log_level)
+    from pydantic import ValidationError
+    from .config import DetectionConfig
+    from .detector import DetectorError
     from .policy_fit import fit_policy, write_policy
     settings: dict = {}
     for item in a.set:
@@ -181,18 +222,25 @@ def cmd_fit_policy(a) -> int:
         except json.JSONDecodeError:
             value = raw
         settings.setdefault(sec, {})[name] = value
+    try:
+        DetectionConfig.model_validate(settings)
+    except ValidationError as e:
+        return _fail(f"--set {reason(e)}")
     model = resolve_model(a.model)
     try:
         policy = fit_policy(model, [Path(f) for f in a.data], settings, a.learn, a.reason,
                             a.alerts_per_day, a.open_share)
+        written = write_policy(model, policy) if a.write else None
+    except DetectorError as e:
+        return _fail(str(e), 1)
     except (OSError, ValueError) as e:
-        return _fail(" ".join(str(e).split()))
+        return _fail(reason(e))
     r = policy["fitted"]["result"]
     print(f"{Path(model).stem}: margin {r['margin']:g} -> {r['alerts']} alert(s) in {r['hours']} h "
           f"of normal running, alert open on {100 * r['open_share']:.2f}% of its rows",
           file=sys.stderr)
-    if a.write:
-        print(f"policy written to {write_policy(model, policy)}", file=sys.stderr)
+    if written:
+        print(f"policy written to {written}", file=sys.stderr)
     else:
         print(json.dumps(policy, indent=2))
     return 0
@@ -206,13 +254,13 @@ def cmd_serve(a) -> int:
                      api_key_env=a.api_key_env, api_key_file=a.api_key_file,
                      calibrate=a.calibrate, compat=a.paddlex_compat, max_gap=a.max_gap,
                      visualize=a.visualize)
-    except ApiError as e:
-        return _fail(str(e), 1)
+    except ApiError as e:      # API key, port, model or matplotlib: nothing served
+        return _fail(str(e))
 
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tsad-agent", description=__doc__)
+    ap = _Parser(prog="tsad-agent", description=__doc__)
     ap.add_argument("--version", action="version", version=f"tsad-agent {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 

@@ -10,20 +10,17 @@ from the state directory).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
-from pathlib import Path
 
-from . import sdnotify
+from . import preflight, sdnotify
 from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
 from .engine import Engine
 from .metrics import Metrics
 from .metrics_server import MetricsServer
 from .model_meta import ModelMetaError
-from .mqtt_client import make_client
 from .outbox import OutboxError
 from .pipeline import Handover, Pipeline
 from .prom import DaemonCollector
@@ -33,22 +30,6 @@ from .state_store import StateStore
 log = logging.getLogger("tsad.daemon")
 
 RELOAD_LOAD_LIMIT_S = 300.0
-
-
-def check_state_dir(cfg: AgentConfig) -> None:
-    """A state_dir that cannot be written is a configuration error (exit 2), found at start
-    rather than when the first alert or baseline has to be saved."""
-    if not cfg.state_dir:
-        return
-    d = Path(cfg.state_dir)
-    probe = d / f".write-test-{os.getpid()}"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError([f"state_dir: {d} is not writable ({e.strerror or e}); the alert "
-                           f"outbox and learned baselines live there"]) from None
 
 
 def stream_caps(cfg: AgentConfig) -> dict[str, int]:
@@ -64,6 +45,13 @@ def build_engine(cfg: AgentConfig, detector: Detector, metrics: Metrics) -> Engi
                   intervals={s.id: s.interval_s for s in cfg.streams if s.interval_s})
 
 
+def _report(findings: preflight.Findings) -> None:
+    for w in findings.warnings:
+        log.warning("%s", w)
+    for n in findings.notes:
+        log.info("%s", n)
+
+
 class Daemon:
     def __init__(self, config_path: str, cfg: AgentConfig):
         self.config_path = config_path
@@ -72,11 +60,11 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.watchdog = sdnotify.Watchdog()
-        check_state_dir(cfg)
         # before the model loads: a port in use fails the start at once; kept for life
         self.exporter = DaemonCollector(self.metrics) if cfg.metrics.listen else None
         self.endpoint = MetricsServer(cfg.metrics, self.exporter) if self.exporter else None
         detector = Detector.from_config(cfg.model, self.metrics)
+        _report(preflight.require(cfg, detector.meta))
         self.sinks = build_sinks(cfg, self.metrics)
         self.pipeline = self._new_pipeline(cfg, build_engine(cfg, detector, self.metrics))
 
@@ -134,15 +122,15 @@ class Daemon:
         sdnotify.reloading()
         try:
             new_cfg = load_config(self.config_path)
-            check_state_dir(new_cfg)
             detector = self._load_alive(lambda: Detector.from_config(new_cfg.model, self.metrics))
-            if new_cfg.mqtt.enabled:
-                # unreadable password or TLS files must fail here, before anything stops
-                make_client(new_cfg.mqtt, new_cfg.node, role="reload-check")
+            # what a start would refuse must fail here, before anything stops
+            findings = preflight.require(new_cfg, detector.meta)
         except (ConfigError, DetectorError, ModelMetaError, OSError, TimeoutError) as e:
-            log.error("reload rejected, keeping the running config and model: %s", e)
+            log.error("reload rejected, keeping the running config and model: %s",
+                      preflight.reason(e))
             sdnotify.ready()
             return
+        _report(findings)
         if new_cfg.metrics != self.cfg.metrics:
             log.warning("reload: metrics: changes take effect at the next start")
             new_cfg = new_cfg.model_copy(update={"metrics": self.cfg.metrics})

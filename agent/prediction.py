@@ -60,6 +60,8 @@ class Table:
     ts: np.ndarray          # float64 epoch seconds (row number without a time column)
     values: np.ndarray      # float32 [n, C] in model channel order
     has_time: bool
+    channels: list[str]     # the model's channel names, the order of `values`
+    labels: np.ndarray | None   # the file's own `anomaly` column (ground truth), if any
 
 
 @dataclass
@@ -138,7 +140,7 @@ def load_table(path: str | Path, channels: list[str], max_gap: float = DEFAULT_M
         raise PredictError(msg if str(path) in msg else f"{path}: cannot read as CSV: {msg}") from None
     has_time = t.time_text is not None
     times = t.time_text if has_time else [str(i) for i in range(len(t.ts))]
-    table = Table(path, times, t.ts, t.values, has_time)
+    table = Table(path, times, t.ts, t.values, has_time, list(channels), t.labels)
     _check_steps(table, max_gap)
     return table
 
@@ -190,34 +192,98 @@ def predict(path: str | Path, detector: Detector, calibrate: int | None = None,
 
 
 # ---------------------------------------------------------------- outputs
+LEGEND_CHANNELS = 12   # more channels than this are drawn as a heatmap, one named row each
+
+
 def plot_png(pred: Prediction) -> bytes:
-    """Channels (z-scored per channel), score with the threshold line, anomalous rows shaded."""
+    """`figure` as a PNG."""
+    buf = io.BytesIO()
+    figure(pred).savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def figure(pred: Prediction):
+    """Channels (z-scored per channel, each named: a legend, or a heatmap row for many),
+    the score with its threshold, the learning period and the predicted rows shaded, and
+    when the file is labeled a lane comparing its labels with the predicted ones."""
     try:
         from matplotlib.figure import Figure   # Figure, not pyplot: no global state across threads
     except ImportError:
         raise PredictError("plotting needs matplotlib: pip install 'tsad-agent[plot]'") from None
     t = pred.table
     x = (np.asarray(t.ts, "datetime64[s]") if t.has_time else np.arange(len(t.ts)))
-    v = t.values.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sd = np.nanstd(v, axis=0)
-        z = (v - np.nanmean(v, axis=0)) / np.where(sd > 0, sd, 1.0)
-    fig = Figure(figsize=(12, 6), layout="constrained")
-    ax_v, ax_s = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
-    for j in range(z.shape[1]):
-        ax_v.plot(x, z[:, j], lw=0.7)
-    ax_v.set_ylabel("channels (z-score)")
+    truth = t.labels is not None
+    heatmap = len(t.channels) > LEGEND_CHANNELS
+    heights = [max(3.6, 0.12 * len(t.channels)) if heatmap else 3.6, 1.8] + [0.6] * truth
+    fig = Figure(figsize=(13, sum(heights) + 0.8), layout="constrained")
+    axes = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights)
+    ax_v, ax_s = axes[0], axes[1]
+    _plot_channels(ax_v, x, t.values, t.channels, heatmap)
     ax_s.plot(x, pred.score, lw=0.8, color="black", label="score")
     ax_s.axhline(pred.threshold, color="red", ls="--", lw=1, label=f"threshold {pred.threshold:.4g}")
     if np.nanmax(pred.score, initial=0) > 20 * pred.threshold:
         ax_s.set_yscale("log")   # spikes would flatten everything near the threshold
     ax_s.set_ylabel("anomaly score")
-    ax_s.legend(loc="upper left", fontsize=8)
-    for ax in (ax_v, ax_s):
-        ax.fill_between(x, 0, 1, where=pred.label.astype(bool), color="red", alpha=0.15,
-                        transform=ax.get_xaxis_transform(), step="mid", lw=0)
-    ax_v.set_title(f"{t.path.name}: {pred.model} ({pred.mode}), "
-                   f"{int(pred.label[pred.rows].sum())} anomalous row(s)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return buf.getvalue()
+    learning = np.zeros(len(x), bool)
+    learning[:pred.calibration_rows or 0] = True
+    predicted = pred.label.astype(bool)
+    # one legend entry per shading, in the score panel; a heatmap is not shaded over
+    for ax in (ax_s,) if heatmap else (ax_s, ax_v):
+        first = ax is ax_s
+        _shade(ax, x, learning, "0.5", 0.25,
+               f"learning period ({int(learning.sum())} rows)" if first else None)
+        _shade(ax, x, predicted, "red", 0.15, "predicted anomaly" if first else None)
+    ax_s.legend(loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=8, frameon=False)
+    if truth:
+        _plot_lanes(axes[2], x, t.labels.astype(bool), predicted)
+    if t.has_time:
+        import matplotlib.dates as mdates
+        locator = mdates.AutoDateLocator()
+        axes[-1].xaxis.set_major_locator(locator)
+        axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    else:
+        axes[-1].set_xlabel("row")
+    counts = f"{int(pred.label[pred.rows].sum())} anomalous row(s) predicted"
+    if truth:
+        counts += f", {int(t.labels.astype(bool).sum())} labeled"
+    ax_v.set_title(f"{t.path.name}: {pred.model} ({pred.mode}), {counts}")
+    return fig
+
+
+def _plot_channels(ax, x, values: np.ndarray, names: list[str], heatmap: bool) -> None:
+    import matplotlib
+    v = values.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd = np.nanstd(v, axis=0)
+        z = (v - np.nanmean(v, axis=0)) / np.where(sd > 0, sd, 1.0)
+    if heatmap:
+        span = (matplotlib.dates.date2num(x[[0, -1]]) if np.issubdtype(x.dtype, np.datetime64)
+                else x[[0, -1]].astype(float))
+        im = ax.imshow(np.clip(z.T, -4, 4), aspect="auto", cmap="RdBu_r", vmin=-4, vmax=4,
+                       interpolation="nearest", extent=(*span, len(names) - 0.5, -0.5))
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.figure.colorbar(im, ax=ax, label="channel z-score", pad=0.005, fraction=0.02)
+        return
+    for j, name in enumerate(names):
+        ax.plot(x, z[:, j], lw=0.6, alpha=0.85, color=f"C{j}", label=name)
+    ax.set_ylabel("channels (z-score)")
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=7, frameon=False)
+    for line in legend.get_lines():
+        line.set_linewidth(2.5)
+
+
+def _shade(ax, x, mask: np.ndarray, color, alpha: float, label: str | None) -> None:
+    if mask.any():
+        ax.fill_between(x, 0, 1, where=mask, color=color, alpha=alpha, lw=0, step="mid",
+                        transform=ax.get_xaxis_transform(), label=label)
+
+
+def _plot_lanes(ax, x, truth: np.ndarray, predicted: np.ndarray) -> None:
+    """Two lanes under the score: the file's labels (ground truth) and the predicted ones."""
+    for lane, (mask, color, name) in enumerate(((truth, "tab:blue", "labeled (anomaly column)"),
+                                                (predicted, "red", "predicted"))):
+        ax.fill_between(x, lane + 0.1, lane + 0.9, where=mask, color=color, lw=0, step="mid",
+                        label=name)
+    ax.set_ylim(0, 2)
+    ax.set_yticks([0.5, 1.5], ["labeled", "predicted"], fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=8, frameon=False)

@@ -20,6 +20,7 @@ import uuid
 
 from .config import ConfigError, load_config
 from .mqtt_client import MqttConfig, TlsConfig, make_client
+from .preflight import reason
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?")
 _UNIT_S = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -58,7 +59,7 @@ def broker(a) -> tuple[MqttConfig, str, str]:
         try:
             cfg = load_config(a.config)
         except ConfigError as e:
-            raise UsageError(f"{a.config}: " + "; ".join(e.problems)) from None
+            raise UsageError(reason(e)) from None
         m, node, prefix = cfg.mqtt, cfg.node, cfg.topic_prefix
     elif a.node or a.prefix:
         m, node = MqttConfig(), a.node or "cli"
@@ -76,7 +77,7 @@ def broker(a) -> tuple[MqttConfig, str, str]:
     try:
         m = MqttConfig.model_validate({**m.model_dump(), **over})
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"broker flags: {reason(e)}") from None
     if a.prefix:
         prefix = a.prefix if a.prefix.endswith("/") else a.prefix + "/"
     return m, node, prefix

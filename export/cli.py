@@ -1,7 +1,10 @@
 """``tsad-export``: the offline model tool (train, convert, verify, quantize).
 
-Every failure ends in one ``tsad-export: error: ...`` line on stderr and exit 1,
-with no partial model files left behind.
+Every failure ends in one ``tsad-export: error: ...`` line on stderr, never a traceback,
+with no partial model files left behind.  Exit 2: the command cannot start (a bad flag
+or option value, an unknown architecture, an input that is missing or unusable, an
+output path that cannot be written); exit 1: the work itself failed (training diverged,
+the export or its parity check failed, a model that does not verify).
 """
 from __future__ import annotations
 
@@ -22,7 +25,21 @@ EXPORT_EXTRA = {"torch", "onnx", "onnxscript", "tqdm"}
 
 
 class CliError(Exception):
-    """A usage problem the user can fix; printed without a traceback."""
+    """A usage problem the user can fix; printed without a traceback, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in one line too (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"tsad-export: error: {message} (see {self.prog} --help)\n")
+
+
+def _need(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{path}: no such {what}")
+    return p
 
 
 def _parse_hparams(items: list[str]) -> dict:
@@ -39,7 +56,10 @@ def _parse_hparams(items: list[str]) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from export.train import TrainOptions, train
+    from export.models import REGISTRY
+    from export.train import TrainError, TrainOptions, train
+    if a.model not in REGISTRY:
+        raise CliError(f"--model {a.model!r}: unknown architecture; known: {', '.join(REGISTRY)}")
     opts = TrainOptions(
         model=a.model, data=a.data, out=a.out,
         columns=[c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None,
@@ -51,33 +71,40 @@ def cmd_train(a: argparse.Namespace) -> int:
         drift_quantile=a.drift_quantile, train_stride=a.train_stride,
         hparams=_parse_hparams(a.hparam), threads=a.threads, opset=a.opset,
         save_checkpoint=a.save_checkpoint)
+    try:
+        opts.check()
+    except TrainError as e:
+        raise CliError(str(e)) from None
     print(json.dumps(train(opts)))
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from export.convert import convert_checkpoint
+    _need(a.checkpoint, "checkpoint file")
     print(json.dumps(convert_checkpoint(a.checkpoint, a.out, a.opset, a.threads)))
     return 0
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from export.verify import verify_model
-    report = verify_model(Path(a.model))
+    report = verify_model(_need(a.model, "model file"))
     print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from export.quantize import quantize_model
-    report = quantize_model(Path(a.model), Path(a.out), a.data, calib_rows=a.calib_rows)
+    report = quantize_model(_need(a.model, "model file"), Path(a.out), a.data,
+                            calib_rows=a.calib_rows)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_paddlex(a: argparse.Namespace) -> int:
     from export.paddlex_import import import_folder
-    meta = import_folder(Path(a.folder), Path(a.out), name=a.name, opset=a.opset, data=a.data)
+    meta = import_folder(_need(a.folder, "folder"), Path(a.out), name=a.name, opset=a.opset,
+                         data=a.data)
     print(json.dumps({"model": a.out, "name": meta.name, "window": meta.window,
                       "channels": meta.channels, "threshold": meta.threshold.value,
                       "opset": meta.opset, "onnx_sha256": meta.onnx_sha256,
@@ -86,7 +113,7 @@ def cmd_paddlex(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tsad-export", description=__doc__.splitlines()[0])
+    p = _Parser(prog="tsad-export", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"tsad-export {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -183,11 +210,16 @@ def _tool_commands(sub) -> None:
     x.set_defaults(func=cmd_paddlex)
 
 
+def _error(e: BaseException, code: int) -> int:
+    print(f"tsad-export: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from export.verify import VerifyError
-    errors: tuple[type[BaseException], ...] = (CliError, DataError, ModelMetaError, VerifyError,
-                                               OSError)
+    usage = (CliError, DataError)
+    errors: tuple[type[BaseException], ...] = (ModelMetaError, VerifyError, OSError)
     try:   # torch (the export extra) trains and converts; verify and paddlex run without it
         from export.onnx_export import ExportError
         from export.train import TrainError
@@ -199,9 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         rc = args.func(args)
+    except usage as e:
+        return _error(e, 2)
     except errors as e:
-        print(f"tsad-export: error: {e}", file=sys.stderr)
-        return 1
+        return _error(e, 1)
     except ModuleNotFoundError as e:
         if e.name not in EXPORT_EXTRA:
             raise

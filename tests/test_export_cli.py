@@ -146,13 +146,13 @@ def test_drift_quantile_trusts_a_channel_with_heavy_tailed_drift_less():
 
 def test_drift_quantile_out_of_range_is_rejected(tmp_path, capsys):
     rc, _ = train(tmp_path, "--scale-rows", "40", "--drift-rows", "80", "--drift-quantile", "1.5")
-    assert rc == 1
+    assert rc == 2
     assert "--drift-quantile 1.5: expected a fraction between 0 and 1" in capsys.readouterr().err
 
 
 def test_drift_rows_needs_scale_rows(tmp_path, capsys):
     rc, _ = train(tmp_path, "--drift-rows", "80")
-    assert rc == 1
+    assert rc == 2
     assert "only with --scale-rows" in capsys.readouterr().err
 
 
@@ -179,7 +179,7 @@ def test_bad_training_data_fails_cleanly(tmp_path, capsys, case, expect):
         df.to_csv(f, index=False)
     rc, out = train(tmp_path, *extra, data=[str(f)])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert expect in err and "tsad-export: error:" in err
     assert no_model_files(out.parent)
 
@@ -194,7 +194,7 @@ def test_unwritable_output_fails_before_training(tmp_path, capsys):
                    *TINY, "--out", str(locked / "m.onnx")])
     finally:
         locked.chmod(0o700)
-    assert rc == 1
+    assert rc == 2
     assert "not writable" in capsys.readouterr().err
     assert list(locked.iterdir()) == []
 
@@ -204,7 +204,7 @@ def test_output_path_that_cannot_be_a_folder(tmp_path, capsys):
     blocker.write_text("x")
     rc = main(["train", "--model", "DLinear_ad", "--data", str(make_csv(tmp_path / "d.csv")),
                *TINY, "--out", str(blocker / "sub" / "m.onnx")])
-    assert rc == 1
+    assert rc == 2
     assert "not writable" in capsys.readouterr().err
 
 

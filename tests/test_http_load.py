@@ -336,6 +336,6 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
 
 
 def test_serve_command_refuses_an_unset_key(capsys):
-    assert main(["serve", "--model", str(MODEL), "--api-key-env", "TSAD_SURELY_UNSET_VAR"]) == 1
+    assert main(["serve", "--model", str(MODEL), "--api-key-env", "TSAD_SURELY_UNSET_VAR"]) == 2
     assert capsys.readouterr().err.strip() == \
         "error: API key variable TSAD_SURELY_UNSET_VAR is not set or empty"

@@ -3,6 +3,7 @@ models found by name, metadata free of the build machine's paths, an example tha
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from agent import __version__
 from agent.config import ConfigError, load_config, parse_config
 from agent.model_meta import load_meta, sha256_file
-from agent.shipped import (EXAMPLE_CONFIG, ShippedModelError, models_dir, resolve_model,
+from agent.shipped import (DEMO_CSV, EXAMPLE_CONFIG, ShippedModelError, models_dir, resolve_model,
                            shipped_models)
 from conftest import MODELS, REPO
 
@@ -66,11 +67,33 @@ def test_cli_entry_points_answer():
     assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "agent.__version__"}
 
 
-def test_example_config_checks_with_the_shipped_models():
-    """The example runs the shipped model by name, with the calibration it was trained for."""
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(EXAMPLE_CONFIG)],
-                       capture_output=True, text=True, cwd=REPO)
+def _check_config(path: Path, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    return subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(path)],
+                          capture_output=True, text=True, cwd=REPO, env={**clean, **env})
+
+
+def test_example_config_checks_with_the_shipped_models(tmp_path):
+    """The example runs the shipped model by name, with the calibration it was trained for.
+    As shipped it names a systemd credential and a recording that this machine lacks, which
+    `run` would refuse: check-config says so; given both, it is OK."""
+    r = _check_config(EXAMPLE_CONFIG)
+    assert r.returncode == 1, r.stderr
+    problems = [ln.strip() for ln in r.stderr.splitlines() if ln.startswith("  ")]
+    assert problems[0].startswith("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set")
+    assert problems[1] == ("streams[2] (bench).source: /etc/tsad-agent/recordings/valve1.csv: "
+                           "no such file or directory")
+    assert all(p.startswith("state_dir: ") for p in problems[2:]), problems   # not root
+    (tmp_path / "mqtt-password").write_text("secret\n")
+    text = EXAMPLE_CONFIG.read_text()
+    mine = tmp_path / "agent.yaml"
+    mine.write_text(text.replace("/etc/tsad-agent/recordings/valve1.csv", str(DEMO_CSV))
+                    .replace("state_dir: /var/lib/tsad-agent", f"state_dir: {tmp_path / 'st'}"))
+    r = _check_config(mine, CREDENTIALS_DIRECTORY=str(tmp_path))
     assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout and not (tmp_path / "st").exists(), "check-config created state_dir"
+    # the example leaves detection to the model: nothing overruled, so no warning
+    assert "warning:" not in r.stderr and "serial port /dev/serial/by-id/" in r.stderr
     from agent.policy import effective
     cfg = load_config(EXAMPLE_CONFIG)
     assert Path(cfg.model.path) == models_dir() / "DLinear_ad.onnx"
@@ -99,7 +122,7 @@ def test_shipped_models_are_found_by_name_and_unknown_names_listed(tmp_path):
                      "    source: {type: serial, port: /dev/ttyUSB0}\n")
     r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--model", "nope"],
                        capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 1 and "'nope' is neither a file nor a shipped model" in r.stderr
+    assert r.returncode == 2 and "'nope' is neither a file nor a shipped model" in r.stderr
 
 
 def _strings(node):
@@ -187,7 +210,7 @@ def test_train_refuses_a_data_root_that_does_not_hold_the_data(tmp_path, capsys)
     data = _csv(tmp_path / "plant" / "a.csv", 0)
     other = tmp_path / "elsewhere"
     assert main(["train", "--model", "DLinear_ad", "--data", data, "--data-root", str(other),
-                 "--out", str(tmp_path / "m.onnx")]) == 1
+                 "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert f"--data-root {other}: not a folder above {data}" in err
     assert not (tmp_path / "m.onnx").exists()

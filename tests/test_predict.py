@@ -13,7 +13,7 @@ from agent.cli import DEMO_CSV, main
 from agent.detector import Detector
 from agent.evaluate import predict_file
 from agent.jobs import detection_config, rows_prediction
-from agent.prediction import PredictError, predict
+from agent.prediction import LEGEND_CHANNELS, PredictError, figure, predict
 from agent.contract import StreamScaler
 from conftest import MODELS
 from onnx_factory import make_model
@@ -210,11 +210,62 @@ def test_calibration_longer_than_file_is_an_error(tiny, tmp_path):
         predict(f, tiny, calibrate=100)
 
 
-def test_plot_writes_a_png(tiny, tmp_path):
+def _legend(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_names_each_channel_and_shades_the_learning_period(tiny, tmp_path):
     pytest.importorskip("matplotlib", reason="plotting needs the optional [plot] extra")
     src = write_csv(tmp_path / "v.csv", 40, spike_at=30)
     out = tmp_path / "out"
     assert main(["predict", "--input", str(src), "--model", str(tiny.path), "--save_path", str(out),
-                 "--calibrate", "0", "--plot"]) == 0
+                 "--calibrate", "20", "--plot"]) == 0
     png = (out / "v_res.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert png[:8] == PNG and len(png) > 5000
+    fig = figure(pred := predict(src, tiny, calibrate=20))
+    channels, score = fig.axes
+    assert _legend(channels) == CHANNELS
+    assert _legend(score) == ["score", f"threshold {pred.threshold:.4g}",
+                              "learning period (20 rows)", "predicted anomaly"]
+    # the grey band ends at the last learning row
+    band = score.collections[0].get_paths()[0].vertices[:, 0]
+    assert band.max() == pytest.approx((pred.table.ts[19] + pred.table.ts[20]) / 2 / 86400)
+
+
+def test_plot_draws_the_files_labels_apart_from_the_predicted_ones(tiny, tmp_path):
+    pytest.importorskip("matplotlib", reason="plotting needs the optional [plot] extra")
+    import pandas as pd
+    src = write_csv(tmp_path / "l.csv", 40, spike_at=30)
+    df = pd.read_csv(src)
+    df["anomaly"] = ((df.index >= 28) & (df.index <= 33)).astype(int)
+    df.to_csv(src, index=False)
+    out = tmp_path / "out"
+    assert main(["predict", "--input", str(src), "--model", str(tiny.path), "--save_path", str(out),
+                 "--calibrate", "0", "--plot"]) == 0
+    assert (out / "l_res.png").read_bytes()[:8] == PNG
+    fig = figure(predict(src, tiny, calibrate=0))
+    channels, score, lanes = fig.axes
+    assert _legend(channels) == CHANNELS
+    assert "learning period" not in " ".join(_legend(score))
+    assert _legend(lanes) == ["labeled (anomaly column)", "predicted"]
+    assert [t.get_text() for t in lanes.get_yticklabels()] == ["labeled", "predicted"]
+    assert fig.axes[0].get_title().endswith("6 labeled")
+
+
+def test_plot_of_many_channels_names_each_heatmap_row(tmp_path):
+    pytest.importorskip("matplotlib", reason="plotting needs the optional [plot] extra")
+    names = [f"sensor_{i}" for i in range(LEGEND_CHANNELS + 3)]
+    path, _ = make_model(tmp_path / "wide.onnx", window=W, channels=names, kind="timemix")
+    f = tmp_path / "w.csv"
+    rng = np.random.default_rng(0)
+    with open(f, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["timestamp", *names])
+        w.writerows([i, *rng.normal(size=len(names))] for i in range(1_700_000_000, 1_700_000_040))
+    fig = figure(predict(f, Detector(str(path)), calibrate=0))
+    heat = fig.axes[0]
+    assert len(heat.images) == 1 and heat.get_legend() is None
+    assert [t.get_text() for t in heat.get_yticklabels()] == names

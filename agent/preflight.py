@@ -1,0 +1,175 @@
+"""What `run` would refuse, found without starting it.
+
+`tsad-agent run` (at start and at every reload) and `tsad-agent check-config` call the
+same `check`, so a config that checks OK starts, and one that `run` refuses is INVALID.
+The model itself is loaded by the caller (`Detector.from_config`, checksum included),
+as `run` loads it; the checks here compare the config against its metadata.
+
+Rules:
+- Nothing is started, connected or created: the broker client is built but does not
+  connect, each source is built (a replay file is read and its columns checked) but not
+  run, and a folder that does not exist yet is judged by the nearest one that does.  The
+  one trace left is a probe file in an existing state_dir, removed at once.
+- problems stop a start: `run` exits 2, a reload keeps the running config, check-config
+  says INVALID.  They are the password source (file, environment, systemd credential),
+  the TLS files, a state_dir or JSON-lines alert file that cannot be written, and a
+  source that cannot be built.
+- warnings: settings that start but probably do not do what the plant wants (a model
+  that needs a learning period run without one; the config overruling the model's policy).
+- notes: facts about this machine that are fine at start: a serial port that is not
+  there now (a USB adapter may be plugged in later; the source waits for it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .config import AgentConfig
+from .config_base import ConfigError
+from .metrics import Metrics
+from .model_meta import ModelMeta
+from .mqtt_client import make_client
+from .policy import SECTIONS, effective, model_policy
+from .sources import build_source
+
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:   # a password problem is met by the sink and each source
+            self.problems.append(text)
+
+
+def reason(e: BaseException) -> str:
+    """One line for an error that a user's input caused: the file an OSError names, each
+    pydantic error's key path, each ConfigError problem."""
+    if isinstance(e, ConfigError):
+        return "; ".join(e.problems)
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}"
+                         for err in e.errors(include_url=False))
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror[0].lower()}{e.strerror[1:]}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def check(cfg: AgentConfig, meta: ModelMeta) -> Findings:
+    """Everything `run` would refuse at start, and what deserves a word although it starts."""
+    f = Findings()
+    for p in (_state_dir_problem(cfg), _jsonl_problem(cfg)):
+        if p:
+            f._problem(p)
+    if cfg.mqtt.enabled:
+        try:
+            make_client(cfg.mqtt, cfg.node, role="check")
+        except ConfigError as e:
+            for p in e.problems:
+                f._problem(p)
+    _check_sources(cfg, meta.channels, f)
+    f.warnings += policy_warnings(cfg, meta)
+    return f
+
+
+def require(cfg: AgentConfig, meta: ModelMeta) -> Findings:
+    """`check` for a start: ConfigError with every problem, else the findings to log."""
+    f = check(cfg, meta)
+    if f.problems:
+        raise ConfigError(f.problems)
+    return f
+
+
+# ---------------------------------------------------------------- files
+def _unwritable(path: Path, folder: bool) -> str | None:
+    """Why `path` (a folder, or a file to append to) cannot be written, or None."""
+    if path.exists():
+        if folder != path.is_dir():
+            return "not a folder" if folder else "a folder, not a file"
+        if not folder:
+            return None if os.access(path, os.W_OK) else "permission denied"
+        probe = path / f".write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            return e.strerror or str(e)
+        return None
+    above = path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is not a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"cannot create it in {above}: permission denied"
+    return None
+
+
+def _state_dir_problem(cfg: AgentConfig) -> str | None:
+    if not cfg.state_dir:
+        return None
+    why = _unwritable(Path(cfg.state_dir), folder=True)
+    return why and (f"state_dir: {cfg.state_dir} is not writable ({why}); the alert outbox "
+                    f"and learned baselines live there")
+
+
+def _jsonl_problem(cfg: AgentConfig) -> str | None:
+    c = cfg.sinks.jsonl
+    why = c and _unwritable(Path(c.path), folder=False)
+    return why and f"sinks.jsonl.path: cannot append to {c.path} ({why})"
+
+
+# ---------------------------------------------------------------- sources
+def _check_sources(cfg: AgentConfig, channels: list[str], f: Findings) -> None:
+    for i, s in enumerate(cfg.streams):
+        where = f"streams[{i}] ({s.id})"
+        if s.source.type == "serial" and "://" not in s.source.port \
+                and not os.path.exists(s.source.port):
+            f.notes.append(f"{where}: serial port {s.source.port} is not there now; the agent "
+                           f"starts without it and opens it when it appears")
+        try:
+            # a throwaway Metrics: a replay file's bad rows are counted when it really runs
+            build_source(s, channels, Metrics(), cfg.mqtt, cfg.node).close()
+        except ConfigError as e:
+            for p in e.problems:
+                f._problem(p)
+        except (OSError, ValueError) as e:
+            f._problem(f"{where}.source: {reason(e)}")
+
+
+# ---------------------------------------------------------------- the model's policy
+def _show(v) -> str:
+    return json.dumps(v)
+
+
+def policy_warnings(cfg: AgentConfig, meta: ModelMeta) -> list[str]:
+    """A model that asks for a learning period run without one, and every detection key the
+    config sets to another value than the model's policy (the plant wins; said so)."""
+    policy = model_policy(meta)
+    det = cfg.detection
+    out = []
+    wanted = policy.get("calibration", {})
+    unlearned = wanted.get("enabled") is True and not effective(det, meta).calibration.enabled
+    if unlearned:
+        why = ("model.policy is false" if not cfg.model.policy
+               else "the config sets calibration.enabled: false")
+        out.append(f"model {meta.name} asks for a learning period (its policy: calibration on "
+                   f"the first {wanted.get('samples', det.calibration.samples)} samples) but "
+                   f"{why}: without one it scores raw data against its training scaler and "
+                   f"most windows read as anomalous")
+    if not cfg.model.policy:
+        return out
+    for sec in SECTIONS:
+        mine = getattr(det, sec)
+        for key in sorted(mine.model_fields_set & set(policy.get(sec, {}))):
+            said = unlearned and (sec, key) == ("calibration", "enabled")
+            if not said and getattr(mine, key) != policy[sec][key]:
+                out.append(f"{sec}.{key}: the config's {_show(getattr(mine, key))} overrules "
+                           f"model {meta.name}'s policy ({_show(policy[sec][key])})")
+    return out

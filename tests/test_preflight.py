@@ -1,0 +1,138 @@
+"""agent.preflight: what `run` would refuse, found without starting, and the warnings about
+a config that starts but overrules its model; shared by check-config, run and reload."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agent.config import AgentConfig, ConfigError
+from agent.daemon import Daemon
+from agent.model_meta import load_meta, meta_path_for
+from agent.preflight import check
+from conftest import REPO
+from onnx_factory import make_model
+
+CH = ["a", "b", "c"]
+POLICY = {"settings": {"calibration": {"enabled": True, "samples": 50, "margin": 2.0},
+                       "scoring": {"smoothing": 10}}}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, meta = make_model(tmp_path_factory.mktemp("m") / "pol.onnx", window=8, channels=CH,
+                            kind="timemix", name="pol")
+    meta.policy = POLICY
+    meta.save(meta_path_for(path))
+    return path
+
+
+def cfg_for(path, **over) -> AgentConfig:
+    d = {"node": "t", "state_dir": None, "model": {"path": str(path)},
+         "streams": [{"id": "s", "source": {"type": "serial", "port": "/dev/null"}}],
+         "mqtt": {"enabled": False}}
+    d.update(over)
+    return AgentConfig.model_validate(d)
+
+
+def findings(path, **over):
+    return check(cfg_for(path, **over), load_meta(path))
+
+
+def test_a_config_that_leaves_detection_to_the_model_has_nothing_to_say(model):
+    f = findings(model)
+    assert (f.problems, f.warnings, f.notes) == ([], [], [])
+
+
+def test_turning_off_the_learning_period_a_model_asks_for_is_warned(model):
+    (w,) = findings(model, calibration={"enabled": False}).warnings
+    assert w.startswith("model pol asks for a learning period (its policy: calibration on the "
+                        "first 50 samples) but the config sets calibration.enabled: false")
+    (w,) = findings(model, model={"path": str(model), "policy": False}).warnings
+    assert "but model.policy is false" in w
+    assert findings(model, calibration={"enabled": True}).warnings == []
+
+
+def test_a_key_the_config_sets_against_the_policy_is_named(model):
+    f = findings(model, scoring={"smoothing": 3, "normalize": "channel"},
+                 calibration={"margin": 2.0})
+    assert f.warnings == ["scoring.smoothing: the config's 3 overrules model pol's policy (10)"]
+    assert f.problems == []
+
+
+def test_a_missing_serial_port_is_a_note_not_a_problem(model, tmp_path):
+    port = tmp_path / "ttyUSB9"
+    f = findings(model, streams=[{"id": "s", "source": {"type": "serial", "port": str(port)}},
+                                 {"id": "u", "source": {"type": "serial", "port": "loop://"}}])
+    assert f.problems == [] and f.warnings == []
+    assert f.notes == [f"streams[0] (s): serial port {port} is not there now; the agent starts "
+                       f"without it and opens it when it appears"]
+
+
+def test_nothing_is_created_or_connected(model, tmp_path):
+    state, alerts = tmp_path / "a" / "state", tmp_path / "b" / "alerts.jsonl"
+    f = findings(model, state_dir=str(state), sinks={"jsonl": {"path": str(alerts)}},
+                 mqtt={"host": "127.0.0.1", "port": 1})   # nothing listens on port 1
+    assert f.problems == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_problem_is_listed_once(model, tmp_path, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    (tmp_path / "f").write_text("")
+    mqtt = {"host": "127.0.0.1", "username": "u", "password_credential": "pw"}
+    f = findings(model, state_dir=str(tmp_path / "f"), mqtt=mqtt, streams=[
+        {"id": "m1", "source": {"type": "mqtt", "topic": "a/+"}},
+        {"id": "m2", "source": {"type": "mqtt", "topic": "b/+"}},
+        {"id": "r", "source": {"type": "replay", "path": str(tmp_path / "no.csv")}}])
+    assert f.problems == [
+        f"state_dir: {tmp_path / 'f'} is not writable (not a folder); the alert outbox and "
+        f"learned baselines live there",
+        "mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in "
+        "the systemd unit)",
+        f"streams[2] (r).source: {tmp_path / 'no.csv'}: no such file or directory"]
+
+
+def test_the_daemon_refuses_what_check_finds(model, tmp_path):
+    cfg = cfg_for(model, streams=[{"id": "r", "source": {"type": "replay",
+                                                         "path": str(tmp_path / "no.csv")}}])
+    with pytest.raises(ConfigError) as e:
+        Daemon("unused.yaml", cfg)
+    assert e.value.problems == check(cfg, load_meta(model)).problems != []
+
+
+def test_a_reload_to_a_config_run_would_refuse_keeps_the_running_one(model, tmp_path, caplog):
+    data = tmp_path / "d.csv"
+    pd.DataFrame(np.zeros((20, 3)), columns=CH).to_csv(data, index=False)
+    path = tmp_path / "c.yaml"
+    text = (f"node: t\nstate_dir: null\nmodel: {{path: {model}}}\nmqtt: {{enabled: false}}\n"
+            f"sinks: {{console: {{enabled: false}}}}\n"
+            f"streams:\n  - id: r\n    source: {{type: replay, path: {data}}}\n")
+    path.write_text(text)
+    from agent.config import load_config
+    d = Daemon(str(path), load_config(path))
+    running = d.pipeline
+    path.write_text(text.replace(str(data), str(tmp_path / "gone.csv")))
+    with caplog.at_level(logging.ERROR, logger="tsad.daemon"):
+        d.reload()
+    assert d.pipeline is running and d.cfg.streams[0].source.path == str(data)
+    assert "reload rejected, keeping the running config and model: streams[0] (r).source: " \
+           f"{tmp_path / 'gone.csv'}: no such file or directory" in caplog.text
+
+
+def test_check_config_prints_warnings_and_notes_and_still_says_ok(model, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"node: t\nstate_dir: null\nmodel: {{path: {model}}}\nmqtt: {{enabled: false}}\n"
+                    f"calibration: {{enabled: false}}\nscoring: {{smoothing: 3}}\n"
+                    f"streams:\n  - id: s\n    source: {{type: serial, port: {tmp_path}/tty}}\n")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{path}: OK")
+    lines = r.stderr.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["warning", "warning", "note"], lines
+    assert "asks for a learning period" in lines[0] and "scoring.smoothing" in lines[1]
