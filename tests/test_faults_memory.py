@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from agent_harness import (MOSQUITTO, NODE, AgentProcess, Observer, Publisher, alert_id,
+from agent_harness import (MOSQUITTO, NODE, AgentProcess, Broker, Observer, Publisher, alert_id,
                            memory_kb, no_traceback, retained, sample_ts, tiny_model, wait_until,
                            write_config)
 
@@ -78,7 +78,10 @@ class MqttRig:
 
 
 @pytest.fixture
-def mqtt_rig(tmp_path, broker):
+def mqtt_rig(tmp_path):
+    # Mosquitto drops QoS 1 messages for a subscriber more than max_queued_messages
+    # (default 1000) behind; a flood of 2000 would then test the broker, not the agent.
+    broker = Broker(tmp_path, extra_conf="max_queued_messages 0").start()
     rigs = []
 
     def make(source: dict, **overrides) -> MqttRig:
@@ -88,6 +91,7 @@ def mqtt_rig(tmp_path, broker):
     yield make
     for r in rigs:
         r.close()
+    broker.stop()
 
 
 # ---------------------------------------------------------------- finding 8
