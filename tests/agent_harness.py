@@ -290,3 +290,54 @@ def outbox_ids(state_dir: Path) -> set[str]:
 def no_traceback(agent: AgentProcess) -> None:
     assert "Traceback" not in agent.log(), agent.log()
 
+
+
+# ---------------------------------------------------------------- devices on MQTT, memory
+class Publisher:
+    """A device publishing QoS 1 payloads; `send` returns once the broker has each one."""
+
+    def __init__(self, port: int, client_id: str = "rb-device"):
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.loop_start()
+
+    def send(self, items, timeout: float = 60.0) -> int:
+        """Publish (topic, bytes) pairs in order; how many were published."""
+        infos = [self.c.publish(t, p, qos=1) for t, p in items]
+        end = time.monotonic() + timeout
+        for i in infos:
+            i.wait_for_publish(max(0.1, end - time.monotonic()))
+            assert i.is_published(), "the broker did not acknowledge a publish in time"
+        return len(infos)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def retained(port: int, topic: str, timeout: float = 10.0) -> bytes:
+    """The payload a subscriber arriving now reads first on `topic` (its retained copy)."""
+    got, box = threading.Event(), []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"late-{time.monotonic_ns()}")
+    c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+    c.on_message = lambda c, u, m: (box.append((m.retain, m.payload)), got.set())
+    c.connect("127.0.0.1", port, keepalive=5)
+    c.loop_start()
+    try:
+        assert got.wait(timeout), f"nothing retained on {topic}"
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    assert box[0][0], f"the first message on {topic} was not the retained one"
+    return box[0][1]
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (resident at its peak) of a process, in kB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, v = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(v.split()[0])
+    return out

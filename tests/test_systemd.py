@@ -228,6 +228,8 @@ def test_unit_contract():
     """The directives other parts of the project rely on."""
     text = UNIT.read_text()
     for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure",
+                 # `run` exits 2 on a configuration error (test_faults_state)
+                 "RestartPreventExitStatus=2",
                  "StateDirectory=tsad-agent", "ConfigurationDirectory=tsad-agent",
                  "LoadCredential=mqtt-password:/etc/tsad-agent/mqtt-password",
                  "SupplementaryGroups=dialout", "DeviceAllow=char-ttyUSB rw",
