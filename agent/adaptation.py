@@ -50,11 +50,14 @@ class Adapter:
         self.version = 0                          # epochs folded into `scaler`
         self._by_version = {0: (scaler, level)}
         self.pace = pace
+        # The current epoch's concluded samples, folded in at its end: one set of array
+        # operations per epoch instead of per piece (a daemon concludes a sample or a few
+        # at a time), and the sums run over the same rows in the same order however the
+        # samples were chunked.  Preallocated: a few KB per stream, whatever the pieces.
         c = len(scaler.mean)
-        self._sum = np.zeros(c)
-        self._n = np.zeros(c)
-        self._err_sum = np.zeros(c)
-        self._err_n = np.zeros(c)
+        self._raw = np.empty((EPOCH, c), np.float32)      # samples arrive as float32
+        self._ok = np.zeros((EPOCH, c), bool)
+        self._err = np.full((EPOCH, c), np.nan) if level is not None else None
         self.seen = 0                             # samples concluded since learning ended
         self.ingested = 0                         # samples ingested since learning ended
 
@@ -79,46 +82,50 @@ class Adapter:
         self.ingested += n
 
     # ------------------------------------------------------------ conclude side
-    def observe(self, raw: np.ndarray, ok: np.ndarray, err: np.ndarray | None = None) -> None:
+    def observe(self, raw: np.ndarray, ok: np.ndarray | None, err: np.ndarray | None = None) -> None:
         """The concluded samples of one piece (inside one epoch), in order: raw values
-        [n, C], which values may be learned from (bool [n, C]), and the errors [n, C] of
-        their windows (NaN for a sample without a window)."""
-        if ok.any():
-            x = np.asarray(raw, np.float64)
-            ok = ok & np.isfinite(x) & \
-                (np.abs(x - self.scaler.mean) <= self.cfg.gate * self.scaler.std)
-            self._sum += np.where(ok, x, 0.0).sum(axis=0)
-            self._n += ok.sum(axis=0)
-            if err is not None and self.level is not None:
-                e_ok = ok & np.isfinite(err)
-                self._err_sum += np.where(e_ok, err, 0.0).sum(axis=0)
-                self._err_n += e_ok.sum(axis=0)
-        self.seen += len(raw)
+        [n, C], which values may be learned from (bool [n, C] or [n, 1]; None: none of
+        them), and the errors [n, C] of their windows (NaN for a sample without one)."""
+        i, m = self.seen % EPOCH, len(raw)
+        self._raw[i:i + m] = raw
+        self._ok[i:i + m] = False if ok is None else ok
+        if self._err is not None:
+            self._err[i:i + m] = np.nan if err is None else err
+        self.seen += m
         if self.seen % EPOCH == 0:
             self._end_epoch()
 
+    def _epoch_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(sum, count) of the epoch's learnable values and of their errors, per channel."""
+        x, ok = self._raw.astype(np.float64), self._ok
+        ok &= np.isfinite(x) & (np.abs(x - self.scaler.mean) <= self.cfg.gate * self.scaler.std)
+        total, n = np.where(ok, x, 0.0).sum(axis=0), ok.sum(axis=0).astype(np.float64)
+        if self._err is None:
+            zero = np.zeros(len(total))
+            return total, n, zero, zero
+        e_ok = ok & np.isfinite(self._err)
+        return total, n, np.where(e_ok, self._err, 0.0).sum(axis=0), \
+            e_ok.sum(axis=0).astype(np.float64)
+
     def _end_epoch(self) -> None:
+        total, n, err_sum, err_n = self._epoch_sums()
         mean = self.scaler.mean.copy()
-        used = self._n > 0
+        used = n > 0
         if used.any():
             dt = self.pace.interval or 1.0
-            alpha = 1.0 - np.exp(-self._n[used] * dt / self.cfg.time_constant_s)
-            mean[used] += alpha * (self._sum[used] / self._n[used] - mean[used])
+            alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
+            mean[used] += alpha * (total[used] / n[used] - mean[used])
             if self.cfg.max_shift is not None:
                 lim = self.cfg.max_shift * self.learned.std
                 mean = np.clip(mean, self.learned.mean - lim, self.learned.mean + lim)
             self.scaler = StreamScaler(mean, self.scaler.std)
-        seen = self._err_n > 0
+        seen = err_n > 0
         if self.level is not None and seen.any():
-            a = 1.0 - np.exp(-self._err_n[seen] * (self.pace.interval or 1.0)
+            a = 1.0 - np.exp(-err_n[seen] * (self.pace.interval or 1.0)
                              / self.cfg.time_constant_s)
             level = self.level.copy()
-            level[seen] += a * (self._err_sum[seen] / self._err_n[seen] - level[seen])
+            level[seen] += a * (err_sum[seen] / err_n[seen] - level[seen])
             self.level = level
-        self._sum[:] = 0.0
-        self._n[:] = 0.0
-        self._err_sum[:] = 0.0
-        self._err_n[:] = 0.0
         self.version += 1
         self._by_version[self.version] = (self.scaler, self.level)
         self._by_version.pop(self.version - LAG - 2, None)

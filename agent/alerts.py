@@ -265,12 +265,15 @@ class AlertTracker:
         keep = self.cfg.open_n - 1
         if not keep:
             return
+        if len(ts) >= keep:
+            self._h_ts, self._h_sc, self._h_lab = ts[-keep:], scores[-keep:], lab[-keep:]
+            # a copy: the caller may reuse its err buffer for the next block
+            self._h_err = err[-keep:].copy()
+            return
         self._h_ts = np.concatenate([h_ts, ts])[-keep:]
         self._h_sc = np.concatenate([h_sc, scores])[-keep:]
         self._h_lab = np.concatenate([h_lab, lab])[-keep:]
-        # copies: the caller may reuse its err buffer for the next block
-        self._h_err = (err[-keep:].copy() if len(ts) >= keep
-                       else np.concatenate([self._h_err, err])[-keep:])
+        self._h_err = np.concatenate([self._h_err, err])[-keep:]
 
     def _take_peak(self, Sp: np.ndarray, a: int, b: int, err_row) -> None:
         if b <= a:

@@ -29,6 +29,42 @@ log = logging.getLogger("tsad.baseline")
 LEVEL_FLOOR = 1.0
 
 
+class _Held:
+    """The learning period's samples, copied into one pair of growing arrays: a daemon
+    receives samples one message at a time, and a list of one-row arrays costs about
+    seven times the data it holds."""
+
+    def __init__(self, channels: int, first_cap: int):
+        self.channels, self.first_cap = channels, max(first_cap, 16)
+        self.n = 0
+        self._ts: np.ndarray | None = None
+        self._values: np.ndarray | None = None
+
+    def add(self, ts: np.ndarray, values: np.ndarray) -> None:
+        m = len(ts)
+        if self._ts is None:
+            self._ts = np.empty(max(self.first_cap, m), np.float64)
+            self._values = np.empty((len(self._ts), self.channels), np.float32)
+        elif self.n + m > len(self._ts):
+            cap = max(2 * len(self._ts), self.n + m)
+            self._ts = np.concatenate([self._ts[:self.n], np.empty(cap - self.n)])
+            self._values = np.concatenate(
+                [self._values[:self.n], np.empty((cap - self.n, self.channels), np.float32)])
+        self._ts[self.n:self.n + m] = ts
+        self._values[self.n:self.n + m] = values
+        self.n += m
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """The held samples; the buffer is released."""
+        if self._ts is None:
+            out = np.empty(0, np.float64), np.empty((0, self.channels), np.float32)
+        else:
+            out = self._ts[:self.n], self._values[:self.n]
+        self._ts = self._values = None
+        self.n = 0
+        return out
+
+
 class Baseline:
     def __init__(self, meta: ModelMeta, cal: CalibrationConfig, fixed_threshold: float | None):
         self.meta, self.cal = meta, cal
@@ -39,14 +75,16 @@ class Baseline:
         self.level: np.ndarray | None = None     # per-channel typical error (normalize)
         self.fitted_at: str | None = None
         self.samples_used = 0
-        self._ts: list[np.ndarray] = []
-        self._values: list[np.ndarray] = []
-        self._held = 0
+        self._held = self._new_held()
         self._first_ts: float | None = None
         self._ended = False
         if not cal.enabled:
             self.scaler = StreamScaler.from_meta(meta)
             self.threshold = self._default_threshold()
+
+    def _new_held(self) -> _Held:
+        return _Held(self.meta.n_channels, self.cal.samples if self.cal.duration_s is None
+                     else 1024)
 
     def _default_threshold(self) -> float:
         return float(self.meta.threshold.value if self.fixed_threshold is None
@@ -62,7 +100,7 @@ class Baseline:
         """Samples still to come before the period ends; None when it is set by duration."""
         if not self.learning or self.cal.duration_s is not None:
             return 0 if not self.learning else None
-        return self.cal.samples - self._held
+        return self.cal.samples - self._held.n
 
     @property
     def period_over(self) -> bool:
@@ -72,8 +110,8 @@ class Baseline:
         """Keep the samples that belong to the learning period; returns how many it kept.
         Once `period_over`, the caller fits the baseline (`take_held`, `fit_*`)."""
         if self.cal.duration_s is None:
-            take = min(len(ts), self.cal.samples - self._held)
-            ended = self._held + take >= self.cal.samples
+            take = min(len(ts), self.cal.samples - self._held.n)
+            ended = self._held.n + take >= self.cal.samples
         else:
             if self._first_ts is None and len(ts):
                 self._first_ts = float(ts[0])
@@ -81,16 +119,13 @@ class Baseline:
             take = int(after[0]) if len(after) else len(ts)
             ended = len(after) > 0
         if take:
-            self._ts.append(ts[:take])
-            self._values.append(values[:take])
-            self._held += take
-        self._ended = ended and self._held > 0
+            self._held.add(ts[:take], values[:take])
+        self._ended = ended and self._held.n > 0
         return take
 
     def take_held(self) -> tuple[np.ndarray, np.ndarray]:
         """The held samples (ts, raw values); the period is reset."""
-        ts, raw = np.concatenate(self._ts), np.concatenate(self._values)
-        self._ts, self._values, self._held = [], [], 0
+        ts, raw = self._held.take()
         self._first_ts, self._ended = None, False
         return ts, raw
 
@@ -134,7 +169,7 @@ class Baseline:
         """Start a new learning period (after maintenance or a set-point change)."""
         if self.cal.enabled:
             self.scaler = None
-            self._ts, self._values, self._held = [], [], 0
+            self._held = self._new_held()
             self._first_ts, self._ended = None, False
 
     # ------------------------------------------------------------ persistence

@@ -26,12 +26,14 @@ class Smoother:
         scores = np.asarray(scores, np.float64)
         if self.k == 1:
             return scores
-        h = len(self._hist)
+        h, k = len(self._hist), self.k
         s = np.concatenate([self._hist, scores])
         # The cumulative sum only spans k-1 old scores plus this block, so float
         # error cannot build up over a long-running stream.
         c = np.concatenate([[0.0], np.cumsum(s)])
+        self._hist = s[-(k - 1):]
+        if h == k - 1:          # a full history: every output averages k scores
+            return (c[k:] - c[:len(c) - k]) / k
         end = np.arange(h + 1, h + len(scores) + 1)
-        start = np.maximum(end - self.k, 0)
-        self._hist = s[-(self.k - 1):]
+        start = np.maximum(end - k, 0)
         return (c[end] - c[start]) / (end - start)

@@ -218,10 +218,13 @@ class Stream:
             ok = win_ok[:, None] if level is None else \
                 win_ok[:, None] | (err <= CHANNEL_OK * level)
             n, c = len(piece[0]), err.shape[1]
-            piece[1] = np.zeros((n, c), bool)
-            piece[1][w.rows] = ok
-            piece[3] = np.full((n, c), np.nan)
-            piece[3][w.rows] = err
+            if len(w.rows) == n:        # every sample closed a window (stride 1, warm)
+                piece[1], piece[3] = ok, err      # ok may be [n, 1]: the adapter widens it
+            else:
+                piece[1] = np.zeros((n, c), bool)
+                piece[1][w.rows] = ok
+                piece[3] = np.full((n, c), np.nan)
+                piece[3][w.rows] = err
             self._settle()
         self.entered += [("anomaly" if ev["type"] == "new" else "normal") for ev in events
                          if ev["type"] != "update"]
@@ -255,7 +258,7 @@ class Stream:
         q = self._pieces
         while q and q[0][1] is not True:
             raw, ok, _, err = q.popleft()
-            self.adapter.observe(raw, ok if ok is not False else np.zeros(raw.shape, bool), err)
+            self.adapter.observe(raw, ok if ok is not False else None, err)
 
     def relearn(self) -> dict | None:
         """Forget the baseline and start a new learning period; the end event of an open
