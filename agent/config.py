@@ -47,6 +47,11 @@ class ModelConfig(_Strict):
     threads: int = Field(1, ge=0)   # intra-op threads; 0 = ORT default
     verify_checksum: bool = True
     max_batch: int = Field(256, ge=1)
+    # How long samples arriving after an engine step wait for the next one, so that a
+    # step serves many samples per stream (its per-stream bookkeeping is paid per step,
+    # not per message).  "auto": 9x the last step's duration, at most 1 s: a busy agent
+    # steps less often on more samples, an idle one steps at once (agent/pipeline.py).
+    batch_wait_s: Union[Literal["auto"], Annotated[float, Field(ge=0, le=5)]] = "auto"
     # take the detection keys this file leaves unset from the model's metadata policy
     policy: bool = True
 
