@@ -1,0 +1,268 @@
+"""Ingestion cost: the agent against a bare paho subscriber, fed by the same publisher.
+
+For each case (streams x rate), in one run and one after the other on the same broker:
+  (a) a bare paho subscriber on `plant/+/sensors` whose callback decodes the CSV line
+      to floats and throws them away (the floor any MQTT consumer in Python pays);
+  (b) the agent (`tsad-agent run`, its own process) with an MQTT source on the same
+      filter, the model's policy, per-stream learning, the MQTT sink on.
+The same publisher sends the same messages to both.  Reported per consumer: CPU µs
+per message (utime + stime from /proc over the publishing window and the catch-up),
+CPU % of a core, messages lost (the agent's samples_in against what was sent), RSS;
+and the ratio agent / bare.  Consumers run one at a time so they do not compete.
+Figures are taken after a warm-up (by default the model policy's learning period at the
+case's rate, + 5 s): the steady state a daemon spends its life in.
+
+    python benchmarks/bench_ingest.py                      # 50x100 and 500x10, 1 sample/msg
+    python benchmarks/bench_ingest.py --cases 50x100 --duration 60 --batch 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+import local_broker  # beside this script
+from soak import CLK_TCK, HealthWatch, Sampler, normal_rows, proc_stats  # beside this script
+
+REPO = Path(__file__).resolve().parents[1]
+
+BARE = r"""
+import sys, threading, paho.mqtt.client as mqtt
+port, expected = int(sys.argv[1]), int(sys.argv[2])
+n = 0
+done = threading.Event()
+def on_message(c, u, m):
+    global n
+    text = m.payload.decode()
+    for line in text.splitlines():
+        [float(v) for v in line.split(",")]
+    n += 1
+    if n >= expected:
+        done.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bare-sub")
+c.on_connect = lambda c, u, f, rc, p: c.subscribe("plant/+/sensors", qos=%d)
+c.on_subscribe = lambda *a: print("ready", flush=True)
+c.on_message = on_message
+c.connect("127.0.0.1", port)
+c.loop_start()
+done.wait(%d)
+print(n, flush=True)
+"""
+
+
+class Publisher:
+    """N streams x R Hz of normal rows, `batch` CSV lines per message, paced in real time."""
+
+    def __init__(self, port: int, channels, mean, std, qos: int):
+        rows = normal_rows(channels, mean, std, 20000, 0)
+        self.text = [",".join(f"{v:.6g}" for v in r) for r in rows]
+        self.qos = qos
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub")
+        self.c.max_queued_messages_set(0)
+        # unlimited in flight: with paho's default of 20 a loaded machine backs the queue
+        # up past 65535 messages, where QoS 1 message ids wrap and collide
+        self.c.max_inflight_messages_set(0)
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def run(self, streams: int, rate: float, batch: int, duration: float,
+            warmup: float = 0.0, on_mark=None) -> dict:
+        """Publish for warmup + duration seconds; `on_mark()` is called when the warm-up
+        ends, and the counts returned are those after it."""
+        sids = [f"s{i:03d}" for i in range(streams)]
+        n_rows = len(self.text)
+        offsets = [(i * 997) % n_rows for i in range(streams)]
+        tick = batch / rate
+        n_warm = int(warmup / tick)
+        n_ticks = n_warm + int(duration / tick)
+        t_start = time.time()
+        t0 = time.monotonic()
+        msgs = late = 0
+        t_mark = t0
+        for k in range(n_ticks):
+            if k == n_warm:
+                if on_mark is not None:
+                    on_mark()
+                msgs, t_mark = 0, time.monotonic()
+            for si, sid in enumerate(sids):
+                lines = [f"{t_start + (k * batch + j) / rate:.3f},"
+                         f"{self.text[(offsets[si] + k * batch + j) % n_rows]}"
+                         for j in range(batch)]
+                self.c.publish(f"plant/{sid}/sensors", "\n".join(lines), qos=self.qos)
+                msgs += 1
+            lag = t0 + (k + 1) * tick - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+            else:
+                late += 1
+        return {"messages": msgs, "samples": msgs * batch,
+                "publish_s": time.monotonic() - t_mark, "late_ticks": late,
+                "total_messages": n_ticks * streams}
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def cpu_s(pid: int) -> float:
+    return proc_stats(pid)[1] / CLK_TCK
+
+
+def bare_case(port: int, pub: Publisher, case: tuple, qos: int) -> dict:
+    streams, rate, batch, duration, warmup = case
+    expected = (int(warmup / (batch / rate)) + int(duration / (batch / rate))) * streams
+    p = subprocess.Popen([sys.executable, "-c", BARE % (qos, int(warmup + duration) + 120),
+                          str(port), str(expected)], stdout=subprocess.PIPE, text=True)
+    mark = {}
+    try:
+        assert p.stdout.readline().strip() == "ready", "bare subscriber did not subscribe"
+        sampler = Sampler(p.pid, 1.0)
+        sampler.start()
+        sent = pub.run(streams, rate, batch, duration, warmup,
+                       lambda: mark.setdefault("cpu", cpu_s(p.pid)))
+        while True:     # CPU is read while it lives, until it prints its count
+            c1 = cpu_s(p.pid)
+            if _ready(p):
+                got = int(p.stdout.readline())
+                break
+            time.sleep(0.2)
+    finally:
+        p.kill()
+        p.wait()
+    sampler.stop.set()
+    return {**sent, "received": got - (sent["total_messages"] - sent["messages"]),
+            "cpu_s": c1 - mark["cpu"], "rss_mb": max(r for _, r, _ in sampler.rows) / 1024}
+
+
+def _ready(p: subprocess.Popen) -> bool:
+    import select
+    return bool(select.select([p.stdout], [], [], 0)[0])
+
+
+def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
+               work: Path) -> dict:
+    import yaml
+    streams, rate, batch, duration, warmup = case
+    node = f"bench{streams}"
+    cfg = {
+        "node": node, "log_level": "warning", "state_dir": str(work / f"state{streams}"),
+        "model": {"path": model},
+        "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
+                                               "stream_from_topic": 1, "protocol": "csv",
+                                               "qos": qos, "max_streams": max(streams, 1)}}],
+        "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
+        "sinks": {"console": {"enabled": False}},
+    }
+    conf = work / f"agent{streams}.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    log_path = work / f"agent{streams}.log"
+    with open(log_path, "wb") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
+                                  str(conf)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    health = HealthWatch(port, node)
+    try:
+        deadline = time.monotonic() + 60
+        while not (health.last and health.last["sources"]["plant"]["connected"]):
+            if agent.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"agent did not come up:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        mark = {}
+        sampler = Sampler(agent.pid, 5.0)
+        sampler.start()
+
+        def on_mark():
+            mark["cpu"], mark["rss"] = cpu_s(agent.pid), proc_stats(agent.pid)[0]
+            mark["in"] = (health.last or {}).get("samples_in", 0)
+        sent = pub.run(streams, rate, batch, duration, warmup, on_mark)
+        total = sent["total_messages"] * batch
+        rss_max = mark["rss"]
+        deadline = time.monotonic() + 120
+        while (health.last or {}).get("samples_in", 0) < total and time.monotonic() < deadline:
+            rss_max = max(rss_max, proc_stats(agent.pid)[0])
+            time.sleep(0.2)
+        c1, rss = cpu_s(agent.pid), proc_stats(agent.pid)[0]
+        sampler.stop.set()
+        time.sleep(2.5)          # one more health period for the final counters
+        h = health.last or {}
+    finally:
+        health.close()
+        agent.terminate()
+        try:
+            agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+    text = log_path.read_text(errors="replace")
+    if "Traceback" in text:
+        print(f"agent log has a traceback:\n{text[-3000:]}", file=sys.stderr)
+    return {**sent, "received": (h.get("samples_in", 0) - (total - sent["samples"])) // batch,
+            "cpu_s": c1 - mark["cpu"], "rss_mb": rss / 1024, "rss_max_mb": rss_max / 1024,
+            "timeline": [(round(t), round(r / 1024, 1), round(c, 1)) for t, r, c in sampler.rows],
+            "windows": h.get("windows_inferred"), "malformed": h.get("malformed")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cases", default="50x100,500x10", help="streams x Hz, comma separated")
+    ap.add_argument("--batch", type=int, default=1, help="samples per message")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of publishing per run")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds published before measuring (default: the learning period "
+                         "at the case's rate + 5 s)")
+    ap.add_argument("--qos", type=int, default=1, choices=(0, 1, 2))
+    ap.add_argument("--model", default=str(REPO / "models_onnx" / "DLinear_ad.onnx"))
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print the agent's (s, RSS MB, CPU %%) every 5 s of its run")
+    a = ap.parse_args()
+
+    meta = json.loads(Path(a.model + ".json").read_text())
+    # measured after every stream has learned its baseline: the steady state a daemon lives in
+    learning = (meta.get("policy") or {}).get("settings", {}).get("calibration", {}).get(
+        "samples", 0)
+    work = Path(tempfile.mkdtemp(prefix="tsad-ingest-"))
+    broker, port = local_broker.start(
+        work, "persistence false\nmax_queued_messages 0\nmax_queued_bytes 0\n")
+    pub = Publisher(port, meta["channels"], meta["scaler"]["mean"], meta["scaler"]["std"], a.qos)
+    results = []
+    try:
+        print(f"bench_ingest: {Path(a.model).stem}, {a.batch} sample(s)/message, qos {a.qos}, "
+              f"{a.duration:g} s per run, {os.cpu_count()} cores")
+        print(f"{'case':>9} {'consumer':>8} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
+              f"{'% core':>6} {'RSS MB':>7} {'ratio':>6}")
+        for spec in a.cases.split(","):
+            streams, rate = spec.split("x")
+            warmup = a.warmup if a.warmup is not None else learning / float(rate) + 5.0
+            case = (int(streams), float(rate), a.batch, a.duration, warmup)
+            bare = bare_case(port, pub, case, a.qos)
+            agent = agent_case(port, pub, case, a.qos, a.model, work)
+            row = {"case": spec, "batch": a.batch, "bare": bare, "agent": agent}
+            for name, r in (("bare", bare), ("agent", agent)):
+                r["us_per_msg"] = r["cpu_s"] * 1e6 / r["messages"]
+                r["core_percent"] = 100 * r["cpu_s"] / r["publish_s"]
+                r["lost"] = r["messages"] - r["received"]
+            row["ratio"] = agent["us_per_msg"] / bare["us_per_msg"]
+            results.append(row)
+            for name, r in (("bare", bare), ("agent", agent)):
+                print(f"{spec:>9} {name:>8} {r['messages']:8d} {r['lost']:5d} "
+                      f"{r['us_per_msg']:7.1f} {r['core_percent']:6.1f} {r['rss_mb']:7.1f} "
+                      + (f"{row['ratio']:6.2f}" if name == "agent" else ""), flush=True)
+            if a.timeline:
+                print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
+    finally:
+        pub.close()
+        broker.terminate()
+        broker.wait(10)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0 if all(r["agent"]["lost"] == 0 and r["bare"]["lost"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
