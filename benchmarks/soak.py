@@ -125,7 +125,7 @@ def main() -> int:
         "model": {"path": a.model},
         "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
                                                "stream_from_topic": 1, "protocol": "csv",
-                                               "qos": 1}}],
+                                               "qos": 1, "max_streams": max(a.streams, 1)}}],
         "calibration": ({"enabled": True, "samples": a.calibration} if a.calibration
                         else {"enabled": False}),
         "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
