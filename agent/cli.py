@@ -66,7 +66,7 @@ def cmd_check_config(a) -> int:
     except DetectorError as e:
         print(f"{a.config}: config valid, but model.path: {e}", file=sys.stderr)
         return 1
-    found = check(cfg, meta)
+    found = check(cfg, meta, probe_listen=True)
     for w in found.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for n in found.notes:

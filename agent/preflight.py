@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,10 +62,13 @@ def reason(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def check(cfg: AgentConfig, meta: ModelMeta) -> Findings:
-    """Everything `run` would refuse at start, and what deserves a word although it starts."""
+def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Findings:
+    """Everything `run` would refuse at start, and what deserves a word although it starts.
+    `probe_listen` (check-config only: a running daemon holds its own port) also tries
+    to bind `metrics.listen`."""
     f = Findings()
-    for p in (_state_dir_problem(cfg), _jsonl_problem(cfg)):
+    for p in (_state_dir_problem(cfg), _jsonl_problem(cfg),
+              _listen_problem(cfg) if probe_listen else None):
         if p:
             f._problem(p)
     if cfg.mqtt.enabled:
@@ -84,6 +88,19 @@ def require(cfg: AgentConfig, meta: ModelMeta) -> Findings:
     if f.problems:
         raise ConfigError(f.problems)
     return f
+
+
+def _listen_problem(cfg: AgentConfig) -> str | None:
+    if not cfg.metrics.listen:
+        return None
+    host, port = cfg.metrics.address
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, port))
+    except OSError as e:        # socket.gaierror (an unknown host name) included
+        return f"metrics.listen: cannot listen on {cfg.metrics.listen}: {e.strerror or e}"
+    return None
 
 
 # ---------------------------------------------------------------- files

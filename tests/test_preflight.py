@@ -136,3 +136,18 @@ def test_check_config_prints_warnings_and_notes_and_still_says_ok(model, tmp_pat
     lines = r.stderr.splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["warning", "warning", "note"], lines
     assert "asks for a learning period" in lines[0] and "scoring.smoothing" in lines[1]
+
+
+def test_check_config_finds_a_metrics_port_in_use_but_run_does_not_probe_its_own(model):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = cfg_for(model, metrics={"listen": port})
+        probed = check(cfg, load_meta(model), probe_listen=True)
+        assert probed.problems == [f"metrics.listen: cannot listen on 127.0.0.1:{port}: "
+                                   f"Address already in use"]
+        # the daemon binds its endpoint before this check: a probe would find its own port
+        assert check(cfg, load_meta(model)).problems == []
+    assert check(cfg, load_meta(model), probe_listen=True).problems == []
