@@ -39,10 +39,13 @@ def stream_caps(cfg: AgentConfig) -> dict[str, int]:
 
 
 def build_engine(cfg: AgentConfig, detector: Detector, metrics: Metrics) -> Engine:
-    store = StateStore(cfg.state_dir) if cfg.state_dir and cfg.calibration.enabled else None
-    return Engine(cfg.detection, detector, store=store, metrics=metrics,
-                  max_streams=stream_caps(cfg),
-                  intervals={s.id: s.interval_s for s in cfg.streams if s.interval_s})
+    engine = Engine(cfg.detection, detector, metrics=metrics, max_streams=stream_caps(cfg),
+                    intervals={s.id: s.interval_s for s in cfg.streams if s.interval_s})
+    # the learning period may come from the model's policy rather than the file: ask the
+    # engine, which holds the merged settings
+    if cfg.state_dir and engine.cfg.calibration.enabled:
+        engine.store = StateStore(cfg.state_dir)
+    return engine
 
 
 def _report(findings: preflight.Findings) -> None:

@@ -106,3 +106,35 @@ def test_a_save_into_a_file_where_the_folder_should_be_fails_softly(tmp_path):
     (tmp_path / "calibration").unlink()
     store.retry()
     assert store.health()["ok"] is True and store.load("s", SHA_A, 2) is not None
+
+
+def test_a_learning_period_from_the_models_policy_is_saved_and_restored(tmp_path):
+    """The config leaves detection to the model's policy (as the example does): the baseline
+    the policy's learning period fits must still reach state_dir and come back."""
+    from agent.config import AgentConfig
+    from agent.daemon import build_engine
+    from agent.detector import Detector
+    from agent.metrics import Metrics
+    from agent.model_meta import meta_path_for
+    from agent.sources.base import Batch
+    from onnx_factory import make_model
+
+    path, meta = make_model(tmp_path / "pol.onnx", window=8, channels=["a", "b"],
+                            kind="timemix", name="pol")
+    meta.policy = {"settings": {"calibration": {"enabled": True, "samples": 40}}}
+    meta.save(meta_path_for(path))
+    cfg = AgentConfig.model_validate({
+        "node": "t", "state_dir": str(tmp_path / "state"), "model": {"path": str(path)},
+        "streams": [{"id": "s", "source": {"type": "serial", "port": "/dev/null"}}],
+        "mqtt": {"enabled": False}})
+    assert not cfg.calibration.enabled          # not in the file: from the model
+    rng = np.random.default_rng(0)
+    ts, values = np.arange(60.0) + 1.7e9, rng.normal(size=(60, 2)).astype(np.float32)
+    engine = build_engine(cfg, Detector(str(path)), Metrics())
+    engine.step([Batch("s", ts, values)])
+    assert not engine.streams["s"].baseline.learning
+    assert (tmp_path / "state" / "calibration" / "s.json").is_file()
+    again = build_engine(cfg, Detector(str(path)), Metrics())
+    again.step([Batch("s", ts[:1] + 100, values[:1])])
+    assert not again.streams["s"].baseline.learning
+    assert again.streams["s"].baseline.threshold == engine.streams["s"].baseline.threshold
