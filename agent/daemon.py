@@ -20,7 +20,7 @@ from .detector import Detector, DetectorError
 from .engine import Engine
 from .metrics import Metrics
 from .metrics_server import MetricsServer
-from .model_meta import ModelMetaError
+from .model_meta import ModelMetaError, load_meta
 from .outbox import OutboxError
 from .pipeline import Handover, Pipeline
 from .prom import DaemonCollector
@@ -66,8 +66,10 @@ class Daemon:
         # before the model loads: a port in use fails the start at once; kept for life
         self.exporter = DaemonCollector(self.metrics) if cfg.metrics.listen else None
         self.endpoint = MetricsServer(cfg.metrics, self.exporter) if self.exporter else None
+        # The config's problems before the session opens: a refused start is one error
+        # line, not the model's banner followed by the error.
+        _report(preflight.require(cfg, load_meta(cfg.model.path, verify_checksum=False)))
         detector = Detector.from_config(cfg.model, self.metrics)
-        _report(preflight.require(cfg, detector.meta))
         self.sinks = build_sinks(cfg, self.metrics)
         self.pipeline = self._new_pipeline(cfg, build_engine(cfg, detector, self.metrics))
 

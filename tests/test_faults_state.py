@@ -184,7 +184,7 @@ def test_unwritable_state_dir_is_a_config_error_with_exit_2(tmp_path, how):
     if how == "below-a-file":
         (tmp_path / "afile").write_text("not a folder")
         state = tmp_path / "afile" / "state"
-        want = "Not a directory"
+        want = f"{tmp_path / 'afile'} is not a folder"
     else:
         mounted = state = tmp_path / "state"
         state.mkdir()

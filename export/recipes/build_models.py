@@ -33,7 +33,7 @@ COMMON = ["--scale-rows", str(CALIBRATION_ROWS), "--block-std-floor", "0.1",
 # fewer misses inside the faults, fewer false alarms after them); TimesNet_ad's gain there
 # is within seed noise.
 # DLinear_ad and PatchTST_ad lost recall at every shorter window; Nonstationary_ad's FAR
-# went over 8 % where its F1 rose.  README, "Evaluation", has the figures.
+# went over 8 % where its F1 rose.  docs/RESULTS.md has the figures.
 # Sized so each trains in under three minutes on one CPU thread.  The three window-
 # normalising architectures run with RevIN off: the stream is already standardised by its
 # calibration statistics, and per-window normalisation would copy sustained level shifts.

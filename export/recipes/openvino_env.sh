@@ -17,16 +17,22 @@ venv="${1:-$repo/.venv-openvino}"
 python="${PYTHON:-python3}"
 stamp="$venv/.tsad-openvino-env"
 # The stamp records the pins: changing them re-runs pip on an existing environment.
-# The others are the runtime dependencies of pyproject.toml, with its bounds.
-pins=(onnxruntime-openvino==1.24.1 "numpy>=1.24" "pandas>=2.0" "paho-mqtt>=2.0,<3"
-      "pyyaml>=6.0" "pyserial>=3.5" "pydantic>=2.5,<3")
+# The others are pyproject.toml's runtime dependencies, read from it so that a new one
+# (prometheus_client was one) cannot be missed here; plain onnxruntime is left out.
+mapfile -t runtime < <("$python" - "$repo/pyproject.toml" <<'PY'
+import sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if not d.replace(" ", "").startswith("onnxruntime")))
+PY
+)
+pins=(onnxruntime-openvino==1.24.1 "${runtime[@]}")
 want="${pins[*]}"
 check='
 import importlib.metadata as md, onnxruntime as ort, sys
 dists = {d.metadata["Name"].lower() for d in md.distributions()}
 assert "onnxruntime" not in dists, "plain onnxruntime is installed beside onnxruntime-openvino"
 assert "OpenVINOExecutionProvider" in ort.get_available_providers(), ort.get_available_providers()
-import agent.cli, numpy, pandas, paho.mqtt.client, yaml, serial, pydantic
+import agent.cli, agent.daemon, numpy, pandas, paho.mqtt.client, yaml, serial, pydantic, prometheus_client
 print(f"onnxruntime {ort.__version__} from {ort.__file__}: {ort.get_available_providers()}")
 '
 
