@@ -50,6 +50,12 @@ class Metrics:
             self._infer_buckets[i] += 1
             self._infer_sum_s += ms / 1e3
 
+    @property
+    def infer_total_s(self) -> float:
+        """Seconds spent in inference over the process lifetime."""
+        with self._lock:
+            return self._infer_sum_s
+
     def infer_histogram(self) -> tuple[list[tuple[float, int]], float, int]:
         """([(upper bound s, cumulative count)...], sum s, count), Prometheus-style."""
         with self._lock:

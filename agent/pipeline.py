@@ -130,15 +130,20 @@ class Pipeline:
     # ------------------------------------------------------------ processing
     def process(self, batches: list[Batch]) -> None:
         """One engine step and its delivery; sets when the next step may start."""
-        t = time.monotonic()
+        t, inferred = time.monotonic(), self.metrics.infer_total_s
         deliver(self.engine.step(batches), self.sinks, self._sink_failed)
         now = time.monotonic()
         wait = self.cfg.model.batch_wait_s
-        # "auto": a step's fixed per-stream cost stays about a tenth of the thread's time,
-        # whatever the machine's speed and the number of streams; latency grows with load
-        # only (an idle agent's steps take well under a millisecond)
-        self._next_step = now + (min(WAIT_FACTOR * (now - t), WAIT_MAX_S) if wait == "auto"
-                                 else wait)
+        if wait == "auto":
+            # Waiting amortizes a step's fixed per-stream cost (bookkeeping, copies, numpy
+            # calls), not its inference, whose cost per window batching changes far less.
+            # Under load (work arrived while this step ran) the next step waits so that this
+            # cost stays about a tenth of the thread's time, whatever the machine's speed and
+            # the number of streams.  Otherwise it starts at once: a lone sample after a
+            # quiet spell, or after a burst that was mostly inference, is not held back.
+            overhead = max(0.0, now - t - (self.metrics.infer_total_s - inferred))
+            wait = min(WAIT_FACTOR * overhead, WAIT_MAX_S) if self.queue.qsize() else 0.0
+        self._next_step = now + wait
 
     def _sink_failed(self, sink: Sink) -> None:
         # one broken sink must not stop detection or the others

@@ -14,6 +14,7 @@ case's rate, + 5 s): the steady state a daemon spends its life in.
 
     python benchmarks/bench_ingest.py                      # 50x100 and 500x10, 1 sample/msg
     python benchmarks/bench_ingest.py --cases 50x100 --duration 60 --batch 10
+    python benchmarks/bench_ingest.py --cases 500x10 --batch-wait auto,0,0.1   # side by side
 """
 from __future__ import annotations
 
@@ -147,22 +148,24 @@ def _ready(p: subprocess.Popen) -> bool:
 
 
 def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
-               work: Path) -> dict:
+               work: Path, batch_wait: str = "auto") -> dict:
     import yaml
     streams, rate, batch, duration, warmup = case
-    node = f"bench{streams}"
+    # one node per agent run: a run must not read the retained health of the one before
+    node = f"bench{streams}-{batch_wait}"
     cfg = {
-        "node": node, "log_level": "warning", "state_dir": str(work / f"state{streams}"),
-        "model": {"path": model},
+        "node": node, "log_level": "warning", "state_dir": str(work / f"state-{node}"),
+        "model": {"path": model,
+                  "batch_wait_s": batch_wait if batch_wait == "auto" else float(batch_wait)},
         "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
                                                "stream_from_topic": 1, "protocol": "csv",
                                                "qos": qos, "max_streams": max(streams, 1)}}],
         "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
         "sinks": {"console": {"enabled": False}},
     }
-    conf = work / f"agent{streams}.yaml"
+    conf = work / f"{node}.yaml"
     conf.write_text(yaml.safe_dump(cfg))
-    log_path = work / f"agent{streams}.log"
+    log_path = work / f"{node}.log"
     with open(log_path, "wb") as log:
         agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
                                   str(conf)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -207,6 +210,12 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
             "windows": h.get("windows_inferred"), "malformed": h.get("malformed")}
 
 
+def _print_row(spec: str, name: str, r: dict, ratio: float | None = None) -> None:
+    print(f"{spec:>9} {name:>10} {r['messages']:8d} {r['lost']:5d} {r['us_per_msg']:7.1f} "
+          f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else ""),
+          flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cases", default="50x100,500x10", help="streams x Hz, comma separated")
@@ -217,6 +226,9 @@ def main() -> int:
                          "at the case's rate + 5 s)")
     ap.add_argument("--qos", type=int, default=1, choices=(0, 1, 2))
     ap.add_argument("--model", default=str(REPO / "models_onnx" / "DLinear_ad.onnx"))
+    ap.add_argument("--batch-wait", default="auto",
+                    help="model.batch_wait_s for the agent; several, comma separated, run "
+                         "side by side against the same bare run (e.g. auto,0)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--timeline", action="store_true",
                     help="print the agent's (s, RSS MB, CPU %%) every 5 s of its run")
@@ -234,27 +246,28 @@ def main() -> int:
     try:
         print(f"bench_ingest: {Path(a.model).stem}, {a.batch} sample(s)/message, qos {a.qos}, "
               f"{a.duration:g} s per run, {os.cpu_count()} cores")
-        print(f"{'case':>9} {'consumer':>8} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
+        print(f"{'case':>9} {'consumer':>10} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
               f"{'% core':>6} {'RSS MB':>7} {'ratio':>6}")
         for spec in a.cases.split(","):
             streams, rate = spec.split("x")
             warmup = a.warmup if a.warmup is not None else learning / float(rate) + 5.0
             case = (int(streams), float(rate), a.batch, a.duration, warmup)
             bare = bare_case(port, pub, case, a.qos)
-            agent = agent_case(port, pub, case, a.qos, a.model, work)
-            row = {"case": spec, "batch": a.batch, "bare": bare, "agent": agent}
-            for name, r in (("bare", bare), ("agent", agent)):
-                r["us_per_msg"] = r["cpu_s"] * 1e6 / r["messages"]
-                r["core_percent"] = 100 * r["cpu_s"] / r["publish_s"]
-                r["lost"] = r["messages"] - r["received"]
-            row["ratio"] = agent["us_per_msg"] / bare["us_per_msg"]
-            results.append(row)
-            for name, r in (("bare", bare), ("agent", agent)):
-                print(f"{spec:>9} {name:>8} {r['messages']:8d} {r['lost']:5d} "
-                      f"{r['us_per_msg']:7.1f} {r['core_percent']:6.1f} {r['rss_mb']:7.1f} "
-                      + (f"{row['ratio']:6.2f}" if name == "agent" else ""), flush=True)
-            if a.timeline:
-                print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
+            bare["us_per_msg"] = bare["cpu_s"] * 1e6 / bare["messages"]
+            bare["core_percent"] = 100 * bare["cpu_s"] / bare["publish_s"]
+            bare["lost"] = bare["messages"] - bare["received"]
+            _print_row(spec, "bare", bare)
+            for wait in a.batch_wait.split(","):
+                agent = agent_case(port, pub, case, a.qos, a.model, work, wait)
+                agent["us_per_msg"] = agent["cpu_s"] * 1e6 / agent["messages"]
+                agent["core_percent"] = 100 * agent["cpu_s"] / agent["publish_s"]
+                agent["lost"] = agent["messages"] - agent["received"]
+                ratio = agent["us_per_msg"] / bare["us_per_msg"]
+                results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
+                                "bare": bare, "agent": agent, "ratio": ratio})
+                _print_row(spec, f"agent/{wait}", agent, ratio)
+                if a.timeline:
+                    print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
     finally:
         pub.close()
         broker.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,35 @@ def test_a_failing_sink_does_not_stop_the_others(model):
     feed(p, "s1", normal(100))
     assert len(rec.table("s1")["ts"]) == 100 - W + 1
     assert p.metrics.errors["sink"] == 2
+
+
+class SlowSink(Sink):
+    """A sink that takes `delay` s per step (fixed per-step cost, no inference) and can
+    queue a batch while it runs, as a source would under load."""
+
+    def __init__(self, delay: float):
+        self.delay, self.arrives = delay, None
+
+    def scores(self, *a):
+        time.sleep(self.delay)
+        if self.arrives is not None:
+            self.arrives[0].queue.put(self.arrives[1])
+            self.arrives = None
+
+
+def test_auto_batch_wait_holds_the_next_step_only_while_work_queues_up(model):
+    slow = SlowSink(0.02)
+    p = pipeline(cfg_for(model, None), [slow])
+    assert p.cfg.model.batch_wait_s == "auto"
+    feed(p, "s1", normal(2 * W))
+    # quiet: nothing arrived during the step, so the next sample is stepped at once
+    assert p._next_step <= time.monotonic()
+    more = normal(W, seed=1)
+    slow.arrives = (p, Batch("s1", 2e9 + np.arange(W, dtype=np.float64), more))
+    feed(p, "s1", normal(W, seed=2), t0=1.5e9)
+    # under load: the next step waits ~9x the step's 20 ms of non-inference cost
+    assert p._next_step - time.monotonic() > 0.1
+    assert p.queue.qsize() == 1
 
 
 def test_replay_source_through_pipeline_matches_file(model, tmp_path):
