@@ -53,7 +53,7 @@ def _provider_failure(e: BaseException) -> str:
 
 class Detector:
     def __init__(self, model_path: str, providers: list[str] = ["cpu"], threads: int = 1,
-                 verify_checksum: bool = True, max_batch: int = 256,
+                 verify_checksum: bool = True, max_batch: int = 64,
                  metrics: Metrics | None = None,
                  provider_options: dict[str, dict] | None = None) -> None:
         self.path = Path(model_path)
