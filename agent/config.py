@@ -46,14 +46,14 @@ class ModelConfig(_Strict):
     providers: list[Literal["openvino", "cuda", "tensorrt", "cpu"]] = ["cpu"]
     threads: int = Field(1, ge=0)   # intra-op threads; 0 = ORT default
     verify_checksum: bool = True
-    # 64: ORT's working memory grows with the batch (Nonstationary_ad at 256 windows: +116 MB,
-    # at 64: +30 MB) while its cost per window is already flat from 16-64 windows up for the
+    # 64: ORT's working memory grows with the batch (Nonstationary_ad at 256 windows: +113 MB,
+    # at 64: +27 MB) while its cost per window is already flat from 16-64 windows up for the
     # larger models; the tiny ones lose ~1 us per window, small beside the pipeline's share.
     max_batch: int = Field(64, ge=1)
     # How long samples arriving after an engine step wait for the next one, so that a
     # step serves many samples per stream (its per-stream bookkeeping is paid per step,
-    # not per message).  "auto": 9x the last step's duration, at most 1 s: a busy agent
-    # steps less often on more samples, an idle one steps at once (agent/pipeline.py).
+    # not per message).  "auto": when samples arrived during the step, 9x its non-inference
+    # duration, at most 1 s; else none, so a lone sample is stepped at once (agent/pipeline.py).
     batch_wait_s: Union[Literal["auto"], Annotated[float, Field(ge=0, le=5)]] = "auto"
     # take the detection keys this file leaves unset from the model's metadata policy
     policy: bool = True

@@ -210,6 +210,13 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
             "windows": h.get("windows_inferred"), "malformed": h.get("malformed")}
 
 
+def _per_message(r: dict) -> dict:
+    r["us_per_msg"] = r["cpu_s"] * 1e6 / r["messages"]
+    r["core_percent"] = 100 * r["cpu_s"] / r["publish_s"]
+    r["lost"] = r["messages"] - r["received"]
+    return r
+
+
 def _print_row(spec: str, name: str, r: dict, ratio: float | None = None) -> None:
     print(f"{spec:>9} {name:>10} {r['messages']:8d} {r['lost']:5d} {r['us_per_msg']:7.1f} "
           f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else ""),
@@ -252,16 +259,10 @@ def main() -> int:
             streams, rate = spec.split("x")
             warmup = a.warmup if a.warmup is not None else learning / float(rate) + 5.0
             case = (int(streams), float(rate), a.batch, a.duration, warmup)
-            bare = bare_case(port, pub, case, a.qos)
-            bare["us_per_msg"] = bare["cpu_s"] * 1e6 / bare["messages"]
-            bare["core_percent"] = 100 * bare["cpu_s"] / bare["publish_s"]
-            bare["lost"] = bare["messages"] - bare["received"]
+            bare = _per_message(bare_case(port, pub, case, a.qos))
             _print_row(spec, "bare", bare)
             for wait in a.batch_wait.split(","):
-                agent = agent_case(port, pub, case, a.qos, a.model, work, wait)
-                agent["us_per_msg"] = agent["cpu_s"] * 1e6 / agent["messages"]
-                agent["core_percent"] = 100 * agent["cpu_s"] / agent["publish_s"]
-                agent["lost"] = agent["messages"] - agent["received"]
+                agent = _per_message(agent_case(port, pub, case, a.qos, a.model, work, wait))
                 ratio = agent["us_per_msg"] / bare["us_per_msg"]
                 results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
                                 "bare": bare, "agent": agent, "ratio": ratio})

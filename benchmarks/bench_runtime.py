@@ -1,7 +1,7 @@
 """Runtime throughput: bare ONNX Runtime vs the whole pipeline, per shipped model.
 
 For each model, in one run, pinned to one core:
-  * bare ORT `run` µs per window at batch 1 and at the pipeline's batch size,
+  * bare ORT `run` µs per window at batch 1 and at the batch the engine sends (model.max_batch),
   * the whole pipeline's µs per window (replay source -> ring -> detector -> scorer
     -> alert tracker -> null sink), stride 1, and its ratio to bare ORT,
   * sustained windows/s for 1 stream and for 32 streams.
@@ -25,6 +25,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from agent.config import ModelConfig  # noqa: E402
 from agent.contract import read_table  # noqa: E402
 from agent.detector import Detector  # noqa: E402
 from agent.engine import Engine  # noqa: E402
@@ -91,8 +92,10 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     print(f"onnxruntime {ort.__version__}, 1 core, 1 ORT thread; {a.rows} rows per stream")
-    hdr = (f"{'model':<17} {'ORT b1 µs':>9} {'ORT b256 µs':>11} {'pipe µs/win':>11} "
-           f"{'pipe/b256':>9} {'pipe/b1':>7} {'1 stream win/s':>14} {'32 streams win/s':>16}")
+    # bare ORT at the batch the engine sends: the default model.max_batch
+    nb = ModelConfig.model_fields["max_batch"].default
+    hdr = (f"{'model':<17} {'ORT b1 µs':>9} {f'ORT b{nb} µs':>11} {'pipe µs/win':>11} "
+           f"{f'pipe/b{nb}':>9} {'pipe/b1':>7} {'1 stream win/s':>14} {'32 streams win/s':>16}")
     print(hdr)
     with tempfile.TemporaryDirectory() as tmp:
         csv1 = long_csv(a.rows, Path(tmp))
@@ -104,13 +107,13 @@ def main() -> None:
                 print(f"{name:<17} (not shipped)")
                 continue
             b1 = bare_ort_us(path, 1, a.reps)
-            b256 = bare_ort_us(path, 256, max(a.reps // 10, 20))
-            det = Detector(str(path), threads=1)
+            det = Detector(str(path), threads=1, max_batch=nb)
+            bn = bare_ort_us(path, det.max_batch, max(a.reps // 10, 20))
             engine_run(csv32, 1, det)   # warm caches, imports
             n1, t1 = engine_run(csv1, 1, det)
             n32, t32 = engine_run(csv32, 32, det)
             per = t1 * 1e6 / n1
-            print(f"{name:<17} {b1:9.1f} {b256:11.2f} {per:11.2f} {per / b256:9.2f} "
+            print(f"{name:<17} {b1:9.1f} {bn:11.2f} {per:11.2f} {per / bn:9.2f} "
                   f"{per / b1:7.2f} {n1 / t1:14,.0f} {n32 / t32:16,.0f}")
 
 
