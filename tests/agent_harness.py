@@ -258,6 +258,41 @@ class Observer:
         self.c.disconnect()
 
 
+class Rig:
+    """A persistent broker, an observer, a pty and the agent's config (the tiny model, the
+    pty as its serial port unless `serial_port` is given, `state` as its state_dir) for one
+    test; `close()` tears everything down.  With `wait_online`, `agent()` returns once the
+    agent has opened the port (it flushes its input when opened) and announced itself."""
+
+    def __init__(self, tmp: Path, state: Path | None = None, serial_port: str | None = None,
+                 wait_online: bool = True, **config):
+        self.tmp, self.state, self.wait_online = tmp, state or tmp / "state", wait_online
+        self.broker = persistent_broker(tmp / "mq").start()
+        self.obs = Observer(self.broker.port).wait_subscribed()
+        self.pty = Pty()
+        self.writer = LineWriter(self.pty)
+        self.model = tiny_model(tmp)
+        self.config = write_config(tmp / "agent.yaml", model=self.model, port=self.broker.port,
+                                   serial_port=serial_port or self.pty.path,
+                                   state_dir=self.state, **config)
+        self.agents: list[AgentProcess] = []
+
+    def agent(self) -> AgentProcess:
+        a = AgentProcess(self.config, self.tmp / "agent.log").start()
+        self.agents.append(a)
+        if self.wait_online:
+            a.wait_log("open at")
+            wait_until(lambda: self.obs.availability()[-1:] == [b"online"], "agent online")
+        return a
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.close()
+        self.obs.close()
+        self.broker.stop()
+        self.pty.close()
+
+
 def assert_exact(obs: Observer, expected: set[str]) -> dict:
     """The received ids are exactly the expected ones (duplicates allowed, counted)."""
     new, end = obs.ids("new"), obs.ids("end")

@@ -6,48 +6,19 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 
-from agent_harness import (MOSQUITTO, STREAM, AgentProcess, LineWriter, Observer, Pty,
-                           alert_id, assert_exact, index_of, no_traceback, outbox_ids,
-                           persistent_broker, tiny_model, wait_until, write_config)
+from agent_harness import (MOSQUITTO, STREAM, AgentProcess, LineWriter, Pty, Rig, alert_id,
+                           assert_exact, index_of, no_traceback, outbox_ids, wait_until)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
 
 
-class Rig:
-    """Broker + observer + pty + agent config for one test; everything is torn down."""
-
-    def __init__(self, tmp: Path, serial_port: str | None = None):
-        self.tmp = tmp
-        self.broker = persistent_broker(tmp / "mq").start()
-        self.obs = Observer(self.broker.port).wait_subscribed()
-        self.pty = Pty()
-        self.writer = LineWriter(self.pty)
-        self.state = tmp / "state"
-        self.config = write_config(tmp / "agent.yaml", model=tiny_model(tmp),
-                                   port=self.broker.port,
-                                   serial_port=serial_port or self.pty.path, state_dir=self.state)
-        self.agents: list[AgentProcess] = []
-
-    def agent(self) -> AgentProcess:
-        a = AgentProcess(self.config, self.tmp / "agent.log").start()
-        self.agents.append(a)
-        return a
-
-    def close(self) -> None:
-        for a in self.agents:
-            a.close()
-        self.obs.close()
-        self.broker.stop()
-        self.pty.close()
-
-
 @pytest.fixture
 def rig(tmp_path):
-    r = Rig(tmp_path)
+    # no wait for `online` in agent(): some tests start the agent with the broker down
+    r = Rig(tmp_path, wait_online=False)
     yield r
     r.close()
 
@@ -135,7 +106,7 @@ def test_serial_unplug_replug(tmp_path):
     link = tmp_path / "ttyUSB0"
     first = Pty()
     link.symlink_to(first.path)
-    r = Rig(tmp_path, serial_port=str(link))
+    r = Rig(tmp_path, serial_port=str(link), wait_online=False)
     r.pty.close()
     r.pty = first
     r.writer = w = LineWriter(first)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import (MOSQUITTO, AgentProcess, LineWriter, Observer, Pty, alert_id,
-                           assert_exact, no_traceback, persistent_broker, sample_ts, tiny_model,
-                           wait_until, write_config)
+import agent_harness
+from agent_harness import (MOSQUITTO, alert_id, assert_exact, no_traceback, sample_ts,
+                           wait_until)
 from test_outbox import scribble, fill, tiny_fs
 
 from agent.timestamps import iso_utc
@@ -26,38 +26,10 @@ from agent.sinks.mqtt import PERSIST_S
 pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
 
 
-class Rig:
-    """Broker + observer + pty + an agent whose state_dir is `state`."""
-
-    def __init__(self, tmp: Path, state: Path):
-        self.tmp, self.state = tmp, state
-        self.broker = persistent_broker(tmp / "mq").start()
-        self.obs = Observer(self.broker.port).wait_subscribed()
-        self.pty = Pty()
-        self.writer = LineWriter(self.pty)
-        self.config = write_config(tmp / "agent.yaml", model=tiny_model(tmp),
-                                   port=self.broker.port, serial_port=self.pty.path,
-                                   state_dir=state)
-        self.agents: list[AgentProcess] = []
-
-    def agent(self) -> AgentProcess:
-        a = AgentProcess(self.config, self.tmp / "agent.log").start()
-        self.agents.append(a)
-        # the port flushes its input when opened: write only once the agent has it open
-        a.wait_log("open at")
-        wait_until(lambda: self.obs.availability()[-1:] == [b"online"], "agent online")
-        return a
-
+class Rig(agent_harness.Rig):
     def outbox_health(self) -> dict | None:
         h = self.obs.healths()
         return h[-1][1]["mqtt"]["outbox"] if h else None
-
-    def close(self) -> None:
-        for a in self.agents:
-            a.close()
-        self.obs.close()
-        self.broker.stop()
-        self.pty.close()
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import (MOSQUITTO, REPO, STREAM, THRESHOLD, AgentProcess, LineWriter,
-                           Observer, Pty, assert_exact, no_traceback, persistent_broker,
+import agent_harness
+from agent_harness import (MOSQUITTO, REPO, STREAM, THRESHOLD, assert_exact, no_traceback,
                            tiny_model, wait_until, write_config)
 from test_outbox import fill, tiny_fs
 
@@ -43,28 +43,11 @@ def _mount(*args: str) -> None:
                     f"needs root with mount rights")
 
 
-class Rig:
-    """Broker + observer + pty + an agent that learns its baseline in `state`."""
+class Rig(agent_harness.Rig):
+    """An agent that learns its baseline in `state`."""
 
     def __init__(self, tmp: Path, state: Path):
-        self.tmp, self.state = tmp, state
-        self.broker = persistent_broker(tmp / "mq").start()
-        self.obs = Observer(self.broker.port).wait_subscribed()
-        self.pty = Pty()
-        self.writer = LineWriter(self.pty)
-        self.model = tiny_model(tmp)
-        self.config = write_config(tmp / "agent.yaml", model=self.model, port=self.broker.port,
-                                   serial_port=self.pty.path, state_dir=state,
-                                   calibration=CALIBRATION)
-        self.agents: list[AgentProcess] = []
-
-    def agent(self) -> AgentProcess:
-        a = AgentProcess(self.config, self.tmp / "agent.log").start()
-        self.agents.append(a)
-        # the port flushes its input when opened: write only once the agent has it open
-        a.wait_log("open at")
-        wait_until(lambda: self.obs.availability()[-1:] == [b"online"], "agent online")
-        return a
+        super().__init__(tmp, state, calibration=CALIBRATION)
 
     def state_health(self) -> dict | None:
         h = self.obs.healths()
@@ -73,13 +56,6 @@ class Rig:
     def stream_health(self) -> dict:
         h = self.obs.healths()
         return h[-1][1]["streams"].get(STREAM, {}) if h else {}
-
-    def close(self) -> None:
-        for a in self.agents:
-            a.close()
-        self.obs.close()
-        self.broker.stop()
-        self.pty.close()
 
 
 def _saved(path: Path) -> dict:
