@@ -62,6 +62,9 @@ class AlertTracker:
         self._h_sc = np.empty(0, np.float64)
         self._h_lab = np.empty(0, np.int8)
         self._h_err = np.empty((0, c), np.float64)
+        # blocks shorter than open_n - 1 not folded into the _h_ arrays yet: a stream
+        # stepped a sample at a time folds once per open_n - 1 blocks, not every block
+        self._h_more: list[tuple] = []
         self._cooldown_until = -np.inf
         # operator shelving (ISA-18.2): no alert opens on windows before this time
         self.shelved_until = -np.inf
@@ -167,18 +170,20 @@ class AlertTracker:
         if scores.shape != (n,) or err.shape != (n, len(self.channels)):
             raise ValueError(f"block shapes disagree: ts {ts.shape}, scores {scores.shape}, "
                              f"err {err.shape} (expected [n] and [n, {len(self.channels)}])")
-        lab = (scores >= threshold).astype(np.int8)   # NaN compares False: never anomalous
+        # NaN compares False: never anomalous.  A bool array seen as 0/1 bytes: no copy.
+        lab = (scores >= threshold).view(np.int8)
         self.labels = lab
         # per-window "alert open as known at that window": from the window that opened
         # it up to (not including) the window that closed it
-        self.open_mask = np.full(n, self.state == "anomaly", np.int8)
+        self.open_mask = np.ones(n, np.int8) if self.state == "anomaly" else np.zeros(n, np.int8)
         if n == 0:
             return []
         if self.state == "normal" and not lab.any():
             # The common case: nothing can open.  Only the k-of-n history moves on.
-            self._keep(self._h_ts, self._h_sc, self._h_lab, ts, scores, lab, err)
+            self._remember(ts, scores, lab, err)
             return []
         self._last_score = float(scores[-1])
+        self._fold()
         b = _Block(self, ts, scores, err, lab, threshold)
         events: list[dict] = []
         pos = b.h
@@ -259,6 +264,25 @@ class AlertTracker:
         # Windows up to the end belong to the closed alert, not to the next one.
         L[max(close - self.cfg.open_n + 1, 0):close + 1] = 0
         return close + 1
+
+    def _remember(self, ts, scores, lab, err) -> None:
+        """_keep for a block without events, folded lazily (see _h_more)."""
+        keep = self.cfg.open_n - 1
+        if len(ts) >= keep:
+            self._h_more.clear()
+            self._keep(self._h_ts, self._h_sc, self._h_lab, ts, scores, lab, err)
+            return
+        # a copy: the caller may reuse its err buffer for the next block
+        self._h_more.append((ts, scores, lab, err.copy()))
+        if len(self._h_more) >= keep:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._h_more:
+            return
+        more, self._h_more = self._h_more, []
+        self._keep(self._h_ts, self._h_sc, self._h_lab, *(
+            np.concatenate([m[i] for m in more]) for i in range(4)))
 
     def _keep(self, h_ts, h_sc, h_lab, ts, scores, lab, err) -> None:
         """Carry the last open_n - 1 windows into the next block."""

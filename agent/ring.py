@@ -66,6 +66,7 @@ class RingBuffer:
         self._prev_ts: float | None = None
         self._last_val = np.full(self.channels, np.nan, dtype=np.float32)
         self._missing_run = np.zeros(self.channels, dtype=np.int64)
+        self._missing = False    # whether _missing_run may hold a non-zero count
         self._last_nan_row = -1  # global row index of the newest row still holding NaN
 
     def latest(self) -> np.ndarray:
@@ -80,6 +81,12 @@ class RingBuffer:
         values = np.asarray(values, dtype=np.float32)
         if values.ndim != 2 or values.shape != (len(ts), self.channels):
             raise ValueError(f"values must be [{len(ts)}, {self.channels}], got {values.shape}")
+        n = len(ts)
+        if n and n <= self.max_block and not self._gap_in(ts):
+            # the usual block: one piece, no reset (the loop below, without its bookkeeping)
+            w = self._append(ts, values)
+            self._prev_ts = float(ts[-1])
+            return w if w is not None else self._none()
         parts = []
         for a, b, gap in self._segments(ts):
             if gap:
@@ -89,14 +96,13 @@ class RingBuffer:
                 e = min(b, s + self.max_block)
                 w = self._append(ts[s:e], values[s:e])
                 if w is not None:
-                    w.rows += s
+                    if s:
+                        w.rows += s
                     parts.append(w)
         if len(ts):
             self._prev_ts = float(ts[-1])
         if not parts:
-            return Windows(np.empty(0, np.float64),
-                           np.empty((0, self.window, self.channels), np.float32),
-                           np.empty(0, np.int64))
+            return self._none()
         if len(parts) == 1:
             return parts[0]
         return Windows(np.concatenate([p.ts for p in parts]),
@@ -104,6 +110,23 @@ class RingBuffer:
                        np.concatenate([p.rows for p in parts]))
 
     # ------------------------------------------------------------ internals
+    def _none(self) -> Windows:
+        return Windows(np.empty(0, np.float64),
+                       np.empty((0, self.window, self.channels), np.float32),
+                       np.empty(0, np.int64))
+
+    def _gap_in(self, ts: np.ndarray) -> bool:
+        """Whether the block starts or holds a gap over gap_reset_s."""
+        g = self.gap_reset_s
+        if g is None:
+            return False
+        if self._prev_ts is not None and ts[0] - self._prev_ts > g:
+            return True
+        if len(ts) > 8:
+            return bool((ts[1:] - ts[:-1] > g).any())
+        t = ts.tolist()     # a few samples: Python floats beat array calls
+        return any(b - a > g for a, b in zip(t, t[1:]))
+
     def _segments(self, ts: np.ndarray):
         """(start, end, reset_first) runs of the block split at time gaps."""
         n = len(ts)
@@ -122,10 +145,13 @@ class RingBuffer:
     def _ffill(self, v: np.ndarray) -> tuple[np.ndarray, bool]:
         """Forward-filled rows and whether any NaN is left in them."""
         finite = np.isfinite(v)
-        if finite.all():
+        if np.logical_and.reduce(finite, axis=None):     # .all() without its wrapper
             self._last_val = v[-1].copy()
-            self._missing_run[:] = 0
+            if self._missing:
+                self._missing_run[:] = 0
+                self._missing = False
             return v, False
+        self._missing = True
         m = len(v)
         rows = np.arange(m)[:, None]
         src = np.maximum.accumulate(np.where(finite, rows, -1), axis=0)   # last finite row
@@ -171,16 +197,17 @@ class RingBuffer:
             return None
         due = np.arange(first - since0, m, self.stride)   # row indices within this block
         # a window is clean when its oldest row is newer than the last NaN row before its end
-        newest_nan = self._last_nan_row if last_nan is None else last_nan[due]
-        ok = newest_nan < g0 + due - (W - 1)
-        n_ok = int(ok.sum())
-        self.skipped += len(due) - n_ok
-        if n_ok == 0:
-            return None
-        if n_ok < len(due):
-            due = due[ok]
+        if last_nan is not None or self._last_nan_row >= g0 + first - since0 - (W - 1):
+            newest_nan = self._last_nan_row if last_nan is None else last_nan[due]
+            ok = newest_nan < g0 + due - (W - 1)
+            n_ok = int(ok.sum())
+            self.skipped += len(due) - n_ok
+            if n_ok == 0:
+                return None
+            if n_ok < len(due):
+                due = due[ok]
         # region = the W-1 rows before this block + the block, contiguous in the mirror
         end = (self._total - 1) % self._cap + self._cap + 1
         region = self._buf[end - (W - 1 + m):end]
-        x = region[due[:, None] + self._offsets[None, :]]
-        return Windows(ts[due], x, due.astype(np.int64))
+        x = np.take(region, due[:, None] + self._offsets[None, :], axis=0)
+        return Windows(ts[due], x, due.astype(np.int64, copy=False))

@@ -26,12 +26,15 @@ class Smoother:
         scores = np.asarray(scores, np.float64)
         if self.k == 1:
             return scores
-        h, k = len(self._hist), self.k
-        s = np.concatenate([self._hist, scores])
+        h, k, n = len(self._hist), self.k, len(scores)
         # The cumulative sum only spans k-1 old scores plus this block, so float
-        # error cannot build up over a long-running stream.
-        c = np.concatenate([[0.0], np.cumsum(s)])
-        self._hist = s[-(k - 1):]
+        # error cannot build up over a long-running stream.  c = [0, cumsum(hist, block)]
+        c = np.empty(h + n + 1)
+        c[0] = 0.0
+        c[1:h + 1] = self._hist
+        c[h + 1:] = scores
+        self._hist = c[max(h + n + 1 - (k - 1), 1):].copy()
+        np.cumsum(c, out=c)
         if h == k - 1:          # a full history: every output averages k scores
             return (c[k:] - c[:len(c) - k]) / k
         end = np.arange(h + 1, h + len(scores) + 1)

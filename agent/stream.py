@@ -208,13 +208,13 @@ class Stream:
         shown = err
         if self.normalize and level is not None:
             shown = err / level
-            scores = shown.mean(axis=1)
+            # np.mean's own arithmetic (sum, then divide by the count) without its wrapper
+            scores = np.add.reduce(shown, axis=1) / shown.shape[1]
         s = self.smoother.update(scores)
         thr = self.baseline.threshold
         events = self.tracker.update(w.ts, s, thr, shown)
         if piece is not None:
-            win_ok = (self.tracker.labels == 0) & (self.tracker.open_mask == 0)
-            level = self.adapter.at(piece[2])[1]
+            win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
             ok = win_ok[:, None] if level is None else \
                 win_ok[:, None] | (err <= CHANNEL_OK * level)
             n, c = len(piece[0]), err.shape[1]
@@ -226,8 +226,9 @@ class Stream:
                 piece[3] = np.full((n, c), np.nan)
                 piece[3][w.rows] = err
             self._settle()
-        self.entered += [("anomaly" if ev["type"] == "new" else "normal") for ev in events
-                         if ev["type"] != "update"]
+        if events:
+            self.entered += [("anomaly" if ev["type"] == "new" else "normal") for ev in events
+                             if ev["type"] != "update"]
         # the engine re-baselines once this step's windows are all concluded
         self.rebaseline_due = self.rebaseline_due or self.tracker.rebaseline_due()
         return StreamResult(self.id, w.ts, s, thr, self.tracker.labels, self.tracker.open_mask,
