@@ -171,14 +171,15 @@ class AlertTracker:
             raise ValueError(f"block shapes disagree: ts {ts.shape}, scores {scores.shape}, "
                              f"err {err.shape} (expected [n] and [n, {len(self.channels)}])")
         # NaN compares False: never anomalous.  A bool array seen as 0/1 bytes: no copy.
-        lab = (scores >= threshold).view(np.int8)
+        above = scores >= threshold
+        lab = above.view(np.int8)
         self.labels = lab
         # per-window "alert open as known at that window": from the window that opened
         # it up to (not including) the window that closed it
         self.open_mask = np.ones(n, np.int8) if self.state == "anomaly" else np.zeros(n, np.int8)
         if n == 0:
             return []
-        if self.state == "normal" and not lab.any():
+        if self.state == "normal" and not np.logical_or.reduce(above):
             # The common case: nothing can open.  Only the k-of-n history moves on.
             self._remember(ts, scores, lab, err)
             return []

@@ -209,5 +209,5 @@ class RingBuffer:
         # region = the W-1 rows before this block + the block, contiguous in the mirror
         end = (self._total - 1) % self._cap + self._cap + 1
         region = self._buf[end - (W - 1 + m):end]
-        x = np.take(region, due[:, None] + self._offsets[None, :], axis=0)
+        x = region.take(due[:, None] + self._offsets[None, :], axis=0)
         return Windows(ts[due], x, due.astype(np.int64, copy=False))
