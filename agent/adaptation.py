@@ -58,6 +58,7 @@ class Adapter:
         self._raw = np.empty((EPOCH, c), np.float32)      # samples arrive as float32
         self._ok = np.zeros((EPOCH, c), bool)
         self._err = np.full((EPOCH, c), np.nan) if level is not None else None
+        self._gate = cfg.gate * scaler.std        # the std never adapts: neither does this
         self.seen = 0                             # samples concluded since learning ended
         self.ingested = 0                         # samples ingested since learning ended
 
@@ -98,37 +99,42 @@ class Adapter:
     def _epoch_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(sum, count) of the epoch's learnable values and of their errors, per channel."""
         x, ok = self._raw.astype(np.float64), self._ok
-        ok &= np.isfinite(x) & (np.abs(x - self.scaler.mean) <= self.cfg.gate * self.scaler.std)
-        total, n = np.where(ok, x, 0.0).sum(axis=0), ok.sum(axis=0).astype(np.float64)
+        ok &= np.abs(x - self.scaler.mean) <= self._gate      # NaN compares False
+        if not math.isfinite(self.cfg.gate):
+            ok &= np.isfinite(x)
+        # ufunc reductions: the sums .sum() computes, without its wrapper
+        total = np.add.reduce(np.where(ok, x, 0.0), axis=0)
+        n = np.add.reduce(ok, axis=0, dtype=np.float64)
         if self._err is None:
             zero = np.zeros(len(total))
             return total, n, zero, zero
         e_ok = ok & np.isfinite(self._err)
-        return total, n, np.where(e_ok, self._err, 0.0).sum(axis=0), \
-            e_ok.sum(axis=0).astype(np.float64)
+        return total, n, np.add.reduce(np.where(e_ok, self._err, 0.0), axis=0), \
+            np.add.reduce(e_ok, axis=0, dtype=np.float64)
 
     def _end_epoch(self) -> None:
         total, n, err_sum, err_n = self._epoch_sums()
-        mean = self.scaler.mean.copy()
-        used = n > 0
-        if used.any():
-            dt = self.pace.interval or 1.0
-            alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
-            mean[used] += alpha * (total[used] / n[used] - mean[used])
-            if self.cfg.max_shift is not None:
-                lim = self.cfg.max_shift * self.learned.std
-                mean = np.clip(mean, self.learned.mean - lim, self.learned.mean + lim)
-            self.scaler = StreamScaler(mean, self.scaler.std)
-        seen = err_n > 0
-        if self.level is not None and seen.any():
-            a = 1.0 - np.exp(-err_n[seen] * (self.pace.interval or 1.0)
-                             / self.cfg.time_constant_s)
-            level = self.level.copy()
-            level[seen] += a * (err_sum[seen] / err_n[seen] - level[seen])
-            self.level = level
+        dt = self.pace.interval or 1.0
+        self.scaler = self.scaler.moved(self._followed(self.scaler.mean, total, n, dt)) \
+            if n.any() else self.scaler
+        if self.level is not None and err_n.any():
+            self.level = self._followed(self.level, err_sum, err_n, dt, bounded=False)
         self.version += 1
         self._by_version[self.version] = (self.scaler, self.level)
         self._by_version.pop(self.version - LAG - 2, None)
+
+    def _followed(self, now: np.ndarray, total: np.ndarray, n: np.ndarray, dt: float,
+                  bounded: bool = True) -> np.ndarray:
+        """`now` moved toward the epoch's means total / n by the EWMA weight of n samples,
+        on the channels with n > 0 (all of them, usually: then without indexing)."""
+        out = now.copy()
+        used = slice(None) if n.all() else n > 0
+        alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
+        out[used] += alpha * (total[used] / n[used] - out[used])
+        if bounded and self.cfg.max_shift is not None:
+            lim = self.cfg.max_shift * self.learned.std
+            out = np.clip(out, self.learned.mean - lim, self.learned.mean + lim)
+        return out
 
     # ------------------------------------------------------------ persistence
     def shift(self) -> np.ndarray:
