@@ -4,7 +4,10 @@ For each model, in one run, pinned to one core:
   * bare ORT `run` µs per window at batch 1 and at the batch the engine sends (model.max_batch),
   * the whole pipeline's µs per window (replay source -> ring -> detector -> scorer
     -> alert tracker -> null sink), stride 1, and its ratio to bare ORT,
-  * sustained windows/s for 1 stream and for 32 streams.
+  * sustained windows/s for 1 stream and for 32 streams,
+  * the daemon's pattern: 50 streams stepped together 2 samples at a time (what a
+    busy agent's step holds), CPU µs per sample: the engine's fixed cost per stream
+    and step, which replay's long chunks hide.
 
     python benchmarks/bench_runtime.py [--models DLinear_ad,...] [--rows 20000]
 """
@@ -83,6 +86,27 @@ def engine_run(csv: Path, streams: int, detector: Detector) -> tuple[int, float]
     return m.windows_inferred, time.perf_counter() - start
 
 
+def daemon_us_per_sample(csv: Path, detector: Detector, streams: int = 50, per: int = 2) -> float:
+    """CPU µs per sample with `streams` streams stepped `per` samples at a time, after
+    each stream has learned its baseline (400 rows) and filled its window."""
+    t = read_table(csv, detector.meta.channels)
+    m = Metrics()
+    detector.metrics = m
+    e = Engine(detection_config(detector.meta, 400, node="bench"), detector, metrics=m,
+               default_max_streams=streams)
+    sids = [f"s{i}" for i in range(streams)]
+
+    def run(a0: int, a1: int) -> None:
+        for a in range(a0, a1, per):
+            e.step([Batch(s, t.ts[a:a + per], t.values[a:a + per], source="bench") for s in sids])
+
+    warm = 400 + 2 * detector.meta.window
+    run(0, warm)
+    n0, c0 = m.samples_in, time.process_time()
+    run(warm, len(t.ts))
+    return (time.process_time() - c0) * 1e6 / (m.samples_in - n0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
@@ -95,7 +119,8 @@ def main() -> None:
     # bare ORT at the batch the engine sends: the default model.max_batch
     nb = ModelConfig.model_fields["max_batch"].default
     hdr = (f"{'model':<17} {'ORT b1 µs':>9} {f'ORT b{nb} µs':>11} {'pipe µs/win':>11} "
-           f"{f'pipe/b{nb}':>9} {'pipe/b1':>7} {'1 stream win/s':>14} {'32 streams win/s':>16}")
+           f"{f'pipe/b{nb}':>9} {'pipe/b1':>7} {'1 stream win/s':>14} {'32 streams win/s':>16} "
+           f"{'50x2 µs/sample':>14}")
     print(hdr)
     with tempfile.TemporaryDirectory() as tmp:
         csv1 = long_csv(a.rows, Path(tmp))
@@ -113,8 +138,9 @@ def main() -> None:
             n1, t1 = engine_run(csv1, 1, det)
             n32, t32 = engine_run(csv32, 32, det)
             per = t1 * 1e6 / n1
+            daemon = daemon_us_per_sample(csv32, det)
             print(f"{name:<17} {b1:9.1f} {bn:11.2f} {per:11.2f} {per / bn:9.2f} "
-                  f"{per / b1:7.2f} {n1 / t1:14,.0f} {n32 / t32:16,.0f}")
+                  f"{per / b1:7.2f} {n1 / t1:14,.0f} {n32 / t32:16,.0f} {daemon:14.1f}")
 
 
 if __name__ == "__main__":
