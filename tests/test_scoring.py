@@ -60,6 +60,16 @@ def test_stream_scaler():
         StreamScaler(np.zeros(2), np.array([1.0, 0.0]))
 
 
+def test_a_moved_scaler_scales_as_a_new_one_with_that_mean():
+    sc = StreamScaler(np.array([1.0, 10.0]), np.array([2.0, 0.5]))
+    moved = sc.moved(np.array([1.5, 9.25]))
+    fresh = StreamScaler(np.array([1.5, 9.25]), np.array([2.0, 0.5]))
+    x = np.array([[3.0, 10.0], [-1.0, 9.0]], np.float32)
+    assert moved.apply(x).tobytes() == fresh.apply(x).tobytes()
+    assert sc.apply(x).tobytes() != moved.apply(x).tobytes()      # the original is untouched
+    np.testing.assert_array_equal(sc.mean, [1.0, 10.0])
+
+
 def test_fit_scaler_ignores_nan_rows_and_floors_flat_channels():
     rng = np.random.default_rng(0)
     raw = np.column_stack([rng.normal(5, 2, 500), np.full(500, 32.0)])   # channel 2 is flat
