@@ -64,7 +64,8 @@ def test_pooled_days_hide_the_starts_and_the_start_rule_quiets_them(model, data)
     steady, starts = data
     pooled = fit_policy(model, steady + starts, SETTINGS, 0, "test")
     m0 = pooled["fitted"]["result"]["margin"]
-    # 30 days of running allow 30 alerts and 1 % of 30 days is 3 hours: the settling hours of the starts all alarm
+    # 30 days of running allow 30 alerts, 1 % of them is 7 hours: every start's settling
+    # hour alarms
     assert alerting(model, starts, m0) == len(starts)
     p = fit_policy(model, steady + starts, SETTINGS, 0, "test", starts=starts,
                    start_quantile=1.0, safety=1.1)
