@@ -229,7 +229,9 @@ def cmd_fit_policy(a) -> int:
     model = resolve_model(a.model)
     try:
         policy = fit_policy(model, [Path(f) for f in a.data], settings, a.learn, a.reason,
-                            a.alerts_per_day, a.open_share)
+                            a.alerts_per_day, a.open_share, starts=[Path(f) for f in a.starts],
+                            start_h=a.start_hours, start_quantile=a.start_quantile,
+                            safety=a.safety)
         written = write_policy(model, policy) if a.write else None
     except DetectorError as e:
         return _fail(str(e), 1)
@@ -355,6 +357,14 @@ def _model_commands(sub) -> None:
                    help="false alerts allowed per day of normal running (at least 1 in all)")
     s.add_argument("--open-share", type=float, default=0.01,
                    help="share of normal rows an alert may be open on")
+    s.add_argument("--starts", nargs="+", default=[],
+                   help="normal recordings that begin with a fresh start (the start rule)")
+    s.add_argument("--start-hours", type=float, default=8.0,
+                   help="hours after the learning period a start rule looks at")
+    s.add_argument("--start-quantile", type=float, default=0.95,
+                   help="share of the starts that must stay quiet at the start margin")
+    s.add_argument("--safety", type=float, default=1.1,
+                   help="factor on the start margin (rounded up onto the 1.1x grid)")
     s.add_argument("--reason", default="", help="why these settings (stored with the policy)")
     s.add_argument("--write", action="store_true", help="store the policy in the metadata")
     s.add_argument("--log-level", default="warning")

@@ -11,6 +11,13 @@ data only:
 - The margin is the smallest on a geometric grid (1.1x steps) for which these normal
   recordings raise at most `alerts_per_day` alerts per day of running (at least 1 in
   all) and keep an alert open on at most `open_share` of their running rows.
+- Optionally, fresh starts (`starts`): the first `start_h` hours after each start
+  recording's learning period.  A plant settling after a start is normal, but pooled
+  with days of steady running its alerts are diluted to nothing, so starts get their
+  own rule: the start margin is the smallest grid margin for which at most
+  1 - `start_quantile` of the starts raise an alert in those hours (the quantile of
+  each start's quiet margin), times `safety`, rounded up onto the grid.  The policy
+  takes the larger of the two margins, so both rules hold.
 
 So the threshold is set by how often the plant's own normal operation would disturb
 an operator, never by labeled faults.  The result goes into the model's metadata
@@ -79,6 +86,47 @@ def trial(det: Detector, segs: list[Segment], settings: dict, margin: float,
             "open_share": open_rows / rows if rows else 0.0}
 
 
+def first_hours(segs: list[Segment], learning: int, hours: float) -> list[Segment]:
+    """Each segment cut to its learning period and the `hours` after it."""
+    out = []
+    for seg in segs:
+        end = int(np.searchsorted(seg.ts, seg.ts[learning] + hours * 3600.0, side="left"))
+        out.append(Segment(seg.path, seg.ts[:end], seg.values[:end]))
+    return out
+
+
+def start_trial(det: Detector, starts: list[Segment], settings: dict, margin: float,
+                learning: int) -> dict:
+    """How many starts raise an alert at `margin`, and the share of their rows flagged."""
+    over = with_margin(det, settings, margin, learning)
+    cfg = detection_config(det.meta, None, over)
+    alerting, open_rows, rows = 0, 0, 0
+    for seg in starts:
+        rec = run_table(Engine(cfg, det), "s", seg.ts, seg.values)
+        pred = rows_prediction(seg.ts, rec.table("s"), "alert")[learning:]
+        alerting += bool(pred.any())
+        open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
+    return {"margin": margin, "starts": len(starts), "alerting": alerting,
+            "open_share": open_rows / rows if rows else 0.0}
+
+
+def bisect(run, ok) -> tuple[int, list[dict]]:
+    """The smallest grid index whose trial `ok` accepts (alerts fall as the margin grows),
+    and the trials run, smallest margin first; the chosen one is the one at that index."""
+    tried: dict[int, dict] = {}
+    lo, hi = 0, len(GRID) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tried[mid] = run(GRID[mid])
+        if ok(tried[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo not in tried:
+        tried[lo] = run(GRID[lo])
+    return lo, [tried[i] for i in sorted(tried)]
+
+
 def fit_margin(det: Detector, files: list[Path], settings: dict, learning: int,
                alerts_per_day: float = 1.0, open_share: float = 0.01) -> tuple[dict, list[dict]]:
     """(the chosen trial, every trial run), smallest margin first."""
@@ -86,40 +134,66 @@ def fit_margin(det: Detector, files: list[Path], settings: dict, learning: int,
     if not segs:
         raise ValueError(f"no normal recording runs longer than its learning period "
                          f"({learning} rows)")
-    tried = []
-    lo, hi = 0, len(GRID) - 1
-    while lo < hi:                      # alerts fall as the margin grows: bisect the grid
-        mid = (lo + hi) // 2
-        r = trial(det, segs, settings, GRID[mid], learning)
-        tried.append(r)
-        budget = max(1.0, alerts_per_day * r["hours"] / 24)
-        if r["alerts"] <= budget and r["open_share"] <= open_share:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = next((r for r in tried if r["margin"] == GRID[lo]), None) or \
-        trial(det, segs, settings, GRID[lo], learning)
-    return best, sorted(tried + ([best] if best not in tried else []), key=lambda r: r["margin"])
+    i, tried = bisect(lambda m: trial(det, segs, settings, m, learning),
+                      lambda r: r["alerts"] <= max(1.0, alerts_per_day * r["hours"] / 24)
+                      and r["open_share"] <= open_share)
+    return next(r for r in tried if r["margin"] == GRID[i]), tried
+
+
+def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning: int,
+                     start_h: float, start_quantile: float,
+                     safety: float) -> tuple[dict, list[dict]]:
+    """The start rule (module rules): (the trial at the start margin, every trial run)."""
+    starts = first_hours(segments(files, det.meta.channels, learning), learning, start_h)
+    if not starts:
+        raise ValueError(f"no start recording runs longer than its learning period "
+                         f"({learning} rows)")
+    allowed = int(np.floor((1.0 - start_quantile) * len(starts) + 1e-9))
+    run = lambda m: start_trial(det, starts, settings, m, learning)  # noqa: E731
+    i, tried = bisect(run, lambda r: r["alerting"] <= allowed)
+    j = next((k for k, m in enumerate(GRID) if m >= GRID[i] * safety - 1e-9), len(GRID) - 1)
+    best = next((r for r in tried if r["margin"] == GRID[j]), None) or run(GRID[j])
+    return best, sorted(tried + ([best] if best not in tried else []),
+                        key=lambda r: r["margin"])
 
 
 def fit_policy(model: str, files: list[Path], settings: dict, learning: int, reason: str,
                alerts_per_day: float = 1.0, open_share: float = 0.01,
-               data_root: Path | None = None) -> dict:
-    """The policy (metadata `policy`) for `model` on normal `files`."""
+               data_root: Path | None = None, starts: list[Path] | None = None,
+               start_h: float = 8.0, start_quantile: float = 0.95,
+               safety: float = 1.1) -> dict:
+    """The policy (metadata `policy`) for `model` on normal `files` (and `starts`)."""
     det = Detector(model)
     best, tried = fit_margin(det, files, settings, learning, alerts_per_day, open_share)
-    root = data_root or Path(*Path(files[0]).resolve().parts[:-1])
+    rule = ("smallest margin on a 1.1x grid (on the threshold "
+            + (f"learned on each recording's first {learning} rows" if learning
+               else "of the model") + ") for which the normal recordings, each "
+            f"running from its start to its end as a deployed stream, raise at "
+            f"most {alerts_per_day:g} alert(s) per day of running (at least 1 in all) "
+            f"with an alert open on at most {100 * open_share:g}% of running rows")
+    fitted: dict = {}
+    if starts:
+        sbest, stried = fit_start_margin(det, starts, settings, learning, start_h,
+                                         start_quantile, safety)
+        rule += (f"; and at least the start margin: {safety:g} x the smallest margin for "
+                 f"which at most {100 * (1 - start_quantile):g}% of the starts raise an "
+                 f"alert in their first {start_h:g} h of running, rounded up onto the grid")
+        fitted["starts"] = {"data": _files(starts, data_root), "result": sbest,
+                            "trials": stried}
+        if sbest["margin"] > best["margin"]:
+            best = trial(det, segments(files, det.meta.channels, learning), settings,
+                         sbest["margin"], learning)
+            tried = sorted(tried + [best], key=lambda r: r["margin"])
     chosen = with_margin(det, settings, best["margin"], learning)
     return {"settings": chosen, "reason": reason, "fitted": {
-        "rule": ("smallest margin on a 1.1x grid (on the threshold "
-                 + (f"learned on each recording's first {learning} rows" if learning
-                    else "of the model") + ") for which the normal recordings, each "
-                 f"running from its start to its end as a deployed stream, raise at "
-                 f"most {alerts_per_day:g} alert(s) per day of running (at least 1 in all) "
-                 f"with an alert open on at most {100 * open_share:g}% of running rows"),
-        "data": [{"path": _rel(f, root), "sha256": sha256_file(f)} for f in files],
-        "result": best, "trials": tried,
+        "rule": rule, "data": _files(files, data_root), "result": best, "trials": tried,
+        **fitted,
         "fitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
+
+
+def _files(files: list[Path], data_root: Path | None) -> list[dict]:
+    root = data_root or Path(*Path(files[0]).resolve().parts[:-1])
+    return [{"path": _rel(f, root), "sha256": sha256_file(f)} for f in files]
 
 
 def _rel(f: Path, root: Path) -> str:

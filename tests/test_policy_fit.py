@@ -1,0 +1,103 @@
+"""Fitting a model's policy margin on normal data (agent/policy_fit.py), with a real ONNX
+model: recon = 0.9 x + 0.01 in scaled space, so a row's error grows with how far it
+sits from the model's mean.  Normal recordings at 3-minute sampling: four quiet weeks
+of steady running, and plant starts that settle for an hour (a raised level) before
+running steady, as the Tennessee Eastman runs do."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agent.detector import Detector
+from agent.policy_fit import GRID, fit_policy, start_trial, first_hours, segments
+from onnx_factory import make_model
+
+CH = ["a", "b"]
+STEP_S = 180.0
+HOUR = int(3600 / STEP_S)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _ = make_model(tmp_path_factory.mktemp("m") / "affine.onnx", window=8, channels=CH)
+    return str(path)
+
+
+def write(path: Path, values: np.ndarray) -> Path:
+    ts = pd.Timestamp("2024-01-01T00:00:00Z") + pd.to_timedelta(
+        np.arange(len(values)) * STEP_S, unit="s")
+    pd.DataFrame({"datetime": ts.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  **{c: values[:, i] for i, c in enumerate(CH)}}).to_csv(path, index=False)
+    return path
+
+
+def recording(path: Path, hours: float, seed: int, settle: float = 0.0) -> Path:
+    """Steady running (unit noise); with `settle`, the second hour sits that far off."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(0, 1.0, (int(hours * HOUR), len(CH)))
+    v[HOUR:2 * HOUR] += settle
+    return write(path, v)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("normal")
+    steady = [recording(d / f"steady{i}.csv", 168, seed=i) for i in range(4)]
+    starts = [recording(d / f"start{i}.csv", 12, seed=10 + i, settle=s)
+              for i, s in enumerate([3.0, 3.5, 4.0, 7.0])]
+    return steady, starts
+
+
+SETTINGS = {"alerts": {"open_k": 4, "open_n": 5}}
+
+
+def alerting(model: str, starts: list[Path], margin: float) -> int:
+    det = Detector(model)
+    segs = first_hours(segments(starts, det.meta.channels, 0), 0, 8.0)
+    return start_trial(det, segs, SETTINGS, margin, 0)["alerting"]
+
+
+def test_pooled_days_hide_the_starts_and_the_start_rule_quiets_them(model, data):
+    steady, starts = data
+    pooled = fit_policy(model, steady + starts, SETTINGS, 0, "test")
+    m0 = pooled["fitted"]["result"]["margin"]
+    # 30 days of running allow 30 alerts, 1 % of them is 7 hours: every start's settling
+    # hour alarms
+    assert alerting(model, starts, m0) == len(starts)
+    p = fit_policy(model, steady + starts, SETTINGS, 0, "test", starts=starts,
+                   start_quantile=1.0, safety=1.1)
+    s = p["fitted"]["starts"]["result"]
+    assert s["alerting"] == 0 and s["starts"] == len(starts)
+    m = p["fitted"]["result"]["margin"]
+    assert m == s["margin"] > m0
+    assert p["settings"]["scoring"]["threshold"] == pytest.approx(0.05 * m, abs=1e-6)
+    # the safety factor: the quiet margin is one 1.1x grid step below, and the step below
+    # that lets a start alarm
+    i = GRID.index(m)
+    assert alerting(model, starts, GRID[i - 1]) == 0
+    assert alerting(model, starts, GRID[i - 2]) >= 1
+    assert "first 8 h" in p["fitted"]["rule"] and len(p["fitted"]["starts"]["data"]) == 4
+
+
+def test_the_start_quantile_lets_the_rarest_start_alarm(model, data):
+    steady, starts = data
+    every = fit_policy(model, steady, SETTINGS, 0, "test", starts=starts,
+                       start_quantile=1.0, safety=1.0)
+    most = fit_policy(model, steady, SETTINGS, 0, "test", starts=starts,
+                      start_quantile=0.75, safety=1.0)
+    m_every = every["fitted"]["starts"]["result"]["margin"]
+    m_most = most["fitted"]["starts"]["result"]["margin"]
+    assert m_most < m_every
+    # one of four starts may alarm at the 75 % quantile: the one that settles furthest
+    assert most["fitted"]["starts"]["result"]["alerting"] == 1
+    assert alerting(model, starts[:3], m_most) == 0
+    assert alerting(model, starts[3:], m_most) == 1
+
+
+def test_starts_shorter_than_the_learning_period_are_refused(model, data):
+    _, starts = data
+    with pytest.raises(ValueError, match="start recording"):
+        fit_policy(model, data[0], SETTINGS, 400, "test", starts=starts)
