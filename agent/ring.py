@@ -25,6 +25,7 @@ Semantics, in the order they apply to each sample:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -37,6 +38,14 @@ class Windows:
 
     def __len__(self) -> int:
         return len(self.ts)
+
+
+@lru_cache(maxsize=None)
+def _window_offsets(window: int) -> np.ndarray:
+    # one read-only copy per window length, not one per stream
+    a = np.arange(window)
+    a.flags.writeable = False
+    return a
 
 
 class RingBuffer:
@@ -52,7 +61,7 @@ class RingBuffer:
         self.max_block = max_block
         self._buf = np.full((window + max_block, channels), np.nan, dtype=np.float32)
         self._end = window       # write position: the newest `window` rows end here
-        self._offsets = np.arange(window)
+        self._offsets = _window_offsets(window)
         self._total = 0          # rows ever written, never reset (NaN bookkeeping)
         self.resets = 0          # resets caused by time gaps
         self.skipped = 0         # due windows dropped because of unfillable NaN
