@@ -87,9 +87,10 @@ def fit_threshold(scores: np.ndarray, quantile: float, margin: float) -> float:
 
 
 # ---------------------------------------------------------------- scaler
-@dataclass
+@dataclass(slots=True)
 class StreamScaler:
-    """Per-channel standardisation into the model's scaled space."""
+    """Per-channel standardisation into the model's scaled space.  Slotted: a stream
+    keeps several (learned, adapted, and the versions adaptation still uses)."""
     mean: np.ndarray
     std: np.ndarray
     _mean32: np.ndarray = field(init=False, repr=False)

@@ -23,7 +23,6 @@ from .metrics_server import MetricsServer
 from .model_meta import ModelMetaError, load_meta
 from .outbox import OutboxError
 from .pipeline import Handover, Pipeline
-from .prom import DaemonCollector
 from .sinks import build_sinks
 from .state_store import StateStore
 
@@ -64,8 +63,13 @@ class Daemon:
         self._reload = threading.Event()
         self.watchdog = sdnotify.Watchdog()
         # before the model loads: a port in use fails the start at once; kept for life
-        self.exporter = DaemonCollector(self.metrics) if cfg.metrics.listen else None
-        self.endpoint = MetricsServer(cfg.metrics, self.exporter) if self.exporter else None
+        self.exporter = self.endpoint = None
+        if cfg.metrics.listen:
+            # here, not at the top: prometheus_client and its HTTP server (~1 MB) only
+            # for a daemon that serves metrics (off by default)
+            from .prom import DaemonCollector
+            self.exporter = DaemonCollector(self.metrics)
+            self.endpoint = MetricsServer(cfg.metrics, self.exporter)
         # The config's problems before the session opens: a refused start is one error
         # line, not the model's banner followed by the error.
         _report(preflight.require(cfg, load_meta(cfg.model.path, verify_checksum=False)))

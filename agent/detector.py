@@ -100,6 +100,10 @@ class Detector:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's memory pattern plans one block per input shape and keeps every plan; the
+        # engine sends many batch sizes (1..max_batch), so the plans pile up (11 MB for
+        # Nonstationary_ad), while the arena serves the same tensors without them.
+        so.enable_mem_pattern = False
         return so
 
     def _with_hints(self, chain: list[tuple[str, dict]], threads: int) -> list[tuple[str, dict]]:

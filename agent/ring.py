@@ -1,12 +1,15 @@
 """Per-stream sliding window over incoming samples.
 
-The buffer is a mirrored ring: every row is written twice, at `i % cap` and
-`i % cap + cap`, so the newest `L <= cap` rows are always one contiguous slice.
-With `cap = window + max_block` the rows needed by a whole block (W-1 old ones
-plus the block) are one slice, and the due windows are gathered from it in a
-single fancy-indexing copy.  All other work (forward fill, NaN bookkeeping,
-stride schedule) is vectorised over the block, so the cost per appended sample
-is O(C) however long the stream runs.
+The buffer holds `window + max_block` rows (float32), written front to back; the
+newest `window` rows always end at the write position.  A block that does not fit
+behind them first moves those `window` rows to the front, so the rows needed by a
+whole block (W-1 old ones plus the block) are one contiguous slice, and the due
+windows are gathered from it in a single fancy-indexing copy.  Each row is written
+once, plus once more per move: with max_block >= window about two writes per
+sample, as many as a mirrored ring makes, in half its memory (memory per stream:
+(window + max_block) x channels x 4 bytes, test_ring.py checks it).  All other
+work (forward fill, NaN bookkeeping, stride schedule) is vectorised over the block,
+so the cost per appended sample is O(C) however long the stream runs.
 
 Semantics, in the order they apply to each sample:
 - time gap: if ts - previous ts > gap_reset_s, the buffer is reset before the
@@ -22,6 +25,7 @@ Semantics, in the order they apply to each sample:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -36,6 +40,14 @@ class Windows:
         return len(self.ts)
 
 
+@lru_cache(maxsize=None)
+def _window_offsets(window: int) -> np.ndarray:
+    # one read-only copy per window length, not one per stream
+    a = np.arange(window)
+    a.flags.writeable = False
+    return a
+
+
 class RingBuffer:
     def __init__(self, window: int, channels: int, stride: int = 1, ffill_max: int = 3,
                  gap_reset_s: float | None = None, max_block: int = 1024):
@@ -47,10 +59,10 @@ class RingBuffer:
         self.ffill_max = ffill_max
         self.gap_reset_s = gap_reset_s
         self.max_block = max_block
-        self._cap = window + max_block
-        self._buf = np.full((2 * self._cap, channels), np.nan, dtype=np.float32)
-        self._offsets = np.arange(window)
-        self._total = 0          # rows ever written: ring position, never reset
+        self._buf = np.full((window + max_block, channels), np.nan, dtype=np.float32)
+        self._end = window       # write position: the newest `window` rows end here
+        self._offsets = _window_offsets(window)
+        self._total = 0          # rows ever written, never reset (NaN bookkeeping)
         self.resets = 0          # resets caused by time gaps
         self.skipped = 0         # due windows dropped because of unfillable NaN
         self.reset()
@@ -73,8 +85,7 @@ class RingBuffer:
         """The newest `window` rows as a view into the buffer, valid until the next push.
 
         Rows older than `filled` belong to before the last reset (or are NaN at start)."""
-        end = (self._total - 1) % self._cap + self._cap + 1
-        return self._buf[end - self.window:end]
+        return self._buf[self._end - self.window:self._end]
 
     def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
         ts = np.asarray(ts, dtype=np.float64).reshape(-1)
@@ -165,14 +176,13 @@ class RingBuffer:
         return out.astype(np.float32, copy=False), True
 
     def _write(self, rows: np.ndarray) -> None:
-        cap, m = self._cap, len(rows)
-        s = self._total % cap
-        first = min(m, cap - s)
-        self._buf[s:s + first] = rows[:first]
-        self._buf[s + cap:s + cap + first] = rows[:first]
-        if first < m:
-            self._buf[:m - first] = rows[first:]
-            self._buf[cap:cap + m - first] = rows[first:]
+        """Append at most max_block rows behind the newest `window` ones."""
+        m, W, end = len(rows), self.window, self._end
+        if end + m > len(self._buf):
+            self._buf[:W] = self._buf[end - W:end]
+            end = W
+        self._buf[end:end + m] = rows
+        self._end = end + m
         self._total += m
 
     def _append(self, ts: np.ndarray, v: np.ndarray) -> Windows | None:
@@ -206,8 +216,7 @@ class RingBuffer:
                 return None
             if n_ok < len(due):
                 due = due[ok]
-        # region = the W-1 rows before this block + the block, contiguous in the mirror
-        end = (self._total - 1) % self._cap + self._cap + 1
-        region = self._buf[end - (W - 1 + m):end]
+        # region = the W-1 rows before this block + the block, contiguous (see _write)
+        region = self._buf[self._end - (W - 1 + m):self._end]
         x = region.take(due[:, None] + self._offsets[None, :], axis=0)
         return Windows(ts[due], x, due.astype(np.int64, copy=False))

@@ -12,6 +12,11 @@ start / end / max and its CPU % (from /proc/<pid>/stat), sampled every few secon
 
     python benchmarks/soak.py                       # 50 streams x 100 Hz for 600 s
     python benchmarks/soak.py --duration 120 --json soak.json
+    python benchmarks/soak.py --streams 50,500 --rate 10 --duration 120 --anomaly-every 0
+
+Several stream counts run one after the other, each with a fresh agent and broker; the
+cost of a stream is then the difference of the agents' RSS at the end, steady after
+learning, over the difference of the counts (KB per stream).
 """
 from __future__ import annotations
 
@@ -99,7 +104,7 @@ class HealthWatch:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--streams", type=int, default=50)
+    ap.add_argument("--streams", default="50", help="stream count, or counts: 50,500")
     ap.add_argument("--rate", type=float, default=100.0, help="samples/s per stream")
     ap.add_argument("--duration", type=float, default=600.0, help="seconds of publishing")
     ap.add_argument("--batch", type=int, default=10, help="samples per MQTT message")
@@ -110,7 +115,26 @@ def main() -> int:
     ap.add_argument("--sample-every", type=float, default=5.0, help="RSS/CPU sampling period")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
+    counts = [int(n) for n in a.streams.split(",")]
+    runs = []
+    for n in counts:
+        res = soak(a, n)
+        if res is None:
+            return 1
+        runs.append(res)
+    if len(runs) > 1:
+        for lo, hi in zip(runs, runs[1:]):
+            kb = (hi["rss_mb"]["end"] - lo["rss_mb"]["end"]) * 1024 / (hi["streams"] - lo["streams"])
+            print(f"RSS at the end: {lo['streams']} streams {lo['rss_mb']['end']} MB, "
+                  f"{hi['streams']} streams {hi['rss_mb']['end']} MB: {kb:.1f} KB per stream")
+    if a.json:
+        Path(a.json).write_text(json.dumps(runs[0] if len(runs) == 1 else runs, indent=1))
+    return 0 if all(r["dropped_samples"] == 0 for r in runs) else 1
 
+
+def soak(a, streams: int) -> dict | None:
+    """One soak run with `streams` streams: its results, or None when the agent's log
+    shows a traceback."""
     meta = json.loads(Path(a.model + ".json").read_text())
     channels, mean, std = meta["channels"], meta["scaler"]["mean"], meta["scaler"]["std"]
     work = Path(tempfile.mkdtemp(prefix="tsad-soak-"))
@@ -125,7 +149,7 @@ def main() -> int:
         "model": {"path": a.model},
         "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
                                                "stream_from_topic": 1, "protocol": "csv",
-                                               "qos": 1, "max_streams": max(a.streams, 1)}}],
+                                               "qos": 1, "max_streams": max(streams, 1)}}],
         "calibration": ({"enabled": True, "samples": a.calibration} if a.calibration
                         else {"enabled": False}),
         "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
@@ -156,8 +180,8 @@ def main() -> int:
         # pre-formatted value fields; each stream starts at its own offset
         text = [",".join(f"{v:.6g}" for v in r) for r in rows]
         spike = ",".join(f"{m + 20 * s:.6g}" for m, s in zip(mean, std))
-        sids = [f"s{i:02d}" for i in range(a.streams)]
-        offsets = [(i * 997) % n_rows for i in range(a.streams)]
+        sids = [f"s{i:02d}" for i in range(streams)]
+        offsets = [(i * 997) % n_rows for i in range(streams)]
         tick = a.batch / a.rate
         n_ticks = int(a.duration / tick)
         burst = max(1, int(a.rate))                    # one second of anomaly
@@ -165,8 +189,8 @@ def main() -> int:
         t_start = time.time()
         t0 = time.monotonic()
         sent = bursts = late = 0
-        print(f"soak: {a.streams} streams x {a.rate:g} Hz for {a.duration:g} s "
-              f"({a.streams * a.rate:g} samples/s, {a.batch}/message), model "
+        print(f"soak: {streams} streams x {a.rate:g} Hz for {a.duration:g} s "
+              f"({streams * a.rate:g} samples/s, {a.batch}/message), model "
               f"{Path(a.model).stem}, broker :{port}, work dir {work}", flush=True)
         for k in range(n_ticks):
             for si, sid in enumerate(sids):
@@ -219,7 +243,7 @@ def main() -> int:
 
     cpu = [c for _, _, c in sampler.rows]
     res = {
-        "streams": a.streams, "rate_hz": a.rate, "duration_s": a.duration, "batch": a.batch,
+        "streams": streams, "rate_hz": a.rate, "duration_s": a.duration, "batch": a.batch,
         "model": Path(a.model).stem, "calibration_samples": a.calibration,
         "publish_s": round(pub_s, 1), "publisher_late_ticks": late,
         "samples_sent": sent, "samples_in": h.get("samples_in"),
@@ -239,14 +263,12 @@ def main() -> int:
         "agent_exit": rc,
     }
     print(json.dumps({k: v for k, v in res.items() if k != "rss_cpu_samples"}, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
     errors = (work / "agent.log").read_text(errors="replace")
     if "Traceback" in errors:
         print(f"agent log has a traceback:\n{errors[-3000:]}", file=sys.stderr)
-        return 1
+        return None
     shutil.rmtree(work, ignore_errors=True)
-    return 0 if res["dropped_samples"] == 0 else 1
+    return res
 
 
 if __name__ == "__main__":

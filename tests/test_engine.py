@@ -247,3 +247,19 @@ def test_a_given_interval_needs_no_learning(model):
     ts[20:] += 3600                          # an hour away, within the first 32 steps
     e.step([Batch("s", ts, normal(40), source="hist")])
     assert e.streams["s"].ring.resets == 1 and not e.streams["s"].pace.learning
+
+
+def test_a_learned_stream_keeps_no_learning_samples_and_a_fixed_ring(model):
+    # memory per stream is bounded by design: the learning period's samples are let go
+    # once the baseline is fitted, and the ring holds window + max_block rows whatever
+    # came through it
+    e = engine_for(model, calibration={"enabled": True, "samples": 200})
+    feed(e, "s1", normal(200), block=50)
+    st = e.streams["s1"]
+    assert st.baseline.learning is False
+    held = st.baseline._held
+    assert held.n == 0 and held._ts is None and held._values is None
+    ring_bytes = st.ring._buf.nbytes
+    assert ring_bytes == (W + st.ring.max_block) * len(CH) * 4
+    feed(e, "s1", normal(3000, seed=2), t0=1e9 + 200, block=1)
+    assert st.ring._buf.nbytes == ring_bytes and st.baseline._held._ts is None

@@ -158,3 +158,19 @@ def test_empty_push_and_shape_errors():
     assert w.x.shape == (0, 2, 3) and len(w) == 0
     with pytest.raises(ValueError, match=r"\[2, 3\]"):
         ring.push(np.arange(2.0), np.ones((2, 4), np.float32))
+
+
+def test_memory_is_window_plus_max_block_rows_however_long_it_runs():
+    # a stream's ring is its largest per-stream array: its size is set by the model's
+    # window and the engine's max_block, never by how much or how unevenly it is fed
+    W, C, B = 64, 8, 64
+    ring = RingBuffer(window=W, channels=C, max_block=B)
+    buf = ring._buf
+    assert buf.nbytes == (W + B) * C * 4
+    rng = np.random.default_rng(0)
+    t = 0
+    for n in rng.integers(1, 3 * B, 300).tolist() + [1] * 200:
+        ring.push(t + np.arange(n, dtype=float), rng.normal(size=(n, C)).astype(np.float32))
+        t += n
+    assert ring._buf is buf and buf.nbytes == (W + B) * C * 4
+    assert np.shares_memory(ring.latest(), buf)
