@@ -161,14 +161,17 @@ def test_shipped_training_paths_name_the_files_below_the_data_root(skab_dir):
 
 def test_shipped_tep_models_name_runs_the_recipe_regenerates(tmp_path):
     """The TEP models' training data is generated, not stored: the recipe must still give
-    the very bytes their metadata records."""
+    the very bytes their metadata records, and every model was trained on the whole TRAIN
+    set as it stands (a model left from an older set would be a silent inconsistency)."""
     pytest.importorskip("tep_studio", reason="tep-studio (the [bench] extra) not installed")
     from export.recipes import tep_data
-    spec = tep_data.TRAIN[0]
-    row = tep_data.write_run(spec, tmp_path)
+    # the first long run and the last one-day start run
+    rows = [tep_data.write_run(spec, tmp_path) for spec in (tep_data.TRAIN[0], tep_data.TRAIN[-1])]
     for name in [n for n in shipped_models() if n.startswith("tep/")]:
         recorded = {f["path"]: f["sha256"] for f in _training(name)["files"]}
-        assert recorded[Path(row["file"]).name] == row["sha256"], name
+        assert set(recorded) == {Path(s.name).name for s in tep_data.TRAIN}, name
+        for row in rows:
+            assert recorded[Path(row["file"]).name] == row["sha256"], name
 
 
 def _csv(path: Path, seed: int) -> str:

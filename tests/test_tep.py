@@ -58,6 +58,17 @@ def test_seed_sets_are_disjoint_and_complete():
     assert sum(s.hours for s in tep_data.TRAIN) / 24 >= 5      # several simulated days
 
 
+def test_train_and_val_hold_many_fresh_starts_on_their_own_seeds():
+    # a plant settles for ~10 h after a start: the models learn it from TRAIN's starts,
+    # the start rule is fitted on VAL's, and no start seed is reused across sets
+    for specs, starts in ((tep_data.TRAIN, tep_data.TRAIN_STARTS), (tep_data.VAL, tep_data.STARTS)):
+        fault_free = [s for s in specs if s.fault == tep_data.FAULT_FREE]
+        assert len(fault_free) >= 40
+        assert {s.seed for s in fault_free if s.hours == tep_data.DAY_H} == set(starts)
+    assert not set(tep_data.TRAIN_STARTS) & set(tep_data.STARTS)
+    assert len({s.name for s in tep_data.TRAIN}) == len(tep_data.TRAIN)
+
+
 # ------------------------------------------------------------------ PCA references
 def correlated(n: int, rng: np.random.Generator) -> np.ndarray:
     """Ten channels driven by three latent factors plus a little independent noise."""

@@ -42,8 +42,8 @@ SKAB_REASON = (
 
 TEP_SETTINGS = {"adaptation.enabled": True, "adaptation.time_constant_s": 86400}
 TEP_REASON = (
-    "No learning period: the model's scaler and threshold were learned on 26 simulated days "
-    "of the plant's normal operation (a global scaler), which describe a fresh stream better "
+    "No learning period: the model's scaler and threshold were learned on 66 simulated days "
+    "of the plant's normal operation, 48 plant starts among them (a global scaler), which describe a fresh stream better "
     "than its own first hours would. Adaptation with a one-day time constant: the simulated "
     "plant has no slow drift, but a real one does, and a day is slower than any fault "
     "develops at 3-minute sampling; frozen per channel while anomalous. No per-channel "

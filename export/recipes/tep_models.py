@@ -4,7 +4,8 @@
     python -m export.recipes.tep_models [--data runs/tep] [--out models_onnx/tep] [--only M ...]
 
 Training data: every file of the TRAIN seed set (export/recipes/tep_data.py; fault-free,
-26 simulated days: six 48-hour runs and two 7-day runs, 3-minute samples).  No
+66 simulated days: six 48-hour runs, two 7-day runs and 40 one-day runs, 48 plant starts
+in all, 3-minute samples).  No
 validation or test run is read.  Every model goes through the same `tsad-export train`
 command a user would run on their own plant history, seeded (0) on one thread.
 
