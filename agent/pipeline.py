@@ -1,9 +1,10 @@
 """The daemon's threads around the engine: sources in, results out to the sinks.
 
 Threading: every source runs in its own thread (`SourceRunner`) and hands `Batch`es
-to a bounded queue (a full queue blocks the source: back-pressure, not data loss).
-One pipeline thread drains the queue, calls `Engine.step` once per drain, and hands
-the results to the sinks (`jobs.deliver`).  The engine itself has no threads.
+to a bounded queue (agent/inbox.py: a full queue blocks the source, back-pressure,
+not data loss).  One pipeline thread drains the queue, calls `Engine.step` once per
+drain, and hands the results to the sinks (`jobs.deliver`).  The engine itself has no
+threads.
 
 A reload hands the sources of unchanged streams, still reading, and the queue to the
 next pipeline (`stop(keep=...)` -> `Handover`): closing and reopening a serial port
@@ -14,7 +15,6 @@ too, so rings, baselines and open alerts carry on.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from .commands import Command, execute, parse
 from .config import AgentConfig, StreamConfig
 from .engine import Engine
 from .health import health_snapshot, stream_presence
+from .inbox import Inbox
 from .jobs import deliver
 from .metrics import Metrics
 from .sinks.base import Sink
@@ -48,7 +49,7 @@ class SourceRunner:
     It holds no reference to a pipeline, so it can outlive one: when its source has
     finished it puts itself on the queue as the end marker."""
 
-    def __init__(self, stream: StreamConfig, source: Source, out: queue.Queue,
+    def __init__(self, stream: StreamConfig, source: Source, out: Inbox,
                  metrics: Metrics) -> None:
         self.stream, self.source, self.out, self.metrics = stream, source, out, metrics
         self.stop_event = threading.Event()
@@ -73,14 +74,10 @@ class SourceRunner:
 
     def _put(self, item) -> None:
         # blocks when the pipeline is behind: back-pressure instead of dropping data
-        while True:
-            try:
-                self.out.put(item, timeout=0.5)
+        while not self.out.put(item, timeout=0.5):
+            if self.stop_event.is_set():
+                self.metrics.dropped["queue_full_at_stop"] += 1
                 return
-            except queue.Full:
-                if self.stop_event.is_set():
-                    self.metrics.dropped["queue_full_at_stop"] += 1
-                    return
 
     def _run(self) -> None:
         try:
@@ -100,7 +97,7 @@ class Handover:
     """What a stopping pipeline passes to the next one: the shared queue, the runners
     that keep reading (`ended`: those whose end marker it already took) and, when the
     detection carries on unchanged, the engine."""
-    queue: queue.Queue
+    queue: Inbox
     runners: dict[str, SourceRunner]
     ended: set[str]
     engine: Engine | None = None
@@ -111,7 +108,7 @@ class Pipeline:
                  handover: Handover | None = None):
         self.cfg, self.engine, self.sinks = cfg, engine, sinks
         self.metrics = engine.metrics
-        self.queue: queue.Queue = handover.queue if handover else queue.Queue(maxsize=QUEUE_MAX)
+        self.queue: Inbox = handover.queue if handover else Inbox(QUEUE_MAX)
         kept = handover.runners if handover else {}
         self.runners = [kept.get(s.id) or SourceRunner(
             s, build_source(s, engine.meta.channels, self.metrics, cfg.mqtt, cfg.node),
@@ -236,11 +233,9 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
     def _drain(self) -> list:
         items = []
-        while True:
-            try:
-                items.append(self.queue.get_nowait())
-            except queue.Empty:
-                return items
+        while (item := self.queue.pop()) is not None:
+            items.append(item)
+        return items
 
     def start(self, start_sinks: bool = True) -> None:
         for sink in self.sinks:     # kept sinks too: commands now go to this pipeline
@@ -257,12 +252,11 @@ class Pipeline:
         while not self.stop_event.is_set() and not (interrupted and interrupted()):
             if self.on_tick:
                 self.on_tick()
-            try:
-                item = self.queue.get(timeout=0.2)
-            except queue.Empty:
+            if not self.queue.wait(0.2):
                 self._housekeeping()
                 continue
             self._batch_wait(interrupted)
+            item = self.queue.pop()
             batch: list[Batch] = []
             samples = 0
             while True:
@@ -278,9 +272,8 @@ class Pipeline:
                     samples += len(item)
                 if len(batch) >= DRAIN_MAX or samples >= DRAIN_SAMPLES:
                     break
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
+                item = self.queue.pop()
+                if item is None:
                     break
             if batch:
                 self.process(batch)
