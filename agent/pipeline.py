@@ -28,7 +28,7 @@ from .jobs import deliver
 from .metrics import Metrics
 from .sinks.base import Sink
 from .sources import build_source
-from .sources.base import Batch, Source
+from .sources.base import Batch, Source, Undecoded, decode_items
 
 log = logging.getLogger("tsad.pipeline")
 
@@ -37,6 +37,7 @@ DRAIN_MAX = 8192         # queue items per engine step; this many waiting end a 
 # large payloads queue up (24 back-to-back 4 MiB payloads: 313 -> 224 MB peak, DLinear_ad)
 DRAIN_SAMPLES = 1 << 16
 QUEUE_MAX = 16384        # queue items before sources block (back-pressure), ~0.5 KB each
+DECODE_BYTES = 1 << 16   # undecoded payload bytes decoded together within a drain
 WAIT_FACTOR = 9.0        # batch_wait_s "auto": wait this x the last step's duration ...
 WAIT_MAX_S = 1.0         # ... at most this long
 SAVE_INTERVAL_S = 300.0  # adapted baselines reach the disk at least this often
@@ -90,6 +91,16 @@ class SourceRunner:
                 self.source.close()
             finally:
                 self._put(self)
+
+
+def _decode(raw: list[Undecoded], batch: list[Batch]) -> int:
+    """Decode `raw` onto the end of `batch` and empty it; the samples added."""
+    if not raw:
+        return 0
+    got = decode_items(raw)
+    raw.clear()
+    batch += got
+    return sum(map(len, got))
 
 
 @dataclass
@@ -256,30 +267,43 @@ class Pipeline:
                 self._housekeeping()
                 continue
             self._batch_wait(interrupted)
-            item = self.queue.pop()
-            batch: list[Batch] = []
-            samples = 0
-            while True:
-                if isinstance(item, SourceRunner):
-                    ended.add(item.stream.id)
-                elif isinstance(item, Command):
-                    if batch:      # the samples before it first: commands act in order
-                        self.process(batch)
-                        batch, samples = [], 0
-                    self._command(item)
-                else:
-                    batch.append(item)
-                    samples += len(item)
-                if len(batch) >= DRAIN_MAX or samples >= DRAIN_SAMPLES:
-                    break
-                item = self.queue.pop()
-                if item is None:
-                    break
-            if batch:
-                self.process(batch)
+            self._step_drained(ended)
             self._housekeeping()
             if until_exhausted and len(ended) >= len(self.runners):
                 break
+
+    def _step_drained(self, ended: set[str]) -> None:
+        """Step what waits, in order: at most DRAIN_MAX items, fewer once DRAIN_SAMPLES
+        samples are among them.  Undecoded messages are decoded DECODE_BYTES at a time
+        (so the sample bound is checked per such chunk); a command acts after the
+        samples queued before it."""
+        batch: list[Batch] = []
+        raw: list[Undecoded] = []
+        taken = samples = raw_bytes = 0
+        while (item := self.queue.pop()) is not None:
+            taken += 1
+            if type(item) is Undecoded:
+                raw.append(item)
+                raw_bytes += len(item.payload)
+                if raw_bytes >= DECODE_BYTES:
+                    samples += _decode(raw, batch)
+                    raw_bytes = 0
+            elif isinstance(item, SourceRunner):
+                ended.add(item.stream.id)
+            elif isinstance(item, Command):
+                _decode(raw, batch)
+                if batch:
+                    self.process(batch)
+                    batch, samples = [], 0
+                self._command(item)
+            else:
+                samples += _decode(raw, batch) + len(item)
+                batch.append(item)
+            if taken >= DRAIN_MAX or samples >= DRAIN_SAMPLES:
+                break
+        _decode(raw, batch)
+        if batch:
+            self.process(batch)
 
     def _batch_wait(self, interrupted) -> None:
         """model.batch_wait_s: wait until the next step is due, unless DRAIN_MAX items
@@ -324,7 +348,7 @@ class Pipeline:
         ended = self._ended | {r.stream.id for r in rest if isinstance(r, SourceRunner)}
         for c in [c for c in rest if isinstance(c, Command)]:
             self._command(c)
-        rest = [b for b in rest if isinstance(b, Batch)]
+        rest = decode_items([b for b in rest if isinstance(b, (Batch, Undecoded))])
         if rest:
             self.process(rest)
         if close_alerts:

@@ -17,7 +17,7 @@ from agent.mqtt_client import MqttConfig
 from agent.metrics import Metrics
 from agent.contract import read_table
 from agent.sources import SOURCES, build_source
-from agent.sources.base import Batch
+from agent.sources.base import Batch, decode_items
 
 CH = ["a", "b", "c"]
 SKAB_CH = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature",
@@ -36,7 +36,8 @@ def wait_for(cond, timeout=WAIT, what="condition"):
 
 
 class Runner:
-    """Runs a source in a thread and collects what it emits."""
+    """Runs a source in a thread and collects what it emits, decoded on the taking thread
+    as the pipeline decodes it."""
 
     def __init__(self, source):
         self.source = source
@@ -71,11 +72,12 @@ class Runner:
             if left <= 0:
                 raise AssertionError(f"got {n} of {n_samples} samples: {got}")
             try:
-                b = self.batches.get(timeout=left)
+                item = self.batches.get(timeout=left)
             except queue.Empty:
                 continue
-            got.append(b)
-            n += len(b)
+            for b in decode_items([item]):
+                got.append(b)
+                n += len(b)
         return got
 
 
