@@ -275,6 +275,29 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
     np.testing.assert_array_equal(samples(got)[0], [T + 5, T + 6, T + 7])
 
 
+def test_mqtt_oversize_payload_is_refused_unread_and_counted(broker):
+    from agent.decoders import MAX_PAYLOAD
+    m = Metrics()
+    src = build_source(stream("pump7", type="mqtt", topic="dev/pump7", protocol="csv"), CH, m,
+                       MqttConfig(port=broker.port), "node1")
+    r, emitted = Runner(src), []
+    put = r.batches.put
+    r.batches.put = lambda item: (emitted.append(item), put(item))
+    with r:
+        wait_for(lambda: src.connected, what="mqtt subscribe")
+        pub = publisher(broker)
+        try:
+            pub.publish("dev/pump7", b"1," * (MAX_PAYLOAD // 2) + b"1", qos=1).wait_for_publish(WAIT)
+            pub.publish("dev/pump7", f"{T + 1},1,2,3", qos=1).wait_for_publish(WAIT)
+            got = r.take(1)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+    assert m.malformed["too_long"] == 1
+    np.testing.assert_array_equal(samples(got)[1], [[1, 2, 3]])
+    assert max(len(item.payload) for item in emitted) < 100, "queued whole, not refused"
+
+
 # ---------------------------------------------------------------- replay
 def _cols(t):
     return t.ts, t.values, t.labels

@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 from pydantic import Field
 
 from ..config_base import STREAM_ID_PATTERN, Strict
-from ..decoders import LineDecoder
+from ..decoders import MAX_PAYLOAD, LineDecoder
 from ..metrics import Metrics
 from ..mqtt_client import MqttConfig, make_client
 from .base import Batch, Emit, Source, Undecoded
@@ -29,6 +29,11 @@ log = logging.getLogger("tsad.source.mqtt")
 
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 TOPICS_CACHED = 4096     # topic -> stream id lookups remembered (then forgotten at once)
+
+
+class _Oversize(bytes):
+    """The head of a payload over MAX_PAYLOAD, for the log line: such a payload is refused
+    on the network thread, so a flood of them cannot fill the queue's memory."""
 
 
 class MqttSourceConfig(Strict):
@@ -119,7 +124,10 @@ class MqttLineSource(Source):
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         # an exception escaping a paho callback would stop the network loop
         try:
-            self._emit(Undecoded(self, msg.topic, msg.payload, time.time()))
+            payload = msg.payload
+            if len(payload) > MAX_PAYLOAD:
+                payload = _Oversize(payload[:80])
+            self._emit(Undecoded(self, msg.topic, payload, time.time()))
         except Exception:
             log.exception("%s: message on %r could not be handled", self.stream_id, msg.topic)
 
@@ -128,6 +136,9 @@ class MqttLineSource(Source):
         groups: dict[str, tuple[list[bytes], list[float]]] = {}
         topics = self._topics
         for m in items:
+            if type(m.payload) is _Oversize:
+                self.decoder.bad("too_long", m.payload)
+                continue
             sid = topics.get(m.topic)
             if sid is None:
                 sid = self.stream_for(m.topic)
