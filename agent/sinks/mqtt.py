@@ -6,8 +6,6 @@ Topics (P = cfg.topic_prefix, default "tsad/<node>/"); JSON payloads follow docs
   P availability            "online" / "offline"                 QoS 1, retained; "offline" is the Last Will
   P stream/<id>/...         state, availability, shelved (mqtt_streams.py)   QoS 1, retained
   P stream/<id>/score       score.json, <= 1 per score_interval_s  QoS 0, not retained
-                            (every stream's latest, all at once: one wake-up of the
-                            network thread per interval, not one per stream)
   P health                  health.json (+ this sink's "mqtt")   QoS 1, retained
   P cmd                     operator commands in (command.json)  QoS 1, subscribed
   P cmd/result              one result per command (command-result.json)  QoS 1, not retained
@@ -119,8 +117,7 @@ class MqttSink(Sink):
         self.commands: Counter = Counter()     # "ok" / "refused"
         self._commands_lock = threading.Lock()  # results come from two threads
         self._health: dict | None = None
-        self._latest: dict[str, tuple] = {}    # stream -> its score not yet published
-        self._scores_sent = -float("inf")
+        self._last_score: dict[str, float] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._gate: mqtt.MQTTMessageInfo | None = None    # this connection's "online"
@@ -216,21 +213,16 @@ class MqttSink(Sink):
         self._command = command
 
     def score(self, stream: str, ts: float, score: float, threshold: float, label: int) -> None:
-        self._latest[stream] = (ts, score, threshold, label)
         now = time.monotonic()
-        if now - self._scores_sent >= self.m.score_interval_s:
-            self._send_scores(now)
-
-    def _send_scores(self, now: float) -> None:
-        self._scores_sent = now
-        latest, self._latest = self._latest, {}
+        last = self._last_score.get(stream)
+        if last is not None and now - last < self.m.score_interval_s:
+            return
         if not self.client.is_connected():
             return      # scores are live values: nothing to catch up on later
-        for stream, (ts, score, threshold, label) in latest.items():
-            self.client.publish(f"{self.cfg.topic_prefix}stream/{stream}/score",
-                                to_json({"ts": iso_utc(ts), "score": score,
-                                         "threshold": threshold, "label": label}),
-                                qos=0, retain=False)
+        self._last_score[stream] = now
+        self.client.publish(f"{self.cfg.topic_prefix}stream/{stream}/score",
+                            to_json({"ts": iso_utc(ts), "score": score, "threshold": threshold,
+                                     "label": label}), qos=0, retain=False)
 
     def health(self, health: dict) -> None:
         self._health = health
