@@ -152,17 +152,22 @@ class LineDecoder:
         """An MQTT payload (see the module docstring for its forms) -> (ts, values) or None.
 
         `stream` keys the per-stream clock when one subscription feeds many streams."""
-        if len(payload) > MAX_PAYLOAD:
-            self.bad("too_long", payload)
-            return None
-        if not payload.strip():
-            self.bad("empty", payload)
-            return None
+        return self.decode_payloads((payload,), (now,), stream)
+
+    def decode_payloads(self, payloads, arrivals, stream: str | None = None) -> Samples | None:
+        """Payloads of one stream, in order, received at `arrivals` -> the samples of all
+        of them (ts, values), or None; each is read exactly as `decode_payload` reads it."""
         clock = self._clocks.get(stream)
         ts, rows = [], []
-        if not (self.protocol == "json" and payload.lstrip()[:1] in (b"{", b"[")
-                and self._json_whole(payload, now, clock, ts, rows)):
-            self._lines([ln for ln in payload.splitlines() if ln.strip()], now, clock, ts, rows)
+        for payload, now in zip(payloads, arrivals):
+            if len(payload) > MAX_PAYLOAD:
+                self.report.note("too_long", payload[:80])
+            elif not payload.strip():
+                self.report.note("empty", payload)
+            elif not (self.protocol == "json" and payload.lstrip()[:1] in (b"{", b"[")
+                      and self._json_whole(payload, now, clock, ts, rows)):
+                self._lines([ln for ln in payload.splitlines() if ln.strip()], now, clock, ts,
+                            rows)
         self.report.flush()
         return _pack(ts, rows)
 

@@ -1,9 +1,10 @@
 """The daemon's threads around the engine: sources in, results out to the sinks.
 
 Threading: every source runs in its own thread (`SourceRunner`) and hands `Batch`es
-to a bounded queue (a full queue blocks the source: back-pressure, not data loss).
-One pipeline thread drains the queue, calls `Engine.step` once per drain, and hands
-the results to the sinks (`jobs.deliver`).  The engine itself has no threads.
+to a bounded queue (agent/inbox.py: a full queue blocks the source, back-pressure,
+not data loss).  One pipeline thread drains the queue, calls `Engine.step` once per
+drain, and hands the results to the sinks (`jobs.deliver`).  The engine itself has no
+threads.
 
 A reload hands the sources of unchanged streams, still reading, and the queue to the
 next pipeline (`stop(keep=...)` -> `Handover`): closing and reopening a serial port
@@ -14,7 +15,6 @@ too, so rings, baselines and open alerts carry on.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -23,11 +23,12 @@ from .commands import Command, execute, parse
 from .config import AgentConfig, StreamConfig
 from .engine import Engine
 from .health import health_snapshot, stream_presence
+from .inbox import Inbox
 from .jobs import deliver
 from .metrics import Metrics
 from .sinks.base import Sink
 from .sources import build_source
-from .sources.base import Batch, Source
+from .sources.base import Batch, Source, Undecoded, decode_items
 
 log = logging.getLogger("tsad.pipeline")
 
@@ -36,6 +37,7 @@ DRAIN_MAX = 8192         # queue items per engine step; this many waiting end a 
 # large payloads queue up (24 back-to-back 4 MiB payloads: 313 -> 224 MB peak, DLinear_ad)
 DRAIN_SAMPLES = 1 << 16
 QUEUE_MAX = 16384        # queue items before sources block (back-pressure), ~0.5 KB each
+DECODE_BYTES = 1 << 16   # undecoded payload bytes decoded together within a drain
 WAIT_FACTOR = 9.0        # batch_wait_s "auto": wait this x the last step's duration ...
 WAIT_MAX_S = 1.0         # ... at most this long
 SAVE_INTERVAL_S = 300.0  # adapted baselines reach the disk at least this often
@@ -48,7 +50,7 @@ class SourceRunner:
     It holds no reference to a pipeline, so it can outlive one: when its source has
     finished it puts itself on the queue as the end marker."""
 
-    def __init__(self, stream: StreamConfig, source: Source, out: queue.Queue,
+    def __init__(self, stream: StreamConfig, source: Source, out: Inbox,
                  metrics: Metrics) -> None:
         self.stream, self.source, self.out, self.metrics = stream, source, out, metrics
         self.stop_event = threading.Event()
@@ -73,14 +75,10 @@ class SourceRunner:
 
     def _put(self, item) -> None:
         # blocks when the pipeline is behind: back-pressure instead of dropping data
-        while True:
-            try:
-                self.out.put(item, timeout=0.5)
+        while not self.out.put(item, timeout=0.5):
+            if self.stop_event.is_set():
+                self.metrics.dropped["queue_full_at_stop"] += 1
                 return
-            except queue.Full:
-                if self.stop_event.is_set():
-                    self.metrics.dropped["queue_full_at_stop"] += 1
-                    return
 
     def _run(self) -> None:
         try:
@@ -95,12 +93,22 @@ class SourceRunner:
                 self._put(self)
 
 
+def _decode(raw: list[Undecoded], batch: list[Batch]) -> int:
+    """Decode `raw` onto the end of `batch` and empty it; the samples added."""
+    if not raw:
+        return 0
+    got = decode_items(raw)
+    raw.clear()
+    batch += got
+    return sum(map(len, got))
+
+
 @dataclass
 class Handover:
     """What a stopping pipeline passes to the next one: the shared queue, the runners
     that keep reading (`ended`: those whose end marker it already took) and, when the
     detection carries on unchanged, the engine."""
-    queue: queue.Queue
+    queue: Inbox
     runners: dict[str, SourceRunner]
     ended: set[str]
     engine: Engine | None = None
@@ -111,7 +119,7 @@ class Pipeline:
                  handover: Handover | None = None):
         self.cfg, self.engine, self.sinks = cfg, engine, sinks
         self.metrics = engine.metrics
-        self.queue: queue.Queue = handover.queue if handover else queue.Queue(maxsize=QUEUE_MAX)
+        self.queue: Inbox = handover.queue if handover else Inbox(QUEUE_MAX)
         kept = handover.runners if handover else {}
         self.runners = [kept.get(s.id) or SourceRunner(
             s, build_source(s, engine.meta.channels, self.metrics, cfg.mqtt, cfg.node),
@@ -236,11 +244,9 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
     def _drain(self) -> list:
         items = []
-        while True:
-            try:
-                items.append(self.queue.get_nowait())
-            except queue.Empty:
-                return items
+        while (item := self.queue.pop()) is not None:
+            items.append(item)
+        return items
 
     def start(self, start_sinks: bool = True) -> None:
         for sink in self.sinks:     # kept sinks too: commands now go to this pipeline
@@ -257,36 +263,47 @@ class Pipeline:
         while not self.stop_event.is_set() and not (interrupted and interrupted()):
             if self.on_tick:
                 self.on_tick()
-            try:
-                item = self.queue.get(timeout=0.2)
-            except queue.Empty:
+            if not self.queue.wait(0.2):
                 self._housekeeping()
                 continue
             self._batch_wait(interrupted)
-            batch: list[Batch] = []
-            samples = 0
-            while True:
-                if isinstance(item, SourceRunner):
-                    ended.add(item.stream.id)
-                elif isinstance(item, Command):
-                    if batch:      # the samples before it first: commands act in order
-                        self.process(batch)
-                        batch, samples = [], 0
-                    self._command(item)
-                else:
-                    batch.append(item)
-                    samples += len(item)
-                if len(batch) >= DRAIN_MAX or samples >= DRAIN_SAMPLES:
-                    break
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self.process(batch)
+            self._step_drained(ended)
             self._housekeeping()
             if until_exhausted and len(ended) >= len(self.runners):
                 break
+
+    def _step_drained(self, ended: set[str]) -> None:
+        """Step what waits, in order: at most DRAIN_MAX items, fewer once DRAIN_SAMPLES
+        samples are among them.  Undecoded messages are decoded DECODE_BYTES at a time
+        (so the sample bound is checked per such chunk); a command acts after the
+        samples queued before it."""
+        batch: list[Batch] = []
+        raw: list[Undecoded] = []
+        taken = samples = raw_bytes = 0
+        while (item := self.queue.pop()) is not None:
+            taken += 1
+            if type(item) is Undecoded:
+                raw.append(item)
+                raw_bytes += len(item.payload)
+                if raw_bytes >= DECODE_BYTES:
+                    samples += _decode(raw, batch)
+                    raw_bytes = 0
+            elif isinstance(item, SourceRunner):
+                ended.add(item.stream.id)
+            elif isinstance(item, Command):
+                _decode(raw, batch)
+                if batch:
+                    self.process(batch)
+                    batch, samples = [], 0
+                self._command(item)
+            else:
+                samples += _decode(raw, batch) + len(item)
+                batch.append(item)
+            if taken >= DRAIN_MAX or samples >= DRAIN_SAMPLES:
+                break
+        _decode(raw, batch)
+        if batch:
+            self.process(batch)
 
     def _batch_wait(self, interrupted) -> None:
         """model.batch_wait_s: wait until the next step is due, unless DRAIN_MAX items
@@ -331,7 +348,7 @@ class Pipeline:
         ended = self._ended | {r.stream.id for r in rest if isinstance(r, SourceRunner)}
         for c in [c for c in rest if isinstance(c, Command)]:
             self._command(c)
-        rest = [b for b in rest if isinstance(b, Batch)]
+        rest = decode_items([b for b in rest if isinstance(b, (Batch, Undecoded))])
         if rest:
             self.process(rest)
         if close_alerts:

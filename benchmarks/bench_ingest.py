@@ -15,6 +15,11 @@ case's rate, + 5 s): the steady state a daemon spends its life in.
     python benchmarks/bench_ingest.py                      # 50x100 and 500x10, 1 sample/msg
     python benchmarks/bench_ingest.py --cases 50x100 --duration 60 --batch 10
     python benchmarks/bench_ingest.py --cases 500x10 --batch-wait auto,0,0.1   # side by side
+    python benchmarks/bench_ingest.py --repo /work/main,. --repeat 2   # old and new code
+
+On a loaded machine the publisher can fall behind; it then pauses while MAX_UNACKED
+messages wait for the broker (QoS 1 ids wrap at 65535, and paho would overwrite the
+oldest), and says so in the row, rather than losing messages itself.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ import local_broker  # beside this script
 from soak import CLK_TCK, HealthWatch, Sampler, normal_rows, proc_stats  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
+# QoS 1 message ids wrap at 65535: more unacknowledged than that and paho overwrites them
+MAX_UNACKED = 30000
 
 BARE = r"""
 import sys, threading, paho.mqtt.client as mqtt
@@ -70,8 +77,15 @@ class Publisher:
         # unlimited in flight: with paho's default of 20 a loaded machine backs the queue
         # up past 65535 messages, where QoS 1 message ids wrap and collide
         self.c.max_inflight_messages_set(0)
+        # ... so this publisher must never have that many unacknowledged itself: it pauses
+        # (a late tick) while MAX_UNACKED wait for the broker
+        self.acked = 0
+        self.c.on_publish = self._on_publish
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.acked += 1     # one writer: paho's network thread
 
     def run(self, streams: int, rate: float, batch: int, duration: float,
             warmup: float = 0.0, on_mark=None) -> dict:
@@ -85,7 +99,8 @@ class Publisher:
         n_ticks = n_warm + int(duration / tick)
         t_start = time.time()
         t0 = time.monotonic()
-        msgs = late = 0
+        msgs = late = stalls = 0
+        published = self.acked
         t_mark = t0
         for k in range(n_ticks):
             if k == n_warm:
@@ -98,13 +113,18 @@ class Publisher:
                          for j in range(batch)]
                 self.c.publish(f"plant/{sid}/sensors", "\n".join(lines), qos=self.qos)
                 msgs += 1
+            published += streams
+            if self.qos and published - self.acked > MAX_UNACKED:
+                stalls += 1
+                while published - self.acked > MAX_UNACKED // 2:
+                    time.sleep(0.001)
             lag = t0 + (k + 1) * tick - time.monotonic()
             if lag > 0:
                 time.sleep(lag)
             else:
                 late += 1
         return {"messages": msgs, "samples": msgs * batch,
-                "publish_s": time.monotonic() - t_mark, "late_ticks": late,
+                "publish_s": time.monotonic() - t_mark, "late_ticks": late, "stalls": stalls,
                 "total_messages": n_ticks * streams}
 
     def close(self) -> None:
@@ -148,11 +168,12 @@ def _ready(p: subprocess.Popen) -> bool:
 
 
 def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
-               work: Path, batch_wait: str = "auto") -> dict:
+               work: Path, batch_wait: str = "auto", repo: Path = REPO,
+               run_no: int = 0) -> dict:
     import yaml
     streams, rate, batch, duration, warmup = case
     # one node per agent run: a run must not read the retained health of the one before
-    node = f"bench{streams}-{batch_wait}"
+    node = f"bench{streams}-{batch_wait}-{run_no}"
     cfg = {
         "node": node, "log_level": "warning", "state_dir": str(work / f"state-{node}"),
         "model": {"path": model,
@@ -168,7 +189,7 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
     log_path = work / f"{node}.log"
     with open(log_path, "wb") as log:
         agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
-                                  str(conf)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                  str(conf)], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
     health = HealthWatch(port, node)
     try:
         deadline = time.monotonic() + 60
@@ -218,9 +239,9 @@ def _per_message(r: dict) -> dict:
 
 
 def _print_row(spec: str, name: str, r: dict, ratio: float | None = None) -> None:
-    print(f"{spec:>9} {name:>10} {r['messages']:8d} {r['lost']:5d} {r['us_per_msg']:7.1f} "
-          f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else ""),
-          flush=True)
+    print(f"{spec:>9} {name:>14} {r['messages']:8d} {r['lost']:5d} {r['us_per_msg']:7.1f} "
+          f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else "")
+          + (f"  (publisher paused {r['stalls']}x)" if r["stalls"] else ""), flush=True)
 
 
 def main() -> int:
@@ -236,6 +257,11 @@ def main() -> int:
     ap.add_argument("--batch-wait", default="auto",
                     help="model.batch_wait_s for the agent; several, comma separated, run "
                          "side by side against the same bare run (e.g. auto,0)")
+    ap.add_argument("--repo", default=str(REPO),
+                    help="the agent's checkout; several, comma separated, run side by side "
+                         "against the same bare run (e.g. /work/main,.: old and new code)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each case this many times (bare, then every agent, in turn)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--timeline", action="store_true",
                     help="print the agent's (s, RSS MB, CPU %%) every 5 s of its run")
@@ -253,22 +279,29 @@ def main() -> int:
     try:
         print(f"bench_ingest: {Path(a.model).stem}, {a.batch} sample(s)/message, qos {a.qos}, "
               f"{a.duration:g} s per run, {os.cpu_count()} cores")
-        print(f"{'case':>9} {'consumer':>10} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
+        print(f"{'case':>9} {'consumer':>14} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
               f"{'% core':>6} {'RSS MB':>7} {'ratio':>6}")
-        for spec in a.cases.split(","):
+        repos = [Path(r).resolve() for r in a.repo.split(",")]
+        run_no = 0
+        for spec in a.cases.split(",") * a.repeat:
             streams, rate = spec.split("x")
             warmup = a.warmup if a.warmup is not None else learning / float(rate) + 5.0
             case = (int(streams), float(rate), a.batch, a.duration, warmup)
             bare = _per_message(bare_case(port, pub, case, a.qos))
             _print_row(spec, "bare", bare)
             for wait in a.batch_wait.split(","):
-                agent = _per_message(agent_case(port, pub, case, a.qos, a.model, work, wait))
-                ratio = agent["us_per_msg"] / bare["us_per_msg"]
-                results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
-                                "bare": bare, "agent": agent, "ratio": ratio})
-                _print_row(spec, f"agent/{wait}", agent, ratio)
-                if a.timeline:
-                    print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
+                for repo in repos:
+                    run_no += 1
+                    agent = _per_message(agent_case(port, pub, case, a.qos, a.model, work,
+                                                    wait, repo, run_no))
+                    ratio = agent["us_per_msg"] / bare["us_per_msg"]
+                    name = f"{repo.name}/{wait}" if len(repos) > 1 else f"agent/{wait}"
+                    results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
+                                    "repo": str(repo), "bare": bare, "agent": agent,
+                                    "ratio": ratio})
+                    _print_row(spec, name, agent, ratio)
+                    if a.timeline:
+                        print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
     finally:
         pub.close()
         broker.terminate()

@@ -17,7 +17,7 @@ from agent.mqtt_client import MqttConfig
 from agent.metrics import Metrics
 from agent.contract import read_table
 from agent.sources import SOURCES, build_source
-from agent.sources.base import Batch
+from agent.sources.base import Batch, decode_items
 
 CH = ["a", "b", "c"]
 SKAB_CH = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature",
@@ -36,7 +36,8 @@ def wait_for(cond, timeout=WAIT, what="condition"):
 
 
 class Runner:
-    """Runs a source in a thread and collects what it emits."""
+    """Runs a source in a thread and collects what it emits, decoded on the taking thread
+    as the pipeline decodes it."""
 
     def __init__(self, source):
         self.source = source
@@ -71,11 +72,12 @@ class Runner:
             if left <= 0:
                 raise AssertionError(f"got {n} of {n_samples} samples: {got}")
             try:
-                b = self.batches.get(timeout=left)
+                item = self.batches.get(timeout=left)
             except queue.Empty:
                 continue
-            got.append(b)
-            n += len(b)
+            for b in decode_items([item]):
+                got.append(b)
+                n += len(b)
         return got
 
 
@@ -271,6 +273,29 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
             pub.disconnect()
     assert {b.stream for b in got} == {"pump7"}
     np.testing.assert_array_equal(samples(got)[0], [T + 5, T + 6, T + 7])
+
+
+def test_mqtt_oversize_payload_is_refused_unread_and_counted(broker):
+    from agent.decoders import MAX_PAYLOAD
+    m = Metrics()
+    src = build_source(stream("pump7", type="mqtt", topic="dev/pump7", protocol="csv"), CH, m,
+                       MqttConfig(port=broker.port), "node1")
+    r, emitted = Runner(src), []
+    put = r.batches.put
+    r.batches.put = lambda item: (emitted.append(item), put(item))
+    with r:
+        wait_for(lambda: src.connected, what="mqtt subscribe")
+        pub = publisher(broker)
+        try:
+            pub.publish("dev/pump7", b"1," * (MAX_PAYLOAD // 2) + b"1", qos=1).wait_for_publish(WAIT)
+            pub.publish("dev/pump7", f"{T + 1},1,2,3", qos=1).wait_for_publish(WAIT)
+            got = r.take(1)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+    assert m.malformed["too_long"] == 1
+    np.testing.assert_array_equal(samples(got)[1], [[1, 2, 3]])
+    assert max(len(item.payload) for item in emitted) < 100, "queued whole, not refused"
 
 
 # ---------------------------------------------------------------- replay

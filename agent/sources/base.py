@@ -8,6 +8,14 @@ A source turns bytes from somewhere (serial line, MQTT, a CSV file) into
 `Batch`es of samples for one stream and hands them to `emit`.  It runs in its
 own thread (`run` blocks until `stop` is set); the pipeline owns the queue
 behind `emit`, which blocks when full so nothing is dropped silently.
+
+A source whose thread is a network loop that must not fall behind (MQTT) may emit
+`Undecoded` messages instead: stamped with their arrival time and queued, nothing
+more.  Whoever takes them from the queue turns them into Batches with
+`decode_items`, on its own thread and many at once (the source's `decode`): decoding
+a tick's messages of one stream together costs less than one at a time, and the
+network thread stays free for the network.  A source's decoding then runs on the
+consumer's thread only, never on two threads at once.
 """
 from __future__ import annotations
 
@@ -30,7 +38,33 @@ class Batch:
         return len(self.ts)
 
 
-Emit = Callable[[Batch], None]
+class Undecoded:
+    """One message as received: decoded later by `source.decode` (see the module's rules)."""
+    __slots__ = ("source", "topic", "payload", "arrival")
+
+    def __init__(self, source: "Source", topic: str, payload: bytes, arrival: float):
+        self.source, self.topic, self.payload, self.arrival = source, topic, payload, arrival
+
+
+Emit = Callable[["Batch | Undecoded"], None]
+
+
+def decode_items(items: list) -> list[Batch]:
+    """Batches from emitted items, in their order: each run of Undecoded messages from
+    one source is decoded at once, by that source."""
+    out: list[Batch] = []
+    run: list[Undecoded] = []
+    for item in items:
+        if run and (type(item) is not Undecoded or item.source is not run[0].source):
+            out += run[0].source.decode(run)
+            run = []
+        if type(item) is Undecoded:
+            run.append(item)
+        else:
+            out.append(item)
+    if run:
+        out += run[0].source.decode(run)
+    return out
 
 
 class Source(ABC):
@@ -53,6 +87,10 @@ class Source(ABC):
     @abstractmethod
     def run(self, emit: Emit, stop: threading.Event) -> None:
         """Produce batches until `stop` is set or the source is exhausted."""
+
+    def decode(self, items: list[Undecoded]) -> list[Batch]:
+        """Its own Undecoded messages, in order, as Batches (sources that emit them)."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release OS resources; called once after `run` returns."""

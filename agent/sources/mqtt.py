@@ -2,7 +2,9 @@
 
 One subscription may feed several streams: with `stream_from_topic: 1`,
 `plant/+/sensors` turns `plant/pump1/sensors` into stream `pump1`.  The paho
-network thread decodes and emits; an absent broker at start is not fatal
+network thread only stamps each message with its arrival time and emits it
+undecoded; the pipeline thread decodes each tick's messages per stream at once
+(`decode`, rules in sources/base.py).  An absent broker at start is not fatal
 (connect_async + paho's own reconnect), and the subscription is renewed on
 every connect.
 """
@@ -18,14 +20,20 @@ import paho.mqtt.client as paho
 from pydantic import Field
 
 from ..config_base import STREAM_ID_PATTERN, Strict
-from ..decoders import LineDecoder
+from ..decoders import MAX_PAYLOAD, LineDecoder
 from ..metrics import Metrics
 from ..mqtt_client import MqttConfig, make_client
-from .base import Batch, Emit, Source
+from .base import Batch, Emit, Source, Undecoded
 
 log = logging.getLogger("tsad.source.mqtt")
 
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
+TOPICS_CACHED = 4096     # topic -> stream id lookups remembered (then forgotten at once)
+
+
+class _Oversize(bytes):
+    """The head of a payload over MAX_PAYLOAD, for the log line: such a payload is refused
+    on the network thread, so a flood of them cannot fill the queue's memory."""
 
 
 class MqttSourceConfig(Strict):
@@ -57,6 +65,7 @@ class MqttLineSource(Source):
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._started = False
+        self._topics: dict[str, str] = {}     # topic -> its stream id, once derived
 
     @classmethod
     def from_config(cls, stream_id, cfg, channels, metrics, broker, node) -> "MqttLineSource":
@@ -115,12 +124,43 @@ class MqttLineSource(Source):
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         # an exception escaping a paho callback would stop the network loop
         try:
-            sid = self.stream_for(msg.topic)
-            if sid is None:
-                self.decoder.bad("bad_stream_id", msg.topic)
-                return
-            got = self.decoder.decode_payload(msg.payload, time.time(), sid)
-            if got is not None and self._emit is not None:
-                self._emit(Batch(sid, *got, source=self.stream_id))
+            payload = msg.payload
+            if len(payload) > MAX_PAYLOAD:
+                payload = _Oversize(payload[:80])
+            self._emit(Undecoded(self, msg.topic, payload, time.time()))
         except Exception:
             log.exception("%s: message on %r could not be handled", self.stream_id, msg.topic)
+
+    def decode(self, items: list[Undecoded]) -> list[Batch]:
+        """The messages of each stream decoded together, in order (one Batch per stream)."""
+        groups: dict[str, tuple[list[bytes], list[float]]] = {}
+        topics = self._topics
+        for m in items:
+            if type(m.payload) is _Oversize:
+                self.decoder.bad("too_long", m.payload)
+                continue
+            sid = topics.get(m.topic)
+            if sid is None:
+                sid = self.stream_for(m.topic)
+                if sid is None:
+                    self.decoder.bad("bad_stream_id", m.topic)
+                    continue
+                if len(topics) >= TOPICS_CACHED:
+                    topics.clear()
+                topics[m.topic] = sid
+            g = groups.get(sid)
+            if g is None:
+                g = groups[sid] = ([], [])
+            g[0].append(m.payload)
+            g[1].append(m.arrival)
+        out = []
+        for sid, (payloads, arrivals) in groups.items():
+            try:
+                got = self.decoder.decode_payloads(payloads, arrivals, sid)
+            except Exception:
+                log.exception("%s: %d message(s) of stream %s could not be handled",
+                              self.stream_id, len(payloads), sid)
+                continue
+            if got is not None:
+                out.append(Batch(sid, *got, source=self.stream_id))
+        return out
