@@ -70,41 +70,43 @@ def long_csv(rows: int, tmp: Path) -> Path:
     return out
 
 
+class BenchEngine:
+    """The engine as replay, evaluate and the daemon drive it: every stream in every step,
+    each learning its baseline on its first 400 rows as deployed, results dropped (no sinks)."""
+
+    def __init__(self, csv: Path, streams: int, detector: Detector):
+        self.t = read_table(csv, detector.meta.channels)
+        self.metrics = Metrics()
+        detector.metrics = self.metrics
+        self.engine = Engine(detection_config(detector.meta, 400, node="bench"), detector,
+                             metrics=self.metrics, default_max_streams=streams)
+        self.sids = [f"s{i}" for i in range(streams)]
+
+    def run(self, a0: int, a1: int, per: int) -> None:
+        """Rows a0..a1 of every stream, `per` rows per step."""
+        ts, values = self.t.ts, self.t.values
+        for a in range(a0, a1, per):
+            self.engine.step([Batch(s, ts[a:a + per], values[a:a + per], source="bench")
+                              for s in self.sids])
+
+
 def engine_run(csv: Path, streams: int, detector: Detector) -> tuple[int, float]:
-    """The engine as replay and evaluate drive it: 256-row chunks, every stream per step,
-    each stream learning its baseline on its first 400 rows as deployed, results dropped
-    (no sinks)."""
-    t = read_table(csv, detector.meta.channels)
-    m = Metrics()
-    detector.metrics = m
-    e = Engine(detection_config(detector.meta, 400, node="bench"), detector, metrics=m,
-               default_max_streams=streams)
-    sids = [f"s{i}" for i in range(streams)]
+    """Replay's pattern: 256-row chunks. (windows inferred, seconds)."""
+    b = BenchEngine(csv, streams, detector)
     start = time.perf_counter()
-    for a in range(0, len(t.ts), 256):
-        e.step([Batch(s, t.ts[a:a + 256], t.values[a:a + 256], source="bench") for s in sids])
-    return m.windows_inferred, time.perf_counter() - start
+    b.run(0, len(b.t.ts), 256)
+    return b.metrics.windows_inferred, time.perf_counter() - start
 
 
 def daemon_us_per_sample(csv: Path, detector: Detector, streams: int = 50, per: int = 2) -> float:
     """CPU µs per sample with `streams` streams stepped `per` samples at a time, after
     each stream has learned its baseline (400 rows) and filled its window."""
-    t = read_table(csv, detector.meta.channels)
-    m = Metrics()
-    detector.metrics = m
-    e = Engine(detection_config(detector.meta, 400, node="bench"), detector, metrics=m,
-               default_max_streams=streams)
-    sids = [f"s{i}" for i in range(streams)]
-
-    def run(a0: int, a1: int) -> None:
-        for a in range(a0, a1, per):
-            e.step([Batch(s, t.ts[a:a + per], t.values[a:a + per], source="bench") for s in sids])
-
+    b = BenchEngine(csv, streams, detector)
     warm = 400 + 2 * detector.meta.window
-    run(0, warm)
-    n0, c0 = m.samples_in, time.process_time()
-    run(warm, len(t.ts))
-    return (time.process_time() - c0) * 1e6 / (m.samples_in - n0)
+    b.run(0, warm, per)
+    n0, c0 = b.metrics.samples_in, time.process_time()
+    b.run(warm, len(b.t.ts), per)
+    return (time.process_time() - c0) * 1e6 / (b.metrics.samples_in - n0)
 
 
 def main() -> None:
