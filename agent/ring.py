@@ -131,12 +131,16 @@ class RingBuffer:
         g = self.gap_reset_s
         if g is None:
             return False
-        if self._prev_ts is not None and ts[0] - self._prev_ts > g:
+        if self._gap_before(ts):
             return True
         if len(ts) > 8:
             return bool((ts[1:] - ts[:-1] > g).any())
         t = ts.tolist()     # a few samples: Python floats beat array calls
         return any(b - a > g for a, b in zip(t, t[1:]))
+
+    def _gap_before(self, ts: np.ndarray) -> bool:
+        """Whether the block's first sample comes over gap_reset_s after the previous one."""
+        return self._prev_ts is not None and ts[0] - self._prev_ts > self.gap_reset_s
 
     def _segments(self, ts: np.ndarray):
         """(start, end, reset_first) runs of the block split at time gaps."""
@@ -145,7 +149,7 @@ class RingBuffer:
             return ()
         if self.gap_reset_s is None:
             return ((0, n, False),)
-        first_gap = self._prev_ts is not None and ts[0] - self._prev_ts > self.gap_reset_s
+        first_gap = self._gap_before(ts)
         if n == 1:
             return ((0, 1, bool(first_gap)),)
         cuts = (np.flatnonzero(ts[1:] - ts[:-1] > self.gap_reset_s) + 1).tolist()
