@@ -70,15 +70,20 @@ def with_margin(det: Detector, settings: dict, margin: float, learning: int) -> 
                         "threshold": round(det.meta.threshold.value * margin, 6)}}
 
 
+def predictions(det: Detector, segs: list[Segment], settings: dict, margin: float,
+                learning: int):
+    """(segment, alert open per running row) for each segment replayed at `margin`."""
+    cfg = detection_config(det.meta, None, with_margin(det, settings, margin, learning))
+    for seg in segs:
+        rec = run_table(Engine(cfg, det), "s", seg.ts, seg.values)
+        yield seg, rows_prediction(seg.ts, rec.table("s"), "alert")[learning:]
+
+
 def trial(det: Detector, segs: list[Segment], settings: dict, margin: float,
           learning: int) -> dict:
     """Alerts, hours and open share over the segments' running rows at `margin`."""
-    over = with_margin(det, settings, margin, learning)
-    cfg = detection_config(det.meta, None, over)
     alerts, hours, open_rows, rows = 0, 0.0, 0, 0
-    for seg in segs:
-        rec = run_table(Engine(cfg, det), "s", seg.ts, seg.values)
-        pred = rows_prediction(seg.ts, rec.table("s"), "alert")[learning:]
+    for seg, pred in predictions(det, segs, settings, margin, learning):
         lr = long_run(seg.ts[learning:], pred)
         alerts, hours = alerts + lr["alerts"], hours + lr["hours"]
         open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
@@ -98,12 +103,8 @@ def first_hours(segs: list[Segment], learning: int, hours: float) -> list[Segmen
 def start_trial(det: Detector, starts: list[Segment], settings: dict, margin: float,
                 learning: int) -> dict:
     """How many starts raise an alert at `margin`, and the share of their rows flagged."""
-    over = with_margin(det, settings, margin, learning)
-    cfg = detection_config(det.meta, None, over)
     alerting, open_rows, rows = 0, 0, 0
-    for seg in starts:
-        rec = run_table(Engine(cfg, det), "s", seg.ts, seg.values)
-        pred = rows_prediction(seg.ts, rec.table("s"), "alert")[learning:]
+    for _, pred in predictions(det, starts, settings, margin, learning):
         alerting += bool(pred.any())
         open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
     return {"margin": margin, "starts": len(starts), "alerting": alerting,
