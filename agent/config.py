@@ -115,6 +115,8 @@ class ScoringConfig(_Strict):
     # (learned with the baseline, adapted with it), so a channel whose error is always
     # high or slowly rising does not drown the others; "none": the model's score as is
     normalize: Literal["none", "channel"] = "none"
+    # k: a channel beyond +-k stds of its baseline adds the excess^2 (agent/scoring.py)
+    level_band: float | None = Field(None, gt=0)
 
 
 class AlertConfig(_Strict):

@@ -104,7 +104,7 @@ class Engine:
         tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
         st = Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
                     self.detector.max_batch, pace, c.adaptation,
-                    c.scoring.normalize == "channel")
+                    c.scoring.normalize == "channel", c.scoring.level_band)
         if saved and st.adapter is not None:
             st.adapter.restore(saved)
         return st

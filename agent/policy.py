@@ -8,8 +8,10 @@ in its config still wins.  Every entry point builds its engine through `effectiv
 """
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from .config import DetectionConfig
-from .model_meta import ModelMeta
+from .model_meta import ModelMeta, ModelMetaError
 
 SECTIONS = ("buffer", "scoring", "calibration", "adaptation", "alerts")
 
@@ -26,7 +28,8 @@ def model_policy(meta: ModelMeta) -> dict:
 
 
 def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
-    """`cfg` with every key it leaves at its default taken from the model's policy."""
+    """`cfg` with every key it leaves at its default taken from the model's policy;
+    ModelMetaError, naming the key, when the policy holds one the agent does not accept."""
     policy = model_policy(meta) if cfg.model_policy else {}
     if not policy:
         return cfg
@@ -34,7 +37,13 @@ def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
     for sec in SECTIONS:
         mine = getattr(cfg, sec)
         d[sec] = {**policy.get(sec, {}), **{k: getattr(mine, k) for k in mine.model_fields_set}}
-    return DetectionConfig.model_validate(d)
+    try:
+        return DetectionConfig.model_validate(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ModelMetaError(f"model {meta.name}: policy.settings.{key}: {err['msg']} "
+                             f"(got {err.get('input')!r})") from None
 
 
 def learning_rows(cfg: DetectionConfig) -> int:

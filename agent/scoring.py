@@ -1,6 +1,8 @@
-"""Score smoothing: a moving average over the last k scores of one stream.
+"""What the scoring section adds to the model's score (defined in `contract.py`).
 
-`scoring.smoothing: k` in the config; the score itself is defined in `contract.py`.
+- `scoring.smoothing: k`: a moving average over the last k scores of one stream.
+- `scoring.level_band: k`: each channel's error plus its squared excess beyond +-k stds
+  of the stream's baseline (`level_excess`; off by default).
 """
 from __future__ import annotations
 
@@ -40,3 +42,13 @@ class Smoother:
         end = np.arange(h + 1, h + len(scores) + 1)
         start = np.maximum(end - k, 0)
         return (c[end] - c[start]) / (end - start)
+
+
+def level_excess(x_last: np.ndarray, band: float) -> np.ndarray:
+    """Per channel, (|x| - band)^2 where |x| > band, else 0 (float64 [B, C]), for the scaled
+    newest samples x_last [B, C]: how far each channel lies outside +-band stds of its
+    baseline.  A reconstruction model reproduces a sustained shifted level as easily as a
+    normal one; this is the error it would have made had it kept the channel in range."""
+    d = np.abs(x_last.astype(np.float64)) - band
+    np.maximum(d, 0.0, out=d)
+    return d * d

@@ -26,7 +26,7 @@ from .baseline import Baseline
 from .config import AdaptationConfig
 from .contract import score_windows
 from .ring import RingBuffer, Windows
-from .scoring import Smoother
+from .scoring import Smoother, level_excess
 
 log = logging.getLogger("tsad.stream")
 
@@ -87,9 +87,11 @@ class Pace:
 class Stream:
     def __init__(self, sid: str, source: str, ring: RingBuffer, smoother: Smoother,
                  baseline: Baseline, tracker: AlertTracker, max_batch: int, pace: Pace,
-                 adaptation: AdaptationConfig, normalize: bool = False):
+                 adaptation: AdaptationConfig, normalize: bool = False,
+                 level_band: float | None = None):
         self.id, self.source = sid, source
         self.normalize = normalize
+        self.level_band = level_band
         self.ring, self.smoother, self.baseline, self.tracker = ring, smoother, baseline, tracker
         self.max_batch = max_batch
         self.pace = pace
@@ -182,7 +184,7 @@ class Stream:
         for a in range(0, len(ts), self.max_batch):
             w = self._push(ts[a:a + self.max_batch], scaled[a:a + self.max_batch])
             if w is not None:
-                errs.append(score_windows(w.x, infer(w.x))[1])
+                errs.append(self._scored(w.x, *score_windows(w.x, infer(w.x)))[1])
         if errs:
             err = np.concatenate(errs)
             b.fit_level(err)
@@ -204,6 +206,7 @@ class Stream:
     # ------------------------------------------------------------ step, second half
     def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray) -> StreamResult:
         """Scores of windows `ingest` returned (raw, unsmoothed), in order -> the result."""
+        scores, err = self._scored(w.x, scores, err)
         piece = self._pieces[0] if self.adapter is not None else None
         level = self.adapter.at(piece[2])[1] if piece is not None else self.baseline.level
         shown = err
@@ -240,12 +243,22 @@ class Stream:
         adapted scaler, its channel normalisation; a single window is not smoothed):
         (score, per-channel error as shown in top_channels)."""
         x = self.scaler.apply(values)[None]
-        scores, err = score_windows(x, infer(x))
+        scores, err = self._scored(x, *score_windows(x, infer(x)))
         level = self.adapter.level if self.adapter is not None else self.baseline.level
         if self.normalize and level is not None:
             err = err / level
             return float(err[0].mean()), err[0]
         return float(scores[0]), err[0]
+
+    def _scored(self, x: np.ndarray, scores: np.ndarray,
+                err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's (scores, per-channel error) of windows x, with scoring.level_band's
+        excess added to each channel's error (and so to the score, the channels an alert
+        blames, and what adaptation freezes)."""
+        if self.level_band is None:
+            return scores, err
+        err = err + level_excess(x[:, -1, :], self.level_band)
+        return np.add.reduce(err, axis=1) / err.shape[1], err
 
     def abandon(self) -> None:
         """The newest windows could not be concluded (a bug): their samples are learned
