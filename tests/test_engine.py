@@ -261,4 +261,5 @@ def test_a_learned_stream_keeps_no_learning_samples_and_a_fixed_ring(model):
     ring_bytes = st.ring._buf.nbytes
     assert ring_bytes == (W + st.ring.max_block) * len(CH) * 4
     feed(e, "s1", normal(3000, seed=2), t0=1e9 + 200, block=1)
-    assert st.ring._buf.nbytes == ring_bytes and st.baseline._held is None
+    # one sample at a time: the ring keeps less room behind its window, never more
+    assert st.ring._buf.nbytes < ring_bytes and st.baseline._held is None
