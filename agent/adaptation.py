@@ -34,7 +34,7 @@ from .config import AdaptationConfig
 from .contract import StreamScaler
 
 EPOCH = 64          # samples per scaler version
-FOLD = 16           # concluded samples buffered before they are added to the epoch's sums
+FOLD = 32           # concluded samples buffered before they are added to the epoch's sums
 LAG = 2             # versions between a sample and the scaler that scales it
 CHANNEL_OK = 4.0    # error (squared) within this x the channel's typical error: normal
 
@@ -54,9 +54,10 @@ class Adapter:
         # The current epoch's concluded samples, added to its per-channel sums every FOLD
         # samples: one set of array operations per FOLD samples instead of per piece (a
         # daemon concludes a sample or a few at a time), and the sums add the same rows in
-        # the same order however the samples were chunked.  FOLD rows, not EPOCH: a few
-        # array operations more per epoch for about a third of the memory (2.6 KB a stream
-        # instead of 7 at 8 channels; benchmarks/bench_memory.py).
+        # the same order however the samples were chunked.  FOLD = EPOCH / 2: 4.4 KB a
+        # stream instead of 7 at 8 channels, for one more set of operations per epoch
+        # (EPOCH / 4 would save 1.6 KB more but costs ~5 % of the daemon's CPU per sample;
+        # benchmarks/bench_memory.py, bench_runtime.py).
         c = len(scaler.mean)
         self._raw = np.empty((FOLD, c), np.float32)       # samples arrive as float32
         self._ok = np.zeros((FOLD, c), bool)
@@ -95,16 +96,16 @@ class Adapter:
         [n, C], which values may be learned from (bool [n, C] or [n, 1]; None: none of
         them), and the errors [n, C] of their windows (NaN for a sample without one)."""
         a, m = 0, len(raw)
-        while a < m:
+        while a < m:                # one pass for a piece that fits the buffer
             i = self._filled
             k = min(FOLD - i, m - a)
             self._raw[i:i + k] = raw[a:a + k]
             self._ok[i:i + k] = False if ok is None else ok[a:a + k]
             if self._err is not None:
                 self._err[i:i + k] = np.nan if err is None else err[a:a + k]
-            self._filled += k
+            self._filled = i + k
             a += k
-            if self._filled == FOLD:
+            if i + k == FOLD:
                 self._fold()
         self.seen += m
         if self.seen % EPOCH == 0:
@@ -122,25 +123,29 @@ class Adapter:
         ok &= np.abs(x - self.scaler.mean) <= self._gate      # NaN compares False
         if not math.isfinite(self.cfg.gate):
             ok &= np.isfinite(x)
-        rows = [np.where(ok, x, 0.0), ok]
-        if self._err is not None:
-            e_ok = ok & np.isfinite(self._err[:f])
-            rows += [np.where(e_ok, self._err[:f], 0.0), e_ok]
         # ufunc reductions: the sums .sum() computes, without its wrapper
-        sums = [np.add.reduce(r, axis=0, dtype=np.float64) for r in rows[1::2]]
-        prev = self._sums
-        if prev is None:
-            self._sums = [v for pair in zip((np.add.reduce(r, axis=0) for r in rows[::2]), sums)
-                          for v in pair]
-            return
-        for j in range(0, len(rows), 2):
-            prev[j] = np.add.reduce(np.concatenate([prev[j][None], rows[j]]), axis=0)
-            prev[j + 1] = prev[j + 1] + sums[j // 2]
+        self._add(0, np.where(ok, x, 0.0), ok)
+        if self._err is not None:
+            e = self._err[:f]
+            e_ok = ok & np.isfinite(e)
+            self._add(2, np.where(e_ok, e, 0.0), e_ok)
+
+    def _add(self, j: int, values: np.ndarray, counted: np.ndarray) -> None:
+        """Continue sums j (values) and j + 1 (their count) with these rows."""
+        n = np.add.reduce(counted, axis=0, dtype=np.float64)
+        s = self._sums
+        if s is None:
+            s = self._sums = [None] * (4 if self._err is not None else 2)
+        if s[j] is None:
+            s[j], s[j + 1] = np.add.reduce(values, axis=0), n
+        else:
+            s[j] = np.add.reduce(np.concatenate((s[j][None], values)), axis=0)
+            s[j + 1] += n
 
     def _epoch_sums(self) -> tuple[np.ndarray, ...]:
         """(sum, count) of the epoch's learnable values and of their errors, per channel;
         the next epoch's sums start from nothing."""
-        sums, self._sums = self._sums or [], None
+        sums, self._sums = self._sums or [], None     # (an epoch always has rows)
         zero = np.zeros(len(self.scaler.mean))
         return tuple(sums) + (zero,) * (4 - len(sums))
 
