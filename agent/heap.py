@@ -1,12 +1,13 @@
-"""Hand the heap's free pages back to the system, once a minute.
+"""Hand the heap's free pages back to the system, every 15 s.
 
 glibc's malloc keeps freed small blocks for reuse and returns memory only from the top
 of the heap.  Every engine step frees many short-lived arrays between blocks that live
 on (a stream's newest scaler version, its alert history), so the free space ends up
 scattered over pages that stay resident: at 500 streams about 10 MB that no object
 uses (benchmarks/bench_memory.py, "after malloc_trim").  malloc_trim(0) also releases
-the whole free pages inside the heap (glibc >= 2.8); it takes a millisecond or two, so
-once a minute costs nothing measurable.  Without glibc (musl, macOS) this is a no-op.
+the whole free pages inside the heap (glibc >= 2.8); it takes a millisecond or two
+(at 500 streams), so every 15 s costs nothing measurable, and the heap has little time
+to scatter again in between.  Without glibc (musl, macOS) this is a no-op.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import ctypes
 import ctypes.util
 import time
 
-TRIM_S = 60.0
+TRIM_S = 15.0
 
 
 def _malloc_trim():

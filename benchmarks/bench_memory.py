@@ -3,10 +3,12 @@
 Per stream (in process, the engine alone): for each stream count, in a fresh process,
 the engine with a shipped model (DLinear_ad) steps every stream `--per` samples at a
 time (the daemon's pattern) through the SKAB anomaly-free recording: past its learning
-period and `--rows` samples more (several adaptation epochs).  Reported: RSS and the
-Python heap (tracemalloc) grown since the engine was built, in KB per stream, and the
-difference between two counts (what one stream more costs, fixed costs cancelled).
-`--sites` adds the allocation sites that hold the most bytes per stream.
+period and `--rows` samples more (several adaptation epochs).  Reported: RSS grown since
+the engine was built, then again after malloc_trim (glibc's free pages given back, as
+the daemon does every 15 s: agent/heap.py), in KB per stream, and the difference
+between two counts (what one stream more costs, fixed costs cancelled).
+`--sites` adds the Python heap (tracemalloc) and the allocation sites that hold the
+most bytes per stream.
 
 At rest: the modules `agent.daemon` imports (count) and the RSS of a process that
 imported it and loaded the model.
@@ -47,6 +49,7 @@ def one_count(model: str, streams: int, per: int, rows: int, sites: bool) -> dic
     from agent.metrics import Metrics
     from agent.shipped import DEMO_CSV, resolve_model
     from agent.sources.base import Batch
+    from agent.heap import _malloc_trim
 
     det = Detector(resolve_model(model), threads=1)
     csv = SKAB_FREE if SKAB_FREE.exists() else DEMO_CSV
@@ -75,6 +78,10 @@ def one_count(model: str, streams: int, per: int, rows: int, sites: bool) -> dic
     gc.collect()
     out = {"streams": streams, "samples": n, "rss_kb": rss_kb() - rss0,
            "cpu_us_per_sample": cpu * 1e6 / (n * streams)}
+    trim = _malloc_trim()
+    if trim is not None:       # what the daemon's HeapTrimmer gives back (agent/heap.py)
+        trim(0)
+        out["trimmed_rss_kb"] = rss_kb() - rss0
     if sites:
         out["heap_kb"] = (tracemalloc.get_traced_memory()[0] - heap0) / 1024
         diff = tracemalloc.take_snapshot().compare_to(snap0, "lineno")
@@ -127,13 +134,19 @@ def main() -> None:
                        "--per", str(a.per), "--rows", str(a.rows)] + (["--sites"] if a.sites else []))
         runs.append(r)
         heap = f", heap {r['heap_kb'] / n:.1f} KB/stream" if "heap_kb" in r else ""
+        if "trimmed_rss_kb" in r:
+            heap += f", after malloc_trim +{r['trimmed_rss_kb'] / 1024:.1f} MB"
         print(f"{n} streams x {r['samples']} samples, {a.per} per step: RSS +{r['rss_kb'] / 1024:.1f} MB "
               f"({r['rss_kb'] / n:.1f} KB/stream){heap}, {r['cpu_us_per_sample']:.1f} µs/sample")
         for size, where in r.get("sites", []):
             print(f"    {size:8.0f} B/stream  {where}")
     for lo, hi in zip(runs, runs[1:]):
         kb = (hi["rss_kb"] - lo["rss_kb"]) / (hi["streams"] - lo["streams"])
-        print(f"{lo['streams']} -> {hi['streams']} streams: {kb:.1f} KB of RSS per stream")
+        line = f"{lo['streams']} -> {hi['streams']} streams: {kb:.1f} KB of RSS per stream"
+        if "trimmed_rss_kb" in hi:
+            kb = (hi["trimmed_rss_kb"] - lo["trimmed_rss_kb"]) / (hi["streams"] - lo["streams"])
+            line += f", {kb:.1f} KB after malloc_trim"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,15 @@ def test_the_adapter_sums_an_epoch_to_the_bits_of_one_reduction(pieces):
     assert ad.scaler.mean.tobytes() == want_mean.tobytes()
     assert ad.level.tobytes() == want_level.tobytes()
     assert math.isfinite(float(ad.scaler.mean.sum()))
+
+
+def test_the_heap_is_trimmed_once_per_period():
+    # the daemon calls maybe() every loop turn: it trims only when the period has passed
+    from agent.heap import HeapTrimmer
+    h = HeapTrimmer(every_s=15.0)
+    assert h.available                          # glibc here: malloc_trim is found
+    start = h._next
+    assert h.maybe(start - 1.0) is False
+    assert h.maybe(start) is True
+    assert h.maybe(start + 14.0) is False       # not again within the period
+    assert h.maybe(start + 15.0) is True
