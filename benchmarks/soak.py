@@ -61,11 +61,9 @@ def smaps_mb(pid: int) -> dict[str, float]:
         first = line.split(None, 1)[0]
         if "-" in first and not first.endswith(":"):        # a mapping's header line
             parts = line.split()
-            path = parts[5] if len(parts) > 5 else "[anon]"
-            name = path if path.startswith("[") else \
+            path = parts[5] if len(parts) > 5 else "[anon]"     # the brk heap is anonymous too
+            name = "[anon]" if path == "[heap]" else path if path.startswith("[") else \
                 "/".join(Path(path).parts[-2:]) if "site-packages" in path else Path(path).name
-            if name in ("[heap]", "[stack]"):
-                name = "[anon]" if name == "[heap]" else name
         elif first == "Rss:":
             out[name] = out.get(name, 0) + int(line.split()[1]) / 1024
     return dict(sorted(((k, round(v, 1)) for k, v in out.items() if v >= 0.1),
