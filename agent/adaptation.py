@@ -95,30 +95,28 @@ class Adapter:
         """The concluded samples of one piece (inside one epoch), in order: raw values
         [n, C], which values may be learned from (bool [n, C] or [n, 1]; None: none of
         them), and the errors [n, C] of their windows (NaN for a sample without one)."""
-        a, m = 0, len(raw)
-        while a < m:                # one pass for a piece that fits the buffer
-            i = self._filled
-            k = min(FOLD - i, m - a)
-            self._raw[i:i + k] = raw[a:a + k]
-            self._ok[i:i + k] = False if ok is None else ok[a:a + k]
-            if self._err is not None:
-                self._err[i:i + k] = np.nan if err is None else err[a:a + k]
-            self._filled = i + k
-            a += k
-            if i + k == FOLD:
-                self._fold()
+        i, m = self._filled, len(raw)
+        if i + m > FOLD:            # more than the buffer holds (replay's long pieces)
+            k = FOLD - i
+            self.observe(raw[:k], None if ok is None else ok[:k], None if err is None else err[:k])
+            self.observe(raw[k:], None if ok is None else ok[k:], None if err is None else err[k:])
+            return
+        self._raw[i:i + m] = raw
+        self._ok[i:i + m] = False if ok is None else ok
+        if self._err is not None:
+            self._err[i:i + m] = np.nan if err is None else err
+        self._filled = i + m
         self.seen += m
-        if self.seen % EPOCH == 0:
+        if i + m == FOLD:           # an epoch ends with a full buffer: FOLD divides EPOCH
             self._fold()
-            self._end_epoch()
+            if self.seen % EPOCH == 0:
+                self._end_epoch()
 
     def _fold(self) -> None:
         """Add the buffered rows to the epoch's sums.  A reduction along the rows adds them
         one after the other, so continuing it from the sums so far gives the bits that one
         reduction over the whole epoch gives (counts are whole numbers: exact anyway)."""
         f, self._filled = self._filled, 0
-        if not f:
-            return
         x, ok = self._raw[:f].astype(np.float64), self._ok[:f]
         ok &= np.abs(x - self.scaler.mean) <= self._gate      # NaN compares False
         if not math.isfinite(self.cfg.gate):
@@ -145,7 +143,7 @@ class Adapter:
     def _epoch_sums(self) -> tuple[np.ndarray, ...]:
         """(sum, count) of the epoch's learnable values and of their errors, per channel;
         the next epoch's sums start from nothing."""
-        sums, self._sums = self._sums or [], None     # (an epoch always has rows)
+        sums, self._sums = self._sums, None
         zero = np.zeros(len(self.scaler.mean))
         return tuple(sums) + (zero,) * (4 - len(sums))
 
