@@ -156,7 +156,9 @@ class Adapter:
             self.level = self._followed(self.level, err_sum, err_n, dt, bounded=False)
         self.version += 1
         self._by_version[self.version] = (self.scaler, self.level)
-        self._by_version.pop(self.version - LAG - 2, None)
+        # every sample not concluded yet comes after this epoch, so its version is at
+        # least this one - LAG: older ones are done with (0.6 KB a stream each)
+        self._by_version.pop(self.version - LAG - 1, None)
 
     def _followed(self, now: np.ndarray, total: np.ndarray, n: np.ndarray, dt: float,
                   bounded: bool = True) -> np.ndarray:
