@@ -3,8 +3,8 @@
 glibc's malloc keeps freed small blocks for reuse and returns memory only from the top
 of the heap.  Every engine step frees many short-lived arrays between blocks that live
 on (a stream's newest scaler version, its alert history), so the free space ends up
-scattered over pages that stay resident: at 500 streams about 10 MB that no object
-uses (benchmarks/bench_memory.py, "after malloc_trim").  malloc_trim(0) also releases
+scattered over pages that stay resident: at 500 streams several MB that no object
+uses (4.5 MB in benchmarks/bench_memory.py's run, "after malloc_trim").  malloc_trim(0) also releases
 the whole free pages inside the heap (glibc >= 2.8); it takes a millisecond or two
 (at 500 streams), so every 15 s costs nothing measurable, and the heap has little time
 to scatter again in between.  Without glibc (musl, macOS) this is a no-op.

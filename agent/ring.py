@@ -67,8 +67,7 @@ class RingBuffer:
         self.max_block = max_block
         self._buf = np.full((window + max_block, channels), np.nan, dtype=np.float32)
         self._end = window       # write position: the newest `window` rows end here
-        self._largest = 0        # the largest block written since the last move (and the
-        #                          one that caused it)
+        self._largest = 0        # the largest block since the last move (its cause included)
         self._offsets = _window_offsets(window)
         self._total = 0          # rows ever written, never reset (NaN bookkeeping)
         self.resets = 0          # resets caused by time gaps
