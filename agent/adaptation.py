@@ -34,6 +34,7 @@ from .config import AdaptationConfig
 from .contract import StreamScaler
 
 EPOCH = 64          # samples per scaler version
+FOLD = 32           # concluded samples buffered before they are added to the epoch's sums
 LAG = 2             # versions between a sample and the scaler that scales it
 CHANNEL_OK = 4.0    # error (squared) within this x the channel's typical error: normal
 
@@ -50,14 +51,21 @@ class Adapter:
         self.version = 0                          # epochs folded into `scaler`
         self._by_version = {0: (scaler, level)}
         self.pace = pace
-        # The current epoch's concluded samples, folded in at its end: one set of array
-        # operations per epoch instead of per piece (a daemon concludes a sample or a few
-        # at a time), and the sums run over the same rows in the same order however the
-        # samples were chunked.  Preallocated: a few KB per stream, whatever the pieces.
+        # The current epoch's concluded samples, added to its per-channel sums every FOLD
+        # samples: one set of array operations per FOLD samples instead of per piece (a
+        # daemon concludes a sample or a few at a time), and the sums add the same rows in
+        # the same order however the samples were chunked.  FOLD = EPOCH / 2: 4.4 KB a
+        # stream instead of 7 at 8 channels, for one more set of operations per epoch
+        # (EPOCH / 4 would save 1.6 KB more, but its two extra sets cost ~2 µs a sample in
+        # the daemon's pattern, ~5 %; benchmarks/bench_memory.py, bench_runtime.py).
         c = len(scaler.mean)
-        self._raw = np.empty((EPOCH, c), np.float32)      # samples arrive as float32
-        self._ok = np.zeros((EPOCH, c), bool)
-        self._err = np.full((EPOCH, c), np.nan) if level is not None else None
+        self._raw = np.empty((FOLD, c), np.float32)       # samples arrive as float32
+        self._ok = np.zeros((FOLD, c), bool)
+        self._err = np.full((FOLD, c), np.nan) if level is not None else None
+        self._filled = 0                          # buffered rows not added to the sums yet
+        # the epoch's sums so far: learnable values and their count (then, with a level,
+        # their errors and count); None at the start of an epoch
+        self._sums: list[np.ndarray] | None = None
         self._gate = cfg.gate * scaler.std        # the std never adapts: neither does this
         self.seen = 0                             # samples concluded since learning ended
         self.ingested = 0                         # samples ingested since learning ended
@@ -87,30 +95,57 @@ class Adapter:
         """The concluded samples of one piece (inside one epoch), in order: raw values
         [n, C], which values may be learned from (bool [n, C] or [n, 1]; None: none of
         them), and the errors [n, C] of their windows (NaN for a sample without one)."""
-        i, m = self.seen % EPOCH, len(raw)
+        i, m = self._filled, len(raw)
+        if i + m > FOLD:            # more than the buffer holds (replay's long pieces)
+            k = FOLD - i
+            self.observe(raw[:k], None if ok is None else ok[:k], None if err is None else err[:k])
+            self.observe(raw[k:], None if ok is None else ok[k:], None if err is None else err[k:])
+            return
         self._raw[i:i + m] = raw
         self._ok[i:i + m] = False if ok is None else ok
         if self._err is not None:
             self._err[i:i + m] = np.nan if err is None else err
+        self._filled = i + m
         self.seen += m
-        if self.seen % EPOCH == 0:
-            self._end_epoch()
+        if i + m == FOLD:           # an epoch ends with a full buffer: FOLD divides EPOCH
+            self._fold()
+            if self.seen % EPOCH == 0:
+                self._end_epoch()
 
-    def _epoch_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(sum, count) of the epoch's learnable values and of their errors, per channel."""
-        x, ok = self._raw.astype(np.float64), self._ok
+    def _fold(self) -> None:
+        """Add the buffered rows to the epoch's sums.  A reduction along the rows adds them
+        one after the other, so continuing it from the sums so far gives the bits that one
+        reduction over the whole epoch gives (counts are whole numbers: exact anyway)."""
+        f, self._filled = self._filled, 0
+        x, ok = self._raw[:f].astype(np.float64), self._ok[:f]
         ok &= np.abs(x - self.scaler.mean) <= self._gate      # NaN compares False
         if not math.isfinite(self.cfg.gate):
             ok &= np.isfinite(x)
         # ufunc reductions: the sums .sum() computes, without its wrapper
-        total = np.add.reduce(np.where(ok, x, 0.0), axis=0)
-        n = np.add.reduce(ok, axis=0, dtype=np.float64)
-        if self._err is None:
-            zero = np.zeros(len(total))
-            return total, n, zero, zero
-        e_ok = ok & np.isfinite(self._err)
-        return total, n, np.add.reduce(np.where(e_ok, self._err, 0.0), axis=0), \
-            np.add.reduce(e_ok, axis=0, dtype=np.float64)
+        self._add(0, np.where(ok, x, 0.0), ok)
+        if self._err is not None:
+            e = self._err[:f]
+            e_ok = ok & np.isfinite(e)
+            self._add(2, np.where(e_ok, e, 0.0), e_ok)
+
+    def _add(self, j: int, values: np.ndarray, counted: np.ndarray) -> None:
+        """Continue sums j (values) and j + 1 (their count) with these rows."""
+        n = np.add.reduce(counted, axis=0, dtype=np.float64)
+        s = self._sums
+        if s is None:
+            s = self._sums = [None] * (4 if self._err is not None else 2)
+        if s[j] is None:
+            s[j], s[j + 1] = np.add.reduce(values, axis=0), n
+        else:
+            s[j] = np.add.reduce(np.concatenate((s[j][None], values)), axis=0)
+            s[j + 1] += n
+
+    def _epoch_sums(self) -> tuple[np.ndarray, ...]:
+        """(sum, count) of the epoch's learnable values and of their errors, per channel;
+        the next epoch's sums start from nothing."""
+        sums, self._sums = self._sums, None
+        zero = np.zeros(len(self.scaler.mean))
+        return tuple(sums) + (zero,) * (4 - len(sums))
 
     def _end_epoch(self) -> None:
         total, n, err_sum, err_n = self._epoch_sums()
@@ -121,7 +156,9 @@ class Adapter:
             self.level = self._followed(self.level, err_sum, err_n, dt, bounded=False)
         self.version += 1
         self._by_version[self.version] = (self.scaler, self.level)
-        self._by_version.pop(self.version - LAG - 2, None)
+        # every sample not concluded yet comes after this epoch, so its version is at
+        # least this one - LAG: older ones are done with (0.6 KB a stream each)
+        self._by_version.pop(self.version - LAG - 1, None)
 
     def _followed(self, now: np.ndarray, total: np.ndarray, n: np.ndarray, dt: float,
                   bounded: bool = True) -> np.ndarray:

@@ -40,6 +40,10 @@ STANDING_CHANGE = 0.25   # a settled score moves less than this (relative) per h
 END_REASONS = ("recovered", "stopped", "reload", "rebaseline", "restart")
 
 
+_NONE = np.empty(0, np.float64)     # no scores yet: one shared empty array, not two a stream
+_NONE.flags.writeable = False
+
+
 def _num(v: float) -> float | None:
     # NaN/inf are not JSON; an event must always serialise.
     v = float(v)
@@ -50,8 +54,10 @@ class AlertTracker:
     def __init__(self, node: str, stream: str, cfg: AlertConfig, channels: list[str],
                  model_info: dict) -> None:
         self.node, self.stream, self.cfg = node, stream, cfg
-        self.channels = list(channels)
-        self.model_info = dict(model_info)
+        # not copied: the engine's, shared by all its streams (a copy each is 1 KB a
+        # stream); read only here, and a swapped provider updates every stream's "ep" at once
+        self.channels = channels
+        self.model_info = model_info
         self.state = "normal"
         self.labels = np.empty(0, np.int8)
         self.open_mask = np.empty(0, np.int8)
@@ -72,8 +78,7 @@ class AlertTracker:
         self.acknowledged = False
         self._last_score = float("nan")
         # the open alert's recent scores (standing_after_s of them) and since when it stands
-        self._st_ts = np.empty(0, np.float64)
-        self._st_sc = np.empty(0, np.float64)
+        self._st_ts = self._st_sc = _NONE      # replaced, never written in place
         self.standing_since: float | None = None
         self._start = 0.0
         self._peak = -np.inf
@@ -213,7 +218,7 @@ class AlertTracker:
         p = onset + int(np.argmax(Sp[onset:j + 1]))
         self.state = "anomaly"
         self.acknowledged = False
-        self._st_ts, self._st_sc = np.empty(0, np.float64), np.empty(0, np.float64)
+        self._st_ts = self._st_sc = _NONE
         self._start = float(T[onset])
         self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
         self._peak = float(Sp[p])

@@ -75,7 +75,8 @@ class Baseline:
         self.level: np.ndarray | None = None     # per-channel typical error (normalize)
         self.fitted_at: str | None = None
         self.samples_used = 0
-        self._held = self._new_held()
+        # only while learning: a learned stream does not keep the empty holder (0.5 KB)
+        self._held: _Held | None = self._new_held() if cal.enabled else None
         self._first_ts: float | None = None
         self._ended = False
         if not cal.enabled:
@@ -126,6 +127,7 @@ class Baseline:
     def take_held(self) -> tuple[np.ndarray, np.ndarray]:
         """The held samples (ts, raw values); the period is reset."""
         ts, raw = self._held.take()
+        self._held = None
         self._first_ts, self._ended = None, False
         return ts, raw
 
@@ -183,6 +185,7 @@ class Baseline:
         return rec
 
     def restore(self, record: dict) -> None:
+        self._held = None
         self.scaler = StreamScaler(np.asarray(record["mean"]), np.asarray(record["std"]))
         self.threshold = (float(record["threshold"]) if self.fixed_threshold is None
                           else float(self.fixed_threshold))

@@ -18,6 +18,7 @@ from . import preflight, sdnotify
 from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
 from .engine import Engine
+from .heap import HeapTrimmer
 from .metrics import Metrics
 from .metrics_server import MetricsServer
 from .model_meta import ModelMetaError, load_meta
@@ -62,6 +63,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.watchdog = sdnotify.Watchdog()
+        self.heap = HeapTrimmer()
         # before the model loads: a port in use fails the start at once; kept for life
         self.exporter = self.endpoint = None
         if cfg.metrics.listen:
@@ -85,6 +87,7 @@ class Daemon:
 
     def _tick(self) -> None:
         self.watchdog.alive()
+        self.heap.maybe()
         if self.exporter is not None:
             p = self.pipeline
             self.exporter.publish(p.engine, p.runners, p.sinks)

@@ -145,9 +145,7 @@ class Engine:
         if detector.meta.onnx_sha256 != self.meta.onnx_sha256:
             raise ValueError("swap_detector needs the same model; build a new engine instead")
         self.detector = detector
-        self.model_info["ep"] = detector.ep
-        for st in self.streams.values():
-            st.tracker.model_info["ep"] = detector.ep
+        self.model_info["ep"] = detector.ep       # the dict every stream's tracker shares
 
     # ------------------------------------------------------------ the step
     def step(self, batches: Iterable[Batch]) -> list[StreamResult]:

@@ -7,7 +7,10 @@ whole block (W-1 old ones plus the block) are one contiguous slice, and the due
 windows are gathered from it in a single fancy-indexing copy.  Each row is written
 once, plus once more per move: with max_block >= window about two writes per
 sample, as many as a mirrored ring makes, in half its memory (memory per stream:
-(window + max_block) x channels x 4 bytes, test_ring.py checks it).  All other
+(window + max_block) x channels x 4 bytes, test_ring.py checks it).  While only small
+blocks come (a daemon's few samples per step), a move shrinks the room behind the
+window to SPARE rows (a quarter less memory at window 64, a 2 KB move every 16
+samples); the first larger block makes it max_block rows again.  All other
 work (forward fill, NaN bookkeeping, stride schedule) is vectorised over the block,
 so the cost per appended sample is O(C) however long the stream runs.
 
@@ -40,6 +43,9 @@ class Windows:
         return len(self.ts)
 
 
+SPARE = 16      # rows behind the window while every block is at most this long
+
+
 @lru_cache(maxsize=None)
 def _window_offsets(window: int) -> np.ndarray:
     # one read-only copy per window length, not one per stream
@@ -61,6 +67,7 @@ class RingBuffer:
         self.max_block = max_block
         self._buf = np.full((window + max_block, channels), np.nan, dtype=np.float32)
         self._end = window       # write position: the newest `window` rows end here
+        self._largest = 0        # the largest block since the last move (its cause included)
         self._offsets = _window_offsets(window)
         self._total = 0          # rows ever written, never reset (NaN bookkeeping)
         self.resets = 0          # resets caused by time gaps
@@ -183,11 +190,27 @@ class RingBuffer:
         """Append at most max_block rows behind the newest `window` ones."""
         m, W, end = len(rows), self.window, self._end
         if end + m > len(self._buf):
-            self._buf[:W] = self._buf[end - W:end]
+            self._move_front(max(self._largest, m))
             end = W
+        if m > self._largest:
+            self._largest = m
         self._buf[end:end + m] = rows
         self._end = end + m
         self._total += m
+
+    def _move_front(self, largest: int) -> None:
+        """Move the newest `window` rows to the front, into a buffer with room for the
+        `largest` block since the last move (this one included): SPARE rows behind them
+        while all were that small, max_block rows once one was larger."""
+        W, end = self.window, self._end
+        room = self.max_block if largest > SPARE else min(SPARE, self.max_block)
+        if W + room == len(self._buf):
+            self._buf[:W] = self._buf[end - W:end]
+        else:
+            buf = np.empty((W + room, self.channels), np.float32)
+            buf[:W] = self._buf[end - W:end]
+            self._buf = buf
+        self._largest = 0
 
     def _append(self, ts: np.ndarray, v: np.ndarray) -> Windows | None:
         m, W = len(ts), self.window

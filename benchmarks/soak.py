@@ -52,6 +52,24 @@ def normal_rows(channels: list[str], mean, std, n: int, seed: int) -> np.ndarray
     return rng.normal(mean, std, (n, len(channels)))
 
 
+def smaps_mb(pid: int) -> dict[str, float]:
+    """The process's RSS by what it maps, in MB, largest first: a shared library or file by
+    its name (onnxruntime's library, numpy's, ...), anonymous memory as "[anon]"."""
+    out: dict[str, float] = {}
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):        # a mapping's header line
+            parts = line.split()
+            path = parts[5] if len(parts) > 5 else "[anon]"     # the brk heap is anonymous too
+            name = "[anon]" if path == "[heap]" else path if path.startswith("[") else \
+                "/".join(Path(path).parts[-2:]) if "site-packages" in path else Path(path).name
+        elif first == "Rss:":
+            out[name] = out.get(name, 0) + int(line.split()[1]) / 1024
+    return dict(sorted(((k, round(v, 1)) for k, v in out.items() if v >= 0.1),
+                       key=lambda kv: -kv[1]))
+
+
 def proc_stats(pid: int) -> tuple[int, int]:
     """(VmRSS in kB, utime + stime in clock ticks) of a process."""
     rss = 0
@@ -228,6 +246,7 @@ def soak(a, streams: int) -> dict | None:
         sampler.join()
         h = health.last or {}
         rss_end = proc_stats(agent.pid)[0]
+        smaps = smaps_mb(agent.pid)
     finally:
         pub.loop_stop()
         pub.disconnect()
@@ -254,6 +273,7 @@ def soak(a, streams: int) -> dict | None:
         "anomaly_bursts_sent": bursts, "alerts": h.get("alerts"),
         "malformed": h.get("malformed"), "dropped": h.get("dropped"),
         "inference_ms": h.get("inference_ms"),
+        "rss_by_mapping_mb": smaps,
         "rss_mb": {"start": round(rss0 / 1024, 1), "end": round(rss_end / 1024, 1),
                    "max": round(max([r for _, r, _ in sampler.rows] + [rss0]) / 1024, 1)},
         "cpu_percent": {"mean": round(float(np.mean(cpu)), 1) if cpu else None,

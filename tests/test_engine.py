@@ -257,9 +257,9 @@ def test_a_learned_stream_keeps_no_learning_samples_and_a_fixed_ring(model):
     feed(e, "s1", normal(200), block=50)
     st = e.streams["s1"]
     assert st.baseline.learning is False
-    held = st.baseline._held
-    assert held.n == 0 and held._ts is None and held._values is None
+    assert st.baseline._held is None
     ring_bytes = st.ring._buf.nbytes
     assert ring_bytes == (W + st.ring.max_block) * len(CH) * 4
     feed(e, "s1", normal(3000, seed=2), t0=1e9 + 200, block=1)
-    assert st.ring._buf.nbytes == ring_bytes and st.baseline._held._ts is None
+    # one sample at a time: the ring keeps less room behind its window, never more
+    assert st.ring._buf.nbytes < ring_bytes and st.baseline._held is None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.ring import RingBuffer
+from agent.ring import SPARE, RingBuffer
 
 
 class NaiveRing:
@@ -162,15 +162,19 @@ def test_empty_push_and_shape_errors():
 
 def test_memory_is_window_plus_max_block_rows_however_long_it_runs():
     # a stream's ring is its largest per-stream array: its size is set by the model's
-    # window and the engine's max_block, never by how much or how unevenly it is fed
+    # window and the engine's max_block, never by how much or how unevenly it is fed;
+    # while only small blocks come it keeps SPARE rows behind the window
     W, C, B = 64, 8, 64
     ring = RingBuffer(window=W, channels=C, max_block=B)
-    buf = ring._buf
-    assert buf.nbytes == (W + B) * C * 4
+    assert ring._buf.nbytes == (W + B) * C * 4
     rng = np.random.default_rng(0)
-    t = 0
+    t, sizes = 0, set()
     for n in rng.integers(1, 3 * B, 300).tolist() + [1] * 200:
         ring.push(t + np.arange(n, dtype=float), rng.normal(size=(n, C)).astype(np.float32))
         t += n
-    assert ring._buf is buf and buf.nbytes == (W + B) * C * 4
-    assert np.shares_memory(ring.latest(), buf)
+        sizes.add(len(ring._buf))
+    assert sizes == {W + B, W + SPARE}
+    assert ring._buf.nbytes == (W + SPARE) * C * 4         # the small blocks came last
+    assert np.shares_memory(ring.latest(), ring._buf)
+    ring.push(t + np.arange(B, dtype=float), np.zeros((B, C), np.float32))
+    assert ring._buf.nbytes == (W + B) * C * 4              # a large block: room again

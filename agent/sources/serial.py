@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Literal
 
-import serial
 from pydantic import Field
 
 from ..config_base import Strict
@@ -28,6 +27,13 @@ log = logging.getLogger("tsad.source.serial")
 READ_TIMEOUT_S = 0.2   # bounds how long `stop` may wait for a blocked read
 APPEAR_POLL_S = 0.1    # how often a missing device node is looked for (one stat call)
 
+
+
+def _pyserial():
+    """pyserial, imported when a serial source runs: the daemon imports every source to
+    build its config, and an agent without a serial stream need not load it (0.3 MB)."""
+    import serial
+    return serial
 
 class LineSplitter:
     """Reassembles lines across reads; CR, LF and CRLF all end a line.
@@ -90,10 +96,11 @@ class SerialLineSource(Source):
         self.decoder = LineDecoder(channels, cfg.protocol, cfg.timestamp, metrics,
                                    f"serial:{stream_id}")
         self._splitter = LineSplitter(self.decoder)
-        self._port: serial.SerialBase | None = None
+        self._port = None       # a pyserial port while open
         self._lock = threading.Lock()
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
+        serial = _pyserial()
         delay = self.cfg.reconnect_min_s
         announced_down = False
         while not stop.is_set():
@@ -155,5 +162,5 @@ class SerialLineSource(Source):
         if port is not None:
             try:
                 port.close()
-            except (serial.SerialException, OSError):
+            except (_pyserial().SerialException, OSError):
                 pass

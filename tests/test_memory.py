@@ -1,0 +1,119 @@
+"""Memory per stream (issue 15): the state a learned stream keeps, in bytes measured by
+tracemalloc (no timing), with the shipped DLinear_ad (window 64, 8 channels) stepped the
+daemon's way, a couple of samples at a time; and the adapter's sums, which a smaller
+buffer must not change by a bit."""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from agent.adaptation import EPOCH, FOLD, Adapter
+from agent.config import AdaptationConfig
+from agent.contract import StreamScaler
+from agent.detector import Detector
+from agent.engine import Engine
+from agent.jobs import detection_config
+from agent.shipped import resolve_model
+from agent.sources.base import Batch
+
+# bytes of Python heap one learned stream keeps, all included (ring, baseline, scaler
+# versions, adapter, smoother, tracker, the engine's entry): 20.7 KB before issue
+# 15's cuts, 14.5 KB after
+BUDGET = 16 * 1024
+STREAMS, LEARN, AFTER = 20, 200, 3 * EPOCH
+
+
+def test_a_learned_stream_keeps_under_its_byte_budget():
+    det = Detector(resolve_model("DLinear_ad"), threads=1)
+    meta = det.meta
+    rng = np.random.default_rng(0)
+    n = LEARN + AFTER
+    values = rng.normal(meta.scaler.mean, meta.scaler.std, (n, meta.n_channels)).astype(np.float32)
+    ts = 1.7e9 + np.arange(n, dtype=np.float64)
+    e = Engine(detection_config(meta, LEARN, node="t"), det, default_max_streams=STREAMS + 1)
+
+    def run(sids):
+        for a in range(0, n, 2):
+            e.step([Batch(s, ts[a:a + 2], values[a:a + 2], source="t") for s in sids])
+
+    run(["warm"])           # first calls: caches, lazy imports, ORT's arena
+    e.drop("warm")
+    gc.collect()
+    # no log records: whatever handlers earlier tests left (captured output that grows
+    # with every line) must not count as the streams' memory
+    logging.disable(logging.CRITICAL)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        run([f"s{i}" for i in range(STREAMS)])
+        gc.collect()
+        per_stream = (tracemalloc.get_traced_memory()[0] - before) / STREAMS
+    finally:
+        tracemalloc.stop()
+        logging.disable(logging.NOTSET)
+    st = e.streams["s0"]
+    assert st.adapter is not None and not st.baseline.learning     # what is measured
+    print(f"{per_stream / 1024:.1f} KB per stream")
+    assert per_stream < BUDGET
+    assert st.ring._buf.dtype == np.float32 and st.adapter._raw.dtype == np.float32
+    assert len(st.adapter._raw) == FOLD < EPOCH
+
+
+class _Pace:
+    interval = 1.0
+
+
+@pytest.mark.parametrize("pieces", [[1] * EPOCH, [3, 7, 20, 33, 1], [EPOCH]])
+def test_the_adapter_sums_an_epoch_to_the_bits_of_one_reduction(pieces):
+    """Folding FOLD rows at a time continues one reduction: the adapted mean and error
+    level equal, bit for bit, one reduction over the epoch's 64 rows."""
+    c = 8
+    rng = np.random.default_rng(1)
+    mean, std = rng.normal(0, 5, c), rng.uniform(0.5, 2, c)
+    raw = rng.normal(mean, std * 1.5, (EPOCH, c)).astype(np.float32)
+    raw[5, 2] = np.nan
+    ok = rng.random((EPOCH, c)) > 0.2
+    err = rng.gamma(1.0, 1.0, (EPOCH, c)) * 10.0 ** rng.integers(-6, 6, (EPOCH, c))
+    err[9, 1] = np.nan
+    level = rng.uniform(0.5, 2, c)
+    cfg = AdaptationConfig(enabled=True, time_constant_s=600, gate=3.0)
+    ad = Adapter(cfg, StreamScaler(mean, std), _Pace(), level)
+    a = 0
+    for k in pieces:
+        ad.observe(raw[a:a + k], ok[a:a + k], err[a:a + k])
+        a += k
+    assert a == EPOCH and ad.version == 1
+
+    # the whole epoch as one reduction (the arithmetic before the buffer shrank)
+    x = raw.astype(np.float64)
+    use = ok & (np.abs(x - mean) <= cfg.gate * std)
+    n = np.add.reduce(use, axis=0, dtype=np.float64)
+    e_ok = use & np.isfinite(err)
+    e_n = np.add.reduce(e_ok, axis=0, dtype=np.float64)
+    want_mean = mean + (1.0 - np.exp(-n / cfg.time_constant_s)) * (
+        np.add.reduce(np.where(use, x, 0.0), axis=0) / n - mean)
+    want_level = level + (1.0 - np.exp(-e_n / cfg.time_constant_s)) * (
+        np.add.reduce(np.where(e_ok, err, 0.0), axis=0) / e_n - level)
+    if cfg.max_shift is not None:
+        lim = cfg.max_shift * std
+        want_mean = np.clip(want_mean, mean - lim, mean + lim)
+    assert ad.scaler.mean.tobytes() == want_mean.tobytes()
+    assert ad.level.tobytes() == want_level.tobytes()
+    assert math.isfinite(float(ad.scaler.mean.sum()))
+
+
+def test_the_heap_is_trimmed_once_per_period():
+    # the daemon calls maybe() every loop turn: it trims only when the period has passed
+    from agent.heap import HeapTrimmer
+    h = HeapTrimmer(every_s=15.0)
+    assert h.available                          # glibc here: malloc_trim is found
+    start = h._next
+    assert h.maybe(start - 1.0) is False
+    assert h.maybe(start) is True
+    assert h.maybe(start + 14.0) is False       # not again within the period
+    assert h.maybe(start + 15.0) is True
