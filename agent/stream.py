@@ -202,15 +202,27 @@ class Stream:
         self.entered.append("normal")
 
     # ------------------------------------------------------------ step, second half
-    def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray) -> StreamResult:
-        """Scores of windows `ingest` returned (raw, unsmoothed), in order -> the result."""
+    def shown_level(self, i: int = 0) -> np.ndarray | None:
+        """The error level the i-th windows `ingest` returned and `conclude` has not taken
+        yet are normalised by (None: they are not): the engine divides every stream's
+        errors by theirs at once.  Each of them has its piece (and its adapted level)."""
+        if not self.normalize:
+            return None
+        if self.adapter is None:
+            return self.baseline.level
+        return self.adapter.at([p for p in self._pieces if p[1] is True][i][2])[1]
+
+    def _level(self) -> np.ndarray | None:
         piece = self._pieces[0] if self.adapter is not None else None
-        level = self.adapter.at(piece[2])[1] if piece is not None else self.baseline.level
-        shown = err
-        if self.normalize and level is not None:
-            shown = err / level
-            # np.mean's own arithmetic (sum, then divide by the count) without its wrapper
-            scores = np.add.reduce(shown, axis=1) / shown.shape[1]
+        return self.adapter.at(piece[2])[1] if piece is not None else self.baseline.level
+
+    def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray,
+                 shown: np.ndarray) -> StreamResult:
+        """Scores of windows `ingest` returned, in order -> the result.  `scores` are
+        unsmoothed, `err` the per-channel errors, `shown` them as alerts show them and
+        `scores` sums them: divided by `shown_level()` when that is not None."""
+        piece = self._pieces[0] if self.adapter is not None else None
+        level = self._level()
         s = self.smoother.update(scores)
         thr = self.baseline.threshold
         events = self.tracker.update(w.ts, s, thr, shown)
