@@ -179,7 +179,7 @@ class AlertTracker:
         self.open_mask = np.ones(n, np.int8) if self.state == "anomaly" else np.zeros(n, np.int8)
         if n == 0:
             return []
-        if self.state == "normal" and not np.logical_or.reduce(above):
+        if self.state == "normal" and not (above[0] if n == 1 else np.logical_or.reduce(above)):
             # The common case: nothing can open.  Only the k-of-n history moves on.
             self._remember(ts, scores, lab, err)
             return []

@@ -228,7 +228,8 @@ class Stream:
         events = self.tracker.update(w.ts, s, thr, shown)
         if piece is not None:
             win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
-            ok = win_ok[:, None] if level is None else \
+            # all windows normal (the usual case): every channel may be learned from
+            ok = win_ok[:, None] if level is None or win_ok.all() else \
                 win_ok[:, None] | (err <= CHANNEL_OK * level)
             n, c = len(piece[0]), err.shape[1]
             if len(w.rows) == n:        # every sample closed a window (stride 1, warm)
