@@ -95,3 +95,12 @@ def test_a_stream_that_raises_is_left_out_and_the_others_keep_their_samples(capl
     assert "2 message(s) of stream s1 could not be handled" in caplog.text
     assert d.decode_streams({"s1": ([b"", b"x"], [NOW, NOW])}) == []
     assert m.malformed == {"empty": 1, "field_count": 1}
+
+
+def test_packed_rows_are_the_casts_of_nested_rows():
+    from agent.decoders import _pack
+    rng = np.random.default_rng(1)
+    rows = (rng.standard_normal((300, 3)) * 10.0 ** rng.integers(-40, 38, (300, 3))).tolist()
+    rows[4][1], rows[9][0] = float("nan"), -0.0
+    ts, v = _pack(list(range(300)), rows)
+    assert v.shape == (300, 3) and v.tobytes() == np.array(rows, np.float32).tobytes()
