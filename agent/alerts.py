@@ -184,12 +184,14 @@ class AlertTracker:
         self.open_mask = np.ones(n, np.int8) if self.state == "anomaly" else np.zeros(n, np.int8)
         if n == 0:
             return []
-        if self.state == "normal" and not np.logical_or.reduce(above):
+        if self.state == "normal" and not (above[0] if n == 1 else np.logical_or.reduce(above)):
             # The common case: nothing can open.  Only the k-of-n history moves on.
             self._remember(ts, scores, lab, err)
             return []
         self._last_score = float(scores[-1])
         self._fold()
+        if n == 1 and self.state == "anomaly":
+            return self._open_one(ts, scores, lab, err, threshold)
         b = _Block(self, ts, scores, err, lab, threshold)
         events: list[dict] = []
         pos = b.h
@@ -270,6 +272,33 @@ class AlertTracker:
         # Windows up to the end belong to the closed alert, not to the next one.
         L[max(close - self.cfg.open_n + 1, 0):close + 1] = 0
         return close + 1
+
+    def _open_one(self, ts, scores, lab, err, threshold: float) -> list[dict]:
+        """The rest of `update` for one window while an alert is open: `_scan_open`'s rules
+        and arithmetic on Python floats instead of block arrays (a stream stepped a sample
+        at a time pays some twenty numpy calls per window there)."""
+        t, s, events = float(ts[0]), float(scores[0]), []
+        if s > self._peak:      # NaN never is: _take_peak skips NaN scores
+            self._peak, self._peak_err = s, np.array(err[0])
+        run = 0 if lab[0] else self._normal_run + 1
+        if run == 1 and self._normal_run == 0:
+            self._normal_since = t
+        self._normal_run = run
+        closing = run >= self.cfg.close_m
+        if not closing and t >= self._last_update + self.cfg.update_interval_s:
+            self._last_update = t
+            events.append(self._event("update", s, threshold, None))
+        h_lab = self._h_lab
+        if closing:
+            events.append(self._event("end", s, threshold, self._normal_since, "recovered"))
+            self.open_mask[0] = 0
+            self.state = "normal"
+            self._cooldown_until = t + self.cfg.cooldown_s
+            # the history holds at most open_n - 1 windows: all of them belong to this alert
+            h_lab, lab = np.zeros_like(h_lab), np.zeros(1, np.int8)
+        self._keep(self._h_ts, self._h_sc, h_lab, ts, scores, lab, err)
+        self._track_standing(ts, scores, threshold)
+        return events
 
     def _remember(self, ts, scores, lab, err) -> None:
         """_keep for a block without events, folded lazily (see _h_more)."""

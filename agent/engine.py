@@ -240,11 +240,13 @@ class Engine:
         x = due[0][1].x if len(due) == 1 else np.concatenate([w.x for _, w in due])
         scores, err = score_windows(x, self.detector.infer(x))
         self.metrics.windows_inferred += len(x)
+        _add_level(due, scores, err)
+        scores, shown = _normalized(due, scores, err)
         out, off = [], 0
         for st, w in due:
             k = len(w)
             try:
-                r = st.conclude(w, scores[off:off + k], err[off:off + k])
+                r = st.conclude(w, scores[off:off + k], err[off:off + k], shown[off:off + k])
             except Exception:
                 st.abandon()
                 self._failed(st, "conclude")
@@ -346,6 +348,46 @@ class Engine:
 
 _EMPTY_F = np.empty(0, np.float64)
 _EMPTY_I = np.empty(0, np.int8)
+
+
+def _add_level(due: list[tuple[Stream, Windows]], scores: np.ndarray, err: np.ndarray) -> None:
+    """Each stream's level term (scoring.level_band) added, in place, to its windows'
+    errors and scores before they are normalised: what `Stream.scored` does for the
+    learning period and `judge`, so every path scores alike."""
+    off = 0
+    for st, w in due:
+        k = len(w)
+        if st.level_band is not None:
+            scores[off:off + k], err[off:off + k] = st.scored(w.x, scores[off:off + k],
+                                                              err[off:off + k])
+        off += k
+
+
+def _normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
+                err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, errors as shown) of every due window: each stream's errors divided by its
+    `shown_level()` and the score their mean, for all streams in one division (500
+    streams x 1 window: not 500 divisions of one row).  Row by row the same arithmetic
+    as one stream alone: np.mean's (sum, then divide by the count) without its wrapper."""
+    nth: dict[int, int] = {}       # a stream may have several windows due (its pieces)
+    levels = []
+    for st, _ in due:
+        i = nth[id(st)] = nth.get(id(st), -1) + 1
+        levels.append(st.shown_level(i))
+    plain = [lv is None for lv in levels]
+    if all(plain):
+        return scores, err
+    c = err.shape[1]
+    ones = np.ones(c)
+    rows = np.stack([ones if lv is None else lv for lv in levels])
+    if len(err) != len(due):
+        rows = np.repeat(rows, [len(w) for _, w in due], axis=0)
+    shown = err / rows
+    normed = np.add.reduce(shown, axis=1) / c
+    if any(plain):      # a stream without a level keeps the model's own score
+        keep = np.repeat(plain, [len(w) for _, w in due])
+        normed[keep] = scores[keep]
+    return normed, shown
 
 
 def _join(parts: list[Batch]) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,8 @@ class Smoother:
         if self.k == 1:
             return scores
         h, k, n = len(self._hist), self.k, len(scores)
+        if n == 1 and h == k - 1:
+            return self._one(float(scores[0]))
         # The cumulative sum only spans k-1 old scores plus this block, so float
         # error cannot build up over a long-running stream.  c = [0, cumsum(hist, block)]
         c = np.empty(h + n + 1)
@@ -42,6 +44,20 @@ class Smoother:
         end = np.arange(h + 1, h + len(scores) + 1)
         start = np.maximum(end - k, 0)
         return (c[end] - c[start]) / (end - start)
+
+    def _one(self, score: float) -> np.ndarray:
+        """`update` of one score after a full history, in Python floats: the same additions
+        in the same order as the cumulative sum (IEEE doubles either way), without its
+        eight numpy calls, which cost more than the sum itself when 500 streams each
+        conclude one window per step."""
+        hist = self._hist.tolist()
+        acc = 0.0
+        for v in hist:
+            acc += v
+        acc += score
+        hist.append(score)
+        self._hist = np.array(hist[1:])
+        return np.array([(acc - 0.0) / self.k])
 
 
 def level_excess(x_last: np.ndarray, band: float) -> np.ndarray:

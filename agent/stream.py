@@ -184,7 +184,7 @@ class Stream:
         for a in range(0, len(ts), self.max_batch):
             w = self._push(ts[a:a + self.max_batch], scaled[a:a + self.max_batch])
             if w is not None:
-                errs.append(self._scored(w.x, *score_windows(w.x, infer(w.x)))[1])
+                errs.append(self.scored(w.x, *score_windows(w.x, infer(w.x)))[1])
         if errs:
             err = np.concatenate(errs)
             b.fit_level(err)
@@ -204,22 +204,34 @@ class Stream:
         self.entered.append("normal")
 
     # ------------------------------------------------------------ step, second half
-    def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray) -> StreamResult:
-        """Scores of windows `ingest` returned (raw, unsmoothed), in order -> the result."""
-        scores, err = self._scored(w.x, scores, err)
+    def shown_level(self, i: int = 0) -> np.ndarray | None:
+        """The error level the i-th windows `ingest` returned and `conclude` has not taken
+        yet are normalised by (None: they are not): the engine divides every stream's
+        errors by theirs at once.  Each of them has its piece (and its adapted level)."""
+        if not self.normalize:
+            return None
+        if self.adapter is None:
+            return self.baseline.level
+        return self.adapter.at([p for p in self._pieces if p[1] is True][i][2])[1]
+
+    def _level(self) -> np.ndarray | None:
         piece = self._pieces[0] if self.adapter is not None else None
-        level = self.adapter.at(piece[2])[1] if piece is not None else self.baseline.level
-        shown = err
-        if self.normalize and level is not None:
-            shown = err / level
-            # np.mean's own arithmetic (sum, then divide by the count) without its wrapper
-            scores = np.add.reduce(shown, axis=1) / shown.shape[1]
+        return self.adapter.at(piece[2])[1] if piece is not None else self.baseline.level
+
+    def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray,
+                 shown: np.ndarray) -> StreamResult:
+        """Scores of windows `ingest` returned, in order -> the result.  `scores` are
+        unsmoothed, `err` the per-channel errors, `shown` them as alerts show them and
+        `scores` sums them: divided by `shown_level()` when that is not None."""
+        piece = self._pieces[0] if self.adapter is not None else None
+        level = self._level()
         s = self.smoother.update(scores)
         thr = self.baseline.threshold
         events = self.tracker.update(w.ts, s, thr, shown)
         if piece is not None:
             win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
-            ok = win_ok[:, None] if level is None else \
+            # all windows normal (the usual case): every channel may be learned from
+            ok = win_ok[:, None] if level is None or win_ok.all() else \
                 win_ok[:, None] | (err <= CHANNEL_OK * level)
             n, c = len(piece[0]), err.shape[1]
             if len(w.rows) == n:        # every sample closed a window (stride 1, warm)
@@ -243,14 +255,14 @@ class Stream:
         adapted scaler, its channel normalisation; a single window is not smoothed):
         (score, per-channel error as shown in top_channels)."""
         x = self.scaler.apply(values)[None]
-        scores, err = self._scored(x, *score_windows(x, infer(x)))
+        scores, err = self.scored(x, *score_windows(x, infer(x)))
         level = self.adapter.level if self.adapter is not None else self.baseline.level
         if self.normalize and level is not None:
             err = err / level
             return float(err[0].mean()), err[0]
         return float(scores[0]), err[0]
 
-    def _scored(self, x: np.ndarray, scores: np.ndarray,
+    def scored(self, x: np.ndarray, scores: np.ndarray,
                 err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model's (scores, per-channel error) of windows x, with scoring.level_band's
         excess added to each channel's error (and so to the score, the channels an alert

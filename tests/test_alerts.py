@@ -213,9 +213,12 @@ def test_blocks_equal_one_by_one_equal_reference(labels, k_n, close_m, cooldown,
     ev_whole = whole.update(ts, scores, THR, err)
 
     single = AlertTracker("node1", "pump", cfg, CH, MODEL)
-    ev_single = []
+    ev_single, masks = [], []
     for i in range(n):
         ev_single += single.update(ts[i:i + 1], scores[i:i + 1], THR, err[i:i + 1].copy())
+        masks.append(single.open_mask.copy())
+    # a window at a time (its own path while open) marks the same windows "alert open"
+    assert np.concatenate(masks).tolist() == whole.open_mask.tolist()
 
     pieces = AlertTracker("node1", "pump", cfg, CH, MODEL)
     ev_pieces = []

@@ -263,3 +263,84 @@ def test_a_learned_stream_keeps_no_learning_samples_and_a_fixed_ring(model):
     feed(e, "s1", normal(3000, seed=2), t0=1e9 + 200, block=1)
     # one sample at a time: the ring keeps less room behind its window, never more
     assert st.ring._buf.nbytes < ring_bytes and st.baseline._held is None
+
+
+def test_streams_stepped_together_score_as_each_alone(model):
+    """Many streams a sample each per step (their errors normalised at once, their
+    alerts opened and closed a window at a time) give each stream, bit for bit, what
+    the stream alone gives."""
+    n, k = 520, 4
+    data = [normal(n, seed=i) for i in range(k)]
+    for i in range(k):          # alerts that open and close, at different times
+        data[i][300 + 20 * i:350 + 20 * i, 1] += 8.0
+    ts = 1e9 + np.arange(n, dtype=np.float64)
+    over = {"calibration": {"enabled": True, "samples": 200, "margin": 1.5},
+            "alerts": {"open_k": 3, "open_n": 5, "close_m": 5, "update_interval_s": 5.0},
+            "scoring": {"normalize": "channel"}}
+    m = Metrics()
+    together = Engine(DetectionConfig.model_validate({"node": "t", **over}),
+                      Detector(model, metrics=m), metrics=m, default_max_streams=k)
+    got: dict = {}
+    for j in range(n):
+        for r in together.step([Batch(f"s{i}", ts[j:j + 1], data[i][j:j + 1])
+                                for i in range(k)]):
+            got.setdefault(r.stream, []).append(r)
+    alerts = 0
+    for i in range(k):
+        alone = engine_for(model, **over)
+        want = [r for j in range(n) for r in alone.step([Batch(f"s{i}", ts[j:j + 1],
+                                                              data[i][j:j + 1])])]
+        mine = got[f"s{i}"]
+        for field in ("ts", "scores", "labels", "alert_open"):
+            assert (np.concatenate([getattr(r, field) for r in mine]).tobytes()
+                    == np.concatenate([getattr(r, field) for r in want]).tobytes())
+        assert [r.events for r in mine] == [r.events for r in want]
+        alerts += sum(ev["type"] in ("update", "end") for r in want for ev in r.events)
+    assert alerts >= 2 * k
+
+
+def test_errors_normalised_at_once_as_stream_by_stream():
+    """_normalized: each stream's rows divided by its own level (a stream without one
+    keeps the model's scores and errors), row for row the arithmetic of one stream."""
+    from agent.engine import _normalized
+
+    class Due:      # what _normalized asks of a stream and of its windows
+        def __init__(self, level, k):
+            self.level, self.k = level, k
+
+        def shown_level(self, i):
+            assert i == 0
+            return self.level
+
+        def __len__(self):
+            return self.k
+
+    rng = np.random.default_rng(2)
+    parts = [Due(rng.random(3) + 0.5, 2), Due(None, 3), Due(rng.random(3) + 0.5, 1)]
+    err = rng.random((6, 3))
+    scores = rng.random(6)
+    got_scores, shown = _normalized([(d, d) for d in parts], scores, err)
+    off = 0
+    for d in parts:
+        e, s = err[off:off + d.k], scores[off:off + d.k]
+        want_shown = e if d.level is None else e / d.level
+        want = s if d.level is None else np.add.reduce(want_shown, axis=1) / 3
+        assert shown[off:off + d.k].tobytes() == want_shown.tobytes()
+        assert got_scores[off:off + d.k].tobytes() == want.tobytes()
+        off += d.k
+    plain = _normalized([(parts[1], parts[1])], scores[:3], err[:3])
+    assert plain[0].tobytes() == scores[:3].tobytes() and plain[1].tobytes() == err[:3].tobytes()
+
+
+def test_a_step_of_many_adaptation_epochs_scores_as_epoch_by_epoch(model):
+    """A step may conclude several pieces of one stream, each with its adapted level:
+    256-sample steps score as 64-sample steps (one epoch each) do."""
+    over = {"calibration": {"enabled": True, "samples": 200},
+            "adaptation": {"enabled": True, "time_constant_s": 60.0},
+            "scoring": {"normalize": "channel"}}
+    v = normal(2400, seed=4)
+    v[:, 0] += np.linspace(0.0, 3.0, 2400, dtype=np.float32)   # a drift the levels follow
+    got = [np.concatenate([r.scores for r in feed(engine_for(model, **over), "s", v, block=b)])
+           for b in (256, 64)]
+    assert len(got[0]) == len(got[1]) > 2000
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-9)

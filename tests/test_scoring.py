@@ -106,3 +106,18 @@ def test_fit_threshold():
     assert fit_threshold(np.zeros(10), 0.99, 1.5) == MIN_THRESHOLD > 0
     with pytest.raises(ValueError, match="no finite"):
         fit_threshold(np.array([np.nan]), 0.9, 1.0)
+
+
+def test_smoother_one_score_at_a_time_is_the_cumulative_sum_bit_for_bit():
+    """The one-score path (Python floats) adds in the cumulative sum's order: not just
+    close, equal, NaN included."""
+    rng = np.random.default_rng(5)
+    s = rng.random(300) * 10.0 ** rng.integers(-3, 4, 300)
+    s[[40, 41, 120]] = np.nan
+    for k in (2, 3, 10):
+        sm = Smoother(k)
+        got = np.concatenate([sm.update(s[i:i + 1]) for i in range(len(s))])
+        for i in range(k - 1, len(s)):
+            c = np.add.accumulate(np.concatenate([[0.0], s[i - k + 1:i + 1]]))
+            want = (c[k:] - c[:1]) / k
+            assert got[i:i + 1].tobytes() == want.tobytes()

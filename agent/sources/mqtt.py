@@ -153,14 +153,5 @@ class MqttLineSource(Source):
                 g = groups[sid] = ([], [])
             g[0].append(m.payload)
             g[1].append(m.arrival)
-        out = []
-        for sid, (payloads, arrivals) in groups.items():
-            try:
-                got = self.decoder.decode_payloads(payloads, arrivals, sid)
-            except Exception:
-                log.exception("%s: %d message(s) of stream %s could not be handled",
-                              self.stream_id, len(payloads), sid)
-                continue
-            if got is not None:
-                out.append(Batch(sid, *got, source=self.stream_id))
-        return out
+        return [Batch(sid, ts, values, self.stream_id)
+                for sid, ts, values in self.decoder.decode_streams(groups)]
