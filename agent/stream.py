@@ -263,7 +263,7 @@ class Stream:
         return float(scores[0]), err[0]
 
     def scored(self, x: np.ndarray, scores: np.ndarray,
-                err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+               err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model's (scores, per-channel error) of windows x, with scoring.level_band's
         excess added to each channel's error (and so to the score, the channels an alert
         blames, and what adaptation freezes)."""

@@ -28,12 +28,12 @@ READ_TIMEOUT_S = 0.2   # bounds how long `stop` may wait for a blocked read
 APPEAR_POLL_S = 0.1    # how often a missing device node is looked for (one stat call)
 
 
-
 def _pyserial():
     """pyserial, imported when a serial source runs: the daemon imports every source to
     build its config, and an agent without a serial stream need not load it (0.3 MB)."""
     import serial
     return serial
+
 
 class LineSplitter:
     """Reassembles lines across reads; CR, LF and CRLF all end a line.
