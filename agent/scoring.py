@@ -57,7 +57,7 @@ class Smoother:
         acc += score
         hist.append(score)
         self._hist = np.array(hist[1:])
-        return np.array([(acc - 0.0) / self.k])
+        return np.array([acc / self.k])     # c[k] - c[0] with c[0] = 0.0: the same bits
 
 
 def level_excess(x_last: np.ndarray, band: float) -> np.ndarray:

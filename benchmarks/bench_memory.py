@@ -49,7 +49,7 @@ def one_count(model: str, streams: int, per: int, rows: int, sites: bool) -> dic
     from agent.metrics import Metrics
     from agent.shipped import DEMO_CSV, resolve_model
     from agent.sources.base import Batch
-    from agent.heap import _malloc_trim
+    from agent.heap import HeapTrimmer
 
     det = Detector(resolve_model(model), threads=1)
     csv = SKAB_FREE if SKAB_FREE.exists() else DEMO_CSV
@@ -78,9 +78,7 @@ def one_count(model: str, streams: int, per: int, rows: int, sites: bool) -> dic
     gc.collect()
     out = {"streams": streams, "samples": n, "rss_kb": rss_kb() - rss0,
            "cpu_us_per_sample": cpu * 1e6 / (n * streams)}
-    trim = _malloc_trim()
-    if trim is not None:       # what the daemon's HeapTrimmer gives back (agent/heap.py)
-        trim(0)
+    if HeapTrimmer().trim():   # what the daemon's trimmer gives back (agent/heap.py)
         out["trimmed_rss_kb"] = rss_kb() - rss0
     if sites:
         out["heap_kb"] = (tracemalloc.get_traced_memory()[0] - heap0) / 1024
