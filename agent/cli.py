@@ -207,8 +207,9 @@ def cmd_predict(a) -> int:
 
 def cmd_fit_policy(a) -> int:
     logs.setup(a.log_level)
-    from pydantic import ValidationError
     from .config import DetectionConfig
+    from .config_base import ConfigError
+    from .config_build import build
     from .detector import DetectorError
     from .policy_fit import fit_policy, write_policy
     settings: dict = {}
@@ -223,8 +224,8 @@ def cmd_fit_policy(a) -> int:
             value = raw
         settings.setdefault(sec, {})[name] = value
     try:
-        DetectionConfig.model_validate(settings)
-    except ValidationError as e:
+        build(DetectionConfig, settings)
+    except ConfigError as e:
         return _fail(f"--set {reason(e)}")
     model = resolve_model(a.model)
     try:

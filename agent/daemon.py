@@ -14,6 +14,8 @@ import signal
 import threading
 import time
 
+import msgspec
+
 from . import preflight, sdnotify
 from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
@@ -145,7 +147,7 @@ class Daemon:
         _report(findings)
         if new_cfg.metrics != self.cfg.metrics:
             log.warning("reload: metrics: changes take effect at the next start")
-            new_cfg = new_cfg.model_copy(update={"metrics": self.cfg.metrics})
+            new_cfg = msgspec.structs.replace(new_cfg, metrics=self.cfg.metrics)
         carry = self._engine_carries_over(new_cfg, detector)
         keep = self.pipeline.reusable_sources(new_cfg, detector.meta.channels)
         handover = self.pipeline.stop(stop_sinks=False, close_alerts=None if carry else "reload",
@@ -173,8 +175,8 @@ class Daemon:
             except (OutboxError, ConfigError) as e:
                 log.error("reload: the new outputs cannot start (%s); keeping the old ones", e)
                 self.sinks = build_sinks(self.cfg, self.metrics)
-                new_cfg = new_cfg.model_copy(update={"mqtt": self.cfg.mqtt, "sinks": self.cfg.sinks,
-                                                     "state_dir": self.cfg.state_dir})
+                new_cfg = msgspec.structs.replace(new_cfg, mqtt=self.cfg.mqtt, sinks=self.cfg.sinks,
+                                                   state_dir=self.cfg.state_dir)
         self.cfg = new_cfg
         self.pipeline = self._new_pipeline(new_cfg, engine, handover)
         self.pipeline.start(start_sinks=rebuild)

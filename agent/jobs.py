@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .config import AgentConfig, DetectionConfig
+from .config_build import build
 from .contract import read_table
 from .detector import Detector
 from .engine import Engine
@@ -47,8 +48,8 @@ def detection_config(meta: ModelMeta, learning_rows: int | None = None,
     except a learning period on the first `learning_rows` rows when given (0: none of the
     policy, the bare model with its own scaler and threshold), and `overrides` (merged one
     level deep per section)."""
-    return effective(DetectionConfig.model_validate(
-        detection_config_dict(learning_rows, overrides, node)), meta)
+    return effective(build(DetectionConfig, detection_config_dict(learning_rows, overrides, node)),
+                     meta)
 
 
 def file_config(path: str, model: str, learning_rows: int | None, overrides: dict | None = None,
@@ -57,14 +58,14 @@ def file_config(path: str, model: str, learning_rows: int | None, overrides: dic
     (the replay and demo commands; `overrides` may enable sinks or the broker)."""
     over = dict(overrides or {})
     det = detection_config_dict(learning_rows, {k: over.pop(k) for k in list(over)
-                                                if k in DetectionConfig.model_fields}, node)
+                                                if k in DetectionConfig.__struct_fields__}, node)
     d = {**det, "state_dir": None, "model": {"path": model},
          "streams": [{"id": stream, "source": {"type": "replay", "path": str(path),
                                                "speed": speed}}],
          "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}}
     for key, val in over.items():
         d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val
-    return AgentConfig.model_validate(d)
+    return build(AgentConfig, d)
 
 
 def replay_config(cfg: AgentConfig, detector: Detector,

@@ -15,31 +15,30 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Union
+from typing import Annotated, Union
 
-from pydantic import field_validator
+import msgspec
 
-from .config_base import ConfigError, Strict
+from .config_base import ConfigError, KeyProblem, Strict
 
 log = logging.getLogger("tsad.metrics")
 
 _LISTEN = re.compile(r"^(?:(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):)?(?P<port>[0-9]{1,5})$")
+_LISTEN_WANTED = "host:port (e.g. 127.0.0.1:9108), or a port 1-65535 alone for loopback"
 
 
 class MetricsConfig(Strict):
     # "host:port", or a port alone for 127.0.0.1:port; null: no endpoint
-    listen: Union[int, str, None] = None
+    # (held as "host:port" once built)
+    listen: Annotated[Union[int, str, None], msgspec.Meta(description=_LISTEN_WANTED)] = None
 
-    @field_validator("listen", mode="before")
-    @classmethod
-    def _host_port(cls, v):
-        if v is None:
-            return None
-        m = None if isinstance(v, bool) else _LISTEN.match(str(v).strip())
+    def __post_init__(self):
+        if self.listen is None:
+            return
+        m = _LISTEN.match(str(self.listen).strip())
         if not m or not 0 < int(m["port"]) < 65536:
-            raise ValueError("expected host:port (e.g. 127.0.0.1:9108), or a port 1-65535 "
-                             "alone for loopback")
-        return f"{m['host'] or '127.0.0.1'}:{int(m['port'])}"
+            raise KeyProblem("listen", f"expected {_LISTEN_WANTED}")
+        msgspec.structs.force_setattr(self, "listen", f"{m['host'] or '127.0.0.1'}:{int(m['port'])}")
 
     @property
     def address(self) -> tuple[str, int]:

@@ -10,11 +10,12 @@ import os
 import socket
 import ssl
 from pathlib import Path
+from typing import Annotated
 
 import paho.mqtt.client as mqtt
-from pydantic import Field, model_validator
+from msgspec import Meta
 
-from .config_base import ConfigError, Strict
+from .config_base import ConfigError, NonNegativeFloat, PositiveFloat, Strict
 
 
 class TlsConfig(Strict):
@@ -28,13 +29,13 @@ class HomeAssistantConfig(Strict):
     enabled: bool = False
     discovery_prefix: str = "homeassistant"
     # how long the per-stream "shelve" button shelves (a week at most, as for any shelve)
-    shelve_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+    shelve_s: Annotated[float, Meta(gt=0, le=7 * 24 * 3600)] = 3600.0
 
 
 class MqttConfig(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     client_id: str | None = None
     username: str | None = None
     # exactly one way to give the password; it never appears in logs
@@ -43,21 +44,19 @@ class MqttConfig(Strict):
     password_credential: str | None = None    # name under $CREDENTIALS_DIRECTORY (systemd)
     tls: TlsConfig | None = None
     prefix: str | None = None                  # default "tsad/<node>/"
-    keepalive: int = Field(30, ge=5)
-    score_interval_s: float = Field(1.0, ge=0)
-    health_interval_s: float = Field(30.0, gt=0)
+    keepalive: Annotated[int, Meta(ge=5)] = 30
+    score_interval_s: NonNegativeFloat = 1.0
+    health_interval_s: PositiveFloat = 30.0
     # a stream is "online" while its source is connected and its last sample is younger
-    stale_after_s: float = Field(60.0, gt=0)
+    stale_after_s: PositiveFloat = 60.0
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 
-    @model_validator(mode="after")
-    def _one_password(self):
+    def __post_init__(self):
         given = [k for k in ("password_file", "password_env", "password_credential")
                  if getattr(self, k)]
         if len(given) > 1:
             raise ValueError(f"give at most one of password_file, password_env, "
                              f"password_credential (got {', '.join(given)})")
-        return self
 
 
 def resolve_password(m: MqttConfig) -> str | None:

@@ -8,9 +8,9 @@ in its config still wins.  Every entry point builds its engine through `effectiv
 """
 from __future__ import annotations
 
-from pydantic import ValidationError
-
 from .config import DetectionConfig
+from .config_base import keys_set
+from .config_build import Invalid, build
 from .model_meta import ModelMeta, ModelMetaError
 
 SECTIONS = ("buffer", "scoring", "calibration", "adaptation", "alerts")
@@ -36,14 +36,11 @@ def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
     d: dict = {"node": cfg.node}
     for sec in SECTIONS:
         mine = getattr(cfg, sec)
-        d[sec] = {**policy.get(sec, {}), **{k: getattr(mine, k) for k in mine.model_fields_set}}
+        d[sec] = {**policy.get(sec, {}), **{k: getattr(mine, k) for k in keys_set(mine)}}
     try:
-        return DetectionConfig.model_validate(d)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ModelMetaError(f"model {meta.name}: policy.settings.{key}: {err['msg']} "
-                             f"(got {err.get('input')!r})") from None
+        return build(DetectionConfig, d)
+    except Invalid as e:
+        raise ModelMetaError(f"model {meta.name}: policy.settings.{e.problems[0]}") from None
 
 
 def learning_rows(cfg: DetectionConfig) -> int:

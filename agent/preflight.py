@@ -27,10 +27,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from .config import AgentConfig
-from .config_base import ConfigError
+from .config_base import ConfigError, keys_set
 from .metrics import Metrics
 from .model_meta import ModelMeta
 from .mqtt_client import make_client
@@ -51,12 +49,9 @@ class Findings:
 
 def reason(e: BaseException) -> str:
     """One line for an error that a user's input caused: the file an OSError names, each
-    pydantic error's key path, each ConfigError problem."""
+    ConfigError problem (a config built from flags or settings included)."""
     if isinstance(e, ConfigError):
         return "; ".join(e.problems)
-    if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}"
-                         for err in e.errors(include_url=False))
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.filename}: {e.strerror[0].lower()}{e.strerror[1:]}"
     return " ".join(str(e).split()) or type(e).__name__
@@ -184,7 +179,7 @@ def policy_warnings(cfg: AgentConfig, meta: ModelMeta) -> list[str]:
         return out
     for sec in SECTIONS:
         mine = getattr(det, sec)
-        for key in sorted(mine.model_fields_set & set(policy.get(sec, {}))):
+        for key in sorted(keys_set(mine) & set(policy.get(sec, {}))):
             said = unlearned and (sec, key) == ("calibration", "enabled")
             if not said and getattr(mine, key) != policy[sec][key]:
                 out.append(f"{sec}.{key}: the config's {_show(getattr(mine, key))} overrules "

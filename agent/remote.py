@@ -18,7 +18,10 @@ import sys
 import threading
 import uuid
 
+import msgspec
+
 from .config import ConfigError, load_config
+from .config_build import build
 from .mqtt_client import MqttConfig, TlsConfig, make_client
 from .preflight import reason
 
@@ -75,7 +78,7 @@ def broker(a) -> tuple[MqttConfig, str, str]:
     if a.ca_file:
         over["tls"] = TlsConfig(ca_file=a.ca_file)
     try:
-        m = MqttConfig.model_validate({**m.model_dump(), **over})
+        m = build(MqttConfig, {**msgspec.structs.asdict(m), **over})
     except ValueError as e:
         raise UsageError(f"broker flags: {reason(e)}") from None
     if a.prefix:

@@ -9,6 +9,7 @@ import pytest
 
 from agent.adaptation import EPOCH
 from agent.config import DetectionConfig
+from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
 from agent.jobs import Recording, file_config, replay_config
@@ -29,7 +30,7 @@ def model(tmp_path_factory):
 def engine(model: str, **over) -> Engine:
     d = {"node": "t", "calibration": {"enabled": True, "samples": LEARN, "margin": 3.0},
          "adaptation": {"enabled": True, "time_constant_s": 600}, **over}
-    return Engine(DetectionConfig.model_validate(d), Detector(model))
+    return Engine(build(DetectionConfig, d), Detector(model))
 
 
 def series(n: int, level: np.ndarray | float = 0.0, seed: int = 0) -> np.ndarray:

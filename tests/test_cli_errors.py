@@ -66,7 +66,8 @@ AGENT_CASES = [
     ("replay-bad-flag-value", ["replay", "{good}", "--speed", "fast"],
      "error: argument --speed: invalid float value: 'fast' (see tsad-agent replay --help)"),
     ("replay-bad-stream-id", ["replay", "{good}", "-m", "{model}", "--stream", "a b", "-q"],
-     "error: streams.0.id: String should match pattern"),
+     "error: streams[0].id: value 'a b' is invalid: expected a name of letters, digits, "
+     "'_', '.' and '-'"),
     ("replay-no-file", ["replay"], "the following arguments are required: file"),
     ("unknown-command", ["bogus"], "error: argument cmd: invalid choice: 'bogus'"),
     ("run-missing-config", ["run", "-c", "{missing}"], "error: {missing}: no such file"),
@@ -87,21 +88,22 @@ AGENT_CASES = [
      "error: --set 'foo': expected SECTION.KEY=VALUE"),
     ("fit-policy-set-bad-value", ["fit-policy", "{model}", "--data", "{good}",
                                   "--set", "scoring.smoothing=abc"],
-     "error: --set scoring.smoothing: Input should be a valid integer"),
+     "error: --set scoring.smoothing: value 'abc' is invalid: expected an integer >= 1"),
     ("fit-policy-set-unknown-section", ["fit-policy", "{model}", "--data", "{good}",
                                         "--set", "nosuch.key=1"],
-     "error: --set nosuch: Extra inputs are not permitted"),
+     "error: --set nosuch: unknown key (value {{'key': 1}}); check the spelling"),
     ("fit-policy-missing-data", ["fit-policy", "{model}", "--data", "{missing}"],
      "error: {missing}: no such file or directory"),
     ("demo-bad-broker-port", ["demo", "--mqtt", "localhost:abc"],
      "error: --mqtt localhost:abc: expected HOST or HOST:PORT"),
     ("demo-negative-speed", ["demo", "--speed", "-1"],
-     "error: streams.0.source.replay.speed: Input should be greater than or equal to 0"),
+     "error: streams[0].source.speed: value -1.0 is invalid: expected a number >= 0"),
     ("serve-unset-api-key", ["serve", "-m", "{model}", "--api-key-env", "TSAD_SURELY_UNSET"],
      "error: API key variable TSAD_SURELY_UNSET is not set or empty"),
     ("command-without-agent", ["shelve", "s", "--for", "1h"], "error: give --config FILE, or --node"),
     ("command-bad-broker-port", ["ack", "x", "--node", "n", "--port", "99999"],
-     "error: broker flags: port: Input should be less than or equal to 65535"),
+     "error: broker flags: port: value 99999 is invalid: expected an integer >= 1 and "
+     "<= 65535"),
 ]
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from agent.commands import execute, parse
 from agent.config import DetectionConfig
+from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
 from agent.sources.base import Batch
@@ -18,7 +19,7 @@ W = 8
 @pytest.fixture
 def engine(tmp_path):
     path, _ = make_model(tmp_path / "m.onnx", window=W, channels=["a", "b", "c"])
-    cfg = DetectionConfig.model_validate({"node": "n", "scoring": {"threshold": 1.0},
+    cfg = build(DetectionConfig, {"node": "n", "scoring": {"threshold": 1.0},
                                           "alerts": {"open_k": 1, "open_n": 1, "close_m": 2}})
     return Engine(cfg, Detector(str(path)))
 
@@ -98,8 +99,7 @@ def test_unshelve_lifts_it_at_once(engine):
 
 def test_recalibrate_ends_the_alert_and_reports_learning(tmp_path):
     path, _ = make_model(tmp_path / "m.onnx", window=W, channels=["a", "b", "c"])
-    e = Engine(DetectionConfig.model_validate(
-        {"node": "n", "calibration": {"enabled": True, "samples": 20, "margin": 5.0},
+    e = Engine(build(DetectionConfig, {"node": "n", "calibration": {"enabled": True, "samples": 20, "margin": 5.0},
          "alerts": {"open_k": 1, "open_n": 1, "close_m": 50}}), Detector(str(path)))
     rng = np.random.default_rng(0)
     feed(e, rng.normal(0, 1, (40, 3)), 1e9)

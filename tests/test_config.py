@@ -14,7 +14,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+import msgspec
 
 from agent.config import AgentConfig, ConfigError, load_config, parse_config
 from agent.mqtt_client import MqttConfig, resolve_password
@@ -68,15 +68,17 @@ def test_example_config_is_valid_and_complete():
     assert missing == [], f"keys not documented in {EXAMPLE.name}: {missing}"
 
 
-def _all_keys(model: type[BaseModel]) -> set[str]:
+def _all_keys(model: type[msgspec.Struct]) -> set[str]:
     keys = set()
-    for name, field in model.model_fields.items():
-        keys.add(name)
-        stack = [field.annotation]
+    for field in msgspec.structs.fields(model):
+        keys.add(field.name)
+        stack = [field.type]
         while stack:
             t = stack.pop()
-            if isinstance(t, type) and issubclass(t, BaseModel):
+            if isinstance(t, type) and issubclass(t, msgspec.Struct):
                 keys |= _all_keys(t)
+                tag = t.__struct_config__.tag_field
+                keys |= {tag} if tag else set()
             elif get_origin(t) is not None:
                 stack.extend(get_args(t))
     return keys
@@ -101,14 +103,13 @@ def test_unknown_key_typo():
 
 def test_wrong_type():
     p = only(BASE.replace("  path: /models/m.onnx\n", "  path: /models/m.onnx\n  threads: many\n"))
-    assert p.startswith("<config>:4: model.threads: value 'many' is invalid: ")
-    assert "valid integer" in p
+    assert p == "<config>:4: model.threads: value 'many' is invalid: expected an integer >= 0"
 
 
 def test_out_of_range_number():
     p = only(BASE + "mqtt:\n  host: broker\n  port: 70000\n")
     assert p == (f"<config>:{BASE_LINES + 3}: mqtt.port: value 70000 is invalid: "
-                 f"input should be less than or equal to 65535")
+                 f"expected an integer >= 1 and <= 65535")
 
 
 def test_non_finite_numbers_rejected():
@@ -121,7 +122,7 @@ def test_non_finite_numbers_rejected():
 def test_bad_enum():
     p = only(BASE + "log_level: verbose\n")
     assert p == (f"<config>:{BASE_LINES + 1}: log_level: value 'verbose' is invalid: "
-                 f"input should be 'debug', 'info', 'warning' or 'error'")
+                 f"expected 'debug', 'info', 'warning' or 'error'")
 
 
 def test_missing_required_keys_point_at_their_parent():
@@ -239,7 +240,7 @@ def test_password_file(tmp_path):
     f.write_text(SECRET + "\n")
     cfg = parse_config(BASE + f"mqtt:\n  username: u\n  password_file: {f}\n")
     assert resolve_password(cfg.mqtt) == SECRET
-    assert SECRET not in repr(cfg) and SECRET not in str(cfg.model_dump())
+    assert SECRET not in repr(cfg) and SECRET not in str(msgspec.to_builtins(cfg))
     with pytest.raises(ConfigError) as e:
         resolve_password(mqtt_cfg(password_file=tmp_path / "missing"))
     assert str(e.value).startswith("mqtt.password_file: cannot read ")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from agent.config import DetectionConfig
+from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
 from agent.metrics import Metrics
@@ -28,7 +29,7 @@ def model(tmp_path):
 def engine_for(model: str, store=None, max_batch: int = 256, metrics=None, **over) -> Engine:
     m = metrics or Metrics()
     det = Detector(model, metrics=m, max_batch=max_batch)
-    return Engine(DetectionConfig.model_validate({"node": "t", **over}), det, store=store,
+    return Engine(build(DetectionConfig, {"node": "t", **over}), det, store=store,
                   metrics=m, max_streams={"many": 3})
 
 
@@ -241,7 +242,7 @@ def test_gaps_are_judged_by_the_stream_own_pace(model, interval):
 
 def test_a_given_interval_needs_no_learning(model):
     m = Metrics()
-    e = Engine(DetectionConfig.model_validate({"node": "t"}), Detector(model, metrics=m),
+    e = Engine(build(DetectionConfig, {"node": "t"}), Detector(model, metrics=m),
                metrics=m, intervals={"hist": 180.0})
     ts = 1e9 + 180.0 * np.arange(40)
     ts[20:] += 3600                          # an hour away, within the first 32 steps
@@ -278,7 +279,7 @@ def test_streams_stepped_together_score_as_each_alone(model):
             "alerts": {"open_k": 3, "open_n": 5, "close_m": 5, "update_interval_s": 5.0},
             "scoring": {"normalize": "channel"}}
     m = Metrics()
-    together = Engine(DetectionConfig.model_validate({"node": "t", **over}),
+    together = Engine(build(DetectionConfig, {"node": "t", **over}),
                       Detector(model, metrics=m), metrics=m, default_max_streams=k)
     got: dict = {}
     for j in range(n):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from agent.config import DetectionConfig
+from agent.config_build import build
 from agent.contract import score_windows
 from agent.detector import Detector
 from agent.engine import Engine
@@ -32,7 +33,7 @@ def shifted(n: int = 2000, size: float = 8.0, seed: int = 0) -> np.ndarray:
 def run(model, values: np.ndarray, **scoring) -> tuple[dict, Engine]:
     # adaptation as the TEP policies run it, faster and with the gate wide open: without
     # an alert, the step would be learned as the new normal within minutes
-    cfg = DetectionConfig.model_validate({
+    cfg = build(DetectionConfig, {
         "node": "t", "scoring": scoring,
         "adaptation": {"enabled": True, "time_constant_s": 60, "gate": 100.0}})
     e = Engine(cfg, Detector(str(model)))
@@ -90,7 +91,7 @@ def test_the_band_adds_the_squared_excess_and_off_is_the_models_score(tmp_path):
     scores, err = score_windows(x, det.infer(np.ascontiguousarray(x)))
     got = {}
     for band in (None, 4.0):
-        e = Engine(DetectionConfig.model_validate({**cfg, "scoring": {"level_band": band}}), det)
+        e = Engine(build(DetectionConfig, {**cfg, "scoring": {"level_band": band}}), det)
         got[band] = np.concatenate([r.scores for r in e.step(
             [Batch("s", 1e9 + np.arange(len(v), dtype=np.float64), v)])])
     np.testing.assert_array_equal(got[None], scores)
@@ -112,7 +113,7 @@ def test_the_band_travels_in_a_models_policy_and_the_config_wins(identity):
     meta = load_meta(identity)
     assert meta.policy["settings"]["scoring"]["level_band"] == 4.5
     assert effective(DetectionConfig(), meta).scoring.level_band == 4.5
-    mine = DetectionConfig.model_validate({"scoring": {"level_band": 6.0}})
+    mine = build(DetectionConfig, {"scoring": {"level_band": 6.0}})
     assert effective(mine, meta).scoring.level_band == 6.0
     assert DetectionConfig().scoring.level_band is None
 

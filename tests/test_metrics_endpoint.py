@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from agent.config import ConfigError, DetectionConfig, parse_config
+from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
 from agent.metrics import Metrics
@@ -171,7 +172,7 @@ def test_series_of_a_dropped_stream_go_with_it(tmp_path):
     reload) leaves no score, state or alert series behind."""
     m = Metrics()
     det = Detector(str(tiny_model(tmp_path)), metrics=m)
-    e = Engine(DetectionConfig.model_validate({
+    e = Engine(build(DetectionConfig, {
         "node": "t", "scoring": {"threshold": THRESHOLD},
         "alerts": {"open_k": 1, "open_n": 1, "close_m": 2}}), det, metrics=m,
         max_streams={"bus": 3})

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from agent.config import AgentConfig
+from agent.config_build import build
 from agent.metrics import Metrics
 from agent.sinks.homeassistant import discovery, slug
 from agent.sinks.mqtt import MqttSink
@@ -341,7 +342,7 @@ def test_the_documented_acl_lets_operators_command_and_nobody_else(tmp_path, mon
 
 # ---------------------------------------------------------------- discovery across a restart
 def _sink_cfg(port: int, state_dir: Path, streams: list) -> AgentConfig:
-    return AgentConfig.model_validate({
+    return build(AgentConfig, {
         "node": NODE, "state_dir": str(state_dir), "model": {"path": "m.onnx"},
         "streams": streams, "mqtt": {"port": port, "keepalive": 5,
                                      "homeassistant": {"enabled": True}}})
@@ -396,7 +397,7 @@ def test_a_stream_dropped_by_a_reload_stays_dropped_when_its_alert_ends(broker, 
 
 # ---------------------------------------------------------------- rules, without a broker
 def _cfg(**mqtt_kw) -> AgentConfig:
-    return AgentConfig.model_validate({
+    return build(AgentConfig, {
         "node": "hall.2", "model": {"path": "m.onnx"},
         "streams": [{"id": "pump.1", "source": {"type": "replay", "path": "a"}},
                     {"id": "lines", "source": {"type": "mqtt", "topic": "lines/+/x/#",
@@ -452,7 +453,7 @@ def test_the_rules_refuse_what_home_assistant_refuses(breakage, complaint):
 def test_which_streams_a_config_still_produces():
     cfg = _cfg()
     assert configured(cfg, "pump.1") and configured(cfg, "anything")   # lines/+/x/# admits all
-    narrow = AgentConfig.model_validate({
+    narrow = build(AgentConfig, {
         "node": "n", "model": {"path": "m.onnx"},
         "streams": [{"id": "s", "source": {"type": "mqtt", "topic": "plant/pump1/+",
                                            "stream_from_topic": 1}}]})

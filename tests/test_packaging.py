@@ -30,6 +30,20 @@ def test_runtime_import_graph_has_no_torch():
     assert r.returncode == 0, f"runtime imports {r.stdout.strip()}"
 
 
+def test_the_daemon_imports_and_loads_its_config_without_pydantic():
+    """The config classes are msgspec Structs: pydantic (~10 MB of the daemon's RSS) must
+    not come back into its import graph, nor into the runtime's dependencies."""
+    code = ("import sys, agent.daemon; from agent.config import load_config; "
+            f"load_config({str(EXAMPLE_CONFIG)!r}); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_core')); "
+            "print(bad, 'msgspec' in sys.modules); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, f"the daemon imports {r.stdout.strip()} {r.stderr[-2000:]}"
+    assert r.stdout.strip() == "[] True"
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in deps if d.lower().startswith("pydantic")], deps
+
+
 def test_dependencies_torch_only_pinned_in_export_extra():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert not [d for d in meta["dependencies"] if d.lower().startswith("torch")]

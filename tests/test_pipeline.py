@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agent.config import AgentConfig
+from agent.config_build import build
 from agent.daemon import build_engine
 from agent.detector import Detector
 from agent.jobs import Recording, file_config
@@ -37,7 +38,7 @@ def cfg_for(model: str, state_dir, **over) -> AgentConfig:
          "streams": [{"id": "s1", "source": {"type": "serial", "port": "/dev/null"}}],
          "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}}
     d.update(over)
-    return AgentConfig.model_validate(d)
+    return build(AgentConfig, d)
 
 
 def normal(n: int, seed: int = 0) -> np.ndarray:

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from agent.config import AgentConfig, ConfigError
+from agent.config_build import build
 from agent.daemon import Daemon
 from agent.model_meta import load_meta, meta_path_for
 from agent.preflight import check
@@ -36,7 +37,7 @@ def cfg_for(path, **over) -> AgentConfig:
          "streams": [{"id": "s", "source": {"type": "serial", "port": "/dev/null"}}],
          "mqtt": {"enabled": False}}
     d.update(over)
-    return AgentConfig.model_validate(d)
+    return build(AgentConfig, d)
 
 
 def findings(path, **over):

@@ -14,12 +14,14 @@ import uuid
 
 import sqlite3
 
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import MOSQUITTO, REPO, Broker, free_port
 from test_outbox import fill, tiny_fs
 
 from agent.config import AgentConfig
+from agent.config_build import build
 from agent.metrics import Metrics
 from agent.outbox import Outbox
 from agent.sinks.mqtt import MqttSink
@@ -30,7 +32,7 @@ P = "tsad/n1/"
 
 
 def make_cfg(state_dir, port, **mqtt_kw) -> AgentConfig:
-    return AgentConfig.model_validate({
+    return build(AgentConfig, {
         "node": "n1", "state_dir": str(state_dir), "model": {"path": "m.onnx"},
         "streams": [{"id": "pump1", "source": {"type": "replay", "path": "a.csv"}},
                     {"id": "pump2", "source": {"type": "replay", "path": "b.csv"}}],
@@ -153,10 +155,12 @@ def test_availability_online_offline_and_discovery(broker, tmp_path, sinks):
 
 _LWT_SCRIPT = """
 import sys, time
+import msgspec
 from agent.config import AgentConfig
+from agent.config_build import build
 from agent.metrics import Metrics
 from agent.sinks.mqtt import MqttSink
-cfg = AgentConfig.model_validate_json(sys.argv[1])
+cfg = build(AgentConfig, msgspec.json.decode(sys.argv[1]))
 s = MqttSink(cfg, Metrics())
 s.start()
 time.sleep(600)
@@ -166,7 +170,7 @@ time.sleep(600)
 def test_last_will_offline_after_sigkill(broker, tmp_path):
     cfg = make_cfg(tmp_path / "st", broker.port)
     sub = Sub(broker.port, [P + "availability"])
-    proc = subprocess.Popen([sys.executable, "-c", _LWT_SCRIPT, cfg.model_dump_json()], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-c", _LWT_SCRIPT, msgspec.json.encode(cfg)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         sub.wait(has(P + "availability", "online"), "online from the child")
@@ -297,12 +301,14 @@ def test_restart_delivers_what_an_earlier_run_queued(broker, tmp_path, sinks):
 
 _KILLED_SCRIPT = """
 import sys, time
+import msgspec
 import numpy as np
 from agent.config import AgentConfig
+from agent.config_build import build
 from agent.metrics import Metrics
 from agent.sinks import mqtt
 mqtt.PERSIST_S = 0.0
-cfg = AgentConfig.model_validate_json(sys.argv[1])
+cfg = build(AgentConfig, msgspec.json.decode(sys.argv[1]))
 s = mqtt.MqttSink(cfg, Metrics())
 s.start()
 one = np.ones(2, np.int8)
@@ -317,7 +323,7 @@ def test_alert_left_open_by_a_killed_run_ends_with_reason_restart(broker, tmp_pa
     cfg = make_cfg(tmp_path / "st", broker.port)
     sub = Sub(broker.port, [P + "alerts"])
     opened = ev(1, "new")
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, cfg.model_dump_json(),
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, msgspec.json.encode(cfg),
                              repr(opened)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     db_path = tmp_path / "st" / "outbox.sqlite"
 

@@ -13,6 +13,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from agent.config import StreamConfig
+from agent.config_build import build
 from agent.mqtt_client import MqttConfig
 from agent.metrics import Metrics
 from agent.contract import read_table
@@ -82,7 +83,7 @@ class Runner:
 
 
 def stream(id_, **source) -> StreamConfig:
-    return StreamConfig.model_validate({"id": id_, "source": source})
+    return build(StreamConfig, {"id": id_, "source": source})
 
 
 def samples(batches):

@@ -112,6 +112,7 @@ def test_a_learning_period_from_the_models_policy_is_saved_and_restored(tmp_path
     """The config leaves detection to the model's policy (as the example does): the baseline
     the policy's learning period fits must still reach state_dir and come back."""
     from agent.config import AgentConfig
+    from agent.config_build import build
     from agent.daemon import build_engine
     from agent.detector import Detector
     from agent.metrics import Metrics
@@ -123,7 +124,7 @@ def test_a_learning_period_from_the_models_policy_is_saved_and_restored(tmp_path
                             kind="timemix", name="pol")
     meta.policy = {"settings": {"calibration": {"enabled": True, "samples": 40}}}
     meta.save(meta_path_for(path))
-    cfg = AgentConfig.model_validate({
+    cfg = build(AgentConfig, {
         "node": "t", "state_dir": str(tmp_path / "state"), "model": {"path": str(path)},
         "streams": [{"id": "s", "source": {"type": "serial", "port": "/dev/null"}}],
         "mqtt": {"enabled": False}})

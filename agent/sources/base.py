@@ -68,8 +68,9 @@ def decode_items(items: list) -> list[Batch]:
 
 
 class Source(ABC):
-    """A source plug-in declares its `type` (the config's `source.type`), its pydantic
-    `config_class` (with `type: Literal[...]`), and how it is built from them."""
+    """A source plug-in declares its `type` (the config's `source.type`), its
+    `config_class` (a `config_base.SourceConfig` with `tag=` that type), and how it is
+    built from them."""
     config_class: ClassVar[type]
     type: ClassVar[str]
 

@@ -14,12 +14,12 @@ import logging
 import re
 import threading
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import paho.mqtt.client as paho
-from pydantic import Field
+from msgspec import Meta
 
-from ..config_base import STREAM_ID_PATTERN, Strict
+from ..config_base import STREAM_ID_PATTERN, NonNegativeInt, PositiveInt, SourceConfig
 from ..decoders import MAX_PAYLOAD, LineDecoder
 from ..metrics import Metrics
 from ..mqtt_client import MqttConfig, make_client
@@ -36,15 +36,14 @@ class _Oversize(bytes):
     on the network thread, so a flood of them cannot fill the queue's memory."""
 
 
-class MqttSourceConfig(Strict):
-    type: Literal["mqtt"]
-    topic: str = Field(min_length=1)           # may hold + and # wildcards
+class MqttSourceConfig(SourceConfig, tag="mqtt"):
+    topic: Annotated[str, Meta(min_length=1)]    # may hold + and # wildcards
     # 0-based topic level that names the stream ("plant/+/sensors" -> 1); None: the stream id
-    stream_from_topic: int | None = Field(None, ge=0)
+    stream_from_topic: NonNegativeInt | None = None
     protocol: Literal["csv", "json"] = "json"
     qos: Literal[0, 1, 2] = 1
     # streams this subscription may create (stream_from_topic); the rest are refused
-    max_streams: int = Field(256, ge=1)
+    max_streams: PositiveInt = 256
 
 
 class MqttLineSource(Source):

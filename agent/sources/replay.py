@@ -10,26 +10,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Literal
 
 import numpy as np
-from pydantic import Field
 
-from ..config_base import Strict
+from ..config_base import NonNegativeFloat, PositiveInt, SourceConfig
 from ..contract import read_table
 from ..metrics import Metrics
 from .base import Batch, Emit, Source
 
 log = logging.getLogger("tsad.source.replay")
 
-class ReplaySourceConfig(Strict):
-    type: Literal["replay"]
+class ReplaySourceConfig(SourceConfig, tag="replay"):
     path: str
     # 0 = as fast as possible; otherwise real time x speed (using the file's timestamps)
-    speed: float = Field(0.0, ge=0)
+    speed: NonNegativeFloat = 0.0
     loop: bool = False
     # rows per batch at full speed (bigger = fewer Python round trips)
-    chunk: int = Field(256, ge=1)
+    chunk: PositiveInt = 256
 
 
 class ReplayFileSource(Source):

@@ -15,9 +15,7 @@ import threading
 import time
 from typing import Literal
 
-from pydantic import Field
-
-from ..config_base import Strict
+from ..config_base import PositiveFloat, PositiveInt, SourceConfig
 from ..decoders import MAX_LINE, LineDecoder
 from ..metrics import Metrics
 from .base import Batch, Emit, Source
@@ -73,15 +71,14 @@ class LineSplitter:
         self._pending.clear()
 
 
-class SerialSourceConfig(Strict):
-    type: Literal["serial"]
+class SerialSourceConfig(SourceConfig, tag="serial"):
     port: str
-    baud: int = Field(115200, gt=0)
+    baud: PositiveInt = 115200
     protocol: Literal["csv", "json"] = "csv"
     # csv: does each line start with a timestamp field? ("auto" detects per line)
     timestamp: Literal["auto", "first", "none"] = "auto"
-    reconnect_min_s: float = Field(0.2, gt=0)
-    reconnect_max_s: float = Field(10.0, gt=0)
+    reconnect_min_s: PositiveFloat = 0.2
+    reconnect_max_s: PositiveFloat = 10.0
 
 
 class SerialLineSource(Source):

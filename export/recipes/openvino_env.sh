@@ -32,7 +32,7 @@ import importlib.metadata as md, onnxruntime as ort, sys
 dists = {d.metadata["Name"].lower() for d in md.distributions()}
 assert "onnxruntime" not in dists, "plain onnxruntime is installed beside onnxruntime-openvino"
 assert "OpenVINOExecutionProvider" in ort.get_available_providers(), ort.get_available_providers()
-import agent.cli, agent.daemon, numpy, pandas, paho.mqtt.client, yaml, serial, pydantic, prometheus_client
+import agent.cli, agent.daemon, numpy, pandas, paho.mqtt.client, yaml, serial, msgspec, prometheus_client
 print(f"onnxruntime {ort.__version__} from {ort.__file__}: {ort.get_available_providers()}")
 '
 
