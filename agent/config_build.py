@@ -21,20 +21,20 @@ import msgspec
 
 from .config_base import ConfigError, KeyProblem
 
-Path = tuple   # keys and list indices, as the user wrote them
+KeyPath = tuple   # keys and list indices, as the user wrote them
 
 
 class Invalid(ConfigError):
     """Data that does not build the class; `found` holds (key path, problem) pairs."""
 
-    def __init__(self, found: list[tuple[Path, str]]):
+    def __init__(self, found: list[tuple[KeyPath, str]]):
         self.found = found
         super().__init__([f"{fmt_path(p)}: {text}" for p, text in found])
 
 
 def build(cls: type, data: Any):
     """An instance of the config class `cls` from `data`; Invalid listing every problem."""
-    found: list[tuple[Path, str]] = []
+    found: list[tuple[KeyPath, str]] = []
     out = _build(cls, data, (), found)
     if found:
         raise Invalid(found)
@@ -63,7 +63,7 @@ def _fields(cls: type) -> dict[str, msgspec.structs.FieldInfo]:
     return {f.name: f for f in msgspec.structs.fields(cls)}
 
 
-def _build(tp, value, path: Path, found: list) -> Any:
+def _build(tp, value, path: KeyPath, found: list) -> Any:
     base, _ = _unwrap(tp)
     if _is_struct(base):
         return _struct(base, value, path, found)
@@ -84,7 +84,7 @@ def _build(tp, value, path: Path, found: list) -> Any:
     return _leaf(tp, value, path, found)
 
 
-def _leaf(tp, value, path: Path, found: list, shown: Any = None) -> Any:
+def _leaf(tp, value, path: KeyPath, found: list, shown: Any = None) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         found.append((path, f"value {show(value, _key(path))} is invalid: expected a finite "
                             f"number"))
@@ -98,7 +98,7 @@ def _leaf(tp, value, path: Path, found: list, shown: Any = None) -> Any:
         return _BAD
 
 
-def _struct(cls: type, value, path: Path, found: list, tag: str | None = None) -> Any:
+def _struct(cls: type, value, path: KeyPath, found: list, tag: str | None = None) -> Any:
     if isinstance(value, cls):
         return value
     if not isinstance(value, dict):
@@ -133,7 +133,7 @@ def _struct(cls: type, value, path: Path, found: list, tag: str | None = None) -
     return out
 
 
-def _tagged(classes: list[type], value, path: Path, found: list) -> Any:
+def _tagged(classes: list[type], value, path: KeyPath, found: list) -> Any:
     """One of several structs, told apart by their tag key (a source's `type`)."""
     if isinstance(value, tuple(classes)):
         return value
@@ -162,7 +162,7 @@ def _unknown(key, value) -> str:
     return f"unknown key (value {show(value, key)}); check the spelling"
 
 
-def _key(path: Path):
+def _key(path: KeyPath):
     return path[-1] if path else None
 
 
@@ -206,7 +206,7 @@ def _one_of(kinds: list[str]) -> str:
 _PLAIN_KEY = re.compile(r"[^\s.\[\]'\"]+")
 
 
-def fmt_path(loc: Path) -> str:
+def fmt_path(loc: KeyPath) -> str:
     out = ""
     for part in loc:
         if isinstance(part, str) and _PLAIN_KEY.fullmatch(part):

@@ -38,7 +38,8 @@ class MetricsConfig(Strict):
         m = _LISTEN.match(str(self.listen).strip())
         if not m or not 0 < int(m["port"]) < 65536:
             raise KeyProblem("listen", f"expected {_LISTEN_WANTED}")
-        msgspec.structs.force_setattr(self, "listen", f"{m['host'] or '127.0.0.1'}:{int(m['port'])}")
+        host_port = f"{m['host'] or '127.0.0.1'}:{int(m['port'])}"
+        msgspec.structs.force_setattr(self, "listen", host_port)
 
     @property
     def address(self) -> tuple[str, int]:

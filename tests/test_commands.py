@@ -99,7 +99,9 @@ def test_unshelve_lifts_it_at_once(engine):
 
 def test_recalibrate_ends_the_alert_and_reports_learning(tmp_path):
     path, _ = make_model(tmp_path / "m.onnx", window=W, channels=["a", "b", "c"])
-    e = Engine(build(DetectionConfig, {"node": "n", "calibration": {"enabled": True, "samples": 20, "margin": 5.0},
+    e = Engine(build(
+        DetectionConfig,
+        {"node": "n", "calibration": {"enabled": True, "samples": 20, "margin": 5.0},
          "alerts": {"open_k": 1, "open_n": 1, "close_m": 50}}), Detector(str(path)))
     rng = np.random.default_rng(0)
     feed(e, rng.normal(0, 1, (40, 3)), 1e9)

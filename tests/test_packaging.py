@@ -35,7 +35,7 @@ def test_the_daemon_imports_and_loads_its_config_without_pydantic():
     not come back into its import graph, nor into the runtime's dependencies."""
     code = ("import sys, agent.daemon; from agent.config import load_config; "
             f"load_config({str(EXAMPLE_CONFIG)!r}); "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_core')); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0].startswith('pydantic')); "
             "print(bad, 'msgspec' in sys.modules); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, f"the daemon imports {r.stdout.strip()} {r.stderr[-2000:]}"
