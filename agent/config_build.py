@@ -85,17 +85,25 @@ def _build(tp, value, path: KeyPath, found: list) -> Any:
 
 
 def _leaf(tp, value, path: KeyPath, found: list, shown: Any = None) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        found.append((path, f"value {show(value, _key(path))} is invalid: expected a finite "
-                            f"number"))
-        return _BAD
+    shown = value if shown is None else shown
     try:
-        return msgspec.convert(value, tp)
+        # not strict: a quoted number ("1883") or a whole float (2.0) is read as the number
+        # it says, as pydantic did; msgspec then checks its type and range
+        out = msgspec.convert(value, tp, strict=False)
     except msgspec.ValidationError:
-        shown = value if shown is None else shown
-        found.append((path, f"value {show(shown, _key(path))} is invalid: "
-                            f"expected {describe(tp)}"))
-        return _BAD
+        out = _BAD
+    if _non_finite(value) or _non_finite(out):     # a quoted "inf" too
+        expected = "a finite number"
+    elif out is _BAD:
+        expected = describe(tp)
+    else:
+        return out
+    found.append((path, f"value {show(shown, _key(path))} is invalid: expected {expected}"))
+    return _BAD
+
+
+def _non_finite(x) -> bool:
+    return isinstance(x, float) and not math.isfinite(x)
 
 
 def _struct(cls: type, value, path: KeyPath, found: list, tag: str | None = None) -> Any:

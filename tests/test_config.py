@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import msgspec
 
 from agent.config import AgentConfig, ConfigError, load_config, parse_config
+from agent.config_base import keys_set
 from agent.mqtt_client import MqttConfig, resolve_password
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +83,24 @@ def _all_keys(model: type[msgspec.Struct]) -> set[str]:
             elif get_origin(t) is not None:
                 stack.extend(get_args(t))
     return keys
+
+
+def test_configs_are_frozen_and_know_the_keys_their_file_set():
+    """The keys a file sets win over a model's policy (agent/policy.py), even when set to
+    the agent's default; a null section is all defaults and sets none."""
+    cfg = parse_config(BASE + "alerts:\n  open_k: 4\n  close_m: 12\nbuffer:\n")
+    assert keys_set(cfg.alerts) == {"open_k", "close_m"} and cfg.alerts.close_m == 12
+    assert keys_set(cfg.buffer) == frozenset() and keys_set(cfg.scoring) == frozenset()
+    assert cfg.buffer == parse_config(BASE).buffer
+    with pytest.raises(AttributeError):
+        cfg.alerts.open_k = 1
+
+
+def test_quoted_numbers_are_read_as_numbers_but_never_as_inf():
+    assert parse_config(BASE + "mqtt:\n  port: '1883'\n").mqtt.port == 1883
+    p = only(BASE + "alerts:\n  cooldown_s: 'inf'\n")
+    assert p == (f"<config>:{BASE_LINES + 2}: alerts.cooldown_s: value 'inf' is invalid: "
+                 f"expected a finite number")
 
 
 def test_example_optional_blocks_are_valid_when_uncommented():
