@@ -4,7 +4,7 @@ The real agent (`tsad-agent run`: MQTT source on `plant/+/sensors`, MQTT sink, D
 with its policy) runs under tracemalloc against a local Mosquitto.  Each of `--streams`
 counts gets its own agent; every stream is fed `--rows` samples (past its learning period,
 several adaptation epochs), `--per` samples per message; once the agent has taken every
-sample, it writes a heap snapshot (SIGUSR1, installed by this benchmark's wrapper, not by
+sample (each round of messages taken before the next is sent), it writes a heap snapshot (SIGUSR1, installed by this benchmark's wrapper, not by
 the agent).  Reported: heap bytes per stream between the two counts (fixed costs
 cancelled), by source file and by allocation line.  RSS per stream is
 `benchmarks/soak.py`'s; this says where the heap part of it lives.
@@ -56,7 +56,7 @@ def snapshot(a, streams: int, work: Path) -> Path:
         "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
                                                "stream_from_topic": 1, "protocol": "csv",
                                                "qos": 1, "max_streams": streams}}],
-        "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 1.0},
+        "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 0.2},
         "sinks": {"console": {"enabled": False}},
     }
     (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
@@ -85,8 +85,9 @@ def snapshot(a, streams: int, work: Path) -> Path:
                     f"{t0 + j:.3f},{text[(j + 97 * i) % a.rows]}"
                     for j in range(k, min(k + a.per, a.rows))), qos=1)
             sent += streams * min(a.per, a.rows - k)
-            # the agent under tracemalloc is slow: keep the broker's queue short
-            while (health.last or {}).get("samples_in", 0) < sent - 20 * streams * a.per:
+            # lock-step: the agent under tracemalloc is slow, and a step holding several
+            # messages of a stream would size its ring for larger blocks than the daemon's
+            while (health.last or {}).get("samples_in", 0) < sent:
                 time.sleep(0.05)
         deadline = time.monotonic() + 300
         while (health.last or {}).get("samples_in", 0) < sent and time.monotonic() < deadline:
