@@ -30,18 +30,14 @@ import numpy as np
 
 from .config import AlertConfig
 from .contract import top_channels
+from .standing import StandingCheck
 from .timestamps import iso_utc
 
 SCHEMA = 1
-STANDING_CHANGE = 0.25   # a settled score moves less than this (relative) per half span
 # Why an alert ended: the signal came back; the agent stopped cleanly; a reload changed
 # the model or the stream; an operator re-baselined the stream; the agent found the
 # alert still open at start after a crash (the outbox's record of open alerts).
 END_REASONS = ("recovered", "stopped", "reload", "rebaseline", "restart")
-
-
-_NONE = np.empty(0, np.float64)     # no scores yet: one shared empty array, not two a stream
-_NONE.flags.writeable = False
 
 
 def _num(v: float) -> float | None:
@@ -77,8 +73,9 @@ class AlertTracker:
         # open-alert state
         self.acknowledged = False
         self._last_score = float("nan")
-        # the open alert's recent scores (standing_after_s of them) and since when it stands
-        self._st_ts = self._st_sc = _NONE      # replaced, never written in place
+        # the open alert's recent scores (standing_after_s of them; only while one is open:
+        # a span at 100 Hz is a megabyte) and since when it stands
+        self._standing: StandingCheck | None = None
         self.standing_since: float | None = None
         self._start = 0.0
         self._peak = -np.inf
@@ -119,36 +116,22 @@ class AlertTracker:
         return self._event("update", self._last_score, threshold, None)
 
     def _track_standing(self, ts: np.ndarray, scores: np.ndarray, threshold: float) -> None:
-        """An open alert is standing once its score has settled: open at least
-        standing_after_s, still over the threshold, and the median score of the last half
-        of that span within 25 % of the half before (a new steady level, not a fault
-        still growing or fading)."""
+        """Feed the open alert's windows of this block to its standing check (agent/standing.py)."""
         if self.state != "anomaly":
-            self.standing_since = None
+            self.standing_since = self._standing = None
             return
-        keep = ts >= self._start
-        span = self.cfg.standing_after_s
-        t = np.concatenate([self._st_ts, ts[keep & (self.open_mask == 1)]])
-        sc = np.concatenate([self._st_sc, scores[keep & (self.open_mask == 1)]])
-        recent = t >= t[-1] - span if len(t) else np.zeros(0, bool)
-        self._st_ts, self._st_sc = t[recent], sc[recent]
-        settled = False
-        if len(t) and t[-1] - self._start >= span:
-            half = t[-1] - span / 2
-            a, b = self._st_sc[self._st_ts < half], self._st_sc[self._st_ts >= half]
-            if len(a) and len(b):
-                m1, m2 = float(np.median(a)), float(np.median(b))
-                settled = min(m1, m2) >= threshold and abs(m2 - m1) <= STANDING_CHANGE * m1
-        if not settled:
+        mine = (ts >= self._start) & (self.open_mask == 1)
+        self._standing.add(ts[mine], scores[mine])
+        if not self._standing.settled(self._start, threshold):
             self.standing_since = None
         elif self.standing_since is None:
-            self.standing_since = float(t[-1])
+            self.standing_since = self._standing.last_ts
 
     def rebaseline_due(self) -> bool:
         """Standing for alerts.rebaseline_after_s: the stream should learn its new normal."""
         after = self.cfg.rebaseline_after_s
         return (after is not None and self.state == "anomaly" and self.standing_since is not None
-                and float(self._st_ts[-1]) - self.standing_since >= after)
+                and self._standing.last_ts - self.standing_since >= after)
 
     def shelve(self, until: float) -> None:
         """No new alert opens on windows before sample time `until`; an open one runs on."""
@@ -161,7 +144,7 @@ class AlertTracker:
             return None
         self.state = "normal"
         ev = self._event("end", float("nan"), threshold, ts, reason)
-        self.standing_since = None
+        self.standing_since = self._standing = None
         return ev
 
     # ------------------------------------------------------------ update
@@ -220,7 +203,7 @@ class AlertTracker:
         p = onset + int(np.argmax(Sp[onset:j + 1]))
         self.state = "anomaly"
         self.acknowledged = False
-        self._st_ts = self._st_sc = _NONE
+        self._standing = StandingCheck(self.cfg.standing_after_s)
         self._start = float(T[onset])
         self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
         self._peak = float(Sp[p])
