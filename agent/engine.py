@@ -27,6 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .adaptation import SPAN
 from .alerts import AlertTracker
 from .baseline import Baseline
 from .config import DetectionConfig
@@ -99,7 +100,8 @@ class Engine:
         gap = c.buffer.gap_reset_s
         ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
                           ffill_max=c.buffer.ffill_max,
-                          gap_reset_s=None if gap == "auto" else gap, max_block=max(m.window, 64))
+                          gap_reset_s=None if gap == "auto" else gap,
+                          max_block=max(m.window, SPAN if c.adaptation.enabled else 64))
         pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source))
         tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
         st = Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
@@ -379,9 +381,11 @@ def _normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
         return scores, err
     c = err.shape[1]
     ones = np.ones(c)
-    rows = np.stack([ones if lv is None else lv for lv in levels])
-    if len(err) != len(due):
-        rows = np.repeat(rows, [len(w) for _, w in due], axis=0)
+    if len(err) == len(due):
+        rows = np.stack([ones if lv is None else lv for lv in levels])
+    else:       # a level per window where a piece spans adapted levels ([k, C])
+        rows = np.concatenate([np.broadcast_to(ones if lv is None else lv, (len(w), c))
+                               for lv, (_, w) in zip(levels, due)])
     shown = err / rows
     normed = np.add.reduce(shown, axis=1) / c
     if any(plain):      # a stream without a level keeps the model's own score
