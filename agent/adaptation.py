@@ -148,8 +148,10 @@ class Adapter:
         s = self._sums
         if s is None:
             s = self._sums = [None] * (4 if self._err is not None else 2)
-        for b in range(0, len(values), FOLD):
-            v = values[b:b + FOLD]
+        # one column is summed pairwise, not row after row: then by the buffer's blocks
+        step = FOLD if values.shape[1] == 1 else len(values)
+        for b in range(0, len(values), step):
+            v = values[b:b + step]
             s[j] = np.add.reduce(v, axis=0) if s[j] is None else \
                 np.add.reduce(np.concatenate((s[j][None], v)), axis=0)
         s[j + 1] = n if s[j + 1] is None else s[j + 1] + n
@@ -165,8 +167,8 @@ class Adapter:
         total, n, err_sum, err_n = self._epoch_sums()
         dt = self.pace.interval or 1.0
         self.scaler = self.scaler.moved(self._followed(self.scaler.mean, total, n, dt)) \
-            if n.any() else self.scaler
-        if self.level is not None and err_n.any():
+            if np.logical_or.reduce(n) else self.scaler
+        if self.level is not None and np.logical_or.reduce(err_n):
             self.level = self._followed(self.level, err_sum, err_n, dt, bounded=False)
         self.version += 1
         self._by_version[self.version] = (self.scaler, self.level)
@@ -178,10 +180,13 @@ class Adapter:
                   bounded: bool = True) -> np.ndarray:
         """`now` moved toward the epoch's means total / n by the EWMA weight of n samples,
         on the channels with n > 0 (all of them, usually: then without indexing)."""
-        out = now.copy()
-        used = slice(None) if n.all() else n > 0
-        alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
-        out[used] += alpha * (total[used] / n[used] - out[used])
+        used = n > 0
+        if np.logical_and.reduce(used):
+            out = now + (1.0 - np.exp(-n * dt / self.cfg.time_constant_s)) * (total / n - now)
+        else:
+            out = now.copy()
+            alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
+            out[used] += alpha * (total[used] / n[used] - out[used])
         if bounded and self.cfg.max_shift is not None:
             lim = self.cfg.max_shift * self.learned.std
             out = np.clip(out, self.learned.mean - lim, self.learned.mean + lim)
