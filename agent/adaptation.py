@@ -84,6 +84,8 @@ class Adapter:
         end and every `most` samples within an epoch, where an ingest of one epoch of
         `most` samples at most used to end (the smoother's blocks: see Stream.conclude)."""
         out, i, end = [], self.ingested, self.ingested + k
+        if k <= most and end <= (i // EPOCH + 1) * EPOCH:    # one part (a daemon's samples)
+            return [(0, k, max(i // EPOCH - LAG, 0))]
         while i < end:
             e = i // EPOCH
             j = min(end, (e + 1) * EPOCH, i + most)
