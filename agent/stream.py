@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .alerts import AlertTracker
-from .adaptation import CHANNEL_OK, Adapter
+from .adaptation import CHANNEL_OK, EPOCH, Adapter
 from .baseline import Baseline
 from .config import AdaptationConfig
 from .contract import score_windows
@@ -148,6 +148,10 @@ class Stream:
         # up to LAG + 1 epochs at once (each scaled by its own version): one ring push,
         # one conclusion and one engine call for up to 192 windows
         k = min(len(ts), self.adapter.room())
+        if self.tracker.cfg.rebaseline_after_s is not None:
+            # the engine re-baselines between ingests: where one epoch (of max_batch at
+            # most) per ingest did, so a long chunk re-baselines at the same sample
+            k = min(k, self.max_batch, EPOCH - self.adapter.ingested % EPOCH)
         if k == 0:
             return 0, None
         parts = self.adapter.pieces(k, self.max_batch)
