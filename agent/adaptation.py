@@ -105,26 +105,36 @@ class Adapter:
         """The concluded samples of one piece (of one or more epochs), in order: raw values
         [n, C], which values may be learned from (bool [n, C] or [n, 1]; None: none of
         them), and the errors [n, C] of their windows (NaN for a sample without one)."""
-        a, m = 0, len(raw)
+        m = len(raw)
+        if self._filled + m < FOLD:     # into the buffer, nothing to fold (a daemon's samples)
+            self._buffer(raw, ok, err)
+            return
+        a = 0
         while a < m:
             t = min(m - a, FOLD - self._filled)
             if t == FOLD:       # whole folds up to the epoch's end, straight from the piece
                 t = min(m - a, EPOCH - self.seen % EPOCH) // FOLD * FOLD
                 self._fold(np.asarray(raw[a:a + t], np.float32), None if ok is None else ok[a:a + t],
                            None if err is None or self._err is None else err[a:a + t])
+                self.seen += t
             else:
-                i = self._filled
-                self._raw[i:i + t] = raw[a:a + t]
-                self._ok[i:i + t] = False if ok is None else ok[a:a + t]
-                if self._err is not None:
-                    self._err[i:i + t] = np.nan if err is None else err[a:a + t]
-                self._filled = (i + t) % FOLD
-                if not self._filled:
+                self._buffer(raw[a:a + t], None if ok is None else ok[a:a + t],
+                             None if err is None else err[a:a + t])
+                if self._filled == FOLD:
+                    self._filled = 0
                     self._fold(self._raw, self._ok, self._err)
             a += t
-            self.seen += t
             if not self._filled and self.seen % EPOCH == 0:    # FOLD divides EPOCH
                 self._end_epoch()
+
+    def _buffer(self, raw: np.ndarray, ok: np.ndarray | None, err: np.ndarray | None) -> None:
+        i, m = self._filled, len(raw)
+        self._raw[i:i + m] = raw
+        self._ok[i:i + m] = False if ok is None else ok
+        if self._err is not None:
+            self._err[i:i + m] = np.nan if err is None else err
+        self._filled = i + m
+        self.seen += m
 
     def _fold(self, raw: np.ndarray, ok: np.ndarray | None, err: np.ndarray | None) -> None:
         """Add rows (float32, whole FOLDs of one epoch) to the epoch's sums: the buffer's, or

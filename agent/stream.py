@@ -158,14 +158,17 @@ class Stream:
         self.adapter.took(k)
         ts, values = ts[:k], values[:k]
         self._took(ts)
-        w = self._push(ts, self._scaled(values, parts))
-        self._pieces.append(self._piece(values, w, parts))
+        if len(parts) == 1:     # one version (a daemon's samples)
+            scaler, level = self.adapter.at(parts[0][2])
+            w = self._push(ts, scaler.apply(values))
+            self._pieces.append([values, w is not None, level, None, None])
+        else:
+            w = self._push(ts, self._scaled(values, parts))
+            self._pieces.append(self._piece(values, w, parts))
         self._settle()
         return k, w
 
     def _scaled(self, values: np.ndarray, parts: list) -> np.ndarray:
-        if len(parts) == 1:
-            return self.adapter.at(parts[0][2])[0].apply(values)
         out = np.empty(values.shape, np.float32)
         for a, b, v in parts:
             out[a:b] = self.adapter.at(v)[0].apply(values[a:b])
@@ -178,8 +181,6 @@ class Stream:
         (None: one block)]."""
         if w is None:
             return [values, False, None, None, None]
-        if len(parts) == 1:
-            return [values, True, self.adapter.at(parts[0][2])[1], None, None]
         ends = np.searchsorted(w.rows, [b for _, b, _ in parts]).tolist()
         counts = [b - a for a, b in zip([0] + ends, ends)]
         levels = [self.adapter.at(v)[1] for (_, _, v), n in zip(parts, counts) if n]
