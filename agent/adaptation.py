@@ -21,7 +21,9 @@ warm-up, shifts and seasons do not turn into standing alarms.  Rules:
   scaled with the mean as it stood after epoch i // EPOCH - 2 ended (version v = the
   mean after epochs < v).  So the daemon fed one sample at a time and `evaluate`
   feeding 256-row chunks compute the same scores, bit for bit, and the lag (at most
-  3 epochs) is negligible against any useful time constant.
+  3 epochs) is negligible against any useful time constant.  The lag also lets one
+  ingest hold up to LAG + 1 epochs (SPAN samples), each scaled by its own version: a
+  long chunk costs one pass of the engine per 192 samples instead of per 64.
 - The std stays as learned: a variance that grows is itself a symptom (vibration).
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .contract import StreamScaler
 EPOCH = 64          # samples per scaler version
 FOLD = 32           # concluded samples buffered before they are added to the epoch's sums
 LAG = 2             # versions between a sample and the scaler that scales it
+SPAN = (LAG + 1) * EPOCH    # the most samples one ingest holds (Adapter.room)
 CHANNEL_OK = 4.0    # error (squared) within this x the channel's typical error: normal
 
 
@@ -72,16 +75,23 @@ class Adapter:
 
     # ------------------------------------------------------------ ingest side
     def room(self) -> int:
-        """Samples the stream may ingest now: to the end of the current epoch, and only
-        while the scaler that epoch needs exists."""
-        epoch = self.ingested // EPOCH
-        if epoch - LAG > self.version:
-            return 0
-        return (epoch + 1) * EPOCH - self.ingested
+        """Samples the stream may ingest now: up to the end of the last epoch whose scaler
+        exists (epoch version + LAG), so one ingest may hold up to LAG + 1 epochs."""
+        return max((self.version + LAG + 1) * EPOCH - self.ingested, 0)
 
-    def version_now(self) -> int:
-        """The version that scales (and then scores) the samples `room()` allows."""
-        return max(self.ingested // EPOCH - LAG, 0)
+    def pieces(self, k: int, most: int) -> list[tuple[int, int, int]]:
+        """(start, end, version) of the next k samples, in order: cut at every epoch's
+        end and every `most` samples within an epoch, where an ingest of one epoch of
+        `most` samples at most used to end (the smoother's blocks: see Stream.conclude)."""
+        out, i, end = [], self.ingested, self.ingested + k
+        if k <= most and end <= (i // EPOCH + 1) * EPOCH:    # one part (a daemon's samples)
+            return [(0, k, max(i // EPOCH - LAG, 0))]
+        while i < end:
+            e = i // EPOCH
+            j = min(end, (e + 1) * EPOCH, i + most)
+            out.append((i - self.ingested, j - self.ingested, max(e - LAG, 0)))
+            i = j
+        return out
 
     def at(self, version: int) -> tuple[StreamScaler, np.ndarray | None]:
         """(scaler, error level) of a version still in use."""
@@ -92,53 +102,71 @@ class Adapter:
 
     # ------------------------------------------------------------ conclude side
     def observe(self, raw: np.ndarray, ok: np.ndarray | None, err: np.ndarray | None = None) -> None:
-        """The concluded samples of one piece (inside one epoch), in order: raw values
+        """The concluded samples of one piece (of one or more epochs), in order: raw values
         [n, C], which values may be learned from (bool [n, C] or [n, 1]; None: none of
         them), and the errors [n, C] of their windows (NaN for a sample without one)."""
-        i, m = self._filled, len(raw)
-        if i + m > FOLD:            # more than the buffer holds (replay's long pieces)
-            k = FOLD - i
-            self.observe(raw[:k], None if ok is None else ok[:k], None if err is None else err[:k])
-            self.observe(raw[k:], None if ok is None else ok[k:], None if err is None else err[k:])
+        m = len(raw)
+        if self._filled + m < FOLD:     # into the buffer, nothing to fold (a daemon's samples)
+            self._buffer(raw, ok, err)
             return
+        a = 0
+        while a < m:
+            t = min(m - a, FOLD - self._filled)
+            if t == FOLD:       # whole folds up to the epoch's end, straight from the piece
+                t = min(m - a, EPOCH - self.seen % EPOCH) // FOLD * FOLD
+                self._fold(np.asarray(raw[a:a + t], np.float32), None if ok is None else ok[a:a + t],
+                           None if err is None or self._err is None else err[a:a + t])
+                self.seen += t
+            else:
+                self._buffer(raw[a:a + t], None if ok is None else ok[a:a + t],
+                             None if err is None else err[a:a + t])
+                if self._filled == FOLD:
+                    self._filled = 0
+                    self._fold(self._raw, self._ok, self._err)
+            a += t
+            if not self._filled and self.seen % EPOCH == 0:    # FOLD divides EPOCH
+                self._end_epoch()
+
+    def _buffer(self, raw: np.ndarray, ok: np.ndarray | None, err: np.ndarray | None) -> None:
+        i, m = self._filled, len(raw)
         self._raw[i:i + m] = raw
         self._ok[i:i + m] = False if ok is None else ok
         if self._err is not None:
             self._err[i:i + m] = np.nan if err is None else err
         self._filled = i + m
         self.seen += m
-        if i + m == FOLD:           # an epoch ends with a full buffer: FOLD divides EPOCH
-            self._fold()
-            if self.seen % EPOCH == 0:
-                self._end_epoch()
 
-    def _fold(self) -> None:
-        """Add the buffered rows to the epoch's sums.  A reduction along the rows adds them
-        one after the other, so continuing it from the sums so far gives the bits that one
-        reduction over the whole epoch gives (counts are whole numbers: exact anyway)."""
-        f, self._filled = self._filled, 0
-        x, ok = self._raw[:f].astype(np.float64), self._ok[:f]
-        ok &= np.abs(x - self.scaler.mean) <= self._gate      # NaN compares False
+    def _fold(self, raw: np.ndarray, ok: np.ndarray | None, err: np.ndarray | None) -> None:
+        """Add rows (float32, whole FOLDs of one epoch) to the epoch's sums: the buffer's, or
+        a long piece's without copying them into it."""
+        x = raw.astype(np.float64)
+        near = np.abs(x - self.scaler.mean) <= self._gate      # NaN compares False
+        ok = np.zeros(x.shape, bool) if ok is None else near & ok
         if not math.isfinite(self.cfg.gate):
             ok &= np.isfinite(x)
         # ufunc reductions: the sums .sum() computes, without its wrapper
         self._add(0, np.where(ok, x, 0.0), ok)
         if self._err is not None:
-            e = self._err[:f]
+            e = np.full(x.shape, np.nan) if err is None else err
             e_ok = ok & np.isfinite(e)
             self._add(2, np.where(e_ok, e, 0.0), e_ok)
 
     def _add(self, j: int, values: np.ndarray, counted: np.ndarray) -> None:
-        """Continue sums j (values) and j + 1 (their count) with these rows."""
+        """Continue sums j (values) and j + 1 (their count) with these rows, FOLD at a time
+        as the buffer adds them: a reduction along the rows adds them one after the other,
+        so continuing it from the sums so far gives the bits that one reduction over the
+        whole epoch gives (counts are whole numbers: exact in any order)."""
         n = np.add.reduce(counted, axis=0, dtype=np.float64)
         s = self._sums
         if s is None:
             s = self._sums = [None] * (4 if self._err is not None else 2)
-        if s[j] is None:
-            s[j], s[j + 1] = np.add.reduce(values, axis=0), n
-        else:
-            s[j] = np.add.reduce(np.concatenate((s[j][None], values)), axis=0)
-            s[j + 1] += n
+        # one column is summed pairwise, not row after row: then by the buffer's blocks
+        step = FOLD if values.shape[1] == 1 else len(values)
+        for b in range(0, len(values), step):
+            v = values[b:b + step]
+            s[j] = np.add.reduce(v, axis=0) if s[j] is None else \
+                np.add.reduce(np.concatenate((s[j][None], v)), axis=0)
+        s[j + 1] = n if s[j + 1] is None else s[j + 1] + n
 
     def _epoch_sums(self) -> tuple[np.ndarray, ...]:
         """(sum, count) of the epoch's learnable values and of their errors, per channel;
@@ -151,8 +179,8 @@ class Adapter:
         total, n, err_sum, err_n = self._epoch_sums()
         dt = self.pace.interval or 1.0
         self.scaler = self.scaler.moved(self._followed(self.scaler.mean, total, n, dt)) \
-            if n.any() else self.scaler
-        if self.level is not None and err_n.any():
+            if np.logical_or.reduce(n) else self.scaler
+        if self.level is not None and np.logical_or.reduce(err_n):
             self.level = self._followed(self.level, err_sum, err_n, dt, bounded=False)
         self.version += 1
         self._by_version[self.version] = (self.scaler, self.level)
@@ -164,10 +192,13 @@ class Adapter:
                   bounded: bool = True) -> np.ndarray:
         """`now` moved toward the epoch's means total / n by the EWMA weight of n samples,
         on the channels with n > 0 (all of them, usually: then without indexing)."""
-        out = now.copy()
-        used = slice(None) if n.all() else n > 0
-        alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
-        out[used] += alpha * (total[used] / n[used] - out[used])
+        used = n > 0
+        if np.logical_and.reduce(used):
+            out = now + (1.0 - np.exp(-n * dt / self.cfg.time_constant_s)) * (total / n - now)
+        else:
+            out = now.copy()
+            alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
+            out[used] += alpha * (total[used] / n[used] - out[used])
         if bounded and self.cfg.max_shift is not None:
             lim = self.cfg.max_shift * self.learned.std
             out = np.clip(out, self.learned.mean - lim, self.learned.mean + lim)

@@ -27,6 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .adaptation import SPAN
 from .alerts import AlertTracker
 from .baseline import Baseline
 from .config import DetectionConfig
@@ -99,7 +100,8 @@ class Engine:
         gap = c.buffer.gap_reset_s
         ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
                           ffill_max=c.buffer.ffill_max,
-                          gap_reset_s=None if gap == "auto" else gap, max_block=max(m.window, 64))
+                          gap_reset_s=None if gap == "auto" else gap,
+                          max_block=max(m.window, SPAN if c.adaptation.enabled else 64))
         pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source))
         tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
         st = Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
@@ -366,9 +368,8 @@ def _add_level(due: list[tuple[Stream, Windows]], scores: np.ndarray, err: np.nd
 def _normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
                 err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(scores, errors as shown) of every due window: each stream's errors divided by its
-    `shown_level()` and the score their mean, for all streams in one division (500
-    streams x 1 window: not 500 divisions of one row).  Row by row the same arithmetic
-    as one stream alone: np.mean's (sum, then divide by the count) without its wrapper."""
+    `shown_level()` and the score their mean, for all streams in one division (500 x 1
+    window: not 500 divisions of a row).  Row by row one stream's arithmetic alone."""
     nth: dict[int, int] = {}       # a stream may have several windows due (its pieces)
     levels = []
     for st, _ in due:
@@ -378,10 +379,13 @@ def _normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
     if all(plain):
         return scores, err
     c = err.shape[1]
-    ones = np.ones(c)
-    rows = np.stack([ones if lv is None else lv for lv in levels])
-    if len(err) != len(due):
-        rows = np.repeat(rows, [len(w) for _, w in due], axis=0)
+    rows = [np.ones(c) if lv is None else lv for lv in levels]
+    if len(err) == len(due):
+        rows = np.stack(rows)
+    elif all(r.ndim == 1 for r in rows):
+        rows = np.repeat(np.stack(rows), [len(w) for _, w in due], axis=0)
+    else:       # a level per window where a piece spans adapted levels ([k, C])
+        rows = np.concatenate([np.broadcast_to(r, (len(w), c)) for r, (_, w) in zip(rows, due)])
     shown = err / rows
     normed = np.add.reduce(shown, axis=1) / c
     if any(plain):      # a stream without a level keeps the model's own score

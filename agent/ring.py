@@ -1,16 +1,19 @@
 """Per-stream sliding window over incoming samples.
 
-The buffer holds `window + max_block` rows (float32), written front to back; the
+The buffer holds `window + room` rows (float32), written front to back; the
 newest `window` rows always end at the write position.  A block that does not fit
 behind them first moves those `window` rows to the front, so the rows needed by a
 whole block (W-1 old ones plus the block) are one contiguous slice, and the due
 windows are gathered from it in a single fancy-indexing copy.  Each row is written
-once, plus once more per move: with max_block >= window about two writes per
-sample, as many as a mirrored ring makes, in half its memory (memory per stream:
-(window + max_block) x channels x 4 bytes, test_ring.py checks it).  While only small
-blocks come (a daemon's few samples per step), a move shrinks the room behind the
-window to SPARE rows (a quarter less memory at window 64, a 2 KB move every 16
-samples); the first larger block makes it max_block rows again.  All other
+once, plus once more per move: with blocks of about a window about two writes per
+sample, as many as a mirrored ring makes, in half its memory.  The room behind the
+window is sized at each move by the largest block since the last one: SPARE rows
+while only small blocks come (a daemon's few samples per step: a quarter less memory
+at window 64, a 2 KB move every 16 samples), that block's rows once one was larger,
+never more than max_block (memory per stream: at most (window + max_block) x
+channels x 4 bytes, test_ring.py checks it).  So a replay's long blocks (an ingest
+of several adaptation epochs) get the room they need without a daemon's streams,
+which saw such a block only at the end of their learning period, keeping it.  All other
 work (forward fill, NaN bookkeeping, stride schedule) is vectorised over the block,
 so the cost per appended sample is O(C) however long the stream runs.
 
@@ -65,7 +68,7 @@ class RingBuffer:
         self.ffill_max = ffill_max
         self.gap_reset_s = gap_reset_s
         self.max_block = max_block
-        self._buf = np.full((window + max_block, channels), np.nan, dtype=np.float32)
+        self._buf = np.full((window + min(SPARE, max_block), channels), np.nan, np.float32)
         self._end = window       # write position: the newest `window` rows end here
         self._largest = 0        # the largest block since the last move (its cause included)
         self._offsets = _window_offsets(window)
@@ -200,10 +203,9 @@ class RingBuffer:
 
     def _move_front(self, largest: int) -> None:
         """Move the newest `window` rows to the front, into a buffer with room for the
-        `largest` block since the last move (this one included): SPARE rows behind them
-        while all were that small, max_block rows once one was larger."""
+        `largest` block since the last move (this one included), SPARE rows at least."""
         W, end = self.window, self._end
-        room = self.max_block if largest > SPARE else min(SPARE, self.max_block)
+        room = min(max(largest, SPARE), self.max_block)
         if W + room == len(self._buf):
             self._buf[:W] = self._buf[end - W:end]
         else:
@@ -245,5 +247,9 @@ class RingBuffer:
                 due = due[ok]
         # region = the W-1 rows before this block + the block, contiguous (see _write)
         region = self._buf[self._end - (W - 1 + m):self._end]
-        x = region.take(due[:, None] + self._offsets[None, :], axis=0)
+        if len(due) == 1:       # one window (a daemon's sample): a slice, not a gather
+            d = int(due[0])
+            x = region[None, d:d + W].copy()
+        else:
+            x = region.take(due[:, None] + self._offsets[None, :], axis=0)
         return Windows(ts[due], x, due.astype(np.int64, copy=False))

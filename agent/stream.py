@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .alerts import AlertTracker
-from .adaptation import CHANNEL_OK, Adapter
+from .adaptation import CHANNEL_OK, EPOCH, Adapter
 from .baseline import Baseline
 from .config import AdaptationConfig
 from .contract import score_windows
@@ -132,30 +132,63 @@ class Stream:
     # ------------------------------------------------------------ step, first half
     def ingest(self, ts: np.ndarray, values: np.ndarray, infer: Infer) -> tuple[int, Windows | None]:
         """Raw samples in: (how many it took, the windows now due or None).  It takes fewer
-        than offered at the end of a learning period, of an adaptation epoch, or of
-        `max_batch`; 0 when its scaler waits for earlier windows to be concluded."""
+        than offered at the end of a learning period, of the adaptation epochs whose
+        scalers exist (LAG + 1 at most), or (without adaptation) of `max_batch`; 0 when
+        its scaler waits for earlier windows to be concluded."""
         if self.baseline.learning:
             k = self.baseline.hold(ts, values)
             self._took(ts[:k])
             if self.baseline.period_over:
                 self._end_learning(infer)
             return k, None
-        k = min(len(ts), self.max_batch)
-        scaler = self.scaler
-        if self.adapter is not None:
-            k = min(k, self.adapter.room())
-            if k == 0:
-                return 0, None
-            version = self.adapter.version_now()
-            scaler = self.adapter.at(version)[0]
-            self.adapter.took(k)
+        if self.adapter is None:
+            k = min(len(ts), self.max_batch)
+            self._took(ts[:k])
+            return k, self._push(ts[:k], self.baseline.scaler.apply(values[:k]))
+        # up to LAG + 1 epochs at once (each scaled by its own version): one ring push,
+        # one conclusion and one engine call for up to 192 windows
+        k = min(len(ts), self.adapter.room())
+        if self.tracker.cfg.rebaseline_after_s is not None:
+            # the engine re-baselines between ingests: where one epoch (of max_batch at
+            # most) per ingest did, so a long chunk re-baselines at the same sample
+            k = min(k, self.max_batch, EPOCH - self.adapter.ingested % EPOCH)
+        if k == 0:
+            return 0, None
+        parts = self.adapter.pieces(k, self.max_batch)
+        self.adapter.took(k)
         ts, values = ts[:k], values[:k]
         self._took(ts)
-        w = self._push(ts, scaler.apply(values))
-        if self.adapter is not None:
-            self._pieces.append([values, w is not None, version, None])
-            self._settle()
+        if len(parts) == 1:     # one version (a daemon's samples)
+            scaler, level = self.adapter.at(parts[0][2])
+            w = self._push(ts, scaler.apply(values))
+            self._pieces.append([values, w is not None, level, None, None])
+        else:
+            w = self._push(ts, self._scaled(values, parts))
+            self._pieces.append(self._piece(values, w, parts))
+        self._settle()
         return k, w
+
+    def _scaled(self, values: np.ndarray, parts: list) -> np.ndarray:
+        out = np.empty(values.shape, np.float32)
+        for a, b, v in parts:
+            out[a:b] = self.adapter.at(v)[0].apply(values[a:b])
+        return out
+
+    def _piece(self, values: np.ndarray, w: Windows | None, parts: list) -> list:
+        """A pending piece: [raw, True (awaiting scores) | False (no window), the error
+        level of its windows ([C], [windows, C] when its parts' levels differ, or None),
+        errors (once concluded), the window counts that end its parts' smoother blocks
+        (None: one block)]."""
+        if w is None:
+            return [values, False, None, None, None]
+        ends = np.searchsorted(w.rows, [b for _, b, _ in parts]).tolist()
+        counts = [b - a for a, b in zip([0] + ends, ends)]
+        levels = [self.adapter.at(v)[1] for (_, _, v), n in zip(parts, counts) if n]
+        lv = levels[0]
+        if any(x is not lv for x in levels):
+            lv = np.repeat(np.stack(levels), [n for n in counts if n], axis=0)
+        cuts = [e for e, n in zip(ends, counts) if n]
+        return [values, True, lv, None, cuts if len(cuts) > 1 else None]
 
     def _took(self, ts: np.ndarray) -> None:
         if not len(ts):
@@ -206,17 +239,13 @@ class Stream:
     # ------------------------------------------------------------ step, second half
     def shown_level(self, i: int = 0) -> np.ndarray | None:
         """The error level the i-th windows `ingest` returned and `conclude` has not taken
-        yet are normalised by (None: they are not): the engine divides every stream's
-        errors by theirs at once.  Each of them has its piece (and its adapted level)."""
+        yet are normalised by ([C], or [windows, C] when they span adapted levels; None:
+        they are not): the engine divides every stream's errors by theirs at once."""
         if not self.normalize:
             return None
         if self.adapter is None:
             return self.baseline.level
-        return self.adapter.at([p for p in self._pieces if p[1] is True][i][2])[1]
-
-    def _level(self) -> np.ndarray | None:
-        piece = self._pieces[0] if self.adapter is not None else None
-        return self.adapter.at(piece[2])[1] if piece is not None else self.baseline.level
+        return [p for p in self._pieces if p[1] is True][i][2]
 
     def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray,
                  shown: np.ndarray) -> StreamResult:
@@ -224,8 +253,12 @@ class Stream:
         unsmoothed, `err` the per-channel errors, `shown` them as alerts show them and
         `scores` sums them: divided by `shown_level()` when that is not None."""
         piece = self._pieces[0] if self.adapter is not None else None
-        level = self._level()
-        s = self.smoother.update(scores)
+        level = piece[2] if piece is not None else self.baseline.level
+        if piece is None or piece[4] is None:
+            s = self.smoother.update(scores)
+        else:       # the blocks one epoch (of max_batch at most) per ingest gave: same bits
+            s = np.concatenate([self.smoother.update(scores[a:b])
+                                for a, b in zip([0] + piece[4], piece[4])])
         thr = self.baseline.threshold
         events = self.tracker.update(w.ts, s, thr, shown)
         if piece is not None:
@@ -284,7 +317,7 @@ class Stream:
         no normal sample; one still awaiting its scores stops the queue)."""
         q = self._pieces
         while q and q[0][1] is not True:
-            raw, ok, _, err = q.pop(0)
+            raw, ok, _, err, _ = q.pop(0)
             self.adapter.observe(raw, ok if ok is not False else None, err)
 
     def relearn(self) -> dict | None:

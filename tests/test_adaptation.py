@@ -120,6 +120,33 @@ def test_a_standing_alert_re_baselines_when_asked(model):
     assert stays.events[-1]["standing"] is True
 
 
+def test_a_long_chunk_re_baselines_where_one_epoch_per_ingest_does(model, monkeypatch):
+    """An ingest may hold several epochs, but the engine re-baselines between ingests:
+    with rebaseline_after_s a stream still takes one epoch per ingest, so 1000-sample
+    chunks end the alert and learn again at the sample one epoch per ingest gives."""
+    from agent import adaptation
+    level = np.concatenate([np.zeros(LEARN + 200), np.full(3000, RISE)])
+    vals = series(len(level), level)
+    # due inside the first two epochs of a 3-epoch ingest (300 s: inside its last one)
+    over = {"alerts": {"standing_after_s": 120, "rebaseline_after_s": 340, "close_m": 10}}
+
+    def events():
+        rec = run(engine(model, **over), vals, block=1000)
+        return [(ev["type"], ev.get("reason"), ev["start"], ev["end"]) for ev in rec.events]
+
+    got = events()
+    one = adaptation.Adapter.room
+
+    def one_epoch(self):        # one epoch per ingest (max_batch is 64 here)
+        if self.ingested // EPOCH - adaptation.LAG > self.version:
+            return 0
+        return min(one(self), EPOCH - self.ingested % EPOCH)
+
+    monkeypatch.setattr(adaptation.Adapter, "room", one_epoch)
+    assert ("end", "rebaseline") in [e[:2] for e in got]
+    assert got == events()
+
+
 def test_a_long_drifting_normal_replay_stays_quiet(model, tmp_path):
     """Two days of a sensor that wanders (a daily cycle of 6 stds and a slow trend), replayed
     like `tsad-agent replay`: alerts open on at most 1 % of rows."""

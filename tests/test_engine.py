@@ -317,9 +317,11 @@ def test_errors_normalised_at_once_as_stream_by_stream():
             return self.k
 
     rng = np.random.default_rng(2)
-    parts = [Due(rng.random(3) + 0.5, 2), Due(None, 3), Due(rng.random(3) + 0.5, 1)]
-    err = rng.random((6, 3))
-    scores = rng.random(6)
+    # a level per window where a stream's windows span adapted levels
+    parts = [Due(rng.random(3) + 0.5, 2), Due(None, 3), Due(rng.random(3) + 0.5, 1),
+             Due(rng.random((2, 3)) + 0.5, 2)]
+    err = rng.random((8, 3))
+    scores = rng.random(8)
     got_scores, shown = _normalized([(d, d) for d in parts], scores, err)
     off = 0
     for d in parts:
@@ -345,3 +347,43 @@ def test_a_step_of_many_adaptation_epochs_scores_as_epoch_by_epoch(model):
            for b in (256, 64)]
     assert len(got[0]) == len(got[1]) > 2000
     np.testing.assert_allclose(got[0], got[1], rtol=1e-9)
+
+
+@pytest.mark.parametrize("block,max_batch,stride", [(256, 256, 1), (1000, 24, 1), (700, 64, 3)])
+def test_an_ingest_of_several_epochs_scores_as_one_epoch_per_ingest(model, monkeypatch, block,
+                                                                    max_batch, stride):
+    """An ingest may hold up to LAG + 1 adaptation epochs, each scaled by its own version;
+    bit for bit what one epoch (of max_batch samples at most) per ingest gives: scores
+    smoothed in the same blocks, alerts, and the adapted mean and level."""
+    from agent import adaptation
+    over = {"calibration": {"enabled": True, "samples": 200, "margin": 1.5},
+            "adaptation": {"enabled": True, "time_constant_s": 60.0},
+            "scoring": {"normalize": "channel", "smoothing": 5}, "buffer": {"stride": stride},
+            "alerts": {"open_k": 3, "open_n": 5, "close_m": 5, "update_interval_s": 30.0}}
+    v = normal(4000, seed=5)
+    v[:, 0] += np.linspace(0.0, 3.0, 4000, dtype=np.float32)   # levels and means move
+    v[1500:1700, 1] += 6.0        # an alert: its channel is frozen, the others learn
+    v[2600:2650, 2] += 9.0
+
+    def run():
+        e = engine_for(model, max_batch=max_batch, **over)
+        res = feed(e, "s", v, block=block)
+        ad = e.streams["s"].adapter
+        return ([np.concatenate([getattr(r, f) for r in res]).tobytes()
+                 for f in ("ts", "scores", "labels", "alert_open")],
+                [ev for r in res for ev in r.events], ad.version, ad.scaler.mean.tobytes(),
+                ad.level.tobytes()), max(len(r.ts) for r in res)
+
+    got, most = run()
+    one = adaptation.Adapter.room
+
+    def one_epoch(self):        # the ingest of one epoch, of max_batch at most
+        if self.ingested // adaptation.EPOCH - adaptation.LAG > self.version:
+            return 0
+        return min(one(self), max_batch, adaptation.EPOCH - self.ingested % adaptation.EPOCH)
+
+    monkeypatch.setattr(adaptation.Adapter, "room", one_epoch)
+    want, most_one = run()
+    assert most > most_one      # windows of several epochs per ingest, then of one
+    assert got[2] > 50 and b"\x01" in got[0][3]          # epochs adapted; an alert opened
+    assert got == want

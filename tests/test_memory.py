@@ -107,6 +107,31 @@ def test_the_adapter_sums_an_epoch_to_the_bits_of_one_reduction(pieces):
     assert math.isfinite(float(ad.scaler.mean.sum()))
 
 
+@pytest.mark.parametrize("c", [1, 3])
+def test_pieces_of_several_epochs_adapt_as_any_other_split(c):
+    """A piece of several epochs (folded straight from the piece, whole epochs at once)
+    adapts to the bits of one sample at a time (through the buffer), for one channel
+    (which numpy sums pairwise, so by the buffer's blocks) as for several."""
+    rng = np.random.default_rng(0)
+    n = 3 * EPOCH
+    raw = rng.normal(2.0, 1.5, (n, c)).astype(np.float32)
+    ok = rng.random((n, 1)) > 0.1
+    # errors of many magnitudes: their sums round, so the order of the additions shows
+    err = rng.random((n, c)) * 10.0 ** rng.uniform(-3, 3, (n, c))
+    cfg = AdaptationConfig(enabled=True, time_constant_s=60, gate=3.0)
+    got = set()
+    for pieces in ([n], [1] * n, [EPOCH] * 3, [5, 100, 87], [FOLD + 1, n - FOLD - 1]):
+        # a small level to start from: the new one is mostly the epoch's error sum
+        ad = Adapter(cfg, StreamScaler(np.zeros(c), np.ones(c)), _Pace(), np.full(c, 1e-6))
+        a = 0
+        for k in pieces:
+            ad.observe(raw[a:a + k], ok[a:a + k], err[a:a + k])
+            a += k
+        assert ad.version == 3 and ad._filled == 0
+        got.add((ad.scaler.mean.tobytes(), ad.level.tobytes()))
+    assert len(got) == 1
+
+
 def test_the_heap_is_trimmed_once_per_period():
     # the daemon calls maybe() every loop turn: it trims only when the period has passed
     from agent.heap import HeapTrimmer
