@@ -174,9 +174,8 @@ class StandingCheck:
     def settled(self, start: float, threshold: float) -> bool:
         """Open at least a span since `start`, both halves non-empty, at or above
         `threshold`, and their medians within STANDING_CHANGE of each other."""
-        if self._hi == self._lo or not self.last_ts - start >= self.span:
-            return False
-        if self._mid == self._lo or self._hi == self._mid:
+        # (an empty span has both halves empty; last_ts is NaN before any sample)
+        if not self.last_ts - start >= self.span or self._mid == self._lo or self._hi == self._mid:
             return False
         m1, m2 = self._older.median(), self._newer.median()
         return min(m1, m2) >= threshold and abs(m2 - m1) <= STANDING_CHANGE * m1
