@@ -3,9 +3,9 @@
 The real agent (`tsad-agent run`: MQTT source on `plant/+/sensors`, MQTT sink, DLinear_ad
 with its policy) runs under tracemalloc against a local Mosquitto.  Each of `--streams`
 counts gets its own agent; every stream is fed `--rows` samples (past its learning period,
-several adaptation epochs), `--per` samples per message; once the agent has taken every
-sample (each round of messages taken before the next is sent), it writes a heap snapshot (SIGUSR1, installed by this benchmark's wrapper, not by
-the agent).  Reported: heap bytes per stream between the two counts (fixed costs
+several adaptation epochs), `--per` samples per message, each round taken before the next
+is sent; once the agent has taken every sample, it writes a heap snapshot (SIGUSR1,
+installed by this benchmark's wrapper, not by the agent).  Reported: heap bytes per stream between the two counts (fixed costs
 cancelled), by source file and by allocation line.  RSS per stream is
 `benchmarks/soak.py`'s; this says where the heap part of it lives.
 
@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import signal
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import local_broker  # noqa: E402
-from soak import HealthWatch, normal_rows  # noqa: E402
+from soak import AgentRun, normal_rows  # noqa: E402
 
 # Runs the agent's CLI in a process that writes a tracemalloc snapshot on SIGUSR1.
 WRAPPER = """
@@ -48,63 +44,30 @@ sys.exit(main())
 
 def snapshot(a, streams: int, work: Path) -> Path:
     meta = json.loads((REPO / "models_onnx" / f"{a.model}.onnx.json").read_text())
-    broker, port = local_broker.start(
-        work, "persistence false\nmax_queued_messages 0\nmax_queued_bytes 0\n")
-    cfg = {
-        "node": "sites", "log_level": "warning", "state_dir": str(work / "state"),
-        "model": {"path": a.model},
-        "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
-                                               "stream_from_topic": 1, "protocol": "csv",
-                                               "qos": 1, "max_streams": streams}}],
-        "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 0.2},
-        "sinks": {"console": {"enabled": False}},
-    }
-    (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
     out = work / "heap.snap"
-    agent = subprocess.Popen([sys.executable, "-c", WRAPPER, str(out), str(a.depth), "run", "--config",
-                              str(work / "agent.yaml")], cwd=REPO,
-                             stdout=open(work / "agent.log", "wb"), stderr=subprocess.STDOUT)
-    health = HealthWatch(port, "sites")
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sites-pub")
-    pub.max_queued_messages_set(0)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (health.last and health.last["sources"]["plant"]["connected"]):
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit((work / "agent.log").read_text())
-            time.sleep(0.1)
+    wrapped = [sys.executable, "-c", WRAPPER, str(out), str(a.depth)]
+    with AgentRun(work, "sites", a.model, streams, {"mqtt": {"health_interval_s": 0.2}},
+                  argv=wrapped) as run:
         rows = normal_rows(meta["channels"], meta["scaler"]["mean"], meta["scaler"]["std"],
                            a.rows, 0)
         text = [",".join(f"{v:.6g}" for v in r) for r in rows]
         t0, sent = time.time() - a.rows, 0
         for k in range(0, a.rows, a.per):
             for i in range(streams):
-                pub.publish(f"plant/s{i:03d}/sensors", "\n".join(
+                run.pub.publish(f"plant/s{i:03d}/sensors", "\n".join(
                     f"{t0 + j:.3f},{text[(j + 97 * i) % a.rows]}"
                     for j in range(k, min(k + a.per, a.rows))), qos=1)
             sent += streams * min(a.per, a.rows - k)
             # lock-step: the agent under tracemalloc is slow, and a step holding several
             # messages of a stream would size its ring for larger blocks than the daemon's
-            while (health.last or {}).get("samples_in", 0) < sent:
+            while run.samples_in() < sent:
                 time.sleep(0.05)
-        deadline = time.monotonic() + 300
-        while (health.last or {}).get("samples_in", 0) < sent and time.monotonic() < deadline:
-            time.sleep(0.2)
         time.sleep(2.5)            # a health period and a presence round for every stream
-        agent.send_signal(__import__("signal").SIGUSR1)
+        run.agent.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 120
         while not Path(str(out) + ".done").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        return out
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-        health.close()
-        agent.terminate()
-        agent.wait(30)
-        broker.terminate()
+    return out
 
 
 def main() -> int:

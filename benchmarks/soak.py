@@ -120,6 +120,71 @@ class HealthWatch:
         self.c.disconnect()
 
 
+class AgentRun:
+    """The agent as its own process on a fresh local broker: an MQTT source on
+    `plant/+/sensors` (the stream id from the topic), the MQTT sink on, `extra` config
+    sections merged in; a health watcher and a connected publisher beside it.  Entering
+    returns once the source is subscribed; leaving stops them all (`rc`: the agent's exit).
+    `argv` runs the CLI some other way (bench_daemon_sites.py: under tracemalloc)."""
+
+    def __init__(self, work: Path, node: str, model: str, streams: int,
+                 extra: dict | None = None, argv: list[str] | None = None):
+        self.work, self.node = work, node
+        self.model, self.streams, self.extra = model, streams, extra or {}
+        self.argv = argv or [sys.executable, "-m", "agent.cli"]
+        self.rc: int | str | None = None
+
+    def __enter__(self) -> "AgentRun":
+        import yaml
+        work = self.work
+        # No queue limits: a slow agent must show up as back-pressure and lag, not as
+        # messages the broker threw away.
+        self.broker, self.port = local_broker.start(
+            work, "persistence false\nmax_queued_messages 0\nmax_queued_bytes 0\n")
+        cfg = {
+            "node": self.node, "log_level": "warning", "state_dir": str(work / "state"),
+            "model": {"path": self.model},
+            "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
+                                                   "stream_from_topic": 1, "protocol": "csv",
+                                                   "qos": 1, "max_streams": max(self.streams, 1)}}],
+            "sinks": {"console": {"enabled": False}},
+            **self.extra,
+        }
+        cfg["mqtt"] = {"host": "127.0.0.1", "port": self.port, **cfg.get("mqtt", {})}
+        (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
+        self.agent = subprocess.Popen([*self.argv, "run", "--config", str(work / "agent.yaml")],
+                                      cwd=REPO, stdout=open(work / "agent.log", "wb"),
+                                      stderr=subprocess.STDOUT)
+        self.health = HealthWatch(self.port, self.node)
+        self.pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.node}-pub")
+        self.pub.max_queued_messages_set(0)
+        self.pub.connect("127.0.0.1", self.port)
+        self.pub.loop_start()
+        deadline = time.monotonic() + 60
+        while not (self.health.last and self.health.last["sources"]["plant"]["connected"]):
+            if self.agent.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise SystemExit(f"agent did not come up:\n{(work / 'agent.log').read_text()}")
+            time.sleep(0.1)
+        return self
+
+    def samples_in(self) -> int:
+        return (self.health.last or {}).get("samples_in", 0)
+
+    def __exit__(self, *exc) -> None:
+        self.pub.loop_stop()
+        self.pub.disconnect()
+        self.health.close()
+        self.agent.terminate()
+        try:
+            self.rc = self.agent.wait(15)
+        except subprocess.TimeoutExpired:
+            self.agent.kill()
+            self.rc = "killed"
+        self.broker.terminate()
+        self.broker.wait(10)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--streams", default="50", help="stream count, or counts: 50,500")
@@ -156,39 +221,11 @@ def soak(a, streams: int) -> dict | None:
     meta = json.loads(Path(a.model + ".json").read_text())
     channels, mean, std = meta["channels"], meta["scaler"]["mean"], meta["scaler"]["std"]
     work = Path(tempfile.mkdtemp(prefix="tsad-soak-"))
-    # No queue limits: a slow agent must show up as back-pressure and lag, not as
-    # messages the broker threw away.
-    broker, port = local_broker.start(
-        work, "persistence false\nmax_queued_messages 0\nmax_queued_bytes 0\n")
-
-    import yaml
-    cfg = {
-        "node": "soak", "log_level": "warning", "state_dir": str(work / "state"),
-        "model": {"path": a.model},
-        "streams": [{"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
-                                               "stream_from_topic": 1, "protocol": "csv",
-                                               "qos": 1, "max_streams": max(streams, 1)}}],
-        "calibration": ({"enabled": True, "samples": a.calibration} if a.calibration
-                        else {"enabled": False}),
-        "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
-        "sinks": {"console": {"enabled": False}},
-    }
-    (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
-    log = open(work / "agent.log", "wb")
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
-                              str(work / "agent.yaml")], cwd=REPO, stdout=log,
-                             stderr=subprocess.STDOUT)
-    health = HealthWatch(port, "soak")
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="soak-pub")
-    pub.max_queued_messages_set(0)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (health.last and health.last["sources"]["plant"]["connected"]):
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"agent did not come up:\n{(work / 'agent.log').read_text()}")
-            time.sleep(0.1)
+    extra = {"calibration": ({"enabled": True, "samples": a.calibration} if a.calibration
+                             else {"enabled": False}),
+             "mqtt": {"health_interval_s": 2.0}}
+    with AgentRun(work, "soak", a.model, streams, extra) as run:
+        agent, health, pub = run.agent, run.health, run.pub
         sampler = Sampler(agent.pid, a.sample_every)
         rss0 = proc_stats(agent.pid)[0]
         sampler.start()
@@ -209,7 +246,7 @@ def soak(a, streams: int) -> dict | None:
         sent = bursts = late = 0
         print(f"soak: {streams} streams x {a.rate:g} Hz for {a.duration:g} s "
               f"({streams * a.rate:g} samples/s, {a.batch}/message), model "
-              f"{Path(a.model).stem}, broker :{port}, work dir {work}", flush=True)
+              f"{Path(a.model).stem}, broker :{run.port}, work dir {work}", flush=True)
         for k in range(n_ticks):
             for si, sid in enumerate(sids):
                 lines = []
@@ -238,7 +275,7 @@ def soak(a, streams: int) -> dict | None:
         pub_s = time.monotonic() - t0
         # everything sent must arrive: wait for the agent to catch up
         deadline = time.monotonic() + 120
-        while (health.last or {}).get("samples_in", 0) < sent and time.monotonic() < deadline:
+        while run.samples_in() < sent and time.monotonic() < deadline:
             time.sleep(0.5)
         caught_up = time.monotonic() - t0 - pub_s
         time.sleep(2.5)          # one more health period for the final counters
@@ -247,18 +284,6 @@ def soak(a, streams: int) -> dict | None:
         h = health.last or {}
         rss_end = proc_stats(agent.pid)[0]
         smaps = smaps_mb(agent.pid)
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-        health.close()
-        agent.terminate()
-        try:
-            rc = agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            rc = "killed"
-        broker.terminate()
-        broker.wait(10)
 
     cpu = [c for _, _, c in sampler.rows]
     res = {
@@ -280,7 +305,7 @@ def soak(a, streams: int) -> dict | None:
                         "max": round(float(np.max(cpu)), 1) if cpu else None},
         "rss_cpu_samples": [(round(t), round(r / 1024, 1), round(c, 1))
                             for t, r, c in sampler.rows],
-        "agent_exit": rc,
+        "agent_exit": run.rc,
     }
     print(json.dumps({k: v for k, v in res.items() if k != "rss_cpu_samples"}, indent=1))
     errors = (work / "agent.log").read_text(errors="replace")
