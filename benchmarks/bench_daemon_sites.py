@@ -5,9 +5,9 @@ with its policy) runs under tracemalloc against a local Mosquitto.  Each of `--s
 counts gets its own agent; every stream is fed `--rows` samples (past its learning period,
 several adaptation epochs), `--per` samples per message, each round taken before the next
 is sent; once the agent has taken every sample, it writes a heap snapshot (SIGUSR1,
-installed by this benchmark's wrapper, not by the agent).  Reported: heap bytes per stream between the two counts (fixed costs
-cancelled), by source file and by allocation line.  RSS per stream is
-`benchmarks/soak.py`'s; this says where the heap part of it lives.
+installed by this benchmark's wrapper, not by the agent).  Reported: heap bytes per stream
+between the two counts (fixed costs cancelled), by source file and by allocation line.
+RSS per stream is `benchmarks/soak.py`'s; this says where the heap part of it lives.
 
     python benchmarks/bench_daemon_sites.py --streams 50,500
 """
