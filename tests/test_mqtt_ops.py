@@ -311,8 +311,11 @@ def test_the_documented_acl_lets_operators_command_and_nobody_else(tmp_path, mon
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     try:
         agent.wait_log("open at")
+        # scores are live values, published only while connected: samples written before
+        # the agent's broker connection would be scored with nothing to show for it
+        op.wait(lambda m: any(x[0] == P + "availability" for x in m), "availability")
         LineWriter(pty).normal(9)
-        for topic in ("availability", "health", f"stream/{STREAM}/state",
+        for topic in ("health", f"stream/{STREAM}/state",
                       f"stream/{STREAM}/score"):       # the agent writes what it must
             op.wait(lambda m: any(x[0] == P + topic for x in m), topic)
         ha.wait(lambda m: any(x[0] == HA for x in m), "discovery")
