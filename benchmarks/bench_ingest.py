@@ -9,6 +9,9 @@ The same publisher sends the same messages to both.  Reported per consumer: CPU 
 per message (utime + stime from /proc over the publishing window and the catch-up),
 CPU % of a core, messages lost (the agent's samples_in against what was sent), RSS;
 and the ratio agent / bare.  Consumers run one at a time so they do not compete.
+With several cases, each agent's CPU per message is also given over its own in the first
+case of the same repeat (500x10 over 50x100: the same messages/s over ten times the
+streams, the agent against itself).
 Figures are taken after a warm-up (by default the model policy's learning period at the
 case's rate, + 5 s): the steady state a daemon spends its life in.
 
@@ -283,7 +286,8 @@ def main() -> int:
               f"{'% core':>6} {'RSS MB':>7} {'ratio':>6}")
         repos = [Path(r).resolve() for r in a.repo.split(",")]
         run_no = 0
-        for spec in a.cases.split(",") * a.repeat:
+        cases = a.cases.split(",")
+        for i, spec in enumerate(cases * a.repeat):
             streams, rate = spec.split("x")
             warmup = a.warmup if a.warmup is not None else learning / float(rate) + 5.0
             case = (int(streams), float(rate), a.batch, a.duration, warmup)
@@ -297,8 +301,8 @@ def main() -> int:
                     ratio = agent["us_per_msg"] / bare["us_per_msg"]
                     name = f"{repo.name}/{wait}" if len(repos) > 1 else f"agent/{wait}"
                     results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
-                                    "repo": str(repo), "bare": bare, "agent": agent,
-                                    "ratio": ratio})
+                                    "repo": str(repo), "repeat": i // len(cases),
+                                    "bare": bare, "agent": agent, "ratio": ratio})
                     _print_row(spec, name, agent, ratio)
                     if a.timeline:
                         print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
@@ -306,9 +310,30 @@ def main() -> int:
         pub.close()
         broker.terminate()
         broker.wait(10)
+    _print_against_first(results, cases)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0 if all(r["agent"]["lost"] == 0 and r["bare"]["lost"] == 0 for r in results) else 1
+
+
+def _print_against_first(results: list[dict], cases: list[str]) -> None:
+    """Each agent's CPU per message in every case over its own in the first case of the
+    same repeat: "the same CPU per message at 500 streams as at 50" compares the agent
+    with itself, while the ratio column divides by a bare subscriber whose own cost moves
+    with the case (how many messages one socket read brings)."""
+    if len(cases) < 2:
+        return
+    first = {(r["repo"], r["batch_wait"], r["repeat"]): r["agent"]["us_per_msg"]
+             for r in results if r["case"] == cases[0]}
+    rows = {}
+    for r in results:
+        base = first.get((r["repo"], r["batch_wait"], r["repeat"]))
+        if r["case"] != cases[0] and base:
+            rows.setdefault((r["case"], r["repo"], r["batch_wait"]), []).append(
+                r["agent"]["us_per_msg"] / base)
+    for (case, repo, wait), vals in rows.items():
+        print(f"agent ({Path(repo).name}/{wait}) CPU per message, {case} / {cases[0]}: "
+              + ", ".join(f"{v:.2f}" for v in vals))
 
 
 if __name__ == "__main__":
