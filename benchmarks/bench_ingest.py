@@ -320,7 +320,7 @@ def _print_against_first(results: list[dict], cases: list[str]) -> None:
     """Each agent's CPU per message in every case over its own in the first case of the
     same repeat: "the same CPU per message at 500 streams as at 50" compares the agent
     with itself, while the ratio column divides by a bare subscriber whose own cost moves
-    with the case (how many messages one socket read brings)."""
+    with the case too (7-21 % lower at 500x10 in most runs of docs/RESULTS.md)."""
     if len(cases) < 2:
         return
     first = {(r["repo"], r["batch_wait"], r["repeat"]): r["agent"]["us_per_msg"]

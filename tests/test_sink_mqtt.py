@@ -20,8 +20,8 @@ import pytest
 from conftest import MOSQUITTO, REPO, Broker, free_port
 from test_outbox import fill, tiny_fs
 
-from agent.config import AgentConfig
 from agent import outbox as outbox_mod
+from agent.config import AgentConfig
 from agent.config_build import build
 from agent.metrics import Metrics
 from agent.outbox import Outbox
