@@ -51,6 +51,40 @@ def fill(d: Path) -> Path:
     return f
 
 
+class KeepFull:
+    """Another process filling the disk at d: it takes every free page, and every page
+    that comes free later, until closed (then its file goes and the space is back).  A
+    one-off fill() can be undone by the outbox itself: a retry truncates its WAL, and the
+    pages that frees let it write again with the filler still there."""
+
+    def __init__(self, d: Path):
+        self.path = d / "filler"
+        self._fh = open(self.path, "wb", buffering=0)
+        self._stop = threading.Event()
+        self._grab()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _grab(self) -> None:
+        try:
+            while True:
+                self._fh.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self._grab()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        self._fh.close()
+        self.path.unlink()
+
+
 def body(i: int) -> bytes:
     return f"{i:06d}".encode() + b"x" * PAYLOAD
 
