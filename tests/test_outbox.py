@@ -39,15 +39,19 @@ def tiny_fs(d: Path, size: str = "256k"):
         subprocess.run(["umount", "-l", str(d)], check=False)
 
 
+def _take_free_pages(fh) -> None:
+    try:
+        while True:
+            fh.write(b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+
+
 def fill(d: Path) -> Path:
     """Take every free page of the file system at d."""
     f = d / "filler"
     with open(f, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
+        _take_free_pages(fh)
     return f
 
 
@@ -61,20 +65,13 @@ class KeepFull:
         self.path = d / "filler"
         self._fh = open(self.path, "wb", buffering=0)
         self._stop = threading.Event()
-        self._grab()
+        _take_free_pages(self._fh)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _grab(self) -> None:
-        try:
-            while True:
-                self._fh.write(b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-
     def _run(self) -> None:
         while not self._stop.wait(0.001):
-            self._grab()
+            _take_free_pages(self._fh)
 
     def close(self) -> None:
         if self._stop.is_set():
