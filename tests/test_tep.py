@@ -2,6 +2,8 @@
 `[bench]` extra) a tiny simulated run trained and evaluated end to end."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -47,8 +49,9 @@ def test_converter_fault_free_is_all_normal_and_refuses_missing_channels():
 
 def test_seed_sets_are_disjoint_and_complete():
     seeds = {name: {s.seed for s in specs} for name, specs in tep_data.SETS.items()}
-    assert not (seeds["train"] & seeds["val"] or seeds["train"] & seeds["test"]
-                or seeds["val"] & seeds["test"])
+    assert set(seeds) == {"train", "val", "test", "months"}
+    for a, b in itertools.combinations(seeds, 2):
+        assert not seeds[a] & seeds[b], (a, b)
     assert {s.fault for s in tep_data.TRAIN} == {tep_data.FAULT_FREE}
     test_faults = [s for s in tep_data.TEST if s.fault != tep_data.FAULT_FREE]
     assert len({s.fault for s in test_faults}) == 28
@@ -56,6 +59,8 @@ def test_seed_sets_are_disjoint_and_complete():
     week = [s for s in tep_data.TEST if s.fault == tep_data.FAULT_FREE and s.hours >= 168]
     assert len(week) >= 3
     assert sum(s.hours for s in tep_data.TRAIN) / 24 >= 5      # several simulated days
+    assert [s.fault for s in tep_data.MONTHS] == [tep_data.FAULT_FREE] * 3
+    assert min(s.hours for s in tep_data.MONTHS) >= 90 * 24    # a quarter of running each
 
 
 def test_train_and_val_hold_many_fresh_starts_on_their_own_seeds():
@@ -155,3 +160,33 @@ def test_tep_tiny_model_trains_and_evaluates_through_the_pipeline(tep_runs, tmp_
     assert report["fp"] + report["tn"] == len(labels) - labels.sum()
     # IDV 6 (loss of the A feed) moves the plant far from anything normal within hours
     assert report["recall"] > 0.5
+
+
+def _long_normal():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "long_normal.py"
+    spec = importlib.util.spec_from_file_location("long_normal", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_long_normal_counts_alerts_by_month_and_the_longest():
+    ln = _long_normal()
+    day = 86400.0
+    ts = np.arange(0.0, 65 * day, 3600.0)            # 65 days, one row an hour
+    pred = np.zeros(len(ts), np.int8)
+    pred[10:13] = 1                                  # month 1: 3 h
+    pred[24 * 31:24 * 31 + 2] = 1                    # month 2: 2 h
+    pred[24 * 40:24 * 40 + 30] = 1                   # month 2: 30 h
+    pred[-5:] = 1                                    # month 3, open at the end: 4 h so far
+    fig = ln.alert_figures(ts, pred)
+    assert fig["alerts"] == 4
+    assert fig["alerts_by_month"] == [1, 2, 1]
+    assert fig["longest_alert_h"] == 30.0
+    assert fig["alert_open_share"] == pytest.approx(40 / len(ts))
+    runs = [fig, ln.alert_figures(ts, np.zeros(len(ts), np.int8))]
+    p = ln.pooled(runs)
+    assert p["alerts_by_month"] == [1, 2, 1] and p["alerts"] == 4
+    assert p["alerts_per_day"] == pytest.approx(4 / (2 * fig["hours"] / 24))

@@ -1,14 +1,17 @@
 """Tennessee Eastman runs as the agent's labeled CSV files, seeded and byte-reproducible.
 
     python -m export.recipes.tep_data --out runs/tep [--sets train val test] [--workers 2]
+    python -m export.recipes.tep_data --out runs/tep --sets months --workers 2
 
 Needs the `[bench]` extra (tep-studio, which compiles the modified TEP in C on install).
 
 Rules:
-- Three disjoint seed sets, fixed here: TRAIN (fault-free only: the models and the PCA
+- Four disjoint seed sets, fixed here: TRAIN (fault-free only: the models and the PCA
   references are fitted on it), VAL (fault-free, plus one seed of every fault: the only
   runs settings may be chosen on), TEST (28 faults x 3 seeds and three 7-day fault-free
   runs: scored, never tuned on).  A test seed is never a training or validation seed.
+  MONTHS (three 90-day fault-free runs, seeds 4xx) is the months-long check of a
+  deployed stream (benchmarks/long_normal.py), also never tuned on.
 - Every run is closed loop, mode 1, one sample every SAMPLING_MIN minutes; faults start
   at ONSET_H hours, magnitude 1, and stay on.
 - One CSV per run: `datetime` (ISO 8601 UTC, START + the simulated time rounded to the
@@ -71,7 +74,7 @@ STARTS = tuple(range(221, 261))
 # were 3 % of the training rows, and the models flagged them).
 TRAIN_STARTS = tuple(range(121, 161))
 
-# Seed sets, disjoint by construction (1xx, 2xx, 3xx).  TRAIN: 66 simulated days of
+# Seed sets, disjoint by construction (1xx, 2xx, 3xx, 4xx).  TRAIN: 66 simulated days of
 # normal operation, six 48-hour runs, two 7-day runs (the slow wander of a week) and
 # the 40 one-day starts: 48 plant starts in all, like the fault runs' first hours.
 TRAIN = ([RunSpec("train", FAULT_FREE, s, FAULT_H) for s in range(101, 107)]
@@ -83,7 +86,9 @@ VAL = ([RunSpec("val", FAULT_FREE, s, FAULT_H) for s in (201, 202)]
        + [RunSpec("val", FAULT_FREE, s, DAY_H) for s in STARTS])
 TEST = ([RunSpec("test", f, s, FAULT_H) for f in FAULTS for s in (301, 302, 303)]
         + [RunSpec("test", FAULT_FREE, s, 7 * DAY_H) for s in (311, 312, 313)])
-SETS = {"train": TRAIN, "val": VAL, "test": TEST}
+# A daemon runs for months: three quarters of normal running on seeds of their own.
+MONTHS = [RunSpec("months", FAULT_FREE, s, 90 * DAY_H) for s in (401, 402, 403)]
+SETS = {"train": TRAIN, "val": VAL, "test": TEST, "months": MONTHS}
 
 
 def classic52() -> list[str]:
@@ -156,7 +161,8 @@ def generate(out: Path, sets: list[str], workers: int = 1) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/tep")
-    ap.add_argument("--sets", nargs="+", choices=sorted(SETS), default=sorted(SETS))
+    # MONTHS only on request: nothing is fitted on it, and it is most of the simulation time
+    ap.add_argument("--sets", nargs="+", choices=sorted(SETS), default=["train", "val", "test"])
     ap.add_argument("--workers", type=int, default=1, help="runs simulated in parallel")
     a = ap.parse_args(argv)
     try:
