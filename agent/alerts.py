@@ -60,13 +60,7 @@ class AlertTracker:
         self.alert_id: str | None = None
         c = len(self.channels)
         # The last open_n - 1 windows, needed by the k-of-n rule across blocks.
-        self._h_ts = np.empty(0, np.float64)
-        self._h_sc = np.empty(0, np.float64)
-        self._h_lab = np.empty(0, np.int8)
-        self._h_err = np.empty((0, c), np.float64)
-        # blocks shorter than open_n - 1 not folded into the _h_ arrays yet: a stream
-        # stepped a sample at a time folds once per open_n - 1 blocks, not every block
-        self._h_more: list[tuple] = []
+        self._hist = _History(cfg.open_n - 1, c)
         self._cooldown_until = -np.inf
         # operator shelving (ISA-18.2): no alert opens on windows before this time
         self.shelved_until = -np.inf
@@ -169,10 +163,9 @@ class AlertTracker:
             return []
         if self.state == "normal" and not (above[0] if n == 1 else np.logical_or.reduce(above)):
             # The common case: nothing can open.  Only the k-of-n history moves on.
-            self._remember(ts, scores, lab, err)
+            self._hist.push(ts, scores, lab, err)
             return []
         self._last_score = float(scores[-1])
-        self._fold()
         if n == 1 and self.state == "anomaly":
             return self._open_one(ts, scores, lab, err, threshold)
         b = _Block(self, ts, scores, err, lab, threshold)
@@ -180,7 +173,9 @@ class AlertTracker:
         pos = b.h
         while pos is not None and pos < b.N:
             pos = (self._scan_normal if self.state == "normal" else self._scan_open)(b, pos, events)
-        self._keep(b.T[:b.h], b.S[:b.h], b.L[:b.h], ts, scores, b.L[b.h:], err)
+        # the scan may have cleared labels that belong to a closed alert, held ones included
+        self._hist.lab[len(self._hist.lab) - b.h:] = b.L[:b.h]
+        self._hist.push(ts, scores, b.L[b.h:], err)
         self._track_standing(ts, scores, threshold)
         return events
 
@@ -271,51 +266,17 @@ class AlertTracker:
         if not closing and t >= self._last_update + self.cfg.update_interval_s:
             self._last_update = t
             events.append(self._event("update", s, threshold, None))
-        h_lab = self._h_lab
         if closing:
             events.append(self._event("end", s, threshold, self._normal_since, "recovered"))
             self.open_mask[0] = 0
             self.state = "normal"
             self._cooldown_until = t + self.cfg.cooldown_s
             # the history holds at most open_n - 1 windows: all of them belong to this alert
-            h_lab, lab = np.zeros_like(h_lab), np.zeros(1, np.int8)
-        self._keep(self._h_ts, self._h_sc, h_lab, ts, scores, lab, err)
+            self._hist.lab[:] = 0
+            lab = np.zeros(1, np.int8)
+        self._hist.push(ts, scores, lab, err)
         self._track_standing(ts, scores, threshold)
         return events
-
-    def _remember(self, ts, scores, lab, err) -> None:
-        """_keep for a block without events, folded lazily (see _h_more)."""
-        keep = self.cfg.open_n - 1
-        if len(ts) >= keep:
-            self._h_more.clear()
-            self._keep(self._h_ts, self._h_sc, self._h_lab, ts, scores, lab, err)
-            return
-        # a copy: the caller may reuse its err buffer for the next block
-        self._h_more.append((ts, scores, lab, err.copy()))
-        if len(self._h_more) >= keep:
-            self._fold()
-
-    def _fold(self) -> None:
-        if not self._h_more:
-            return
-        more, self._h_more = self._h_more, []
-        self._keep(self._h_ts, self._h_sc, self._h_lab, *(
-            np.concatenate([m[i] for m in more]) for i in range(4)))
-
-    def _keep(self, h_ts, h_sc, h_lab, ts, scores, lab, err) -> None:
-        """Carry the last open_n - 1 windows into the next block."""
-        keep = self.cfg.open_n - 1
-        if not keep:
-            return
-        if len(ts) >= keep:
-            self._h_ts, self._h_sc, self._h_lab = ts[-keep:], scores[-keep:], lab[-keep:]
-            # a copy: the caller may reuse its err buffer for the next block
-            self._h_err = err[-keep:].copy()
-            return
-        self._h_ts = np.concatenate([h_ts, ts])[-keep:]
-        self._h_sc = np.concatenate([h_sc, scores])[-keep:]
-        self._h_lab = np.concatenate([h_lab, lab])[-keep:]
-        self._h_err = np.concatenate([self._h_err, err])[-keep:]
 
     def _take_peak(self, Sp: np.ndarray, a: int, b: int, err_row) -> None:
         if b <= a:
@@ -330,15 +291,46 @@ class _Block:
     """One update's windows joined to the k-of-n history carried from the last block."""
 
     def __init__(self, t: AlertTracker, ts, scores, err, lab, threshold: float):
-        self.h = len(t._h_ts)
-        self.T = np.concatenate([t._h_ts, ts])
-        self.S = np.concatenate([t._h_sc, scores])
-        self.L = np.concatenate([t._h_lab, lab])
+        h_ts, h_sc, h_lab, self._h_err = t._hist.held()
+        self.h = len(h_ts)
+        self.T = np.concatenate([h_ts, ts])
+        self.S = np.concatenate([h_sc, scores])
+        self.L = np.concatenate([h_lab, lab])
         # Peak search must skip NaN scores.
         self.Sp = np.where(np.isnan(self.S), -np.inf, self.S)
         self.N = self.h + len(ts)
         self.threshold = threshold
-        self._h_err, self._err = t._h_err, err
+        self._err = err
 
     def err_row(self, i: int) -> np.ndarray:
         return self._h_err[i] if i < self.h else self._err[i - self.h]
+
+
+class _History:
+    """The last `keep` windows of a stream (timestamps, scores, labels, per-channel errors)
+    in arrays allocated once, newest last, shifted in place as blocks arrive: a stream
+    stepped a sample at a time allocates nothing here and holds no block's arrays."""
+
+    def __init__(self, keep: int, channels: int) -> None:
+        self.ts = np.zeros(keep, np.float64)
+        self.sc = np.zeros(keep, np.float64)
+        self.lab = np.zeros(keep, np.int8)
+        self.err = np.zeros((keep, channels), np.float64)
+        self.n = 0          # windows held: the last n rows
+
+    def push(self, ts: np.ndarray, scores: np.ndarray, lab: np.ndarray, err: np.ndarray) -> None:
+        k, m = len(self.ts), len(ts)
+        if m >= k:
+            if k:
+                self.ts[:], self.sc[:], self.lab[:], self.err[:] = ts[-k:], scores[-k:], lab[-k:], err[-k:]
+            self.n = k
+            return
+        for held, new in ((self.ts, ts), (self.sc, scores), (self.lab, lab), (self.err, err)):
+            held[:k - m] = held[m:]
+            held[k - m:] = new
+        self.n = min(self.n + m, k)
+
+    def held(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Views of the windows held, oldest first (valid until the next push)."""
+        a = len(self.ts) - self.n
+        return self.ts[a:], self.sc[a:], self.lab[a:], self.err[a:]
