@@ -174,7 +174,7 @@ class AlertTracker:
         while pos is not None and pos < b.N:
             pos = (self._scan_normal if self.state == "normal" else self._scan_open)(b, pos, events)
         # the scan may have cleared labels that belong to a closed alert, held ones included
-        self._hist.lab[len(self._hist.lab) - b.h:] = b.L[:b.h]
+        self._hist.relabel(b.L[:b.h])
         self._hist.push(ts, scores, b.L[b.h:], err)
         self._track_standing(ts, scores, threshold)
         return events
@@ -272,7 +272,7 @@ class AlertTracker:
             self.state = "normal"
             self._cooldown_until = t + self.cfg.cooldown_s
             # the history holds at most open_n - 1 windows: all of them belong to this alert
-            self._hist.lab[:] = 0
+            self._hist.relabel(0)
             lab = np.zeros(1, np.int8)
         self._hist.push(ts, scores, lab, err)
         self._track_standing(ts, scores, threshold)
@@ -320,15 +320,17 @@ class _History:
 
     def push(self, ts: np.ndarray, scores: np.ndarray, lab: np.ndarray, err: np.ndarray) -> None:
         k, m = len(self.ts), len(ts)
-        if m >= k:
-            if k:
-                self.ts[:], self.sc[:], self.lab[:], self.err[:] = ts[-k:], scores[-k:], lab[-k:], err[-k:]
-            self.n = k
-            return
         for held, new in ((self.ts, ts), (self.sc, scores), (self.lab, lab), (self.err, err)):
-            held[:k - m] = held[m:]
-            held[k - m:] = new
+            if m >= k:
+                held[:] = new[m - k:]
+            else:
+                held[:k - m] = held[m:]
+                held[k - m:] = new
         self.n = min(self.n + m, k)
+
+    def relabel(self, lab) -> None:
+        """New labels for the windows held (a scan clears those of an alert it closed)."""
+        self.lab[len(self.lab) - self.n:] = lab
 
     def held(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Views of the windows held, oldest first (valid until the next push)."""
