@@ -57,10 +57,10 @@ class Adapter:
         # The current epoch's concluded samples, added to its per-channel sums every FOLD
         # samples: one set of array operations per FOLD samples instead of per piece (a
         # daemon concludes a sample or a few at a time), and the sums add the same rows in
-        # the same order however the samples were chunked.  FOLD = EPOCH / 2: 4.4 KB a
-        # stream instead of 7 at 8 channels, for one more set of operations per epoch
-        # (EPOCH / 4 would save 1.6 KB more, but its two extra sets cost ~2 µs a sample in
-        # the daemon's pattern, ~5 %; benchmarks/bench_memory.py, bench_runtime.py).
+        # the same order however the samples were chunked.  FOLD = EPOCH / 2: buffers of
+        # 2.3 KB a stream at 8 channels instead of 4.6, for one more set of operations per
+        # epoch (EPOCH / 4 would save 1.2 KB more, but its two extra sets cost ~2 µs a
+        # sample in the daemon's pattern, ~5 %; benchmarks/bench_memory.py, bench_runtime.py).
         c = len(scaler.mean)
         self._raw = np.empty((FOLD, c), np.float32)       # samples arrive as float32
         self._ok = np.zeros((FOLD, c), bool)
