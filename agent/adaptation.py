@@ -150,11 +150,11 @@ class Adapter:
         self._add(0, np.where(ok, x, 0.0), ok)
         if self._err is not None:
             # rounded to float32 from a long piece too, as the buffer rounds them: the same
-            # sums however the samples were chunked
-            e = np.full(x.shape, np.nan) if err is None else \
-                np.asarray(err, np.float32).astype(np.float64)
+            # sums however the samples were chunked (summed in float64: see _add)
+            e = np.full(x.shape, np.nan, np.float32) if err is None else \
+                np.asarray(err, np.float32)
             e_ok = ok & np.isfinite(e)
-            self._add(2, np.where(e_ok, e, 0.0), e_ok)
+            self._add(2, np.where(e_ok, e, np.float32(0.0)), e_ok)
 
     def _add(self, j: int, values: np.ndarray, counted: np.ndarray) -> None:
         """Continue sums j (values) and j + 1 (their count) with these rows, FOLD at a time
@@ -169,7 +169,8 @@ class Adapter:
         step = FOLD if values.shape[1] == 1 else len(values)
         for b in range(0, len(values), step):
             v = values[b:b + step]
-            s[j] = np.add.reduce(v, axis=0) if s[j] is None else \
+            # float64 sums, of float32 errors too (each widened exactly before it is added)
+            s[j] = np.add.reduce(v, axis=0, dtype=np.float64) if s[j] is None else \
                 np.add.reduce(np.concatenate((s[j][None], v)), axis=0)
         s[j + 1] = n if s[j + 1] is None else s[j + 1] + n
 

@@ -163,7 +163,7 @@ class AlertTracker:
             return []
         if self.state == "normal" and not (above[0] if n == 1 else np.logical_or.reduce(above)):
             # The common case: nothing can open.  Only the k-of-n history moves on.
-            self._hist.push(ts, scores, lab, err)
+            self._hist.push(ts, scores, lab, err, quiet=True)
             return []
         self._last_score = float(scores[-1])
         if n == 1 and self.state == "anomaly":
@@ -309,23 +309,33 @@ class _Block:
 class _History:
     """The last `keep` windows of a stream (timestamps, scores, labels, per-channel errors)
     in arrays allocated once, newest last, shifted in place as blocks arrive: a stream
-    stepped a sample at a time allocates nothing here and holds no block's arrays."""
+    stepped a sample at a time allocates nothing here and holds no block's arrays.
+
+    Only anomalous windows and those newer than them are ever read: an alert's start is
+    an anomalous window and its peak one at or after it.  So while every window held is
+    normal, a block of normal windows only moves the count (`quiet`): the values held
+    then go stale, and each is older than any window written after it."""
 
     def __init__(self, keep: int, channels: int) -> None:
         self.ts = np.zeros(keep, np.float64)
         self.sc = np.zeros(keep, np.float64)
         self.lab = np.zeros(keep, np.int8)
         self.err = np.zeros((keep, channels), np.float64)
-        self.n = 0          # windows held: the last n rows
+        self.n = 0              # windows held: the last n rows
+        self._quiet = True      # no window held is anomalous
 
-    def push(self, ts: np.ndarray, scores: np.ndarray, lab: np.ndarray, err: np.ndarray) -> None:
+    def push(self, ts: np.ndarray, scores: np.ndarray, lab: np.ndarray, err: np.ndarray,
+             quiet: bool = False) -> None:
+        """Hold a block's windows; `quiet`: none of them is anomalous."""
         k, m = len(self.ts), len(ts)
-        for held, new in ((self.ts, ts), (self.sc, scores), (self.lab, lab), (self.err, err)):
-            if m >= k:
-                held[:] = new[m - k:]
-            else:
-                held[:k - m] = held[m:]
-                held[k - m:] = new
+        if not (quiet and self._quiet):
+            for held, new in ((self.ts, ts), (self.sc, scores), (self.lab, lab), (self.err, err)):
+                if m >= k:
+                    held[:] = new[m - k:]
+                else:
+                    held[:k - m] = held[m:]
+                    held[k - m:] = new
+            self._quiet = not np.logical_or.reduce(self.lab)
         self.n = min(self.n + m, k)
 
     def relabel(self, lab) -> None:
