@@ -34,6 +34,7 @@ from agent.contract import read_table  # noqa: E402
 from agent.detector import Detector  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.jobs import detection_config, long_run, rows_prediction, run_table  # noqa: E402
+from agent.model_meta import load_meta  # noqa: E402
 from export.recipes.tep_data import TRAIN, classic52  # noqa: E402
 from export.reference import fit_pca_files  # noqa: E402
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     channels = classic52()
     # the models' scalers are all learned on TRAIN: any one gives the channels' stds
-    std = np.asarray(Detector(str(Path(a.models) / f"{a.only[0]}.onnx")).meta.scaler.std)
+    std = np.asarray(load_meta(Path(a.models) / f"{a.only[0]}.onnx").scaler.std)
     tables = {}
     for p in files:
         t = read_table(p, channels)
