@@ -106,9 +106,11 @@ def table(results: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         p = r["pooled"]
-        shifts = [s for run in r["runs"].values() for s in [run.get("baseline_shift_by_month")] if s]
+        # per month, the largest over the runs (PCA has none; a model without adaptation None)
+        shifts = [run["baseline_shift_by_month"] for run in r["runs"].values()
+                  if run.get("baseline_shift_by_month")]
         shift = "-" if not shifts or shifts[0][0] is None else " / ".join(
-            f"{max(s[i] for s in shifts):.2f}" for i in range(len(shifts[0])))
+            f"{max(month):.2f}" for month in zip(*shifts))
         lines.append(f"| {name} | {p['days']:.0f} | {p['alerts']} ({p['alerts_per_day']:.2f}) | "
                      f"{' / '.join(map(str, p['alerts_by_month']))} | "
                      f"{100 * p['alert_open_share']:.2f} % | {p['longest_alert_h']:.1f} h | {shift} |")
