@@ -44,14 +44,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from itertools import chain
 
 import numpy as np
 
+from .bad_input import BadInput
+from .csv_block import Block, read_block
 from .device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, RESYNC_AFTER, Clock,
                            Clocks)
-from .bad_input import BadInput
+from .field_values import FLT_MAX, NAN, Unusable, clean, json_number, missing_or_float
 from .metrics import Metrics
 from .timestamps import BadTimestamp, epoch_seconds
 
@@ -67,55 +68,10 @@ FATAL_REASONS = frozenset({"empty", "too_long", "non_utf8", "bad_json", "field_c
 # Counted, but the sample is kept.
 SOFT_REASONS = frozenset({"nan", "missing_channel", "unknown_channel"})
 
-_MISSING_TOKENS = frozenset({"", "nan", "null", "none", "na", "n/a"})
-_FLT_MAX = float(np.finfo(np.float32).max)
-_NAN = math.nan
 _ABSENT = object()      # a channel the keyed sample does not name
 
 Sample = tuple[float, np.ndarray]           # (ts, float32[C])
 Samples = tuple[np.ndarray, np.ndarray]     # (ts float64[n], values float32[n, C])
-
-
-class _Unusable(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        self.detail = detail
-
-
-def _num(v) -> float:
-    """One JSON value as float; None and missing tokens are NaN."""
-    t = type(v)
-    if t is float:
-        return v
-    if t is int:
-        try:
-            return float(v)
-        except OverflowError:
-            return math.inf
-    if v is None:
-        return _NAN
-    if t is str:
-        s = v.strip()
-        if s.lower() in _MISSING_TOKENS:
-            return _NAN
-        if s.isascii() and "_" not in s:
-            try:
-                return float(s)
-            except ValueError:
-                pass
-    raise _Unusable("non_numeric")
-
-
-def _clean(vals: list[float]) -> bool:
-    """Replace values float32 cannot hold (NaN, inf, huge) by NaN in place; True if any."""
-    if sum(map(abs, vals)) <= _FLT_MAX:     # false for NaN and inf as well
-        return False
-    bad = False
-    for i, v in enumerate(vals):
-        if not -_FLT_MAX <= v <= _FLT_MAX:
-            vals[i] = _NAN
-            bad = True
-    return bad
 
 
 class LineDecoder:
@@ -160,14 +116,21 @@ class LineDecoder:
 
     def decode_streams(self, groups: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Payloads of many streams (stream -> (payloads, arrivals)) -> (stream, ts, values)
-        per stream with samples, each as `decode_payload` reads it, as views of one array
-        for them all (500 streams x 1 message: not 500 arrays); a stream that raises is
-        logged and left out."""
-        ts, rows, spans = [], [], []
-        for sid, (payloads, arrivals) in groups.items():
+        per stream with samples, each as `decode_payload` reads it: CSV streams whose lines
+        are all well-formed as one block (csv_block.py), the others line by line, each
+        path's streams as views of one array (500 streams x 1 message: not 500 arrays); a
+        stream that raises is logged and left out."""
+        clocks = [self._clocks.get(sid) for sid in groups]
+        block = self._block(groups, clocks)
+        ts, rows, spans, out = [], [], [], {}
+        for k, (sid, (payloads, arrivals)) in enumerate(groups.items()):
+            got = block.take(k) if block is not None else None
+            if got is not None:
+                out[sid] = got
+                continue
             a = len(ts)
             try:
-                self._payloads(payloads, arrivals, self._clocks.get(sid), ts, rows)
+                self._payloads(payloads, arrivals, clocks[k], ts, rows)
             except Exception:
                 del ts[a:], rows[a:]
                 log.exception("%s: %d message(s) of stream %s could not be handled",
@@ -176,10 +139,23 @@ class LineDecoder:
             if len(ts) > a:
                 spans.append((sid, a, len(ts)))
         self.report.flush()
-        if not spans:
-            return []
-        t, v = _pack(ts, rows)
-        return [(sid, t[a:b], v[a:b]) for sid, a, b in spans]
+        if spans:
+            t, v = _pack(ts, rows)
+            out.update((sid, (t[a:b], v[a:b])) for sid, a, b in spans)
+        return [(sid, *out[sid]) for sid in groups if sid in out]
+
+    def _block(self, groups: dict, clocks: list[Clock]) -> Block | None:
+        if self.protocol != "csv":
+            return None
+        payloads = [p for ps, _ in groups.values() for p in ps]
+        try:
+            if not payloads or max(map(len, payloads)) > MAX_PAYLOAD:
+                return None
+            return read_block(payloads, [a for _, arr in groups.values() for a in arr],
+                              [len(ps) for ps, _ in groups.values()], clocks,
+                              len(self.channels), self.timestamp, MAX_LINE)
+        except TypeError:       # a payload that is not bytes: the line reader says whose
+            return None
 
     def bad(self, reason: str, data: bytes | str = b"", n: int = 1, detail: str = "") -> None:
         """Count n unusable inputs; log unless this reason was logged < 10 s ago."""
@@ -205,7 +181,7 @@ class LineDecoder:
                     t, vals = self._csv(line, now, clock)
                 else:
                     t, vals = self._json_sample(_loads(_text(line)), line, now, clock)
-            except _Unusable as e:
+            except Unusable as e:
                 self.report.note(e.reason, line, e.detail)
                 continue
             ts.append(t)
@@ -222,15 +198,15 @@ class LineDecoder:
         else:
             has_ts = self.timestamp == "first"
         if n != c + has_ts:
-            raise _Unusable("field_count", f"{n} fields, expected {c + has_ts}")
+            raise Unusable("field_count", f"{n} fields, expected {c + has_ts}")
         if "_" in text or not text.isascii():
-            raise _Unusable("non_numeric", "not a plain ASCII decimal number")
+            raise Unusable("non_numeric", "not a plain ASCII decimal number")
         t = self._device_time(fields[0], now, clock) if has_ts else now
         try:
             vals = [float(f) for f in fields[has_ts:]]
         except ValueError:
-            vals = [_missing_or_float(f) for f in fields[has_ts:]]
-        if _clean(vals):
+            vals = [missing_or_float(f) for f in fields[has_ts:]]
+        if clean(vals):
             self.report.note("nan", line)
         if has_ts:
             clock.keep(t)
@@ -239,7 +215,7 @@ class LineDecoder:
 
     def _json_sample(self, obj, data, now: float, clock: Clock) -> tuple[float, list[float]]:
         if type(obj) is not dict:
-            raise _Unusable("bad_json", "not an object")
+            raise Unusable("bad_json", "not an object")
         values = obj.get("values")
         flat = not self._values_key or type(values) not in (list, dict)
         raw_ts = _time_of(obj, self._index if flat else ())
@@ -248,10 +224,10 @@ class LineDecoder:
             vals = self._keyed(obj, data, flat=True)
         elif type(values) is list:
             if len(values) != len(self.channels):
-                raise _Unusable("field_count",
+                raise Unusable("field_count",
                                 f"{len(values)} values, expected {len(self.channels)}")
-            vals = [v if type(v) is float else _num(v) for v in values]
-            if _clean(vals):
+            vals = [v if type(v) is float else json_number(v) for v in values]
+            if clean(vals):
                 self.report.note("nan", data)
         else:
             vals = self._keyed(values, data)
@@ -280,16 +256,16 @@ class LineDecoder:
                 unknown += 1
         missing = raw.count(_ABSENT)
         if missing == len(raw):
-            raise _Unusable("no_known_channel")
+            raise Unusable("no_known_channel")
         if missing:
-            vals = [_NAN if v is _ABSENT else _num(v) for v in raw]
-            bad = any(not -_FLT_MAX <= f <= _FLT_MAX
+            vals = [NAN if v is _ABSENT else json_number(v) for v in raw]
+            bad = any(not -FLT_MAX <= f <= FLT_MAX
                       for f, v in zip(vals, raw) if v is not _ABSENT)
-            _clean(vals)
+            clean(vals)
             self.report.note("missing_channel", data)
         else:
-            vals = [v if type(v) is float else _num(v) for v in raw]
-            bad = _clean(vals)
+            vals = [v if type(v) is float else json_number(v) for v in raw]
+            bad = clean(vals)
         if unknown:
             self.report.note("unknown_channel", data)
         if bad:
@@ -302,14 +278,14 @@ class LineDecoder:
         try:
             t = epoch_seconds(raw)
         except BadTimestamp as e:
-            raise _Unusable("bad_timestamp", str(e)) from None
+            raise Unusable("bad_timestamp", str(e)) from None
         if t > now + FUTURE_TOLERANCE_S:
-            raise _Unusable("bad_timestamp", f"{(t - now) / 3600:.1f} h ahead of this clock")
+            raise Unusable("bad_timestamp", f"{(t - now) / 3600:.1f} h ahead of this clock")
         last = clock.last
         if last is not None and t < last - BACKWARD_TOLERANCE_S:
             clock.behind += 1
             if clock.behind < RESYNC_AFTER:
-                raise _Unusable("bad_timestamp", f"{last - t:.3f} s behind the stream")
+                raise Unusable("bad_timestamp", f"{last - t:.3f} s behind the stream")
             more = self.report.may_log("clock_step")
             if more is not None:    # two devices on one stream would otherwise flood the log
                 log.warning("%s: device clock stepped back %.3f s; following it%s",
@@ -341,7 +317,7 @@ class LineDecoder:
             items[k] = None         # each parsed object is freed once read: lower peak memory
             try:
                 t, vals = sample(item, payload, now, clock)
-            except _Unusable as e:
+            except Unusable as e:
                 self.report.note(e.reason, payload, e.detail)
                 continue
             ts.append(t)
@@ -351,13 +327,13 @@ class LineDecoder:
 
 def _text(line: bytes) -> str:
     if len(line) > MAX_LINE:
-        raise _Unusable("too_long")
+        raise Unusable("too_long")
     try:
         text = line.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise _Unusable("non_utf8") from None
+        raise Unusable("non_utf8") from None
     if not text:
-        raise _Unusable("empty")
+        raise Unusable("empty")
     return text
 
 
@@ -365,16 +341,7 @@ def _loads(text: str):
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
-        raise _Unusable("bad_json") from None
-
-
-def _missing_or_float(f: str) -> float:
-    try:
-        return float(f)
-    except ValueError:
-        if f.strip().lower() in _MISSING_TOKENS:
-            return _NAN
-        raise _Unusable("non_numeric") from None
+        raise Unusable("bad_json") from None
 
 
 def _time_of(obj: dict, channels):

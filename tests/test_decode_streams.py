@@ -7,6 +7,7 @@ import json
 import random
 
 import numpy as np
+from hypothesis import given, settings, strategies as st
 
 from agent.decoders import LineDecoder
 from agent.metrics import Metrics
@@ -104,3 +105,113 @@ def test_packed_rows_are_the_casts_of_nested_rows():
     rows[4][1], rows[9][0] = float("nan"), -0.0
     ts, v = _pack(list(range(300)), rows)
     assert v.shape == (300, 3) and v.tobytes() == np.array(rows, np.float32).tobytes()
+
+
+# ---------------------------------------------------------------- the block path
+# Numbers that are not what the block takes: the line reader's, as NaN or refused.
+_ODD_NUMBERS = ["1e39", "-1e39", "1e999", "1e", ".", "5.", ".5", "+5", "-0", "0e0", "1E5",
+                "--1", "1.2.3", "", "nan", " 1", "1_0", "4e-46", "3.4028235e38", "١"]
+
+
+DEFECTS = ["number", "back", "jitter", "future", "range", "iso", "units", "semicolon",
+           "newline", "empty", "fewer", "more", "blank"]
+
+
+def _stamp(t: float, unit: str) -> str:
+    return f"{t:.3f}" if unit == "s" else str(int(t * {"ms": 1e3, "us": 1e6, "ns": 1e9}[unit]))
+
+
+@st.composite
+def stream_payloads(draw, k0: int, timestamp: str) -> list[bytes]:
+    """One stream's payloads in a drain: clean (what the block takes) or with one defect
+    (which sends the stream, or the line, to the line reader)."""
+    stamped = {"first": True, "none": False}.get(timestamp, draw(st.booleans()))
+    unit = draw(st.sampled_from(["s", "ms", "us", "ns"]))
+    step = draw(st.sampled_from([0.01, 1.0]))
+    n = draw(st.integers(1, 8))
+    lines = []
+    for k in range(k0, k0 + n):
+        vals = [draw(st.floats(-100, 100).map(lambda x: f"{x:.5g}")) for _ in CH]
+        lines.append(([_stamp(T0 + k * step, unit)] if stamped else []) + vals)
+    defect = draw(st.sampled_from(DEFECTS + [None] * len(DEFECTS)))
+    i = draw(st.integers(0, n - 1))
+    row, t = lines[i], T0 + (k0 + i) * step
+    if defect == "number":
+        row[-1] = draw(st.sampled_from(_ODD_NUMBERS))
+    elif defect in ("back", "jitter", "future", "range", "iso", "units") and stamped:
+        row[0] = {"back": _stamp(t - 5 - step * i, unit), "jitter": _stamp(t - 0.5, unit),
+                  "future": f"{NOW + 2 * 86400:.0f}", "range": "123",
+                  "iso": "2023-11-14T22:13:20Z", "units": _stamp(t, "ms" if unit == "s" else "s")
+                  }[defect]
+    elif defect in ("fewer", "more"):
+        lines[i] = row[:-1] if defect == "fewer" else row + ["1"]
+    text = [",".join(r) for r in lines]
+    if defect == "semicolon":
+        text[i] = text[i].replace(",", ";")
+    elif defect == "blank":
+        text[i] = ""
+    per = draw(st.integers(1, 3))       # lines per payload
+    out = [("\n".join(text[a:a + per])) for a in range(0, n, per)]
+    if defect == "newline":
+        out[-1] += "\n"
+    elif defect == "empty":
+        out.insert(draw(st.integers(0, len(out))), " ")
+    return [p.encode() for p in out]
+
+
+@st.composite
+def drain(draw, timestamp: str, k0: int):
+    msgs = []
+    for s in range(draw(st.integers(1, 5))):
+        for k, payload in enumerate(draw(stream_payloads(k0, timestamp))):
+            msgs.append((f"s{s}", payload, NOW + k))
+    return msgs
+
+
+def _clocks(d: LineDecoder) -> dict:
+    return {sid: (c.last, c.behind, c.has_ts) for sid, c in d._clocks._clocks.items()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["auto", "first", "none"]), st.data())
+def test_the_block_reads_what_the_line_reader_reads(timestamp, data):
+    """Drains of generated CSV payloads: decode_streams (block where it can, line by line
+    where not) gives every stream the samples, the decoder the counts and every stream's
+    clock the state that reading each payload on its own gives."""
+    m_want, m_got = Metrics(), Metrics()
+    one = LineDecoder(CH, "csv", timestamp, m_want, "one")
+    both = LineDecoder(CH, "csv", timestamp, m_got, "all")
+    for k0 in (0, 10, 20):      # drains one after another: the clocks carry over
+        msgs = data.draw(drain(timestamp, k0))
+        want: dict = {}
+        for sid, payload, now in msgs:
+            r = one.decode_payload(payload, now, sid)
+            if r is not None:
+                want.setdefault(sid, []).append(r)
+        got = {sid: (ts, v) for sid, ts, v in both.decode_streams(_groups(msgs))}
+        assert sorted(got) == sorted(want)
+        for sid, rs in want.items():
+            assert got[sid][0].tobytes() == np.concatenate([r[0] for r in rs]).tobytes()
+            assert got[sid][1].tobytes() == np.concatenate([r[1] for r in rs]).tobytes()
+        assert m_got.malformed == m_want.malformed
+        assert _clocks(both) == _clocks(one)
+
+
+def test_a_well_formed_drain_is_read_as_one_block_and_a_bad_stream_is_left_out():
+    from agent.csv_block import read_block
+    from agent.device_clock import Clock
+    payloads, per = [], []
+    for s in range(4):
+        rows = [f"{T0 + k:.3f},{s},{k}.5,-{k}e-3" for k in range(5)]
+        if s == 2:
+            rows[3] = rows[3].replace(",", ",,", 1)      # an empty field: the line reader's
+        payloads += [r.encode() for r in rows]
+        per.append(5)
+    clocks = [Clock() for _ in per]
+    block = read_block(payloads, [NOW] * len(payloads), per, clocks, len(CH), "auto", 1 << 16)
+    assert [block.take(i) is None for i in range(4)] == [False, False, True, False]
+    ts, v = block.take(3)
+    assert ts.tolist() == [T0 + k for k in range(5)]
+    assert v.tolist() == [[3.0, k + 0.5, np.float32(-k / 1000)] for k in range(5)]
+    assert clocks[3].last == T0 + 4 and clocks[3].has_ts is True
+    assert clocks[2].last is None       # untouched: the line reader reads that stream
