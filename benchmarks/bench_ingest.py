@@ -8,7 +8,10 @@ For each case (streams x rate), in one run and one after the other on the same b
 The same publisher sends the same messages to both.  Reported per consumer: CPU µs
 per message (utime + stime from /proc over the publishing window and the catch-up),
 CPU % of a core, messages lost (the agent's samples_in against what was sent), RSS;
-and the ratio agent / bare.  Consumers run one at a time so they do not compete.
+the ratio agent / bare; and, for the agent, the part of its CPU per message spent in its
+main thread (the pipeline: decoding, the engine, the sinks; the rest is paho's network
+threads, which the bare subscriber has too).  Consumers run one at a time so they do not
+compete.
 With several cases, each agent's CPU per message is also given over its own in the first
 case of the same repeat (500x10 over 50x100: the same messages/s over ten times the
 streams, the agent against itself).
@@ -139,6 +142,13 @@ def cpu_s(pid: int) -> float:
     return proc_stats(pid)[1] / CLK_TCK
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of the process's main thread: the agent's pipeline (decoding, the engine,
+    the sinks), apart from the paho network threads."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def bare_case(port: int, pub: Publisher, case: tuple, qos: int) -> dict:
     streams, rate, batch, duration, warmup = case
     expected = (int(warmup / (batch / rate)) + int(duration / (batch / rate))) * streams
@@ -206,6 +216,7 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
 
         def on_mark():
             mark["cpu"], mark["rss"] = cpu_s(agent.pid), proc_stats(agent.pid)[0]
+            mark["main"] = main_thread_cpu_s(agent.pid)
             mark["in"] = (health.last or {}).get("samples_in", 0)
         sent = pub.run(streams, rate, batch, duration, warmup, on_mark)
         total = sent["total_messages"] * batch
@@ -215,6 +226,7 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
             rss_max = max(rss_max, proc_stats(agent.pid)[0])
             time.sleep(0.2)
         c1, rss = cpu_s(agent.pid), proc_stats(agent.pid)[0]
+        main1 = main_thread_cpu_s(agent.pid)
         sampler.stop.set()
         time.sleep(2.5)          # one more health period for the final counters
         h = health.last or {}
@@ -229,13 +241,16 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
     if "Traceback" in text:
         print(f"agent log has a traceback:\n{text[-3000:]}", file=sys.stderr)
     return {**sent, "received": (h.get("samples_in", 0) - (total - sent["samples"])) // batch,
-            "cpu_s": c1 - mark["cpu"], "rss_mb": rss / 1024, "rss_max_mb": rss_max / 1024,
+            "cpu_s": c1 - mark["cpu"], "main_cpu_s": main1 - mark["main"],
+            "rss_mb": rss / 1024, "rss_max_mb": rss_max / 1024,
             "timeline": [(round(t), round(r / 1024, 1), round(c, 1)) for t, r, c in sampler.rows],
             "windows": h.get("windows_inferred"), "malformed": h.get("malformed")}
 
 
 def _per_message(r: dict) -> dict:
     r["us_per_msg"] = r["cpu_s"] * 1e6 / r["messages"]
+    if "main_cpu_s" in r:
+        r["pipeline_us_per_msg"] = r["main_cpu_s"] * 1e6 / r["messages"]
     r["core_percent"] = 100 * r["cpu_s"] / r["publish_s"]
     r["lost"] = r["messages"] - r["received"]
     return r
@@ -243,7 +258,8 @@ def _per_message(r: dict) -> dict:
 
 def _print_row(spec: str, name: str, r: dict, ratio: float | None = None) -> None:
     print(f"{spec:>9} {name:>14} {r['messages']:8d} {r['lost']:5d} {r['us_per_msg']:7.1f} "
-          f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else "")
+          f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else "      ")
+          + (f" {r['pipeline_us_per_msg']:11.1f}" if "pipeline_us_per_msg" in r else "")
           + (f"  (publisher paused {r['stalls']}x)" if r["stalls"] else ""), flush=True)
 
 
@@ -283,7 +299,7 @@ def main() -> int:
         print(f"bench_ingest: {Path(a.model).stem}, {a.batch} sample(s)/message, qos {a.qos}, "
               f"{a.duration:g} s per run, {os.cpu_count()} cores")
         print(f"{'case':>9} {'consumer':>14} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
-              f"{'% core':>6} {'RSS MB':>7} {'ratio':>6}")
+              f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11}")
         repos = [Path(r).resolve() for r in a.repo.split(",")]
         run_no = 0
         cases = a.cases.split(",")
