@@ -20,7 +20,7 @@ from . import preflight, sdnotify
 from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
 from .engine import Engine
-from .heap import HeapTrimmer
+from .heap import HeapTrimmer, limit_arenas
 from .metrics import Metrics
 from .metrics_server import MetricsServer
 from .model_meta import ModelMetaError, load_meta
@@ -59,6 +59,7 @@ def _report(findings: preflight.Findings) -> None:
 
 class Daemon:
     def __init__(self, config_path: str, cfg: AgentConfig):
+        limit_arenas()      # before the sinks, sources and metrics server start threads
         self.config_path = config_path
         self.cfg = cfg
         self.metrics = Metrics()

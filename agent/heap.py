@@ -1,4 +1,4 @@
-"""Hand the heap's free pages back to the system, every 15 s.
+"""Keep the heap compact: few malloc arenas, and its free pages handed back every 15 s.
 
 glibc's malloc keeps freed small blocks for reuse and returns memory only from the top
 of the heap.  Every engine step frees many short-lived arrays between blocks that live
@@ -8,24 +8,52 @@ uses (4.5 MB in benchmarks/bench_memory.py's run, "after malloc_trim").  malloc_
 the whole free pages inside the heap (glibc >= 2.8); it takes a millisecond or two
 (at 500 streams), so every 15 s costs nothing measurable, and the heap has little time
 to scatter again in between.  Without glibc (musl, macOS) this is a no-op.
+
+glibc also gives each thread that allocates while another does an arena of its own
+(up to 8 per core), and each arena keeps its own free blocks.  The agent's threads (the
+pipeline, paho's network loops, the sinks) allocate mostly while holding the GIL, so
+they rarely contend for an arena and extra arenas only hold more free memory: with at
+most ARENAS the daemon needs ~2.5 KB less per stream (benchmarks/soak.py, 50 -> 500
+streams; docs/RESULTS.md).  `limit_arenas` sets that before the first thread starts,
+unless the environment already chose (MALLOC_ARENA_MAX, GLIBC_TUNABLES).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import time
 
 TRIM_S = 15.0
+ARENAS = 2
+M_ARENA_MAX = -8        # glibc's mallopt parameter
+
+
+def _libc(name: str):
+    """A glibc function, or None where the C library has none."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn = _libc("malloc_trim")
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
+
+
+def limit_arenas(n: int = ARENAS) -> bool:
+    """At most n malloc arenas from now on (call before starting threads); False where the
+    C library has no mallopt or the environment sets the limit itself."""
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    fn = _libc("mallopt")
+    if fn is None:
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn(M_ARENA_MAX, n) == 1
 
 
 class HeapTrimmer:

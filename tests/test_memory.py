@@ -7,7 +7,11 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,8 @@ from agent.engine import Engine
 from agent.jobs import detection_config
 from agent.shipped import resolve_model
 from agent.sources.base import Batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # bytes of Python heap one learned stream keeps, all included (ring, baseline, scaler
 # versions, adapter, smoother, tracker, the engine's entry): 20.7 KB before issue
@@ -144,3 +150,48 @@ def test_the_heap_is_trimmed_once_per_period():
     assert h.maybe(start) is True
     assert h.maybe(start + 14.0) is False       # not again within the period
     assert h.maybe(start + 15.0) is True
+
+
+ARENA_COUNT = r"""
+import ctypes, ctypes.util, os, sys, tempfile, threading
+sys.path.insert(0, sys.argv[1])
+from agent.heap import limit_arenas
+if sys.argv[2] == "limit":
+    assert limit_arenas(2)
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+held, go = [], threading.Barrier(6)
+def work():
+    go.wait()                   # all threads alive at once: none inherits another's arena
+    held.append(libc.malloc(4096))
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+path = os.path.join(tempfile.mkdtemp(), "info.xml")
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+@pytest.mark.parametrize("mode", ["limit", "default"])
+def test_the_daemon_limits_malloc_arenas(mode):
+    # threads that allocate at once get an arena each (up to 8 per core), unless limited;
+    # the daemon limits them before its threads start (agent/heap.py says why)
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", ARENA_COUNT, str(REPO), mode], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    arenas = int(out)
+    assert arenas <= 2 if mode == "limit" else arenas > 2
+
+
+def test_an_arena_limit_in_the_environment_is_left_alone(monkeypatch):
+    from agent.heap import limit_arenas
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_arenas() is False
