@@ -60,6 +60,7 @@ log = logging.getLogger("tsad.decode")
 
 MAX_LINE = 64 * 1024            # bytes; longer lines are framing errors, not data
 MAX_PAYLOAD = 4 * 1024 * 1024   # an MQTT payload may carry many lines / objects
+BLOCK_BYTES = 1024 * 1024       # the most payload bytes read as one block (csv_block.py)
 TIME_KEYS = ("ts", "timestamp", "time")
 
 # A rejected sample is always accompanied by exactly one of these.
@@ -149,7 +150,9 @@ class LineDecoder:
             return None
         payloads = [p for ps, _ in groups.values() for p in ps]
         try:
-            if not payloads or max(map(len, payloads)) > MAX_PAYLOAD:
+            # a block's temporaries take ~10x its bytes (a bytes object per field): a bulk
+            # upload's 4 MiB payload is read line by line, at the memory README states
+            if not payloads or sum(map(len, payloads)) > BLOCK_BYTES:
                 return None
             return read_block(payloads, [a for _, arr in groups.values() for a in arr],
                               [len(ps) for ps, _ in groups.values()], clocks,

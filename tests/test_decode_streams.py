@@ -215,3 +215,26 @@ def test_a_well_formed_drain_is_read_as_one_block_and_a_bad_stream_is_left_out()
     assert v.tolist() == [[3.0, k + 0.5, np.float32(-k / 1000)] for k in range(5)]
     assert clocks[3].last == T0 + 4 and clocks[3].has_ts is True
     assert clocks[2].last is None       # untouched: the line reader reads that stream
+
+
+def test_a_bulk_payload_is_read_line_by_line_at_the_line_readers_memory():
+    """A block's temporaries take ~10x its bytes (a bytes object per field); a payload
+    over BLOCK_BYTES (a bulk upload, up to 4 MiB) is read line by line instead, with the
+    same samples, at ~6x (what README's memory bounds assume)."""
+    import tracemalloc
+    from agent.decoders import BLOCK_BYTES
+    rng = np.random.default_rng(0)
+    rows = [f"{T0 + k * 0.001:.3f},{a:.6g},{b:.6g},{c:.6g}"
+            for k, (a, b, c) in enumerate(rng.normal(0, 10, (70_000, 3)).tolist())]
+    payload = "\n".join(rows).encode()
+    assert len(payload) > BLOCK_BYTES
+    want = LineDecoder(CH, "csv", "auto", Metrics(), "one").decode_payload(payload, NOW, "s")
+    d = LineDecoder(CH, "csv", "auto", Metrics(), "all")
+    tracemalloc.start()
+    try:
+        [(sid, ts, v)] = d.decode_streams({"s": ([payload], [NOW])})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ts.tobytes() == want[0].tobytes() and v.tobytes() == want[1].tobytes()
+    assert peak < 8 * len(payload)
