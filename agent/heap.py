@@ -9,12 +9,11 @@ the whole free pages inside the heap (glibc >= 2.8); it takes a millisecond or t
 (at 500 streams), so every 15 s costs nothing measurable, and the heap has little time
 to scatter again in between.  Without glibc (musl, macOS) this is a no-op.
 
-glibc also gives each thread that allocates while another does an arena of its own
-(up to 8 per core), and each arena keeps its own free blocks.  The agent's threads (the
-pipeline, paho's network loops, the sinks) allocate mostly while holding the GIL, so
-they rarely contend for an arena and extra arenas only hold more free memory: with at
-most ARENAS the daemon needs ~2.5 KB less per stream (benchmarks/soak.py, 50 -> 500
-streams; docs/RESULTS.md).  `limit_arenas` sets that before the first thread starts,
+glibc also gives each thread that allocates an arena of its own (up to 8 per core), and
+each arena keeps its own free blocks.  The agent's threads (the pipeline, paho's network
+loops, the sinks) allocate mostly while holding the GIL, so they rarely contend for an
+arena, and the extra arenas only hold more free memory: with at most ARENAS the daemon
+needs 2-3 KB less per stream (benchmarks/soak.py, 50 -> 500 streams; docs/RESULTS.md).  `limit_arenas` sets that before the first thread starts,
 unless the environment already chose (MALLOC_ARENA_MAX, GLIBC_TUNABLES).
 """
 from __future__ import annotations
