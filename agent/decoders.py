@@ -91,6 +91,7 @@ class LineDecoder:
         self._values_key = "values" not in self._index   # else "values" is a channel
         self._clocks = Clocks()
         self.report = BadInput(metrics, log_name)
+        self._block_failed = False      # logged once: csv_block.py raised (a bug)
 
     # ------------------------------------------------------------ public API
     def decode(self, line: bytes, now: float, stream: str | None = None) -> Sample | None:
@@ -158,6 +159,12 @@ class LineDecoder:
                               [len(ps) for ps, _ in groups.values()], clocks,
                               len(self.channels), self.timestamp, MAX_LINE)
         except TypeError:       # a payload that is not bytes: the line reader says whose
+            return None
+        except Exception:       # a bug here must not cost samples: the line reader reads all
+            if not self._block_failed:
+                self._block_failed = True
+                log.exception("%s: the CSV block reader failed; reading line by line",
+                              self.log_name)
             return None
 
     def bad(self, reason: str, data: bytes | str = b"", n: int = 1, detail: str = "") -> None:

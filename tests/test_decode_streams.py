@@ -238,3 +238,19 @@ def test_a_bulk_payload_is_read_line_by_line_at_the_line_readers_memory():
         tracemalloc.stop()
     assert ts.tobytes() == want[0].tobytes() and v.tobytes() == want[1].tobytes()
     assert peak < 8 * len(payload)
+
+
+def test_a_failing_block_reader_costs_no_sample(monkeypatch, caplog):
+    # a bug in the block path: every stream is read line by line, and it is logged once
+    import agent.decoders as dec
+
+    def broken(*a, **k):
+        raise IndexError("a bug")
+    monkeypatch.setattr(dec, "read_block", broken)
+    d = LineDecoder(CH, "csv", "auto", Metrics(), "mqtt:plant")
+    for k in range(2):
+        got = d.decode_streams({"s0": ([f"{T0 + k},1,2,3".encode()], [NOW]),
+                                "s1": ([f"{T0 + k},4,5,6".encode()], [NOW])})
+        assert [(sid, v.tolist()) for sid, _, v in got] == [("s0", [[1, 2, 3]]),
+                                                           ("s1", [[4, 5, 6]])]
+    assert caplog.text.count("the CSV block reader failed") == 1
