@@ -25,7 +25,7 @@ import numpy as np
 
 from .device_clock import BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, Clock
 from .field_values import FLT_MAX
-from .timestamps import UNITS
+from .timestamps import epoch_seconds_array
 
 # The bytes lines of plain decimal numbers separated by commas may hold.
 _NUMBER_BYTES = np.zeros(256, bool)
@@ -100,7 +100,7 @@ def read_block(payloads: list[bytes], arrivals: list[float], per_stream: list[in
     arrival = np.repeat(np.asarray(part.arrivals, np.float64), lines)
     bad = ~(np.abs(values) <= FLT_MAX).all(axis=1)     # NaN/inf/huge: the reader writes NaN
     if has_ts:
-        ts = _epoch(rows[:, 0])
+        ts = epoch_seconds_array(rows[:, 0])      # NaN where epoch_seconds raises
         bad |= ~(ts <= arrival + FUTURE_TOLERANCE_S)    # NaN (no valid epoch) included
         back = np.zeros(len(ts), bool)
         back[1:] = ts[1:] < ts[:-1]
@@ -200,13 +200,3 @@ def _numbers(payloads: list[bytes], nf: int, bounds: np.ndarray) -> np.ndarray |
 def _by_stream(bad: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """How many of each stream's lines are bad (lines bounds[i]:bounds[i + 1])."""
     return np.add.reduceat(bad.view(np.int8), bounds[:-1], dtype=np.int64)
-
-
-def _epoch(x: np.ndarray) -> np.ndarray:
-    """timestamps.epoch_seconds of numbers, NaN where it raises (its unit bounds are exact
-    float64 values, so these comparisons are its comparisons)."""
-    out = np.full(len(x), np.nan)
-    for scale, lo, hi in UNITS:
-        m = (x >= lo) & (x < hi)
-        out[m] = x[m] / scale
-    return out

@@ -13,8 +13,9 @@ glibc also gives each thread that allocates an arena of its own (up to 8 per cor
 each arena keeps its own free blocks.  The agent's threads (the pipeline, paho's network
 loops, the sinks) allocate mostly while holding the GIL, so they rarely contend for an
 arena, and the extra arenas only hold more free memory: with at most ARENAS the daemon
-needs 2-3 KB less per stream (benchmarks/soak.py, 50 -> 500 streams; docs/RESULTS.md).  `limit_arenas` sets that before the first thread starts,
-unless the environment already chose (MALLOC_ARENA_MAX, GLIBC_TUNABLES).
+needs 2-3 KB less per stream (benchmarks/soak.py, 50 -> 500 streams; docs/RESULTS.md).
+`limit_arenas` sets that before the first thread starts, unless the environment already
+chose (MALLOC_ARENA_MAX, GLIBC_TUNABLES).
 """
 from __future__ import annotations
 
