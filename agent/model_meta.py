@@ -21,6 +21,11 @@ FORMAT_VERSION = 1
 #   share_c = e_{t,c} / sum_c e_{t,c} (per-channel contribution).
 SCORE_DEFINITION = "mse_last_step_scaled"
 
+# The reconstruction models of the PaddleX time-series anomaly-detection pipeline, by the
+# name a model's metadata carries: what tsad-export trains and models_onnx/ ships.
+PADDLEX_MODELS = ("AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad",
+                  "TimesNet_ad")
+
 
 class ModelMetaError(ValueError):
     """Metadata missing, malformed or inconsistent with the ONNX file."""

@@ -25,9 +25,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.model_meta import load_meta  # noqa: E402
-
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
+from agent.model_meta import PADDLEX_MODELS, load_meta  # noqa: E402
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -54,7 +52,7 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}, torch {torch.__version__}; 1 core, 1 thread")
     print(f"{'model':<17} {'params':>8} {'ONNX KiB':>8} {'ORT b1 med ms':>13} {'p99 ms':>7} "
           f"{'ORT b32 win/s':>13} {'torch b1 ms':>11} {'torch/ORT':>9}")
-    for name in MODELS:
+    for name in PADDLEX_MODELS:
         path = REPO / "models_onnx" / f"{name}.onnx"
         if not path.exists():
             print(f"{name:<17} (not shipped)")

@@ -43,9 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.detector import Detector  # noqa: E402
-from agent.model_meta import load_meta  # noqa: E402
+from agent.model_meta import PADDLEX_MODELS, load_meta  # noqa: E402
 
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 OV = "OpenVINOExecutionProvider"
 BOUNDED = {"reshape_input": "{input}[1..{max_batch},{window},{channels}]"}
 # variant -> (providers, model.threads, OpenVINO provider options); {input}, {window},
@@ -172,7 +171,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(PADDLEX_MODELS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rounds", type=int, default=7)
     a = ap.parse_args()

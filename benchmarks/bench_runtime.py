@@ -35,11 +35,9 @@ from agent.detector import Detector  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.jobs import detection_config  # noqa: E402
 from agent.metrics import Metrics  # noqa: E402
-from agent.model_meta import load_meta  # noqa: E402
+from agent.model_meta import PADDLEX_MODELS, load_meta  # noqa: E402
 from agent.shipped import DEMO_CSV, ShippedModelError, resolve_model  # noqa: E402
 from agent.sources.base import Batch  # noqa: E402
-
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 
 
 def bare_ort_us(path: Path, batch: int, reps: int) -> float:
@@ -112,7 +110,7 @@ def daemon_us_per_sample(csv: Path, detector: Detector, streams: int = 50, per: 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(PADDLEX_MODELS))
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=300)
     a = ap.parse_args()

@@ -35,11 +35,11 @@ from agent.detector import Detector  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.evaluate import Counts, skab_files  # noqa: E402
 from agent.jobs import detection_config, rows_prediction, run_table  # noqa: E402
+from agent.model_meta import PADDLEX_MODELS  # noqa: E402
 from agent.policy_fit import fit_margin, with_margin  # noqa: E402
 from agent.shipped import resolve_model  # noqa: E402
 
 SKAB = REPO.parent / "shared" / "data" / "skab"
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 LEARN = 400
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--knob", default="adaptation.time_constant_s")
     ap.add_argument("--values", default="none,600,1800,3600,7200")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(PADDLEX_MODELS))
     ap.add_argument("--base", default='{"adaptation": {"enabled": true}}',
                     help="settings every value starts from (JSON), or 'policy': each "
                          "model's shipped policy")

@@ -34,11 +34,10 @@ from agent.contract import read_table  # noqa: E402
 from agent.detector import Detector  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.jobs import detection_config, long_run, rows_prediction, run_table  # noqa: E402
-from agent.model_meta import load_meta  # noqa: E402
+from agent.model_meta import PADDLEX_MODELS, load_meta  # noqa: E402
 from export.recipes.tep_data import TRAIN, classic52  # noqa: E402
 from export.reference import fit_pca_files  # noqa: E402
 
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 DAY_S = 86400.0
 MONTH_S = 30 * DAY_S
 STREAM = "plant"
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/tep")
     ap.add_argument("--models", default="models_onnx/tep")
-    ap.add_argument("--only", nargs="+", default=MODELS)
+    ap.add_argument("--only", nargs="+", default=PADDLEX_MODELS)
     ap.add_argument("--out", help="JSON with every figure")
     ap.add_argument("--season", type=float, default=0.0,
                     help="seasonal drift at day 90, in learned stds (module docstring)")

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.detector import Detector  # noqa: E402
 from agent.evaluate import predict_file  # noqa: E402
 from agent.jobs import detection_config, rows_prediction  # noqa: E402
+from agent.model_meta import PADDLEX_MODELS  # noqa: E402
 from agent.policy import learning_rows  # noqa: E402
 from export.recipes.tep_data import FAULT_FREE, FAULTS, SAMPLING_MIN, SETS, TRAIN, classic52  # noqa: E402
 from export.reference import fit_pca_files  # noqa: E402
 
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 DETECTED = 0.5       # a fault a reference "detects": rate >= this
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/tep")
     ap.add_argument("--models", default="models_onnx/tep")
-    ap.add_argument("--only", nargs="+", default=MODELS)
+    ap.add_argument("--only", nargs="+", default=PADDLEX_MODELS)
     ap.add_argument("--set", default="test", choices=sorted(SETS))
     ap.add_argument("--learn", type=int, help="learning rows (default: each model's policy)")
     ap.add_argument("--out", help="JSON with every figure")

@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 from torch.nn import functional as F
 
+from agent.model_meta import PADDLEX_MODELS
 from export.models import ARCHITECTURE, REGISTRY, build_model
 from export.models.timesnet import InceptionBlock, TimesNetAD, dft_basis
 from export.onnx_export import ExportError, count_parameters, export_onnx, parity_check
@@ -58,7 +59,8 @@ def ort_run(path, x: np.ndarray) -> np.ndarray:
 
 
 def test_registry_and_architecture_names_agree():
-    assert set(REGISTRY) == set(ARCHITECTURE) == {
+    # the names the runtime, the benchmarks and the recipes know the models by
+    assert set(REGISTRY) == set(ARCHITECTURE) == set(PADDLEX_MODELS) == {
         "AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"}
     assert all(name.startswith(ARCHITECTURE[name]) for name in REGISTRY)
     with pytest.raises(ValueError, match="unknown model"):

@@ -28,12 +28,12 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from agent.model_meta import PADDLEX_MODELS
 from agent_harness import Observer, wait_until
 from conftest import REPO
 
 VENV_PYTHON = REPO / ".venv-openvino" / "bin" / "python"
 OV, CPU = "OpenVINOExecutionProvider", "CPUExecutionProvider"
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 ULPS = 64
 # PatchTST (attention, layer norm: the most varied kernels) on a file where it opens and
 # closes two alerts; its nearest score lies 5.6e-4 (relative) from the threshold, fifty
@@ -89,13 +89,13 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def parity(ov_python) -> dict:
-    r = subprocess.run([ov_python, "-c", PARITY, *MODELS], capture_output=True, text=True,
+    r = subprocess.run([ov_python, "-c", PARITY, *PADDLEX_MODELS], capture_output=True, text=True,
                        timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", PADDLEX_MODELS)
 def test_shipped_model_on_openvino_matches_cpu(parity, model):
     res = parity[model]
     assert res["ep"] == OV and res["cpu_ep"] == CPU

@@ -15,7 +15,7 @@ import pytest
 
 from agent import __version__
 from agent.config import ConfigError, load_config, parse_config
-from agent.model_meta import load_meta, sha256_file
+from agent.model_meta import PADDLEX_MODELS, load_meta, sha256_file
 from agent.shipped import (DEMO_CSV, EXAMPLE_CONFIG, ShippedModelError, models_dir, resolve_model,
                            shipped_models)
 from conftest import MODELS, REPO
@@ -124,6 +124,8 @@ def test_shipped_models_are_found_by_name_and_unknown_names_listed(tmp_path):
     on_disk = sorted(p.relative_to(MODELS).with_suffix("").as_posix()
                      for p in MODELS.rglob("*.onnx"))
     assert names == on_disk and "DLinear_ad" in names
+    # the five the benchmarks and recipes name, shipped at the top level
+    assert [n for n in names if "/" not in n] == sorted(PADDLEX_MODELS)
     assert resolve_model("DLinear_ad") == str(MODELS / "DLinear_ad.onnx")
     own = tmp_path / "DLinear_ad.onnx"          # a path always wins over a name
     assert resolve_model(str(own)) == str(own)

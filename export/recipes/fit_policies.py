@@ -21,11 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.model_meta import PADDLEX_MODELS
+
 REPO = Path(__file__).resolve().parents[2]
 FAULT_FREE = "fault_free"       # tep_data's file prefix (no tep-studio import needed here)
 SKAB = REPO.parent / "shared" / "data" / "skab"
 TEP = REPO / "runs" / "tep"
-MODELS = ["AutoEncoder_ad", "DLinear_ad", "Nonstationary_ad", "PatchTST_ad", "TimesNet_ad"]
 
 SKAB_SETTINGS = {"scoring.normalize": "channel", "scoring.smoothing": 10,
                  "adaptation.enabled": True, "adaptation.time_constant_s": 1800}
@@ -80,7 +81,7 @@ def fit(model: Path, data: list[Path], learn: int, settings: dict, reason: str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["skab", "tep"])
-    ap.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    ap.add_argument("--models", nargs="+", choices=PADDLEX_MODELS, default=PADDLEX_MODELS)
     ap.add_argument("--tep", type=Path, default=TEP, help="the TEP runs (tep_data --out)")
     a = ap.parse_args(argv)
     for name in a.models:
