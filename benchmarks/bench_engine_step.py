@@ -43,7 +43,8 @@ def time_shape(streams: int, per: int, model: str) -> float:
 
     def step_at(k: int) -> list:
         ts = t0 + np.arange(k, k + per, dtype=np.float64)
-        return [Batch(f"s{s}", ts, (mean + 0.5 * std * rng.normal(size=(per, c))).astype(np.float32),
+        noise = rng.normal(size=(streams, per, c))
+        return [Batch(f"s{s}", ts, (mean + 0.5 * std * noise[s]).astype(np.float32),
                       source="bench") for s in range(streams)]
 
     k = 0
