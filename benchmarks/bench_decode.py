@@ -15,10 +15,10 @@ process, alternating, so old and new code are timed side by side in one run.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from side_by_side import alternate  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(50, 80, 0), (50, 10, 0), (500, 1, 0), (1, 500, 0), (50, 10, 10)]
@@ -81,14 +81,10 @@ def main() -> None:
         return
     repos = [Path(r).resolve() for r in a.repo.split(",")]
     rows: dict[str, dict[str, list[float]]] = {}
-    for _ in range(a.rounds):
-        for repo in repos:
-            out = subprocess.run([sys.executable, __file__, "--child", "--reps", str(a.reps)],
-                                 cwd=repo, env={"PYTHONPATH": str(repo), "PATH": ""},
-                                 capture_output=True, text=True, check=True).stdout
-            for line in out.splitlines():
-                shape, us = line.split()
-                rows.setdefault(shape, {}).setdefault(repo.name, []).append(float(us))
+    for name, out in alternate(__file__, repos, a.rounds, ["--child", "--reps", str(a.reps)]):
+        for line in out.splitlines():
+            shape, us = line.split()
+            rows.setdefault(shape, {}).setdefault(name, []).append(float(us))
     names = [r.name for r in repos]
     print("decode_streams, CPU µs per message (best of reps; one value per round)")
     print(f"{'drain':>12} " + " ".join(f"{n:>22}" for n in names))

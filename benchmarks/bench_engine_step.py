@@ -16,10 +16,10 @@ process, alternating, so old and new code are timed side by side in one run.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from side_by_side import alternate  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(500, 1), (500, 10), (50, 10), (50, 100)]   # (streams, samples per step)
@@ -87,17 +87,13 @@ def main() -> None:
         return
     repos = [Path(r).resolve() for r in a.repo.split(",")]
     runs: list[tuple[str, dict[tuple[int, int], float]]] = []
-    for _ in range(a.rounds):
-        for repo in repos:
-            out = subprocess.run([sys.executable, __file__, "--child", "--model", a.model],
-                                 cwd=repo, env={"PYTHONPATH": str(repo), "PATH": ""},
-                                 capture_output=True, text=True, check=True).stdout
-            rows = {}
-            for line in out.splitlines():
-                shape, us = line.split()
-                s, p = shape.split("x")
-                rows[(int(s), int(p))] = float(us)
-            runs.append((repo.name, rows))
+    for name, out in alternate(__file__, repos, a.rounds, ["--child", "--model", a.model]):
+        rows = {}
+        for line in out.splitlines():
+            shape, us = line.split()
+            s, p = shape.split("x")
+            rows[(int(s), int(p))] = float(us)
+        runs.append((name, rows))
     print(f"engine.step, {a.model}: CPU µs per stream-step (per sample); one row per run")
     print(f"{'checkout':>12} " + " ".join(f"{f'{s}x{p}':>16}" for s, p in SHAPES)
           + f" {'fixed':>7} {'per sample':>10}")
