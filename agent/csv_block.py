@@ -128,11 +128,8 @@ def _settle_clocks(part: _Part, ok: list[bool], bounds: np.ndarray, ts: np.ndarr
                 has_ts and clock.last is not None
                 and tsl[first[j]] < clock.last - BACKWARD_TOLERANCE_S):
             continue
-        if has_ts:
-            clock.behind = 0
-            t = tsl[last[j]]
-            if clock.last is None or t > clock.last:
-                clock.last = t
+        if has_ts:      # its lines do not decrease: keeping the last is keeping them all
+            clock.keep(tsl[last[j]])
         clock.has_ts = has_ts
         taken[part.index[j]] = j
     return taken
