@@ -43,6 +43,9 @@ CHANNEL_OK = 4.0    # error (squared) within this x the channel's typical error:
 
 
 class Adapter:
+    __slots__ = ("cfg", "learned", "scaler", "level", "version", "_by_version", "pace", "_raw",
+                 "_ok", "_err", "_filled", "_sums", "_gate", "seen", "ingested")
+
     def __init__(self, cfg: AdaptationConfig, scaler: StreamScaler, pace,
                  level: np.ndarray | None = None):
         """`pace`: the stream's sampling interval (`.interval`, seconds; learned, so read at

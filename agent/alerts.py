@@ -47,6 +47,11 @@ def _num(v: float) -> float | None:
 
 
 class AlertTracker:
+    __slots__ = ("channels", "model_info", "state", "labels", "open_mask", "alert_id", "_hist",
+                 "_cooldown_until", "shelved_until", "acknowledged", "_last_score", "_standing",
+                 "standing_since", "_start", "_peak", "_peak_err", "_last_update",
+                 "_normal_run", "_normal_since", "node", "stream", "cfg")
+
     def __init__(self, node: str, stream: str, cfg: AlertConfig, channels: list[str],
                  model_info: dict) -> None:
         self.node, self.stream, self.cfg = node, stream, cfg
@@ -315,6 +320,8 @@ class _History:
     an anomalous window and its peak one at or after it.  So while every window held is
     normal, a block of normal windows only moves the count (`quiet`): the values held
     then go stale, and each is older than any window written after it."""
+
+    __slots__ = ("ts", "sc", "lab", "err", "n", "_quiet")
 
     def __init__(self, keep: int, channels: int) -> None:
         self.ts = np.zeros(keep, np.float64)

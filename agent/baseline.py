@@ -34,6 +34,8 @@ class _Held:
     receives samples one message at a time, and a list of one-row arrays costs about
     seven times the data it holds."""
 
+    __slots__ = ("n", "_ts", "_values", "channels", "first_cap")
+
     def __init__(self, channels: int, first_cap: int):
         self.channels, self.first_cap = channels, max(first_cap, 16)
         self.n = 0
@@ -66,6 +68,9 @@ class _Held:
 
 
 class Baseline:
+    __slots__ = ("fixed_threshold", "scaler", "threshold", "level", "fitted_at", "samples_used",
+                 "_held", "_first_ts", "_ended", "meta", "cal")
+
     def __init__(self, meta: ModelMeta, cal: CalibrationConfig, fixed_threshold: float | None):
         self.meta, self.cal = meta, cal
         # scoring.threshold given as a number wins over any fitted threshold

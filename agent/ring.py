@@ -58,6 +58,10 @@ def _window_offsets(window: int) -> np.ndarray:
 
 
 class RingBuffer:
+    __slots__ = ("window", "channels", "stride", "ffill_max", "gap_reset_s", "max_block",
+                 "_buf", "_end", "_largest", "_offsets", "_total", "resets", "skipped",
+                 "_since", "_prev_ts", "_last_val", "_missing_run", "_missing", "_last_nan_row")
+
     def __init__(self, window: int, channels: int, stride: int = 1, ffill_max: int = 3,
                  gap_reset_s: float | None = None, max_block: int = 1024):
         if window < 1 or channels < 1 or stride < 1 or ffill_max < 0 or max_block < 1:

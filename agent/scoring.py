@@ -15,6 +15,8 @@ class Smoother:
     Until k scores have been seen, the mean is over those available.
     """
 
+    __slots__ = ("k", "_hist")
+
     def __init__(self, k: int) -> None:
         if k < 1:
             raise ValueError(f"smoothing window must be >= 1, got {k}")
