@@ -36,7 +36,7 @@ from .config import AdaptationConfig
 from .contract import StreamScaler
 
 EPOCH = 64          # samples per scaler version
-FOLD = 32           # concluded samples buffered before they are added to the epoch's sums
+FOLD = 16           # concluded samples buffered before they are added to the epoch's sums
 LAG = 2             # versions between a sample and the scaler that scales it
 SPAN = (LAG + 1) * EPOCH    # the most samples one ingest holds (Adapter.room)
 CHANNEL_OK = 4.0    # error (squared) within this x the channel's typical error: normal
@@ -60,15 +60,16 @@ class Adapter:
         # The current epoch's concluded samples, added to its per-channel sums every FOLD
         # samples: one set of array operations per FOLD samples instead of per piece (a
         # daemon concludes a sample or a few at a time), and the sums add the same rows in
-        # the same order however the samples were chunked.  FOLD = EPOCH / 2: buffers of
-        # 2.3 KB a stream at 8 channels instead of 4.6, for one more set of operations per
-        # epoch (EPOCH / 4 would save 1.2 KB more, but its two extra sets cost ~2 µs a
-        # sample in the daemon's pattern, ~5 %; benchmarks/bench_memory.py, bench_runtime.py).
+        # the same order however the samples were chunked.  FOLD = EPOCH / 4: buffers of
+        # 1.2 KB a stream at 8 channels (4.6 for a whole epoch); in process a stream needs
+        # 0.7 KB less than at EPOCH / 2, and the two extra sets of operations an epoch were
+        # within the noise of benchmarks/bench_engine_step.py (docs/RESULTS.md, seventh
+        # session).
         c = len(scaler.mean)
         self._raw = np.empty((FOLD, c), np.float32)       # samples arrive as float32
         self._ok = np.zeros((FOLD, c), bool)
         # errors as float32: they only set the scale of each channel's typical error, for
-        # which 7 digits are plenty, and at half the size (1 KB a stream at 8 channels)
+        # which 7 digits are plenty, and at half the size (0.5 KB a stream at 8 channels)
         self._err = np.full((FOLD, c), np.nan, np.float32) if level is not None else None
         self._filled = 0                          # buffered rows not added to the sums yet
         # the epoch's sums so far: learnable values and their count (then, with a level,
