@@ -61,10 +61,11 @@ class Adapter:
         # samples: one set of array operations per FOLD samples instead of per piece (a
         # daemon concludes a sample or a few at a time), and the sums add the same rows in
         # the same order however the samples were chunked.  FOLD = EPOCH / 4: buffers of
-        # 1.2 KB a stream at 8 channels (4.6 for a whole epoch); in process a stream needs
-        # 0.7 KB less than at EPOCH / 2, and the two extra sets of operations an epoch were
-        # within the noise of benchmarks/bench_engine_step.py (docs/RESULTS.md, seventh
-        # session).
+        # 1.2 KB a stream at 8 channels (4.6 for a whole epoch), 0.7 KB less than at
+        # EPOCH / 2, which brought the daemon under 20 KB a stream.  The two extra sets of
+        # operations an epoch cost about 6 % of the engine's time in the daemon's pattern
+        # (folds take 14 % of a step against 8 % at EPOCH / 2), which the whole agent's CPU
+        # per message does not show (docs/RESULTS.md, seventh session).
         c = len(scaler.mean)
         self._raw = np.empty((FOLD, c), np.float32)       # samples arrive as float32
         self._ok = np.zeros((FOLD, c), bool)
