@@ -49,8 +49,7 @@ class Engine:
                  metrics: Metrics | None = None, max_streams: dict[str, int] | None = None,
                  default_max_streams: int = 1, intervals: dict[str, float] | None = None):
         self.cfg = effective(cfg, detector.meta)
-        self.detector, self.store = detector, store
-        self.meta = detector.meta
+        self.detector, self.store, self.meta = detector, store, detector.meta
         self.metrics = metrics or detector.metrics or Metrics()
         self.model_info = {"name": self.meta.name, "sha256": self.meta.onnx_sha256,
                            "ep": detector.ep}
@@ -157,8 +156,8 @@ class Engine:
             joined.setdefault(b.stream, []).append(b)
         results: list[StreamResult] = []
         self._due: list[tuple[Stream, Windows]] = []
-        self._pending = 0
-        now = time.monotonic()
+        self._pending, now = 0, time.monotonic()
+        self.metrics.steps += 1
         for sid, parts in joined.items():
             st = self.stream(sid, parts[0].source)
             if st is None:
@@ -166,6 +165,7 @@ class Engine:
             st.last_seen = now
             ts, values = _join(parts)
             self.metrics.samples_in += len(ts)
+            self.metrics.stream_steps += 1
             results += self._feed(st, ts, values)
         results += self._flush()
         for sid in joined:

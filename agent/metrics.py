@@ -22,6 +22,11 @@ class Metrics:
     def __init__(self, latency_samples: int = 4096) -> None:
         self.started = time.time()
         self.samples_in = 0
+        # engine steps, and the streams they held summed over them: samples_in / stream_steps
+        # is how many samples a stream gets per step, which sets each stream's fixed cost per
+        # sample (model.batch_wait_s trades it against latency)
+        self.steps = 0
+        self.stream_steps = 0
         self.windows_inferred = 0
         self.windows_skipped = 0          # NaN that could not be filled, etc.
         self.malformed = Counter()        # reason -> count (decoders, sources)
@@ -80,6 +85,8 @@ class Metrics:
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "samples_in": self.samples_in,
+            "steps": self.steps,
+            "stream_steps": self.stream_steps,
             "windows_inferred": self.windows_inferred,
             "windows_skipped": self.windows_skipped,
             "inference_ms": self.latency_ms(),

@@ -66,6 +66,11 @@ def shared_families(metrics: Metrics, model: str | None, ep: str | None) -> list
         CounterMetricFamily("tsad_samples", "Samples received.", value=m["samples_in"]),
         CounterMetricFamily("tsad_windows", "Windows run through the model.",
                             value=m["windows_inferred"]),
+        CounterMetricFamily("tsad_engine_steps", "Engine steps (each takes what arrived since "
+                            "the last).", value=m["steps"]),
+        CounterMetricFamily("tsad_engine_stream_steps", "Streams stepped, summed over the "
+                            "steps: samples / this = samples a stream gets per step.",
+                            value=m["stream_steps"]),
         CounterMetricFamily("tsad_windows_skipped", "Windows not scored: a value missing "
                             "beyond the forward fill.", value=m["windows_skipped"]),
         _counter("tsad_malformed", "Rejected input, by reason.", "reason", m["malformed"]),

@@ -10,7 +10,9 @@ per message (utime + stime from /proc over the publishing window and the catch-u
 CPU % of a core, messages lost (the agent's samples_in against what was sent), RSS;
 the ratio agent / bare; and, for the agent, the part of its CPU per message spent in its
 main thread (the pipeline: decoding, the engine, the sinks; the rest is paho's network
-threads, which the bare subscriber has too).  Consumers run one at a time so they do not
+threads, which the bare subscriber has too), and the samples a stream got per engine step
+(health `samples_in` / `stream_steps`: what spreads each stream's fixed cost per step;
+blank for code older than that counter).  Consumers run one at a time so they do not
 compete.
 With several cases, each agent's CPU per message is also given over its own in the first
 case of the same repeat (500x10 over 50x100: the same messages/s over ten times the
@@ -217,7 +219,8 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
         def on_mark():
             mark["cpu"], mark["rss"] = cpu_s(agent.pid), proc_stats(agent.pid)[0]
             mark["main"] = main_thread_cpu_s(agent.pid)
-            mark["in"] = (health.last or {}).get("samples_in", 0)
+            h0 = health.last or {}
+            mark["in"], mark["ss"] = h0.get("samples_in", 0), h0.get("stream_steps", 0)
         sent = pub.run(streams, rate, batch, duration, warmup, on_mark)
         total = sent["total_messages"] * batch
         rss_max = mark["rss"]
@@ -244,7 +247,11 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
             "cpu_s": c1 - mark["cpu"], "main_cpu_s": main1 - mark["main"],
             "rss_mb": rss / 1024, "rss_max_mb": rss_max / 1024,
             "timeline": [(round(t), round(r / 1024, 1), round(c, 1)) for t, r, c in sampler.rows],
-            "windows": h.get("windows_inferred"), "malformed": h.get("malformed")}
+            "windows": h.get("windows_inferred"), "malformed": h.get("malformed"),
+            # samples a stream got per engine step over the measured part (health counters,
+            # read every 2 s): each stream's fixed cost per step is spread over these
+            "per_step": (h.get("samples_in", 0) - mark["in"])
+            / max(h["stream_steps"] - mark["ss"], 1) if "stream_steps" in h else None}
 
 
 def _per_message(r: dict) -> dict:
@@ -260,6 +267,7 @@ def _print_row(spec: str, name: str, r: dict, ratio: float | None = None) -> Non
     print(f"{spec:>9} {name:>14} {r['messages']:8d} {r['lost']:5d} {r['us_per_msg']:7.1f} "
           f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else "      ")
           + (f" {r['pipeline_us_per_msg']:11.1f}" if "pipeline_us_per_msg" in r else "")
+          + (f" {r['per_step']:9.1f}" if r.get("per_step") is not None else "")
           + (f"  (publisher paused {r['stalls']}x)" if r["stalls"] else ""), flush=True)
 
 
@@ -299,7 +307,7 @@ def main() -> int:
         print(f"bench_ingest: {Path(a.model).stem}, {a.batch} sample(s)/message, qos {a.qos}, "
               f"{a.duration:g} s per run, {os.cpu_count()} cores")
         print(f"{'case':>9} {'consumer':>14} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
-              f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11}")
+              f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11} {'per step':>9}")
         repos = [Path(r).resolve() for r in a.repo.split(",")]
         run_no = 0
         cases = a.cases.split(",")

@@ -112,6 +112,20 @@ def test_streams_due_in_one_step_share_one_ort_run(model):
     assert len(m._lat_ms) - before == 1, "8 due windows should be one batched ORT run"
 
 
+def test_steps_and_the_streams_they_held_are_counted(model):
+    """health steps / stream_steps: samples_in / stream_steps is what a step gives a stream."""
+    e = engine_for(model)
+    m = e.metrics
+    v = normal(6)
+    # two one-sample batches of s0 joined into one stream step; s1 once
+    e.step([Batch("s0", 1e9 + np.arange(1.0), v[:1]), Batch("s1", 1e9 + np.arange(2.0), v[:2]),
+            Batch("s0", 1e9 + np.arange(1.0, 3.0), v[1:3])])
+    e.step([Batch("s1", 1e9 + np.arange(2.0, 5.0), v[2:5])])
+    assert (m.steps, m.stream_steps, m.samples_in) == (2, 3, 8)
+    snap = m.snapshot()
+    assert (snap["steps"], snap["stream_steps"]) == (2, 3)
+
+
 def test_one_sample_batches_of_a_stream_are_joined_in_order(model):
     """50 one-sample messages in one tick give the results one 50-sample batch gives."""
     v = normal(200)

@@ -59,6 +59,8 @@ def test_endpoint_tracks_streams_and_alerts_and_survives_a_reload(tmp_path, brok
         assert 0 <= value(f, "tsad_stream_last_sample_age_seconds", stream=STREAM) < 30
         assert value(f, "tsad_samples_total") == 20
         assert value(f, "tsad_windows_total") == 13      # 20 samples, window 8
+        steps = value(f, "tsad_engine_steps_total")
+        assert 1 <= steps <= 20 and value(f, "tsad_engine_stream_steps_total") == steps
         assert value(f, "tsad_inference_seconds_count") >= 1
         assert value(f, "tsad_alerts_total", stream=STREAM, type="new") is None
 
