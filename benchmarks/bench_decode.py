@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from side_by_side import alternate  # beside this script
+from side_by_side import add_arguments, alternate, checkouts  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(50, 80, 0), (50, 10, 0), (500, 1, 0), (1, 500, 0), (50, 10, 10)]
@@ -71,20 +71,17 @@ def child(reps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--repo", default=str(REPO), help="checkouts to time, comma separated")
-    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds over --repo")
+    add_arguments(ap, REPO)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.reps)
         return
-    repos = [Path(r).resolve() for r in a.repo.split(",")]
+    repos = checkouts(a)
     rows: dict[str, dict[str, list[float]]] = {}
-    for name, out in alternate(__file__, repos, a.rounds, ["--child", "--reps", str(a.reps)]):
-        for line in out.splitlines():
-            shape, us = line.split()
-            rows.setdefault(shape, {}).setdefault(name, []).append(float(us))
+    for name, run in alternate(__file__, repos, a.rounds, ["--reps", str(a.reps)]):
+        for shape, us in run:
+            rows.setdefault(shape, {}).setdefault(name, []).append(us)
     names = [r.name for r in repos]
     print("decode_streams, CPU µs per message (best of reps; one value per round)")
     print(f"{'drain':>12} " + " ".join(f"{n:>22}" for n in names))

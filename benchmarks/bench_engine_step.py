@@ -19,7 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
-from side_by_side import alternate  # beside this script
+from side_by_side import add_arguments, alternate, checkouts  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(500, 1), (500, 10), (50, 10), (50, 100)]   # (streams, samples per step)
@@ -77,23 +77,15 @@ def fit(rows: dict[tuple[int, int], float]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--repo", default=str(REPO), help="checkouts to time, comma separated")
-    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds over --repo")
+    add_arguments(ap, REPO)
     ap.add_argument("--model", default="DLinear_ad")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.model)
         return
-    repos = [Path(r).resolve() for r in a.repo.split(",")]
     runs: list[tuple[str, dict[tuple[int, int], float]]] = []
-    for name, out in alternate(__file__, repos, a.rounds, ["--child", "--model", a.model]):
-        rows = {}
-        for line in out.splitlines():
-            shape, us = line.split()
-            s, p = shape.split("x")
-            rows[(int(s), int(p))] = float(us)
-        runs.append((name, rows))
+    for name, run in alternate(__file__, checkouts(a), a.rounds, ["--model", a.model]):
+        runs.append((name, {tuple(map(int, shape.split("x"))): us for shape, us in run}))
     print(f"engine.step, {a.model}: CPU µs per stream-step (per sample); one row per run")
     print(f"{'checkout':>12} " + " ".join(f"{f'{s}x{p}':>16}" for s, p in SHAPES)
           + f" {'fixed':>7} {'per sample':>10}")
