@@ -12,7 +12,8 @@ the ratio agent / bare; and, for the agent, the part of its CPU per message spen
 main thread (the pipeline: decoding, the engine, the sinks; the rest is paho's network
 threads, which the bare subscriber has too), and the samples a stream got per engine step
 (health `samples_in` / `stream_steps`: what spreads each stream's fixed cost per step;
-blank for code older than that counter).  Consumers run one at a time so they do not
+"-" for code older than that counter), and the alerts it opened (0: the streams were as
+normal as meant; see soak.SAMPLE_INTERVAL_S for why the samples are stamped a second apart).  Consumers run one at a time so they do not
 compete.
 With several cases, each agent's CPU per message is also given over its own in the first
 case of the same repeat (500x10 over 50x100: the same messages/s over ten times the
@@ -43,7 +44,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 import local_broker  # beside this script
-from soak import CLK_TCK, HealthWatch, Sampler, normal_rows, proc_stats  # beside this script
+from soak import (CLK_TCK, SAMPLE_INTERVAL_S, HealthWatch, Sampler, normal_rows,  # beside this script
+                  proc_stats, row_at)
 
 REPO = Path(__file__).resolve().parents[1]
 # QoS 1 message ids wrap at 65535: more unacknowledged than that and paho overwrites them
@@ -101,7 +103,6 @@ class Publisher:
         ends, and the counts returned are those after it."""
         sids = [f"s{i:03d}" for i in range(streams)]
         n_rows = len(self.text)
-        offsets = [(i * 997) % n_rows for i in range(streams)]
         tick = batch / rate
         n_warm = int(warmup / tick)
         n_ticks = n_warm + int(duration / tick)
@@ -115,9 +116,9 @@ class Publisher:
                 if on_mark is not None:
                     on_mark()
                 msgs, t_mark = 0, time.monotonic()
-            for si, sid in enumerate(sids):
-                lines = [f"{t_start + (k * batch + j) / rate:.3f},"
-                         f"{self.text[(offsets[si] + k * batch + j) % n_rows]}"
+            for sid in sids:
+                lines = [f"{t_start + (k * batch + j) * SAMPLE_INTERVAL_S:.3f},"
+                         f"{self.text[row_at(k * batch + j, n_rows)]}"
                          for j in range(batch)]
                 self.c.publish(f"plant/{sid}/sensors", "\n".join(lines), qos=self.qos)
                 msgs += 1
@@ -248,6 +249,8 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
             "rss_mb": rss / 1024, "rss_max_mb": rss_max / 1024,
             "timeline": [(round(t), round(r / 1024, 1), round(c, 1)) for t, r, c in sampler.rows],
             "windows": h.get("windows_inferred"), "malformed": h.get("malformed"),
+            # alerts opened over the whole run: 0 says the streams were as normal as meant
+            "alerts_new": (h.get("alerts") or {}).get("new", 0),
             # samples a stream got per engine step over the measured part (health counters,
             # read every 2 s): each stream's fixed cost per step is spread over these
             "per_step": (h.get("samples_in", 0) - mark["in"])
@@ -267,7 +270,8 @@ def _print_row(spec: str, name: str, r: dict, ratio: float | None = None) -> Non
     print(f"{spec:>9} {name:>14} {r['messages']:8d} {r['lost']:5d} {r['us_per_msg']:7.1f} "
           f"{r['core_percent']:6.1f} {r['rss_mb']:7.1f} " + (f"{ratio:6.2f}" if ratio else "      ")
           + (f" {r['pipeline_us_per_msg']:11.1f}" if "pipeline_us_per_msg" in r else "")
-          + (f" {r['per_step']:9.1f}" if r.get("per_step") is not None else "")
+          + ((f" {r['per_step']:9.1f}" if r.get("per_step") is not None else f" {'-':>9}")
+             + f" {r['alerts_new']:6d}" if "alerts_new" in r else "")
           + (f"  (publisher paused {r['stalls']}x)" if r["stalls"] else ""), flush=True)
 
 
@@ -307,7 +311,8 @@ def main() -> int:
         print(f"bench_ingest: {Path(a.model).stem}, {a.batch} sample(s)/message, qos {a.qos}, "
               f"{a.duration:g} s per run, {os.cpu_count()} cores")
         print(f"{'case':>9} {'consumer':>14} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
-              f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11} {'per step':>9}")
+              f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11} {'per step':>9} "
+              f"{'alerts':>6}")
         repos = [Path(r).resolve() for r in a.repo.split(",")]
         run_no = 0
         cases = a.cases.split(",")
