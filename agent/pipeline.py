@@ -39,6 +39,7 @@ DRAIN_SAMPLES = 1 << 16
 QUEUE_MAX = 16384        # queue items before sources block (back-pressure), ~0.5 KB each
 DECODE_BYTES = 1 << 16   # undecoded payload bytes decoded together within a drain
 WAIT_FACTOR = 9.0        # batch_wait_s "auto": wait this x the last step's duration ...
+STEP_SAMPLES = 16        # ... or until the streams bring about this many samples each ...
 WAIT_MAX_S = 1.0         # ... at most this long
 SAVE_INTERVAL_S = 300.0  # adapted baselines reach the disk at least this often
 PRESENCE_S = 1.0         # how often streams' online/shelved status is compared for changes
@@ -103,6 +104,24 @@ def _decode(raw: list[Undecoded], batch: list[Batch]) -> int:
     return sum(map(len, got))
 
 
+def auto_wait(overhead: float, held: float, span: float, took: float) -> float:
+    """batch_wait_s "auto" under load: how long the next step waits, given the last
+    step's cost outside inference (`overhead`), the samples it held per stream (`held`),
+    the time since the step before it started (`span`: those samples arrived over it)
+    and its duration (`took`).
+
+    Waiting amortizes a step's fixed cost per stream (bookkeeping, copies, numpy calls:
+    about a dozen samples' work, bench_engine_step.py), not its inference.  The wait is
+    the longer of two: WAIT_FACTOR x the overhead, so that it stays about a tenth of
+    the thread's time on a slow machine; and the time the streams take, at the rate they
+    just came, to bring STEP_SAMPLES samples each, so that on a fast one a quiet step
+    does not shrink the next (ingest at 50 x 100 Hz held 1.7 samples a stream per step
+    and cost 2.2x a bare subscriber, docs/RESULTS.md, eighth session).  Never over
+    WAIT_MAX_S: that bounds the latency it adds to an alert."""
+    fill = STEP_SAMPLES * span / held - took if held > 0 and span > 0 else 0.0
+    return min(max(WAIT_FACTOR * overhead, fill), WAIT_MAX_S)
+
+
 @dataclass
 class Handover:
     """What a stopping pipeline passes to the next one: the shared queue, the runners
@@ -131,6 +150,7 @@ class Pipeline:
         self._presence: dict[str, dict] = {}
         self._last_save = time.monotonic()
         self._next_step = 0.0
+        self._last_step: float | None = None     # when the last step started
         self._sink_errors = 0
         #: called once per main-loop iteration (the systemd watchdog hooks in here)
         self.on_tick = None
@@ -139,18 +159,18 @@ class Pipeline:
     def process(self, batches: list[Batch]) -> None:
         """One engine step and its delivery; sets when the next step may start."""
         t, inferred = time.monotonic(), self.metrics.infer_total_s
+        n0, s0 = self.metrics.samples_in, self.metrics.stream_steps
         deliver(self.engine.step(batches), self.sinks, self._sink_failed)
         now = time.monotonic()
         wait = self.cfg.model.batch_wait_s
         if wait == "auto":
-            # Waiting amortizes a step's fixed per-stream cost (bookkeeping, copies, numpy
-            # calls), not its inference, whose cost per window batching changes far less.
-            # Under load (work arrived while this step ran) the next step waits so that this
-            # cost stays about a tenth of the thread's time, whatever the machine's speed and
-            # the number of streams.  Otherwise it starts at once: a lone sample after a
-            # quiet spell, or after a burst that was mostly inference, is not held back.
+            # Under load (work arrived while this step ran) the next step waits; otherwise
+            # it starts at once: a lone sample after a quiet spell is not held back.
+            held = (self.metrics.samples_in - n0) / max(self.metrics.stream_steps - s0, 1)
+            span = t - self._last_step if self._last_step is not None else 0.0
             overhead = max(0.0, now - t - (self.metrics.infer_total_s - inferred))
-            wait = min(WAIT_FACTOR * overhead, WAIT_MAX_S) if self.queue.qsize() else 0.0
+            wait = auto_wait(overhead, held, span, now - t) if self.queue.qsize() else 0.0
+        self._last_step = t
         self._next_step = now + wait
 
     def _sink_failed(self, sink: Sink) -> None:

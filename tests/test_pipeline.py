@@ -16,7 +16,7 @@ from agent.daemon import build_engine
 from agent.detector import Detector
 from agent.jobs import Recording, file_config
 from agent.metrics import Metrics
-from agent.pipeline import Pipeline
+from agent.pipeline import STEP_SAMPLES, WAIT_MAX_S, Pipeline, auto_wait
 from agent.sinks.base import Sink
 from agent.sources.base import Batch
 from conftest import REPO
@@ -122,6 +122,20 @@ def test_auto_batch_wait_holds_the_next_step_only_while_work_queues_up(model):
     # under load: the next step waits ~9x the step's 20 ms of non-inference cost
     assert p._next_step - time.monotonic() > 0.1
     assert p.queue.qsize() == 1
+
+
+def test_auto_batch_wait_lets_streams_bring_enough_samples_per_step():
+    # a cheap step of 50 streams at 100 Hz (2 samples each over 20 ms): waiting 9x its
+    # 1 ms would keep steps this small; it waits until each stream brings STEP_SAMPLES
+    w = auto_wait(overhead=0.001, held=2, span=0.02, took=0.002)
+    assert w == pytest.approx(STEP_SAMPLES * 0.01 - 0.002)
+    # ... and 9x the overhead where that is longer (a slow machine)
+    assert auto_wait(overhead=0.05, held=2, span=0.02, took=0.06) == pytest.approx(0.45)
+    # slow streams: never longer than WAIT_MAX_S, the bound on the latency it adds
+    assert auto_wait(overhead=0.001, held=1, span=0.5, took=0.001) == WAIT_MAX_S
+    # the first step (no span yet) or a step that held nothing: the overhead rule alone
+    assert auto_wait(overhead=0.002, held=3, span=0.0, took=0.003) == pytest.approx(0.018)
+    assert auto_wait(overhead=0.002, held=0, span=0.1, took=0.003) == pytest.approx(0.018)
 
 
 def test_replay_source_through_pipeline_matches_file(model, tmp_path):
