@@ -39,7 +39,7 @@ DRAIN_SAMPLES = 1 << 16
 QUEUE_MAX = 16384        # queue items before sources block (back-pressure), ~0.5 KB each
 DECODE_BYTES = 1 << 16   # undecoded payload bytes decoded together within a drain
 WAIT_FACTOR = 9.0        # batch_wait_s "auto": wait this x the last step's duration ...
-STEP_SAMPLES = 16        # ... or until the streams bring about this many samples each ...
+STEP_SAMPLES = 8         # ... or until the streams bring about this many samples each ...
 WAIT_MAX_S = 1.0         # ... at most this long
 SAVE_INTERVAL_S = 300.0  # adapted baselines reach the disk at least this often
 PRESENCE_S = 1.0         # how often streams' online/shelved status is compared for changes
@@ -114,10 +114,13 @@ def auto_wait(overhead: float, held: float, span: float, took: float) -> float:
     about a dozen samples' work, bench_engine_step.py), not its inference.  The wait is
     the longer of two: WAIT_FACTOR x the overhead, so that it stays about a tenth of
     the thread's time on a slow machine; and the time the streams take, at the rate they
-    just came, to bring STEP_SAMPLES samples each, so that on a fast one a quiet step
-    does not shrink the next (ingest at 50 x 100 Hz held 1.7 samples a stream per step
-    and cost 2.2x a bare subscriber, docs/RESULTS.md, eighth session).  Never over
-    WAIT_MAX_S: that bounds the latency it adds to an alert."""
+    just came, to bring STEP_SAMPLES samples each, so that on a fast one cheap steps do
+    not keep the next ones small (quiet streams at 50 x 100 Hz, one sample a message,
+    got 1.8 samples a step, and the agent cost 2.0x a bare subscriber; docs/RESULTS.md,
+    eighth session).  STEP_SAMPLES is 8, not more: streams that send 10 samples a message
+    once a second then bring enough in one message, where 16 held every step for a full
+    second to gather all of them at once, and 500 such streams cost the daemon 1-2 KB a
+    stream more (soak.py).  Never over WAIT_MAX_S: that bounds the latency it adds."""
     fill = STEP_SAMPLES * span / held - took if held > 0 and span > 0 else 0.0
     return min(max(WAIT_FACTOR * overhead, fill), WAIT_MAX_S)
 
