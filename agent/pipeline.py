@@ -119,8 +119,8 @@ def auto_wait(overhead: float, held: float, span: float, took: float) -> float:
     got 1.8 samples a step, and the agent cost 2.0x a bare subscriber; docs/RESULTS.md,
     eighth session).  STEP_SAMPLES is 8, not more: streams that send 10 samples a message
     once a second then bring enough in one message, where 16 held every step for a full
-    second to gather all of them at once, and 500 such streams cost the daemon 1-2 KB a
-    stream more (soak.py).  Never over WAIT_MAX_S: that bounds the latency it adds."""
+    second to gather all of them at once, and 500 such streams cost the daemon 0.5-1.6 KB
+    a stream more (soak.py).  Never over WAIT_MAX_S: that bounds the latency it adds."""
     fill = STEP_SAMPLES * span / held - took if held > 0 and span > 0 else 0.0
     return min(max(WAIT_FACTOR * overhead, fill), WAIT_MAX_S)
 

@@ -13,8 +13,8 @@ main thread (the pipeline: decoding, the engine, the sinks; the rest is paho's n
 threads, which the bare subscriber has too), and the samples a stream got per engine step
 (health `samples_in` / `stream_steps`: what spreads each stream's fixed cost per step;
 "-" for code older than that counter), and the alerts it opened (0: the streams were as
-normal as meant; see soak.SAMPLE_INTERVAL_S for why the samples are stamped a second apart).  Consumers run one at a time so they do not
-compete.
+normal as meant; soak.SAMPLE_INTERVAL_S says why samples are stamped a second apart).
+Consumers run one at a time so they do not compete.
 With several cases, each agent's CPU per message is also given over its own in the first
 case of the same repeat (500x10 over 50x100: the same messages/s over ten times the
 streams, the agent against itself).
