@@ -44,6 +44,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 import local_broker  # beside this script
+from side_by_side import checkouts  # beside this script
 from soak import (CLK_TCK, SAMPLE_INTERVAL_S, HealthWatch, Sampler, normal_rows,  # beside this script
                   proc_stats, row_at)
 
@@ -116,11 +117,12 @@ class Publisher:
                 if on_mark is not None:
                     on_mark()
                 msgs, t_mark = 0, time.monotonic()
+            # every stream sends the same rows (row_at), so a tick's payload is built once
+            payload = "\n".join(f"{t_start + (k * batch + j) * SAMPLE_INTERVAL_S:.3f},"
+                                f"{self.text[row_at(k * batch + j, n_rows)]}"
+                                for j in range(batch))
             for sid in sids:
-                lines = [f"{t_start + (k * batch + j) * SAMPLE_INTERVAL_S:.3f},"
-                         f"{self.text[row_at(k * batch + j, n_rows)]}"
-                         for j in range(batch)]
-                self.c.publish(f"plant/{sid}/sensors", "\n".join(lines), qos=self.qos)
+                self.c.publish(f"plant/{sid}/sensors", payload, qos=self.qos)
                 msgs += 1
             published += streams
             if self.qos and published - self.acked > MAX_UNACKED:
@@ -313,7 +315,7 @@ def main() -> int:
         print(f"{'case':>9} {'consumer':>14} {'msgs':>8} {'lost':>5} {'µs/msg':>7} "
               f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11} {'per step':>9} "
               f"{'alerts':>6}")
-        repos = [Path(r).resolve() for r in a.repo.split(",")]
+        repos = checkouts(a)
         run_no = 0
         cases = a.cases.split(",")
         for i, spec in enumerate(cases * a.repeat):
