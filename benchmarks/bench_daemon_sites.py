@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from soak import AgentRun, normal_rows  # noqa: E402
+from soak import SAMPLE_INTERVAL_S, AgentRun, normal_rows, row_at  # noqa: E402
 
 # Runs the agent's CLI in a process that writes a tracemalloc snapshot on SIGUSR1.
 WRAPPER = """
@@ -51,12 +51,13 @@ def snapshot(a, streams: int, work: Path) -> Path:
         rows = normal_rows(meta["channels"], meta["scaler"]["mean"], meta["scaler"]["std"],
                            a.rows, 0)
         text = [",".join(f"{v:.6g}" for v in r) for r in rows]
-        t0, sent = time.time() - a.rows, 0
+        t0, sent = time.time() - a.rows * SAMPLE_INTERVAL_S, 0
         for k in range(0, a.rows, a.per):
+            # every stream the same rows from the first, as soak.py sends them (row_at)
+            payload = "\n".join(f"{t0 + j * SAMPLE_INTERVAL_S:.3f},{text[row_at(j, len(text))]}"
+                                 for j in range(k, min(k + a.per, a.rows)))
             for i in range(streams):
-                run.pub.publish(f"plant/s{i:03d}/sensors", "\n".join(
-                    f"{t0 + j:.3f},{text[(j + 97 * i) % a.rows]}"
-                    for j in range(k, min(k + a.per, a.rows))), qos=1)
+                run.pub.publish(f"plant/s{i:03d}/sensors", payload, qos=1)
             sent += streams * min(a.per, a.rows - k)
             # lock-step: the agent under tracemalloc is slow, and a step holding several
             # messages of a stream would size its ring for larger blocks than the daemon's
