@@ -239,8 +239,10 @@ class Stream:
                       "(%d window restart(s) after time gaps, %d window(s) skipped for missing "
                       "values); using the threshold %.4g", self.id, self.ring.window, len(ts),
                       self.ring.resets, self.ring.skipped, b.threshold)
-        log.info("stream %s: learned its baseline on %d samples, threshold %.4g", self.id,
-                 len(ts), b.threshold)
+        # the span in sample time: what a learning period set in samples really covered
+        log.info("stream %s: learned its baseline on %d samples (%.3g min of sample time), "
+                 "threshold %.4g", self.id, len(ts), (ts[-1] - ts[0]) / 60 if len(ts) else 0.0,
+                 b.threshold)
         self._start_adapting()
         self.just_learned = True
         self.entered.append("normal")

@@ -44,9 +44,35 @@ def findings(path, **over):
     return check(cfg_for(path, **over), load_meta(path))
 
 
-def test_a_config_that_leaves_detection_to_the_model_has_nothing_to_say(model):
+def test_a_config_that_leaves_detection_to_the_model_is_only_told_how_long_to_learn(model):
     f = findings(model)
+    assert (f.problems, f.warnings) == ([], [])
+    assert f.notes == ["each stream learns its baseline on its first 50 samples (0.833 min at "
+                       "1 Hz); a deployment should learn for 30 min or more of normal running, "
+                       "its warm-up and usual variation included: set calibration.duration_s "
+                       "(README: How long to learn)"]
+    f = findings(model, calibration={"duration_s": 1800})
     assert (f.problems, f.warnings, f.notes) == ([], [], [])
+
+
+def test_a_learning_period_known_to_be_short_is_warned(model):
+    (w,) = findings(model, calibration={"duration_s": 600}).warnings
+    assert w.startswith("calibration.duration_s: 600 s; a deployment should learn for 30 min")
+    # 50 samples: 25 minutes at 30 s, 50 minutes at 60 s; a stream with no interval_s is
+    # told in a note, since its length in time is learned
+    streams = [{"id": i, "interval_s": dt, "source": {"type": "serial", "port": "/dev/null"}}
+               for i, dt in (("fast", 30), ("slow", 60), ("unknown", None))]
+    f = findings(model, streams=streams)
+    (w,) = f.warnings
+    assert w.startswith("streams fast learn on their first 50 samples, under 30 min at their "
+                        "interval_s;")
+    (n,) = f.notes
+    assert n.startswith("each stream learns its baseline on its first 50 samples")
+    f = findings(model, streams=streams[1:2])
+    assert (f.warnings, f.notes) == ([], [])
+    # no learning period: nothing to say about its length
+    f = findings(model, calibration={"enabled": False})
+    assert not any("deployment should learn" in x for x in f.warnings + f.notes)
 
 
 def test_turning_off_the_learning_period_a_model_asks_for_is_warned(model):
@@ -68,7 +94,8 @@ def test_a_key_the_config_sets_against_the_policy_is_named(model):
 def test_a_missing_serial_port_is_a_note_not_a_problem(model, tmp_path):
     port = tmp_path / "ttyUSB9"
     f = findings(model, streams=[{"id": "s", "source": {"type": "serial", "port": str(port)}},
-                                 {"id": "u", "source": {"type": "serial", "port": "loop://"}}])
+                                 {"id": "u", "source": {"type": "serial", "port": "loop://"}}],
+                 calibration={"duration_s": 1800})      # no learning note
     assert f.problems == [] and f.warnings == []
     assert f.notes == [f"streams[0] (s): serial port {port} is not there now; the agent starts "
                        f"without it and opens it when it appears"]
