@@ -20,7 +20,7 @@ warm-up, shifts and seasons do not turn into standing alarms.  Rules:
   end of the learning period.  The mean changes only between epochs, and sample i is
   scaled with the mean as it stood after epoch i // EPOCH - 2 ended (version v = the
   mean after epochs < v).  So the daemon fed one sample at a time and `evaluate`
-  feeding 256-row chunks compute the same scores, bit for bit, and the lag (at most
+  feeding 192-row chunks compute the same scores, bit for bit, and the lag (at most
   3 epochs) is negligible against any useful time constant.  The lag also lets one
   ingest hold up to LAG + 1 epochs (SPAN samples), each scaled by its own version: a
   long chunk costs one pass of the engine per 192 samples instead of per 64.

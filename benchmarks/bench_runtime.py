@@ -3,7 +3,8 @@
 For each model, in one run, pinned to one core:
   * bare ORT `run` µs per window at batch 1 and at the batch the engine sends (model.max_batch),
   * the whole pipeline's µs per window (replay source -> ring -> detector -> scorer
-    -> alert tracker -> null sink), stride 1, and its ratio to bare ORT,
+    -> alert tracker -> null sink), stride 1, stepped as `evaluate` and `replay` step a
+    file (agent/jobs.py), and its ratio to bare ORT,
   * sustained windows/s for 1 stream and for 32 streams,
   * the daemon's pattern: 50 streams stepped together 2 samples at a time (what a
     busy agent's step holds), CPU µs per sample: the engine's fixed cost per stream
@@ -33,7 +34,7 @@ from agent.config import ModelConfig  # noqa: E402
 from agent.contract import read_table  # noqa: E402
 from agent.detector import Detector  # noqa: E402
 from agent.engine import Engine  # noqa: E402
-from agent.jobs import detection_config  # noqa: E402
+from agent.jobs import CHUNK, detection_config, step_bounds  # noqa: E402
 from agent.metrics import Metrics  # noqa: E402
 from agent.model_meta import PADDLEX_MODELS, load_meta  # noqa: E402
 from agent.shipped import DEMO_CSV, ShippedModelError, resolve_model  # noqa: E402
@@ -81,19 +82,18 @@ class BenchEngine:
                              metrics=self.metrics, default_max_streams=streams)
         self.sids = [f"s{i}" for i in range(streams)]
 
-    def run(self, a0: int, a1: int, per: int) -> None:
-        """Rows a0..a1 of every stream, `per` rows per step."""
+    def run(self, bounds) -> None:
+        """Every stream's rows a..b for each (a, b) in bounds, one step each."""
         ts, values = self.t.ts, self.t.values
-        for a in range(a0, a1, per):
-            self.engine.step([Batch(s, ts[a:a + per], values[a:a + per], source="bench")
-                              for s in self.sids])
+        for a, b in bounds:
+            self.engine.step([Batch(s, ts[a:b], values[a:b], source="bench") for s in self.sids])
 
 
 def engine_run(csv: Path, streams: int, detector: Detector) -> tuple[int, float]:
-    """Replay's pattern: 256-row chunks. (windows inferred, seconds)."""
+    """Replay's pattern (jobs.run_table's steps). (windows inferred, seconds)."""
     b = BenchEngine(csv, streams, detector)
     start = time.perf_counter()
-    b.run(0, len(b.t.ts), 256)
+    b.run(step_bounds(len(b.t.ts), 400, CHUNK))
     return b.metrics.windows_inferred, time.perf_counter() - start
 
 
@@ -102,9 +102,9 @@ def daemon_us_per_sample(csv: Path, detector: Detector, streams: int = 50, per: 
     each stream has learned its baseline (400 rows) and filled its window."""
     b = BenchEngine(csv, streams, detector)
     warm = 400 + 2 * detector.meta.window
-    b.run(0, warm, per)
+    b.run((a, a + per) for a in range(0, warm, per))
     n0, c0 = b.metrics.samples_in, time.process_time()
-    b.run(warm, len(b.t.ts), per)
+    b.run((a, min(a + per, len(b.t.ts))) for a in range(warm, len(b.t.ts), per))
     return (time.process_time() - c0) * 1e6 / (b.metrics.samples_in - n0)
 
 

@@ -12,7 +12,7 @@ from agent.config import DetectionConfig
 from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
-from agent.jobs import Recording, file_config, replay_config
+from agent.jobs import CHUNK, Recording, file_config, replay_config, run_table, step_bounds
 from agent.sources.base import Batch
 from onnx_factory import make_model
 
@@ -97,6 +97,24 @@ def test_blocks_or_one_by_one_give_the_same_scores(model):
     b = run(engine(model), vals, block=256)
     np.testing.assert_array_equal(a.table("s")["score"], b.table("s")["score"])
     assert len(a.table("s")["score"]) > 4 * EPOCH
+
+
+def test_a_file_job_scores_as_one_by_one_and_steps_on_epochs_after_learning(model):
+    """jobs.run_table (evaluate, replay, predict) restarts its chunks where the learning
+    period ends, so each later step starts on an adaptation epoch; the scores are those of
+    a daemon fed one sample at a time."""
+    level = drift(0.5)
+    vals = series(len(level), level, seed=4)
+    ts = 1.7e9 + np.arange(len(vals)) / HZ
+    a = run(engine(model), vals, block=1)
+    b = run_table(engine(model), "s", ts, vals)
+    for key in ("score", "alert"):
+        np.testing.assert_array_equal(a.table("s")[key], b.table("s")[key])
+    bounds = step_bounds(len(vals), LEARN, CHUNK)
+    assert (0, min(CHUNK, LEARN)) == bounds[0] and bounds[-1][1] == len(vals)
+    assert all(b0 == a1 for (_, a1), (b0, _) in zip(bounds, bounds[1:]))
+    after = [b0 for b0, _ in bounds if b0 >= LEARN]
+    assert after[0] == LEARN and all((b0 - LEARN) % EPOCH == 0 for b0 in after)
 
 
 def test_a_standing_alert_re_baselines_when_asked(model):

@@ -25,8 +25,9 @@ class ReplaySourceConfig(SourceConfig, tag="replay"):
     # 0 = as fast as possible; otherwise real time x speed (using the file's timestamps)
     speed: NonNegativeFloat = 0.0
     loop: bool = False
-    # rows per batch at full speed (bigger = fewer Python round trips)
-    chunk: PositiveInt = 256
+    # rows per batch at full speed (bigger = fewer Python round trips); the default is
+    # adaptation.SPAN, the most one engine ingest holds (agent/jobs.py says why)
+    chunk: PositiveInt = 192
 
 
 class ReplayFileSource(Source):
