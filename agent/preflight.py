@@ -190,8 +190,10 @@ def _learning_advice(cfg: AgentConfig, meta: ModelMeta, f: Findings) -> None:
     known = [s for s in cfg.streams if s.interval_s is not None]
     short = [s.id for s in known if cal.samples * s.interval_s < LEARN_S]
     if short:
-        f.warnings.append(f"streams {', '.join(short)} learn on their first {cal.samples} "
-                          f"samples, under {_minutes(LEARN_S)} at their interval_s; {advice}")
+        who = (f"stream {short[0]} learns on its" if len(short) == 1 else
+               f"streams {', '.join(short)} learn on their")
+        f.warnings.append(f"{who} first {cal.samples} samples, under {_minutes(LEARN_S)} at "
+                          f"interval_s; {advice}")
     if len(known) < len(cfg.streams):
         f.notes.append(f"each stream learns its baseline on its first {cal.samples} samples "
                        f"({_minutes(cal.samples)} at 1 Hz); {advice}")

@@ -64,8 +64,10 @@ def test_a_learning_period_known_to_be_short_is_warned(model):
                for i, dt in (("fast", 30), ("slow", 60), ("unknown", None))]
     f = findings(model, streams=streams)
     (w,) = f.warnings
-    assert w.startswith("streams fast learn on their first 50 samples, under 30 min at their "
+    assert w.startswith("stream fast learns on its first 50 samples, under 30 min at "
                         "interval_s;")
+    (w,) = findings(model, streams=[{**streams[0], "id": "f2"}] + streams).warnings
+    assert w.startswith("streams f2, fast learn on their first 50 samples")
     (n,) = f.notes
     assert n.startswith("each stream learns its baseline on its first 50 samples")
     f = findings(model, streams=streams[1:2])
