@@ -28,7 +28,6 @@ from .outbox import OutboxError
 from .pipeline import Handover, Pipeline
 from .sinks import build_sinks
 from .state_store import StateStore
-from .state_writer import StateWriter
 
 log = logging.getLogger("tsad.daemon")
 
@@ -47,7 +46,7 @@ def build_engine(cfg: AgentConfig, detector: Detector, metrics: Metrics) -> Engi
     # the learning period may come from the model's policy rather than the file: ask the
     # engine, which holds the merged settings
     if cfg.state_dir and engine.cfg.calibration.enabled:
-        engine.store = StateWriter(StateStore(cfg.state_dir))
+        engine.store = StateStore(cfg.state_dir)
     return engine
 
 

@@ -378,10 +378,6 @@ class Pipeline:
             self.close_alerts(close_alerts)
         self.engine.save_baselines()
         self._housekeeping(force=True)
-        if self.engine.store is not None:
-            # on disk before the next pipeline, or the process end: a store the next
-            # engine does not carry is closed (its writer thread ends)
-            (self.engine.store.flush if keep_engine else self.engine.store.close)()
         if stop_sinks:
             for sink in self.sinks:
                 try:

@@ -137,14 +137,6 @@ class StateStore:
     def health(self) -> dict:
         return {"ok": self.problem is None, "error": self.problem, "unsaved": len(self._pending)}
 
-    # Every save is written when it is called: nothing waits (state_writer.StateWriter,
-    # which the daemon uses, queues them).
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
     def _write(self, p: Path, body: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=self.dir)

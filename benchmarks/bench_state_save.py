@@ -1,16 +1,12 @@
 """How long saving every stream's baseline holds up the detection thread.
 
 The daemon saves every learned stream's baseline every pipeline.SAVE_INTERVAL_S (and each
-one when its learning period ends; streams started together end together).  Each file is
-written atomically with two fsyncs (agent/state_store.py).  This builds an engine with N
-learned streams (DLinear_ad's policy, learning and adaptation), then times
-`engine.save_baselines()` in the calling thread, which in the daemon is the pipeline
-thread:
-  * `StateStore`: the writes happen in the call (what the daemon did before);
-  * `StateWriter`: the call queues them (agent/state_writer.py); `flush` is the writer
-    thread's time to put them on disk, which detection no longer waits for.
-`--fsync-ms` adds a sleep to every fsync, for a disk slower than this machine's (an SD
-card's fsync takes milliseconds to tens of them); 0 = the real disk alone.
+one when its learning period ends; streams started together end together), in the
+pipeline thread.  Each file is written atomically with two fsyncs (agent/state_store.py).
+This builds an engine with N learned streams (DLinear_ad's policy, learning and
+adaptation), then times `engine.save_baselines()`: detection waits that long.
+`--fsync-ms` adds a sleep to every fsync, a stand-in for a disk slower than this
+machine's (an SD card's fsync takes milliseconds to tens of them); 0 = the real disk.
 
     python benchmarks/bench_state_save.py [--streams 50,500] [--fsync-ms 0,10]
 """
@@ -34,7 +30,6 @@ from agent.jobs import detection_config  # noqa: E402
 from agent.shipped import resolve_model  # noqa: E402
 from agent.sources.base import Batch  # noqa: E402
 from agent.state_store import StateStore  # noqa: E402
-from agent.state_writer import StateWriter  # noqa: E402
 
 
 def learned_engine(det: Detector, streams: int) -> Engine:
@@ -48,14 +43,12 @@ def learned_engine(det: Detector, streams: int) -> Engine:
     return eng
 
 
-def timed_save(eng: Engine, store) -> tuple[float, float]:
-    """(seconds in save_baselines, seconds until everything is on disk)."""
-    eng.store = store
+def timed_save(eng: Engine, state_dir: str) -> float:
+    """Seconds in save_baselines."""
+    eng.store = StateStore(state_dir)
     t0 = time.perf_counter()
     eng.save_baselines()
-    t1 = time.perf_counter()
-    store.flush()
-    return t1 - t0, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -65,8 +58,7 @@ def main() -> None:
     a = ap.parse_args()
     det = Detector(str(resolve_model("DLinear_ad")), threads=1)
     real_fsync = os.fsync
-    print(f"{'streams':>7} {'fsync +ms':>9} | {'StateStore: in the call':>23} | "
-          f"{'StateWriter: in the call':>24} {'on disk after':>13}")
+    print(f"{'streams':>7} {'fsync +ms':>9} {'in save_baselines':>18}")
     for n in map(int, a.streams.split(",")):
         eng = learned_engine(det, n)
         for extra in map(float, a.fsync_ms.split(",")):
@@ -75,15 +67,11 @@ def main() -> None:
                 time.sleep(_s)
             os.fsync = fsync
             try:
-                with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-                    sync_s, _ = timed_save(eng, StateStore(d1))
-                    writer = StateWriter(StateStore(d2))
-                    queued_s, done_s = timed_save(eng, writer)
-                    writer.close()
+                with tempfile.TemporaryDirectory() as d:
+                    took = timed_save(eng, d)
             finally:
                 os.fsync = real_fsync
-            print(f"{n:7d} {extra:9g} | {sync_s * 1e3:20.1f} ms | {queued_s * 1e3:21.1f} ms "
-                  f"{done_s * 1e3:10.1f} ms", flush=True)
+            print(f"{n:7d} {extra:9g} {took * 1e3:15.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

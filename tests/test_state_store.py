@@ -134,7 +134,6 @@ def test_a_learning_period_from_the_models_policy_is_saved_and_restored(tmp_path
     engine = build_engine(cfg, Detector(str(path)), Metrics())
     engine.step([Batch("s", ts, values)])
     assert not engine.streams["s"].baseline.learning
-    engine.store.close()        # the daemon's store writes in its own thread: all on disk now
     assert (tmp_path / "state" / "calibration" / "s.json").is_file()
     again = build_engine(cfg, Detector(str(path)), Metrics())
     again.step([Batch("s", ts[:1] + 100, values[:1])])
