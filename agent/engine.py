@@ -36,6 +36,7 @@ from .detector import Detector
 from .metrics import Metrics
 from .policy import effective
 from .ring import RingBuffer, Windows
+from .saving import SaveQueue
 from .scoring import Smoother
 from .sources.base import Batch
 from .state_store import StateStore
@@ -61,6 +62,7 @@ class Engine:
         self.intervals = dict(intervals or {})
         self._per_source: dict[str, int] = {}
         self._refused_logged: set[str] = set()
+        self.saves = SaveQueue()        # streams whose baselines are due on disk
 
     # ------------------------------------------------------------ streams
     def stream(self, sid: str, source: str | None = None) -> Stream | None:
@@ -111,16 +113,8 @@ class Engine:
         return st
 
     def pending(self, sid: str) -> dict:
-        """Why a stream gave no score yet: {"status": "learning" | "warming_up" | "skipped",
-        "needed": samples still needed (null when the learning period is set by time)}."""
-        st = self.streams[sid]
-        if st.baseline.learning:
-            return {"status": "learning", "needed": st.baseline.needed}
-        need = self.meta.window - st.ring.filled
-        if need > 0:
-            return {"status": "warming_up", "needed": need}
-        # a full window that still holds a value the forward fill could not cover
-        return {"status": "skipped", "needed": 1}
+        """Why a stream gave no score yet (Stream.pending)."""
+        return self.streams[sid].pending()
 
     def drop(self, sid: str) -> None:
         st = self.streams.pop(sid, None)
@@ -172,6 +166,7 @@ class Engine:
             st = self.streams.get(sid)
             if st is not None and st.rebaseline_due:
                 results += self._rebaseline_standing(st)
+        self.saves.run(self.save)
         return self._with_states(joined, results)
 
     def _rebaseline_standing(self, st: Stream) -> list[StreamResult]:
@@ -203,7 +198,7 @@ class Engine:
                 return out
             if st.just_learned:
                 st.just_learned = False
-                self._save(st)
+                self.saves.due(st.id, first=True)
             if k == 0:
                 if stalled:    # nothing left to conclude and still no room: a bug, not a wait
                     self._failed(st, "ingest")
@@ -319,17 +314,20 @@ class Engine:
             st.entered = []
         return out
 
-    def _save(self, st: Stream) -> None:
-        if self.store and self.cfg.calibration.enabled and not st.baseline.learning:
+    def save(self, sid: str) -> None:
+        """Write a learned stream's baseline to the store (saving.py says when)."""
+        st = self.streams.get(sid)
+        if st and self.store and self.cfg.calibration.enabled and not st.baseline.learning:
             record = st.baseline.to_record()
             if st.adapter is not None:
                 record.update(st.adapter.to_record())
-            self.store.save(st.id, self.meta.onnx_sha256, record)
+            self.store.save(sid, self.meta.onnx_sha256, record)
 
     def save_baselines(self) -> None:
-        """Persist every learned baseline (intervals, clean stop)."""
-        for st in self.streams.values():
-            self._save(st)
+        """Persist every learned baseline now (a clean stop, a reload)."""
+        self.saves.clear()
+        for sid in list(self.streams):
+            self.save(sid)
 
     def evict_idle(self, now: float | None = None) -> list[str]:
         """Drop streams without samples for idle_evict_s (none with an open alert)."""
@@ -340,7 +338,7 @@ class Engine:
         gone = [sid for sid, st in self.streams.items()
                 if now - st.last_seen > limit and st.tracker.state != "anomaly"]
         for sid in gone:
-            self._save(self.streams[sid])
+            self.save(sid)
             self.drop(sid)
         if gone:
             self.metrics.dropped["stream_evicted"] += len(gone)

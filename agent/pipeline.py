@@ -255,7 +255,7 @@ class Pipeline:
             store.retry()
             if now - self._last_save >= SAVE_INTERVAL_S:
                 self._last_save = now
-                self.engine.save_baselines()
+                self.engine.saves.due_all(self.engine.streams)   # a few a step (saving.py)
         self.engine.evict_idle(now)
         h = self.health()
         for sink in self.sinks:
@@ -287,6 +287,7 @@ class Pipeline:
             if self.on_tick:
                 self.on_tick()
             if not self.queue.wait(0.2):
+                self.engine.saves.run(self.engine.save)     # due while no step runs them
                 self._housekeeping()
                 continue
             self._batch_wait(interrupted)

@@ -133,6 +133,18 @@ class Stream:
         """The scaler in force now (learned, then adapted)."""
         return self.adapter.scaler if self.adapter else self.baseline.scaler
 
+    def pending(self) -> dict:
+        """Why the stream gave no score yet: {"status": "learning" | "warming_up" |
+        "skipped", "needed": samples still needed (null when the learning period is set
+        by time)}."""
+        if self.baseline.learning:
+            return {"status": "learning", "needed": self.baseline.needed}
+        need = self.ring.window - self.ring.filled
+        if need > 0:
+            return {"status": "warming_up", "needed": need}
+        # a full window that still holds a value the forward fill could not cover
+        return {"status": "skipped", "needed": 1}
+
     def _start_adapting(self) -> None:
         self.adapter = (Adapter(self.adaptation, self.baseline.scaler, self.pace,
                                 self.baseline.level)

@@ -1,10 +1,13 @@
-"""How long saving every stream's baseline holds up the detection thread.
+"""How long saving baselines holds up the detection thread.
 
-The daemon saves every learned stream's baseline every pipeline.SAVE_INTERVAL_S (and each
-one when its learning period ends; streams started together end together), in the
-pipeline thread.  Each file is written atomically with two fsyncs (agent/state_store.py).
+Each stream's baseline file is written atomically with two fsyncs (agent/state_store.py).
 This builds an engine with N learned streams (DLinear_ad's policy, learning and
-adaptation), then times `engine.save_baselines()`: detection waits that long.
+adaptation) and times, in the calling thread (in the daemon, the pipeline thread):
+  * `engine.save_baselines()`: every stream at once, what a clean stop or a reload does
+    (and what the periodic save and a shared end of learning did before agent/saving.py);
+  * the periodic save as the daemon now makes it, every stream due, then
+    `engine.saves.run` as after each engine step: the longest such wait, and how many
+    steps it takes to write them all.
 `--fsync-ms` adds a sleep to every fsync, a stand-in for a disk slower than this
 machine's (an SD card's fsync takes milliseconds to tens of them); 0 = the real disk.
 
@@ -43,12 +46,19 @@ def learned_engine(det: Detector, streams: int) -> Engine:
     return eng
 
 
-def timed_save(eng: Engine, state_dir: str) -> float:
-    """Seconds in save_baselines."""
+def timed_save(eng: Engine, state_dir: str) -> tuple[float, float, int]:
+    """(seconds in save_baselines, longest saves.run, saves.run calls to write them all)."""
     eng.store = StateStore(state_dir)
     t0 = time.perf_counter()
     eng.save_baselines()
-    return time.perf_counter() - t0
+    all_at_once = time.perf_counter() - t0
+    eng.saves.due_all(eng.streams)
+    longest, steps = 0.0, 0
+    while len(eng.saves):
+        t0 = time.perf_counter()
+        eng.saves.run(eng.save)
+        longest, steps = max(longest, time.perf_counter() - t0), steps + 1
+    return all_at_once, longest, steps
 
 
 def main() -> None:
@@ -58,7 +68,8 @@ def main() -> None:
     a = ap.parse_args()
     det = Detector(str(resolve_model("DLinear_ad")), threads=1)
     real_fsync = os.fsync
-    print(f"{'streams':>7} {'fsync +ms':>9} {'in save_baselines':>18}")
+    print(f"{'streams':>7} {'fsync +ms':>9} {'all at once':>12} | {'a step waits at most':>20} "
+          f"{'steps':>6}")
     for n in map(int, a.streams.split(",")):
         eng = learned_engine(det, n)
         for extra in map(float, a.fsync_ms.split(",")):
@@ -68,11 +79,11 @@ def main() -> None:
             os.fsync = fsync
             try:
                 with tempfile.TemporaryDirectory() as d:
-                    took = timed_save(eng, d)
+                    once, longest, steps = timed_save(eng, d)
             finally:
                 os.fsync = real_fsync
-            print(f"{n:7d} {extra:9g} {took * 1e3:15.1f} ms", flush=True)
-
+            print(f"{n:7d} {extra:9g} {once * 1e3:9.1f} ms | {longest * 1e3:17.1f} ms "
+                  f"{steps:6d}", flush=True)
 
 if __name__ == "__main__":
     main()
