@@ -85,5 +85,6 @@ def main() -> None:
             print(f"{n:7d} {extra:9g} {once * 1e3:9.1f} ms | {longest * 1e3:17.1f} ms "
                   f"{steps:6d}", flush=True)
 
+
 if __name__ == "__main__":
     main()
