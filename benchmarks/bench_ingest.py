@@ -54,7 +54,12 @@ MAX_UNACKED = 30000
 
 BARE = r"""
 import sys, threading, paho.mqtt.client as mqtt
-port, expected = int(sys.argv[1]), int(sys.argv[2])
+port, expected, repo = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if repo:    # the agent's client class: paho reading the socket in blocks
+    sys.path.insert(0, repo)
+    from agent.mqtt_client import BufferedClient as Client
+else:
+    Client = mqtt.Client
 n = 0
 done = threading.Event()
 def on_message(c, u, m):
@@ -65,7 +70,7 @@ def on_message(c, u, m):
     n += 1
     if n >= expected:
         done.set()
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bare-sub")
+c = Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bare-sub")
 c.on_connect = lambda c, u, f, rc, p: c.subscribe("plant/+/sensors", qos=%d)
 c.on_subscribe = lambda *a: print("ready", flush=True)
 c.on_message = on_message
@@ -154,11 +159,14 @@ def main_thread_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def bare_case(port: int, pub: Publisher, case: tuple, qos: int) -> dict:
+def bare_case(port: int, pub: Publisher, case: tuple, qos: int, buffered_from: str = "") -> dict:
+    """The bare subscriber; with `buffered_from` (a checkout), on that agent's MQTT client
+    class instead of paho's (what the agent's socket reads alone save)."""
     streams, rate, batch, duration, warmup = case
     expected = (int(warmup / (batch / rate)) + int(duration / (batch / rate))) * streams
     p = subprocess.Popen([sys.executable, "-c", BARE % (qos, int(warmup + duration) + 120),
-                          str(port), str(expected)], stdout=subprocess.PIPE, text=True)
+                          str(port), str(expected), buffered_from], stdout=subprocess.PIPE,
+                         text=True)
     mark = {}
     try:
         assert p.stdout.readline().strip() == "ready", "bare subscriber did not subscribe"
@@ -295,6 +303,10 @@ def main() -> int:
                          "against the same bare run (e.g. /work/main,.: old and new code)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times (bare, then every agent, in turn)")
+    ap.add_argument("--bare-buffered", action="store_true",
+                    help="also run the bare subscriber on the (last) agent checkout's MQTT "
+                         "client class, which reads the socket in blocks; its ratio is to "
+                         "the plain bare subscriber")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--timeline", action="store_true",
                     help="print the agent's (s, RSS MB, CPU %%) every 5 s of its run")
@@ -324,6 +336,10 @@ def main() -> int:
             case = (int(streams), float(rate), a.batch, a.duration, warmup)
             bare = _per_message(bare_case(port, pub, case, a.qos))
             _print_row(spec, "bare", bare)
+            buf = None
+            if a.bare_buffered:
+                buf = _per_message(bare_case(port, pub, case, a.qos, str(repos[-1])))
+                _print_row(spec, "bare, buffered", buf, buf["us_per_msg"] / bare["us_per_msg"])
             for wait in a.batch_wait.split(","):
                 for repo in repos:
                     run_no += 1
@@ -333,7 +349,8 @@ def main() -> int:
                     name = f"{repo.name}/{wait}" if len(repos) > 1 else f"agent/{wait}"
                     results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
                                     "repo": str(repo), "repeat": i // len(cases),
-                                    "bare": bare, "agent": agent, "ratio": ratio})
+                                    "bare": bare, "bare_buffered": buf, "agent": agent,
+                                    "ratio": ratio})
                     _print_row(spec, name, agent, ratio)
                     if a.timeline:
                         print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
@@ -344,7 +361,8 @@ def main() -> int:
     _print_against_first(results, cases)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
-    return 0 if all(r["agent"]["lost"] == 0 and r["bare"]["lost"] == 0 for r in results) else 1
+    return 0 if all(r["agent"]["lost"] == 0 and r["bare"]["lost"] == 0
+                    and (r["bare_buffered"] or {}).get("lost", 0) == 0 for r in results) else 1
 
 
 def _print_against_first(results: list[dict], cases: list[str]) -> None:

@@ -1,0 +1,96 @@
+"""The agent's MQTT client reads the socket in blocks: every message still arrives, in
+order, without waiting for later traffic, and a lost connection's bytes are dropped."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.mqtt_client import BufferedClient, MqttConfig, make_client
+
+
+
+def _counting_reads(monkeypatch, client) -> list[int]:
+    """How often `client` reads its socket (paho's own read, which BufferedClient calls)."""
+    reads = [0]
+    orig = mqtt.Client._sock_recv
+
+    def counting(self, bufsize):
+        if self is client:
+            reads[0] += 1
+        return orig(self, bufsize)
+
+    monkeypatch.setattr(mqtt.Client, "_sock_recv", counting)
+    return reads
+
+
+def test_bytes_come_from_one_read_and_a_new_socket_drops_the_old_ones(monkeypatch):
+    c = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id="unit")
+    reads = _counting_reads(monkeypatch, c)
+    a, b = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    try:
+        a.setblocking(False)
+        a2.setblocking(False)
+        c._sock = a
+        b.sendall(b"abcdef")
+        assert [c._sock_recv(1), c._sock_recv(2), c._sock_recv(10)] == [b"a", b"bc", b"def"]
+        assert reads[0] == 1
+        with pytest.raises(BlockingIOError):        # nothing waits: paho's "again"
+            c._sock_recv(1)
+        b.sendall(b"123456")
+        assert c._sock_recv(1) == b"1" and c.buffered() == 5
+        c._sock = a2                                 # a reconnect: a new socket
+        assert c.buffered() == 0
+        b2.sendall(b"xy")
+        assert c._sock_recv(5) == b"xy"
+        b2.close()
+        assert c._sock_recv(5) == b""               # closed: paho's "connection lost"
+    finally:
+        c._sock = None
+        for s in (a, b, a2, b2):
+            s.close()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_burst_arrives_whole_and_in_order_with_fewer_reads_than_messages(broker, monkeypatch,
+                                                                            qos):
+    n = 3000
+    got: list[bytes] = []
+    done, subscribed = threading.Event(), threading.Event()
+    sub = make_client(MqttConfig(port=broker.port), "unit", "sub", clean_session=True)
+    reads = _counting_reads(monkeypatch, sub)
+
+    def on_message(client, userdata, msg):
+        got.append(msg.payload)
+        if len(got) == n:
+            done.set()
+
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_connect = lambda client, *a: client.subscribe("burst/x", qos=qos)
+    # a long keepalive: a message left in the buffer would wait for the next ping
+    sub.connect("127.0.0.1", broker.port, keepalive=600)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="unit-pub")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    try:
+        assert subscribed.wait(10)
+        reads[0] = 0
+        infos = [pub.publish("burst/x", str(i).encode(), qos=qos) for i in range(n)]
+        infos[-1].wait_for_publish(30)
+        # nothing is published after the burst: its last message must not wait in the buffer
+        assert done.wait(30), f"{len(got)} of {n} messages arrived"
+        time.sleep(0.2)
+        assert got == [str(i).encode() for i in range(n)]
+        # paho alone reads three times a message (type, length, body)
+        assert reads[0] < n, f"{reads[0]} socket reads for {n} messages"
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        sub.loop_stop()
+        sub.disconnect()
