@@ -2,8 +2,8 @@
 that builds a configured paho-mqtt client (v2 callback API) from them.
 
 Shared by the MQTT source and the MQTT sink so TLS, credentials and client ids
-behave the same way for both.  The client reads the socket in large blocks
-(`BufferedClient`): paho alone pays a few system calls for every packet.
+behave the same way for both.  With `mqtt.read_bytes` set, the clients read the socket
+in blocks (`BufferedClient`): paho alone pays a few system calls for every packet.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ class MqttConfig(Strict):
     tls: TlsConfig | None = None
     prefix: str | None = None                  # default "tsad/<node>/"
     keepalive: Annotated[int, Meta(ge=5)] = 30
+    # read the socket this many bytes at a time (BufferedClient); 0: paho reads each packet
+    read_bytes: Annotated[int, Meta(ge=0, le=1 << 20)] = 0
     score_interval_s: NonNegativeFloat = 1.0
     health_interval_s: PositiveFloat = 30.0
     # a stream is "online" while its source is connected and its last sample is younger
@@ -85,46 +87,59 @@ def resolve_password(m: MqttConfig) -> str | None:
     return None
 
 
-# bytes one socket read asks for: a few hundred small messages, and a broker's burst of
-# unacknowledged QoS 1 messages (mosquitto's max_inflight_messages, 20 by default) at once
-READ_BYTES = 65536
-
-
 class BufferedClient(mqtt.Client):
-    """paho's client, reading the socket READ_BYTES at a time.
+    """paho's client, reading the socket up to `read_bytes` at a time (`mqtt.read_bytes`).
 
     paho reads each packet with three recv calls (its type byte, its length byte, its
     body) and selects before each packet.  At thousands of small sensor messages a
     second those system calls cost more than paho's handling of the messages
-    (benchmarks/bench_ingest.py: a bare subscriber 37 % less CPU a message with this).
-    Here the socket is read in blocks and paho takes its bytes from memory.  Rules:
+    (benchmarks/bench_ingest.py --bare-buffered).  Here the socket is read in blocks
+    and paho takes its bytes from memory.  Not the default: the daemon then held more
+    memory at high message rates (docs/RESULTS.md, tenth session).  Rules:
     - Nothing waits in the buffer: after a read, every packet it holds is handled
       before paho selects on the socket again (`loop_read`), so a message never waits
       for the next network event.
     - The buffer belongs to one socket: bytes of a lost connection are never read as
       the next connection's.
-    - paho's own error handling stays: a read that would block, a closed connection
-      and TLS's want-read reach paho as from its own read.
+    - One buffer for the client's life, read into: no allocation per read.
+    - A read that would block, a closed connection and TLS's want-read/want-write reach
+      paho as from its own read.  A transport without recv_into (websockets), and a
+      body larger than the buffer, are read by paho itself.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, read_bytes: int = 16384, **kwargs):
         super().__init__(*args, **kwargs)
-        self._rbuf, self._rpos, self._rsock = b"", 0, None
+        self._rmem = memoryview(bytearray(read_bytes))
+        self._rlen = self._rpos = 0
+        self._rsock = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rsock is not self._sock:
-            self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
-        buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf):
-            buf = super()._sock_recv(max(bufsize, READ_BYTES))
-            self._rbuf, self._rpos, pos = buf, 0, 0
-        out = buf[pos:pos + bufsize]
-        self._rpos = pos + len(out)
-        return out
+        sock = self._sock
+        if self._rsock is not sock:
+            self._rlen = self._rpos = 0
+            self._rsock = sock
+        pos = self._rpos
+        if pos >= self._rlen:
+            into = getattr(sock, "recv_into", None)
+            if into is None or bufsize >= len(self._rmem):
+                return super()._sock_recv(bufsize)
+            try:
+                n = into(self._rmem)
+            except ssl.SSLWantReadError as err:
+                raise BlockingIOError() from err
+            except ssl.SSLWantWriteError as err:
+                self._call_socket_register_write()
+                raise BlockingIOError() from err
+            if n == 0:
+                return b""          # the broker closed the connection
+            self._rlen, pos = n, 0
+        end = min(pos + bufsize, self._rlen)
+        self._rpos = end
+        return bytes(self._rmem[pos:end])
 
     def buffered(self) -> int:
         """Bytes read from the current socket that paho has not taken yet."""
-        return len(self._rbuf) - self._rpos if self._rsock is self._sock else 0
+        return self._rlen - self._rpos if self._rsock is self._sock else 0
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         # paho handles one packet per call; each call takes at least a byte of the
@@ -142,8 +157,10 @@ def make_client(cfg: MqttConfig, node: str, role: str,
     messages wait for them across reconnects); a one-shot client (the command verbs)
     asks for a clean one so that it leaves nothing behind in the broker."""
     client_id = f"{cfg.client_id or 'tsad-' + node}-{role}"
-    c = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                    protocol=mqtt.MQTTv311, clean_session=clean_session)
+    args = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": client_id,
+            "protocol": mqtt.MQTTv311, "clean_session": clean_session}
+    c = BufferedClient(read_bytes=cfg.read_bytes, **args) if cfg.read_bytes else \
+        mqtt.Client(**args)
     if cfg.username:
         c.username_pw_set(cfg.username, resolve_password(cfg))
     if cfg.tls:

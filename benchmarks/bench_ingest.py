@@ -25,6 +25,7 @@ case's rate, + 5 s): the steady state a daemon spends its life in.
     python benchmarks/bench_ingest.py --cases 50x100 --duration 60 --batch 10
     python benchmarks/bench_ingest.py --cases 500x10 --batch-wait auto,0,0.1   # side by side
     python benchmarks/bench_ingest.py --repo /work/main,. --repeat 2   # old and new code
+    python benchmarks/bench_ingest.py --read-bytes 0,16384 --bare-buffered  # reads in blocks
 
 On a loaded machine the publisher can fall behind; it then pauses while MAX_UNACKED
 messages wait for the broker (QoS 1 ids wrap at 65535, and paho would overwrite the
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import product
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -195,7 +197,7 @@ def _ready(p: subprocess.Popen) -> bool:
 
 def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
                work: Path, batch_wait: str = "auto", repo: Path = REPO,
-               run_no: int = 0) -> dict:
+               run_no: int = 0, read_bytes: int = 0) -> dict:
     import yaml
     streams, rate, batch, duration, warmup = case
     # one node per agent run: a run must not read the retained health of the one before
@@ -210,6 +212,8 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
         "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
         "sinks": {"console": {"enabled": False}},
     }
+    if read_bytes:      # only when set: code older than the setting refuses the key
+        cfg["mqtt"]["read_bytes"] = read_bytes
     conf = work / f"{node}.yaml"
     conf.write_text(yaml.safe_dump(cfg))
     log_path = work / f"{node}.log"
@@ -285,7 +289,7 @@ def _print_row(spec: str, name: str, r: dict, ratio: float | None = None) -> Non
           + (f"  (publisher paused {r['stalls']}x)" if r["stalls"] else ""), flush=True)
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cases", default="50x100,500x10", help="streams x Hz, comma separated")
     ap.add_argument("--batch", type=int, default=1, help="samples per message")
@@ -303,6 +307,9 @@ def main() -> int:
                          "against the same bare run (e.g. /work/main,.: old and new code)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times (bare, then every agent, in turn)")
+    ap.add_argument("--read-bytes", default="0",
+                    help="mqtt.read_bytes for the agent; several, comma separated, run side "
+                         "by side against the same bare run (e.g. 0,16384)")
     ap.add_argument("--bare-buffered", action="store_true",
                     help="also run the bare subscriber on the (last) agent checkout's MQTT "
                          "client class, which reads the socket in blocks; its ratio is to "
@@ -310,7 +317,11 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--timeline", action="store_true",
                     help="print the agent's (s, RSS MB, CPU %%) every 5 s of its run")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    a = _args()
 
     meta = json.loads(Path(a.model + ".json").read_text())
     # measured after every stream has learned its baseline: the steady state a daemon lives in
@@ -328,6 +339,7 @@ def main() -> int:
               f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11} {'per step':>9} "
               f"{'alerts':>6}")
         repos = checkouts(a)
+        read_sizes = [int(v) for v in a.read_bytes.split(",")]
         run_no = 0
         cases = a.cases.split(",")
         for i, spec in enumerate(cases * a.repeat):
@@ -340,20 +352,20 @@ def main() -> int:
             if a.bare_buffered:
                 buf = _per_message(bare_case(port, pub, case, a.qos, str(repos[-1])))
                 _print_row(spec, "bare, buffered", buf, buf["us_per_msg"] / bare["us_per_msg"])
-            for wait in a.batch_wait.split(","):
-                for repo in repos:
-                    run_no += 1
-                    agent = _per_message(agent_case(port, pub, case, a.qos, a.model, work,
-                                                    wait, repo, run_no))
-                    ratio = agent["us_per_msg"] / bare["us_per_msg"]
-                    name = f"{repo.name}/{wait}" if len(repos) > 1 else f"agent/{wait}"
-                    results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
-                                    "repo": str(repo), "repeat": i // len(cases),
-                                    "bare": bare, "bare_buffered": buf, "agent": agent,
-                                    "ratio": ratio})
-                    _print_row(spec, name, agent, ratio)
-                    if a.timeline:
-                        print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
+            for wait, repo, rb in product(a.batch_wait.split(","), repos, read_sizes):
+                run_no += 1
+                agent = _per_message(agent_case(port, pub, case, a.qos, a.model, work,
+                                                wait, repo, run_no, rb))
+                ratio = agent["us_per_msg"] / bare["us_per_msg"]
+                name = (f"{repo.name}/" if len(repos) > 1 else "agent/") + wait \
+                    + (f"/r{rb}" if len(read_sizes) > 1 else "")
+                results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
+                                "repo": str(repo), "read_bytes": rb,
+                                "repeat": i // len(cases), "bare": bare,
+                                "bare_buffered": buf, "agent": agent, "ratio": ratio})
+                _print_row(spec, name, agent, ratio)
+                if a.timeline:
+                    print("  agent timeline (s, RSS MB, CPU %):", agent["timeline"])
     finally:
         pub.close()
         broker.terminate()
@@ -372,16 +384,16 @@ def _print_against_first(results: list[dict], cases: list[str]) -> None:
     with the case too (7-21 % lower at 500x10 in most runs of docs/RESULTS.md)."""
     if len(cases) < 2:
         return
-    first = {(r["repo"], r["batch_wait"], r["repeat"]): r["agent"]["us_per_msg"]
+    first = {(r["repo"], r["batch_wait"], r["read_bytes"], r["repeat"]): r["agent"]["us_per_msg"]
              for r in results if r["case"] == cases[0]}
     rows = {}
     for r in results:
-        base = first.get((r["repo"], r["batch_wait"], r["repeat"]))
+        base = first.get((r["repo"], r["batch_wait"], r["read_bytes"], r["repeat"]))
         if r["case"] != cases[0] and base:
-            rows.setdefault((r["case"], r["repo"], r["batch_wait"]), []).append(
+            rows.setdefault((r["case"], r["repo"], r["batch_wait"], r["read_bytes"]), []).append(
                 r["agent"]["us_per_msg"] / base)
-    for (case, repo, wait), vals in rows.items():
-        print(f"agent ({Path(repo).name}/{wait}) CPU per message, {case} / {cases[0]}: "
+    for (case, repo, wait, rb), vals in rows.items():
+        print(f"agent ({Path(repo).name}/{wait}/r{rb}) CPU per message, {case} / {cases[0]}: "
               + ", ".join(f"{v:.2f}" for v in vals))
 
 

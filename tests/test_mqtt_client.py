@@ -1,5 +1,6 @@
-"""The agent's MQTT client reads the socket in blocks: every message still arrives, in
-order, without waiting for later traffic, and a lost connection's bytes are dropped."""
+"""With `mqtt.read_bytes`, the agent's MQTT clients read the socket in blocks: every
+message still arrives, in order, without waiting for later traffic, and a lost
+connection's bytes are dropped."""
 from __future__ import annotations
 
 import socket
@@ -13,37 +14,60 @@ from agent.mqtt_client import BufferedClient, MqttConfig, make_client
 
 
 
+class _Sock:
+    """A socket whose reads are counted; without recv_into, a transport paho reads itself."""
+
+    def __init__(self, sock: socket.socket, recv_into: bool = True):
+        self.sock, self.reads = sock, 0
+        if recv_into:
+            self.recv_into = self._recv_into
+
+    def _recv_into(self, buf) -> int:
+        self.reads += 1
+        return self.sock.recv_into(buf)
+
+    def recv(self, n: int) -> bytes:
+        self.reads += 1
+        return self.sock.recv(n)
+
+
 def _counting_reads(monkeypatch, client) -> list[int]:
-    """How often `client` reads its socket (paho's own read, which BufferedClient calls)."""
+    """How often `client` goes to its socket for bytes (its buffer empty)."""
     reads = [0]
-    orig = mqtt.Client._sock_recv
+    orig = BufferedClient._sock_recv
 
     def counting(self, bufsize):
-        if self is client:
+        if self is client and not self.buffered():
             reads[0] += 1
         return orig(self, bufsize)
 
-    monkeypatch.setattr(mqtt.Client, "_sock_recv", counting)
+    monkeypatch.setattr(BufferedClient, "_sock_recv", counting)
     return reads
 
 
-def test_bytes_come_from_one_read_and_a_new_socket_drops_the_old_ones(monkeypatch):
+def test_read_bytes_chooses_the_client():
+    plain = make_client(MqttConfig(), "unit", "a")
+    assert type(plain) is mqtt.Client      # the default: paho reads each packet itself
+    buffered = make_client(MqttConfig(read_bytes=4096), "unit", "b")
+    assert isinstance(buffered, BufferedClient) and len(buffered._rmem) == 4096
+
+
+def test_bytes_come_from_one_read_and_a_new_socket_drops_the_old_ones():
     c = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id="unit")
-    reads = _counting_reads(monkeypatch, c)
     a, b = socket.socketpair()
     a2, b2 = socket.socketpair()
     try:
         a.setblocking(False)
         a2.setblocking(False)
-        c._sock = a
+        c._sock = first = _Sock(a)
         b.sendall(b"abcdef")
         assert [c._sock_recv(1), c._sock_recv(2), c._sock_recv(10)] == [b"a", b"bc", b"def"]
-        assert reads[0] == 1
+        assert first.reads == 1
         with pytest.raises(BlockingIOError):        # nothing waits: paho's "again"
             c._sock_recv(1)
         b.sendall(b"123456")
         assert c._sock_recv(1) == b"1" and c.buffered() == 5
-        c._sock = a2                                 # a reconnect: a new socket
+        c._sock = _Sock(a2)                          # a reconnect: a new socket
         assert c.buffered() == 0
         b2.sendall(b"xy")
         assert c._sock_recv(5) == b"xy"
@@ -55,13 +79,29 @@ def test_bytes_come_from_one_read_and_a_new_socket_drops_the_old_ones(monkeypatc
             s.close()
 
 
+def test_a_transport_without_recv_into_is_read_by_paho():
+    c = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id="unit")
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        c._sock = ws = _Sock(a, recv_into=False)
+        b.sendall(b"abc")
+        assert c._sock_recv(1) == b"a" and c.buffered() == 0
+        assert c._sock_recv(5) == b"bc" and ws.reads == 2
+    finally:
+        c._sock = None
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("qos", [0, 1])
 def test_a_burst_arrives_whole_and_in_order_with_fewer_reads_than_messages(broker, monkeypatch,
                                                                             qos):
     n = 3000
     got: list[bytes] = []
     done, subscribed = threading.Event(), threading.Event()
-    sub = make_client(MqttConfig(port=broker.port), "unit", "sub", clean_session=True)
+    sub = make_client(MqttConfig(port=broker.port, read_bytes=16384), "unit", "sub",
+                      clean_session=True)
     reads = _counting_reads(monkeypatch, sub)
 
     def on_message(client, userdata, msg):
