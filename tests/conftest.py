@@ -66,11 +66,16 @@ class Broker:
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
-@pytest.fixture
-def broker(tmp_path):
+def started_broker(workdir: Path, extra_conf: str = "") -> Broker:
+    """A running broker, or the test skipped when mosquitto is not installed."""
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto not installed (apt-get install mosquitto; .ci/run does this)")
-    b = Broker(tmp_path).start()
+    return Broker(workdir, extra_conf).start()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = started_broker(tmp_path)
     yield b
     b.stop()
 

@@ -6,25 +6,21 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from agent.mqtt_client import BufferedClient, MqttConfig, make_client
-from conftest import MOSQUITTO, Broker
+from conftest import started_broker
 
 
 @pytest.fixture
 def roomy_broker(tmp_path):
     """A broker that queues any number of messages for a client: mosquitto's default of
     1000 drops the rest of a burst that a busy subscriber is still reading."""
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto not installed (apt-get install mosquitto; .ci/run does this)")
-    b = Broker(tmp_path, "max_queued_messages 0\nmax_queued_bytes 0").start()
+    b = started_broker(tmp_path, "max_queued_messages 0")
     yield b
     b.stop()
-
 
 
 class _Sock:
