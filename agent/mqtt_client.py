@@ -143,10 +143,10 @@ class BufferedClient(mqtt.Client):
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         # paho handles one packet per call; each call takes at least a byte of the
-        # buffer, so this ends with the buffer empty, or with an error
+        # buffer, so this ends with the buffer empty, or with an error (buffered() is 0
+        # once the socket is gone)
         rc = super().loop_read(max_packets)
-        while rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None \
-                and self.buffered():
+        while rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self.buffered():
             rc = super().loop_read(max_packets)
         return rc
 

@@ -377,6 +377,11 @@ def main() -> int:
                     and (r["bare_buffered"] or {}).get("lost", 0) == 0 for r in results) else 1
 
 
+def _setup(r: dict) -> tuple:
+    """One agent's code and settings: what a row is compared with itself by."""
+    return r["repo"], r["batch_wait"], r["read_bytes"]
+
+
 def _print_against_first(results: list[dict], cases: list[str]) -> None:
     """Each agent's CPU per message in every case over its own in the first case of the
     same repeat: "the same CPU per message at 500 streams as at 50" compares the agent
@@ -384,15 +389,14 @@ def _print_against_first(results: list[dict], cases: list[str]) -> None:
     with the case too (7-21 % lower at 500x10 in most runs of docs/RESULTS.md)."""
     if len(cases) < 2:
         return
-    first = {(r["repo"], r["batch_wait"], r["read_bytes"], r["repeat"]): r["agent"]["us_per_msg"]
+    first = {(_setup(r), r["repeat"]): r["agent"]["us_per_msg"]
              for r in results if r["case"] == cases[0]}
     rows = {}
     for r in results:
-        base = first.get((r["repo"], r["batch_wait"], r["read_bytes"], r["repeat"]))
+        base = first.get((_setup(r), r["repeat"]))
         if r["case"] != cases[0] and base:
-            rows.setdefault((r["case"], r["repo"], r["batch_wait"], r["read_bytes"]), []).append(
-                r["agent"]["us_per_msg"] / base)
-    for (case, repo, wait, rb), vals in rows.items():
+            rows.setdefault((r["case"], _setup(r)), []).append(r["agent"]["us_per_msg"] / base)
+    for (case, (repo, wait, rb)), vals in rows.items():
         print(f"agent ({Path(repo).name}/{wait}/r{rb}) CPU per message, {case} / {cases[0]}: "
               + ", ".join(f"{v:.2f}" for v in vals))
 
