@@ -185,6 +185,12 @@ class AgentConfig(Strict, kw_only=True):
                                alerts=self.alerts)
 
     @property
+    def named_streams(self) -> set[str]:
+        """The streams the config names itself (a topic-named source's id names none)."""
+        return {s.id for s in self.streams
+                if getattr(s.source, "stream_from_topic", None) is None}
+
+    @property
     def topic_prefix(self) -> str:
         p = self.mqtt.prefix if self.mqtt.prefix is not None else f"tsad/{self.node}/"
         return p if p.endswith("/") else p + "/"

@@ -42,7 +42,8 @@ def stream_caps(cfg: AgentConfig) -> dict[str, int]:
 
 def build_engine(cfg: AgentConfig, detector: Detector, metrics: Metrics) -> Engine:
     engine = Engine(cfg.detection, detector, metrics=metrics, max_streams=stream_caps(cfg),
-                    intervals={s.id: s.interval_s for s in cfg.streams if s.interval_s})
+                    intervals={s.id: s.interval_s for s in cfg.streams if s.interval_s},
+                    named=cfg.named_streams)
     # the learning period may come from the model's policy rather than the file: ask the
     # engine, which holds the merged settings
     if cfg.state_dir and engine.cfg.calibration.enabled:
@@ -160,7 +161,7 @@ class Daemon:
             gone = engine.retain({s.id: s for s in new_cfg.streams},
                                  {s.id: s for s in self.cfg.streams}, "reload")
             engine.swap_detector(detector)
-            engine.max_streams = stream_caps(new_cfg)
+            engine.max_streams, engine.named = stream_caps(new_cfg), new_cfg.named_streams
             log.info("reload: model and detection settings unchanged: streams carry on")
         else:
             engine, gone = build_engine(new_cfg, detector, self.metrics), []

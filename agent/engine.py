@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .policy import effective
 from .ring import RingBuffer, Windows
 from .saving import SaveQueue
-from .scoring import Smoother
+from .scoring import Smoother, add_levels, normalized
 from .sources.base import Batch
 from .state_store import StateStore
 from .stream import Pace, Stream, StreamResult
@@ -48,7 +48,8 @@ log = logging.getLogger("tsad.engine")
 class Engine:
     def __init__(self, cfg: DetectionConfig, detector: Detector, store: StateStore | None = None,
                  metrics: Metrics | None = None, max_streams: dict[str, int] | None = None,
-                 default_max_streams: int = 1, intervals: dict[str, float] | None = None):
+                 default_max_streams: int = 1, intervals: dict[str, float] | None = None,
+                 named: Iterable[str] = ()):
         self.cfg = effective(cfg, detector.meta)
         self.detector, self.store, self.meta = detector, store, detector.meta
         self.metrics = metrics or detector.metrics or Metrics()
@@ -60,6 +61,7 @@ class Engine:
         self.default_max_streams = default_max_streams
         # per source id: the sampling interval its config gives (else streams learn theirs)
         self.intervals = dict(intervals or {})
+        self.named = set(named)     # streams the config names: commands reach them sample or not
         self._per_source: dict[str, int] = {}
         self._refused_logged: set[str] = set()
         self.saves = SaveQueue()        # streams whose baselines are due on disk
@@ -82,6 +84,14 @@ class Engine:
         st = self._new_stream(sid, src)
         self.streams[sid] = st
         self._per_source[src] = self._per_source.get(src, 0) + 1
+        return st
+
+    def _commanded(self, sid: str) -> Stream | None:
+        """The stream an operator command names.  One the config names is created if no
+        sample has yet: Home Assistant shows its buttons from the start."""
+        st = self.streams.get(sid)
+        if st is None and sid in self.named and (st := self.stream(sid)) is not None:
+            st.last_seen = time.monotonic()     # idle from now, not from boot
         return st
 
     def _new_stream(self, sid: str, source: str) -> Stream:
@@ -237,8 +247,8 @@ class Engine:
         x = due[0][1].x if len(due) == 1 else np.concatenate([w.x for _, w in due])
         scores, err = score_windows(x, self.detector.infer(x))
         self.metrics.windows_inferred += len(x)
-        _add_level(due, scores, err)
-        scores, shown = _normalized(due, scores, err)
+        add_levels(due, scores, err)
+        scores, shown = normalized(due, scores, err)
         out, off = [], 0
         for st, w in due:
             k = len(w)
@@ -275,7 +285,7 @@ class Engine:
 
     def rebaseline(self, sid: str) -> tuple[bool, dict | None]:
         """Start a new learning period for one stream: (known stream?, end event or None)."""
-        st = self.streams.get(sid)
+        st = self._commanded(sid)
         if st is None:
             return False, None
         ev = st.relearn()
@@ -298,8 +308,9 @@ class Engine:
 
     def shelve(self, sid: str, for_s: float) -> float | None:
         """No new alert on the stream for `for_s` seconds of its sample time; the sample
-        time it ends, or None for an unknown stream.  for_s = 0 lifts it."""
-        st = self.streams.get(sid)
+        time it ends (wall time before its first sample), or None for an unknown stream.
+        for_s = 0 lifts it."""
+        st = self._commanded(sid)
         if st is None:
             return None
         until = (st.last_ts if np.isfinite(st.last_ts) else time.time()) + for_s
@@ -348,48 +359,6 @@ class Engine:
 
 _EMPTY_F = np.empty(0, np.float64)
 _EMPTY_I = np.empty(0, np.int8)
-
-
-def _add_level(due: list[tuple[Stream, Windows]], scores: np.ndarray, err: np.ndarray) -> None:
-    """Each stream's level term (scoring.level_band) added, in place, to its windows'
-    errors and scores before they are normalised: what `Stream.scored` does for the
-    learning period and `judge`, so every path scores alike."""
-    off = 0
-    for st, w in due:
-        k = len(w)
-        if st.level_band is not None:
-            scores[off:off + k], err[off:off + k] = st.scored(w.x, scores[off:off + k],
-                                                              err[off:off + k])
-        off += k
-
-
-def _normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
-                err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, errors as shown) of every due window: each stream's errors divided by its
-    `shown_level()` and the score their mean, for all streams in one division (500 x 1
-    window: not 500 divisions of a row).  Row by row one stream's arithmetic alone."""
-    nth: dict[int, int] = {}       # a stream may have several windows due (its pieces)
-    levels = []
-    for st, _ in due:
-        i = nth[id(st)] = nth.get(id(st), -1) + 1
-        levels.append(st.shown_level(i))
-    plain = [lv is None for lv in levels]
-    if all(plain):
-        return scores, err
-    c = err.shape[1]
-    rows = [np.ones(c) if lv is None else lv for lv in levels]
-    if len(err) == len(due):
-        rows = np.stack(rows)
-    elif all(r.ndim == 1 for r in rows):
-        rows = np.repeat(np.stack(rows), [len(w) for _, w in due], axis=0)
-    else:       # a level per window where a piece spans adapted levels ([k, C])
-        rows = np.concatenate([np.broadcast_to(r, (len(w), c)) for r, (_, w) in zip(rows, due)])
-    shown = err / rows
-    normed = np.add.reduce(shown, axis=1) / c
-    if any(plain):      # a stream without a level keeps the model's own score
-        keep = np.repeat(plain, [len(w) for _, w in due])
-        normed[keep] = scores[keep]
-    return normed, shown
 
 
 def _join(parts: list[Batch]) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ cannot turn one retained message into megabytes.
 """
 from __future__ import annotations
 
+import math
 import time
 
 from .timestamps import iso_utc
@@ -17,10 +18,16 @@ HEALTH_STREAMS = 32
 _ORDER = {"anomaly": 0, "learning": 1, "normal": 2}
 
 
-def stream_status(st) -> dict:
+def _shelved_until(st) -> str | None:
+    """Until when a stream is shelved, while its sample time has not passed it (a stream
+    shelved before its first sample has no sample time: shown until one passes it)."""
     shelved = st.tracker.shelved_until
+    return iso_utc(shelved) if shelved > (st.last_ts if st.samples else -math.inf) else None
+
+
+def stream_status(st) -> dict:
     return {"state": st.state, "alarm": st.tracker.alarm,
-            "shelved_until": iso_utc(shelved) if shelved > st.last_ts else None,
+            "shelved_until": _shelved_until(st),
             "samples": st.samples, "calibrated": not st.baseline.learning,
             "threshold": st.threshold, "last_sample": iso_utc(st.last_ts),
             "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}
@@ -56,9 +63,8 @@ def stream_presence(engine: Engine, runners, stale_after_s: float, now: float) -
     connected = {r.stream.id: bool(r.source.connected) for r in runners}
     out = {}
     for st in list(engine.streams.values()):
-        shelved = st.tracker.shelved_until
         out[st.id] = {"state": st.state,
-                      "online": connected.get(st.source, False)
+                      "online": connected.get(st.source, False) and st.samples > 0
                       and now - st.last_seen < stale_after_s,
-                      "shelved_until": iso_utc(shelved) if shelved > st.last_ts else None}
+                      "shelved_until": _shelved_until(st)}
     return out

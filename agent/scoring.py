@@ -2,11 +2,20 @@
 
 - `scoring.smoothing: k`: a moving average over the last k scores of one stream.
 - `scoring.level_band: k`: each channel's error plus its squared excess beyond +-k stds
-  of the stream's baseline (`level_excess`; off by default).
+  of the stream's baseline (`level_excess`; off by default); `add_levels` applies it to
+  a step's due windows.
+- `scoring.normalize: channel`: each channel's error divided by the stream's typical
+  error before the mean (`normalized`, for all of a step's streams at once).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .ring import Windows
+    from .stream import Stream
 
 
 class Smoother:
@@ -70,3 +79,45 @@ def level_excess(x_last: np.ndarray, band: float) -> np.ndarray:
     d = np.abs(x_last.astype(np.float64)) - band
     np.maximum(d, 0.0, out=d)
     return d * d
+
+
+def add_levels(due: list[tuple[Stream, Windows]], scores: np.ndarray, err: np.ndarray) -> None:
+    """Each stream's level term (scoring.level_band) added, in place, to its windows'
+    errors and scores before they are normalised: what `Stream.scored` does for the
+    learning period and `judge`, so every path scores alike."""
+    off = 0
+    for st, w in due:
+        k = len(w)
+        if st.level_band is not None:
+            scores[off:off + k], err[off:off + k] = st.scored(w.x, scores[off:off + k],
+                                                              err[off:off + k])
+        off += k
+
+
+def normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
+                err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, errors as shown) of every due window: each stream's errors divided by its
+    `shown_level()` and the score their mean, for all streams in one division (500 x 1
+    window: not 500 divisions of a row).  Row by row one stream's arithmetic alone."""
+    nth: dict[int, int] = {}       # a stream may have several windows due (its pieces)
+    levels = []
+    for st, _ in due:
+        i = nth[id(st)] = nth.get(id(st), -1) + 1
+        levels.append(st.shown_level(i))
+    plain = [lv is None for lv in levels]
+    if all(plain):
+        return scores, err
+    c = err.shape[1]
+    rows = [np.ones(c) if lv is None else lv for lv in levels]
+    if len(err) == len(due):
+        rows = np.stack(rows)
+    elif all(r.ndim == 1 for r in rows):
+        rows = np.repeat(np.stack(rows), [len(w) for _, w in due], axis=0)
+    else:       # a level per window where a piece spans adapted levels ([k, C])
+        rows = np.concatenate([np.broadcast_to(r, (len(w), c)) for r, (_, w) in zip(rows, due)])
+    shown = err / rows
+    normed = np.add.reduce(shown, axis=1) / c
+    if any(plain):      # a stream without a level keeps the model's own score
+        keep = np.repeat(plain, [len(w) for _, w in due])
+        normed[keep] = scores[keep]
+    return normed, shown

@@ -3,6 +3,7 @@ real ONNX model and no threads."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ from agent.config import DetectionConfig
 from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
+from agent.health import stream_status
 from agent.metrics import Metrics
 from agent.sources.base import Batch
 from agent.state_store import StateStore
+from agent.timestamps import iso_utc
 from onnx_factory import make_model
 
 CH = ["a", "b", "c"]
@@ -226,6 +229,30 @@ def test_rebaseline_ends_the_alert_and_learns_again(model, tmp_path):
     assert not any(ev["type"] == "new" for r in res for ev in r.events)
 
 
+def test_a_named_stream_takes_commands_before_its_first_sample(model, tmp_path):
+    """Home Assistant shows a configured stream's buttons from the start: shelving or
+    re-baselining it before its first sample works; an id the config does not name
+    (a topic-named source's own id, a typo) is still unknown."""
+    e = engine_for(model, StateStore(tmp_path), scoring={"threshold": 0.5},
+                   alerts={"open_k": 1, "open_n": 1}, buffer={"idle_evict_s": 60})
+    e.named = {"s1", "s2"}
+    assert e.shelve("many", 600) is None and e.shelve("nope", 600) is None
+    assert e.rebaseline("nope") == (False, None) and sorted(e.streams) == []
+    until = e.shelve("s1", 600)
+    assert until is not None and until > time.time() + 500     # wall time: no sample time yet
+    assert stream_status(e.streams["s1"])["shelved_until"] == iso_utc(until)
+    assert e.evict_idle() == []          # idle from the command on, not from boot
+    assert e.rebaseline("s2") == (True, None) and "s2" in e.streams
+    v = normal(40)
+    v[-5:] += 50.0
+    t0 = time.time()
+    shelved = feed(e, "s1", v, t0=t0)
+    control = feed(e, "s2", v, t0=t0)
+    assert not [ev for r in shelved for ev in r.events if ev["type"] == "new"]
+    assert [ev["type"] for r in control for ev in r.events] == ["new"]
+    assert stream_status(e.streams["s1"])["shelved_until"] == iso_utc(until)
+
+
 def test_close_alerts_ends_every_open_alert_with_its_reason(model):
     e = engine_for(model, scoring={"threshold": 0.5}, alerts={"open_k": 1, "open_n": 1})
     v = normal(40)
@@ -315,11 +342,11 @@ def test_streams_stepped_together_score_as_each_alone(model):
 
 
 def test_errors_normalised_at_once_as_stream_by_stream():
-    """_normalized: each stream's rows divided by its own level (a stream without one
+    """normalized: each stream's rows divided by its own level (a stream without one
     keeps the model's scores and errors), row for row the arithmetic of one stream."""
-    from agent.engine import _normalized
+    from agent.scoring import normalized
 
-    class Due:      # what _normalized asks of a stream and of its windows
+    class Due:      # what normalized asks of a stream and of its windows
         def __init__(self, level, k):
             self.level, self.k = level, k
 
@@ -336,7 +363,7 @@ def test_errors_normalised_at_once_as_stream_by_stream():
              Due(rng.random((2, 3)) + 0.5, 2)]
     err = rng.random((8, 3))
     scores = rng.random(8)
-    got_scores, shown = _normalized([(d, d) for d in parts], scores, err)
+    got_scores, shown = normalized([(d, d) for d in parts], scores, err)
     off = 0
     for d in parts:
         e, s = err[off:off + d.k], scores[off:off + d.k]
@@ -345,7 +372,7 @@ def test_errors_normalised_at_once_as_stream_by_stream():
         assert shown[off:off + d.k].tobytes() == want_shown.tobytes()
         assert got_scores[off:off + d.k].tobytes() == want.tobytes()
         off += d.k
-    plain = _normalized([(parts[1], parts[1])], scores[:3], err[:3])
+    plain = normalized([(parts[1], parts[1])], scores[:3], err[:3])
     assert plain[0].tobytes() == scores[:3].tobytes() and plain[1].tobytes() == err[:3].tobytes()
 
 

@@ -206,6 +206,26 @@ def test_a_home_assistant_button_press_runs_its_command(serial_agent, broker):
              "shown shelved")
 
 
+def test_a_configured_stream_is_shelved_before_its_first_sample(serial_agent, broker):
+    """HA shows a configured stream's buttons from the start, so a press before the
+    stream's first sample acts on it rather than answering "unknown stream"."""
+    agent, w, sub = serial_agent
+    sub.wait(lambda m: any(x[0] == HA for x in m), "discovery")
+    _, press = ha_view(sub).entities[f"{STREAM}_shelve"]
+    publish(broker.port, [(press["command_topic"], press["payload_press"])])
+    sub.wait(lambda m: f"ha-shelve-{STREAM}" in results(sub), "the button's result")
+    res = results(sub)[f"ha-shelve-{STREAM}"]
+    assert res["ok"] is True and res["shelved_until"], res
+    sub.wait(lambda m: json.loads(x[1])["shelved_until"] == res["shelved_until"]
+             if (x := (sub.on(P + f"stream/{STREAM}/shelved") or [None])[-1]) else False,
+             "shown shelved")
+    time.sleep(2.5)             # two presence checks: a stream without a sample stays offline
+    assert on(sub, f"stream/{STREAM}/availability")[-1] == "offline"
+    w.normal(9)
+    sub.wait(lambda m: on(sub, f"stream/{STREAM}/availability")[-1:] == ["online"],
+             "online with its first samples")
+
+
 # ---------------------------------------------------------------- discovery across a reload
 def _write(path: Path, streams: list, **over) -> None:
     cfg = yaml.safe_load(path.read_text())

@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 DISCOVERY_S = 1.0
 
 
-def fixed_streams(cfg) -> set[str]:
-    return {s.id for s in cfg.streams if getattr(s.source, "stream_from_topic", None) is None}
-
-
 def configured(cfg, sid: str) -> bool:
     """Whether `cfg` can still produce stream `sid`: a stream of its own, or a topic-named
     source whose filter admits that id at its stream level."""
@@ -60,7 +56,7 @@ class StreamTopics:
         self.prefix = cfg.topic_prefix
         self.ha = cfg.mqtt.homeassistant.enabled
         self._lock = threading.RLock()
-        self.known: set[str] = fixed_streams(cfg)
+        self.known: set[str] = cfg.named_streams
         self.states = {sid: "normal" for sid in self.known}
         self.status: dict[str, dict] = {}
         self.removed: dict[str, str] = {}      # component key -> platform, until it returns
@@ -136,7 +132,7 @@ class StreamTopics:
             for sid in sorted(self.known):
                 if not configured(cfg, sid):
                     self._drop(sid)
-            for sid in sorted(fixed_streams(cfg) - self.known):
+            for sid in sorted(cfg.named_streams - self.known):
                 self._add(sid)
                 self.states.setdefault(sid, "normal")
                 self._publish_stream(sid)
