@@ -308,8 +308,8 @@ class Engine:
 
     def shelve(self, sid: str, for_s: float) -> float | None:
         """No new alert on the stream for `for_s` seconds of its sample time; the sample
-        time it ends (wall time before its first sample), or None for an unknown stream.
-        for_s = 0 lifts it."""
+        time it ends (before its first sample: wall time, moved to sample time by the
+        first sample, Stream._first), or None for an unknown stream.  for_s = 0 lifts it."""
         st = self._commanded(sid)
         if st is None:
             return None

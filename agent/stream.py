@@ -214,10 +214,20 @@ class Stream:
     def _took(self, ts: np.ndarray) -> None:
         if not len(ts):
             return
+        if not self.samples:
+            self._first(float(ts[0]))
         self.samples += len(ts)
         if self.pace.learning:
             self.pace.observe(ts, self.id)
         self.last_ts = float(ts[-1])
+
+    def _first(self, t0: float) -> None:
+        """A shelve given before the first sample ran on the wall clock; from now on it
+        runs on the stream's sample time, keeping what it had left: a device clock can be
+        years off, and a shelve must not outlast its duration."""
+        until = self.tracker.shelved_until
+        if np.isfinite(until):
+            self.tracker.shelve(t0 + max(0.0, until - time.time()))
 
     def _push(self, ts: np.ndarray, scaled: np.ndarray) -> Windows | None:
         resets = self.ring.resets
