@@ -2,17 +2,14 @@
 that builds a configured paho-mqtt client (v2 callback API) from them.
 
 Shared by the MQTT source and the MQTT sink so TLS, credentials and client ids
-behave the same way for both.  The clients do not wake their own network thread for
-the acknowledgements it queues (`QuietClient`); with `mqtt.read_bytes` set, they also
-read the socket in blocks (`BufferedClient`): paho alone pays a few system calls for
-every packet.
+behave the same way for both.  With `mqtt.read_bytes` set, the clients read the socket
+in blocks (`BufferedClient`): paho alone pays a few system calls for every packet.
 """
 from __future__ import annotations
 
 import os
 import socket
 import ssl
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -90,43 +87,7 @@ def resolve_password(m: MqttConfig) -> str | None:
     return None
 
 
-class _Waker:
-    """paho's wake-up socket, silent when the network thread would wake itself."""
-
-    __slots__ = ("sock", "client")
-
-    def __init__(self, sock, client: mqtt.Client):
-        self.sock, self.client = sock, client
-
-    def send(self, data: bytes) -> int:
-        if threading.current_thread() is self.client._thread:
-            return len(data)
-        return self.sock.send(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class QuietClient(mqtt.Client):
-    """paho's client, without the wake-up byte for packets its own network thread queues.
-
-    paho writes a byte to a socket pair for every packet it queues, to wake its network
-    thread from select().  The acknowledgement of each QoS 1 or 2 message received is
-    queued by that thread itself, while awake: its next select already waits for the
-    socket to be writable, since a packet waits.  The byte cost a send, a select return
-    and a recv a message (benchmarks/bench_ingest.py, docs/RESULTS.md, eleventh session).
-    Other threads' packets (publish, subscribe) still wake it."""
-
-    @property
-    def _sockpairW(self):
-        return self.__waker
-
-    @_sockpairW.setter
-    def _sockpairW(self, sock) -> None:
-        self.__waker = None if sock is None else _Waker(sock, self)
-
-
-class BufferedClient(QuietClient):
+class BufferedClient(mqtt.Client):
     """paho's client, reading the socket up to `read_bytes` at a time (`mqtt.read_bytes`).
 
     paho reads each packet with three recv calls (its type byte, its length byte, its
@@ -199,7 +160,7 @@ def make_client(cfg: MqttConfig, node: str, role: str,
     args = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": client_id,
             "protocol": mqtt.MQTTv311, "clean_session": clean_session}
     c = BufferedClient(read_bytes=cfg.read_bytes, **args) if cfg.read_bytes else \
-        QuietClient(**args)
+        mqtt.Client(**args)
     if cfg.username:
         c.username_pw_set(cfg.username, resolve_password(cfg))
     if cfg.tls:
