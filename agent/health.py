@@ -7,7 +7,6 @@ cannot turn one retained message into megabytes.
 """
 from __future__ import annotations
 
-import math
 import time
 
 from .timestamps import iso_utc
@@ -19,10 +18,8 @@ _ORDER = {"anomaly": 0, "learning": 1, "normal": 2}
 
 
 def _shelved_until(st) -> str | None:
-    """Until when a stream is shelved, while its sample time has not passed it (a stream
-    shelved before its first sample has no sample time: shown until one passes it)."""
-    shelved = st.tracker.shelved_until
-    return iso_utc(shelved) if shelved > (st.last_ts if st.samples else -math.inf) else None
+    """Until when a stream is shelved, while its sample time has not passed it."""
+    return iso_utc(st.tracker.shelved_until) if st.shelved else None
 
 
 def stream_status(st) -> dict:

@@ -125,7 +125,7 @@ def take_snapshot(engine, runners, sinks, metrics: Metrics) -> Snapshot:
     for table in (metrics.stream_scores, metrics.stream_alerts):
         for key in [k for k in table if (k if isinstance(k, str) else k[0]) not in streams]:
             del table[key]
-    views = tuple(StreamView(st.id, st.state, st.tracker.shelved_until > st.last_ts,
+    views = tuple(StreamView(st.id, st.state, st.shelved,
                              st.last_seen, st.samples, _finite(st.threshold),
                              metrics.stream_scores.get(st.id))
                   for st in streams.values())

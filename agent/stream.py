@@ -129,6 +129,12 @@ class Stream:
         return self.baseline.threshold
 
     @property
+    def shelved(self) -> bool:
+        """A shelve is in force: it ends after the newest sample (before the first sample,
+        any shelve is)."""
+        return self.tracker.shelved_until > (self.last_ts if self.samples else -np.inf)
+
+    @property
     def scaler(self):
         """The scaler in force now (learned, then adapted)."""
         return self.adapter.scaler if self.adapter else self.baseline.scaler

@@ -241,6 +241,7 @@ def test_a_named_stream_takes_commands_before_its_first_sample(model, tmp_path):
     until = e.shelve("s1", 600)
     assert until is not None and until > time.time() + 500     # wall time: no sample time yet
     assert stream_status(e.streams["s1"])["shelved_until"] == iso_utc(until)
+    assert e.streams["s1"].shelved       # what Prometheus shows
     assert e.evict_idle() == []          # idle from the command on, not from boot
     assert e.rebaseline("s2") == (True, None) and "s2" in e.streams
     v = normal(40)
