@@ -307,14 +307,11 @@ class Engine:
         return None
 
     def shelve(self, sid: str, for_s: float) -> float | None:
-        """No new alert on the stream for `for_s` seconds of its sample time; the sample
-        time it ends (before its first sample: wall time, moved to sample time by the
-        first sample, Stream._first), or None for an unknown stream.  for_s = 0 lifts it."""
+        """Stream.shelve on stream `sid`; None for an unknown stream."""
         st = self._commanded(sid)
         if st is None:
             return None
-        until = (st.last_ts if np.isfinite(st.last_ts) else time.time()) + for_s
-        st.tracker.shelve(until if for_s > 0 else -np.inf)
+        until = st.shelve(for_s)
         log.info("stream %s: %s", sid, f"shelved for {for_s:g} s" if for_s > 0 else "unshelved")
         return until
 

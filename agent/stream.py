@@ -134,6 +134,13 @@ class Stream:
         any shelve is)."""
         return self.tracker.shelved_until > (self.last_ts if self.samples else -np.inf)
 
+    def shelve(self, for_s: float) -> float:
+        """No new alert for `for_s` seconds of sample time (0 lifts a shelve); the sample
+        time it ends.  Before the first sample it runs on the wall clock (`_first`)."""
+        until = (self.last_ts if self.samples else time.time()) + for_s
+        self.tracker.shelve(until if for_s > 0 else -np.inf)
+        return until
+
     @property
     def scaler(self):
         """The scaler in force now (learned, then adapted)."""
