@@ -109,6 +109,11 @@ class Baseline:
         return self.cal.samples - self._held.n
 
     @property
+    def held(self) -> int:
+        """Samples held for the learning period so far."""
+        return self._held.n if self._held is not None else 0
+
+    @property
     def period_over(self) -> bool:
         return self._ended
 

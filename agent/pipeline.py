@@ -286,14 +286,15 @@ class Pipeline:
         while not self.stop_event.is_set() and not (interrupted and interrupted()):
             if self.on_tick:
                 self.on_tick()
-            if not self.queue.wait(0.2):
+            if self.queue.wait(0.0 if self.engine.held_back else 0.2):
+                self._batch_wait(interrupted)
+                self._step_drained(ended)
+            elif self.engine.held_back:     # fits that waited for room (engine.FIT_SAMPLES)
+                self.process([])
+            else:
                 self.engine.saves.run(self.engine.save)     # due while no step runs them
-                self._housekeeping()
-                continue
-            self._batch_wait(interrupted)
-            self._step_drained(ended)
             self._housekeeping()
-            if until_exhausted and len(ended) >= len(self.runners):
+            if until_exhausted and len(ended) >= len(self.runners) and not self.engine.held_back:
                 break
 
     def _step_drained(self, ended: set[str]) -> None:
@@ -375,6 +376,8 @@ class Pipeline:
         rest = decode_items([b for b in rest if isinstance(b, (Batch, Undecoded))])
         if rest:
             self.process(rest)
+        while self.engine.held_back:
+            self.process([])
         if close_alerts:
             self.close_alerts(close_alerts)
         self.engine.save_baselines()

@@ -7,9 +7,10 @@ smoothing, the alert tracker, the samples the adapter may learn from, and the re
 the sinks see.  The engine runs the model between the two, once for every stream
 that has windows due.
 
-A learning period that ends inside `ingest` replays its held samples through the
-ring in chunks of at most `max_batch` windows, so a long period (a day at 1 Hz)
-never materialises all its windows at once.
+A learning period over (`fit_due`) is fitted by `end_learning` when the engine gives it
+room in a step; it replays the held samples through the ring in chunks of at most
+`max_batch` windows, so a long period (a day at 1 Hz) never materialises all its
+windows at once.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class Stream:
     # slots here and in the objects a stream holds (ring, pace, smoother, baseline, tracker,
     # adapter): no instance dict, about 56 bytes less per object (benchmarks/bench_memory.py)
     __slots__ = ("normalize", "level_band", "max_batch", "pace", "adaptation", "adapter",
-                 "_pieces", "_gap_logged", "samples", "last_ts", "last_seen", "just_learned",
+                 "_pieces", "_gap_logged", "samples", "last_ts", "last_seen",
                  "rebaseline_due", "entered", "id", "source", "ring", "smoother", "baseline",
                  "tracker")
 
@@ -113,7 +114,6 @@ class Stream:
         self.samples = 0
         self.last_ts = float("nan")     # newest sample time (stamps alerts closed at a stop)
         self.last_seen = 0.0            # monotonic time of the newest batch (idle eviction)
-        self.just_learned = False       # set when a learning period ended: the engine saves it
         self.rebaseline_due = False     # a standing alert asked for a new learning period
         # states entered since the engine last collected them (see StreamResult.entered)
         self.entered: list[str] = ["learning"] if baseline.learning else []
@@ -164,16 +164,14 @@ class Stream:
                         if self.adaptation.enabled else None)
 
     # ------------------------------------------------------------ step, first half
-    def ingest(self, ts: np.ndarray, values: np.ndarray, infer: Infer) -> tuple[int, Windows | None]:
-        """Raw samples in: (how many it took, the windows now due or None).  It takes fewer
-        than offered at the end of a learning period, of the adaptation epochs whose
-        scalers exist (LAG + 1 at most), or (without adaptation) of `max_batch`; 0 when
-        its scaler waits for earlier windows to be concluded."""
-        if self.baseline.learning:
+    def ingest(self, ts: np.ndarray, values: np.ndarray) -> tuple[int, Windows | None]:
+        """Raw samples in: (how many it took, the windows now due or None); not while
+        `fit_due`.  It takes fewer than offered at the end of a learning period, of the
+        adaptation epochs whose scalers exist (LAG + 1 at most), or (without adaptation)
+        of `max_batch`; 0 when its scaler waits for earlier windows to be concluded."""
+        if self.baseline.learning:     # the engine fits it (end_learning) once it is over
             k = self.baseline.hold(ts, values)
             self._took(ts[:k])
-            if self.baseline.period_over:
-                self._end_learning(infer)
             return k, None
         if self.adapter is None:
             k = min(len(ts), self.max_batch)
@@ -252,7 +250,15 @@ class Stream:
                         self.ring.gap_reset_s, self.ring.resets)
         return w if len(w) else None
 
-    def _end_learning(self, infer: Infer) -> None:
+    @property
+    def fit_due(self) -> bool:
+        """Its learning period is over and waits for `end_learning`; `ingest` takes nothing
+        until then."""
+        return self.baseline.learning and self.baseline.period_over
+
+    def end_learning(self, infer: Infer) -> None:
+        """Fit the baseline on the held samples: scaler, error level and threshold, from
+        the windows the held samples make."""
         b = self.baseline
         ts, raw = b.take_held()
         b.fit_scaler(raw, self.id)
@@ -279,7 +285,6 @@ class Stream:
                  "threshold %.4g", self.id, len(ts), (ts[-1] - ts[0]) / 60 if len(ts) else 0.0,
                  b.threshold)
         self._start_adapting()
-        self.just_learned = True
         self.entered.append("normal")
 
     # ------------------------------------------------------------ step, second half

@@ -13,6 +13,8 @@ start / end / max and its CPU % (from /proc/<pid>/stat), sampled every few secon
     python benchmarks/soak.py                       # 50 streams x 100 Hz for 600 s
     python benchmarks/soak.py --duration 120 --json soak.json
     python benchmarks/soak.py --streams 50,500 --rate 10 --duration 120 --anomaly-every 0
+    python benchmarks/soak.py --streams 50,500 --rate 10 --duration 90 --anomaly-every 0 \
+        --read-bytes 16384 --stagger 30      # block reads; streams that start apart
 
 Several stream counts run one after the other, each with a fresh agent and broker; the
 cost of a stream is then the difference of the agents' RSS at the end, steady after
@@ -215,6 +217,11 @@ def main() -> int:
     ap.add_argument("--anomaly-every", type=float, default=30.0,
                     help="seconds between anomaly bursts per stream (0: none)")
     ap.add_argument("--sample-every", type=float, default=5.0, help="RSS/CPU sampling period")
+    ap.add_argument("--read-bytes", type=int, default=0,
+                    help="the agent's mqtt.read_bytes (0: paho's own reads)")
+    ap.add_argument("--stagger", type=float, default=0.0,
+                    help="stream i starts publishing i/N x this many seconds late "
+                         "(0: all streams start, and end their learning, together)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     counts = [int(n) for n in a.streams.split(",")]
@@ -242,7 +249,7 @@ def soak(a, streams: int) -> dict | None:
     work = Path(tempfile.mkdtemp(prefix="tsad-soak-"))
     extra = {"calibration": ({"enabled": True, "samples": a.calibration} if a.calibration
                              else {"enabled": False}),
-             "mqtt": {"health_interval_s": 2.0}}
+             "mqtt": {"health_interval_s": 2.0, "read_bytes": a.read_bytes}}
     with AgentRun(work, "soak", a.model, streams, extra) as run:
         agent, health, pub = run.agent, run.health, run.pub
         sampler = Sampler(agent.pid, a.sample_every)
@@ -267,6 +274,8 @@ def soak(a, streams: int) -> dict | None:
               f"{Path(a.model).stem}, broker :{run.port}, work dir {work}", flush=True)
         for k in range(n_ticks):
             for si, sid in enumerate(sids):
+                if k * tick < a.stagger * si / streams:
+                    continue
                 lines = []
                 for j in range(a.batch):
                     i = k * a.batch + j

@@ -431,3 +431,50 @@ def test_an_ingest_of_several_epochs_scores_as_one_epoch_per_ingest(model, monke
     assert most > most_one      # windows of several epochs per ingest, then of one
     assert got[2] > 50 and b"\x01" in got[0][3]          # epochs adapted; an alert opened
     assert got == want
+
+
+def test_learning_periods_that_end_together_are_fitted_a_few_a_step(model, monkeypatch):
+    """Streams that start together end their learning periods in one step; the engine fits
+    FIT_SAMPLES' worth of held samples a step (the first fit always), holds the others'
+    later samples back, and each stream still gets, bit for bit, what it gets alone."""
+    import agent.engine as engine_mod
+    monkeypatch.setattr(engine_mod, "FIT_SAMPLES", 300)     # 200 held a stream: 2 fits a step
+    k, n, block = 5, 260, 40
+    data = [normal(n, seed=i) for i in range(k)]
+    data[3][230:, 0] += 8.0                     # one stream alerts after it has learned
+    ts = 1e9 + np.arange(n, dtype=np.float64)
+    over = {"calibration": {"enabled": True, "samples": 200}}
+    m = Metrics()
+    e = Engine(build(DetectionConfig, {"node": "t", **over}), Detector(model, metrics=m),
+               metrics=m, default_max_streams=k)
+    got: dict = {}
+    learned = []
+    for a in range(0, n, block):
+        for r in e.step([Batch(f"s{i}", ts[a:a + block], data[i][a:a + block])
+                         for i in range(k)]):
+            got.setdefault(r.stream, []).append(r)
+        learned.append(sum(not st.baseline.learning for st in e.streams.values()))
+    # the periods end in the step of rows 160-200; two fits a step from then on
+    assert learned == [0, 0, 0, 0, 2, 4, 5]
+    assert not e.held_back
+    for i in range(k):
+        alone = engine_for(model, **over)
+        want = [r for a in range(0, n, block)
+                for r in alone.step([Batch(f"s{i}", ts[a:a + block], data[i][a:a + block])])]
+        mine = got[f"s{i}"]
+        for field in ("ts", "scores", "labels", "alert_open"):
+            assert (np.concatenate([getattr(r, field) for r in mine]).tobytes()
+                    == np.concatenate([getattr(r, field) for r in want]).tobytes())
+        assert [ev for r in mine for ev in r.events] == [ev for r in want for ev in r.events]
+        states = [s for r in mine for s in r.entered]
+        assert states == [s for r in want for s in r.entered]
+        assert states[:2] == ["learning", "normal"]
+        assert "anomaly" in states or i != 3
+    # a fit waiting when no sample comes is done by an empty step
+    e2 = Engine(build(DetectionConfig, {"node": "t", **over}), Detector(model, metrics=m),
+                metrics=m, default_max_streams=k)
+    e2.step([Batch(f"s{i}", ts[:200], data[i][:200]) for i in range(k)])
+    assert len(e2.held_back) == 3 and all(e2.streams[s].state == "learning" for s in e2.held_back)
+    e2.step([])
+    e2.step([])
+    assert not e2.held_back and not any(st.baseline.learning for st in e2.streams.values())

@@ -95,6 +95,28 @@ def test_a_failing_sink_does_not_stop_the_others(model):
     assert p.metrics.errors["sink"] == 2
 
 
+@pytest.mark.parametrize("ends_by", ["idle", "stop"])
+def test_fits_held_back_are_done_without_new_samples(model, monkeypatch, ends_by):
+    """Learning periods that end together are fitted one a step here (engine.FIT_SAMPLES);
+    the daemon does the rest while no sample comes, and at the latest when it stops, and
+    the samples held back meanwhile are scored."""
+    import agent.engine as engine_mod
+    monkeypatch.setattr(engine_mod, "FIT_SAMPLES", 1)
+    rec = RecordSink()
+    p = pipeline(cfg_for(model, None, calibration={"enabled": True, "samples": 100}), [rec])
+    ts = 1e9 + np.arange(120, dtype=np.float64)
+    p.process([Batch(f"s{i}", ts, normal(120, seed=i)) for i in range(3)])
+    assert len(p.engine.held_back) == 2
+    if ends_by == "idle":
+        p.run(interrupted=lambda: not p.engine.held_back)
+    else:
+        p.stop()
+    assert not p.engine.held_back
+    for i in range(3):
+        assert len(rec.table(f"s{i}")["ts"]) == 20
+        assert (f"s{i}", "normal") in rec.states
+
+
 class SlowSink(Sink):
     """A sink that takes `delay` s per step (fixed per-step cost, no inference) and can
     queue a batch while it runs, as a source would under load."""
