@@ -48,9 +48,9 @@ from .stream import Pace, Stream, StreamResult
 log = logging.getLogger("tsad.engine")
 
 # Streams that start together end their learning periods together.  Fitted in one step,
-# 100 streams' 30 minutes at 1 Hz took 10 s with TimesNet_ad here, several times that on
-# a Pi: past WatchdogSec, so systemd restarted the agent before any baseline was saved,
-# again and again (docs/RESULTS.md, twelfth session).
+# 100 streams' 30 minutes at 1 Hz took 10 s with TimesNet_ad here; on a device 3x slower,
+# past WatchdogSec: systemd would restart the agent before any baseline was saved, again
+# and again (docs/RESULTS.md, twelfth session).
 FIT_SAMPLES = 4096
 
 
