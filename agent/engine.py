@@ -188,7 +188,7 @@ class Engine:
             self.metrics.samples_in += len(ts)
             self.metrics.stream_steps += 1
             if sid in self.held_back:
-                self.held_back[sid] += parts
+                self.held_back[sid].append(Batch(sid, ts, values))
             else:
                 results += self._feed(st, ts, values)
         results += self._flush()
