@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 import time
 
@@ -33,15 +32,6 @@ from .state_store import StateStore
 log = logging.getLogger("tsad.daemon")
 
 RELOAD_LOAD_LIMIT_S = 300.0
-# The GIL's switch interval while the daemon serves (Python's default: 5 ms).  paho's
-# network thread gives the GIL up at every system call (a select, three reads and a
-# PUBACK's send a packet); while the pipeline thread computes, it waits up to this long
-# to get it back.  At 50 streams x 100 one-sample messages a second, 20 ms cost the agent
-# 5-8 % less CPU a message than 5 ms in all five pairs, 50 ms 0-7 % less in three; the
-# sample -> alert latency of a quiet agent did not change (docs/RESULTS.md, thirteenth
-# session).  A read may wait 15 ms more only while a step computes, under a load at which
-# batch_wait_s "auto" already holds samples for longer than that.
-SWITCH_INTERVAL_S = 0.02
 
 
 def stream_caps(cfg: AgentConfig) -> dict[str, int]:
@@ -197,7 +187,6 @@ class Daemon:
         sdnotify.ready()
 
     def serve(self) -> int:
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.pipeline.start()
