@@ -216,11 +216,19 @@ def test_request_counts_survive_a_crowd_in_metrics():
             t.join(60)
         code, _, _ = one_request(port, "GET", "/healthz")
         assert code == 200
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        conn.close()
-        assert 'tsad_http_requests_total{code="200",path="/healthz"} 51.0' in text.splitlines()
+
+        def lines() -> list[str]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            return text.splitlines()
+
+        # a request is counted once its response is written, so the client can read the
+        # last one and ask /metrics (the other worker) before its count lands: wait for it
+        want = 'tsad_http_requests_total{code="200",path="/healthz"} 51.0'
+        wait_until(lambda: want in lines())
+        assert want in lines()
     finally:
         stop(srv)
 
