@@ -182,3 +182,37 @@ def test_a_long_drifting_normal_replay_stays_quiet(model, tmp_path):
     cfg = file_config(f, model, LEARN, {"calibration": {"margin": 3.0}})
     _, frozen = replay_config(cfg, Detector(model))
     assert open_share(frozen, "replay") > 0.05
+
+
+def test_versions_in_use_keep_their_values_while_newer_epochs_end():
+    """A version (scaler and error level) still in use scales and carries its level as when
+    it was made, until LAG newer ones exist, and the learned scaler is never touched."""
+    from types import SimpleNamespace
+
+    from agent.adaptation import LAG, Adapter
+    from agent.config import AdaptationConfig
+    from agent.contract import StreamScaler
+
+    ad = Adapter(AdaptationConfig(enabled=True, time_constant_s=60),
+                 StreamScaler(np.zeros(3), np.ones(3)), SimpleNamespace(interval=1.0),
+                 level=np.ones(3))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    made = {}
+
+    def record():
+        s, lv = ad.at(ad.version)
+        made[ad.version] = (s.apply(x).tobytes(), lv.copy())
+
+    record()
+    ok = np.ones((EPOCH, 1), bool)
+    for e in range(1, 3 * (LAG + 1) + 2):
+        raw = np.full((EPOCH, 3), 0.5 * e, np.float32)
+        ad.observe(raw, ok, np.full((EPOCH, 3), 1.0 + e, np.float32))
+        assert ad.version == e
+        record()
+        # each epoch moved the mean and the level
+        assert made[e][0] != made[e - 1][0] and not np.array_equal(made[e][1], made[e - 1][1])
+        for v in range(max(e - LAG, 0), e + 1):
+            s, lv = ad.at(v)
+            assert s.apply(x).tobytes() == made[v][0] and np.array_equal(lv, made[v][1]), v
+    assert np.array_equal(ad.learned.mean, np.zeros(3))
