@@ -2,8 +2,9 @@
 that builds a configured paho-mqtt client (v2 callback API) from them.
 
 Shared by the MQTT source and the MQTT sink so TLS, credentials and client ids
-behave the same way for both.  With `mqtt.read_bytes` set, the clients read the socket
-in blocks (`BufferedClient`): paho alone pays a few system calls for every packet.
+behave the same way for both.  The clients read the socket in blocks of
+`mqtt.read_bytes` (`BufferedClient`; 0: paho's own reads): paho alone pays a few system
+calls for every packet.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class MqttConfig(Strict):
     prefix: str | None = None                  # default "tsad/<node>/"
     keepalive: Annotated[int, Meta(ge=5)] = 30
     # read the socket this many bytes at a time (BufferedClient); 0: paho reads each packet
-    read_bytes: Annotated[int, Meta(ge=0, le=1 << 20)] = 0
+    read_bytes: Annotated[int, Meta(ge=0, le=1 << 20)] = 16384
     score_interval_s: NonNegativeFloat = 1.0
     health_interval_s: PositiveFloat = 30.0
     # a stream is "online" while its source is connected and its last sample is younger
@@ -94,8 +95,10 @@ class BufferedClient(mqtt.Client):
     body) and selects before each packet.  At thousands of small sensor messages a
     second those system calls cost more than paho's handling of the messages
     (benchmarks/bench_ingest.py --bare-buffered).  Here the socket is read in blocks
-    and paho takes its bytes from memory.  Not the default: the daemon then held more
-    memory at high message rates (docs/RESULTS.md, tenth session).  Rules:
+    and paho takes its bytes from memory.  The default since the memory it seemed to cost
+    was traced to the learning buffers (baseline._unheaped): 50 x 100 one-sample messages
+    a second at 1.25x a bare subscriber's CPU against 1.67x with paho's reads
+    (docs/RESULTS.md, fourteenth session).  Rules:
     - Nothing waits in the buffer: after a read, every packet it holds is handled
       before paho selects on the socket again (`loop_read`), so a message never waits
       for the next network event.

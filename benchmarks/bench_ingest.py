@@ -25,7 +25,7 @@ case's rate, + 5 s): the steady state a daemon spends its life in.
     python benchmarks/bench_ingest.py --cases 50x100 --duration 60 --batch 10
     python benchmarks/bench_ingest.py --cases 500x10 --batch-wait auto,0,0.1   # side by side
     python benchmarks/bench_ingest.py --repo /work/main,. --repeat 2   # old and new code
-    python benchmarks/bench_ingest.py --read-bytes 0,16384 --bare-buffered  # reads in blocks
+    python benchmarks/bench_ingest.py --read-bytes 0,16384 --bare-buffered  # paho's reads, blocks
 
 On a loaded machine the publisher can fall behind; it then pauses while MAX_UNACKED
 messages wait for the broker (QoS 1 ids wrap at 65535, and paho would overwrite the
@@ -197,7 +197,7 @@ def _ready(p: subprocess.Popen) -> bool:
 
 def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
                work: Path, batch_wait: str = "auto", repo: Path = REPO,
-               run_no: int = 0, read_bytes: int = 0) -> dict:
+               run_no: int = 0, read_bytes: int | None = None) -> dict:
     import yaml
     streams, rate, batch, duration, warmup = case
     # one node per agent run: a run must not read the retained health of the one before
@@ -212,7 +212,7 @@ def agent_case(port: int, pub: Publisher, case: tuple, qos: int, model: str,
         "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 2.0},
         "sinks": {"console": {"enabled": False}},
     }
-    if read_bytes:      # only when set: code older than the setting refuses the key
+    if read_bytes is not None:    # only when given: code older than the key refuses it
         cfg["mqtt"]["read_bytes"] = read_bytes
     conf = work / f"{node}.yaml"
     conf.write_text(yaml.safe_dump(cfg))
@@ -307,9 +307,10 @@ def _args() -> argparse.Namespace:
                          "against the same bare run (e.g. /work/main,.: old and new code)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times (bare, then every agent, in turn)")
-    ap.add_argument("--read-bytes", default="0",
-                    help="mqtt.read_bytes for the agent; several, comma separated, run side "
-                         "by side against the same bare run (e.g. 0,16384)")
+    ap.add_argument("--read-bytes", default="default",
+                    help="mqtt.read_bytes for the agent ('default': the agent's own, 16384 "
+                         "since 2026-12-07); several, comma separated, run side by side "
+                         "against the same bare run (e.g. 0,16384)")
     ap.add_argument("--bare-buffered", action="store_true",
                     help="also run the bare subscriber on the (last) agent checkout's MQTT "
                          "client class, which reads the socket in blocks; its ratio is to "
@@ -339,7 +340,7 @@ def main() -> int:
               f"{'% core':>6} {'RSS MB':>7} {'ratio':>6} {'pipeline µs':>11} {'per step':>9} "
               f"{'alerts':>6}")
         repos = checkouts(a)
-        read_sizes = [int(v) for v in a.read_bytes.split(",")]
+        read_sizes = [None if v == "default" else int(v) for v in a.read_bytes.split(",")]
         run_no = 0
         cases = a.cases.split(",")
         for i, spec in enumerate(cases * a.repeat):
@@ -358,7 +359,7 @@ def main() -> int:
                                                 wait, repo, run_no, rb))
                 ratio = agent["us_per_msg"] / bare["us_per_msg"]
                 name = (f"{repo.name}/" if len(repos) > 1 else "agent/") + wait \
-                    + (f"/r{rb}" if len(read_sizes) > 1 else "")
+                    + (f"/r{'default' if rb is None else rb}" if len(read_sizes) > 1 else "")
                 results.append({"case": spec, "batch": a.batch, "batch_wait": wait,
                                 "repo": str(repo), "read_bytes": rb,
                                 "repeat": i // len(cases), "bare": bare,

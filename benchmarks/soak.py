@@ -14,7 +14,7 @@ start / end / max and its CPU % (from /proc/<pid>/stat), sampled every few secon
     python benchmarks/soak.py --duration 120 --json soak.json
     python benchmarks/soak.py --streams 50,500 --rate 10 --duration 120 --anomaly-every 0
     python benchmarks/soak.py --streams 50,500 --rate 10 --duration 90 --anomaly-every 0 \
-        --read-bytes 16384 --stagger 30      # block reads; streams that start apart
+        --read-bytes 0 --stagger 30      # paho's own reads; streams that start apart
 
 Several stream counts run one after the other, each with a fresh agent and broker; the
 cost of a stream is then the difference of the agents' RSS at the end, steady after
@@ -217,8 +217,9 @@ def main() -> int:
     ap.add_argument("--anomaly-every", type=float, default=30.0,
                     help="seconds between anomaly bursts per stream (0: none)")
     ap.add_argument("--sample-every", type=float, default=5.0, help="RSS/CPU sampling period")
-    ap.add_argument("--read-bytes", type=int, default=0,
-                    help="the agent's mqtt.read_bytes (0: paho's own reads)")
+    ap.add_argument("--read-bytes", type=int, default=None,
+                    help="the agent's mqtt.read_bytes (0: paho's own reads; default: the "
+                         "agent's, 16384 since 2026-12-07)")
     ap.add_argument("--stagger", type=float, default=0.0,
                     help="stream i starts publishing i/N x this many seconds late "
                          "(0: all streams start, and end their learning, together)")
@@ -249,7 +250,8 @@ def soak(a, streams: int) -> dict | None:
     work = Path(tempfile.mkdtemp(prefix="tsad-soak-"))
     extra = {"calibration": ({"enabled": True, "samples": a.calibration} if a.calibration
                              else {"enabled": False}),
-             "mqtt": {"health_interval_s": 2.0, "read_bytes": a.read_bytes}}
+             "mqtt": {"health_interval_s": 2.0,
+                      **({} if a.read_bytes is None else {"read_bytes": a.read_bytes})}}
     with AgentRun(work, "soak", a.model, streams, extra) as run:
         agent, health, pub = run.agent, run.health, run.pub
         sampler = Sampler(agent.pid, a.sample_every)

@@ -1,4 +1,4 @@
-"""With `mqtt.read_bytes`, the agent's MQTT clients read the socket in blocks: every
+"""The agent's MQTT clients read the socket in blocks (`mqtt.read_bytes`): every
 message still arrives, in order, without waiting for later traffic, and a lost
 connection's bytes are dropped."""
 from __future__ import annotations
@@ -55,8 +55,10 @@ def _counting_reads(monkeypatch, client) -> list[int]:
 
 
 def test_read_bytes_chooses_the_client():
-    plain = make_client(MqttConfig(), "unit", "a")
-    assert type(plain) is mqtt.Client      # the default: paho reads each packet itself
+    default = make_client(MqttConfig(), "unit", "a")
+    assert isinstance(default, BufferedClient) and len(default._rmem) == 16384
+    plain = make_client(MqttConfig(read_bytes=0), "unit", "p")
+    assert type(plain) is mqtt.Client      # 0: paho reads each packet itself
     buffered = make_client(MqttConfig(read_bytes=4096), "unit", "b")
     assert isinstance(buffered, BufferedClient) and len(buffered._rmem) == 4096
 
