@@ -7,7 +7,6 @@ from __future__ import annotations
 import mmap
 
 import numpy as np
-import pytest
 
 from agent import baseline
 from agent.baseline import _Held
