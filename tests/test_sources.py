@@ -1,6 +1,7 @@
 """Source plug-ins against real parts: pseudo-terminals, a real mosquitto, SKAB files."""
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -243,7 +244,7 @@ def test_mqtt_wildcard_topic_feeds_two_streams(broker):
         pub.disconnect()
 
 
-def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
+def test_mqtt_absent_broker_at_start_and_broker_restart(broker, caplog):
     broker.stop()
     cfg = MqttConfig(port=broker.port)
     src = build_source(stream("pump7", type="mqtt", topic="dev/pump7", protocol="csv"), CH,
@@ -263,6 +264,8 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
         # a broker restart without persistence forgets the subscription: it must be renewed
         broker.stop()
         wait_for(lambda: not src.connected, what="disconnect noticed")
+        assert any("disconnected from broker" in r.getMessage() for r in caplog.records
+                   if r.levelno == logging.WARNING), "a lost broker is a warning"
         broker.start()
         wait_for(lambda: src.connected, timeout=40, what="resubscribed after restart")
         pub = publisher(broker)
@@ -274,6 +277,18 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker):
             pub.disconnect()
     assert {b.stream for b in got} == {"pump7"}
     np.testing.assert_array_equal(samples(got)[0], [T + 5, T + 6, T + 7])
+
+
+def test_mqtt_clean_stop_is_not_a_lost_broker(broker, caplog):
+    src = build_source(stream("pump7", type="mqtt", topic="dev/pump7", protocol="csv"), CH,
+                       Metrics(), MqttConfig(port=broker.port), "node1")
+    with caplog.at_level(logging.INFO, logger="tsad.source.mqtt"):
+        with Runner(src):
+            wait_for(lambda: src.connected, what="mqtt subscribe")
+        time.sleep(0.3)     # paho's disconnect callback runs on its own thread
+    assert not src.connected
+    assert any("subscribed to" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_mqtt_oversize_payload_is_refused_unread_and_counted(broker):

@@ -78,11 +78,12 @@ class MqttLineSource(Source):
         stop.wait()
 
     def close(self) -> None:
+        # first: the disconnect below is a clean stop, not one to warn about (_on_disconnect)
+        self.connected = False
         if self._started:
             self._started = False
             self._client.disconnect()
             self._client.loop_stop()
-        self.connected = False
 
     def stream_for(self, topic: str) -> str | None:
         """The stream id a message on `topic` belongs to; None if it cannot be derived."""
