@@ -216,3 +216,46 @@ def test_versions_in_use_keep_their_values_while_newer_epochs_end():
             s, lv = ad.at(v)
             assert s.apply(x).tobytes() == made[v][0] and np.array_equal(lv, made[v][1]), v
     assert np.array_equal(ad.learned.mean, np.zeros(3))
+
+
+@pytest.mark.parametrize("fall", [1.0, 2.0, 4.0])
+def test_a_typical_error_falls_faster_than_it_rises(fall):
+    """adaptation.level_fall: an epoch whose errors are higher moves the level by the
+    EWMA weight of its samples, one whose errors are lower by that of `fall` times as many;
+    the scaler mean follows as before."""
+    from types import SimpleNamespace
+
+    from agent.adaptation import Adapter
+    from agent.config import AdaptationConfig
+    from agent.contract import StreamScaler
+
+    tc = 600.0
+    ad = Adapter(AdaptationConfig(enabled=True, time_constant_s=tc, level_fall=fall),
+                 StreamScaler(np.zeros(2), np.ones(2)), SimpleNamespace(interval=1.0),
+                 level=np.ones(2))
+    ok = np.ones((EPOCH, 1), bool)
+    up = 1.0 - np.exp(-EPOCH / tc)
+    ad.observe(np.full((EPOCH, 2), 0.5, np.float32), ok, np.full((EPOCH, 2), 5.0, np.float32))
+    high = 1.0 + up * (5.0 - 1.0)
+    np.testing.assert_allclose(ad.level, high, rtol=1e-12)
+    ad.observe(np.full((EPOCH, 2), 0.5, np.float32), ok, np.full((EPOCH, 2), 1.0, np.float32))
+    down = 1.0 - np.exp(-fall * EPOCH / tc)
+    np.testing.assert_allclose(ad.level, high + down * (1.0 - high), rtol=1e-12)
+    # the mean is not a level: it moves by the same weight up or down
+    np.testing.assert_allclose(ad.scaler.mean, 0.5 * (1 - (1 - up) ** 2), rtol=1e-12)
+
+
+def test_channel_levels_keep_scores_chunk_independent(model):
+    """With per-channel levels rising through a fault and falling after it (level_fall),
+    a daemon fed one sample at a time and 256-row blocks compute the same scores."""
+    level = np.concatenate([np.zeros(LEARN + 400), np.full(300, 6.0), np.zeros(900)])
+    vals = series(len(level), level, seed=5)
+    vals[:, 1] = series(len(level), 0.0, seed=6)[:, 1]      # one channel stays normal
+    over = {"scoring": {"normalize": "channel"}}
+    e1 = engine(model, **over)
+    a = run(e1, vals, block=1)
+    b = run(engine(model, **over), vals, block=256)
+    for key in ("score", "alert"):
+        np.testing.assert_array_equal(a.table("s")[key], b.table("s")[key])
+    assert alerts(a), "the fault must raise an alert for the levels to fall after it"
+    assert e1.streams["s"].adapter.version > 10
