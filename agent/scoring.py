@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from .stream import Stream
 
 
+SMALL_BLOCK = 8     # scores a step smooths in Python floats (Smoother._few)
+
+
 class Smoother:
     """Moving average over the last k scores of one stream; blocks in, blocks out.
 
@@ -36,39 +39,39 @@ class Smoother:
         self._hist = np.empty(0, np.float64)
 
     def update(self, scores: np.ndarray) -> np.ndarray:
+        """Each output is the sum of its own window's scores, oldest first, over their count:
+        the same additions in the same order however the scores were chunked, so a daemon
+        fed one sample at a time and a file job's 192-row steps smooth to the same bits.
+        (A difference of running sums, cheaper, is not: it rounds differently.)"""
         scores = np.asarray(scores, np.float64)
         if self.k == 1:
             return scores
-        h, k, n = len(self._hist), self.k, len(scores)
-        if n == 1 and h == k - 1:
-            return self._one(float(scores[0]))
-        # The cumulative sum only spans k-1 old scores plus this block, so float
-        # error cannot build up over a long-running stream.  c = [0, cumsum(hist, block)]
-        c = np.empty(h + n + 1)
-        c[0] = 0.0
-        c[1:h + 1] = self._hist
-        c[h + 1:] = scores
-        self._hist = c[max(h + n + 1 - (k - 1), 1):].copy()
-        np.add.accumulate(c, out=c)      # np.cumsum, without its wrapper
-        if h == k - 1:          # a full history: every output averages k scores
-            return (c[k:] - c[:len(c) - k]) / k
-        end = np.arange(h + 1, h + len(scores) + 1)
-        start = np.maximum(end - k, 0)
-        return (c[end] - c[start]) / (end - start)
+        if len(scores) <= SMALL_BLOCK:
+            return self._few(scores.tolist())
+        k, n, h = self.k, len(scores), len(self._hist)
+        pad = k - 1 - h
+        # zeros before a short history: 0.0 + x is x, so every window can be k long
+        b = np.concatenate((np.zeros(pad), self._hist, scores))
+        total = b[:n].copy()
+        for j in range(1, k):
+            total += b[j:j + n]
+        self._hist = b[pad:][-(k - 1):].copy()
+        return total / np.minimum(np.arange(h + 1, h + n + 1), k)
 
-    def _one(self, score: float) -> np.ndarray:
-        """`update` of one score after a full history, in Python floats: the same additions
-        in the same order as the cumulative sum (IEEE doubles either way), without its
-        eight numpy calls, which cost more than the sum itself when 500 streams each
-        conclude one window per step."""
-        hist = self._hist.tolist()
-        acc = 0.0
-        for v in hist:
-            acc += v
-        acc += score
-        hist.append(score)
-        self._hist = np.array(hist[1:])
-        return np.array([acc / self.k])     # c[k] - c[0] with c[0] = 0.0: the same bits
+    def _few(self, scores: list[float]) -> np.ndarray:
+        """`update` of a few scores in Python floats (IEEE doubles either way): its numpy
+        calls cost more than the sums when 500 streams each conclude a window or two."""
+        hist, k, out = self._hist.tolist(), self.k, []
+        for score in scores:
+            hist.append(score)
+            if len(hist) > k:
+                del hist[0]
+            acc = 0.0
+            for v in hist:
+                acc += v
+            out.append(acc / len(hist))
+        self._hist = np.array(hist[-(k - 1):])
+        return np.array(out)
 
 
 def level_excess(x_last: np.ndarray, band: float) -> np.ndarray:

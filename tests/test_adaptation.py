@@ -246,12 +246,13 @@ def test_a_typical_error_falls_faster_than_it_rises(fall):
 
 
 def test_channel_levels_keep_scores_chunk_independent(model):
-    """With per-channel levels rising through a fault and falling after it (level_fall),
-    a daemon fed one sample at a time and 256-row blocks compute the same scores."""
+    """With per-channel levels rising through a fault and falling after it (level_fall) and
+    smoothed scores, a daemon fed one sample at a time and 256-row blocks compute the same
+    scores, bit for bit."""
     level = np.concatenate([np.zeros(LEARN + 400), np.full(300, 6.0), np.zeros(900)])
     vals = series(len(level), level, seed=5)
     vals[:, 1] = series(len(level), 0.0, seed=6)[:, 1]      # one channel stays normal
-    over = {"scoring": {"normalize": "channel"}}
+    over = {"scoring": {"normalize": "channel", "smoothing": 5}}
     e1 = engine(model, **over)
     a = run(e1, vals, block=1)
     b = run(engine(model, **over), vals, block=256)

@@ -108,9 +108,9 @@ def test_fit_threshold():
         fit_threshold(np.array([np.nan]), 0.9, 1.0)
 
 
-def test_smoother_one_score_at_a_time_is_the_cumulative_sum_bit_for_bit():
-    """The one-score path (Python floats) adds in the cumulative sum's order: not just
-    close, equal, NaN included."""
+def test_smoother_one_score_at_a_time_sums_its_window_oldest_first():
+    """The one-score path (Python floats) sums the window's scores oldest first, as a
+    running sum from zero adds them: not just close, equal, NaN included."""
     rng = np.random.default_rng(5)
     s = rng.random(300) * 10.0 ** rng.integers(-3, 4, 300)
     s[[40, 41, 120]] = np.nan
@@ -121,3 +121,26 @@ def test_smoother_one_score_at_a_time_is_the_cumulative_sum_bit_for_bit():
             c = np.add.accumulate(np.concatenate([[0.0], s[i - k + 1:i + 1]]))
             want = (c[k:] - c[:1]) / k
             assert got[i:i + 1].tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_smoothing_gives_the_same_bits_however_scores_are_chunked(k):
+    """A daemon smooths one score (or a few) at a time, a file job 192 at a time: each
+    output sums its own window oldest first, so both give the same bits; a NaN spoils only
+    the windows that hold it."""
+    rng = np.random.default_rng(k)
+    scores = rng.gamma(1.0, 1.0, 700) * 10.0 ** rng.integers(-3, 4, 700)
+    scores[300] = np.nan
+    one = Smoother(k)
+    a = np.concatenate([one.update(scores[i:i + 1]) for i in range(len(scores))])
+    blocks, out, i = Smoother(k), [], 0
+    for size in [3, 192, 1, 9, 250, 2, 7, 192]:
+        out.append(blocks.update(scores[i:i + size]))
+        i += size
+    out.append(blocks.update(scores[i:]))
+    b = np.concatenate(out)
+    assert a.tobytes() == b.tobytes()
+    assert np.isnan(a[300:300 + k]).all() and np.isfinite(np.delete(a, range(300, 300 + k))).all()
+    # the mean of its window (of what is there, at the start)
+    np.testing.assert_allclose(a[k + 5], scores[6:k + 6].mean(), rtol=1e-12)
+    np.testing.assert_allclose(a[1], scores[:2].mean(), rtol=1e-12)
