@@ -114,9 +114,9 @@ class AdaptationConfig(Strict):
     # error under scoring.normalize: channel, and decides which channels keep adapting
     # during an alert) falls this many times faster than it rises: a floor tracker's rule,
     # so the error of a fault the score does not flag, or of an alert's recovery, does not
-    # stay in it.  2: the largest value on a
-    # 2x grid at which no shipped SKAB model needs a higher margin on the long normal run
-    # (docs/RESULTS.md, fifteenth session); 1: symmetric, as before.
+    # stay in it.  2: the largest value on a 2x grid at which no shipped SKAB model needs a
+    # higher margin on the long normal run (docs/RESULTS.md, fifteenth session); 1:
+    # symmetric, as before.
     level_fall: Annotated[float, Meta(ge=1.0)] = 2.0
 
 
