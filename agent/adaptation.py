@@ -207,27 +207,18 @@ class Adapter:
         on the channels with n > 0 (all of them, usually: then without indexing); where
         the mean is lower, `fall` times faster."""
         used = n > 0
-        if fall != 1.0:
-            return self._followed_fast_down(now, total, n, dt, fall, used)
-        if np.logical_and.reduce(used):
+        if fall == 1.0 and np.logical_and.reduce(used):
             out = now + (1.0 - np.exp(-n * dt / self.cfg.time_constant_s)) * (total / n - now)
         else:
             out = now.copy()
-            alpha = 1.0 - np.exp(-n[used] * dt / self.cfg.time_constant_s)
-            out[used] += alpha * (total[used] / n[used] - out[used])
+            mean = total[used] / n[used]
+            rate = n[used] * dt / self.cfg.time_constant_s
+            if fall != 1.0:
+                rate = np.where(mean < out[used], rate * fall, rate)
+            out[used] += (1.0 - np.exp(-rate)) * (mean - out[used])
         if bounded and self.cfg.max_shift is not None:
             lim = self.cfg.max_shift * self.learned.std
             out = np.clip(out, self.learned.mean - lim, self.learned.mean + lim)
-        return out
-
-    def _followed_fast_down(self, now: np.ndarray, total: np.ndarray, n: np.ndarray, dt: float,
-                            fall: float, used: np.ndarray) -> np.ndarray:
-        """`_followed` of the error level (never bounded), falling `fall` times faster."""
-        out = now.copy()
-        mean = total[used] / n[used]
-        rate = n[used] * dt / self.cfg.time_constant_s
-        rate = np.where(mean < out[used], rate * fall, rate)
-        out[used] += (1.0 - np.exp(-rate)) * (mean - out[used])
         return out
 
     # ------------------------------------------------------------ persistence
