@@ -73,12 +73,14 @@ def event_rows(path: Path, det: Detector) -> list[dict]:
     rel[idx[ok]] = tb["score"][ok] / tb["threshold"][ok]
     alert = rows_prediction(t.ts, tb, "alert")
     out = []
-    prev_end = 0
-    for a, b in runs(t.labels):
+    # each event with the end of the one before it and the start of the one after it
+    events = runs(t.labels)
+    ends = [0] + [e for _, e in events]
+    starts = [s for s, _ in events[1:]] + [len(alert)]
+    for (a, b), prev_end, nxt in zip(events, ends, starts):
         pre, ev = rel[prev_end:a], rel[a:b]
         hit = np.flatnonzero(alert[a:b])
-        nxt = [s for s, _ in runs(t.labels) if s >= b]
-        after = alert[b:nxt[0] if nxt else len(alert)]
+        after = alert[b:nxt]
         out.append({"file": path.name, "rows": b - a,
                     "pre_max": float(np.nanmax(pre)) if np.isfinite(pre).any() else np.nan,
                     "p50": float(np.nanmedian(ev)) if np.isfinite(ev).any() else np.nan,
@@ -87,7 +89,6 @@ def event_rows(path: Path, det: Detector) -> list[dict]:
                     "delay": float(t.ts[a + hit[0]] - t.ts[a]) if len(hit) else None,
                     "moved": moved_s(t, a, b),
                     "after": float(after.mean()) if len(after) else np.nan})
-        prev_end = b
     return out
 
 
