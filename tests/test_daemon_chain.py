@@ -1,17 +1,10 @@
 """benchmarks/daemon_chain.py: back-to-back recordings joined in time order, as one stream."""
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-
-def _daemon_chain():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "daemon_chain.py"
-    spec = importlib.util.spec_from_file_location("daemon_chain", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import benchmark_module
 
 
 def _piece(path: Path, start: str, n: int, value: float) -> None:
@@ -20,7 +13,7 @@ def _piece(path: Path, start: str, n: int, value: float) -> None:
 
 
 def test_pieces_are_joined_in_time_order_not_name_order(tmp_path):
-    dc = _daemon_chain()
+    dc = benchmark_module.load("daemon_chain")
     d = tmp_path / "rec"
     d.mkdir()
     _piece(d / "0.csv", "2024-01-01 00:10:00", 3, 2.0)     # the later piece sorts first by name
@@ -31,7 +24,7 @@ def test_pieces_are_joined_in_time_order_not_name_order(tmp_path):
 
 
 def test_overlapping_pieces_are_refused(tmp_path):
-    dc = _daemon_chain()
+    dc = benchmark_module.load("daemon_chain")
     d = tmp_path / "rec"
     d.mkdir()
     _piece(d / "0.csv", "2024-01-01 00:00:00", 10, 1.0)

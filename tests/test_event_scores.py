@@ -1,30 +1,21 @@
 """benchmarks/event_scores.py: per labeled event, through the real engine and a shipped model."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from agent.detector import Detector
 from agent.shipped import resolve_model
 
-
-def _event_scores():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "event_scores.py"
-    spec = importlib.util.spec_from_file_location("event_scores", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import benchmark_module
 
 
 def test_runs_are_the_labeled_stretches():
-    es = _event_scores()
+    es = benchmark_module.load("event_scores")
     assert es.runs(np.array([0, 1, 1, 0, 0, 1, 0, 1], np.int8)) == [(1, 3), (5, 6), (7, 8)]
     assert es.runs(np.zeros(4, np.int8)) == []
 
 
 def test_a_visible_fault_and_a_label_with_nothing_behind_it(tmp_path):
-    es = _event_scores()
+    es = benchmark_module.load("event_scores")
     det = Detector(resolve_model("DLinear_ad"))
     rng = np.random.default_rng(3)
     n, c = 1400, len(det.meta.channels)

@@ -163,13 +163,8 @@ def test_tep_tiny_model_trains_and_evaluates_through_the_pipeline(tep_runs, tmp_
 
 
 def _long_normal():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "long_normal.py"
-    spec = importlib.util.spec_from_file_location("long_normal", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import benchmark_module
+    return benchmark_module.load("long_normal")
 
 
 def test_long_normal_counts_alerts_by_month_and_the_longest():
