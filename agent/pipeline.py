@@ -1,6 +1,6 @@
 """The daemon's threads around the engine: sources in, results out to the sinks.
 
-Threading: every source runs in its own thread (`SourceRunner`) and hands `Batch`es
+Threading: every source runs in its own thread (agent/source_runner.py) and hands `Batch`es
 to a bounded queue (agent/inbox.py: a full queue blocks the source, back-pressure,
 not data loss).  One pipeline thread drains the queue, calls `Engine.step` once per
 drain, and hands the results to the sinks (`jobs.deliver`).  The engine itself has no
@@ -20,15 +20,15 @@ import time
 from dataclasses import dataclass
 
 from .commands import Command, execute, parse
-from .config import AgentConfig, StreamConfig
+from .config import AgentConfig
 from .engine import Engine
 from .health import health_snapshot, stream_presence
 from .inbox import Inbox
 from .jobs import deliver
-from .metrics import Metrics
 from .sinks.base import Sink
+from .source_runner import SourceRunner
 from .sources import build_source
-from .sources.base import Batch, Source, Undecoded, decode_items
+from .sources.base import Batch, Undecoded, decode_items
 
 log = logging.getLogger("tsad.pipeline")
 
@@ -43,55 +43,6 @@ STEP_SAMPLES = 8         # ... or until the streams bring about this many sample
 WAIT_MAX_S = 1.0         # ... at most this long
 SAVE_INTERVAL_S = 300.0  # adapted baselines reach the disk at least this often
 PRESENCE_S = 1.0         # how often streams' online/shelved status is compared for changes
-
-
-class SourceRunner:
-    """One source in its own thread, with its own stop, feeding a queue.
-
-    It holds no reference to a pipeline, so it can outlive one: when its source has
-    finished it puts itself on the queue as the end marker."""
-
-    def __init__(self, stream: StreamConfig, source: Source, out: Inbox,
-                 metrics: Metrics) -> None:
-        self.stream, self.source, self.out, self.metrics = stream, source, out, metrics
-        self.stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name=f"source-{self.stream.id}")
-            self._thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _put(self, item) -> None:
-        # blocks when the pipeline is behind: back-pressure instead of dropping data
-        while not self.out.put(item, timeout=0.5):
-            if self.stop_event.is_set():
-                self.metrics.dropped["queue_full_at_stop"] += 1
-                return
-
-    def _run(self) -> None:
-        try:
-            self.source.run(self._put, self.stop_event)
-        except Exception:
-            log.exception("source %s crashed", type(self.source).__name__)
-            self.metrics.bad("source_crash")
-        finally:
-            try:
-                self.source.close()
-            finally:
-                self._put(self)
 
 
 def _decode(raw: list[Undecoded], batch: list[Batch]) -> int:

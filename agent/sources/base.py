@@ -73,6 +73,9 @@ class Source(ABC):
     built from them."""
     config_class: ClassVar[type]
     type: ClassVar[str]
+    # whether the pipeline starts it again after it fails: a live feed can resume
+    # where it is, a recording would repeat its rows
+    restarts: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.connected = False   # reported per stream in health

@@ -33,6 +33,7 @@ class ReplaySourceConfig(SourceConfig, tag="replay"):
 class ReplayFileSource(Source):
     type = "replay"
     config_class = ReplaySourceConfig
+    restarts = False
 
     def __init__(self, stream_id: str, cfg: ReplaySourceConfig, channels: list[str],
                  metrics: Metrics):
