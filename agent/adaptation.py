@@ -234,12 +234,10 @@ class Adapter:
 
     def restore(self, record: dict) -> None:
         """Resume from a saved mean: the new run's epochs start from it."""
-        mean = record.get("adapted_mean")
-        if isinstance(mean, list) and len(mean) == len(self.learned.mean) and \
-                all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean):
-            self.scaler = StreamScaler(np.asarray(mean, np.float64), self.learned.std)
-        level = record.get("adapted_level")
-        if self.level is not None and isinstance(level, list) and len(level) == len(self.level) \
-                and all(isinstance(v, (int, float)) and v > 0 for v in level):
-            self.level = np.asarray(level, np.float64)
+        # checked by state_store: one finite value a channel, levels > 0
+        if record.get("adapted_mean") is not None:
+            self.scaler = StreamScaler(np.asarray(record["adapted_mean"], np.float64),
+                                       self.learned.std)
+        if self.level is not None and record.get("adapted_level") is not None:
+            self.level = np.asarray(record["adapted_level"], np.float64)
         self._by_version = {0: (self.scaler, self.level)}

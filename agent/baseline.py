@@ -222,6 +222,5 @@ class Baseline:
                           else float(self.fixed_threshold))
         self.samples_used = int(record.get("samples") or 0)
         self.fitted_at = record.get("fitted_at")
-        level = record.get("level")
-        if isinstance(level, list) and len(level) == len(self.scaler.mean):
-            self.level = np.asarray(level, np.float64)
+        if record.get("level") is not None:     # checked by state_store: one value a channel
+            self.level = np.asarray(record["level"], np.float64)

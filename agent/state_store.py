@@ -6,8 +6,9 @@ instead of learning again.  Each file is tied to the model's sha256: a new model
 invalidates it and the stream learns again.
 
 Rules:
-- A file that is unreadable, malformed, for another model, or whose vectors do not
-  have one value per model channel is refused with a log line; the stream learns.
+- A file that is unreadable, malformed, for another model, whose vectors do not have
+  one value per model channel, or any of whose values has the wrong type or range, is
+  refused with a log line; the stream learns.
 - A save that fails (read-only or full disk) never stops detection: the error is
   logged, the baseline stays in memory, the save is retried by `retry()` (the
   pipeline calls it on its health tick), and `health()` reports the trouble.
@@ -42,7 +43,7 @@ def _filename(stream: str) -> str:
 
 def _vector(d: dict, key: str, n: int) -> np.ndarray:
     v = d.get(key)
-    if not isinstance(v, list) or not all(isinstance(x, (int, float)) for x in v):
+    if not isinstance(v, list) or not all(type(x) in (int, float) for x in v):
         raise ValueError(f"'{key}' must be a list of numbers")
     if len(v) != n:
         raise ValueError(f"'{key}' has {len(v)} value(s), the model has {n} channel(s)")
@@ -63,7 +64,20 @@ def _check(d, n_channels: int) -> dict:
     thr = d.get("threshold")
     if not isinstance(thr, (int, float)) or not (0 < thr < float("inf")):
         raise ValueError(f"'threshold' is {thr!r}, expected a finite number > 0")
-    return {**d, "mean": mean, "std": std, "threshold": float(thr)}
+    rec = {**d, "mean": mean, "std": std, "threshold": float(thr)}
+    # the optional keys too: a value of the wrong type would otherwise pass here and fail
+    # when the stream's first sample restores it, taking the daemon down at every start
+    samples = d.get("samples")
+    if samples is not None and (type(samples) is not int or samples < 0):
+        raise ValueError(f"'samples' is {samples!r}, expected a whole number >= 0")
+    for key in ("level", "adapted_mean", "adapted_level"):
+        if d.get(key) is not None:
+            rec[key] = _vector(d, key, n_channels)
+            if key != "adapted_mean" and not np.all(rec[key] > 0):
+                raise ValueError(f"'{key}' must be > 0")
+    if not isinstance(d.get("fitted_at"), (str, type(None))):
+        raise ValueError(f"'fitted_at' is {d.get('fitted_at')!r}, expected a text or null")
+    return rec
 
 
 def _plain(v):

@@ -114,26 +114,37 @@ def test_unwritable_calibration_folder_keeps_detecting_and_saves_later(tmp_path,
 
 
 # ---------------------------------------------------------------- finding 3
+# Broadcast to three channels, a mean of 50 puts normal lines (0,0,0) 50 stds away: had
+# such a file been used, every normal window would be an alert.  A wrong type in an
+# optional key used to pass the check and crash the daemon when the first sample restored it.
+BAD_FILES = {
+    "mean of 1": ({"mean": [50.0], "std": [1.0]}, "'mean' has 1 value(s), the model has 3 channel(s)"),
+    "mean of 4": ({"mean": [50.0] * 4, "std": [1.0] * 4},
+                  "'mean' has 4 value(s), the model has 3 channel(s)"),
+    "samples as text": ({"samples": "abc"}, "'samples' is 'abc', expected a whole number >= 0"),
+    "level as text": ({"level": ["a", "b", "c"]}, "'level' must be a list of numbers"),
+    "adapted level of 0": ({"adapted_level": [0.0, 1.0, 1.0]}, "'adapted_level' must be > 0"),
+}
+
+
 @needs_broker
-@pytest.mark.parametrize("n_values", [1, 4])
-def test_calibration_file_of_the_wrong_length_is_refused_and_learned_again(tmp_path, n_values):
+@pytest.mark.parametrize("bad", list(BAD_FILES))
+def test_invalid_calibration_file_is_refused_and_learned_again(tmp_path, bad):
     state = tmp_path / "state"
     r = Rig(tmp_path, state)
     try:
         sha = load_meta(r.model).onnx_sha256
         path = state / "calibration" / f"{STREAM}.json"
         path.parent.mkdir(parents=True)
-        # Broadcast to three channels, a mean of 50 puts normal lines (0,0,0) 50 stds
-        # away: had the file been used, every normal window would be an alert.
+        fields, reason = BAD_FILES[bad]
         path.write_text(json.dumps({"schema": 1, "stream": STREAM, "model_sha256": sha,
-                                    "mean": [50.0] * n_values, "std": [1.0] * n_values,
-                                    "threshold": THRESHOLD, "samples": 400}))
+                                    "mean": [50.0] * 3, "std": [1.0] * 3,
+                                    "threshold": THRESHOLD, "samples": 400, **fields}))
         agent = r.agent()
         w = r.writer
         w.normal(LEARN)                      # the stream is created (and its file read) now
         agent.wait_log("learned its baseline on 50 samples")
-        msg = f"is invalid ('mean' has {n_values} value(s), the model has 3 channel(s)); " \
-              f"learning again"
+        msg = f"is invalid ({reason}); learning again"
         assert agent.count(msg) == 1, agent.log()
         assert agent.count("baseline restored") == 0
         assert agent.count("learning its baseline") == 1
@@ -141,7 +152,7 @@ def test_calibration_file_of_the_wrong_length_is_refused_and_learned_again(tmp_p
         expected = set(w.spikes(3))
         r.obs.wait_ids(expected)
         stats = assert_exact(r.obs, expected)
-        print(f"calibration file with {n_values} value(s): refused, learned again; {stats}")
+        print(f"calibration file with {bad}: refused, learned again; {stats}")
         wait_until(lambda: r.stream_health().get("samples") == w.i, "health after all lines")
         h = r.obs.healths()[-1][1]
         assert h["errors"] == {} and h["streams"][STREAM]["calibrated"] is True, h
