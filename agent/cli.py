@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__, logs, remote, shipped
 from .config import ConfigError, load_config
-from .preflight import reason
+from .preflight import config_file_problem, reason
 from .shipped import DEMO_CSV
 
 DEFAULT_MODEL = "DLinear_ad"
@@ -53,8 +53,8 @@ def _invalid(path: str, problems: list[str], why: str = "") -> int:
 
 def cmd_check_config(a) -> int:
     """Exit 0: `run` would start (warnings and notes allowed); 1: INVALID, every problem listed."""
-    if not Path(a.config).is_file():
-        return _fail(f"{a.config}: no such file")
+    if problem := config_file_problem(a.config):
+        return _fail(problem)
     try:
         cfg = load_config(a.config)
     except ConfigError as e:
@@ -80,8 +80,8 @@ def cmd_check_config(a) -> int:
 
 
 def cmd_run(a) -> int:
-    if not Path(a.config).is_file():
-        return _fail(f"{a.config}: no such file")
+    if problem := config_file_problem(a.config):
+        return _fail(problem)
     try:
         cfg = load_config(a.config)
     except ConfigError as e:

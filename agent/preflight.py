@@ -33,7 +33,7 @@ from pathlib import Path
 from .config import AgentConfig
 from .config_base import ConfigError, keys_set
 from .metrics import Metrics
-from .model_meta import ModelMeta
+from .model_meta import ModelMeta, ModelMetaError
 from .mqtt_client import make_client
 from .policy import SECTIONS, effective, model_policy
 from .sources import build_source
@@ -67,6 +67,12 @@ def reason(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def config_file_problem(path: str) -> str | None:
+    """Why the config file cannot be read as one, before it is opened."""
+    p = Path(path)
+    return None if p.is_file() else f"{path}: {'not a file' if p.exists() else 'no such file'}"
+
+
 def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Findings:
     """Everything `run` would refuse at start, and what deserves a word although it starts.
     `probe_listen` (check-config only: a running daemon holds its own port) also tries
@@ -83,6 +89,13 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
             for p in e.problems:
                 f._problem(p)
     _check_sources(cfg, meta.channels, f)
+    try:
+        # the engine applies the model's policy only when it is built: after a reload has
+        # stopped the running pipeline, so a bad value there must be found here
+        effective(cfg.detection, meta)
+    except ModelMetaError as e:
+        f._problem(str(e))
+        return f
     f.warnings += policy_warnings(cfg, meta)
     _learning_advice(cfg, meta, f)
     return f
@@ -174,10 +187,7 @@ def _minutes(seconds: float) -> str:
 def _learning_advice(cfg: AgentConfig, meta: ModelMeta, f: Findings) -> None:
     """A learning period shorter than LEARN_S: a warning where its length in time is
     known (duration_s, or samples at a stream's interval_s), else a note."""
-    try:
-        cal = effective(cfg.detection, meta).calibration
-    except ValueError:          # a bad policy key: the model load reports it
-        return
+    cal = effective(cfg.detection, meta).calibration     # valid: check() tried it first
     if not cal.enabled:
         return
     advice = (f"a deployment should learn for {_minutes(LEARN_S)} or more of normal running, "

@@ -75,6 +75,7 @@ AGENT_CASES = [
     ("run-missing-replay-path", ["run", "-c", "{replay_missing}"],
      "error: streams[0] (s).source: {missing}: no such file or directory"),
     ("check-config-missing-file", ["check-config", "{missing}"], "error: {missing}: no such file"),
+    ("check-config-a-folder", ["check-config", "{dir}"], "error: {dir}: not a file"),
     ("evaluate-missing-path", ["evaluate", "{missing}", "-m", "{model}"],
      "error: {missing}: no such file or directory"),
     ("evaluate-unknown-model", ["evaluate", "{good}", "-m", "nope"],

@@ -181,3 +181,28 @@ def test_check_config_finds_a_metrics_port_in_use_but_run_does_not_probe_its_own
         # the daemon binds its endpoint before this check: a probe would find its own port
         assert check(cfg, load_meta(model)).problems == []
     assert check(cfg, load_meta(model), probe_listen=True).problems == []
+
+
+@pytest.mark.parametrize("settings", [{"calibration": {"samples": "many"}},    # no enabled: true
+                                      {"calibration": {"enabled": True},
+                                       "scoring": {"smoothing": "ten"}}])
+def test_a_model_policy_the_agent_does_not_accept_is_a_problem_for_check_and_run(tmp_path, settings):
+    path, meta = make_model(tmp_path / "bad.onnx", window=8, channels=CH, kind="timemix",
+                            name="bad")
+    meta.policy = {"settings": settings}
+    meta.save(meta_path_for(path))
+    f = findings(path)
+    key, value = ("calibration.samples", "'many'") if "scoring" not in settings else \
+        ("scoring.smoothing", "'ten'")
+    assert len(f.problems) == 1 and f.problems[0].startswith(
+        f"model bad: policy.settings.{key}: value {value} is invalid"), f.problems
+    with pytest.raises(ConfigError) as e:       # run refuses at start, as check-config says
+        Daemon("unused.yaml", cfg_for(path))
+    assert e.value.problems == f.problems
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"node: t\nstate_dir: null\nmodel: {{path: {path}}}\nmqtt: {{enabled: false}}\n"
+                    f"streams:\n  - id: s\n    source: {{type: serial, port: /dev/null}}\n")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(conf)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{conf}: INVALID" in r.stdout + r.stderr

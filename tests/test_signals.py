@@ -2,6 +2,7 @@
 config and model, and a reload that cannot work keeps the running ones."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -124,6 +125,23 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     expected |= ids
     obs.wait_ids(expected)
     assert _model_names(obs, ids) == {"tiny_v1"}
+
+    # 3b. a model whose metadata policy holds a value the agent does not accept: found
+    # before anything stops (the engine applies the policy only when it is built)
+    bad = tmp_path / "tiny_v2_policy.onnx"
+    bad.write_bytes(v2.read_bytes())
+    meta = json.loads((tmp_path / "tiny_v2.onnx.json").read_text())
+    meta["policy"] = {"settings": {"calibration": {"samples": "many"}}}
+    (tmp_path / "tiny_v2_policy.onnx.json").write_text(json.dumps(meta))
+    write_config(cfg, model=bad, **kw)
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reload rejected", 4)
+    rejected = [ln for ln in agent.log().splitlines() if "reload rejected" in ln][-1]
+    assert "policy.settings.calibration.samples: value 'many' is invalid" in rejected, rejected
+    ids = set(w.spikes(2))
+    expected |= ids
+    obs.wait_ids(expected)
+    assert _model_names(obs, ids) == {"tiny_v1"} and agent.running()
 
     # 4. a valid config with the new model, while an alert is open: the old
     # pipeline ends it (the new one could not)
