@@ -168,6 +168,25 @@ def test_missing_key_inside_a_source_names_the_full_path():
     assert found[1].startswith(f"<config>:{BASE_LINES + 4}: streams[1].source.qos: value 3 ")
 
 
+@pytest.mark.parametrize("topic, why", [
+    ("plant/#/x", "'#' must be a whole level, the last one"),
+    ("plant/x#", "'#' must be a whole level, the last one"),
+    ("plant/+x/y", "'+' must be a whole level"),
+    ("p" * 70000, "longer than MQTT's 65,535 bytes"),
+    ("a\\u0000b", "holds a NUL character")])
+def test_an_mqtt_topic_that_is_no_topic_filter_is_refused(topic, why):
+    # paho refuses it only on its network thread, which then dies without a word
+    p = only(BASE + f'  - id: b\n    source: {{type: mqtt, topic: "{topic}"}}\n')
+    assert p.startswith(f"<config>:{BASE_LINES + 2}: streams[1].source.topic: value ")
+    assert p.endswith(f"is invalid: {why}")
+
+
+def test_mqtt_topic_filters_with_wildcards_are_accepted():
+    for topic in ("#", "a/#", "+", "plant/+/sensors", "+/+/#", "a//b"):
+        cfg = parse_config(BASE + f'  - id: b\n    source: {{type: mqtt, topic: "{topic}"}}\n')
+        assert cfg.streams[1].source.topic == topic
+
+
 def test_duplicate_stream_ids():
     p = only(BASE + "  - id: a\n    source: {type: replay, path: /x.csv}\n")
     assert p.startswith("<config>:4: streams: value [")

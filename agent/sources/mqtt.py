@@ -19,7 +19,8 @@ from typing import Annotated, Literal
 import paho.mqtt.client as paho
 from msgspec import Meta
 
-from ..config_base import STREAM_ID_PATTERN, NonNegativeInt, PositiveInt, SourceConfig
+from ..config_base import (STREAM_ID_PATTERN, KeyProblem, NonNegativeInt, PositiveInt,
+                           SourceConfig)
 from ..decoders import MAX_PAYLOAD, LineDecoder
 from ..metrics import Metrics
 from ..mqtt_client import MqttConfig, make_client
@@ -44,6 +45,27 @@ class MqttSourceConfig(SourceConfig, tag="mqtt"):
     qos: Literal[0, 1, 2] = 1
     # streams this subscription may create (stream_from_topic); the rest are refused
     max_streams: PositiveInt = 256
+
+    def __post_init__(self):
+        # paho refuses a bad filter only on its network thread, which then dies: the
+        # source would sit disconnected with nothing counted, so it is a config error here
+        if problem := topic_filter_problem(self.topic):
+            raise KeyProblem("topic", problem)
+
+
+def topic_filter_problem(topic: str) -> str | None:
+    """Why `topic` is not an MQTT topic filter (MQTT 3.1.1 section 4.7), or None."""
+    if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return "longer than MQTT's 65,535 bytes"
+    if "\0" in topic:
+        return "holds a NUL character"
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level, the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
 
 
 class MqttLineSource(Source):
