@@ -12,8 +12,8 @@ Threshold: quantile(normal window scores, q) x margin, never below MIN_THRESHOLD
 
 Scaler (a stream's own, fitted on its normal samples):
 
-    mean = mean of the complete rows
-    std  = max(std of the complete rows x std_scale, std_floor x model std)
+    mean = mean of each channel's finite values
+    std  = max(std of each channel's finite values x std_scale, std_floor x model std)
 
 Tables: CSV files with `;`, `,` or tab separators; the first column named like a time
 column (TIME_COLUMNS, case-insensitive) gives the timestamps, `anomaly` the labels.
@@ -125,7 +125,7 @@ class StreamScaler:
 
 def fit_scaler(raw: np.ndarray, model_std: np.ndarray, std_floor: float,
                std_scale: np.ndarray | None = None) -> StreamScaler:
-    """Mean/std of raw [N, C] samples (rows with any NaN ignored).
+    """Mean/std of raw [N, C] samples, each channel over its finite values.
 
     The std is multiplied by the model's per-channel `std_scale`
     (ModelMeta.calibration_std_scale) when it has one: a few hundred rows see only a
@@ -143,12 +143,23 @@ def fit_scaler(raw: np.ndarray, model_std: np.ndarray, std_floor: float,
     scale = np.ones_like(model_std) if std_scale is None else np.asarray(std_scale, np.float64)
     if scale.shape != model_std.shape:
         raise ValueError(f"std_scale has {scale.size} values for {model_std.shape[0]} channels")
-    rows = raw[np.all(np.isfinite(raw), axis=1)]
-    if len(rows) < 2:
-        raise ValueError(f"need at least 2 complete calibration samples, got {len(rows)}")
-    std = np.maximum(rows.std(axis=0) * scale, std_floor * model_std)
+    ok = np.isfinite(raw)
+    if ok.all():
+        mean, std = raw.mean(axis=0), raw.std(axis=0)
+    else:
+        # each channel from its own values: a sample missing some channels still counts
+        # for the others, as the windows it forward-fills count it (one glitch value
+        # left out of its channel's std would be many of that std later, and inflate
+        # the threshold the same windows set)
+        n = ok.sum(axis=0)
+        if n.min() < 2:
+            raise ValueError(f"need at least 2 calibration values of every channel, got "
+                             f"{int(n.min())} of channel {int(n.argmin())}")
+        vals = np.where(ok, raw, np.nan)
+        mean, std = np.nanmean(vals, axis=0), np.nanstd(vals, axis=0)
+    std = np.maximum(std * scale, std_floor * model_std)
     std = np.where(std > 0, std, model_std)
-    return StreamScaler(rows.mean(axis=0), std)
+    return StreamScaler(mean, std)
 
 
 # ---------------------------------------------------------------- tables

@@ -478,3 +478,28 @@ def test_learning_periods_that_end_together_are_fitted_a_few_a_step(model, monke
     e2.step([])
     e2.step([])
     assert not e2.held_back and not any(st.baseline.learning for st in e2.streams.values())
+
+
+def test_a_glitch_in_a_sample_missing_its_other_channels_does_not_inflate_the_threshold():
+    """A learning-period sample with one glitched value and the other channels missing:
+    the windows forward-fill it, so the scaler must count that value too.  Left out of its
+    channel's std it was thousands of stds in the windows, and the threshold the learning
+    windows set rose about 1900-fold (an audit of the real agent: the fault was missed)."""
+    from agent.contract import read_table
+    from agent.jobs import detection_config, run_table
+    from agent.shipped import DEMO_CSV, resolve_model
+    det = Detector(str(resolve_model("DLinear_ad")))
+    t = read_table(DEMO_CSV, det.meta.channels)
+
+    def threshold(values):
+        eng = Engine(detection_config(det.meta, 400, {}), det)
+        run_table(eng, "s", t.ts[:500], values[:500])
+        return eng.streams["s"].baseline.threshold
+
+    partial, complete = t.values.copy(), t.values.copy()
+    partial[200] = np.nan
+    complete[200] = complete[199]           # what forward-filling the partial one gives
+    partial[200, 0] = complete[200, 0] = 1.0     # Accelerometer1RMS, about 0.2 when normal
+    clean = threshold(t.values)
+    assert threshold(partial) == pytest.approx(threshold(complete), rel=0.02)
+    assert threshold(partial) < 1.5 * clean

@@ -70,21 +70,27 @@ def test_a_moved_scaler_scales_as_a_new_one_with_that_mean():
     np.testing.assert_array_equal(sc.mean, [1.0, 10.0])
 
 
-def test_fit_scaler_ignores_nan_rows_and_floors_flat_channels():
+def test_fit_scaler_takes_each_channels_own_values_and_floors_flat_channels():
     rng = np.random.default_rng(0)
     raw = np.column_stack([rng.normal(5, 2, 500), np.full(500, 32.0)])   # channel 2 is flat
     raw[10, 0] = np.nan
-    raw[20, 1] = np.nan
+    raw[20, 1] = np.inf
+    raw[30] = [25.0, np.nan]        # a glitch in a sample missing its other channel counts
     sc = fit_scaler(raw, model_std=np.array([1.0, 4.0]), std_floor=0.1)
-    ok = np.all(np.isfinite(raw), axis=1)
-    assert sc.mean[0] == pytest.approx(raw[ok, 0].mean())
-    assert sc.std[0] == pytest.approx(raw[ok, 0].std())
+    first = np.delete(raw[:, 0], 10)
+    assert first[29] == 25.0
+    assert sc.mean[0] == pytest.approx(first.mean())
+    assert sc.std[0] == pytest.approx(first.std())
     assert sc.mean[1] == 32.0 and sc.std[1] == pytest.approx(0.4)   # 0.1 x model std
     # a later wobble of 0.2 on the flat channel is half a std, not infinity
     assert sc.apply(np.array([[5.0, 32.2]], np.float32))[0, 1] == pytest.approx(0.5, rel=1e-5)
     assert fit_scaler(raw, np.array([1.0, 4.0]), std_floor=0.0).std[1] == 4.0
     with pytest.raises(ValueError, match="at least 2"):
         fit_scaler(np.full((5, 2), np.nan), np.ones(2), 0.1)
+    one = np.ones((5, 2))
+    one[1:, 1] = np.nan
+    with pytest.raises(ValueError, match="got 1 of channel 1"):
+        fit_scaler(one, np.ones(2), 0.1)
     with pytest.raises(ValueError, match="do not match"):
         fit_scaler(raw, np.ones(3), 0.1)
 
