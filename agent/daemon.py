@@ -161,7 +161,8 @@ class Daemon:
             gone = engine.retain({s.id: s for s in new_cfg.streams},
                                  {s.id: s for s in self.cfg.streams}, "reload")
             engine.swap_detector(detector)
-            engine.max_streams, engine.named = stream_caps(new_cfg), new_cfg.named_streams
+            engine.admission.caps = stream_caps(new_cfg)
+            engine.admission.named = set(new_cfg.named_streams)
             log.info("reload: model and detection settings unchanged: streams carry on")
         else:
             engine, gone = build_engine(new_cfg, detector, self.metrics), []

@@ -17,8 +17,8 @@ Rules of a step:
   next step, which the daemon runs at once.  Results do not change, only their step.
 - A stream that fails (a bug, a value no sink can format) is logged and counted in
   `metrics.errors`; the other streams of the step go on.
-- Streams are created on their first sample, at most `max_streams` per source (the
-  rest are refused and counted in `metrics.dropped["stream_limit"]`), and evicted
+- Streams are created on their first sample, as agent/admission.py allows (at most
+  `max_streams` per source, one source per stream id), and evicted
   after `idle_evict_s` without samples unless an alert is open; a learned baseline is
   in the state store by then and comes back with the stream's next sample.
 """
@@ -31,6 +31,7 @@ from typing import Iterable
 import numpy as np
 
 from .adaptation import SPAN
+from .admission import Admission
 from .alerts import AlertTracker
 from .baseline import Baseline
 from .config import DetectionConfig
@@ -66,42 +67,36 @@ class Engine:
                            "ep": detector.ep}
         self.streams: dict[str, Stream] = {}
         # per source id: how many streams it may create (1 unless it names them by topic)
-        self.max_streams = dict(max_streams or {})
-        self.default_max_streams = default_max_streams
+        self.admission = Admission(self.metrics, max_streams, default_max_streams, named)
         # per source id: the sampling interval its config gives (else streams learn theirs)
         self.intervals = dict(intervals or {})
-        self.named = set(named)     # streams the config names: commands reach them sample or not
-        self._per_source: dict[str, int] = {}
-        self._refused_logged: set[str] = set()
         self.saves = SaveQueue()        # streams whose baselines are due on disk
         # streams whose fit waits for a step with room (FIT_SAMPLES): their samples since
         self.held_back: dict[str, list[Batch]] = {}
 
     # ------------------------------------------------------------ streams
     def stream(self, sid: str, source: str | None = None) -> Stream | None:
-        """The stream `sid`, created on first use; None when its source is at its cap."""
+        """The stream `sid`, created on first use; None when agent/admission.py refuses
+        it (`source` at its cap, or, when given, not the source that owns `sid`)."""
         st = self.streams.get(sid)
         if st is not None:
-            return st
+            if source is None or source == st.source:
+                return st
+            self.admission.collision(sid, source, st.source)
+            return None
         src = sid if source is None else source
-        cap = self.max_streams.get(src, self.default_max_streams)
-        if self._per_source.get(src, 0) >= cap:
-            self.metrics.dropped["stream_limit"] += 1
-            if src not in self._refused_logged:
-                self._refused_logged.add(src)
-                log.warning("source %s: new stream %r refused: it already has %d stream(s), "
-                            "its max_streams (counted in dropped.stream_limit)", src, sid, cap)
+        if not self.admission.may_create(sid, src):
             return None
         st = self._new_stream(sid, src)
         self.streams[sid] = st
-        self._per_source[src] = self._per_source.get(src, 0) + 1
+        self.admission.created(src)
         return st
 
     def _commanded(self, sid: str) -> Stream | None:
         """The stream an operator command names.  One the config names is created if no
         sample has yet: Home Assistant shows its buttons from the start."""
         st = self.streams.get(sid)
-        if st is None and sid in self.named and (st := self.stream(sid)) is not None:
+        if st is None and sid in self.admission.named and (st := self.stream(sid)) is not None:
             st.last_seen = time.monotonic()     # idle from now, not from boot
         return st
 
@@ -141,7 +136,7 @@ class Engine:
         self.held_back.pop(sid, None)
         st = self.streams.pop(sid, None)
         if st is not None:
-            self._per_source[st.source] -= 1
+            self.admission.removed(st.source)
 
     def retain(self, new_sources: dict, old_sources: dict, reason: str) -> list[dict]:
         """Keep the streams whose source is configured unchanged (source id -> settings,
@@ -180,7 +175,10 @@ class Engine:
             if not st.fit_due or self._fit_room > 0:
                 results += self._feed(st, *_join(self.held_back.pop(sid)))
         for sid, parts in joined.items():
-            st = self.stream(sid, parts[0].source)
+            if len(parts) > 1 and any(p.source != parts[0].source for p in parts):
+                st = self.streams.get(sid)
+                parts = self.admission.owned(sid, parts, st and st.source)
+            st = self.stream(sid, parts[0].source or sid) if parts else None
             if st is None:
                 continue
             st.last_seen = now

@@ -177,6 +177,31 @@ def test_streams_per_source_are_capped_and_counted(model, caplog):
     assert "solo" in e.streams
 
 
+def test_a_stream_id_belongs_to_one_source(model, caplog):
+    """A topic level equal to another stream's id must not merge two devices' samples."""
+    m = Metrics()
+    e = Engine(build(DetectionConfig, {"node": "t"}), Detector(model, metrics=m), metrics=m,
+               max_streams={"many": 3, "other": 3}, named={"pump", "many", "other"})
+    caplog.set_level(logging.WARNING, logger="tsad.engine")
+    t = np.array([1e9])
+    # a configured stream's id is its own source's, even before its first sample
+    e.step([Batch("pump", t, normal(1), source="many")])
+    assert "pump" not in e.streams and m.dropped["stream_collision"] == 1
+    e.step([Batch("pump", t, normal(1))])
+    assert e.streams["pump"].source == "pump" and e.streams["pump"].samples == 1
+    # any other id: the first source to use it; the other's parts of a step are refused
+    e.step([Batch("dev", t, normal(1), source="many")])
+    e.step([Batch("dev", t + 1, normal(1), source="other"), Batch("dev", t + 1, normal(1), source="many"),
+            Batch("pump", t + 1, normal(1), source="many"), Batch("pump", t + 1, normal(1))])
+    assert e.streams["dev"].source == "many" and e.streams["dev"].samples == 2
+    assert e.streams["pump"].samples == 2
+    assert m.dropped["stream_collision"] == 3
+    e.step([Batch("dev", t + 2, normal(1), source="other")])
+    assert e.streams["dev"].samples == 2 and m.dropped["stream_collision"] == 4
+    assert caplog.text.count("refused: source") == 2          # once per stream and source
+    assert e.admission.counts == {"pump": 1, "many": 1}
+
+
 def test_idle_streams_are_evicted_and_come_back_with_their_baseline(model, tmp_path):
     e = engine_for(model, StateStore(tmp_path), buffer={"idle_evict_s": 60},
                    calibration={"enabled": True, "samples": 100, "margin": 3.0})
@@ -235,7 +260,7 @@ def test_a_named_stream_takes_commands_before_its_first_sample(model, tmp_path):
     (a topic-named source's own id, a typo) is still unknown."""
     e = engine_for(model, StateStore(tmp_path), scoring={"threshold": 0.5},
                    alerts={"open_k": 1, "open_n": 1}, buffer={"idle_evict_s": 60})
-    e.named = {"s1", "s2"}
+    e.admission.named = {"s1", "s2"}
     assert e.shelve("many", 600) is None and e.shelve("nope", 600) is None
     assert e.rebaseline("nope") == (False, None) and sorted(e.streams) == []
     until = e.shelve("s1", 600)

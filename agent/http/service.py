@@ -132,8 +132,8 @@ class AnomalyService:
     def push_sample(self, stream: str, ts: float, values: np.ndarray) -> dict:
         with self._lock:
             if stream not in self.engine.streams and \
-                    len(self.engine.streams) >= self.engine.default_max_streams:
-                raise TooManyStreams(f"too many streams ({self.engine.default_max_streams}); "
+                    len(self.engine.streams) >= self.engine.admission.default_cap:
+                raise TooManyStreams(f"too many streams ({self.engine.admission.default_cap}); "
                                      f"reuse stream ids")
             results = self.engine.step([Batch(stream, np.array([ts], np.float64), values[None],
                                               source="http")])
