@@ -156,18 +156,9 @@ class Daemon:
                                       keep=keep, keep_engine=carry)
         if keep:
             log.info("reload: source(s) of %s keep running", ", ".join(sorted(keep)))
-        if carry:
-            engine = handover.engine
-            gone = engine.retain({s.id: s for s in new_cfg.streams},
-                                 {s.id: s for s in self.cfg.streams}, "reload")
-            engine.swap_detector(detector)
-            engine.admission.caps = stream_caps(new_cfg)
-            engine.admission.named = set(new_cfg.named_streams)
-            log.info("reload: model and detection settings unchanged: streams carry on")
-        else:
-            engine, gone = build_engine(new_cfg, detector, self.metrics), []
         # Outputs are rebuilt only when their settings changed, so a model swap keeps the
-        # broker session (and its outbox) instead of flapping availability.
+        # broker session (and its outbox) instead of flapping availability.  Before the
+        # engine: outputs that cannot start keep the old state_dir, and so must its store.
         rebuild = (new_cfg.mqtt, new_cfg.sinks, new_cfg.node, new_cfg.state_dir) != \
             (self.cfg.mqtt, self.cfg.sinks, self.cfg.node, self.cfg.state_dir)
         if rebuild:
@@ -180,6 +171,16 @@ class Daemon:
                 self.sinks = build_sinks(self.cfg, self.metrics)
                 new_cfg = msgspec.structs.replace(new_cfg, mqtt=self.cfg.mqtt, sinks=self.cfg.sinks,
                                                    state_dir=self.cfg.state_dir)
+        if carry:
+            engine = handover.engine
+            gone = engine.retain({s.id: s for s in new_cfg.streams},
+                                 {s.id: s for s in self.cfg.streams}, "reload")
+            engine.swap_detector(detector)
+            engine.admission.caps = stream_caps(new_cfg)
+            engine.admission.named = set(new_cfg.named_streams)
+            log.info("reload: model and detection settings unchanged: streams carry on")
+        else:
+            engine, gone = build_engine(new_cfg, detector, self.metrics), []
         self.cfg = new_cfg
         self.pipeline = self._new_pipeline(new_cfg, engine, handover)
         self.pipeline.start(start_sinks=rebuild)

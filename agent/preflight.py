@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,8 +143,12 @@ def _unwritable(path: Path, folder: bool) -> str | None:
         above = above.parent
     if not above.is_dir():
         return f"{above} is not a folder"
-    if not os.access(above, os.W_OK | os.X_OK):
-        return f"cannot create it in {above}: permission denied"
+    # a real creation, not os.access: root passes that on /proc, and a full inode table
+    # or a read-only mount refuse only the attempt
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tsad-write-test-", dir=above))
+    except OSError as e:
+        return f"cannot create it in {above}: {(e.strerror or str(e)).lower()}"
     return None
 
 

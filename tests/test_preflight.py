@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,3 +207,14 @@ def test_a_model_policy_the_agent_does_not_accept_is_a_problem_for_check_and_run
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"{conf}: INVALID" in r.stdout + r.stderr
+
+
+def test_a_state_dir_that_cannot_be_created_is_found_by_trying(model):
+    # /proc passes os.access for root but refuses every mkdir: `run` would fail on it
+    f = findings(model, state_dir="/proc/tsad-test")
+    assert f.problems == ["state_dir: /proc/tsad-test is not writable (cannot create it in "
+                          "/proc: no such file or directory); the alert outbox and learned "
+                          "baselines live there"]
+    assert not any(p.name.startswith(".tsad-write-test-") for p in Path("/tmp").iterdir())
+    assert findings(model, state_dir="/tmp/tsad-preflight-test/a/b").problems == []
+    assert not Path("/tmp/tsad-preflight-test").exists()      # the check leaves nothing
