@@ -20,6 +20,12 @@ answers by re-baselining the stream, or `alerts.rebaseline_after_s` does.
 State changes are the events: "new" means normal -> anomaly, "end" means
 anomaly -> normal; `state` is the state after the last window of the block.
 
+The time gates (cooldown, shelve, update interval, the standing span) run on the
+stream's elapsed time, each window's timestamp plus its clock offset (`update`'s `off`,
+agent/sample_clock.py): when a device clock steps back, a gate keeps the time it had
+left, counted on the new clock, instead of waiting for the new clock to catch up with
+the old one.  The times events show (start, end, the alert id) are the device's own.
+
 Each block is scanned with numpy from one event to the next, so a block without
 events costs a handful of array operations regardless of its length, and the
 events do not depend on how the scores were split into blocks.
@@ -49,7 +55,7 @@ def _num(v: float) -> float | None:
 class AlertTracker:
     __slots__ = ("channels", "model_info", "state", "labels", "open_mask", "alert_id", "_hist",
                  "_cooldown_until", "shelved_until", "acknowledged", "_last_score", "_standing",
-                 "standing_since", "_start", "_peak", "_peak_err", "_last_update",
+                 "standing_since", "_start", "_start_el", "_peak", "_peak_err", "_last_update",
                  "_normal_run", "_normal_since", "node", "stream", "cfg")
 
     def __init__(self, node: str, stream: str, cfg: AlertConfig, channels: list[str],
@@ -66,6 +72,7 @@ class AlertTracker:
         c = len(self.channels)
         # The last open_n - 1 windows, needed by the k-of-n rule across blocks.
         self._hist = _History(cfg.open_n - 1, c)
+        # the gates, in elapsed time (see the module docstring)
         self._cooldown_until = -np.inf
         # operator shelving (ISA-18.2): no alert opens on windows before this time
         self.shelved_until = -np.inf
@@ -75,11 +82,12 @@ class AlertTracker:
         # the open alert's recent scores (standing_after_s of them; only while one is open:
         # a span at 100 Hz is a megabyte) and since when it stands
         self._standing: StandingCheck | None = None
-        self.standing_since: float | None = None
+        self.standing_since: float | None = None     # elapsed time
         self._start = 0.0
+        self._start_el = 0.0           # _start in elapsed time
         self._peak = -np.inf
         self._peak_err = np.zeros(c)
-        self._last_update = 0.0
+        self._last_update = 0.0        # elapsed time
         self._normal_run = 0           # consecutive normal windows so far
         self._normal_since = 0.0       # timestamp of the first of them
 
@@ -114,14 +122,15 @@ class AlertTracker:
         self.acknowledged = True
         return self._event("update", self._last_score, threshold, None)
 
-    def _track_standing(self, ts: np.ndarray, scores: np.ndarray, threshold: float) -> None:
-        """Feed the open alert's windows of this block to its standing check (agent/standing.py)."""
+    def _track_standing(self, el: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+        """Feed the open alert's windows of this block (elapsed times `el`) to its standing
+        check (agent/standing.py)."""
         if self.state != "anomaly":
             self.standing_since = self._standing = None
             return
-        mine = (ts >= self._start) & (self.open_mask == 1)
-        self._standing.add(ts[mine], scores[mine])
-        if not self._standing.settled(self._start, threshold):
+        mine = (el >= self._start_el) & (self.open_mask == 1)
+        self._standing.add(el[mine], scores[mine])
+        if not self._standing.settled(self._start_el, threshold):
             self.standing_since = None
         elif self.standing_since is None:
             self.standing_since = self._standing.last_ts
@@ -133,7 +142,7 @@ class AlertTracker:
                 and self._standing.last_ts - self.standing_since >= after)
 
     def shelve(self, until: float) -> None:
-        """No new alert opens on windows before sample time `until`; an open one runs on."""
+        """No new alert opens on windows before elapsed time `until`; an open one runs on."""
         self.shelved_until = until
 
     def close(self, ts: float, threshold: float, reason: str) -> dict | None:
@@ -148,9 +157,12 @@ class AlertTracker:
 
     # ------------------------------------------------------------ update
     def update(self, ts: np.ndarray, scores: np.ndarray, threshold: float,
-               err: np.ndarray) -> list[dict]:
-        """Feed a block of windows (timestamps, scores, err [n, C]); returns its events in order."""
+               err: np.ndarray, off: float | np.ndarray = 0.0) -> list[dict]:
+        """Feed a block of windows (timestamps, scores, err [n, C], clock offsets: one
+        for all or one each); returns its events in order."""
         ts = np.asarray(ts, np.float64)
+        # elapsed time; a stream whose clock never stepped back pays nothing for it
+        el = ts if type(off) is float and off == 0.0 else ts + off
         scores = np.asarray(scores, np.float64)
         err = np.asarray(err, np.float64)
         n = len(ts)
@@ -168,33 +180,33 @@ class AlertTracker:
             return []
         if self.state == "normal" and not (above[0] if n == 1 else np.logical_or.reduce(above)):
             # The common case: nothing can open.  Only the k-of-n history moves on.
-            self._hist.push(ts, scores, lab, err, quiet=True)
+            self._hist.push(ts, el, scores, lab, err, quiet=True)
             return []
         self._last_score = float(scores[-1])
         if n == 1 and self.state == "anomaly":
-            return self._open_one(ts, scores, lab, err, threshold)
-        b = _Block(self, ts, scores, err, lab, threshold)
+            return self._open_one(ts, el, scores, lab, err, threshold)
+        b = _Block(self, ts, el, scores, err, lab, threshold)
         events: list[dict] = []
         pos = b.h
         while pos is not None and pos < b.N:
             pos = (self._scan_normal if self.state == "normal" else self._scan_open)(b, pos, events)
         # the scan may have cleared labels that belong to a closed alert, held ones included
         self._hist.relabel(b.L[:b.h])
-        self._hist.push(ts, scores, b.L[b.h:], err)
-        self._track_standing(ts, scores, threshold)
+        self._hist.push(ts, el, scores, b.L[b.h:], err)
+        self._track_standing(el, scores, threshold)
         return events
 
     def _scan_normal(self, b: "_Block", pos: int, events: list) -> int | None:
         """Open an alert at the first window from `pos` where the k-of-n rule holds;
         the position after it, or None when none does."""
-        T, L, Sp, N = b.T, b.L, b.Sp, b.N
+        E, L, Sp, N = b.E, b.L, b.Sp, b.N
         k, wn = self.cfg.open_k, self.cfg.open_n
         lo = max(pos - wn + 1, 0)
         c = np.concatenate([[0], np.cumsum(L[lo:N], dtype=np.int64)])
         j_idx = np.arange(pos, N)
         cnt = c[j_idx - lo + 1] - c[np.maximum(j_idx - wn + 1, lo) - lo]
-        ok = (L[pos:N] == 1) & (cnt >= k) & (T[pos:N] >= self._cooldown_until) \
-            & (T[pos:N] >= self.shelved_until)
+        ok = (L[pos:N] == 1) & (cnt >= k) & (E[pos:N] >= self._cooldown_until) \
+            & (E[pos:N] >= self.shelved_until)
         if not ok.any():
             return None
         j = pos + int(np.argmax(ok))
@@ -204,11 +216,11 @@ class AlertTracker:
         self.state = "anomaly"
         self.acknowledged = False
         self._standing = StandingCheck(self.cfg.standing_after_s)
-        self._start = float(T[onset])
+        self._start, self._start_el = float(b.T[onset]), float(E[onset])
         self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
         self._peak = float(Sp[p])
         self._peak_err = np.array(b.err_row(p))
-        self._last_update = float(T[j])
+        self._last_update = float(E[j])
         self._normal_run = 0
         events.append(self._event("new", b.S[j], b.threshold, None))
         self.open_mask[j - b.h:] = 1
@@ -217,7 +229,7 @@ class AlertTracker:
     def _scan_open(self, b: "_Block", pos: int, events: list) -> int | None:
         """While open: updates, the peak, and the close at the close_m-th normal window;
         the position after the close, or None when the alert stays open."""
-        T, S, L, Sp, N = b.T, b.S, b.L, b.Sp, b.N
+        T, E, S, L, Sp, N = b.T, b.E, b.S, b.L, b.Sp, b.N
         seg = L[pos:N]
         idx = np.arange(N - pos)
         last = np.maximum.accumulate(np.where(seg == 1, idx, -1 - self._normal_run))
@@ -228,12 +240,12 @@ class AlertTracker:
         # Updates: each at the first window >= interval after the previous one.
         p0 = pos
         while p0 < upper:
-            due = T[p0:upper] >= self._last_update + self.cfg.update_interval_s
+            due = E[p0:upper] >= self._last_update + self.cfg.update_interval_s
             if not due.any():
                 break
             u = p0 + int(np.argmax(due))
             self._take_peak(Sp, p0, u + 1, b.err_row)
-            self._last_update = float(T[u])
+            self._last_update = float(E[u])
             events.append(self._event("update", S[u], b.threshold, None))
             p0 = u + 1
         stop = close + 1 if close is not None else N
@@ -251,16 +263,16 @@ class AlertTracker:
                                   "recovered"))
         self.open_mask[close - b.h:] = 0
         self.state = "normal"
-        self._cooldown_until = float(T[close]) + self.cfg.cooldown_s
+        self._cooldown_until = float(E[close]) + self.cfg.cooldown_s
         # Windows up to the end belong to the closed alert, not to the next one.
         L[max(close - self.cfg.open_n + 1, 0):close + 1] = 0
         return close + 1
 
-    def _open_one(self, ts, scores, lab, err, threshold: float) -> list[dict]:
+    def _open_one(self, ts, el, scores, lab, err, threshold: float) -> list[dict]:
         """The rest of `update` for one window while an alert is open: `_scan_open`'s rules
         and arithmetic on Python floats instead of block arrays (a stream stepped a sample
         at a time pays some twenty numpy calls per window there)."""
-        t, s, events = float(ts[0]), float(scores[0]), []
+        t, e, s, events = float(ts[0]), float(el[0]), float(scores[0]), []
         if s > self._peak:      # NaN never is: _take_peak skips NaN scores
             self._peak, self._peak_err = s, np.array(err[0])
         run = 0 if lab[0] else self._normal_run + 1
@@ -268,19 +280,19 @@ class AlertTracker:
             self._normal_since = t
         self._normal_run = run
         closing = run >= self.cfg.close_m
-        if not closing and t >= self._last_update + self.cfg.update_interval_s:
-            self._last_update = t
+        if not closing and e >= self._last_update + self.cfg.update_interval_s:
+            self._last_update = e
             events.append(self._event("update", s, threshold, None))
         if closing:
             events.append(self._event("end", s, threshold, self._normal_since, "recovered"))
             self.open_mask[0] = 0
             self.state = "normal"
-            self._cooldown_until = t + self.cfg.cooldown_s
+            self._cooldown_until = e + self.cfg.cooldown_s
             # the history holds at most open_n - 1 windows: all of them belong to this alert
             self._hist.relabel(0)
             lab = np.zeros(1, np.int8)
-        self._hist.push(ts, scores, lab, err)
-        self._track_standing(ts, scores, threshold)
+        self._hist.push(ts, el, scores, lab, err)
+        self._track_standing(el, scores, threshold)
         return events
 
     def _take_peak(self, Sp: np.ndarray, a: int, b: int, err_row) -> None:
@@ -295,10 +307,11 @@ class AlertTracker:
 class _Block:
     """One update's windows joined to the k-of-n history carried from the last block."""
 
-    def __init__(self, t: AlertTracker, ts, scores, err, lab, threshold: float):
-        h_ts, h_sc, h_lab, self._h_err = t._hist.held()
+    def __init__(self, t: AlertTracker, ts, el, scores, err, lab, threshold: float):
+        h_ts, h_el, h_sc, h_lab, self._h_err = t._hist.held()
         self.h = len(h_ts)
-        self.T = np.concatenate([h_ts, ts])
+        self.T = np.concatenate([h_ts, ts])     # timestamps, shown in events
+        self.E = np.concatenate([h_el, el])     # elapsed times: the gates
         self.S = np.concatenate([h_sc, scores])
         self.L = np.concatenate([h_lab, lab])
         # Peak search must skip NaN scores.
@@ -312,7 +325,8 @@ class _Block:
 
 
 class _History:
-    """The last `keep` windows of a stream (timestamps, scores, labels, per-channel errors)
+    """The last `keep` windows of a stream (timestamps, elapsed times, scores, labels,
+    per-channel errors)
     in arrays allocated once, newest last, shifted in place as blocks arrive: a stream
     stepped a sample at a time allocates nothing here and holds no block's arrays.
 
@@ -321,22 +335,24 @@ class _History:
     normal, a block of normal windows only moves the count (`quiet`): the values held
     then go stale, and each is older than any window written after it."""
 
-    __slots__ = ("ts", "sc", "lab", "err", "n", "_quiet")
+    __slots__ = ("ts", "el", "sc", "lab", "err", "n", "_quiet")
 
     def __init__(self, keep: int, channels: int) -> None:
         self.ts = np.zeros(keep, np.float64)
+        self.el = np.zeros(keep, np.float64)
         self.sc = np.zeros(keep, np.float64)
         self.lab = np.zeros(keep, np.int8)
         self.err = np.zeros((keep, channels), np.float64)
         self.n = 0              # windows held: the last n rows
         self._quiet = True      # no window held is anomalous
 
-    def push(self, ts: np.ndarray, scores: np.ndarray, lab: np.ndarray, err: np.ndarray,
-             quiet: bool = False) -> None:
+    def push(self, ts: np.ndarray, el: np.ndarray, scores: np.ndarray, lab: np.ndarray,
+             err: np.ndarray, quiet: bool = False) -> None:
         """Hold a block's windows; `quiet`: none of them is anomalous."""
         k, m = len(self.ts), len(ts)
         if not (quiet and self._quiet):
-            for held, new in ((self.ts, ts), (self.sc, scores), (self.lab, lab), (self.err, err)):
+            for held, new in ((self.ts, ts), (self.el, el), (self.sc, scores), (self.lab, lab),
+                              (self.err, err)):
                 if m >= k:
                     held[:] = new[m - k:]
                 else:
@@ -349,7 +365,7 @@ class _History:
         """New labels for the windows held (a scan clears those of an alert it closed)."""
         self.lab[len(self.lab) - self.n:] = lab
 
-    def held(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def held(self) -> tuple[np.ndarray, ...]:
         """Views of the windows held, oldest first (valid until the next push)."""
         a = len(self.ts) - self.n
-        return self.ts[a:], self.sc[a:], self.lab[a:], self.err[a:]
+        return self.ts[a:], self.el[a:], self.sc[a:], self.lab[a:], self.err[a:]

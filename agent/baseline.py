@@ -2,7 +2,8 @@
 
 Learning period: with calibration enabled, a stream's first `calibration.samples`
 samples (or, with `calibration.duration_s`, the samples of its first that many
-seconds of sample time) are held back, not scored.  When the period ends, the
+seconds of sample time, a device clock's steps back not counted: agent/sample_clock.py)
+are held back, not scored.  When the period ends, the
 scaler is fitted on them (`contract.fit_scaler`; with `fit: mean` only its mean, the
 std staying the model's); the stream then pushes them through its ring and the
 threshold is fitted on their window scores (`contract.fit_threshold`, smoothed as
@@ -138,16 +139,19 @@ class Baseline:
     def period_over(self) -> bool:
         return self._ended
 
-    def hold(self, ts: np.ndarray, values: np.ndarray) -> int:
+    def hold(self, ts: np.ndarray, values: np.ndarray, off: float | np.ndarray = 0.0) -> int:
         """Keep the samples that belong to the learning period; returns how many it kept.
-        Once `period_over`, the caller fits the baseline (`take_held`, `fit_*`)."""
+        Once `period_over`, the caller fits the baseline (`take_held`, `fit_*`).  `off`:
+        the samples' clock offsets; a period set by duration runs on ts + off, the stream's
+        elapsed time (agent/sample_clock.py), so a clock step back does not lengthen it."""
         if self.cal.duration_s is None:
             take = min(len(ts), self.cal.samples - self._held.n)
             ended = self._held.n + take >= self.cal.samples
         else:
+            el = ts + off
             if self._first_ts is None and len(ts):
-                self._first_ts = float(ts[0])
-            after = np.flatnonzero(ts >= self._first_ts + self.cal.duration_s)
+                self._first_ts = float(el[0])
+            after = np.flatnonzero(el >= self._first_ts + self.cal.duration_s)
             take = int(after[0]) if len(after) else len(ts)
             ended = len(after) > 0
         if take:

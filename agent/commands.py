@@ -24,7 +24,9 @@ from .engine import Engine
 from .timestamps import iso_utc
 
 COMMANDS = ("recalibrate", "ack", "shelve", "unshelve")
-MAX_SHELVE_S = 7 * 24 * 3600.0     # a forgotten shelve must still lift within a week
+# a forgotten shelve must still lift within a week, of the stream's elapsed time: a device
+# clock's step back does not lengthen it (agent/sample_clock.py)
+MAX_SHELVE_S = 7 * 24 * 3600.0
 MAX_ID = 128
 
 

@@ -18,8 +18,9 @@ _ORDER = {"anomaly": 0, "learning": 1, "normal": 2}
 
 
 def _shelved_until(st) -> str | None:
-    """Until when a stream is shelved, while its sample time has not passed it."""
-    return iso_utc(st.tracker.shelved_until) if st.shelved else None
+    """Until when a stream is shelved, while its sample time has not passed it (the
+    tracker keeps it in elapsed time: agent/sample_clock.py)."""
+    return iso_utc(st.tracker.shelved_until - st.clock.offset) if st.shelved else None
 
 
 def stream_status(st) -> dict:

@@ -41,6 +41,9 @@ class Windows:
     ts: np.ndarray      # float64 [k]  timestamp of each window's newest sample
     x: np.ndarray       # float32 [k, W, C], C-contiguous
     rows: np.ndarray    # int64 [k]  row of the pushed block each window ends at
+    # the stream's clock offset at each window ([k]) or at all of them (agent/sample_clock.py;
+    # the stream sets it: the ring knows only timestamps)
+    off: float | np.ndarray = 0.0
 
     def __len__(self) -> int:
         return len(self.ts)

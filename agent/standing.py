@@ -10,10 +10,12 @@ at every one-sample step cost twenty times the rest of the tracker's step.  So e
 keeps its scores sorted and reads its median in O(1); a step moves only the samples that
 changed half, each with a binary search and one in-place shift (a memmove, no allocation).
 
-Timestamps may step back a little (clock jitter is not a gap: agent/ring.py), so the
-samples are kept sorted by time too, and the boundary between halves can move either way;
-a sample once older than the span is dropped for good.  NaN scores are counted, not
-sorted: a half holding one has no median (the rule never settles on it).
+The times are the stream's elapsed time (agent/sample_clock.py), so a device clock's step
+back does not reorder them; they may still step back a little (clock jitter is not a gap:
+agent/ring.py), so the samples are kept sorted by time too, and the boundary between
+halves can move either way; a sample once older than the span is dropped for good.  NaN
+scores are counted, not sorted: a half holding one has no median (the rule never settles
+on it).
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from .baseline import Baseline
 from .config import AdaptationConfig
 from .contract import score_windows
 from .ring import RingBuffer, Windows
+from .sample_clock import SampleClock
 from .scoring import Smoother, level_excess
 
 log = logging.getLogger("tsad.stream")
@@ -93,7 +94,7 @@ class Stream:
     __slots__ = ("normalize", "level_band", "max_batch", "pace", "adaptation", "adapter",
                  "_pieces", "_gap_logged", "samples", "last_ts", "last_seen",
                  "rebaseline_due", "entered", "id", "source", "ring", "smoother", "baseline",
-                 "tracker")
+                 "tracker", "clock")
 
     def __init__(self, sid: str, source: str, ring: RingBuffer, smoother: Smoother,
                  baseline: Baseline, tracker: AlertTracker, max_batch: int, pace: Pace,
@@ -114,6 +115,7 @@ class Stream:
         self.samples = 0
         self.last_ts = float("nan")     # newest sample time (stamps alerts closed at a stop)
         self.last_seen = 0.0            # monotonic time of the newest batch (idle eviction)
+        self.clock = SampleClock()      # the elapsed time the tracker's gates run on
         self.rebaseline_due = False     # a standing alert asked for a new learning period
         # states entered since the engine last collected them (see StreamResult.entered)
         self.entered: list[str] = ["learning"] if baseline.learning else []
@@ -132,13 +134,16 @@ class Stream:
     def shelved(self) -> bool:
         """A shelve is in force: it ends after the newest sample (before the first sample,
         any shelve is)."""
-        return self.tracker.shelved_until > (self.last_ts if self.samples else -np.inf)
+        return self.tracker.shelved_until > (self.last_ts + self.clock.offset if self.samples
+                                             else -np.inf)
 
     def shelve(self, for_s: float) -> float:
         """No new alert for `for_s` seconds of sample time (0 lifts a shelve); the sample
-        time it ends.  Before the first sample it runs on the wall clock (`_first`)."""
+        time it ends.  Before the first sample it runs on the wall clock (`_first`).  The
+        tracker keeps it in elapsed time (sample_clock.py): a clock step back keeps what
+        it has left."""
         until = (self.last_ts if self.samples else time.time()) + for_s
-        self.tracker.shelve(until if for_s > 0 else -np.inf)
+        self.tracker.shelve(until + self.clock.offset if for_s > 0 else -np.inf)
         return until
 
     @property
@@ -170,13 +175,13 @@ class Stream:
         adaptation epochs whose scalers exist (LAG + 1 at most), or (without adaptation)
         of `max_batch`; 0 when its scaler waits for earlier windows to be concluded."""
         if self.baseline.learning:     # the engine fits it (end_learning) once it is over
-            k = self.baseline.hold(ts, values)
+            k = self.baseline.hold(ts, values, self.clock.peek(ts))
             self._took(ts[:k])
             return k, None
         if self.adapter is None:
             k = min(len(ts), self.max_batch)
-            self._took(ts[:k])
-            return k, self._push(ts[:k], self.baseline.scaler.apply(values[:k]))
+            off = self._took(ts[:k])
+            return k, self._push(ts[:k], self.baseline.scaler.apply(values[:k]), off)
         # up to LAG + 1 epochs at once (each scaled by its own version): one ring push,
         # one conclusion and one engine call for up to 192 windows
         k = min(len(ts), self.adapter.room())
@@ -189,13 +194,13 @@ class Stream:
         parts = self.adapter.pieces(k, self.max_batch)
         self.adapter.took(k)
         ts, values = ts[:k], values[:k]
-        self._took(ts)
+        off = self._took(ts)
         if len(parts) == 1:     # one version (a daemon's samples)
             scaler, level = self.adapter.at(parts[0][2])
-            w = self._push(ts, scaler.apply(values))
+            w = self._push(ts, scaler.apply(values), off)
             self._pieces.append([values, w is not None, level, None, None])
         else:
-            w = self._push(ts, self._scaled(values, parts))
+            w = self._push(ts, self._scaled(values, parts), off)
             self._pieces.append(self._piece(values, w, parts))
         self._settle()
         return k, w
@@ -222,15 +227,17 @@ class Stream:
         cuts = [e for e, n in zip(ends, counts) if n]
         return [values, True, lv, None, cuts if len(cuts) > 1 else None]
 
-    def _took(self, ts: np.ndarray) -> None:
+    def _took(self, ts: np.ndarray) -> float | np.ndarray:
+        """Count the samples taken; their clock offsets (SampleClock.take)."""
         if not len(ts):
-            return
+            return self.clock.offset
         if not self.samples:
             self._first(float(ts[0]))
         self.samples += len(ts)
         if self.pace.learning:
             self.pace.observe(ts, self.id)
         self.last_ts = float(ts[-1])
+        return self.clock.take(ts)
 
     def _first(self, t0: float) -> None:
         """A shelve given before the first sample ran on the wall clock; from now on it
@@ -240,9 +247,10 @@ class Stream:
         if np.isfinite(until):
             self.tracker.shelve(t0 + max(0.0, until - time.time()))
 
-    def _push(self, ts: np.ndarray, scaled: np.ndarray) -> Windows | None:
+    def _push(self, ts: np.ndarray, scaled: np.ndarray, off=0.0) -> Windows | None:
         resets = self.ring.resets
         w = self.ring.push(ts, scaled)
+        w.off = off[w.rows] if isinstance(off, np.ndarray) else off
         if self.ring.resets > resets and time.monotonic() - self._gap_logged > GAP_LOG_S:
             self._gap_logged = time.monotonic()
             log.warning("stream %s: a gap of over %.3g s between samples: its window starts "
@@ -311,7 +319,7 @@ class Stream:
             s = np.concatenate([self.smoother.update(scores[a:b])
                                 for a, b in zip([0] + piece[4], piece[4])])
         thr = self.baseline.threshold
-        events = self.tracker.update(w.ts, s, thr, shown)
+        events = self.tracker.update(w.ts, s, thr, shown, w.off)
         if piece is not None:
             win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
             # all windows normal (the usual case): every channel may be learned from
