@@ -15,9 +15,13 @@ import msgspec
 # The stream-id rule, defined once: config ids, ids taken from MQTT topic levels and
 # the HTTP API's stream names all follow it.
 STREAM_ID_CHARS = r"[A-Za-z0-9_.\-]"
-STREAM_ID_PATTERN = rf"^{STREAM_ID_CHARS}+$"
+# at most this long: an id names the stream's baseline file (a file name holds 255 bytes),
+# and every alert id, health entry and topic that carries it
+STREAM_ID_MAX = 128
+STREAM_ID_PATTERN = rf"^{STREAM_ID_CHARS}{{1,{STREAM_ID_MAX}}}$"
 StreamId = Annotated[str, msgspec.Meta(
-    pattern=STREAM_ID_PATTERN, description="a name of letters, digits, '_', '.' and '-'")]
+    pattern=STREAM_ID_PATTERN,
+    description=f"a name of 1-{STREAM_ID_MAX} letters, digits, '_', '.' and '-'")]
 
 
 class ConfigError(ValueError):

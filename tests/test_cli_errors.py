@@ -66,7 +66,7 @@ AGENT_CASES = [
     ("replay-bad-flag-value", ["replay", "{good}", "--speed", "fast"],
      "error: argument --speed: invalid float value: 'fast' (see tsad-agent replay --help)"),
     ("replay-bad-stream-id", ["replay", "{good}", "-m", "{model}", "--stream", "a b", "-q"],
-     "error: streams[0].id: value 'a b' is invalid: expected a name of letters, digits, "
+     "error: streams[0].id: value 'a b' is invalid: expected a name of 1-128 letters, digits, "
      "'_', '.' and '-'"),
     ("replay-no-file", ["replay"], "the following arguments are required: file"),
     ("unknown-command", ["bogus"], "error: argument cmd: invalid choice: 'bogus'"),

@@ -394,3 +394,14 @@ def test_replay_bad_file_fails_at_build(tmp_path):
     with pytest.raises(OSError):
         build_source(stream("r", type="replay", path=str(tmp_path / "nope.csv")), CH, Metrics(),
                      MqttConfig(), "n")
+
+
+def test_a_topic_level_too_long_for_a_stream_id_names_no_stream():
+    # an id names the stream's baseline file: 300 characters could never be saved
+    src = build_source(stream("devs", type="mqtt", topic="plant/+/data", stream_from_topic=1),
+                       CH, Metrics(), MqttConfig(), "n")
+    try:
+        assert src.stream_for("plant/" + "p" * 128 + "/data") == "p" * 128
+        assert src.stream_for("plant/" + "p" * 129 + "/data") is None
+    finally:
+        src.close()
