@@ -423,6 +423,44 @@ def test_read_table_plain_csv_variants(tmp_path):
         read_table(p, CH)
 
 
+EPOCH_S = [1583750073, 1583750074.5, 1583750076]     # 2020-03-09, as SKAB
+
+
+@pytest.mark.parametrize("scale", [1, 1_000, 1_000_000, 1_000_000_000], ids=["s", "ms", "us", "ns"])
+def test_read_table_epoch_units_are_told_apart_by_magnitude(tmp_path, scale):
+    p = tmp_path / "epoch.csv"
+    stamps = EPOCH_S if scale == 1 else [int(t * scale) for t in EPOCH_S]
+    p.write_text("timestamp;a;b;c\n" + "".join(f"{t};1;2;3\n" for t in stamps))
+    assert read_table(p, CH).ts.tolist() == EPOCH_S      # the same seconds in every unit
+
+
+@pytest.mark.parametrize("cells, row, why", [
+    (["1583750073", "-5"], 2, "-5: a number must be epoch"),          # negative epoch
+    (["-1000", "-999"], 1, "-1000: a number must be epoch"),           # negative from the start
+    (["1583750073", "55840000000"], 2, "55840000000: a number"),       # between s and ms
+    (["1583750073", "1583750074", "1e30"], 3, "1e+30: a number"),
+    (["1583750073", ""], 2, "nan: a number"),                           # an empty cell
+    (["0", "1583750073"], 1, "0: a number"),               # a count from 0, then an epoch
+    (["2020-01-01T00:00:00Z", "3000-01-01T00:00:00Z"], 2, "'3000-01-01T00:00:00Z': outside"),
+    (["1999-12-31 23:59:59", "2020-01-01 00:00:00"], 1, "'1999-12-31 23:59:59': outside"),
+])
+def test_read_table_times_out_of_range_name_file_column_and_row(tmp_path, cells, row, why):
+    p = tmp_path / "bad_times.csv"
+    p.write_text("time,a,b,c\n" + "".join(f"{c},1,2,3\n" for c in cells))
+    with pytest.raises(ValueError) as e:
+        read_table(p, CH)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: column 'time': row {row} has no readable timestamp ("), msg
+    assert why in msg
+
+
+def test_read_table_relative_times_are_kept_as_they_are(tmp_path):
+    # PaddleX's integer time index, or seconds since a recording began
+    p = tmp_path / "steps.csv"
+    p.write_text("timestamp,a,b,c\n" + "".join(f"{k},1,2,3\n" for k in range(4)))
+    assert read_table(p, CH).ts.tolist() == [0, 1, 2, 3]
+
+
 def test_replay_source_full_speed_and_loop(skab_dir):
     path = skab_dir / "valve1" / "1.csv"
     ts_file, v_file, _ = _cols(read_table(path, SKAB_CH))
