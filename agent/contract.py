@@ -16,7 +16,8 @@ Scaler (a stream's own, fitted on its normal samples):
     std  = max(std of each channel's finite values x std_scale, std_floor x model std)
 
 Tables: CSV files with `;`, `,` or tab separators; the first column named like a time
-column (TIME_COLUMNS, case-insensitive) gives the timestamps, `anomaly` the labels.
+column (TIME_COLUMNS, case-insensitive) gives the timestamps (`column_seconds`: the
+decoders' rule, agent/timestamps.py), `anomaly` the labels.
 
 Everything works on whole blocks of windows at once: no per-window Python.
 """
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .timestamps import MAX_EPOCH_S, MIN_EPOCH_S, file_seconds
 
 # A threshold of 0 would flag every window (score >= 0), e.g. when a model
 # reconstructs its calibration data perfectly; this is the smallest handed out.
@@ -200,23 +203,36 @@ def time_column(columns) -> str | None:
 
 
 def column_seconds(col, path: str | Path) -> np.ndarray:
-    """Epoch seconds (float64) of a time column: numbers as epoch seconds, else date text
-    (a time without a zone is UTC).  ValueError names the first unreadable row."""
+    """Seconds (float64) of a time column: numbers by timestamps.file_seconds (epoch s,
+    ms, µs or ns by magnitude, or a count from 0), else date text (a time without a zone
+    is UTC), inside 2000-2100 as a device's.  ValueError names the first bad row."""
     import pandas as pd
     num = pd.to_numeric(col, errors="coerce")
-    if num.notna().all():
-        return num.to_numpy(np.float64)
+    if num.notna().all() or col.dtype.kind in "iuf":    # (NaN: an empty cell)
+        sec = file_seconds(num.to_numpy())
+        _no_bad_rows(col, np.isnan(sec), path, "a number must be epoch s, ms, µs or ns "
+                     f"inside 2000-2100, or a time from 0 below {MIN_EPOCH_S} s")
+        return sec
     dt = pd.to_datetime(col, errors="coerce", utc=True)
-    bad = np.flatnonzero(dt.isna().to_numpy())
-    if len(bad):
-        raise ValueError(f"{path}: column {col.name!r}: row {bad[0] + 1} has no readable "
-                         f"timestamp ({col.iloc[bad[0]]!r}); {len(bad)} such row(s)")
+    _no_bad_rows(col, dt.isna().to_numpy(), path, "not a date")
+    # compared as dates: subtracting 1970 from a year-3000 date overflows nanoseconds
+    lo, hi = (pd.Timestamp(s, unit="s", tz="UTC") for s in (MIN_EPOCH_S, MAX_EPOCH_S))
+    _no_bad_rows(col, ((dt < lo) | (dt >= hi)).to_numpy(), path, "outside 2000-2100")
     return ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64)
+
+
+def _no_bad_rows(col, bad: np.ndarray, path: str | Path, why: str) -> None:
+    at = np.flatnonzero(bad)
+    if len(at):
+        v = col.iloc[at[0]]
+        shown = repr(v) if isinstance(v, str) else v      # -1000, not np.int64(-1000)
+        raise ValueError(f"{path}: column {col.name!r}: row {at[0] + 1} has no readable "
+                         f"timestamp ({shown}: {why}); {len(at)} such row(s)")
 
 
 @dataclass
 class Table:
-    ts: np.ndarray                  # float64 [n] epoch seconds (row number without a time column)
+    ts: np.ndarray                  # float64 [n] seconds (column_seconds; row number without one)
     values: np.ndarray              # float32 [n, C] in the requested channel order, NaN = missing
     labels: np.ndarray | None       # int8 [n], or None without an `anomaly` column
     time_text: list[str] | None     # the time column's own text, None without one

@@ -10,8 +10,9 @@ This path decides nothing on its own.  It takes a stream's lines only when every
 them is a sample that `decoders.LineDecoder` would accept whole, with no count and no
 log line; any stream with anything else (a `;` separator, whitespace, an empty line, a
 missing value, an ISO timestamp, a wrong field count, a value float32 cannot hold, a
-timestamp out of range, ahead of this machine or not in order) is left to the line
-reader, and a block it cannot split into lines at all is left whole.  Timestamps must
+timestamp out of range, ahead of this machine or not in order), and any stream whose
+`timestamp: auto` decision is not made or holds lines (csv_auto.py), is left to the line
+reader; a block it cannot split into lines at all is left whole.  Timestamps must
 not decrease within a stream's lines here (the line reader's rule allows jitter of up to
 BACKWARD_TOLERANCE_S, and takes such streams); then each line is accepted exactly when
 the line reader would accept it, so both give the same samples, bit for bit
@@ -124,13 +125,12 @@ def _settle_clocks(part: _Part, ok: list[bool], bounds: np.ndarray, ts: np.ndarr
     first, last = bounds[:-1].tolist(), (bounds[1:] - 1).tolist()
     tsl = ts.tolist() if has_ts else None
     for j, clock in enumerate(part.clocks):
-        if not ok[j] or (clock.has_ts is not None and clock.has_ts != has_ts) or (
+        if not ok[j] or clock.has_ts is not has_ts or clock.held or (
                 has_ts and clock.last is not None
                 and tsl[first[j]] < clock.last - BACKWARD_TOLERANCE_S):
             continue
         if has_ts:      # its lines do not decrease: keeping the last is keeping them all
             clock.keep(tsl[last[j]])
-        clock.has_ts = has_ts
         taken[part.index[j]] = j
     return taken
 

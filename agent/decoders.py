@@ -9,8 +9,9 @@ sensor neither floods the journal nor goes unnoticed.
 Accepted forms (C = the model's channels; T = a timestamp, number or string):
 - CSV line: `v1,…,vC` or `T,v1,…,vC`, separated by `,` or (if the line has one)
   `;`, values in the model's channel order.  `timestamp: first` requires T,
-  `none` forbids it, `auto` (MQTT always) lets the stream's first valid line
-  decide once; a later line with the other field count is `field_count`.
+  `none` forbids it, `auto` (MQTT always) decides per stream once 3 valid lines
+  in a row agree, holding them until then (csv_auto.py); a line with the other
+  field count is `field_count`.
 - JSON with values: `{"ts": T, "values": [v1, …, vC]}` (model order) or
   `{"ts": T, "values": {"<channel>": v, …}}`.
 - Flat JSON (ESPHome, Tasmota, Node-RED): `{"<channel>": v, …, "ts": T}`; one
@@ -49,6 +50,7 @@ from itertools import chain
 import numpy as np
 
 from .bad_input import BadInput
+from .csv_auto import Held, hold, refuse_held
 from .csv_block import Block, read_block
 from .device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, RESYNC_AFTER, Clock,
                            Clocks)
@@ -89,15 +91,17 @@ class LineDecoder:
         self.log_name = log_name
         self._index = {name: i for i, name in enumerate(self.channels)}
         self._values_key = "values" not in self._index   # else "values" is a channel
-        self._clocks = Clocks()
+        self._clocks = Clocks({"first": True, "none": False}.get(timestamp))
         self.report = BadInput(metrics, log_name)
         self._block_failed = False      # logged once: csv_block.py raised (a bug)
 
     # ------------------------------------------------------------ public API
     def decode(self, line: bytes, now: float, stream: str | None = None) -> Sample | None:
-        """One line -> (ts, float32[C] in model channel order), or None if unusable."""
+        """One line -> its (ts, float32[C] in model channel order), or None if unusable or
+        held (`timestamp: auto` undecided): the lines a decision releases come out of
+        `decode_lines`, not here."""
         got = self.decode_lines((line,), now, stream)
-        return None if got is None else (float(got[0][0]), got[1][0])
+        return None if got is None else (float(got[0][-1]), got[1][-1])
 
     def decode_lines(self, lines, now: float, stream: str | None = None) -> Samples | None:
         """Lines read together (serial) -> (ts float64[n], float32[n, C]), None if none usable."""
@@ -194,21 +198,21 @@ class LineDecoder:
             except Unusable as e:
                 self.report.note(e.reason, line, e.detail)
                 continue
+            except Held as h:
+                hold(clock, h, line, self.report, ts, rows)
+                continue
             ts.append(t)
             rows.append(vals)
 
-    def _csv(self, line: bytes, now: float, clock: Clock) -> tuple[float, list[float]]:
+    def _csv(self, line: bytes, now: float, clock: Clock,
+             shape: bool | None = None) -> tuple[float, list[float]]:
+        """A line of the stream's decided shape, or (`shape`) of that one."""
         text = _text(line)
         fields = text.split(";" if ";" in text else ",")
         n, c = len(fields), len(self.channels)
-        if self.timestamp == "auto":
-            has_ts = clock.has_ts
-            if has_ts is None:
-                has_ts = n == c + 1
-        else:
-            has_ts = self.timestamp == "first"
-        if n != c + has_ts:
-            raise Unusable("field_count", f"{n} fields, expected {c + has_ts}")
+        has_ts = clock.has_ts if shape is None else shape
+        if has_ts is None or n != c + has_ts:
+            self._other_shape(line, now, clock, n, c)
         if "_" in text or not text.isascii():
             raise Unusable("non_numeric", "not a plain ASCII decimal number")
         t = self._device_time(fields[0], now, clock) if has_ts else now
@@ -216,12 +220,29 @@ class LineDecoder:
             vals = [float(f) for f in fields[has_ts:]]
         except ValueError:
             vals = [missing_or_float(f) for f in fields[has_ts:]]
-        if clean(vals):
+        if clean(vals) and shape is None:       # a held line counts "nan" if it comes out
             self.report.note("nan", line)
         if has_ts:
             clock.keep(t)
-        clock.has_ts = has_ts
+        if clock.held and shape is None:
+            refuse_held(clock, self.report)
         return t, vals
+
+    def _other_shape(self, line: bytes, now: float, clock: Clock, n: int, c: int):
+        """A line the stream has not decided for: under `auto`, raises Held when it is a
+        valid sample of its own shape (csv_auto.py); else Unusable."""
+        decided = clock.has_ts
+        want = f"{c} or {c + 1}" if decided is None else c + decided
+        if self.timestamp != "auto" or not c <= n <= c + 1:
+            raise Unusable("field_count", f"{n} fields, expected {want}")
+        try:
+            t, vals = self._csv(line, now, clock, n > c)
+        except Unusable:
+            if decided is None:
+                raise
+            # not even a sample of the other shape: noise on a decided stream
+            raise Unusable("field_count", f"{n} fields, expected {want}") from None
+        raise Held(n > c, t, vals)
 
     def _json_sample(self, obj, data, now: float, clock: Clock) -> tuple[float, list[float]]:
         if type(obj) is not dict:

@@ -6,7 +6,7 @@ FUTURE_TOLERANCE_S ahead of this machine's clock: a corrupted digit then costs o
 sample instead of resetting or freezing the window.  A device whose clock really
 stepped back (NTP, an RTC reset) is followed again after RESYNC_AFTER consecutive
 such samples, so a stream is never left blind for the length of the step.  This
-memory (and the CSV `auto` decision) is kept for the MAX_TRACKED_STREAMS streams seen
+memory (and the CSV `auto` decision, with its held lines: csv_auto.py) is kept for the MAX_TRACKED_STREAMS streams seen
 most recently: a flood of topic-named streams cannot grow it without bound.
 """
 from __future__ import annotations
@@ -23,12 +23,14 @@ MAX_TRACKED_STREAMS = 4096      # per-stream clocks kept (least recently seen dr
 
 
 class Clock:
-    __slots__ = ("last", "behind", "has_ts")
+    __slots__ = ("last", "behind", "has_ts", "held")
 
-    def __init__(self) -> None:
+    def __init__(self, has_ts: bool | None = None) -> None:
         self.last: float | None = None     # newest accepted device timestamp
         self.behind = 0                    # consecutive samples refused as backward
-        self.has_ts: bool | None = None    # CSV `auto`: decided by the first valid line
+        # CSV: whether lines start with a timestamp; None while `auto` has not decided
+        self.has_ts = has_ts
+        self.held: list | None = None      # CSV `auto`: lines held until a decision
 
     def keep(self, t: float) -> None:
         """A sample stamped `t` was accepted whole."""
@@ -40,14 +42,15 @@ class Clock:
 class Clocks:
     """The clocks of the streams seen most recently (an LRU of MAX_TRACKED_STREAMS)."""
 
-    def __init__(self) -> None:
+    def __init__(self, has_ts: bool | None = None) -> None:
         self._clocks: OrderedDict[str | None, Clock] = OrderedDict()
+        self._has_ts = has_ts       # every new clock's: fixed unless `timestamp: auto`
 
     def get(self, stream: str | None) -> Clock:
         clocks = self._clocks
         c = clocks.get(stream)
         if c is None:
-            c = clocks[stream] = Clock()
+            c = clocks[stream] = Clock(self._has_ts)
             if len(clocks) > MAX_TRACKED_STREAMS:
                 clocks.popitem(last=False)
         elif len(clocks) > 1:

@@ -22,6 +22,13 @@ bool, NaN, inf, integers too large for a float and every other type are
 invalid.  `epoch_seconds` raises `BadTimestamp` (a ValueError) for an invalid
 value; `epoch_seconds_array` returns NaN in its place, so a column is checked
 in one vectorised pass.
+
+A file's numeric time column (`file_seconds`, for contract.read_table) follows the
+same rule, with one exception a device has no use for: a column whose values all
+lie in [0, MIN_EPOCH_S) counts seconds (or steps) from its own start, as PaddleX's
+integer time index does, and is kept as it is.  Any other column is epoch time, so
+epoch milliseconds are never taken for seconds, and a negative value, or one
+between the unit ranges or outside 2000-2100, is invalid.
 """
 from __future__ import annotations
 
@@ -66,6 +73,19 @@ def epoch_seconds_array(a: np.ndarray) -> np.ndarray:
         m = (x >= lo) & (x < hi)
         out[m] = x[m] / scale
     return out
+
+
+def file_seconds(a: np.ndarray) -> np.ndarray:
+    """float64 seconds of a file's numeric time column (see above): relative as it is,
+    else epoch by the unit rule; NaN where a value is invalid (or missing)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "iuf":
+        return np.full(a.shape, np.nan)
+    x = a.astype(np.float64)
+    known = x[~np.isnan(x)]
+    if len(known) and known.min() >= 0 and known.max() < MIN_EPOCH_S:
+        return x
+    return epoch_seconds_array(a)
 
 
 def iso_utc(ts: float) -> str | None:

@@ -6,11 +6,13 @@ import json
 import logging
 import math
 from collections import Counter
+from itertools import takewhile
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from agent.csv_auto import DECIDE_AFTER, HOLD_MAX, REDECIDE_AFTER
 from agent.decoders import FATAL_REASONS, MAX_LINE, LineDecoder
 from agent.device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, MAX_TRACKED_STREAMS,
                                 RESYNC_AFTER)
@@ -54,6 +56,22 @@ def check_payload(out, c: int = len(CH)):
         assert ts.dtype == np.float64 and v.dtype == np.float32
         assert v.shape == (len(ts), c) and len(ts) >= 1
         assert all(valid_ts(t) for t in ts.tolist()) and not np.isinf(v).any()
+
+
+def held(d: LineDecoder, stream=None) -> int:
+    return len(d._clocks.get(stream).held or ())
+
+
+def check_line(d: LineDecoder, m: Metrics, line: bytes, stream=None):
+    """Decode one line: it is a sample, one counted fatal reason, or held (`auto`, until
+    its stream decides), and a decision releases or refuses what was held, so the
+    samples out + the refusals + the change in held lines is always 1."""
+    before, held_before = fatal(m), held(d, stream)
+    out = d.decode_lines([line], NOW, stream)
+    check_payload(out)
+    n = 0 if out is None else len(out[0])
+    assert n + fatal(m) - before + held(d, stream) - held_before == 1, (line, out, m.malformed)
+    return out
 
 
 # ---------------------------------------------------------------- timestamps
@@ -137,10 +155,10 @@ def test_array_rule_ints_and_non_numeric():
 ])
 def test_csv_valid(line, ts, values):
     d, m = make()
-    got = d.decode(line, NOW)
-    assert got is not None
-    assert got[0] == pytest.approx(ts)
-    np.testing.assert_array_equal(got[1], np.array(values, np.float32))
+    got = d.decode_lines([line] * 3, NOW)       # `auto` decides on 3 lines that agree
+    assert got is not None and len(got[0]) == 3
+    assert got[0].tolist() == pytest.approx([ts] * 3)
+    np.testing.assert_array_equal(got[1], np.array([values] * 3, np.float32))
     assert sum(m.malformed.values()) == 0
 
 
@@ -171,11 +189,13 @@ def test_csv_unusable(line, reason):
 
 def test_csv_missing_values_keep_the_sample():
     d, m = make()
-    for line in (b"1,nan,3", b"1,,3", b"1,inf,3", b"1,NULL,3", b"1,1e300,3", b"1,3.5e38,3",
-                 b"1, n/a ,3"):
-        got = d.decode(line, NOW)
-        assert got is not None, line
-        np.testing.assert_array_equal(got[1], np.array([1, np.nan, 3], np.float32))
+    lines = [b"1,nan,3", b"1,,3", b"1,inf,3", b"1,NULL,3", b"1,1e300,3", b"1,3.5e38,3",
+             b"1, n/a ,3"]
+    assert d.decode(lines[0], NOW) is None                  # held: `auto` has not decided
+    assert m.malformed == Counter()                         # nor counted "nan" yet
+    got = d.decode_lines(lines[1:], NOW)
+    assert len(got[0]) == len(lines)                        # the held line came out first
+    np.testing.assert_array_equal(got[1], np.array([[1, np.nan, 3]] * 7, np.float32))
     assert m.malformed == Counter({"nan": 7})
 
 
@@ -189,28 +209,80 @@ def test_csv_timestamp_modes():
     assert m.malformed == m2.malformed == Counter({"field_count": 1})
 
 
-def test_auto_mode_first_valid_line_decides_once():
+def test_auto_mode_decides_when_three_valid_lines_agree():
     d, m = make()
-    # garbage, a bad timestamp and a header do not decide the mode
+    # garbage, a bad timestamp and a header neither decide the mode nor are held
     for junk in (b"1,2,3,4", b"x,y,z", b"\xff\xfe", b"1,2"):
         assert d.decode(junk, NOW) is None
-    assert d.decode(b"1699999999.5,1.5,2,3", NOW)[0] == 1699999999.5     # decides: timestamp
-    # one corrupted "." -> ",": 5 fields; counted, not read as a 1970 timestamp + shifted values
+    assert m.malformed == Counter({"bad_timestamp": 1, "non_numeric": 1, "non_utf8": 1,
+                                   "field_count": 1})
+    # the torn tail of a timestamped line (a serial port opened mid-line) is held, and
+    # so are the good lines after it until three agree: then they come out together
+    assert d.decode(b"5,1.5,2", NOW) is None
+    assert d.decode(b"1699999999.4,1.5,2,3", NOW) is None
+    assert d.decode(b"1699999999.5,1.5,2,3", NOW) is None
+    assert sum(m.malformed.values()) == 4                   # nothing counted while held
+    ts, v = d.decode_lines([b"1699999999.6,1.5,2,3"], NOW)
+    assert ts.tolist() == [1699999999.4, 1699999999.5, 1699999999.6]
+    np.testing.assert_array_equal(v, np.array([[1.5, 2, 3]] * 3, np.float32))
+    assert m.malformed["field_count"] == 2                  # the torn tail, refused now
+    # decided: one corrupted "." -> ",": 5 fields; counted, not read as a 1970
+    # timestamp + shifted values
     assert d.decode(b"1699999999,6,1.5,2,3", NOW) is None
-    assert d.decode(b"1.5,2,3", NOW) is None                # a line without the timestamp
-    ts, v = d.decode(b"1699999999.6,1.5,2,3", NOW)
-    assert ts == 1699999999.6
+    assert d.decode(b"1.5,2,3", NOW) is None                # the other shape: held
+    assert d.decode(b"0,5", NOW) is None                    # of neither: refused at once
+    assert m.malformed["field_count"] == 4
+    ts, v = d.decode(b"1699999999.7,1.5,2,3", NOW)          # decided shape: straight out
+    assert ts == 1699999999.7
     np.testing.assert_array_equal(v, np.array([1.5, 2, 3], np.float32))
     assert m.malformed == Counter({"bad_timestamp": 1, "non_numeric": 1, "non_utf8": 1,
-                                   "field_count": 3})
-    d2, m2 = make()
-    assert d2.decode(b"1,2,3", NOW)[0] == NOW                 # decides: no timestamp
-    assert d2.decode(b"1699999999,1,2,3", NOW) is None
-    assert m2.malformed == Counter({"field_count": 1})
+                                   "field_count": 5})      # ... and the held line refused
+
+
+def test_auto_mode_without_timestamps():
+    d, m = make()
+    got = d.decode_lines([b"1,2,3", b"4,5,6", b"7,8,9"], NOW)   # decides: no timestamp
+    assert got[0].tolist() == [NOW] * 3 and got[1][:, 0].tolist() == [1, 4, 7]
+    assert d.decode(b"1,2,3", NOW + 1)[0] == NOW + 1
+    assert d.decode(b"1699999999,1,2,3", NOW) is None       # held, then refused by ...
+    assert d.decode(b"0,5,2,3", NOW) is None                # "0.5" -> "0,5": refused
+    assert d.decode(b"1,2,3", NOW)[0] == NOW                # ... this one
+    assert m.malformed == Counter({"field_count": 2})
+
+
+def test_auto_mode_decides_again_after_ten_lines_of_the_other_shape(caplog):
+    d, m = make()
+    assert len(d.decode_lines([f"{T0 + 50},1,2,3".encode(), b"1,2,3", b"1,2,3",
+                               b"1,2,3"], NOW)[0]) == 3     # plain; the timestamped refused
+    # the device now stamps its lines, earlier than the refused line: the stream's clock
+    # was forgotten with the plain decision, so these are not "behind the stream"
+    lines = [f"{T0 + i},{i},2,3".encode() for i in range(REDECIDE_AFTER + 2)]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        for line in lines[:REDECIDE_AFTER - 1]:
+            assert d.decode(line, NOW) is None
+        ts, v = d.decode_lines(lines[REDECIDE_AFTER - 1:], NOW)
+    assert ts.tolist() == [T0 + i for i in range(REDECIDE_AFTER + 2)]
+    assert v[:, 0].tolist() == list(range(REDECIDE_AFTER + 2))
+    assert m.malformed == Counter({"field_count": 1})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"test: {REDECIDE_AFTER} lines in a row carry a leading timestamp: reading lines "
+        "with one from now on"]
+    assert d.decode(b"1,2,3", NOW) is None                  # now the plain line is held
+
+
+def test_auto_mode_lines_that_never_agree_are_held_at_most_hold_max():
+    d, m = make()
+    for k in range(40):         # alternating shapes: never DECIDE_AFTER in a row
+        line = f"{T0 + k},1,2,3" if k % 2 else "1,2,3"
+        assert d.decode_lines([line.encode()], NOW, "s") is None
+    assert d._clocks.get("s").held is not None and len(d._clocks.get("s").held) == HOLD_MAX
+    assert m.malformed == Counter({"field_count": 40 - HOLD_MAX})
+    assert d._clocks.get("other").has_ts is None            # streams decide on their own
 
 
 def test_backward_and_future_timestamps_are_refused():
-    d, m = make()
+    d, m = make(timestamp="first")
     assert d.decode(f"{T0},1,2,3".encode(), NOW) is not None
     back = T0 - BACKWARD_TOLERANCE_S * 0.9                  # jitter / NTP slew: kept
     assert d.decode(f"{back},1,2,3".encode(), NOW)[0] == back
@@ -360,8 +432,9 @@ def test_payloads():
     assert d.decode_payload(b"", NOW) is None and m.malformed["empty"] == 1
     assert d.decode_payload(b"[7, 8]", NOW) is None and m.malformed["bad_json"] == 3
     c, mc = make("csv")
-    got = c.decode_payload(f"{T0},1,2,3\r\n{T0 + 1},1,2,3\r\nbad\r\n".encode(), NOW)
-    assert got[0].tolist() == [T0, T0 + 1] and got[1].shape == (2, 3)
+    got = c.decode_payload(f"{T0},1,2,3\r\n{T0 + 1},1,2,3\r\nbad\r\n{T0 + 2},1,2,3"
+                           .encode(), NOW)
+    assert got[0].tolist() == [T0, T0 + 1, T0 + 2] and got[1].shape == (3, 3)
     assert mc.malformed == Counter({"field_count": 1})
 
 
@@ -385,7 +458,7 @@ def test_logging_is_rate_limited(caplog):
     assert m.malformed == Counter({"field_count": 150, "non_utf8": 50})
     assert len(caplog.records) == 2
     assert {r.getMessage().split(" in ")[0] for r in caplog.records} == \
-        {"test: field_count (2 fields, expected 3)", "test: non_utf8"}
+        {"test: field_count (2 fields, expected 3 or 4)", "test: non_utf8"}
 
 
 # ---------------------------------------------------------------- generated garbage
@@ -420,35 +493,51 @@ def csv_line(draw):
     return line, kind, kind == "nan"
 
 
-def expected_reason(kind: str, mode: bool | None) -> tuple[str | None, bool | None]:
-    """(reason or None if kept, the `auto` mode after this line)."""
-    has_ts = {"ok": False, "nan": False, "ts": True}.get(kind)
-    if has_ts is not None:
-        return (None, has_ts) if mode in (None, has_ts) else ("field_count", mode)
-    if kind == "text":
-        return ("field_count" if mode else "non_numeric"), mode
-    return {"count": "field_count", "utf8": "non_utf8", "empty": "empty",
-            "long": "too_long"}[kind], mode
+class AutoRule:
+    """agent/csv_auto.py's rule written out again: what each generated line gives and
+    counts under `timestamp: auto`."""
+
+    def __init__(self) -> None:
+        self.mode: bool | None = None
+        self.held: list[tuple[bool, bool]] = []     # (has a timestamp, has a NaN)
+        self.want: Counter = Counter()
+
+    def samples_out(self, kind: str, has_nan: bool) -> int:
+        shape = {"ok": False, "nan": False, "ts": True}.get(kind)
+        if shape is None:
+            self.want[{"text": "field_count" if self.mode else "non_numeric",
+                       "count": "field_count", "utf8": "non_utf8", "empty": "empty",
+                       "long": "too_long"}[kind]] += 1
+            return 0
+        if shape == self.mode:
+            self.want["field_count"] += len(self.held)
+            self.want["nan"] += has_nan
+            self.held = []
+            return 1
+        self.held.append((shape, has_nan))
+        run = len(list(takewhile(lambda h: h[0] == shape, reversed(self.held))))
+        if run >= (DECIDE_AFTER if self.mode is None else REDECIDE_AFTER):
+            out = [h for h in self.held if h[0] == shape]
+            self.want["field_count"] += len(self.held) - len(out)
+            self.want["nan"] += sum(h[1] for h in out)
+            self.mode, self.held = shape, []
+            return len(out)
+        if len(self.held) > HOLD_MAX:
+            self.held.pop(0)
+            self.want["field_count"] += 1
+        return 0
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(csv_line(), min_size=1, max_size=30))
 def test_csv_generated_lines_are_counted_exactly(lines):
     d, m = make()
-    want = Counter()
-    mode = None
+    rule = AutoRule()
     for k, (line, kind, has_nan) in enumerate(lines):
         line = line.replace(b"{ts}", f"{T0 + k * 0.01:.2f}".encode())
-        before = fatal(m)
-        res = d.decode(line, NOW)
-        check_result(res, before, m)
-        reason, mode = expected_reason(kind, mode)
-        if reason is None:
-            assert res is not None, line
-            want["nan"] += has_nan
-        else:
-            want[reason] += 1
-    assert m.malformed == +want
+        out = check_line(d, m, line)
+        assert (0 if out is None else len(out[0])) == rule.samples_out(kind, has_nan), line
+        assert m.malformed == +rule.want
 
 
 @settings(max_examples=200, deadline=None)
@@ -457,8 +546,7 @@ def test_csv_generated_lines_are_counted_exactly(lines):
 def test_random_bytes_never_raise(blobs, protocol, timestamp):
     d, m = make(protocol, timestamp)
     for b in blobs:
-        before = fatal(m)
-        check_result(d.decode(b, NOW), before, m)
+        check_line(d, m, b)
         check_payload(d.decode_payload(b, NOW, "s"))
 
 
@@ -469,8 +557,7 @@ def test_truncated_lines(lines, data):
     for k, (line, _, _) in enumerate(lines):
         line = line.replace(b"{ts}", f"{T0 + k}".encode())
         cut = data.draw(st.integers(0, len(line)))
-        before = fatal(m)
-        check_result(d.decode(line[:cut], NOW), before, m)
+        check_line(d, m, line[:cut])
 
 
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),

@@ -3,7 +3,8 @@ together with the config fuzzing in test_config.py).
 
 Each Hypothesis example carries a batch of generated lines or payloads so that the
 volume is reached in seconds; the properties are those of test_decoders.py: nothing
-raises, a rejected input adds exactly one fatal reason, an accepted one none, and the
+raises, every input is a sample, exactly one fatal reason or held (`timestamp: auto`
+before its stream decides; the decision releases or refuses what was held), and the
 values come back as float32 [channels].
 """
 from __future__ import annotations
@@ -38,15 +39,17 @@ def fatal(m: Metrics) -> int:
 def test_decoders_never_raise_and_count_every_rejection(lines, protocol, timestamp):
     m = Metrics()
     d = LineDecoder(CH, protocol, timestamp, m, "fuzz")
+    clock = d._clocks.get(None)
     for raw in lines:
-        before = fatal(m)
-        res = d.decode(raw, NOW)
-        if res is None:
-            assert fatal(m) == before + 1, (raw, dict(m.malformed))
-        else:
+        before, held = fatal(m), len(clock.held or ())
+        res = d.decode_lines([raw], NOW)
+        n = 0
+        if res is not None:
             ts, values = res
-            assert fatal(m) == before and np.isfinite(ts)
-            assert values.dtype == np.float32 and values.shape == (len(CH),)
+            n = len(ts)
+            assert np.isfinite(ts).all() and ts.dtype == np.float64
+            assert values.dtype == np.float32 and values.shape == (n, len(CH))
+        assert n + fatal(m) - before + len(clock.held or ()) - held == 1, (raw, dict(m.malformed))
         fed["lines"] += 1
         got = d.decode_payload(raw, NOW, "s")     # the MQTT path: one payload
         if got is not None:

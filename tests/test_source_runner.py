@@ -29,7 +29,7 @@ def test_a_crashed_serial_source_starts_again_and_reads_on(monkeypatch, caplog):
     monkeypatch.setattr(source_runner, "RESTART_MIN_S", 0.05)
     master, slave, name = open_pty()
     m = Metrics()
-    cfg = stream("s1", type="serial", port=name, baud=9600)
+    cfg = stream("s1", type="serial", port=name, baud=9600, timestamp="first")
     src = build_source(cfg, CH, m, MqttConfig(), "n")
     real = src.decoder.decode_lines
     calls = []

@@ -153,7 +153,7 @@ def test_serial_absent_port_then_unplug_and_replug(tmp_path):
     link = tmp_path / "ttyTEST"
     m = Metrics()
     src = build_source(stream("s1", type="serial", port=str(link), reconnect_min_s=0.05,
-                              reconnect_max_s=0.2), CH, m, MqttConfig(), "n")
+                              reconnect_max_s=0.2, timestamp="first"), CH, m, MqttConfig(), "n")
     seen_down = threading.Event()
     with Runner(src) as r:
         time.sleep(0.3)                      # absent at start: retried, not fatal
@@ -188,7 +188,8 @@ def test_serial_absent_port_then_unplug_and_replug(tmp_path):
 def test_serial_overlong_run_without_newline_is_dropped_once():
     master, slave, name = open_pty()
     m = Metrics()
-    src = build_source(stream("s1", type="serial", port=name), CH, m, MqttConfig(), "n")
+    src = build_source(stream("s1", type="serial", port=name, timestamp="first"), CH, m,
+                       MqttConfig(), "n")
     try:
         with Runner(src) as r:
             wait_for(lambda: src.connected, what="serial open")
@@ -199,6 +200,49 @@ def test_serial_overlong_run_without_newline_is_dropped_once():
             ts, v = samples(r.take(1))
         np.testing.assert_array_equal(ts, [T + 5])
         assert m.malformed["too_long"] == 1
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_serial_opened_mid_line_learns_the_timestamp_from_the_lines_after():
+    """`timestamp: auto` (the serial default), port opened while the device is mid-line:
+    the torn tail of a timestamped line has exactly C fields, as a line without a
+    timestamp would; it must neither lock the stream to "no timestamp" nor be a sample."""
+    master, slave, name = open_pty()
+    m = Metrics()
+    src = build_source(stream("s1", type="serial", port=name), CH, m, MqttConfig(), "n")
+    try:
+        with Runner(src) as r:
+            wait_for(lambda: src.connected, what="serial open")
+            os.write(master, b"662,0.0391254,32.0012\n")       # "...1700000000.662,..."
+            for k in range(1, 6):
+                os.write(master, f"{T + k},{k},2,3\n".encode())
+                time.sleep(0.02)                # line by line, as a device sends them
+            ts, v = samples(r.take(5))
+        np.testing.assert_array_equal(ts, [T + k for k in range(1, 6)])
+        np.testing.assert_array_equal(v, [[k, 2, 3] for k in range(1, 6)])
+        assert m.malformed == {"field_count": 1}
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_serial_auto_without_timestamps_still_reads_every_line():
+    master, slave, name = open_pty()
+    m = Metrics()
+    src = build_source(stream("s1", type="serial", port=name), CH, m, MqttConfig(), "n")
+    try:
+        with Runner(src) as r:
+            wait_for(lambda: src.connected, what="serial open")
+            before = time.time()
+            for k in range(1, 6):
+                os.write(master, f"{k},2,3\n".encode())
+                time.sleep(0.02)
+            ts, v = samples(r.take(5))
+        np.testing.assert_array_equal(v, [[k, 2, 3] for k in range(1, 6)])
+        assert before <= ts[0] and np.all(np.diff(ts) > 0) and ts[-1] <= time.time()  # arrival
+        assert m.malformed == {}
     finally:
         os.close(master)
         os.close(slave)
@@ -256,8 +300,10 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker, caplog):
         wait_for(lambda: src.connected, timeout=40, what="subscribed after broker start")
         pub = publisher(broker)
         try:
-            pub.publish("dev/pump7", f"{T + 5},1,2,3\n{T + 6},4,5,6\n", qos=1).wait_for_publish(WAIT)
-            got = r.take(2)
+            # three lines: a `timestamp: auto` stream decides on three that agree
+            pub.publish("dev/pump7", f"{T + 4},0,0,0\n{T + 5},1,2,3\n{T + 6},4,5,6\n",
+                        qos=1).wait_for_publish(WAIT)
+            got = r.take(3)
         finally:
             pub.loop_stop()
             pub.disconnect()
@@ -276,7 +322,30 @@ def test_mqtt_absent_broker_at_start_and_broker_restart(broker, caplog):
             pub.loop_stop()
             pub.disconnect()
     assert {b.stream for b in got} == {"pump7"}
-    np.testing.assert_array_equal(samples(got)[0], [T + 5, T + 6, T + 7])
+    np.testing.assert_array_equal(samples(got)[0], [T + 4, T + 5, T + 6, T + 7])
+
+
+def test_mqtt_csv_first_message_without_timestamp_does_not_lock_the_stream(broker):
+    """MQTT CSV is always `timestamp: auto`: a device whose first message lacks the
+    timestamp (sent before its clock was set, say) and whose later ones carry it."""
+    m = Metrics()
+    src = build_source(stream("pump7", type="mqtt", topic="dev/pump7", protocol="csv"), CH, m,
+                       MqttConfig(port=broker.port), "node1")
+    pub = publisher(broker)
+    try:
+        with Runner(src) as r:
+            wait_for(lambda: src.connected, what="mqtt subscribe")
+            pub.publish("dev/pump7", b"9,9,9", qos=1).wait_for_publish(WAIT)
+            for k in range(1, 6):
+                pub.publish("dev/pump7", f"{T + k},{k},2,3", qos=1).wait_for_publish(WAIT)
+            got = r.take(5)
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    ts, v = samples(got)
+    np.testing.assert_array_equal(ts, [T + k for k in range(1, 6)])
+    np.testing.assert_array_equal(v, [[k, 2, 3] for k in range(1, 6)])
+    assert m.malformed == {"field_count": 1}
 
 
 def test_mqtt_clean_stop_is_not_a_lost_broker(broker, caplog):
@@ -304,13 +373,14 @@ def test_mqtt_oversize_payload_is_refused_unread_and_counted(broker):
         pub = publisher(broker)
         try:
             pub.publish("dev/pump7", b"1," * (MAX_PAYLOAD // 2) + b"1", qos=1).wait_for_publish(WAIT)
-            pub.publish("dev/pump7", f"{T + 1},1,2,3", qos=1).wait_for_publish(WAIT)
-            got = r.take(1)
+            pub.publish("dev/pump7", f"{T + 1},1,2,3\n{T + 2},4,5,6\n{T + 3},7,8,9",
+                        qos=1).wait_for_publish(WAIT)
+            got = r.take(3)
         finally:
             pub.loop_stop()
             pub.disconnect()
     assert m.malformed["too_long"] == 1
-    np.testing.assert_array_equal(samples(got)[1], [[1, 2, 3]])
+    np.testing.assert_array_equal(samples(got)[1], [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     assert max(len(item.payload) for item in emitted) < 100, "queued whole, not refused"
 
 
@@ -351,6 +421,44 @@ def test_read_table_plain_csv_variants(tmp_path):
     p.write_text("time,a,b,c\n2020-01-01T00:00:00Z,1,2,3\nlater,1,2,3\n")
     with pytest.raises(ValueError, match="row 2"):
         read_table(p, CH)
+
+
+EPOCH_S = [1583750073, 1583750074.5, 1583750076]     # 2020-03-09, as SKAB
+
+
+@pytest.mark.parametrize("scale", [1, 1_000, 1_000_000, 1_000_000_000], ids=["s", "ms", "us", "ns"])
+def test_read_table_epoch_units_are_told_apart_by_magnitude(tmp_path, scale):
+    p = tmp_path / "epoch.csv"
+    stamps = EPOCH_S if scale == 1 else [int(t * scale) for t in EPOCH_S]
+    p.write_text("timestamp;a;b;c\n" + "".join(f"{t};1;2;3\n" for t in stamps))
+    assert read_table(p, CH).ts.tolist() == EPOCH_S      # the same seconds in every unit
+
+
+@pytest.mark.parametrize("cells, row, why", [
+    (["1583750073", "-5"], 2, "-5: a number must be epoch"),          # negative epoch
+    (["-1000", "-999"], 1, "-1000: a number must be epoch"),           # negative from the start
+    (["1583750073", "55840000000"], 2, "55840000000: a number"),       # between s and ms
+    (["1583750073", "1583750074", "1e30"], 3, "1e+30: a number"),
+    (["1583750073", ""], 2, "nan: a number"),                           # an empty cell
+    (["0", "1583750073"], 1, "0: a number"),               # a count from 0, then an epoch
+    (["2020-01-01T00:00:00Z", "3000-01-01T00:00:00Z"], 2, "'3000-01-01T00:00:00Z': outside"),
+    (["1999-12-31 23:59:59", "2020-01-01 00:00:00"], 1, "'1999-12-31 23:59:59': outside"),
+])
+def test_read_table_times_out_of_range_name_file_column_and_row(tmp_path, cells, row, why):
+    p = tmp_path / "bad_times.csv"
+    p.write_text("time,a,b,c\n" + "".join(f"{c},1,2,3\n" for c in cells))
+    with pytest.raises(ValueError) as e:
+        read_table(p, CH)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: column 'time': row {row} has no readable timestamp ("), msg
+    assert why in msg
+
+
+def test_read_table_relative_times_are_kept_as_they_are(tmp_path):
+    # PaddleX's integer time index, or seconds since a recording began
+    p = tmp_path / "steps.csv"
+    p.write_text("timestamp,a,b,c\n" + "".join(f"{k},1,2,3\n" for k in range(4)))
+    assert read_table(p, CH).ts.tolist() == [0, 1, 2, 3]
 
 
 def test_replay_source_full_speed_and_loop(skab_dir):

@@ -1,8 +1,9 @@
 """Replay source: a recorded CSV file played back as a stream (demos, evaluation, soak tests).
 
 Reads the files `contract.read_table` reads: SKAB files (`;`, `datetime` column)
-and plain CSV whose time column holds epoch seconds or date strings (a time
-without a zone is UTC), or no time column (then samples are 1 s apart from t = 0).
+and plain CSV whose time column holds epoch time (s, ms, µs or ns), seconds from 0 or
+date strings (a time without a zone is UTC), or no time column (then samples are 1 s
+apart from t = 0).
 Model channels are picked by column name, so the file's column order does not matter.
 """
 from __future__ import annotations
