@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .timestamps import MAX_EPOCH_S, MIN_EPOCH_S, file_seconds
+from .timestamps import MIN_EPOCH_S, file_seconds
 
 # A threshold of 0 would flag every window (score >= 0), e.g. when a model
 # reconstructs its calibration data perfectly; this is the smallest handed out.
@@ -38,6 +38,7 @@ MIN_THRESHOLD = 1e-9
 DEFAULT_STD_FLOOR = 0.1
 
 TIME_COLUMNS = ("datetime", "timestamp", "time", "date", "ts")
+TEXT_DATES = ("1900-01-01", "2200-01-01")    # the dates a file's time text may hold
 LABEL_COLUMN = "anomaly"
 # Columns that describe the data rather than measure it: never a model channel.
 LABEL_COLUMNS = (LABEL_COLUMN, "changepoint")
@@ -204,8 +205,9 @@ def time_column(columns) -> str | None:
 
 def column_seconds(col, path: str | Path) -> np.ndarray:
     """Seconds (float64) of a time column: numbers by timestamps.file_seconds (epoch s,
-    ms, µs or ns by magnitude, or a count from 0), else date text (a time without a zone
-    is UTC), inside 2000-2100 as a device's.  ValueError names the first bad row."""
+    ms, µs or ns by magnitude inside 2000-2100 as a device's, or a count from 0), else
+    date text (a time without a zone is UTC) within TEXT_DATES.  ValueError names the
+    first bad row."""
     import pandas as pd
     num = pd.to_numeric(col, errors="coerce")
     if num.notna().all() or col.dtype.kind in "iuf":    # (NaN: an empty cell)
@@ -215,9 +217,11 @@ def column_seconds(col, path: str | Path) -> np.ndarray:
         return sec
     dt = pd.to_datetime(col, errors="coerce", utc=True)
     _no_bad_rows(col, dt.isna().to_numpy(), path, "not a date")
-    # compared as dates: subtracting 1970 from a year-3000 date overflows nanoseconds
-    lo, hi = (pd.Timestamp(s, unit="s", tz="UTC") for s in (MIN_EPOCH_S, MAX_EPOCH_S))
-    _no_bad_rows(col, ((dt < lo) | (dt >= hi)).to_numpy(), path, "outside 2000-2100")
+    # wider than a device's 2000-2100: a plant's history may be older.  Compared as
+    # dates: subtracting 1970 from a year-3000 date overflows nanoseconds
+    lo, hi = pd.Timestamp(TEXT_DATES[0], tz="UTC"), pd.Timestamp(TEXT_DATES[1], tz="UTC")
+    _no_bad_rows(col, ((dt < lo) | (dt >= hi)).to_numpy(), path,
+                 f"outside {TEXT_DATES[0][:4]}-{TEXT_DATES[1][:4]}")
     return ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64)
 
 

@@ -442,7 +442,7 @@ def test_read_table_epoch_units_are_told_apart_by_magnitude(tmp_path, scale):
     (["1583750073", ""], 2, "nan: a number"),                           # an empty cell
     (["0", "1583750073"], 1, "0: a number"),               # a count from 0, then an epoch
     (["2020-01-01T00:00:00Z", "3000-01-01T00:00:00Z"], 2, "'3000-01-01T00:00:00Z': outside"),
-    (["1999-12-31 23:59:59", "2020-01-01 00:00:00"], 1, "'1999-12-31 23:59:59': outside"),
+    (["1899-12-31 23:59:59", "2020-01-01 00:00:00"], 1, "'1899-12-31 23:59:59': outside"),
 ])
 def test_read_table_times_out_of_range_name_file_column_and_row(tmp_path, cells, row, why):
     p = tmp_path / "bad_times.csv"
@@ -452,6 +452,12 @@ def test_read_table_times_out_of_range_name_file_column_and_row(tmp_path, cells,
     msg = str(e.value)
     assert msg.startswith(f"{p}: column 'time': row {row} has no readable timestamp ("), msg
     assert why in msg
+
+
+def test_read_table_date_text_of_a_plants_older_history_is_read(tmp_path):
+    p = tmp_path / "old.csv"
+    p.write_text("time,a,b,c\n1998-06-01 00:00:00,1,2,3\n1998-06-01 00:00:01,1,2,3\n")
+    assert read_table(p, CH).ts.tolist() == [896659200.0, 896659201.0]
 
 
 def test_read_table_relative_times_are_kept_as_they_are(tmp_path):
