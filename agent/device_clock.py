@@ -6,8 +6,9 @@ FUTURE_TOLERANCE_S ahead of this machine's clock: a corrupted digit then costs o
 sample instead of resetting or freezing the window.  A device whose clock really
 stepped back (NTP, an RTC reset) is followed again after RESYNC_AFTER consecutive
 such samples, so a stream is never left blind for the length of the step.  This
-memory (and the CSV `auto` decision, with its held lines: csv_auto.py) is kept for the MAX_TRACKED_STREAMS streams seen
-most recently: a flood of topic-named streams cannot grow it without bound.
+memory (and the CSV `auto` decision, with its held lines: csv_auto.py) is kept for the
+MAX_TRACKED_STREAMS streams seen most recently: a flood of topic-named streams cannot
+grow it without bound.
 """
 from __future__ import annotations
 
