@@ -59,8 +59,10 @@ def _check(d, n_channels: int) -> dict:
     if d.get("schema") != SCHEMA:
         raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA}")
     mean, std = _vector(d, "mean", n_channels), _vector(d, "std", n_channels)
-    if not np.all(std > 0):
-        raise ValueError("'std' must be > 0")
+    # the scaler multiplies by 1 / std in float32: a smaller std scales every value to
+    # infinity, and every window would be skipped
+    if not np.all(std >= np.finfo(np.float32).tiny):
+        raise ValueError(f"'std' must be >= {np.finfo(np.float32).tiny:.3g}")
     thr = d.get("threshold")
     if not isinstance(thr, (int, float)) or not (0 < thr < float("inf")):
         raise ValueError(f"'threshold' is {thr!r}, expected a finite number > 0")

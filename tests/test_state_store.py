@@ -55,6 +55,7 @@ def test_calibration_other_model_means_recalibrate(tmp_path, caplog):
 
 @pytest.mark.parametrize("content", ['{"schema": 1, "mean": [1', "[]", "\xff\xfe",
                                      '{"schema": 1, "model_sha256": "%s", "mean": [1.0, 1], "std": [0.0, 1], "threshold": 1}' % SHA_A,
+                                     '{"schema": 1, "model_sha256": "%s", "mean": [1.0, 1], "std": [1e-300, 1], "threshold": 1}' % SHA_A,
                                      '{"schema": 1, "model_sha256": "%s", "mean": [1.0, 1], "std": [1.0, 1], "threshold": -1}' % SHA_A,
                                      '{"schema": 2, "model_sha256": "%s", "mean": [1.0, 1], "std": [1.0, 1], "threshold": 1}' % SHA_A,
                                      # one value per channel or none: 3 would crash the scaler,
