@@ -20,7 +20,7 @@ steps back it has taken, and its gates run on `elapsed = ts + offset`:
 Times shown (an alert's start and end, `shelved_until`) stay the device's own.  The
 offset follows the order of the samples, not how they were chunked, so a daemon fed
 one sample at a time and a file job's long chunks gate on the same elapsed times.  A
-block without a step back costs a few array operations (one sample: two comparisons).
+block without a step back costs a few array operations (a few samples: a few comparisons).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import numpy as np
 from .device_clock import BACKWARD_TOLERANCE_S
 
 STEP_S = BACKWARD_TOLERANCE_S      # further back than this is a clock step, not jitter
+FEW = 8                             # blocks up to this many samples are scanned in Python
 
 
 class SampleClock:
@@ -55,15 +56,17 @@ class SampleClock:
         n, newest = len(ts), self.newest
         if n == 0:
             return self.offset, newest, self.offset
-        if n == 1:
-            t = float(ts[0])
-            if not t < newest - STEP_S:
-                return self.offset, t if t > newest else newest, self.offset
-        else:
-            # fmax: a NaN time (no decoder lets one through) neither steps nor sticks
-            run = np.fmax(np.fmax.accumulate(ts), newest)
-            if not (ts[0] < newest - STEP_S or np.less(ts[1:], run[:-1] - STEP_S).any()):
-                return self.offset, float(run[-1]), self.offset
+        if n <= FEW:    # a daemon's few samples a step: Python floats beat numpy calls
+            for t in ts.tolist():
+                if t < newest - STEP_S:
+                    return self._steps(ts)
+                if t > newest:
+                    newest = t
+            return self.offset, newest, self.offset
+        # fmax: a NaN time (no decoder lets one through) neither steps nor sticks
+        run = np.fmax(np.fmax.accumulate(ts), newest)
+        if not (ts[0] < newest - STEP_S or np.less(ts[1:], run[:-1] - STEP_S).any()):
+            return self.offset, float(run[-1]), self.offset
         return self._steps(ts)
 
     def _steps(self, ts: np.ndarray) -> tuple[np.ndarray, float, float]:
