@@ -52,7 +52,10 @@ def parse(payload: bytes | str) -> Command:
     if not isinstance(doc, dict):
         return Command(None, None, error="expected a JSON object")
     rid = doc.get("id")
-    rid = rid if isinstance(rid, str) and len(rid) <= MAX_ID else None
+    if rid is not None and not (isinstance(rid, str) and 0 < len(rid) <= MAX_ID):
+        # not carried out: its result could not name it, and the sender could not tell
+        # which command the result answers
+        return Command(None, None, error=f"'id' must be a string of 1-{MAX_ID} chars")
     cmd = doc.get("cmd")
     if cmd not in COMMANDS:
         return Command(rid, None, error=f"cmd must be one of {', '.join(COMMANDS)}")

@@ -47,10 +47,22 @@ def events(results):
     (b'{"cmd": "shelve", "stream": "pump"}', "for_s"),
     (b'{"cmd": "shelve", "stream": "pump", "for_s": -1}', "for_s"),
     (b'{"cmd": "shelve", "stream": "pump", "for_s": 1e99}', "for_s"),
-    (b'{"cmd": "recalibrate", "stream": 7}', "needs 'stream'")])
+    (b'{"cmd": "recalibrate", "stream": 7}', "needs 'stream'"),
+    # an id the result could not echo (the schema: a string of 1-128 chars) is refused,
+    # not carried out
+    (b'{"id": "", "cmd": "unshelve", "stream": "pump"}', "'id' must be"),
+    (b'{"id": 5, "cmd": "unshelve", "stream": "pump"}', "'id' must be"),
+    (b'{"id": "%s", "cmd": "unshelve", "stream": "pump"}' % (b"x" * 129), "'id' must be")])
 def test_malformed_commands_get_an_error_result(engine, payload, error):
     result, evs = execute(parse(payload), engine)
     assert result["ok"] is False and error in result["error"] and evs == []
+    assert result["id"] is None or result["id"] == "r"
+
+
+def test_a_command_without_an_id_is_carried_out(engine):
+    feed(engine, quiet(5), 1e9)
+    result, _ = execute(parse(b'{"cmd": "unshelve", "stream": "pump"}'), engine)
+    assert result["id"] is None and result["ok"] is True
 
 
 def test_unknown_targets_are_errors_not_crashes(engine):
