@@ -118,7 +118,7 @@ class Stream:
         self.clock = SampleClock()      # the elapsed time the tracker's gates run on
         self.rebaseline_due = False     # a standing alert asked for a new learning period
         # states entered since the engine last collected them (see StreamResult.entered)
-        self.entered: list[str] = ["learning"] if baseline.learning else []
+        self.entered: list[str] = []    # "learning" comes with the first sample (_first)
         if not baseline.learning:
             self._start_adapting()
 
@@ -240,9 +240,11 @@ class Stream:
         return self.clock.take(ts)
 
     def _first(self, t0: float) -> None:
-        """A shelve given before the first sample ran on the wall clock; from now on it
-        runs on the stream's sample time, keeping what it had left: a device clock can be
-        years off, and a shelve must not outlast its duration."""
+        """`learning` shows from the first sample (a stream a command made shows `normal`
+        until then).  A shelve given before it ran on the wall clock; now it runs on sample
+        time, keeping what it had left: a device clock can be years off."""
+        if self.baseline.learning:
+            self.entered.append("learning")
         until = self.tracker.shelved_until
         if np.isfinite(until):
             self.tracker.shelve(t0 + max(0.0, until - time.time()))

@@ -177,6 +177,15 @@ def test_streams_per_source_are_capped_and_counted(model, caplog):
     assert "solo" in e.streams
 
 
+def test_a_stream_a_command_made_shows_learning_only_from_its_first_sample(model):
+    e = engine_for(model, calibration={"enabled": True, "samples": 20})
+    e.admission.named = {"s1"}
+    assert e.shelve("s1", 600) is not None and e.streams["s1"].baseline.learning
+    assert e.take_entered() == []       # no sample yet: still shown `normal`, as configured
+    res = feed(e, "s1", normal(5))
+    assert [st for r in res for st in r.entered] == ["learning"]
+
+
 def test_a_stream_id_belongs_to_one_source(model, caplog):
     """A topic level equal to another stream's id must not merge two devices' samples."""
     m = Metrics()
