@@ -146,11 +146,18 @@ def test_availability_online_offline_and_discovery(broker, tmp_path, sinks):
     assert kinds["pump1_anomaly"] == ("binary_sensor", P + "stream/pump1/state")
     assert kinds["pump2_score"] == ("sensor", P + "stream/pump2/score")
 
+    s.stream_status("pump1", {"online": True, "state": "normal", "shelved_until": None})
+    streams = [P + "stream/pump1/availability", P + "stream/pump2/availability"]
+    on = Sub(broker.port, streams)
+    on.wait(has(streams[0], "online"), "the stream online")
     s.stop()
     sub.wait(has(P + "availability", "offline"), "offline after clean stop")
-    after = Sub(broker.port, [P + "availability"])
-    assert after.wait(has(P + "availability"), "retained")[0][1:] == ("offline", 1, True)
-    for x in (sub, late, after):
+    after = Sub(broker.port, [P + "availability"] + streams)
+    got = after.wait(lambda m: len({x[0] for x in m}) == 3, "retained")
+    # every stream too: its source stopped with the agent
+    assert sorted(x[:2] for x in got) == [(P + "availability", "offline"),
+                                          (streams[0], "offline"), (streams[1], "offline")]
+    for x in (sub, late, on, after):
         x.close()
 
 

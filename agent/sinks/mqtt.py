@@ -172,6 +172,7 @@ class MqttSink(Sink):
         if self._thread is not None:
             self._thread.join(timeout)
         if self.client.is_connected():
+            self.streams.offline()      # sent in order: waiting for the node's waits for these
             info = self.client.publish(self.t_avail, "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)

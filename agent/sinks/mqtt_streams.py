@@ -85,6 +85,13 @@ class StreamTopics:
                   "online" if self.status.get(sid, {}).get("online") else "offline")
         self._pub(sid, "shelved", self._shelved(sid))
 
+    def offline(self) -> None:
+        """A clean stop: every stream's source is gone with the agent (the node's
+        availability, which follows, covers an unclean one as the Last Will)."""
+        with self._lock:
+            for sid in sorted(self.known):
+                self._pub(sid, "availability", "offline")
+
     def _add(self, sid: str) -> bool | None:
         """True: a new stream; False: a known one; None: one the config does not produce
         (the end event of a stream a reload dropped still brings its state)."""
