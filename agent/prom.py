@@ -176,12 +176,15 @@ def _stream_families(snap: Snapshot) -> list:
     samples = CounterMetricFamily("tsad_stream_samples", "Samples of the stream taken in "
                                   "since it was created.", labels=["stream"])
     for s in snap.streams:
-        if s.score is not None:
+        # while a stream learns (again), its last score and threshold belong to a baseline
+        # it is replacing: a panel would show a score over a threshold that no longer holds
+        if s.score is not None and s.state != "learning":
             g["tsad_stream_score"].add_metric([s.id], s.score)
-        if s.threshold is not None:
+        if s.threshold is not None and s.state != "learning":
             g["tsad_stream_threshold"].add_metric([s.id], s.threshold)
         g["tsad_stream_shelved"].add_metric([s.id], int(s.shelved))
-        g["tsad_stream_last_sample_age_seconds"].add_metric([s.id], max(0.0, now - s.last_seen))
+        if s.samples:       # a stream a command made has no sample to be old
+            g["tsad_stream_last_sample_age_seconds"].add_metric([s.id], max(0.0, now - s.last_seen))
         for name in STATES:
             state.add_metric([s.id, name], int(s.state == name))
         samples.add_metric([s.id], s.samples)

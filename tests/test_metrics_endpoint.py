@@ -212,3 +212,36 @@ def test_serve_metrics_parse_with_the_prometheus_parser():
     assert value(f, "tsad_http_requests_total", path="/anomaly", code="400") == 1
     assert value(f, "process_cpu_seconds_total") > 0 and "python_info" in f
     assert "tsad_outbox_depth" not in f
+
+
+def test_a_learning_stream_shows_no_old_score_and_an_unsampled_one_no_age(tmp_path):
+    """A re-baseline's learning period shows neither the last score nor the threshold it
+    is replacing (a panel would show a score over a threshold that no longer holds), and a
+    stream a command made before its first sample shows no sample age."""
+    m = Metrics()
+    det = Detector(str(tiny_model(tmp_path)), metrics=m)
+    e = Engine(build(DetectionConfig, {
+        "node": "t", "scoring": {"threshold": THRESHOLD},
+        "calibration": {"enabled": True, "samples": 10},
+        "alerts": {"open_k": 1, "open_n": 1, "close_m": 2}}), det, metrics=m,
+        named={"s1", "idle"})
+    sink = PrometheusSink(m)
+    v = np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32)
+    v[29] = 1000
+    for r in e.step([Batch("s1", 1e9 + np.arange(30.0), v)]):
+        sink.scores(r.stream, r.ts, r.scores, r.threshold, r.labels, r.alert_open)
+    assert e.shelve("idle", 60) is not None
+    col = DaemonCollector(m)
+
+    def series():
+        col.snapshot = take_snapshot(e, [], [], m)
+        return {(f.name, s.labels.get("stream")) for f in col.collect() for s in f.samples}
+
+    got = series()
+    assert {("tsad_stream_score", "s1"), ("tsad_stream_threshold", "s1"),
+            ("tsad_stream_last_sample_age_seconds", "s1")} <= got
+    assert ("tsad_stream_last_sample_age_seconds", "idle") not in got
+    assert e.rebaseline("s1")[0] and e.streams["s1"].baseline.learning
+    got = series()
+    assert ("tsad_stream_score", "s1") not in got and ("tsad_stream_threshold", "s1") not in got
+    assert ("tsad_stream_state", "s1") in got
