@@ -229,7 +229,7 @@ SHAPES = "values must be one sample: a list of 8 numbers, or one window: a list 
     ({"values": [0.0] * 3}, "got a list of 3 numbers"),
     ({"values": []}, "got an empty list"),
     ({"values": "1,2,3"}, "got str"),
-    ({"values": [1.0, [2.0]] * 4}, "got list"),
+    ({"values": [1.0, [2.0]] * 4}, "got a list holding something other than numbers"),
     ({}, "field 'values' is required"),
     ({"stream": "s", "values": [0.0] * 3}, "got a list of 3 numbers"),
     ({"stream": "s", "values": [[0.0] * 8]}, "got 1 list(s) of 8 number(s)"),

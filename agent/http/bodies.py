@@ -72,8 +72,10 @@ def _values(v, w: int, c: int) -> np.ndarray:
             raise HttpError(422, f"{shapes}; got {len(v)} list(s) of "
                                  f"{', '.join(map(str, got))} number(s)", "http_shape")
     else:
-        raise HttpError(422, f"{shapes}; got {type(v).__name__ if v != [] else 'an empty list'}",
-                        "http_shape")
+        what = "an empty list" if v == [] else \
+            "a list holding something other than numbers" if isinstance(v, list) else \
+            type(v).__name__
+        raise HttpError(422, f"{shapes}; got {what}", "http_shape")
     try:
         a = np.asarray(v, np.float64)
     except OverflowError:      # an integer beyond float64
