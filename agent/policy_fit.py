@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from .engine import Engine
 from .jobs import detection_config, long_run, rows_prediction, run_table
 from .model_meta import meta_path_for, sha256_file
 
+log = logging.getLogger("tsad.policy_fit")
+
 GRID = tuple(round(1.1 ** k, 3) for k in range(-15, 40))  # margins 0.24 .. ~41
 
 
@@ -48,13 +51,18 @@ class Segment:
     values: np.ndarray
 
 
-def segments(files: list[Path], channels: list[str], learning: int) -> list[Segment]:
-    """The recordings long enough to run after their learning period."""
+def segments(files: list[Path], channels: list[str], learning: int,
+             tell: bool = True) -> list[Segment]:
+    """The recordings long enough to run after their learning period (more than twice
+    its rows: a run at least as long as what it learned on); the others are logged."""
     out = []
     for f in files:
         t = read_table(f, channels)
         if len(t.ts) > 2 * max(learning, 1):
             out.append(Segment(f, t.ts, t.values))
+        elif tell:
+            log.warning("%s: %d rows, not more than twice the learning period (%d rows): "
+                        "not used", f, len(t.ts), learning)
     return out
 
 
@@ -133,12 +141,17 @@ def fit_margin(det: Detector, files: list[Path], settings: dict, learning: int,
     """(the chosen trial, every trial run), smallest margin first."""
     segs = segments(files, det.meta.channels, learning)
     if not segs:
-        raise ValueError(f"no normal recording runs longer than its learning period "
-                         f"({learning} rows)")
-    i, tried = bisect(lambda m: trial(det, segs, settings, m, learning),
-                      lambda r: r["alerts"] <= max(1.0, alerts_per_day * r["hours"] / 24)
-                      and r["open_share"] <= open_share)
-    return next(r for r in tried if r["margin"] == GRID[i]), tried
+        raise ValueError(f"no normal recording has more than twice the learning period's "
+                         f"rows ({2 * max(learning, 1)})")
+    ok = lambda r: (r["alerts"] <= max(1.0, alerts_per_day * r["hours"] / 24)  # noqa: E731
+                    and r["open_share"] <= open_share)
+    i, tried = bisect(lambda m: trial(det, segs, settings, m, learning), ok)
+    best = next(r for r in tried if r["margin"] == GRID[i])
+    if not ok(best):        # the grid's top: no margin on it meets the rule
+        raise ValueError(f"no margin up to {GRID[-1]:g} meets the rule: at {best['margin']:g}, "
+                         f"{best['alerts']} alert(s) in {best['hours']:g} h with an alert open "
+                         f"on {100 * best['open_share']:.2f}% of the rows")
+    return best, tried
 
 
 def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning: int,
@@ -152,6 +165,10 @@ def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning:
     allowed = int(np.floor((1.0 - start_quantile) * len(starts) + 1e-9))
     run = lambda m: start_trial(det, starts, settings, m, learning)  # noqa: E731
     i, tried = bisect(run, lambda r: r["alerting"] <= allowed)
+    top = tried[-1]
+    if top["margin"] == GRID[i] and top["alerting"] > allowed:
+        raise ValueError(f"no margin up to {GRID[-1]:g} meets the start rule: at "
+                         f"{top['margin']:g}, {top['alerting']} of {top['starts']} starts alert")
     j = next((k for k, m in enumerate(GRID) if m >= GRID[i] * safety - 1e-9), len(GRID) - 1)
     best = next((r for r in tried if r["margin"] == GRID[j]), None) or run(GRID[j])
     return best, sorted(tried + ([best] if best not in tried else []),
@@ -164,6 +181,13 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
                start_h: float = 8.0, start_quantile: float = 0.95,
                safety: float = 1.1) -> dict:
     """The policy (metadata `policy`) for `model` on normal `files` (and `starts`)."""
+    fitted_keys = {("calibration", "margin"): "what fit-policy fits",
+                   ("calibration", "samples"): "set by --learn",
+                   ("calibration", "enabled"): "set by --learn (0: none)",
+                   ("scoring", "threshold"): "the model's threshold times the fitted margin"}
+    for (sec, key), why in fitted_keys.items():
+        if key in settings.get(sec, {}):
+            raise ValueError(f"--set {sec}.{key}: {why}, not a setting to give")
     det = Detector(model)
     best, tried = fit_margin(det, files, settings, learning, alerts_per_day, open_share)
     rule = ("smallest margin on a 1.1x grid (on the threshold "
@@ -186,8 +210,9 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
                          sbest["margin"], learning)
             tried = sorted(tried + [best], key=lambda r: r["margin"])
     chosen = with_margin(det, settings, best["margin"], learning)
+    used = [s.path for s in segments(files, det.meta.channels, learning, tell=False)]
     return {"settings": chosen, "reason": reason, "fitted": {
-        "rule": rule, "data": _files(files, data_root), "result": best, "trials": tried,
+        "rule": rule, "data": _files(used, data_root), "result": best, "trials": tried,
         **fitted,
         "fitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
 

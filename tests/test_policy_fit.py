@@ -101,3 +101,31 @@ def test_starts_shorter_than_the_learning_period_are_refused(model, data):
     _, starts = data
     with pytest.raises(ValueError, match="start recording"):
         fit_policy(model, data[0], SETTINGS, 400, "test", starts=starts)
+
+
+def test_short_recordings_are_named_and_left_out_of_the_fitted_data(model, data, tmp_path, caplog):
+    steady, _ = data
+    short = recording(tmp_path / "short.csv", 1, seed=99)         # 20 rows
+    policy = fit_policy(model, [steady[0], short], SETTINGS, 10, "test")
+    assert [d["path"] for d in policy["fitted"]["data"]] == ["steady0.csv"]
+    assert f"{short}: 20 rows, not more than twice the learning period (10 rows): not used" \
+        in caplog.text
+    with pytest.raises(ValueError, match=r"more than twice the learning period's rows \(20\)"):
+        fit_policy(model, [short], SETTINGS, 10, "test")
+
+
+def test_no_margin_on_the_grid_is_an_error_not_a_policy(model, tmp_path):
+    # every row far off the model's range: even the grid's top margin leaves an alert open
+    rng = np.random.default_rng(5)
+    v = rng.normal(0, 1.0, (400, len(CH)))
+    v[100:] += 1e4
+    with pytest.raises(ValueError, match=f"no margin up to {GRID[-1]:g} meets the rule"):
+        fit_policy(model, [write(tmp_path / "off.csv", v)], SETTINGS, 40, "test")
+
+
+@pytest.mark.parametrize("key", ["calibration.margin", "calibration.samples",
+                                 "calibration.enabled", "scoring.threshold"])
+def test_settings_the_fit_sets_itself_are_refused(model, data, key):
+    sec, name = key.split(".")
+    with pytest.raises(ValueError, match=f"--set {key}: "):
+        fit_policy(model, data[0][:1], {sec: {name: 1}}, 10, "test")
