@@ -123,7 +123,9 @@ class AdaptationConfig(Strict):
 class ScoringConfig(Strict):
     # "model" = threshold from the model metadata (or calibration when enabled)
     threshold: Union[Literal["model"], PositiveFloat] = "model"
-    smoothing: PositiveInt = 1            # moving average over the last k scores
+    # moving average over the last k scores, summed exactly (k additions a block): beyond
+    # an hour of 1 Hz windows a longer window or a stride is the better tool
+    smoothing: Annotated[int, Meta(ge=1, le=3600)] = 1
     # "channel": each channel's error in units of its own typical error on this stream
     # (learned with the baseline, adapted with it), so a channel whose error is always
     # high or slowly rising does not drown the others; "none": the model's score as is

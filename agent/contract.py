@@ -267,7 +267,25 @@ def read_table(path: str | Path, channels: list[str], time_text: bool = False) -
             text = [t.strip() for t in raw.iloc[:, 0].tolist()]
     values = np.ascontiguousarray(
         df[list(channels)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32))
+    # a column with no number at all is no sensor (text, a decimal comma): every window
+    # would be skipped, and a job would report a clean run of nothing
+    empty = [c for c, ok in zip(channels, np.isfinite(values).any(axis=0)) if not ok]
+    if empty and len(df):
+        raise ValueError(f"{path}: column(s) {empty} hold no number (a decimal comma? "
+                         f"text?); the model needs numbers in {list(channels)}")
     labels = None
     if LABEL_COLUMN in df.columns:
-        labels = pd.to_numeric(df[LABEL_COLUMN], errors="coerce").fillna(0).to_numpy(np.int8)
+        lab = pd.to_numeric(df[LABEL_COLUMN], errors="coerce")
+        # a label that is not 0 or 1 (text, an empty cell, 2) would be counted silently
+        _no_bad_label(df[LABEL_COLUMN], ~lab.isin((0, 1)).to_numpy(), path)
+        labels = lab.to_numpy(np.int8)
     return Table(ts, values, labels, text)
+
+
+def _no_bad_label(col, bad: np.ndarray, path: str | Path) -> None:
+    at = np.flatnonzero(bad)
+    if len(at):
+        v = col.iloc[at[0]]
+        what = "is empty" if v != v else f"holds {v!r}" if isinstance(v, str) else f"holds {v}"
+        raise ValueError(f"{path}: column {LABEL_COLUMN!r}: row {at[0] + 1} {what}, not 0 or "
+                         f"1; {len(at)} such row(s)")

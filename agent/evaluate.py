@@ -45,16 +45,18 @@ class Counts:
         self.fn += int(np.sum(t & ~p))
 
     def summary(self) -> dict:
+        """The scores; None where undefined (no labeled rows, no normal ones, nothing
+        flagged): a 0 there would read as a measured miss."""
         tp, fp, tn, fn = self.tp, self.fp, self.tn, self.fn
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
         return {
-            "precision": prec, "recall": rec,
-            "f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else 0.0,
-            "far": fp / (fp + tn) if fp + tn else 0.0,
-            "mar": fn / (fn + tp) if fn + tp else 0.0,
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+            "f1": _ratio(tp, tp + (fp + fn) / 2), "far": _ratio(fp, fp + tn),
+            "mar": _ratio(fn, fn + tp), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def predict_file(path: str | Path, detector: Detector, cfg: DetectionConfig,
@@ -135,9 +137,12 @@ def format_summary(r: dict) -> str:
         ev = [e for f in r["per_file"] for e in f.get("events", [])]
         delays = [e["delay_s"] for e in ev if e["delay_s"] is not None]
         lines.append(
-            f"{r['model']:<18} files={r['labeled_files']}  P={r['precision']:.3f} "
-            f"R={r['recall']:.3f} F1={r['f1']:.3f} FAR={100 * r['far']:.2f}% "
-            f"MAR={100 * r['mar']:.2f}%  (TP={r['tp']} FP={r['fp']} TN={r['tn']} FN={r['fn']})")
+            f"{r['model']:<18} files={r['labeled_files']}  P={_num(r['precision'])} "
+            f"R={_num(r['recall'])} F1={_num(r['f1'])} FAR={_pct(r['far'])} "
+            f"MAR={_pct(r['mar'])}  (TP={r['tp']} FP={r['fp']} TN={r['tn']} FN={r['fn']})")
+        lines += [f"{r['model']:<18} {f['file']}: no row scored (no more rows than its "
+                  f"learning period, {r['learning_rows']})" for f in r["per_file"]
+                  if "events" in f and not f["tp"] + f["fp"] + f["tn"] + f["fn"]]
         lines.append(f"{'':<18} events={len(ev)} detected={len(delays)} median delay="
                      + (f"{np.median(delays):.0f} s" if delays else "-"))
     for f in r["per_file"]:
@@ -147,6 +152,14 @@ def format_summary(r: dict) -> str:
                          + (f" ({f['alerts_per_day']:.2f}/day)" if f['alerts_per_day'] is not None
                             else ""))
     return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
 def evaluation_files(paths: list[Path]) -> list[Path]:

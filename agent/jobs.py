@@ -154,6 +154,7 @@ def run_table(engine: Engine, stream: str, ts: np.ndarray, values: np.ndarray,
     fast as possible, else real time x speed by the rows' timestamps."""
     rec = Recording()
     t0 = time.monotonic()
+    failed = sum(engine.metrics.errors.values())
     for a, b in (zip(range(len(ts)), range(1, len(ts) + 1)) if speed > 0 else
                  step_bounds(len(ts), learning_rows(engine.cfg), chunk)):
         if stop is not None and stop():
@@ -166,6 +167,12 @@ def run_table(engine: Engine, stream: str, ts: np.ndarray, values: np.ndarray,
         rec.add(results)
         if sinks:
             deliver(results, sinks)
+    # the engine logs a stream's failure and goes on, as a daemon must; a file job's
+    # figures would then describe part of the file, so it ends with an error instead
+    failed = sum(engine.metrics.errors.values()) - failed
+    if failed:
+        raise ValueError(f"stream {stream}: the engine failed {failed} time(s) on it (logged "
+                         f"above); its results would be incomplete")
     return rec
 
 
