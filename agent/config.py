@@ -35,6 +35,9 @@ SinksConfig = msgspec.defstruct(
 SourceConfigs = Union[tuple(cls.config_class for cls in SOURCES.values())]
 
 
+# the fewest samples a learning period may hold (a threshold needs some windows)
+MIN_LEARN = 10
+
 class StreamConfig(Strict, kw_only=True):
     id: StreamId
     # the sensor's sampling interval, when known; else it is learned (buffer.gap_reset_s)
@@ -85,7 +88,7 @@ class BufferConfig(Strict):
 
 class CalibrationConfig(Strict):
     enabled: bool = False
-    samples: Annotated[int, Meta(ge=10)] = 400
+    samples: Annotated[int, Meta(ge=MIN_LEARN)] = 400
     # learning period by sample time instead of sample count (e.g. one shift)
     duration_s: PositiveFloat | None = None
     quantile: Annotated[float, Meta(gt=0, lt=1)] = 0.99

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import MIN_LEARN
 from .detector import Detector, DetectorError
 from .prediction import DEFAULT_MAX_GAP, PredictError, Prediction, plot_png, predict
 
@@ -44,6 +45,9 @@ def predict_files(input_path: str | Path, model: str, save_path: str | Path,
                   report=print, fail=print) -> int:
     """Predict every input file; `report(line)` per file written, `fail(message)` per file
     refused.  Returns how many failed; PredictError/DetectorError when nothing can start."""
+    if calibrate is not None and calibrate != 0 and calibrate < MIN_LEARN:
+        raise PredictError(f"--calibrate {calibrate}: 0 (the model's scaler and threshold) "
+                           f"or at least {MIN_LEARN} rows")
     files = input_files(input_path)
     det = Detector(model)
     failed = 0

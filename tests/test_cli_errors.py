@@ -82,6 +82,8 @@ AGENT_CASES = [
      "error: model 'nope' is neither"),
     ("predict-missing-input", ["predict", "-i", "{missing}", "-m", "{model}"],
      "error: {missing}: no such file or folder"),
+    ("predict-bad-calibrate", ["predict", "-i", "{good}", "-m", "{model}", "--calibrate", "-1"],
+     "error: --calibrate -1: 0 (the model's scaler and threshold) or at least 10 rows"),
     ("predict-unwritable-save-path", ["predict", "-i", "{good}", "-m", "{model}",
                                       "--save_path", "{blocker}/out", "--calibrate", "0"],
      "error: {blocker}/out: "),
