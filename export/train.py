@@ -10,6 +10,7 @@ Three ways to put the data into the model's scaled space, by how the model will 
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from export.data import DEFAULT_NOISE
 from export import drift
 from export import fit as F
 from export import package as P
-from export.onnx_export import count_parameters
+from export.onnx_export import count_parameters, opset_range
 
 PARITY_WINDOWS = 64
 # A model whose held-out error (or threshold) is below this fraction of the data's own
@@ -68,9 +69,14 @@ class TrainOptions:
     check_degenerate: bool = True
 
     def check(self) -> None:
+        self._check_ranges()
+        if self.columns and len(set(self.columns)) < len(self.columns):
+            dup = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            raise TrainError(f"--columns: {', '.join(map(repr, dup))} given more than once; "
+                             "each channel is one model input")
         if not 0 < self.val_frac < 1:
             raise TrainError(f"--val-frac {self.val_frac}: expected a fraction between 0 and 1")
-        if not 0 < self.quantile <= 1 or self.margin <= 0:
+        if not 0 < self.quantile <= 1 or not 0 < self.margin < math.inf:
             raise TrainError("--quantile must be in (0, 1] and --margin > 0")
         if self.train_stride < 1:
             raise TrainError(f"--train-stride {self.train_stride}: expected at least 1")
@@ -82,6 +88,31 @@ class TrainOptions:
         if not 0 < self.drift_quantile < 1:
             raise TrainError(f"--drift-quantile {self.drift_quantile}: expected a fraction "
                              f"between 0 and 1")
+
+
+    def _check_ranges(self) -> None:
+        lo, hi = opset_range()
+        # (flag, value, lowest allowed, inclusive, allowed range in words); NaN fails every test
+        limits = [("--epochs", self.epochs, 1, True, "an integer >= 1"),
+                  ("--batch-size", self.batch_size, 1, True, "an integer >= 1"),
+                  ("--threads", self.threads, 1, True, "an integer >= 1"),
+                  ("--patience", self.patience, 0, True, "an integer >= 0"),
+                  ("--lr", self.lr, 0, False, "a finite number > 0"),
+                  ("--noise", self.noise, 0, True, "a finite number >= 0"),
+                  ("--level-noise", self.level_noise, 0, True, "a finite number >= 0"),
+                  ("--block-std-floor", self.block_std_floor, 0, True, "a finite number >= 0")]
+        if self.rows_per_file is not None:
+            limits.append(("--rows-per-file", self.rows_per_file, 1, True, "an integer >= 1"))
+        for flag, value, low, inclusive, words in limits:
+            ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+            if not ok:
+                raise TrainError(f"{flag} {value}: expected {words}")
+        # A one-row block has no spread to scale by: every row would become 0.
+        if self.scale_rows < 0 or self.scale_rows == 1:
+            raise TrainError(f"--scale-rows {self.scale_rows}: expected 0 (off) or an integer >= 2")
+        if not lo <= self.opset <= hi:
+            raise TrainError(f"--opset {self.opset}: expected {lo} to {hi} (what this torch's "
+                             "ONNX exporter supports)")
 
 
 def build(name: str, window: int, n_channels: int, hparams: dict):
