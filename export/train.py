@@ -10,6 +10,8 @@ Three ways to put the data into the model's scaled space, by how the model will 
 """
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -115,14 +117,41 @@ class TrainOptions:
                              "ONNX exporter supports)")
 
 
+class OptionError(TrainError):
+    """A bad --hparam, found only once the data gives the channel count: a usage error."""
+
+
+# Set by --window and the data, never by --hparam.
+_SHAPE_ARGS = ("window", "n_channels")
+
+
+def accepted_hparams(name: str) -> list[str]:
+    from export.models import REGISTRY
+    params = inspect.signature(REGISTRY[name].__init__).parameters
+    return [p for p in params if p != "self" and p not in _SHAPE_ARGS]
+
+
+def check_hparam_keys(name: str, hparams: dict) -> None:
+    """OptionError naming an unknown hyperparameter and the ones `name` accepts."""
+    known = accepted_hparams(name)
+    unknown = [k for k in hparams if k not in known and k not in _SHAPE_ARGS]
+    if unknown:
+        raise OptionError(f"--hparam {unknown[0]}: {name} has no such hyperparameter; "
+                          f"it accepts {', '.join(known) or 'none'}")
+
+
 def build(name: str, window: int, n_channels: int, hparams: dict):
-    """The architecture `name` with `hparams`; TrainError for an unknown name or a bad setting."""
+    """The architecture `name` with `hparams`; OptionError for a bad setting."""
     from export.models import build_model
-    kwargs = {k: v for k, v in hparams.items() if k not in ("window", "n_channels")}
+    check_hparam_keys(name, hparams)
+    kwargs = {k: v for k, v in hparams.items() if k not in _SHAPE_ARGS}
     try:
         return build_model(name, window, n_channels, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise TrainError(str(e)) from None
+    # torch's layers raise RuntimeError on a negative size, the models ValueError on the rest.
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+        given = " ".join(f"{k}={json.dumps(v)}" for k, v in kwargs.items())
+        raise OptionError(f"--hparam {given}: {e} ({name} accepts "
+                          f"{', '.join(accepted_hparams(name))})") from None
 
 
 @dataclass

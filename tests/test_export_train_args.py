@@ -63,3 +63,34 @@ def test_opset_outside_the_exporters_range_is_a_usage_error(tmp_path, capsys):
         assert rc == 2
         assert f"--opset {opset}: expected {lo} to {hi}" in err
         assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("hparam, expect", [
+    ("foo=1", "--hparam foo: DLinear_ad has no such hyperparameter; it accepts moving_avg"),
+    ("window=8", None),     # set by --window: ignored, as a checkpoint's copy is
+    ("moving_avg=0", "--hparam moving_avg=0: moving_avg must be an odd integer >= 1, got 0 "
+                     "(DLinear_ad accepts moving_avg)"),
+])
+def test_bad_hparam_is_a_usage_error(tmp_path, capsys, monkeypatch, hparam, expect):
+    import export.fit as F
+
+    def never(*a, **k):
+        raise AssertionError("training must not start")
+    monkeypatch.setattr(F, "fit", never)
+    if expect is None:
+        with pytest.raises(AssertionError, match="training must not start"):
+            run(tmp_path, "--hparam", hparam)
+        return
+    rc, _ = run(tmp_path, "--hparam", hparam)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"tsad-export: error: {expect}" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_hparam_value_from_torch_names_the_accepted_keys(tmp_path, capsys):
+    rc = main(["train", "--model", "PatchTST_ad", "--data", str(make_csv(tmp_path / "d.csv")),
+               "--window", "8", "--hparam", "d_model=-1", "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--hparam d_model=-1:" in err and "(PatchTST_ad accepts patch_len," in err
