@@ -256,6 +256,18 @@ def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResul
     }
 
 
+def _warn_constant(files: list[D.DataFile], channels: list[str]) -> None:
+    # A warning, not a refusal: a channel that never moves in normal operation (a setpoint,
+    # a unit switched off; TEP has such valves) may be one whose every move is a fault, and
+    # the floored std (export/data.py) exists to train on it.
+    flat = D.constant_channels(files, channels)
+    if flat:
+        print(f"tsad-export: warning: channel(s) {', '.join(map(repr, flat))} never change in "
+              "the training data: their std is floored, so any later change scores enormously. "
+              "Leave them out with --columns unless every change of them is a fault",
+              file=sys.stderr)
+
+
 def train(o: TrainOptions) -> dict:
     """Train, calibrate, export and parity-check one model; returns a summary.
 
@@ -270,6 +282,7 @@ def train(o: TrainOptions) -> dict:
     files, channels = D.load_files(o.data, o.columns, o.rows_per_file)
     root = D.data_root([f.path for f in files], o.data_root)
     D.check_lengths(files, o.window)
+    _warn_constant(files, channels)
     cfg = F.TrainConfig(window=o.window, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
                         patience=o.patience, val_frac=o.val_frac, seed=o.seed,
                         quantile=o.quantile, margin=o.margin, noise=o.noise,

@@ -94,3 +94,67 @@ def test_bad_hparam_value_from_torch_names_the_accepted_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "--hparam d_model=-1:" in err and "(PatchTST_ad accepts patch_len," in err
+
+
+def _edit_csv(tmp_path, case: str):
+    f = make_csv(tmp_path / "d.csv")
+    if case == "duplicate_header":
+        lines = f.read_text().splitlines()
+        lines[0] = lines[0].replace(",b,", ",a,")
+        f.write_text("\n".join(lines) + "\n")
+        return f
+    df = pd.read_csv(f)
+    if case == "huge_value":
+        df["b"] = df["b"].astype(object)
+        df.loc[40, "b"] = "1e308"
+    elif case == "labelled_rows":
+        df.loc[50:54, "anomaly"] = 1
+    df.to_csv(f, index=False)
+    return f
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("duplicate_header", "column 'a' appears 2 times in the header"),
+    ("huge_value", "column 'b' has value 1e+308 at data row 40 (line 42), beyond the float32"),
+    ("labelled_rows", "5 row(s) labelled anomalous (column 'anomaly', first at data row 50, "
+                      "line 52)"),
+])
+def test_training_data_that_is_not_normal_sensor_data_is_refused(tmp_path, capsys, monkeypatch,
+                                                                  case, expect):
+    import export.fit as F
+
+    def never(*a, **k):
+        raise AssertionError("training must not start")
+    monkeypatch.setattr(F, "fit", never)
+    f = _edit_csv(tmp_path, case)
+    rc, _ = run(tmp_path, data=[str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"tsad-export: error: {f}: {expect}" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_duplicate_header_outside_the_chosen_columns_is_no_obstacle(tmp_path, capsys,
+                                                                    monkeypatch):
+    import export.fit as F
+
+    def stop(*a, **k):
+        raise AssertionError("reached training")
+    monkeypatch.setattr(F, "fit", stop)
+    f = _edit_csv(tmp_path, "duplicate_header")
+    with pytest.raises(AssertionError, match="reached training"):
+        run(tmp_path, "--columns", "c", data=[str(f)])
+    assert "appears 2 times" not in capsys.readouterr().err
+
+
+def test_a_constant_channel_trains_with_a_warning(tmp_path, capsys):
+    f = make_csv(tmp_path / "d.csv")
+    df = pd.read_csv(f)
+    df["c"] = 100.0
+    df.to_csv(f, index=False)
+    out = tmp_path / "out" / "m.onnx"
+    rc = main(["train", "--model", "DLinear_ad", "--data", str(f), "--window", "8", "--epochs",
+               "1", "--hparam", "moving_avg=3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and out.exists()
+    assert "tsad-export: warning: channel(s) 'c' never change in the training data" in err
