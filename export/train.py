@@ -34,6 +34,12 @@ PARITY_WINDOWS = 64
 # scores either over it (noise) or not at all.  Real reconstructions of noisy sensor data
 # stay far above it (SKAB, TEP: 0.05-0.5 of the variance); the identity sits at 1e-5-1e-12.
 DEGENERATE_REL = 1e-3
+# Predicting each window's mean scores ~1 x the data variance, and reconstructions of
+# scaled normal data stay within tens of units; a model this far beyond either has blown
+# up (too high --lr).  Outputs of ~1e3 also break the float32 ONNX parity check (1e-4)
+# on rounding alone, which must not be reported as an export fault.
+DIVERGED_REL = 1e3
+DIVERGED_OUTPUT = 1e3
 
 
 class TrainError(ValueError):
@@ -213,9 +219,26 @@ def _scaled_space(o: TrainOptions, files: list[D.DataFile]) -> _Space:
         "all training rows")
 
 
+def _variance(val: np.ndarray) -> float:
+    return float(np.mean(np.var(val[:, -1, :].astype(np.float64), axis=0))) if len(val) else 0.0
+
+
+def check_not_diverged(name: str, val: np.ndarray, recon: np.ndarray, val_loss: float) -> None:
+    """TrainError when training blew up (DIVERGED_REL, DIVERGED_OUTPUT)."""
+    var = _variance(val)
+    biggest = float(np.max(np.abs(recon))) if recon.size else 0.0
+    if not np.isfinite(val_loss) or not np.isfinite(biggest):
+        raise TrainError(f"{name}: validation error is {val_loss}: training diverged; "
+                         "lower --lr or check the data")
+    if val_loss > DIVERGED_REL * max(var, 1.0) or biggest > DIVERGED_OUTPUT:
+        raise TrainError(f"{name}: training diverged: validation error {val_loss:.3g}, "
+                         f"outputs up to {biggest:.3g} in scaled units where the data variance "
+                         f"is {var:.3g}; lower --lr or check the data")
+
+
 def check_not_degenerate(name: str, val: np.ndarray, val_loss: float, threshold: float) -> None:
     """TrainError when the model reproduces its validation windows (DEGENERATE_REL)."""
-    var = float(np.mean(np.var(val[:, -1, :].astype(np.float64), axis=0))) if len(val) else 0.0
+    var = _variance(val)
     if not np.isfinite(val_loss):
         raise TrainError(f"{name}: validation error is {val_loss}: training diverged; "
                          "lower --lr or check the data")
@@ -299,13 +322,15 @@ def train(o: TrainOptions) -> dict:
     print(f"{o.model}: {len(channels)} channels, window {o.window}, "
           f"{len(split.train)} train / {len(split.val)} validation windows", file=sys.stderr)
     result = F.fit(model, split.train, split.val, cfg, desc=o.model)
+    recon = F.reconstruct(model, split.val)
+    check_not_diverged(o.model, split.val, recon, result.best_val_loss)
 
     cal_margin = None
     if space.std_scale is not None:
         cal_margin = drift.calibration_margin(
             model, [f.values for f in files], o.window, o.scale_rows, o.drift_rows,
             space.std_scale, o.block_std_floor * space.std, o.quantile)
-    scores = score_windows(split.val, F.reconstruct(model, split.val))[0]
+    scores = score_windows(split.val, recon)[0]
     threshold = F.calibrate(scores, o.quantile, o.margin)
     if o.check_degenerate:
         check_not_degenerate(o.model, split.val, result.best_val_loss, threshold.value)

@@ -158,3 +158,25 @@ def test_a_constant_channel_trains_with_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and out.exists()
     assert "tsad-export: warning: channel(s) 'c' never change in the training data" in err
+
+
+def test_a_blown_up_run_is_reported_as_diverged_not_as_an_export_fault(tmp_path, capsys):
+    rc, _ = run(tmp_path, "--lr", "1e6", "--noise", "1")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "tsad-export: error: DLinear_ad: training diverged:" in err
+    assert "disagree" not in err
+
+
+def test_divergence_rule_leaves_an_untrained_model_alone():
+    from export.train import TrainError, check_not_diverged
+    rng = np.random.default_rng(0)
+    val = rng.standard_normal((50, 8, 3)).astype(np.float32)
+    mean_model = np.repeat(val.mean(axis=1, keepdims=True), 8, axis=1)
+    check_not_diverged("m", val, mean_model, float(np.mean((mean_model - val) ** 2)))
+    with pytest.raises(TrainError, match="training diverged"):
+        check_not_diverged("m", val, mean_model * 1e4, 1.0)
+    with pytest.raises(TrainError, match="training diverged"):
+        check_not_diverged("m", val, mean_model, 1e4)
+    with pytest.raises(TrainError, match="validation error is nan: training diverged"):
+        check_not_diverged("m", val, mean_model, float("nan"))
