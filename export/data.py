@@ -156,9 +156,11 @@ def _check_labels(path: Path, df: pd.DataFrame) -> None:
             "Train on the normal rows only (FILE:ROWS keeps the first ROWS)")
 
 
-def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | None
-               ) -> tuple[list[DataFile], list[str]]:
-    """Read every file, check that each has the same channels, refuse NaN."""
+def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | None,
+               normal_only: bool = False) -> tuple[list[DataFile], list[str]]:
+    """Read every file, check that each has the same channels, refuse NaN; `normal_only`
+    (training) also refuses rows labelled anomalous, which a quantize or parity check
+    on real data may well use."""
     files: list[DataFile] = []
     chosen = list(columns) if columns else None
     for arg in args:
@@ -171,7 +173,8 @@ def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | 
             if not chosen:
                 raise DataError(f"{path}: no numeric sensor columns found (columns: {list(df.columns)})")
         _check_header(path, chosen)
-        _check_labels(path, df)
+        if normal_only:
+            _check_labels(path, df)
         missing = [c for c in chosen if c not in df.columns]
         if missing:
             raise DataError(

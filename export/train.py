@@ -302,7 +302,7 @@ def train(o: TrainOptions) -> dict:
     ckpt_path = Path(o.save_checkpoint) if o.save_checkpoint else None
     if ckpt_path is not None:
         D.check_writable(ckpt_path, suffix=".pt")
-    files, channels = D.load_files(o.data, o.columns, o.rows_per_file)
+    files, channels = D.load_files(o.data, o.columns, o.rows_per_file, normal_only=True)
     root = D.data_root([f.path for f in files], o.data_root)
     D.check_lengths(files, o.window)
     _warn_constant(files, channels)

@@ -180,3 +180,12 @@ def test_divergence_rule_leaves_an_untrained_model_alone():
         check_not_diverged("m", val, mean_model, 1e4)
     with pytest.raises(TrainError, match="validation error is nan: training diverged"):
         check_not_diverged("m", val, mean_model, float("nan"))
+
+
+def test_labelled_rows_are_refused_only_for_training(tmp_path):
+    from export.data import DataError, load_files
+    f = _edit_csv(tmp_path, "labelled_rows")
+    files, channels = load_files([str(f)], None, None)      # quantize, parity: real data
+    assert channels == ["a", "b", "c"] and files[0].rows == 120
+    with pytest.raises(DataError, match="labelled anomalous"):
+        load_files([str(f)], None, None, normal_only=True)
