@@ -86,6 +86,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from export.convert import convert_checkpoint
+    from export.onnx_export import opset_range
+    lo, hi = opset_range()
+    if not lo <= a.opset <= hi:
+        raise CliError(f"--opset {a.opset}: expected {lo} to {hi} (what this torch's ONNX "
+                       "exporter supports)")
+    if a.threads < 1:
+        raise CliError(f"--threads {a.threads}: expected an integer >= 1")
     _need(a.checkpoint, "checkpoint file")
     print(json.dumps(convert_checkpoint(a.checkpoint, a.out, a.opset, a.threads)))
     return 0

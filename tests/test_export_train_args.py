@@ -189,3 +189,15 @@ def test_labelled_rows_are_refused_only_for_training(tmp_path):
     assert channels == ["a", "b", "c"] and files[0].rows == 120
     with pytest.raises(DataError, match="labelled anomalous"):
         load_files([str(f)], None, None, normal_only=True)
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--opset", "99", "--opset 99: expected"),
+    ("--threads", "0", "--threads 0: expected an integer >= 1"),
+])
+def test_convert_refuses_bad_option_values_first(tmp_path, capsys, flag, value, expect):
+    rc = main(["convert", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.onnx"),
+               flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"tsad-export: error: {expect}" in err
