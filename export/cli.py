@@ -57,7 +57,7 @@ def _parse_hparams(items: list[str]) -> dict:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from export.models import REGISTRY
-    from export.train import TrainError, TrainOptions, train
+    from export.train import OptionError, TrainError, TrainOptions, check_hparam_keys, train
     if a.model not in REGISTRY:
         raise CliError(f"--model {a.model!r}: unknown architecture; known: {', '.join(REGISTRY)}")
     opts = TrainOptions(
@@ -73,14 +73,26 @@ def cmd_train(a: argparse.Namespace) -> int:
         save_checkpoint=a.save_checkpoint)
     try:
         opts.check()
+        check_hparam_keys(a.model, opts.hparams)
     except TrainError as e:
         raise CliError(str(e)) from None
-    print(json.dumps(train(opts)))
+    try:
+        summary = train(opts)
+    except OptionError as e:
+        raise CliError(str(e)) from None
+    print(json.dumps(summary))
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from export.convert import convert_checkpoint
+    from export.onnx_export import opset_range
+    lo, hi = opset_range()
+    if not lo <= a.opset <= hi:
+        raise CliError(f"--opset {a.opset}: expected {lo} to {hi} (what this torch's ONNX "
+                       "exporter supports)")
+    if a.threads < 1:
+        raise CliError(f"--threads {a.threads}: expected an integer >= 1")
     _need(a.checkpoint, "checkpoint file")
     print(json.dumps(convert_checkpoint(a.checkpoint, a.out, a.opset, a.threads)))
     return 0

@@ -6,15 +6,17 @@ silently imputed training set yields a model whose threshold means nothing.
 """
 from __future__ import annotations
 
+import csv
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from agent.contract import LABEL_COLUMNS, TIME_COLUMNS, load_csv
+from agent.contract import LABEL_COLUMN, LABEL_COLUMNS, TIME_COLUMNS, load_csv, sniff_separator
 from agent.model_meta import sha256_file
 
 # Flat channels would divide by ~0; the floor keeps a flat training channel at 0
@@ -32,6 +34,11 @@ STD_FLOOR_REL = 1e-4
 # at the same held-out FAR (TEP 0.2-0.3 %, SKAB 1.2 %).  --level-noise stays 0: on held-out runs of the same process it raised
 # the FAR to 5-76 %, because each run settles at its own levels.
 DEFAULT_NOISE = 1.0
+
+
+# Samples reach the runtime as float32 (agent/decoders.py); a bigger training value could
+# never be seen again, and its square overflows the scaler's variance.
+VALUE_MAX = float(np.finfo(np.float32).max)
 
 
 class DataError(ValueError):
@@ -106,12 +113,54 @@ def _check_values(df: pd.DataFrame, columns: list[str], path: Path) -> np.ndarra
                 f"{int(bad.sum())} bad cell(s) in this column. Training refuses gaps: "
                 "clean or cut the file (FILE:ROWS) instead of imputing")
         out[:, j] = num.to_numpy(dtype=np.float64)
+        huge = np.flatnonzero(np.abs(out[:, j]) > VALUE_MAX)
+        if len(huge):
+            i = int(huge[0])
+            raise DataError(
+                f"{path}: column {col!r} has value {out[i, j]:.6g} at data row {i} "
+                f"(line {i + 2}), beyond the float32 range (+-{VALUE_MAX:.3g}) sensor samples "
+                f"travel in; {len(huge)} such cell(s) in this column")
     return out
 
 
-def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | None
-               ) -> tuple[list[DataFile], list[str]]:
-    """Read every file, check that each has the same channels, refuse NaN."""
+def _header_names(path: Path) -> list[str]:
+    """The header's names as written: pandas renames a repeated X to X.1, X.2, ..."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        line = f.readline()
+    return [n.strip() for n in next(csv.reader([line], delimiter=sniff_separator(line)), [])]
+
+
+def _check_header(path: Path, chosen: list[str]) -> None:
+    counts = Counter(_header_names(path))
+    for col in chosen:
+        # A renamed copy is not in the header as written; its original is.
+        name = col if col in counts else re.sub(r"\.\d+$", "", col)
+        if counts.get(name, 0) > 1:
+            raise DataError(
+                f"{path}: column {name!r} appears {counts[name]} times in the header; pandas "
+                f"reads the copies as '{name}.1', ..., channels no sensor sends. Rename or drop "
+                "the copies, or leave them out with --columns")
+
+
+def _check_labels(path: Path, df: pd.DataFrame) -> None:
+    label = next((c for c in df.columns if str(c).strip().lower() == LABEL_COLUMN), None)
+    if label is None:
+        return
+    flagged = np.flatnonzero(pd.to_numeric(df[label], errors="coerce").fillna(0).to_numpy() != 0)
+    if len(flagged):
+        i = int(flagged[0])
+        raise DataError(
+            f"{path}: {len(flagged)} row(s) labelled anomalous (column {label!r}, first at data "
+            f"row {i}, line {i + 2}); training takes every row as normal, so the model would "
+            "learn to reconstruct those faults and its threshold would rise to cover them. "
+            "Train on the normal rows only (FILE:ROWS keeps the first ROWS)")
+
+
+def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | None,
+               normal_only: bool = False) -> tuple[list[DataFile], list[str]]:
+    """Read every file, check that each has the same channels, refuse NaN; `normal_only`
+    (training) also refuses rows labelled anomalous, which a quantize or parity check
+    on real data may well use."""
     files: list[DataFile] = []
     chosen = list(columns) if columns else None
     for arg in args:
@@ -123,6 +172,9 @@ def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | 
             chosen = default_columns(df)
             if not chosen:
                 raise DataError(f"{path}: no numeric sensor columns found (columns: {list(df.columns)})")
+        _check_header(path, chosen)
+        if normal_only:
+            _check_labels(path, df)
         missing = [c for c in chosen if c not in df.columns]
         if missing:
             raise DataError(
@@ -133,6 +185,12 @@ def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | 
     if not files:
         raise DataError("no training files given")
     return files, chosen
+
+
+def constant_channels(files: list[DataFile], channels: list[str]) -> list[str]:
+    """Channels holding one value in every training row."""
+    x = np.concatenate([f.values for f in files])
+    return [c for c, flat in zip(channels, np.ptp(x, axis=0) == 0) if flat]
 
 
 def fit_scaler(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

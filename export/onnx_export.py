@@ -27,6 +27,20 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def opset_range() -> tuple[int, int]:
+    """The opsets torch's TorchScript exporter (the one used here, dynamo=False) can write."""
+    # Below opset 9 the exporter writes IR version 3, where the weights are graph inputs,
+    # which the model contract (one input "x") refuses.
+    lowest = 9
+    try:
+        from torch.onnx import _constants as c
+        return max(lowest, c.ONNX_MIN_OPSET), c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except (ImportError, AttributeError):
+        # Private constants: if a torch release moves them, 20 is the TorchScript
+        # exporter's last opset.
+        return lowest, 20
+
+
 def export_onnx(model: torch.nn.Module, path: str | Path, window: int, n_channels: int,
                 opset: int = 17) -> int:
     """Write `model` to `path` (atomically) and check it; returns the opset used.

@@ -10,6 +10,9 @@ Three ways to put the data into the model's scaled space, by how the model will 
 """
 from __future__ import annotations
 
+import inspect
+import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ from export.data import DEFAULT_NOISE
 from export import drift
 from export import fit as F
 from export import package as P
-from export.onnx_export import count_parameters
+from export.onnx_export import count_parameters, opset_range
 
 PARITY_WINDOWS = 64
 # A model whose held-out error (or threshold) is below this fraction of the data's own
@@ -31,6 +34,12 @@ PARITY_WINDOWS = 64
 # scores either over it (noise) or not at all.  Real reconstructions of noisy sensor data
 # stay far above it (SKAB, TEP: 0.05-0.5 of the variance); the identity sits at 1e-5-1e-12.
 DEGENERATE_REL = 1e-3
+# Predicting each window's mean scores ~1 x the data variance, and reconstructions of
+# scaled normal data stay within tens of units; a model this far beyond either has blown
+# up (too high --lr).  Outputs of ~1e3 also break the float32 ONNX parity check (1e-4)
+# on rounding alone, which must not be reported as an export fault.
+DIVERGED_REL = 1e3
+DIVERGED_OUTPUT = 1e3
 
 
 class TrainError(ValueError):
@@ -68,9 +77,14 @@ class TrainOptions:
     check_degenerate: bool = True
 
     def check(self) -> None:
+        self._check_ranges()
+        if self.columns and len(set(self.columns)) < len(self.columns):
+            dup = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            raise TrainError(f"--columns: {', '.join(map(repr, dup))} given more than once; "
+                             "each channel is one model input")
         if not 0 < self.val_frac < 1:
             raise TrainError(f"--val-frac {self.val_frac}: expected a fraction between 0 and 1")
-        if not 0 < self.quantile <= 1 or self.margin <= 0:
+        if not 0 < self.quantile <= 1 or not 0 < self.margin < math.inf:
             raise TrainError("--quantile must be in (0, 1] and --margin > 0")
         if self.train_stride < 1:
             raise TrainError(f"--train-stride {self.train_stride}: expected at least 1")
@@ -84,14 +98,66 @@ class TrainOptions:
                              f"between 0 and 1")
 
 
+    def _check_ranges(self) -> None:
+        lo, hi = opset_range()
+        # (flag, value, lowest allowed, inclusive, allowed range in words); NaN fails every test
+        limits = [("--epochs", self.epochs, 1, True, "an integer >= 1"),
+                  ("--batch-size", self.batch_size, 1, True, "an integer >= 1"),
+                  ("--threads", self.threads, 1, True, "an integer >= 1"),
+                  ("--patience", self.patience, 0, True, "an integer >= 0"),
+                  ("--lr", self.lr, 0, False, "a finite number > 0"),
+                  ("--noise", self.noise, 0, True, "a finite number >= 0"),
+                  ("--level-noise", self.level_noise, 0, True, "a finite number >= 0"),
+                  ("--block-std-floor", self.block_std_floor, 0, True, "a finite number >= 0")]
+        if self.rows_per_file is not None:
+            limits.append(("--rows-per-file", self.rows_per_file, 1, True, "an integer >= 1"))
+        for flag, value, low, inclusive, words in limits:
+            ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+            if not ok:
+                raise TrainError(f"{flag} {value}: expected {words}")
+        # A one-row block has no spread to scale by: every row would become 0.
+        if self.scale_rows < 0 or self.scale_rows == 1:
+            raise TrainError(f"--scale-rows {self.scale_rows}: expected 0 (off) or an integer >= 2")
+        if not lo <= self.opset <= hi:
+            raise TrainError(f"--opset {self.opset}: expected {lo} to {hi} (what this torch's "
+                             "ONNX exporter supports)")
+
+
+class OptionError(TrainError):
+    """A bad --hparam, found only once the data gives the channel count: a usage error."""
+
+
+# Set by --window and the data, never by --hparam.
+_SHAPE_ARGS = ("window", "n_channels")
+
+
+def accepted_hparams(name: str) -> list[str]:
+    from export.models import REGISTRY
+    params = inspect.signature(REGISTRY[name].__init__).parameters
+    return [p for p in params if p != "self" and p not in _SHAPE_ARGS]
+
+
+def check_hparam_keys(name: str, hparams: dict) -> None:
+    """OptionError naming an unknown hyperparameter and the ones `name` accepts."""
+    known = accepted_hparams(name)
+    unknown = [k for k in hparams if k not in known and k not in _SHAPE_ARGS]
+    if unknown:
+        raise OptionError(f"--hparam {unknown[0]}: {name} has no such hyperparameter; "
+                          f"it accepts {', '.join(known) or 'none'}")
+
+
 def build(name: str, window: int, n_channels: int, hparams: dict):
-    """The architecture `name` with `hparams`; TrainError for an unknown name or a bad setting."""
+    """The architecture `name` with `hparams`; OptionError for a bad setting."""
     from export.models import build_model
-    kwargs = {k: v for k, v in hparams.items() if k not in ("window", "n_channels")}
+    check_hparam_keys(name, hparams)
+    kwargs = {k: v for k, v in hparams.items() if k not in _SHAPE_ARGS}
     try:
         return build_model(name, window, n_channels, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise TrainError(str(e)) from None
+    # torch's layers raise RuntimeError on a negative size, the models ValueError on the rest.
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+        given = " ".join(f"{k}={json.dumps(v)}" for k, v in kwargs.items())
+        raise OptionError(f"--hparam {given}: {e} ({name} accepts "
+                          f"{', '.join(accepted_hparams(name))})") from None
 
 
 @dataclass
@@ -153,9 +219,26 @@ def _scaled_space(o: TrainOptions, files: list[D.DataFile]) -> _Space:
         "all training rows")
 
 
+def _variance(val: np.ndarray) -> float:
+    return float(np.mean(np.var(val[:, -1, :].astype(np.float64), axis=0))) if len(val) else 0.0
+
+
+def check_not_diverged(name: str, val: np.ndarray, recon: np.ndarray, val_loss: float) -> None:
+    """TrainError when training blew up (DIVERGED_REL, DIVERGED_OUTPUT)."""
+    var = _variance(val)
+    biggest = float(np.max(np.abs(recon))) if recon.size else 0.0
+    if not np.isfinite(val_loss) or not np.isfinite(biggest):
+        raise TrainError(f"{name}: validation error is {val_loss}: training diverged; "
+                         "lower --lr or check the data")
+    if val_loss > DIVERGED_REL * max(var, 1.0) or biggest > DIVERGED_OUTPUT:
+        raise TrainError(f"{name}: training diverged: validation error {val_loss:.3g}, "
+                         f"outputs up to {biggest:.3g} in scaled units where the data variance "
+                         f"is {var:.3g}; lower --lr or check the data")
+
+
 def check_not_degenerate(name: str, val: np.ndarray, val_loss: float, threshold: float) -> None:
     """TrainError when the model reproduces its validation windows (DEGENERATE_REL)."""
-    var = float(np.mean(np.var(val[:, -1, :].astype(np.float64), axis=0))) if len(val) else 0.0
+    var = _variance(val)
     if not np.isfinite(val_loss):
         raise TrainError(f"{name}: validation error is {val_loss}: training diverged; "
                          "lower --lr or check the data")
@@ -196,6 +279,18 @@ def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResul
     }
 
 
+def _warn_constant(files: list[D.DataFile], channels: list[str]) -> None:
+    # A warning, not a refusal: a channel that never moves in normal operation (a setpoint,
+    # a unit switched off; TEP has such valves) may be one whose every move is a fault, and
+    # the floored std (export/data.py) exists to train on it.
+    flat = D.constant_channels(files, channels)
+    if flat:
+        print(f"tsad-export: warning: channel(s) {', '.join(map(repr, flat))} never change in "
+              "the training data: their std is floored, so any later change scores enormously. "
+              "Leave them out with --columns unless every change of them is a fault",
+              file=sys.stderr)
+
+
 def train(o: TrainOptions) -> dict:
     """Train, calibrate, export and parity-check one model; returns a summary.
 
@@ -207,9 +302,10 @@ def train(o: TrainOptions) -> dict:
     ckpt_path = Path(o.save_checkpoint) if o.save_checkpoint else None
     if ckpt_path is not None:
         D.check_writable(ckpt_path, suffix=".pt")
-    files, channels = D.load_files(o.data, o.columns, o.rows_per_file)
+    files, channels = D.load_files(o.data, o.columns, o.rows_per_file, normal_only=True)
     root = D.data_root([f.path for f in files], o.data_root)
     D.check_lengths(files, o.window)
+    _warn_constant(files, channels)
     cfg = F.TrainConfig(window=o.window, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
                         patience=o.patience, val_frac=o.val_frac, seed=o.seed,
                         quantile=o.quantile, margin=o.margin, noise=o.noise,
@@ -226,13 +322,15 @@ def train(o: TrainOptions) -> dict:
     print(f"{o.model}: {len(channels)} channels, window {o.window}, "
           f"{len(split.train)} train / {len(split.val)} validation windows", file=sys.stderr)
     result = F.fit(model, split.train, split.val, cfg, desc=o.model)
+    recon = F.reconstruct(model, split.val)
+    check_not_diverged(o.model, split.val, recon, result.best_val_loss)
 
     cal_margin = None
     if space.std_scale is not None:
         cal_margin = drift.calibration_margin(
             model, [f.values for f in files], o.window, o.scale_rows, o.drift_rows,
             space.std_scale, o.block_std_floor * space.std, o.quantile)
-    scores = score_windows(split.val, F.reconstruct(model, split.val))[0]
+    scores = score_windows(split.val, recon)[0]
     threshold = F.calibrate(scores, o.quantile, o.margin)
     if o.check_degenerate:
         check_not_degenerate(o.model, split.val, result.best_val_loss, threshold.value)
