@@ -423,3 +423,8 @@ def test_slowloris_is_cut_off_by_the_deadline_while_others_are_served():
     # by a slow client would leave room for two or three calls)
     assert len(others) >= 6 and set(others) == {200}
     assert "tsad_http_timeouts_total 4.0" in metrics.splitlines()
+    # each 408 sent is a request answered too, whoever sent it (a worker, or the watcher
+    # for a head cut off: its path was never read)
+    answered = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+                   if ln.startswith('tsad_http_requests_total{code="408"'))
+    assert answered == 3

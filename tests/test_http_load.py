@@ -280,6 +280,11 @@ def test_a_head_over_16_kib_is_431(server):
         s.sendall(b"GET /healthz HTTP/1.1\r\n" + b"X-Pad: " + b"a" * (17 << 10) + b"\r\n\r\n")
         head, _, body = read_all(s).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 ") and json.loads(body)["errorCode"] == 431
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    conn.close()
+    assert 'tsad_http_requests_total{code="431",path="other"} 1.0' in metrics.splitlines()
 
 
 def test_expect_100_continue(server):

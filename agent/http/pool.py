@@ -66,7 +66,7 @@ class PooledServer(socketserver.TCPServer):
         self._stats_lock = threading.Lock()
         self._queues = {"": queue.Queue(queue_size), "large_": queue.Queue(large_queue)}
         self._full_logged = 0.0
-        self.watcher = Watcher(self._enqueue, self.bump, deadline_s)
+        self.watcher = Watcher(self._enqueue, self.bump, deadline_s, answered=self.answered)
         try:
             super().__init__(address, handler)
         except OSError:
@@ -80,6 +80,9 @@ class PooledServer(socketserver.TCPServer):
                          for i in range(n)]
         for t, _ in self._workers:
             t.start()
+
+    def answered(self, code: int) -> None:
+        """The watcher answered a request no worker saw (a subclass counts it)."""
 
     def bump(self, what: str) -> None:
         with self._stats_lock:

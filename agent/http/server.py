@@ -88,6 +88,9 @@ class ApiServer(PooledServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def answered(self, code: int) -> None:
+        self.count("other", code)      # the path was never read
+
     def count(self, path: str, code: int) -> None:
         with self._req_lock:
             self.requests[(path if path in ROUTES else "other", code)] += 1

@@ -175,8 +175,10 @@ class Watcher:
     deadline) and "busy_open" (a new connection refused: MAX_OPEN reached)."""
 
     def __init__(self, on_head, count, deadline_s: float, max_open: int = MAX_OPEN,
-                 max_linger: int = MAX_LINGER, linger_s: float = LINGER_S):
+                 max_linger: int = MAX_LINGER, linger_s: float = LINGER_S,
+                 answered=lambda code: None):
         self.on_head, self.count, self.deadline_s = on_head, count, deadline_s
+        self.answered = answered    # (status) of each answer it sends itself: 408, 431
         self.max_open, self.max_linger, self.linger_s = max_open, max_linger, linger_s
         self._sel = selectors.DefaultSelector()
         self._heads: dict[socket.socket, Conn] = {}
@@ -298,6 +300,7 @@ class Watcher:
     def _refuse_head(self, sock: socket.socket) -> None:
         send_now(sock, error_response(431, "Request Header Fields Too Large",
                                       f"request head over {MAX_HEAD} bytes"))
+        self.answered(431)
         self._start_linger(sock)
 
     def _expire(self, now: float) -> None:
@@ -308,6 +311,7 @@ class Watcher:
                 self.count("timeout")
                 send_now(sock, error_response(408, "Request Timeout", "request not received "
                                               f"within {self.deadline_s:g} s"))
+                self.answered(408)
             elif conn.started is not None:  # connected, never said a word
                 self.count("timeout")
             self._start_linger(sock)
