@@ -86,11 +86,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from export.convert import convert_checkpoint
-    from export.onnx_export import opset_range
-    lo, hi = opset_range()
-    if not lo <= a.opset <= hi:
-        raise CliError(f"--opset {a.opset}: expected {lo} to {hi} (what this torch's ONNX "
-                       "exporter supports)")
+    from export.onnx_export import opset_problem
+    if problem := opset_problem(a.opset):
+        raise CliError(problem)
     if a.threads < 1:
         raise CliError(f"--threads {a.threads}: expected an integer >= 1")
     _need(a.checkpoint, "checkpoint file")

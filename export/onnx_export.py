@@ -41,6 +41,14 @@ def opset_range() -> tuple[int, int]:
         return lowest, 20
 
 
+def opset_problem(opset: int) -> str | None:
+    """Why `--opset` cannot be written (the flag and its range), or None."""
+    lo, hi = opset_range()
+    if lo <= opset <= hi:
+        return None
+    return f"--opset {opset}: expected {lo} to {hi} (what this torch's ONNX exporter supports)"
+
+
 def export_onnx(model: torch.nn.Module, path: str | Path, window: int, n_channels: int,
                 opset: int = 17) -> int:
     """Write `model` to `path` (atomically) and check it; returns the opset used.

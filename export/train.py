@@ -25,7 +25,7 @@ from export.data import DEFAULT_NOISE
 from export import drift
 from export import fit as F
 from export import package as P
-from export.onnx_export import count_parameters, opset_range
+from export.onnx_export import count_parameters, opset_problem
 
 PARITY_WINDOWS = 64
 # A model whose held-out error (or threshold) is below this fraction of the data's own
@@ -97,9 +97,7 @@ class TrainOptions:
             raise TrainError(f"--drift-quantile {self.drift_quantile}: expected a fraction "
                              f"between 0 and 1")
 
-
     def _check_ranges(self) -> None:
-        lo, hi = opset_range()
         # (flag, value, lowest allowed, inclusive, allowed range in words); NaN fails every test
         limits = [("--epochs", self.epochs, 1, True, "an integer >= 1"),
                   ("--batch-size", self.batch_size, 1, True, "an integer >= 1"),
@@ -118,9 +116,8 @@ class TrainOptions:
         # A one-row block has no spread to scale by: every row would become 0.
         if self.scale_rows < 0 or self.scale_rows == 1:
             raise TrainError(f"--scale-rows {self.scale_rows}: expected 0 (off) or an integer >= 2")
-        if not lo <= self.opset <= hi:
-            raise TrainError(f"--opset {self.opset}: expected {lo} to {hi} (what this torch's "
-                             "ONNX exporter supports)")
+        if problem := opset_problem(self.opset):
+            raise TrainError(problem)
 
 
 class OptionError(TrainError):

@@ -89,13 +89,18 @@ def test_a_crashed_file_source_ends_instead_of_repeating_its_rows(tmp_path, monk
     assert drain(inbox) == [runner]
 
 
-def test_a_stop_ends_the_wait_before_a_restart(monkeypatch):
-    monkeypatch.setattr(source_runner, "RESTART_MIN_S", 3600.0)
+def always_failing(monkeypatch) -> tuple[SourceRunner, Metrics]:
+    """A runner of a live (serial) source whose run fails at once, every time."""
     m = Metrics()
     cfg = stream("s1", type="serial", port="/dev/null-none", baud=9600)
     src = build_source(cfg, CH, m, MqttConfig(), "n")
     monkeypatch.setattr(src, "run", lambda emit, stop: 1 / 0)
-    runner = SourceRunner(cfg, src, Inbox(10), m)
+    return SourceRunner(cfg, src, Inbox(10), m), m
+
+
+def test_a_stop_ends_the_wait_before_a_restart(monkeypatch):
+    monkeypatch.setattr(source_runner, "RESTART_MIN_S", 3600.0)
+    runner, m = always_failing(monkeypatch)
     runner.start()
     wait_for(lambda: m.malformed["source_crash"] == 1, what="the crash")
     began = time.monotonic()
@@ -107,11 +112,7 @@ def test_a_stop_ends_the_wait_before_a_restart(monkeypatch):
 def test_the_wait_doubles_while_a_source_keeps_failing(monkeypatch, caplog):
     monkeypatch.setattr(source_runner, "RESTART_MIN_S", 0.01)
     monkeypatch.setattr(source_runner, "RESTART_MAX_S", 0.04)
-    m = Metrics()
-    cfg = stream("s1", type="serial", port="/dev/null-none", baud=9600)
-    src = build_source(cfg, CH, m, MqttConfig(), "n")
-    monkeypatch.setattr(src, "run", lambda emit, stop: 1 / 0)
-    runner = SourceRunner(cfg, src, Inbox(10), m)
+    runner, m = always_failing(monkeypatch)
     with caplog.at_level(logging.WARNING, "tsad.pipeline"):
         runner.start()
         wait_for(lambda: m.malformed["source_crash"] >= 5, what="five crashes")
