@@ -51,8 +51,7 @@ class Segment:
     values: np.ndarray
 
 
-def segments(files: list[Path], channels: list[str], learning: int,
-             tell: bool = True) -> list[Segment]:
+def segments(files: list[Path], channels: list[str], learning: int) -> list[Segment]:
     """The recordings long enough to run after their learning period (more than twice
     its rows: a run at least as long as what it learned on); the others are logged."""
     out = []
@@ -60,7 +59,7 @@ def segments(files: list[Path], channels: list[str], learning: int,
         t = read_table(f, channels)
         if len(t.ts) > 2 * max(learning, 1):
             out.append(Segment(f, t.ts, t.values))
-        elif tell:
+        else:
             log.warning("%s: %d rows, not more than twice the learning period (%d rows): "
                         "not used", f, len(t.ts), learning)
     return out
@@ -139,7 +138,12 @@ def bisect(run, ok) -> tuple[int, list[dict]]:
 def fit_margin(det: Detector, files: list[Path], settings: dict, learning: int,
                alerts_per_day: float = 1.0, open_share: float = 0.01) -> tuple[dict, list[dict]]:
     """(the chosen trial, every trial run), smallest margin first."""
-    segs = segments(files, det.meta.channels, learning)
+    return _fit_segments(det, segments(files, det.meta.channels, learning), settings, learning,
+                         alerts_per_day, open_share)
+
+
+def _fit_segments(det: Detector, segs: list[Segment], settings: dict, learning: int,
+                  alerts_per_day: float, open_share: float) -> tuple[dict, list[dict]]:
     if not segs:
         raise ValueError(f"no normal recording has more than twice the learning period's "
                          f"rows ({2 * max(learning, 1)})")
@@ -189,7 +193,8 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
         if key in settings.get(sec, {}):
             raise ValueError(f"--set {sec}.{key}: {why}, not a setting to give")
     det = Detector(model)
-    best, tried = fit_margin(det, files, settings, learning, alerts_per_day, open_share)
+    segs = segments(files, det.meta.channels, learning)     # each file read once
+    best, tried = _fit_segments(det, segs, settings, learning, alerts_per_day, open_share)
     rule = ("smallest margin on a 1.1x grid (on the threshold "
             + (f"learned on each recording's first {learning} rows" if learning
                else "of the model") + ") for which the normal recordings, each "
@@ -206,13 +211,11 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
         fitted["starts"] = {"data": _files(starts, data_root), "result": sbest,
                             "trials": stried}
         if sbest["margin"] > best["margin"]:
-            best = trial(det, segments(files, det.meta.channels, learning), settings,
-                         sbest["margin"], learning)
+            best = trial(det, segs, settings, sbest["margin"], learning)
             tried = sorted(tried + [best], key=lambda r: r["margin"])
     chosen = with_margin(det, settings, best["margin"], learning)
-    used = [s.path for s in segments(files, det.meta.channels, learning, tell=False)]
     return {"settings": chosen, "reason": reason, "fitted": {
-        "rule": rule, "data": _files(used, data_root), "result": best, "trials": tried,
+        "rule": rule, "data": _files([seg.path for seg in segs], data_root), "result": best, "trials": tried,
         **fitted,
         "fitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
 
