@@ -93,12 +93,12 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
     try:
         # the engine applies the model's policy only when it is built: after a reload has
         # stopped the running pipeline, so a bad value there must be found here
-        effective(cfg.detection, meta)
+        cal = effective(cfg.detection, meta).calibration
     except ModelMetaError as e:
         f._problem(str(e))
         return f
     f.warnings += policy_warnings(cfg, meta)
-    _learning_advice(cfg, meta, f)
+    _learning_advice(cfg, cal, f)
     return f
 
 
@@ -189,10 +189,10 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.3g} min"
 
 
-def _learning_advice(cfg: AgentConfig, meta: ModelMeta, f: Findings) -> None:
-    """A learning period shorter than LEARN_S: a warning where its length in time is
-    known (duration_s, or samples at a stream's interval_s), else a note."""
-    cal = effective(cfg.detection, meta).calibration     # valid: check() tried it first
+def _learning_advice(cfg: AgentConfig, cal, f: Findings) -> None:
+    """A learning period (`cal`: the calibration the model's policy and the config give)
+    shorter than LEARN_S: a warning where its length in time is known (duration_s, or
+    samples at a stream's interval_s), else a note."""
     if not cal.enabled:
         return
     advice = (f"a deployment should learn for {_minutes(LEARN_S)} or more of normal running, "
