@@ -333,8 +333,8 @@ def _model_commands(sub) -> None:
     s.add_argument("--save_path", "--save-path", default="./output", help="output folder")
     s.add_argument("--calibrate", type=int, metavar="N",
                    help="fit scaler+threshold on each file's first N rows, which are then "
-                        "not labelled (0: the model's; default: the model metadata's "
-                        "training.calibration_rows, else 0)")
+                        "not labelled (0: the model's; default: the learning period of the "
+                        "model's policy, else training.calibration_rows, else 0)")
     s.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     s.add_argument("--paddlex-compat", action="store_true",
                    help="like PaddleX: score and label only the last window's rows")

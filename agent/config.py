@@ -59,8 +59,9 @@ class ModelConfig(Strict):
     max_batch: PositiveInt = 64
     # How long samples arriving after an engine step wait for the next one, so that a
     # step serves many samples per stream (its per-stream bookkeeping is paid per step,
-    # not per message).  "auto": when samples arrived during the step, 9x its non-inference
-    # duration, at most 1 s; else none, so a lone sample is stepped at once (agent/pipeline.py).
+    # not per message).  "auto": when samples arrived during the step, the longer of 9x its
+    # non-inference duration and the time the streams take to bring 8 samples each, at most
+    # 1 s; else none, so a lone sample is stepped at once (agent/pipeline.py).
     batch_wait_s: Union[Literal["auto"], Annotated[float, Meta(ge=0, le=5)]] = "auto"
     # take the detection keys this file leaves unset from the model's metadata policy
     policy: bool = True
