@@ -9,7 +9,8 @@ std staying the model's); the stream then pushes them through its ring and the
 threshold is fitted on their window scores (`contract.fit_threshold`, smoothed as
 every later score is), or with `threshold: model` is the model's x the margin.  Without
 calibration the model's own scaler and threshold serve from the first sample on.
-After the period, adaptation (adaptation.py) may move the mean.
+After the period, adaptation (adaptation.py) may move the mean, and a fitted threshold
+may be refined once on the stream's steady running (refine.py, `calibration.refine`).
 
 A fitted baseline is a plain record (`to_record` / `restore`) that the state store
 persists, tied to the model's sha256.
@@ -25,6 +26,7 @@ import numpy as np
 from .config import CalibrationConfig
 from .contract import StreamScaler, fit_scaler, fit_threshold
 from .model_meta import ModelMeta
+from .refine import Refiner
 
 log = logging.getLogger("tsad.baseline")
 
@@ -91,7 +93,7 @@ class _Held:
 
 class Baseline:
     __slots__ = ("fixed_threshold", "scaler", "threshold", "level", "fitted_at", "samples_used",
-                 "_held", "_first_ts", "_ended", "meta", "cal")
+                 "_held", "_first_ts", "_ended", "meta", "cal", "refiner", "refined_from")
 
     def __init__(self, meta: ModelMeta, cal: CalibrationConfig, fixed_threshold: float | None):
         self.meta, self.cal = meta, cal
@@ -102,6 +104,9 @@ class Baseline:
         self.level: np.ndarray | None = None     # per-channel typical error (normalize)
         self.fitted_at: str | None = None
         self.samples_used = 0
+        # a fitted threshold's refinement while it is due; the learned one once it is done
+        self.refiner: Refiner | None = None
+        self.refined_from: float | None = None
         # only while learning: a learned stream does not keep the empty holder (0.5 KB)
         self._held: _Held | None = self._new_held() if cal.enabled else None
         self._first_ts: float | None = None
@@ -200,11 +205,26 @@ class Baseline:
             model_margin = 1.0 if normalized else (self.meta.calibration_margin or 1.0)
             self.threshold = fit_threshold(smoothed, self.cal.quantile,
                                            self.cal.margin * model_margin)
+            self._refine_later()
         self.fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def _refine_later(self) -> None:
+        self.refiner = None if self.cal.refine is None else \
+            Refiner(self.cal.refine, self.cal.quantile)
+        self.refined_from = None
+
+    def refine(self) -> tuple[float | None, int]:
+        """Refinement's moment (refine.py): (the new threshold or None, windows counted)."""
+        new, n = self.refiner.refined(self.threshold)
+        self.refiner = None
+        if new is not None:
+            self.refined_from, self.threshold = self.threshold, new
+        return new, n
 
     def relearn(self) -> None:
         """Start a new learning period (after maintenance or a set-point change)."""
         if self.cal.enabled:
+            self.refiner, self.refined_from = None, None
             self.scaler = None
             self._held = self._new_held()
             self._first_ts, self._ended = None, False
@@ -217,6 +237,10 @@ class Baseline:
                "fitted_at": self.fitted_at}
         if self.level is not None:
             rec["level"] = self.level.tolist()
+        if self.refiner is None and self.refined_from is not None:
+            rec["refined_from"] = self.refined_from
+        elif self.refiner is None and self.cal.refine is not None:
+            rec["refined_from"] = None      # refined, and the learned threshold stayed
         return rec
 
     def restore(self, record: dict) -> None:
@@ -228,3 +252,10 @@ class Baseline:
         self.fitted_at = record.get("fitted_at")
         if record.get("level") is not None:     # checked by state_store: one value a channel
             self.level = np.asarray(record["level"], np.float64)
+        # refined before the restart, or not yet: then its span starts again from the next
+        # sample (a fitted threshold only: one the config fixes is not learned)
+        if "refined_from" in record or self.fixed_threshold is not None or \
+                self.cal.threshold != "fit":
+            self.refiner, self.refined_from = None, record.get("refined_from")
+        else:
+            self._refine_later()

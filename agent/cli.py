@@ -238,10 +238,10 @@ def cmd_fit_policy(a) -> int:
         return _fail(str(e), 1)
     except (OSError, ValueError) as e:
         return _fail(reason(e))
-    r = policy["fitted"]["result"]
+    r, rf = policy["fitted"]["result"], policy["fitted"].get("refine", {}).get("result")
     print(f"{Path(model).stem}: margin {r['margin']:g} -> {r['alerts']} alert(s) in {r['hours']} h "
-          f"of normal running, alert open on {100 * r['open_share']:.2f}% of its rows",
-          file=sys.stderr)
+          f"of normal running, alert open on {100 * r['open_share']:.2f}% of its rows"
+          + (f"; refinement margin {rf['margin']:g}" if rf else ""), file=sys.stderr)
     if written:
         print(f"policy written to {written}", file=sys.stderr)
     else:

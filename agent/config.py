@@ -87,6 +87,15 @@ class BufferConfig(Strict):
     idle_evict_s: PositiveFloat | None = 3600.0
 
 
+class RefineConfig(Strict):
+    """Once the stream has run `after_s` past its learning period, the normal windows of the
+    next `span_s` set its threshold anew: their `calibration.quantile` x `margin`, never
+    above the learned one (agent/refine.py)."""
+    after_s: NonNegativeFloat = 1800.0
+    span_s: PositiveFloat = 1800.0
+    margin: Annotated[float, Meta(ge=1.0)] = 1.5
+
+
 class CalibrationConfig(Strict):
     enabled: bool = False
     samples: Annotated[int, Meta(ge=MIN_LEARN)] = 400
@@ -104,6 +113,8 @@ class CalibrationConfig(Strict):
     fit: Literal["scaler", "mean"] = "scaler"
     # the threshold: fitted on the learning windows, or the model's own
     threshold: Literal["fit", "model"] = "fit"
+    # the fitted threshold narrowed once on the stream's own steady running (off: null)
+    refine: RefineConfig | None = None
 
 
 class AdaptationConfig(Strict):

@@ -44,7 +44,8 @@ from .saving import SaveQueue
 from .scoring import Smoother, add_levels, normalized
 from .sources.base import Batch
 from .state_store import StateStore
-from .stream import Pace, Stream, StreamResult
+from .pace import Pace
+from .stream import Stream, StreamResult
 
 log = logging.getLogger("tsad.engine")
 

@@ -18,6 +18,12 @@ data only:
   1 - `start_quantile` of the starts raise an alert in those hours (the quantile of
   each start's quiet margin), times `safety`, rounded up onto the grid.  The policy
   takes the larger of the two margins, so both rules hold.
+- Optionally, the refinement's margin (`calibration.refine`, agent/refine.py), once the
+  threshold margin is fixed: the smallest on the grid from 1 up for which the same
+  recordings raise no more alerts than without refinement, and keep an alert open on at
+  most `open_share` of their rows.  The one alert a day the first rule allows is for what
+  the learned threshold must ride out (a machine's warm-up); a threshold refined on the
+  stream's own steady running should cost an operator nothing more on normal data.
 
 So the threshold is set by how often the plant's own normal operation would disturb
 an operator, never by labeled faults.  The result goes into the model's metadata
@@ -118,11 +124,12 @@ def start_trial(det: Detector, starts: list[Segment], settings: dict, margin: fl
             "open_share": open_rows / rows if rows else 0.0}
 
 
-def bisect(run, ok) -> tuple[int, list[dict]]:
-    """The smallest grid index whose trial `ok` accepts (alerts fall as the margin grows),
-    and the trials run, smallest margin first; the chosen one is the one at that index."""
+def bisect(run, ok, lo: int = 0) -> tuple[int, list[dict]]:
+    """The smallest grid index from `lo` whose trial `ok` accepts (alerts fall as the
+    margin grows), and the trials run, smallest margin first; the chosen one is the one
+    at that index."""
     tried: dict[int, dict] = {}
-    lo, hi = 0, len(GRID) - 1
+    hi = len(GRID) - 1
     while lo < hi:
         mid = (lo + hi) // 2
         tried[mid] = run(GRID[mid])
@@ -158,6 +165,26 @@ def _fit_segments(det: Detector, segs: list[Segment], settings: dict, learning: 
     return best, tried
 
 
+def with_refine(settings: dict, refine: dict, margin: float) -> dict:
+    cal = settings.get("calibration", {})
+    return {**settings, "calibration": {**cal, "refine": {**refine, "margin": margin}}}
+
+
+def fit_refine_margin(det: Detector, segs: list[Segment], settings: dict, refine: dict,
+                      margin: float, learning: int, base: dict,
+                      open_share: float) -> tuple[dict, list[dict]]:
+    """The refinement's rule (module rules) at threshold margin `margin`, whose trial
+    without refinement is `base`: (the chosen trial, every trial run)."""
+    ok = lambda r: r["alerts"] <= base["alerts"] and r["open_share"] <= open_share  # noqa: E731
+    run = lambda m: {**trial(det, segs, with_refine(settings, refine, m), margin,  # noqa: E731
+                             learning), "margin": m}
+    i, tried = bisect(run, ok, GRID.index(1.0))
+    best = next(r for r in tried if r["margin"] == GRID[i])
+    if not ok(best):
+        raise ValueError(f"no refinement margin up to {GRID[-1]:g} meets its rule")
+    return best, tried
+
+
 def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning: int,
                      start_h: float, start_quantile: float,
                      safety: float) -> tuple[dict, list[dict]]:
@@ -185,6 +212,13 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
                start_h: float = 8.0, start_quantile: float = 0.95,
                safety: float = 1.1) -> dict:
     """The policy (metadata `policy`) for `model` on normal `files` (and `starts`)."""
+    refine = settings.get("calibration", {}).get("refine")
+    if refine is not None and "margin" in refine:
+        raise ValueError("--set calibration.refine: its margin is what fit-policy fits, not a "
+                         "setting to give")
+    if refine is not None:      # fitted after the threshold margin, which is fitted without it
+        settings = {**settings, "calibration": {k: v for k, v in settings["calibration"].items()
+                                                if k != "refine"}}
     fitted_keys = {("calibration", "margin"): "what fit-policy fits",
                    ("calibration", "samples"): "set by --learn",
                    ("calibration", "enabled"): "set by --learn (0: none)",
@@ -213,6 +247,15 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
         if sbest["margin"] > best["margin"]:
             best = trial(det, segs, settings, sbest["margin"], learning)
             tried = sorted(tried + [best], key=lambda r: r["margin"])
+    if refine is not None:
+        rbest, rtried = fit_refine_margin(det, segs, settings, refine, best["margin"], learning,
+                                          best, open_share)
+        rule += ("; then the refinement's margin (calibration.refine): the smallest on the "
+                 "grid from 1 up for which the normal recordings raise no more alerts than "
+                 f"without refinement, with an alert open on at most {100 * open_share:g}% of "
+                 "running rows")
+        fitted["refine"] = {"result": rbest, "trials": rtried}
+        settings = with_refine(settings, refine, rbest["margin"])
     chosen = with_margin(det, settings, best["margin"], learning)
     return {"settings": chosen, "reason": reason, "fitted": {
         "rule": rule, "data": _files([seg.path for seg in segs], data_root), "result": best, "trials": tried,

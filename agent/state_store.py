@@ -77,6 +77,9 @@ def _check(d, n_channels: int) -> dict:
             rec[key] = _vector(d, key, n_channels)
             if key != "adapted_mean" and not np.all(rec[key] > 0):
                 raise ValueError(f"'{key}' must be > 0")
+    was = d.get("refined_from")     # the threshold before its refinement (refine.py)
+    if was is not None and (type(was) not in (int, float) or not 0 < was < float("inf")):
+        raise ValueError(f"'refined_from' is {was!r}, expected a finite number > 0 or null")
     if not isinstance(d.get("fitted_at"), (str, type(None))):
         raise ValueError(f"'fitted_at' is {d.get('fitted_at')!r}, expected a text or null")
     return rec

@@ -26,13 +26,14 @@ from .adaptation import CHANNEL_OK, EPOCH, Adapter
 from .baseline import Baseline
 from .config import AdaptationConfig
 from .contract import score_windows
+from .pace import Pace
+from .refine import needed
 from .ring import RingBuffer, Windows
 from .sample_clock import SampleClock
 from .scoring import Smoother, level_excess
 
 log = logging.getLogger("tsad.stream")
 
-PACE_STEPS = 32      # steps that teach a stream its sampling interval
 GAP_LOG_S = 600.0    # a stream logs its window restarts at most this often
 
 Infer = Callable[[np.ndarray], np.ndarray]
@@ -50,42 +51,6 @@ class StreamResult:
     events: list[dict]      # alert events, in order
     # states the stream entered during the step, in order ("learning", "normal", "anomaly")
     entered: list[str] = field(default_factory=list)
-
-
-class Pace:
-    """A stream's sampling interval, learned from its first PACE_STEPS positive steps (the
-    median: jitter and the odd missing sample do not move it) when it was not given.
-    Adaptation reads it to turn time constants into samples; with `factor` (gap reset
-    "auto"), a gap longer than `factor` intervals restarts the stream's window."""
-
-    __slots__ = ("interval", "_steps", "_n", "_prev", "ring", "factor")
-
-    def __init__(self, ring: RingBuffer, factor: float | None, interval: float | None):
-        self.ring, self.factor = ring, factor
-        self.interval = interval
-        self._steps: list[np.ndarray] = []
-        self._n = 0
-        self._prev = float("nan")
-        if interval is not None and factor is not None:
-            ring.gap_reset_s = factor * interval
-
-    @property
-    def learning(self) -> bool:
-        return self.interval is None
-
-    def observe(self, ts: np.ndarray, sid: str) -> None:
-        d = np.diff(np.concatenate([[self._prev], ts]))
-        self._prev = float(ts[-1])
-        d = d[d > 0]
-        self._steps.append(d)
-        self._n += len(d)
-        if self._n >= PACE_STEPS:
-            self.interval = float(np.median(np.concatenate(self._steps)))
-            self._steps = []
-            if self.factor is not None:
-                self.ring.gap_reset_s = self.factor * self.interval
-                log.info("stream %s: a sample every %.3g s; a gap over %.3g s restarts its "
-                         "window", sid, self.interval, self.ring.gap_reset_s)
 
 
 class Stream:
@@ -179,7 +144,7 @@ class Stream:
             self._took(ts[:k])
             return k, None
         if self.adapter is None:
-            k = min(len(ts), self.max_batch)
+            k = self._refine_room(ts[:self.max_batch])
             off = self._took(ts[:k])
             return k, self._push(ts[:k], self.baseline.scaler.apply(values[:k]), off)
         # up to LAG + 1 epochs at once (each scaled by its own version): one ring push,
@@ -191,6 +156,7 @@ class Stream:
             k = min(k, self.max_batch, EPOCH - self.adapter.ingested % EPOCH)
         if k == 0:
             return 0, None
+        k = self._refine_room(ts[:k])
         parts = self.adapter.pieces(k, self.max_batch)
         self.adapter.took(k)
         ts, values = ts[:k], values[:k]
@@ -204,6 +170,12 @@ class Stream:
             self._pieces.append(self._piece(values, w, parts))
         self._settle()
         return k, w
+
+    def _refine_room(self, ts: np.ndarray) -> int:
+        """How many of these samples one block may hold: none crosses the moment a
+        threshold refinement is due (refine.py)."""
+        r = self.baseline.refiner
+        return len(ts) if r is None else r.room(ts + self.clock.peek(ts))
 
     def _scaled(self, values: np.ndarray, parts: list) -> np.ndarray:
         out = np.empty(values.shape, np.float32)
@@ -320,10 +292,16 @@ class Stream:
         else:       # the blocks one epoch (of max_batch at most) per ingest gave: same bits
             s = np.concatenate([self.smoother.update(scores[a:b])
                                 for a, b in zip([0] + piece[4], piece[4])])
+        refiner = self.baseline.refiner
+        if refiner is not None and refiner.due(w.ts + w.off):
+            self._refine()
+            refiner = None
         thr = self.baseline.threshold
         events = self.tracker.update(w.ts, s, thr, shown, w.off)
+        win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
+        if refiner is not None:
+            refiner.keep(w.ts + w.off, s / thr, win_ok)
         if piece is not None:
-            win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
             # all windows normal (the usual case): every channel may be learned from
             ok = win_ok[:, None] if level is None or win_ok.all() else \
                 win_ok[:, None] | (err <= CHANNEL_OK * level)
@@ -343,6 +321,17 @@ class Stream:
         self.rebaseline_due = self.rebaseline_due or self.tracker.rebaseline_due()
         return StreamResult(self.id, w.ts, s, thr, self.tracker.labels, self.tracker.open_mask,
                             events)
+
+    def _refine(self) -> None:
+        was = self.baseline.threshold
+        new, n = self.baseline.refine()
+        if new is None:
+            log.info("stream %s: threshold kept at %.4g: the %d normal windows of its "
+                     "refinement span (at least %d needed) allow no lower one", self.id, was,
+                     n, needed(self.baseline.cal.quantile))
+        else:
+            log.info("stream %s: threshold refined from %.4g to %.4g on %d normal windows",
+                     self.id, was, new, n)
 
     def judge(self, values: np.ndarray, infer: Infer) -> tuple[float, np.ndarray]:
         """One window of raw values [window, C] scored as this stream scores now (its

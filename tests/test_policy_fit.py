@@ -129,3 +129,25 @@ def test_settings_the_fit_sets_itself_are_refused(model, data, key):
     sec, name = key.split(".")
     with pytest.raises(ValueError, match=f"--set {key}: "):
         fit_policy(model, data[0][:1], {sec: {name: 1}}, 10, "test")
+
+
+def test_the_refinement_margin_is_fitted_after_the_threshold_margin(model, data):
+    """calibration.refine (agent/refine.py): the threshold margin is fitted as without it,
+    then the refinement's, from 1 up, adding no alert on the normal recordings."""
+    refine = {"after_s": 2 * 3600.0, "span_s": 60 * 3600.0}     # 1,200 windows at 3 min
+    plain = fit_policy(model, data[0][:2], SETTINGS, 40, "test")
+    both = fit_policy(model, data[0][:2], {**SETTINGS, "calibration": {"refine": refine}},
+                      40, "test")
+    cal = both["settings"]["calibration"]
+    assert cal["margin"] == plain["settings"]["calibration"]["margin"]
+    assert cal["refine"]["margin"] >= 1.0 and cal["refine"]["after_s"] == refine["after_s"]
+    r = both["fitted"]["refine"]["result"]
+    assert r["margin"] == cal["refine"]["margin"]
+    assert r["alerts"] <= both["fitted"]["result"]["alerts"]
+    assert "refinement's margin" in both["fitted"]["rule"]
+    assert all(t["margin"] >= 1.0 for t in both["fitted"]["refine"]["trials"])
+
+
+def test_a_refinement_margin_given_is_refused(model, data):
+    with pytest.raises(ValueError, match="its margin is what fit-policy fits"):
+        fit_policy(model, data[0][:1], {"calibration": {"refine": {"margin": 1.2}}}, 10, "test")

@@ -1,0 +1,90 @@
+"""Threshold refinement: a learned threshold narrowed once, on the stream's own steady running.
+
+A learning period is short against a machine's life (400 samples in the SKAB protocol), so
+the threshold it fits carries a wide margin: the stream must stay quiet through what
+follows learning while adaptation catches up with the machine's warm-up.  Once it has,
+the stream's normal windows show how high its scores really go (`calibration.refine`):
+
+- The span runs from `after_s` to `after_s + span_s` of elapsed sample time
+  (agent/sample_clock.py) after the first sample that follows the learning period, or
+  follows a restart that restored a baseline not refined yet.
+- Its windows that scored under the threshold with no alert open are counted in a
+  histogram of score / threshold: BINS log-spaced bins from 1e-3 to 1, 2.3 % wide, so a
+  stream holds 1.2 KB while its span lasts however fast it samples, and the counts do not
+  depend on how its samples were chunked.
+- At its first window at or after the span's end, the threshold becomes `margin` x the
+  upper edge of the bin holding those windows' `calibration.quantile`, if that is lower.
+  It never rises: the learned threshold is the one the model's policy was fitted to
+  keep quiet.  With fewer than 10 / (1 - quantile) normal windows (1,000 at 0.99, so
+  that ten lie above the quantile) it stays as learned.
+- Once: re-baselining (a new learning period) starts a new refinement; the refined
+  threshold is saved with the baseline and restored after a restart.
+- Exact: a stream ingests no block that crosses the span's end (`room`), so the daemon
+  fed one sample at a time and a file job in chunks switch at the same window.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import RefineConfig
+
+BINS = 300
+LOWEST = -3.0       # log10 of the lowest bin's lower edge, as a share of the threshold
+_EDGES = np.logspace(LOWEST, 0.0, BINS + 1)
+
+
+def needed(quantile: float) -> int:
+    """Normal windows a refinement needs: ten above the quantile."""
+    return math.ceil(10.0 / (1.0 - quantile) - 1e-9)
+
+
+class Refiner:
+    __slots__ = ("cfg", "quantile", "start", "_counts")
+
+    def __init__(self, cfg: RefineConfig, quantile: float):
+        self.cfg, self.quantile = cfg, quantile
+        self.start: float | None = None       # elapsed time the span counts from
+        self._counts: np.ndarray | None = None
+
+    @property
+    def end(self) -> float:
+        return (self.start if self.start is not None else math.inf) + \
+            self.cfg.after_s + self.cfg.span_s
+
+    def room(self, el: np.ndarray) -> int:
+        """How many of these samples (their elapsed times, in order) one block may hold:
+        up to the span's end, or all of them once it has passed."""
+        if self.start is None:
+            self.start = float(el[0])
+        if el[0] >= self.end:
+            return len(el)
+        return int(np.searchsorted(el, self.end, side="left"))
+
+    def due(self, el: np.ndarray) -> bool:
+        """The block (windows' elapsed times, no block crossing the span's end) starts at
+        or after the span's end: refine before judging it."""
+        return bool(len(el)) and el[0] >= self.end
+
+    def keep(self, el: np.ndarray, ratio: np.ndarray, normal: np.ndarray) -> None:
+        """Count the windows in the span that were normal: score / threshold (< 1)."""
+        a = self.start + self.cfg.after_s
+        sel = normal & (el >= a) & (el < self.end)
+        if not sel.any():
+            return
+        if self._counts is None:
+            self._counts = np.zeros(BINS, np.int32)
+        r = np.log10(np.maximum(ratio[sel], 10.0 ** LOWEST))
+        i = np.minimum(((r - LOWEST) * (BINS / -LOWEST)).astype(np.int64), BINS - 1)
+        self._counts += np.bincount(i, minlength=BINS).astype(np.int32)
+
+    def refined(self, threshold: float) -> tuple[float | None, int]:
+        """(the refined threshold, or None where it stays; the normal windows counted)."""
+        c = self._counts
+        n = int(c.sum()) if c is not None else 0
+        if n < needed(self.quantile):
+            return None, n
+        k = int(np.searchsorted(np.cumsum(c), self.quantile * n, side="left"))
+        new = float(_EDGES[k + 1]) * threshold * self.cfg.margin
+        return (new if new < threshold else None), n

@@ -1,0 +1,178 @@
+"""Threshold refinement (agent/refine.py, calibration.refine) with a real ONNX model:
+recon = 0.9 x + 0.01 in scaled space, so a sample's error grows with how far it sits
+from the stream's mean.  At 1 Hz a stream learns on 300 samples with a wide margin, runs
+300 s, then its next 1,200 normal windows set its threshold anew."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from agent.config import DetectionConfig, RefineConfig
+from agent.config_build import build
+from agent.detector import Detector
+from agent.engine import Engine
+from agent.jobs import Recording, run_table
+from agent.refine import Refiner, needed
+from agent.sources.base import Batch
+from agent.state_store import StateStore
+from onnx_factory import make_model
+
+CH = ["a", "b", "c"]
+LEARN = 300
+AFTER, SPAN = 300.0, 1200.0
+T0 = 1.7e9
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _ = make_model(tmp_path_factory.mktemp("m") / "affine.onnx", window=8, channels=CH)
+    return str(path)
+
+
+def engine(model: str, refine: dict | None = None, store: StateStore | None = None) -> Engine:
+    cal = {"enabled": True, "samples": LEARN, "margin": 4.0}
+    if refine is not None:
+        cal["refine"] = {"after_s": AFTER, "span_s": SPAN, **refine}
+    d = {"node": "t", "calibration": cal, "adaptation": {"enabled": True, "time_constant_s": 600},
+         "alerts": {"open_k": 3, "open_n": 5, "close_m": 5}}
+    return Engine(build(DetectionConfig, d), Detector(model), store=store)
+
+
+def series(n: int, seed: int, fault: tuple[int, int, float] | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = 10.0 + rng.normal(0, 1.0, (n, len(CH)))
+    if fault is not None:
+        a, b, size = fault
+        v[a:b] += size
+    return v.astype(np.float32)
+
+
+def run(e: Engine, values: np.ndarray, block: int, start: int = 0) -> Recording:
+    rec = Recording()
+    ts = T0 + np.arange(start, start + len(values), dtype=np.float64)
+    for a in range(0, len(values), block):
+        rec.add(e.step([Batch("s", ts[a:a + block], values[a:a + block])]))
+    return rec
+
+
+# the refinement is due at LEARN + AFTER + SPAN = 1,800 s; the fault comes well after it
+N = 2600
+FAULT = (2200, 2300, 2.0)
+
+
+def test_the_refined_threshold_is_lower_and_finds_what_the_learned_one_missed(model):
+    vals = series(N, seed=1, fault=FAULT)
+    plain, refined = engine(model), engine(model, {"margin": 1.0})
+    a, b = run(plain, vals, block=50), run(refined, vals, block=50)
+    learned = a.table("s")["threshold"][0]
+    thr = b.table("s")["threshold"]
+    assert thr[0] == learned and thr[-1] < 0.7 * learned
+    ts = b.table("s")["ts"]
+    switch = ts[np.flatnonzero(thr != thr[0])[0]]
+    assert switch == T0 + LEARN + AFTER + SPAN      # the first sample of the span's end
+    assert refined.streams["s"].baseline.refined_from == learned
+    # quiet on normal running either way; only the refined threshold sees the fault
+    assert not [e for e in a.events if e["type"] == "new"]
+    assert len([e for e in b.events if e["type"] == "new"]) == 1
+    opened = ts[np.flatnonzero(b.table("s")["alert"])[0]]
+    assert T0 + FAULT[0] <= opened < T0 + FAULT[1]
+
+
+def test_refinement_switches_at_the_same_window_however_the_samples_come(model):
+    vals = series(N, seed=2, fault=FAULT)
+    one = run(engine(model, {"margin": 1.0}), vals, block=1)
+    blocks = run(engine(model, {"margin": 1.0}), vals, block=257)
+    ts = T0 + np.arange(N, dtype=np.float64)
+    job = run_table(engine(model, {"margin": 1.0}), "s", ts, vals)
+    for other in (blocks, job):
+        for key in ("score", "threshold", "alert"):
+            np.testing.assert_array_equal(one.table("s")[key], other.table("s")[key])
+    assert len(set(one.table("s")["threshold"])) == 2
+
+
+def test_too_few_normal_windows_keep_the_learned_threshold(model, caplog):
+    # a 200 s span holds 200 windows, under the 1,000 the 0.99 quantile needs
+    e = engine(model, {"margin": 1.0, "span_s": 200.0})
+    with caplog.at_level(logging.INFO, logger="tsad.stream"):
+        rec = run(e, series(N, seed=3), block=64)
+    assert len(set(rec.table("s")["threshold"])) == 1
+    assert e.streams["s"].baseline.refiner is None          # done, not pending
+    assert any("threshold kept" in r.getMessage() and "at least 1000 needed" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_refinement_never_raises_the_threshold():
+    r = Refiner(RefineConfig(after_s=0.0, span_s=100.0, margin=1.5), 0.9)
+    el = np.arange(100.0)
+    assert r.room(el) == 100
+    r.keep(el, np.full(100, 0.9), np.ones(100, bool))       # every window near the threshold
+    assert needed(0.9) == 100
+    new, n = r.refined(2.0)
+    assert new is None and n == 100
+    r2 = Refiner(RefineConfig(after_s=0.0, span_s=100.0, margin=1.5), 0.9)
+    r2.room(el)
+    r2.keep(el, np.linspace(0.01, 0.2, 100), np.ones(100, bool))
+    new, _ = r2.refined(2.0)
+    # the 0.9 quantile of 0.01..0.2 is 0.181; its bin's upper edge, x 1.5, x the threshold
+    assert 1.5 * 0.181 * 2.0 <= new <= 1.5 * 0.181 * 1.024 * 2.0
+
+
+def test_a_block_never_crosses_the_span_end():
+    r = Refiner(RefineConfig(after_s=10.0, span_s=20.0), 0.99)
+    assert r.room(np.array([100.0, 101.0])) == 2            # the span counts from here
+    assert r.room(np.array([125.0, 129.0, 130.0, 131.0])) == 2
+    assert r.room(np.array([130.0, 131.0])) == 2             # past it: all
+    assert r.due(np.array([130.0])) and not r.due(np.array([129.5]))
+
+
+def test_a_refined_threshold_survives_a_restart_and_an_unrefined_one_starts_again(model,
+                                                                                  tmp_path):
+    vals = series(N, seed=4)
+    store = StateStore(tmp_path)
+    e = engine(model, {"margin": 1.0}, store=store)
+    run(e, vals[:2000], block=64)
+    e.save_baselines()
+    saved = json.loads(store.path("s").read_text())
+    learned, refined = saved["refined_from"], saved["threshold"]
+    assert refined < learned
+    e2 = engine(model, {"margin": 1.0}, store=StateStore(tmp_path))
+    rec = run(e2, vals[2000:], block=64, start=2000)
+    st = e2.streams["s"]
+    assert st.baseline.refiner is None and st.baseline.threshold == refined
+    assert set(rec.table("s")["threshold"]) == {refined}
+    # saved before its span ended: the restarted stream counts a new span from its next sample
+    store3 = StateStore(tmp_path / "early")
+    e3 = engine(model, {"margin": 1.0}, store=store3)
+    run(e3, vals[:1000], block=64)
+    e3.save_baselines()
+    assert "refined_from" not in json.loads(store3.path("s").read_text())
+    e4 = engine(model, {"margin": 1.0}, store=StateStore(tmp_path / "early"))
+    run(e4, vals[1000:1100], block=64, start=1000)
+    r = e4.streams["s"].baseline.refiner
+    assert r is not None and r.start == T0 + 1000
+
+
+def test_re_baselining_starts_a_new_refinement(model):
+    e = engine(model, {"margin": 1.0})
+    run(e, series(2000, seed=5), block=64)
+    st = e.streams["s"]
+    assert st.baseline.refiner is None and st.baseline.refined_from is not None
+    st.relearn()
+    assert st.baseline.refiner is None and st.baseline.refined_from is None
+    run(e, series(LEARN + 10, seed=6), block=64, start=3000)
+    assert st.baseline.refiner is not None and not st.baseline.learning
+
+
+@pytest.mark.parametrize("bad", ["1.0", -1.0, 0, float("inf"), True])
+def test_a_saved_refined_from_of_the_wrong_kind_is_refused(model, tmp_path, bad):
+    store = StateStore(tmp_path)
+    e = engine(model, {"margin": 1.0}, store=store)
+    run(e, series(2000, seed=7), block=64)
+    e.save_baselines()
+    d = json.loads(store.path("s").read_text())
+    d["refined_from"] = bad
+    store.path("s").write_text(json.dumps(d))
+    assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH)) is None
