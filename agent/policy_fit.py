@@ -19,11 +19,16 @@ data only:
   each start's quiet margin), times `safety`, rounded up onto the grid.  The policy
   takes the larger of the two margins, so both rules hold.
 - Optionally, the refinement's margin (`calibration.refine`, agent/refine.py), once the
-  threshold margin is fixed: the smallest on the grid from 1 up for which the same
-  recordings raise no more alerts than without refinement, and keep an alert open on at
-  most `open_share` of their rows.  The one alert a day the first rule allows is for what
-  the learned threshold must ride out (a machine's warm-up); a threshold refined on the
-  stream's own steady running should cost an operator nothing more on normal data.
+  threshold margin is fixed, over learning starts: each recording replayed from its
+  first row and from every `after_s` of sample time after it, while an hour of running
+  follows the learning period.  The smallest grid margin from 1 up at which no start
+  raises more alerts than it does without refinement (an alert open on at most
+  `open_share` of their rows, or as many as without it), times `safety`, rounded up
+  onto the grid.  A threshold
+  refined on the stream's own running should cost an operator nothing on normal data,
+  wherever its learning happened to start: fitted on one start only, the margins let
+  later normal running cross thresholds refined on a quiet half hour (docs/RESULTS.md,
+  seventeenth session).
 
 So the threshold is set by how often the plant's own normal operation would disturb
 an operator, never by labeled faults.  The result goes into the model's metadata
@@ -42,12 +47,14 @@ import numpy as np
 from .contract import read_table
 from .detector import Detector
 from .engine import Engine
+from .config import RefineConfig
 from .jobs import detection_config, long_run, rows_prediction, run_table
 from .model_meta import meta_path_for, sha256_file
 
 log = logging.getLogger("tsad.policy_fit")
 
 GRID = tuple(round(1.1 ** k, 3) for k in range(-15, 40))  # margins 0.24 .. ~41
+REFINE_RUN_S = 3600.0       # running a learning start needs after its learning period
 
 
 @dataclass
@@ -170,19 +177,53 @@ def with_refine(settings: dict, refine: dict, margin: float) -> dict:
     return {**settings, "calibration": {**cal, "refine": {**refine, "margin": margin}}}
 
 
+def learning_starts(segs: list[Segment], learning: int, every_s: float) -> list[Segment]:
+    """Each segment from its first row and from every `every_s` of sample time after that,
+    while an hour of running (REFINE_RUN_S) follows the learning period."""
+    out = []
+    for seg in segs:
+        t, s = seg.ts, 0
+        while s + learning < len(t) and t[-1] - t[s + learning] >= REFINE_RUN_S:
+            out.append(Segment(seg.path, t[s:], seg.values[s:]))
+            s = max(s + 1, int(np.searchsorted(t, t[s] + every_s, side="left")))
+    return out
+
+
+def start_alerts(det: Detector, starts: list[Segment], settings: dict, margin: float,
+                 learning: int) -> tuple[list[int], float]:
+    """(alerts from each start, the share of their running rows with an alert open)."""
+    alerts, open_rows, rows = [], 0, 0
+    for seg, pred in predictions(det, starts, settings, margin, learning):
+        alerts.append(long_run(seg.ts[learning:], pred)["alerts"])
+        open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
+    return alerts, open_rows / rows if rows else 0.0
+
+
 def fit_refine_margin(det: Detector, segs: list[Segment], settings: dict, refine: dict,
-                      margin: float, learning: int, base: dict,
-                      open_share: float) -> tuple[dict, list[dict]]:
-    """The refinement's rule (module rules) at threshold margin `margin`, whose trial
-    without refinement is `base`: (the chosen trial, every trial run)."""
-    ok = lambda r: r["alerts"] <= base["alerts"] and r["open_share"] <= open_share  # noqa: E731
-    run = lambda m: {**trial(det, segs, with_refine(settings, refine, m), margin,  # noqa: E731
-                             learning), "margin": m}
+                      margin: float, learning: int, open_share: float,
+                      safety: float) -> tuple[dict, list[dict]]:
+    """The refinement's rule (module rules) at threshold margin `margin`: (the chosen
+    trial, every trial run)."""
+    starts = learning_starts(segs, learning, RefineConfig(**refine).after_s)
+    if not starts:
+        raise ValueError("no normal recording runs an hour past its learning period: too "
+                         "short to fit the refinement's margin")
+    base, base_share = start_alerts(det, starts, settings, margin, learning)
+
+    def run(m: float) -> dict:
+        alerts, share = start_alerts(det, starts, with_refine(settings, refine, m), margin,
+                                     learning)
+        return {"margin": m, "starts": len(starts), "alerts": sum(alerts),
+                "worse": sum(a > b for a, b in zip(alerts, base)), "open_share": share}
+
+    ok = lambda r: (r["worse"] == 0  # noqa: E731
+                    and r["open_share"] <= max(open_share, base_share))
     i, tried = bisect(run, ok, GRID.index(1.0))
-    best = next(r for r in tried if r["margin"] == GRID[i])
-    if not ok(best):
+    if not ok(next(r for r in tried if r["margin"] == GRID[i])):
         raise ValueError(f"no refinement margin up to {GRID[-1]:g} meets its rule")
-    return best, tried
+    j = next((k for k, m in enumerate(GRID) if m >= GRID[i] * safety - 1e-9), len(GRID) - 1)
+    best = next((r for r in tried if r["margin"] == GRID[j]), None) or run(GRID[j])
+    return best, sorted(tried + ([best] if best not in tried else []), key=lambda r: r["margin"])
 
 
 def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning: int,
@@ -249,11 +290,13 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
             tried = sorted(tried + [best], key=lambda r: r["margin"])
     if refine is not None:
         rbest, rtried = fit_refine_margin(det, segs, settings, refine, best["margin"], learning,
-                                          best, open_share)
-        rule += ("; then the refinement's margin (calibration.refine): the smallest on the "
-                 "grid from 1 up for which the normal recordings raise no more alerts than "
-                 f"without refinement, with an alert open on at most {100 * open_share:g}% of "
-                 "running rows")
+                                          open_share, safety)
+        rule += ("; then the refinement's margin (calibration.refine): over learning starts "
+                 "at each recording's first row and every after_s after it (an hour of "
+                 f"running after learning), {safety:g} x the smallest margin from 1 up at "
+                 "which no start raises more alerts than without refinement (an alert open "
+                 f"on at most {100 * open_share:g}% of running rows, or as many as without "
+                 "it), rounded up onto the grid")
         fitted["refine"] = {"result": rbest, "trials": rtried}
         settings = with_refine(settings, refine, rbest["margin"])
     chosen = with_margin(det, settings, best["margin"], learning)

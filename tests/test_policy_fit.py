@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from agent.detector import Detector
-from agent.policy_fit import GRID, fit_policy, start_trial, first_hours, segments
+from agent.policy_fit import (GRID, Segment, fit_policy, first_hours, learning_starts,
+                              segments, start_trial)
 from onnx_factory import make_model
 
 CH = ["a", "b"]
@@ -133,8 +134,9 @@ def test_settings_the_fit_sets_itself_are_refused(model, data, key):
 
 def test_the_refinement_margin_is_fitted_after_the_threshold_margin(model, data):
     """calibration.refine (agent/refine.py): the threshold margin is fitted as without it,
-    then the refinement's, from 1 up, adding no alert on the normal recordings."""
-    refine = {"after_s": 2 * 3600.0, "span_s": 60 * 3600.0}     # 1,200 windows at 3 min
+    then the refinement's, from 1 up, adding no alert at any learning start (every
+    after_s: a day here) of the normal recordings."""
+    refine = {"after_s": 24 * 3600.0, "span_s": 60 * 3600.0}    # 1,200 windows at 3 min
     plain = fit_policy(model, data[0][:2], SETTINGS, 40, "test")
     both = fit_policy(model, data[0][:2], {**SETTINGS, "calibration": {"refine": refine}},
                       40, "test")
@@ -142,8 +144,8 @@ def test_the_refinement_margin_is_fitted_after_the_threshold_margin(model, data)
     assert cal["margin"] == plain["settings"]["calibration"]["margin"]
     assert cal["refine"]["margin"] >= 1.0 and cal["refine"]["after_s"] == refine["after_s"]
     r = both["fitted"]["refine"]["result"]
-    assert r["margin"] == cal["refine"]["margin"]
-    assert r["alerts"] <= both["fitted"]["result"]["alerts"]
+    assert r["margin"] == cal["refine"]["margin"] and r["worse"] == 0
+    assert r["starts"] == 2 * 7      # a day apart while 2 h of learning + 1 h fit in 168 h
     assert "refinement's margin" in both["fitted"]["rule"]
     assert all(t["margin"] >= 1.0 for t in both["fitted"]["refine"]["trials"])
 
@@ -151,3 +153,13 @@ def test_the_refinement_margin_is_fitted_after_the_threshold_margin(model, data)
 def test_a_refinement_margin_given_is_refused(model, data):
     with pytest.raises(ValueError, match="its margin is what fit-policy fits"):
         fit_policy(model, data[0][:1], {"calibration": {"refine": {"margin": 1.2}}}, 10, "test")
+
+
+def test_learning_starts_are_every_after_s_while_an_hour_of_running_follows():
+    ts = np.arange(0.0, 4 * 3600.0, 60.0)           # 4 h at one sample a minute
+    seg = Segment(Path("x.csv"), ts, np.zeros((len(ts), 2)))
+    starts = learning_starts([seg], 30, 1800.0)       # 30 min of learning
+    # every 30 min up to 120: then 30 min of learning and an hour of running end at 210
+    # of the 239 minutes; from 150 they would not fit
+    assert [s.ts[0] for s in starts] == [0.0, 1800.0, 3600.0, 5400.0, 7200.0]
+    assert all(len(s.ts) == len(s.values) for s in starts)
