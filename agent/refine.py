@@ -19,8 +19,10 @@ the stream's normal windows show how high its scores really go (`calibration.ref
   that ten lie above the quantile) it stays as learned.
 - Once: re-baselining (a new learning period) starts a new refinement; the refined
   threshold is saved with the baseline and restored after a restart.
-- Exact: a stream ingests no block that crosses the span's end (`room`), so the daemon
-  fed one sample at a time and a file job in chunks switch at the same window.
+- Exact: a block a stream ingests ends before its first sample at or after the span's
+  end (`room`), so the daemon fed one sample at a time and a file job in chunks switch at
+  the same window.  A daemon's few samples a step are checked in Python floats: while a
+  refinement is due, numpy calls on two-sample arrays would cost about 10 µs a step.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import math
 import numpy as np
 
 from .config import RefineConfig
+from .sample_clock import FEW
 
 BINS = 300
 LOWEST = -3.0       # log10 of the lowest bin's lower edge, as a share of the threshold
@@ -40,42 +43,49 @@ def needed(quantile: float) -> int:
     return math.ceil(10.0 / (1.0 - quantile) - 1e-9)
 
 
+def _first_at(el: np.ndarray, x: float) -> int | None:
+    """The index of the first elapsed time >= x, or None."""
+    if len(el) <= FEW:
+        return next((i for i, v in enumerate(el.tolist()) if v >= x), None)
+    hit = el >= x
+    return int(hit.argmax()) if hit.any() else None
+
+
 class Refiner:
-    __slots__ = ("cfg", "quantile", "start", "_counts")
+    __slots__ = ("cfg", "quantile", "start", "_from", "end", "_counts")
 
     def __init__(self, cfg: RefineConfig, quantile: float):
         self.cfg, self.quantile = cfg, quantile
         self.start: float | None = None       # elapsed time the span counts from
+        self._from = self.end = math.inf      # the span, once `start` is known
         self._counts: np.ndarray | None = None
 
-    @property
-    def end(self) -> float:
-        return (self.start if self.start is not None else math.inf) + \
-            self.cfg.after_s + self.cfg.span_s
-
     def room(self, el: np.ndarray) -> int:
-        """How many of these samples (their elapsed times, in order) one block may hold:
-        up to the span's end, or all of them once it has passed."""
+        """How many of these samples (their elapsed times) one block may hold: those
+        before the first at or after the span's end; all once the span has passed."""
         if self.start is None:
             self.start = float(el[0])
-        if el[0] >= self.end:
-            return len(el)
-        return int(np.searchsorted(el, self.end, side="left"))
+            self._from = self.start + self.cfg.after_s
+            self.end = self._from + self.cfg.span_s
+        i = _first_at(el, self.end)
+        return len(el) if not i else i
 
     def due(self, el: np.ndarray) -> bool:
-        """The block (windows' elapsed times, no block crossing the span's end) starts at
-        or after the span's end: refine before judging it."""
-        return bool(len(el)) and el[0] >= self.end
+        """The block (windows' elapsed times, cut by `room`) starts at or after the
+        span's end: refine before judging it."""
+        return bool(len(el)) and float(el[0]) >= self.end
 
-    def keep(self, el: np.ndarray, ratio: np.ndarray, normal: np.ndarray) -> None:
-        """Count the windows in the span that were normal: score / threshold (< 1)."""
-        a = self.start + self.cfg.after_s
-        sel = normal & (el >= a) & (el < self.end)
+    def keep(self, el: np.ndarray, scores: np.ndarray, threshold: float,
+             normal: np.ndarray) -> None:
+        """Count the windows in the span that were normal, by score / threshold (< 1)."""
+        if _first_at(el, self._from) is None:       # all before the span (or no span yet)
+            return
+        sel = normal & (el >= self._from) & (el < self.end)
         if not sel.any():
             return
         if self._counts is None:
             self._counts = np.zeros(BINS, np.int32)
-        r = np.log10(np.maximum(ratio[sel], 10.0 ** LOWEST))
+        r = np.log10(np.maximum(scores[sel] / threshold, 10.0 ** LOWEST))
         i = np.minimum(((r - LOWEST) * (BINS / -LOWEST)).astype(np.int64), BINS - 1)
         self._counts += np.bincount(i, minlength=BINS).astype(np.int32)
 

@@ -293,14 +293,16 @@ class Stream:
             s = np.concatenate([self.smoother.update(scores[a:b])
                                 for a, b in zip([0] + piece[4], piece[4])])
         refiner = self.baseline.refiner
-        if refiner is not None and refiner.due(w.ts + w.off):
-            self._refine()
-            refiner = None
+        if refiner is not None:
+            el = w.ts + w.off
+            if refiner.due(el):
+                self._refine()
+                refiner = None
         thr = self.baseline.threshold
         events = self.tracker.update(w.ts, s, thr, shown, w.off)
         win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
         if refiner is not None:
-            refiner.keep(w.ts + w.off, s / thr, win_ok)
+            refiner.keep(el, s, thr, win_ok)
         if piece is not None:
             # all windows normal (the usual case): every channel may be learned from
             ok = win_ok[:, None] if level is None or win_ok.all() else \

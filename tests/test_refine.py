@@ -108,13 +108,13 @@ def test_a_refinement_never_raises_the_threshold():
     r = Refiner(RefineConfig(after_s=0.0, span_s=100.0, margin=1.5), 0.9)
     el = np.arange(100.0)
     assert r.room(el) == 100
-    r.keep(el, np.full(100, 0.9), np.ones(100, bool))       # every window near the threshold
+    r.keep(el, np.full(100, 1.8), 2.0, np.ones(100, bool))  # every window near the threshold
     assert needed(0.9) == 100
     new, n = r.refined(2.0)
     assert new is None and n == 100
     r2 = Refiner(RefineConfig(after_s=0.0, span_s=100.0, margin=1.5), 0.9)
     r2.room(el)
-    r2.keep(el, np.linspace(0.01, 0.2, 100), np.ones(100, bool))
+    r2.keep(el, np.linspace(0.02, 0.4, 100), 2.0, np.ones(100, bool))
     new, _ = r2.refined(2.0)
     # the 0.9 quantile of 0.01..0.2 is 0.181; its bin's upper edge, x 1.5, x the threshold
     assert 1.5 * 0.181 * 2.0 <= new <= 1.5 * 0.181 * 1.024 * 2.0
@@ -126,6 +126,10 @@ def test_a_block_never_crosses_the_span_end():
     assert r.room(np.array([125.0, 129.0, 130.0, 131.0])) == 2
     assert r.room(np.array([130.0, 131.0])) == 2             # past it: all
     assert r.due(np.array([130.0])) and not r.due(np.array([129.5]))
+    # a clock's jitter back right after the span's end: the block still ends before the
+    # first sample at or after it, whether the few-sample path or numpy finds it
+    assert r.room(np.array([125.0, 130.2, 129.9, 131.0])) == 1
+    assert r.room(np.r_[np.linspace(120.0, 129.0, 10), 130.2, 129.9, 131.0]) == 10
 
 
 def test_a_refined_threshold_survives_a_restart_and_an_unrefined_one_starts_again(model,
