@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,9 @@ from agent.jobs import Recording, run_table
 from agent.refine import Refiner, needed
 from agent.sources.base import Batch
 from agent.state_store import StateStore
+from agent_harness import MOSQUITTO, AgentProcess, Pty, tiny_model, wait_until, write_config
 from onnx_factory import make_model
+from test_adaptation_restart import drained, write_lines
 
 CH = ["a", "b", "c"]
 LEARN = 300
@@ -180,3 +184,46 @@ def test_a_saved_refined_from_of_the_wrong_kind_is_refused(model, tmp_path, bad)
     d["refined_from"] = bad
     store.path("s").write_text(json.dumps(d))
     assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH)) is None
+
+
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed")
+def test_the_real_agent_refines_saves_and_keeps_the_refined_threshold(tmp_path):
+    """The real agent process on a pty: samples 0.01 s apart, so a 12 s span holds 1,200
+    windows.  It refines, a clean stop saves the refined threshold, and the restarted
+    agent keeps it rather than refining again."""
+    pty = Pty()
+    state = tmp_path / "state"
+    cfg = write_config(
+        tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=1, serial_port=pty.path,
+        state_dir=state, mqtt={"enabled": False}, scoring={"threshold": "model"},
+        calibration={"enabled": True, "samples": 40, "margin": 4.0,
+                     "refine": {"after_s": 2.0, "span_s": 12.0, "margin": 1.0}},
+        sinks={"console": {"enabled": False}})
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("open at")
+        i = write_lines(pty, 0, np.random.default_rng(1).normal(0, 1.0, (1600, 3)))
+        agent.wait_log("threshold refined from")
+        wait_until(lambda: drained(pty), "the agent to read every line")
+        agent.signal(signal.SIGTERM)
+        agent.proc.wait(20)
+        assert agent.proc.returncode == 0 and "Traceback" not in agent.log(), agent.log()
+        rec = json.loads((state / "calibration" / "pump.json").read_text())
+        assert rec["threshold"] < rec["refined_from"]
+        again = AgentProcess(cfg, tmp_path / "agent2.log").start()
+        agent = again
+        again.wait_log("open at")
+        write_lines(pty, i, np.random.default_rng(2).normal(0, 1.0, (1600, 3)))
+        again.wait_log("baseline restored")
+        wait_until(lambda: drained(pty), "the agent to read every line")
+        again.signal(signal.SIGTERM)
+        again.proc.wait(20)
+        log = again.log()
+        assert "learning its baseline" not in log and "threshold refined" not in log \
+            and "threshold kept" not in log, log
+        rec2 = json.loads((state / "calibration" / "pump.json").read_text())
+        assert (rec2["threshold"], rec2["refined_from"]) == (rec["threshold"],
+                                                             rec["refined_from"])
+    finally:
+        agent.close()
+        pty.close()
