@@ -37,6 +37,7 @@ from .metrics import Metrics
 from .model_meta import ModelMeta, ModelMetaError
 from .mqtt_client import make_client
 from .policy import SECTIONS, effective, model_policy
+from .refine import needed
 from .sources import build_source
 
 # The shortest learning period to recommend for a deployment, in seconds of sample time.
@@ -93,12 +94,13 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
     try:
         # the engine applies the model's policy only when it is built: after a reload has
         # stopped the running pipeline, so a bad value there must be found here
-        cal = effective(cfg.detection, meta).calibration
+        det = effective(cfg.detection, meta)
     except ModelMetaError as e:
         f._problem(str(e))
         return f
     f.warnings += policy_warnings(cfg, meta)
-    _learning_advice(cfg, cal, f)
+    _learning_advice(cfg, det.calibration, f)
+    _refine_advice(cfg, det, f)
     return f
 
 
@@ -212,6 +214,26 @@ def _learning_advice(cfg: AgentConfig, cal, f: Findings) -> None:
     if len(known) < len(cfg.streams):
         f.notes.append(f"each stream learns its baseline on its first {cal.samples} samples "
                        f"({_minutes(cal.samples)} at 1 Hz); {advice}")
+
+
+def _refine_advice(cfg: AgentConfig, det, f: Findings) -> None:
+    """calibration.refine (`det`: the detection settings the model's policy and the config
+    give) where it cannot act: no fitted threshold to refine, or a span too short, at a
+    stream's interval_s, for the normal windows its quantile needs."""
+    cal, r = det.calibration, det.calibration.refine
+    if r is None:
+        return
+    if not cal.enabled or cal.threshold != "fit" or det.scoring.threshold != "model":
+        f.notes.append("calibration.refine refines a threshold the learning period fits: "
+                       "with this calibration and scoring.threshold it does nothing")
+        return
+    stride = det.buffer.stride
+    short = [s.id for s in cfg.streams if s.interval_s is not None
+             and r.span_s / (s.interval_s * stride) < needed(cal.quantile)]
+    if short:
+        f.warnings.append(f"calibration.refine.span_s: {r.span_s:g} s holds fewer than the "
+                          f"{needed(cal.quantile)} windows its quantile needs at the interval_s "
+                          f"of stream(s) {', '.join(short)}: their thresholds stay as learned")
 
 
 def _show(v) -> str:

@@ -78,6 +78,25 @@ def test_a_learning_period_known_to_be_short_is_warned(model):
     assert not any("deployment should learn" in x for x in f.warnings + f.notes)
 
 
+def test_a_refinement_that_cannot_act_is_told(model):
+    refine = {"refine": {"after_s": 600, "span_s": 900}}
+    # at 1 s a sample, 900 s hold 900 windows: fewer than the 1,000 the 0.99 quantile needs
+    streams = [{"id": i, "interval_s": dt, "source": {"type": "serial", "port": "/dev/null"}}
+               for i, dt in (("fast", 0.5), ("slow", 1.0))]
+    f = findings(model, calibration={"duration_s": 1800, **refine}, streams=streams)
+    (w,) = f.warnings
+    assert w == ("calibration.refine.span_s: 900 s holds fewer than the 1000 windows its "
+                 "quantile needs at the interval_s of stream(s) slow: their thresholds stay "
+                 "as learned")
+    f = findings(model, calibration={"duration_s": 1800, **refine},
+                 scoring={"threshold": 0.5})
+    assert f.notes == ["calibration.refine refines a threshold the learning period fits: "
+                       "with this calibration and scoring.threshold it does nothing"]
+    # no stream's interval is known: nothing to say about the span
+    f = findings(model, calibration={"duration_s": 1800, **refine})
+    assert (f.warnings, f.notes) == ([], [])
+
+
 def test_turning_off_the_learning_period_a_model_asks_for_is_warned(model):
     (w,) = findings(model, calibration={"enabled": False}).warnings
     assert w.startswith("model pol asks for a learning period (its policy: calibration on the "
