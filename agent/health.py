@@ -27,7 +27,8 @@ def stream_status(st) -> dict:
     return {"state": st.state, "alarm": st.tracker.alarm,
             "shelved_until": _shelved_until(st),
             "samples": st.samples, "calibrated": not st.baseline.learning,
-            "threshold": st.threshold, "last_sample": iso_utc(st.last_ts),
+            "threshold": st.threshold, "refined_from": st.baseline.refined_from,
+            "last_sample": iso_utc(st.last_ts),
             "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}
 
 

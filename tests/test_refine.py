@@ -16,6 +16,7 @@ from agent.config import DetectionConfig, RefineConfig
 from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
+from agent.health import stream_status
 from agent.jobs import Recording, run_table
 from agent.refine import Refiner, needed
 from agent.sources.base import Batch
@@ -78,6 +79,9 @@ def test_the_refined_threshold_is_lower_and_finds_what_the_learned_one_missed(mo
     switch = ts[np.flatnonzero(thr != thr[0])[0]]
     assert switch == T0 + LEARN + AFTER + SPAN      # the first sample of the span's end
     assert refined.streams["s"].baseline.refined_from == learned
+    shown = stream_status(refined.streams["s"])
+    assert (shown["threshold"], shown["refined_from"]) == (thr[-1], learned)
+    assert stream_status(plain.streams["s"])["refined_from"] is None
     # quiet on normal running either way; only the refined threshold sees the fault
     assert not [e for e in a.events if e["type"] == "new"]
     assert len([e for e in b.events if e["type"] == "new"]) == 1
