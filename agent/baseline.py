@@ -93,7 +93,8 @@ class _Held:
 
 class Baseline:
     __slots__ = ("fixed_threshold", "scaler", "threshold", "level", "fitted_at", "samples_used",
-                 "_held", "_first_ts", "_ended", "meta", "cal", "refiner", "refined_from")
+                 "_held", "_first_ts", "_ended", "meta", "cal", "refiner", "refined_from",
+                 "refined", "unsaved")
 
     def __init__(self, meta: ModelMeta, cal: CalibrationConfig, fixed_threshold: float | None):
         self.meta, self.cal = meta, cal
@@ -107,6 +108,8 @@ class Baseline:
         # a fitted threshold's refinement while it is due; the learned one once it is done
         self.refiner: Refiner | None = None
         self.refined_from: float | None = None
+        self.refined = False                     # done (the threshold may have stayed)
+        self.unsaved = False                     # refined since the engine last queued a save
         # only while learning: a learned stream does not keep the empty holder (0.5 KB)
         self._held: _Held | None = self._new_held() if cal.enabled else None
         self._first_ts: float | None = None
@@ -211,12 +214,12 @@ class Baseline:
     def _refine_later(self) -> None:
         self.refiner = None if self.cal.refine is None else \
             Refiner(self.cal.refine, self.cal.quantile)
-        self.refined_from = None
+        self.refined_from, self.refined = None, False
 
     def refine(self) -> tuple[float | None, int]:
         """Refinement's moment (refine.py): (the new threshold or None, windows counted)."""
         new, n = self.refiner.refined(self.threshold)
-        self.refiner = None
+        self.refiner, self.refined, self.unsaved = None, True, True
         if new is not None:
             self.refined_from, self.threshold = self.threshold, new
         return new, n
@@ -224,7 +227,7 @@ class Baseline:
     def relearn(self) -> None:
         """Start a new learning period (after maintenance or a set-point change)."""
         if self.cal.enabled:
-            self.refiner, self.refined_from = None, None
+            self.refiner, self.refined_from, self.refined = None, None, False
             self.scaler = None
             self._held = self._new_held()
             self._first_ts, self._ended = None, False
@@ -237,10 +240,8 @@ class Baseline:
                "fitted_at": self.fitted_at}
         if self.level is not None:
             rec["level"] = self.level.tolist()
-        if self.refiner is None and self.refined_from is not None:
+        if self.refined:        # null: refined, and the learned threshold stayed
             rec["refined_from"] = self.refined_from
-        elif self.refiner is None and self.cal.refine is not None:
-            rec["refined_from"] = None      # refined, and the learned threshold stayed
         return rec
 
     def restore(self, record: dict) -> None:
@@ -252,10 +253,17 @@ class Baseline:
         self.fitted_at = record.get("fitted_at")
         if record.get("level") is not None:     # checked by state_store: one value a channel
             self.level = np.asarray(record["level"], np.float64)
-        # refined before the restart, or not yet: then its span starts again from the next
-        # sample (a fitted threshold only: one the config fixes is not learned)
-        if "refined_from" in record or self.fixed_threshold is not None or \
-                self.cal.threshold != "fit":
-            self.refiner, self.refined_from = None, record.get("refined_from")
-        else:
+        # refined before the restart: kept while the config still refines (re-baseline to
+        # refine again), the learned threshold back once it does not; not yet: its span
+        # starts again from the next sample.  A threshold the config fixes is not learned.
+        was = record.get("refined_from")
+        if self.fixed_threshold is not None or self.cal.threshold != "fit":
+            self.refiner, self.refined_from, self.refined = None, None, False
+        elif "refined_from" not in record:
             self._refine_later()
+        elif self.cal.refine is None:
+            self.refiner, self.refined_from, self.refined = None, None, False
+            if was is not None:
+                self.threshold = float(was)
+        else:
+            self.refiner, self.refined_from, self.refined = None, was, True

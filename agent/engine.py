@@ -18,9 +18,9 @@ Rules of a step:
 - A stream that fails (a bug, a value no sink can format) is logged and counted in
   `metrics.errors`; the other streams of the step go on.
 - Streams are created on their first sample, as agent/admission.py allows (at most
-  `max_streams` per source, one source per stream id), and evicted
-  after `idle_evict_s` without samples unless an alert is open; a learned baseline is
-  in the state store by then and comes back with the stream's next sample.
+  `max_streams` per source, one source per stream id), and evicted after `idle_evict_s`
+  without samples unless an alert is open; a learned baseline is in the state store by
+  then and comes back with the stream's next sample.
 """
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ from .config import DetectionConfig
 from .contract import score_windows
 from .detector import Detector
 from .metrics import Metrics
+from .pace import Pace
 from .policy import effective
 from .ring import RingBuffer, Windows
 from .saving import SaveQueue
 from .scoring import Smoother, add_levels, normalized
 from .sources.base import Batch
 from .state_store import StateStore
-from .pace import Pace
 from .stream import Stream, StreamResult
 
 log = logging.getLogger("tsad.engine")
@@ -117,8 +117,7 @@ class Engine:
                          else f"{c.calibration.samples} samples")
         gap = c.buffer.gap_reset_s
         ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
-                          ffill_max=c.buffer.ffill_max,
-                          gap_reset_s=None if gap == "auto" else gap,
+                          ffill_max=c.buffer.ffill_max, gap_reset_s=None if gap == "auto" else gap,
                           max_block=max(m.window, SPAN if c.adaptation.enabled else 64))
         pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source))
         tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
@@ -290,12 +289,14 @@ class Engine:
             try:
                 r = st.conclude(w, scores[off:off + k], err[off:off + k], shown[off:off + k])
             except Exception:
-                st.abandon()
+                st.abandon(k)
                 self._failed(st, "conclude")
             else:
-                for ev in r.events:
-                    self.metrics.alerts[ev["type"]] += 1
+                self.metrics.alerts.update(ev["type"] for ev in r.events)
                 out.append(r)
+                if st.baseline.unsaved:
+                    st.baseline.unsaved = False
+                    self.saves.due(st.id, first=True)
             off += k
         return out
 

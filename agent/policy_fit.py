@@ -20,11 +20,11 @@ data only:
   takes the larger of the two margins, so both rules hold.
 - Optionally, the refinement's margin (`calibration.refine`, agent/refine.py), once the
   threshold margin is fixed, over learning starts: each recording replayed from its
-  first row and from every `after_s` of sample time after it, while an hour of running
-  follows the learning period.  The smallest grid margin from 1 up at which no start
-  raises more alerts than it does without refinement (an alert open on at most
-  `open_share` of their rows, or as many as without it), times `safety`, rounded up
-  onto the grid.  A threshold
+  first row and from every `after_s` of sample time after it, while its refined
+  threshold then runs for as long as its span (`after_s + 2 x span_s` of running after
+  learning).  The smallest grid margin from 1 up at which no start raises more alerts
+  than it does without refinement (an alert open on at most `open_share` of their rows,
+  or as many as without it), times `safety`, rounded up onto the grid.  A threshold
   refined on the stream's own running should cost an operator nothing on normal data,
   wherever its learning happened to start: fitted on one start only, the margins let
   later normal running cross thresholds refined on a quiet half hour (docs/RESULTS.md,
@@ -54,7 +54,6 @@ from .model_meta import meta_path_for, sha256_file
 log = logging.getLogger("tsad.policy_fit")
 
 GRID = tuple(round(1.1 ** k, 3) for k in range(-15, 40))  # margins 0.24 .. ~41
-REFINE_RUN_S = 3600.0       # running a learning start needs after its learning period
 
 
 @dataclass
@@ -131,6 +130,14 @@ def start_trial(det: Detector, starts: list[Segment], settings: dict, margin: fl
             "open_share": open_rows / rows if rows else 0.0}
 
 
+def rounded_up(i: int, safety: float) -> int:
+    """The grid index of GRID[i] x safety, rounded up onto the grid; the grid's margins
+    are rounded to 3 decimals, so 1.1 x one of them may lie a hair (up to 0.3 %) above
+    the next; steps of 10 % leave room for a 0.5 % tolerance."""
+    want = GRID[i] * safety * (1.0 - 5e-3)
+    return next((k for k, m in enumerate(GRID) if m >= want), len(GRID) - 1)
+
+
 def bisect(run, ok, lo: int = 0) -> tuple[int, list[dict]]:
     """The smallest grid index from `lo` whose trial `ok` accepts (alerts fall as the
     margin grows), and the trials run, smallest margin first; the chosen one is the one
@@ -177,15 +184,19 @@ def with_refine(settings: dict, refine: dict, margin: float) -> dict:
     return {**settings, "calibration": {**cal, "refine": {**refine, "margin": margin}}}
 
 
-def learning_starts(segs: list[Segment], learning: int, every_s: float) -> list[Segment]:
+def learning_starts(segs: list[Segment], learning: int, every_s: float,
+                    run_s: float) -> list[Segment]:
     """Each segment from its first row and from every `every_s` of sample time after that,
-    while an hour of running (REFINE_RUN_S) follows the learning period."""
+    while `run_s` of running follows the learning period."""
     out = []
     for seg in segs:
         t, s = seg.ts, 0
-        while s + learning < len(t) and t[-1] - t[s + learning] >= REFINE_RUN_S:
+        while s + learning < len(t) and t[-1] - t[s + learning] >= run_s:
             out.append(Segment(seg.path, t[s:], seg.values[s:]))
-            s = max(s + 1, int(np.searchsorted(t, t[s] + every_s, side="left")))
+            nxt = np.flatnonzero(t[s + 1:] >= t[s] + every_s)     # a clock may step back
+            if not len(nxt):
+                break
+            s += 1 + int(nxt[0])
     return out
 
 
@@ -204,10 +215,15 @@ def fit_refine_margin(det: Detector, segs: list[Segment], settings: dict, refine
                       safety: float) -> tuple[dict, list[dict]]:
     """The refinement's rule (module rules) at threshold margin `margin`: (the chosen
     trial, every trial run)."""
-    starts = learning_starts(segs, learning, RefineConfig(**refine).after_s)
+    rc = RefineConfig(**refine)
+    # a start counts where its refined threshold then runs for as long as its span (what
+    # it was set on); starts come every after_s (span_s when that is 0)
+    run_s = rc.after_s + 2 * rc.span_s
+    starts = learning_starts(segs, learning, rc.after_s or rc.span_s, run_s)
     if not starts:
-        raise ValueError("no normal recording runs an hour past its learning period: too "
-                         "short to fit the refinement's margin")
+        raise ValueError(f"no normal recording runs {run_s / 3600:.3g} h past its learning "
+                         f"period (after_s + 2 x span_s): too short to fit the refinement's "
+                         f"margin")
     base, base_share = start_alerts(det, starts, settings, margin, learning)
 
     def run(m: float) -> dict:
@@ -221,7 +237,7 @@ def fit_refine_margin(det: Detector, segs: list[Segment], settings: dict, refine
     i, tried = bisect(run, ok, GRID.index(1.0))
     if not ok(next(r for r in tried if r["margin"] == GRID[i])):
         raise ValueError(f"no refinement margin up to {GRID[-1]:g} meets its rule")
-    j = next((k for k, m in enumerate(GRID) if m >= GRID[i] * safety - 1e-9), len(GRID) - 1)
+    j = rounded_up(i, safety)
     best = next((r for r in tried if r["margin"] == GRID[j]), None) or run(GRID[j])
     return best, sorted(tried + ([best] if best not in tried else []), key=lambda r: r["margin"])
 
@@ -241,7 +257,7 @@ def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning:
     if top["margin"] == GRID[i] and top["alerting"] > allowed:
         raise ValueError(f"no margin up to {GRID[-1]:g} meets the start rule: at "
                          f"{top['margin']:g}, {top['alerting']} of {top['starts']} starts alert")
-    j = next((k for k, m in enumerate(GRID) if m >= GRID[i] * safety - 1e-9), len(GRID) - 1)
+    j = rounded_up(i, safety)
     best = next((r for r in tried if r["margin"] == GRID[j]), None) or run(GRID[j])
     return best, sorted(tried + ([best] if best not in tried else []),
                         key=lambda r: r["margin"])
@@ -292,8 +308,8 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
         rbest, rtried = fit_refine_margin(det, segs, settings, refine, best["margin"], learning,
                                           open_share, safety)
         rule += ("; then the refinement's margin (calibration.refine): over learning starts "
-                 "at each recording's first row and every after_s after it (an hour of "
-                 f"running after learning), {safety:g} x the smallest margin from 1 up at "
+                 "at each recording's first row and every after_s after it (after_s + 2 x "
+                 f"span_s of running after learning), {safety:g} x the smallest margin from 1 up at "
                  "which no start raises more alerts than without refinement (an alert open "
                  f"on at most {100 * open_share:g}% of running rows, or as many as without "
                  "it), rounded up onto the grid")

@@ -12,16 +12,18 @@ the stream's normal windows show how high its scores really go (`calibration.ref
   histogram of score / threshold: BINS log-spaced bins from 1e-3 to 1, 2.3 % wide, so a
   stream holds 1.2 KB while its span lasts however fast it samples, and the counts do not
   depend on how its samples were chunked.
-- At its first window at or after the span's end, the threshold becomes `margin` x the
-  upper edge of the bin holding those windows' `calibration.quantile`, if that is lower.
+- Before the first window of the samples from the first one at or after the span's end
+  (the first sample with an elapsed time there, even when it closes no window or the
+  next sample's clock jitters back), the threshold becomes `margin` x the upper edge of
+  the bin holding those windows' `calibration.quantile`, if that is lower.
   It never rises: the learned threshold is the one the model's policy was fitted to
   keep quiet.  With fewer than 10 / (1 - quantile) normal windows (1,000 at 0.99, so
   that ten lie above the quantile) it stays as learned.
 - Once: re-baselining (a new learning period) starts a new refinement; the refined
   threshold is saved with the baseline and restored after a restart.
 - Exact: a block a stream ingests ends before its first sample at or after the span's
-  end (`room`), so the daemon fed one sample at a time and a file job in chunks switch at
-  the same window.  A daemon's few samples a step are checked in Python floats: while a
+  end (`room`), and windows are counted as they are ingested and judged, so the daemon
+  fed one sample at a time and a file job in chunks switch at the same window.  A daemon's few samples a step are checked in Python floats: while a
   refinement is due, numpy calls on two-sample arrays would cost about 10 µs a step.
 """
 from __future__ import annotations
@@ -52,13 +54,17 @@ def _first_at(el: np.ndarray, x: float) -> int | None:
 
 
 class Refiner:
-    __slots__ = ("cfg", "quantile", "start", "_from", "end", "_counts")
+    __slots__ = ("cfg", "quantile", "start", "_from", "end", "_counts", "passed", "_taken",
+                 "_judged", "_first")
 
     def __init__(self, cfg: RefineConfig, quantile: float):
         self.cfg, self.quantile = cfg, quantile
         self.start: float | None = None       # elapsed time the span counts from
         self._from = self.end = math.inf      # the span, once `start` is known
         self._counts: np.ndarray | None = None
+        self.passed = False                   # a sample at or after the span's end was taken
+        self._taken = self._judged = 0        # windows ingested, and judged, since creation
+        self._first: int | None = None        # the first window after the span's end
 
     def room(self, el: np.ndarray) -> int:
         """How many of these samples (their elapsed times) one block may hold: those
@@ -67,17 +73,33 @@ class Refiner:
             self.start = float(el[0])
             self._from = self.start + self.cfg.after_s
             self.end = self._from + self.cfg.span_s
+        if self.passed:
+            return len(el)
         i = _first_at(el, self.end)
+        if i == 0:
+            self.passed = True
         return len(el) if not i else i
 
-    def due(self, el: np.ndarray) -> bool:
-        """The block (windows' elapsed times, cut by `room`) starts at or after the
-        span's end: refine before judging it."""
-        return bool(len(el)) and float(el[0]) >= self.end
+    def took(self, windows: int) -> None:
+        """An ingested block (the samples `room` allowed) made this many windows."""
+        if self.passed and self._first is None:
+            self._first = self._taken
+        self._taken += windows
+
+    def due(self) -> bool:
+        """The next windows to judge come from samples at or after the span's end:
+        refine before judging them."""
+        return self._first is not None and self._judged >= self._first
+
+    def dropped(self, windows: int) -> None:
+        """Windows that could not be judged (a bug's, logged): counted as judged."""
+        self._judged += windows
 
     def keep(self, el: np.ndarray, scores: np.ndarray, threshold: float,
              normal: np.ndarray) -> None:
-        """Count the windows in the span that were normal, by score / threshold (< 1)."""
+        """Judged windows; those in the span that were normal are counted by score /
+        threshold (< 1)."""
+        self._judged += len(el)
         if _first_at(el, self._from) is None:       # all before the span (or no span yet)
             return
         sel = normal & (el >= self._from) & (el < self.end)

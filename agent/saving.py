@@ -11,8 +11,9 @@ saved until SAVE_BUDGET_S has passed, at least one.  A step then waits for about
 file, not for hundreds.
 
 Rules:
-- A stream whose learning period just ended is saved first: it has no file yet.  The
-  periodic save (`due_all`) queues every stream behind those.
+- A stream whose learning period just ended is saved first: it has no file yet; so is
+  one whose threshold was just refined (agent/refine.py), which a restart would
+  otherwise refine again.  The periodic save (`due_all`) queues every stream behind those.
 - A stream queued twice is saved once; one dropped or learning again by its turn is
   skipped by the save itself (`Engine.save`).
 - `Engine.save_baselines` saves every stream at once and empties the queue: a clean stop

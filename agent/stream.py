@@ -146,7 +146,8 @@ class Stream:
         if self.adapter is None:
             k = self._refine_room(ts[:self.max_batch])
             off = self._took(ts[:k])
-            return k, self._push(ts[:k], self.baseline.scaler.apply(values[:k]), off)
+            return k, self._refine_took(self._push(ts[:k], self.baseline.scaler.apply(values[:k]),
+                                                   off))
         # up to LAG + 1 epochs at once (each scaled by its own version): one ring push,
         # one conclusion and one engine call for up to 192 windows
         k = min(len(ts), self.adapter.room())
@@ -169,13 +170,18 @@ class Stream:
             w = self._push(ts, self._scaled(values, parts), off)
             self._pieces.append(self._piece(values, w, parts))
         self._settle()
-        return k, w
+        return k, self._refine_took(w)
 
     def _refine_room(self, ts: np.ndarray) -> int:
         """How many of these samples one block may hold: none crosses the moment a
         threshold refinement is due (refine.py)."""
         r = self.baseline.refiner
         return len(ts) if r is None else r.room(ts + self.clock.peek(ts))
+
+    def _refine_took(self, w: Windows | None) -> Windows | None:
+        if self.baseline.refiner is not None:
+            self.baseline.refiner.took(0 if w is None else len(w))
+        return w
 
     def _scaled(self, values: np.ndarray, parts: list) -> np.ndarray:
         out = np.empty(values.shape, np.float32)
@@ -293,16 +299,14 @@ class Stream:
             s = np.concatenate([self.smoother.update(scores[a:b])
                                 for a, b in zip([0] + piece[4], piece[4])])
         refiner = self.baseline.refiner
-        if refiner is not None:
-            el = w.ts + w.off
-            if refiner.due(el):
-                self._refine()
-                refiner = None
+        if refiner is not None and refiner.due():
+            self._refine()
+            refiner = None
         thr = self.baseline.threshold
         events = self.tracker.update(w.ts, s, thr, shown, w.off)
         win_ok = (self.tracker.labels | self.tracker.open_mask) == 0     # both 0/1
         if refiner is not None:
-            refiner.keep(el, s, thr, win_ok)
+            refiner.keep(w.ts + w.off, s, thr, win_ok)
         if piece is not None:
             # all windows normal (the usual case): every channel may be learned from
             ok = win_ok[:, None] if level is None or win_ok.all() else \
@@ -357,9 +361,11 @@ class Stream:
         err = err + level_excess(x[:, -1, :], self.level_band)
         return np.add.reduce(err, axis=1) / err.shape[1], err
 
-    def abandon(self) -> None:
+    def abandon(self, windows: int) -> None:
         """The newest windows could not be concluded (a bug): their samples are learned
         from by no channel, so the adapter's epochs stay whole."""
+        if self.baseline.refiner is not None:
+            self.baseline.refiner.dropped(windows)
         if self._pieces:
             self._pieces[0][1] = False
             self._settle()

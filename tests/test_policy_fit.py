@@ -13,7 +13,7 @@ import pytest
 
 from agent.detector import Detector
 from agent.policy_fit import (GRID, Segment, fit_policy, first_hours, learning_starts,
-                              segments, start_trial)
+                              rounded_up, segments, start_trial)
 from onnx_factory import make_model
 
 CH = ["a", "b"]
@@ -145,7 +145,8 @@ def test_the_refinement_margin_is_fitted_after_the_threshold_margin(model, data)
     assert cal["refine"]["margin"] >= 1.0 and cal["refine"]["after_s"] == refine["after_s"]
     r = both["fitted"]["refine"]["result"]
     assert r["margin"] == cal["refine"]["margin"] and r["worse"] == 0
-    assert r["starts"] == 2 * 7      # a day apart while 2 h of learning + 1 h fit in 168 h
+    # a day apart while 2 h of learning, a day and 2 x 60 h of running fit in 168 h
+    assert r["starts"] == 2 * 1
     assert "refinement's margin" in both["fitted"]["rule"]
     assert all(t["margin"] >= 1.0 for t in both["fitted"]["refine"]["trials"])
 
@@ -158,8 +159,23 @@ def test_a_refinement_margin_given_is_refused(model, data):
 def test_learning_starts_are_every_after_s_while_an_hour_of_running_follows():
     ts = np.arange(0.0, 4 * 3600.0, 60.0)           # 4 h at one sample a minute
     seg = Segment(Path("x.csv"), ts, np.zeros((len(ts), 2)))
-    starts = learning_starts([seg], 30, 1800.0)       # 30 min of learning
+    starts = learning_starts([seg], 30, 1800.0, 3600.0)      # 30 min of learning
     # every 30 min up to 120: then 30 min of learning and an hour of running end at 210
     # of the 239 minutes; from 150 they would not fit
     assert [s.ts[0] for s in starts] == [0.0, 1800.0, 3600.0, 5400.0, 7200.0]
     assert all(len(s.ts) == len(s.values) for s in starts)
+    assert len(learning_starts([seg], 30, 1800.0, 3 * 3600.0)) == 1    # from 0 only
+
+
+def test_a_recording_too_short_to_reach_the_refinement_is_refused(model, data):
+    # 168 h recordings: learning 2 h, then a day before the span and 3 days of it
+    refine = {"after_s": 24 * 3600.0, "span_s": 72 * 3600.0}
+    with pytest.raises(ValueError, match="too short to fit the refinement's margin"):
+        fit_policy(model, data[0][:1], {**SETTINGS, "calibration": {"refine": refine}}, 40,
+                   "test")
+
+
+def test_safety_rounds_up_one_grid_step_not_two():
+    i = GRID.index(1.331)
+    assert GRID[rounded_up(i, 1.1)] == 1.464        # 1.331 x 1.1 = 1.4641, a hair above
+    assert all(rounded_up(k, 1.1) == k + 1 for k in range(len(GRID) - 1))

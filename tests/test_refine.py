@@ -37,12 +37,13 @@ def model(tmp_path_factory):
     return str(path)
 
 
-def engine(model: str, refine: dict | None = None, store: StateStore | None = None) -> Engine:
+def engine(model: str, refine: dict | None = None, store: StateStore | None = None,
+           **over) -> Engine:
     cal = {"enabled": True, "samples": LEARN, "margin": 4.0}
     if refine is not None:
         cal["refine"] = {"after_s": AFTER, "span_s": SPAN, **refine}
     d = {"node": "t", "calibration": cal, "adaptation": {"enabled": True, "time_constant_s": 600},
-         "alerts": {"open_k": 3, "open_n": 5, "close_m": 5}}
+         "alerts": {"open_k": 3, "open_n": 5, "close_m": 5}, **over}
     return Engine(build(DetectionConfig, d), Detector(model), store=store)
 
 
@@ -55,9 +56,11 @@ def series(n: int, seed: int, fault: tuple[int, int, float] | None = None) -> np
     return v.astype(np.float32)
 
 
-def run(e: Engine, values: np.ndarray, block: int, start: int = 0) -> Recording:
+def run(e: Engine, values: np.ndarray, block: int, start: int = 0,
+        ts: np.ndarray | None = None) -> Recording:
     rec = Recording()
-    ts = T0 + np.arange(start, start + len(values), dtype=np.float64)
+    if ts is None:
+        ts = T0 + np.arange(start, start + len(values), dtype=np.float64)
     for a in range(0, len(values), block):
         rec.add(e.step([Batch("s", ts[a:a + block], values[a:a + block])]))
     return rec
@@ -131,13 +134,46 @@ def test_a_refinement_never_raises_the_threshold():
 def test_a_block_never_crosses_the_span_end():
     r = Refiner(RefineConfig(after_s=10.0, span_s=20.0), 0.99)
     assert r.room(np.array([100.0, 101.0])) == 2            # the span counts from here
-    assert r.room(np.array([125.0, 129.0, 130.0, 131.0])) == 2
-    assert r.room(np.array([130.0, 131.0])) == 2             # past it: all
-    assert r.due(np.array([130.0])) and not r.due(np.array([129.5]))
+    r.took(2)
+    assert r.room(np.array([125.0, 129.0, 130.0, 131.0])) == 2     # cut before 130
+    r.took(2)
+    r.keep(np.array([100.0, 101.0]), np.ones(2), 1.0, np.ones(2, bool))
+    r.keep(np.array([125.0, 129.0]), np.ones(2), 1.0, np.ones(2, bool))
+    assert not r.due()                              # nothing past the end taken yet
+    # from the first sample past it, all (a clock's jitter back after it included)
+    assert r.room(np.array([130.0, 129.9])) == 2
+    r.took(0)                                       # a block that closed no window
+    assert r.due()                                  # the next window to judge is past it
     # a clock's jitter back right after the span's end: the block still ends before the
     # first sample at or after it, whether the few-sample path or numpy finds it
-    assert r.room(np.array([125.0, 130.2, 129.9, 131.0])) == 1
-    assert r.room(np.r_[np.linspace(120.0, 129.0, 10), 130.2, 129.9, 131.0]) == 10
+    for el, k in (([125.0, 130.2, 129.9, 131.0], 1),
+                  (np.r_[np.linspace(120.0, 129.0, 10), 130.2, 129.9, 131.0], 10)):
+        r = Refiner(RefineConfig(after_s=10.0, span_s=20.0), 0.99)
+        r.room(np.array([100.0]))
+        assert r.room(np.asarray(el)) == k
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_switch_follows_the_first_sample_past_the_span_even_without_its_window(model,
+                                                                                  stride):
+    """The first sample at or after the span's end closes no window (stride 2), and the
+    next one's clock jitters back under it: every way of feeding still switches at the
+    same window."""
+    span = SPAN * stride                # the same 1,200 windows
+    end = int(LEARN + AFTER + span)
+    n = end + 800
+    ts = T0 + np.arange(n, dtype=np.float64)
+    ts[end] = T0 + end + 0.1
+    ts[end + 1] = T0 + end - 0.3
+    vals = series(n, seed=8, fault=(end + 400, end + 500, 2.0))
+    refine = {"margin": 1.0, "span_s": span}
+    over = {"buffer": {"stride": stride}}
+    recs = [run(engine(model, refine, **over), vals, block, ts=ts) for block in (1, 257)]
+    recs.append(run_table(engine(model, refine, **over), "s", ts, vals))
+    for other in recs[1:]:
+        for key in ("score", "threshold", "alert"):
+            np.testing.assert_array_equal(recs[0].table("s")[key], other.table("s")[key])
+    assert len(set(recs[0].table("s")["threshold"])) == 2
 
 
 def test_a_refined_threshold_survives_a_restart_and_an_unrefined_one_starts_again(model,
@@ -231,3 +267,29 @@ def test_the_real_agent_refines_saves_and_keeps_the_refined_threshold(tmp_path):
     finally:
         agent.close()
         pty.close()
+
+
+def test_a_refinement_is_saved_at_once_and_undone_when_the_config_drops_it(model, tmp_path):
+    store = StateStore(tmp_path)
+    e = engine(model, {"margin": 1.0}, store=store)
+    run(e, series(2000, seed=9), block=64)          # no explicit save: the step queues it
+    rec = json.loads(store.path("s").read_text())
+    assert rec["threshold"] < rec["refined_from"]
+    # refine turned off: the learned threshold comes back, and is what gets saved
+    off = engine(model, None, store=StateStore(tmp_path))
+    run(off, series(100, seed=10), block=64, start=2000)
+    st = off.streams["s"]
+    assert st.baseline.threshold == rec["refined_from"] and st.baseline.refined_from is None
+    off.save_baselines()
+    assert "refined_from" not in json.loads(store.path("s").read_text())
+
+
+def test_a_threshold_the_learning_period_does_not_fit_is_never_marked_refined(model, tmp_path):
+    store = StateStore(tmp_path)
+    e = engine(model, {"margin": 1.0}, store=store,
+               **{"calibration": {"enabled": True, "samples": LEARN, "threshold": "model",
+                                  "refine": {"after_s": AFTER, "span_s": SPAN}}})
+    run(e, series(2000, seed=11), block=64)
+    e.save_baselines()
+    assert "refined_from" not in json.loads(store.path("s").read_text())
+    assert e.streams["s"].baseline.refiner is None
