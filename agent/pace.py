@@ -42,7 +42,9 @@ class Pace:
         self._steps.append(d)
         self._n += len(d)
         if self._n >= PACE_STEPS:
-            self.interval = float(np.median(np.concatenate(self._steps)))
+            # the first PACE_STEPS steps, however the samples were chunked: a daemon fed
+            # one sample at a time and a file job in blocks learn the same interval
+            self.interval = float(np.median(np.concatenate(self._steps)[:PACE_STEPS]))
             self._steps = []
             if self.factor is not None:
                 self.ring.gap_reset_s = self.factor * self.interval

@@ -260,3 +260,22 @@ def test_channel_levels_keep_scores_chunk_independent(model):
         np.testing.assert_array_equal(a.table("s")[key], b.table("s")[key])
     assert alerts(a), "the fault must raise an alert for the levels to fall after it"
     assert e1.streams["s"].adapter.version > 10
+
+
+def test_a_jittered_stream_learns_the_same_pace_however_chunked(model):
+    """Without interval_s a stream learns its sampling interval from its first steps (the
+    median of the first PACE_STEPS): one sample at a time or in blocks, the same one, so
+    adaptation's time constant and every score are the same."""
+    vals = series(LEARN + 1200, 0.0, seed=12)
+    rng = np.random.default_rng(13)
+    ts = 1.7e9 + np.arange(len(vals)) + rng.uniform(-0.3, 0.3, len(vals))
+    recs, engines = [], []
+    for block in (1, 257):
+        e = engine(model)
+        rec = Recording()
+        for a in range(0, len(vals), block):
+            rec.add(e.step([Batch("s", ts[a:a + block], vals[a:a + block])]))
+        recs.append(rec)
+        engines.append(e)
+    assert engines[0].streams["s"].pace.interval == engines[1].streams["s"].pace.interval
+    np.testing.assert_array_equal(recs[0].table("s")["score"], recs[1].table("s")["score"])
