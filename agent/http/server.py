@@ -147,6 +147,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
         self._responded = True
+        # counted before the answer leaves: a client that reads /metrics after its answer
+        # finds it counted (counted after the write, a quick client could get there first)
+        self.server.count(self._route, code)
         self._out.deadline = time.monotonic() + self.server.deadline_s
         self.send_response(code)
         self.send_header("Content-Type", ctype)
@@ -158,7 +161,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server.count(self._route, code)
 
     def _json(self, code: int, doc: dict, extra: dict | None = None) -> None:
         self._send(code, json.dumps(doc).encode(), "application/json", extra)
