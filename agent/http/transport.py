@@ -298,9 +298,9 @@ class Watcher:
             self.on_head(conn)
 
     def _refuse_head(self, sock: socket.socket) -> None:
+        self.answered(431)      # counted before it is sent, as every answer is (server.py)
         send_now(sock, error_response(431, "Request Header Fields Too Large",
                                       f"request head over {MAX_HEAD} bytes"))
-        self.answered(431)
         self._start_linger(sock)
 
     def _expire(self, now: float) -> None:
@@ -309,9 +309,9 @@ class Watcher:
             self._forget(sock)
             if conn.buf:
                 self.count("timeout")
+                self.answered(408)
                 send_now(sock, error_response(408, "Request Timeout", "request not received "
                                               f"within {self.deadline_s:g} s"))
-                self.answered(408)
             elif conn.started is not None:  # connected, never said a word
                 self.count("timeout")
             self._start_linger(sock)
