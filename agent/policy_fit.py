@@ -119,15 +119,22 @@ def first_hours(segs: list[Segment], learning: int, hours: float) -> list[Segmen
     return out
 
 
+def start_alerts(det: Detector, starts: list[Segment], settings: dict, margin: float,
+                 learning: int) -> tuple[list[int], float]:
+    """(alerts from each start, the share of their running rows with an alert open)."""
+    alerts, open_rows, rows = [], 0, 0
+    for seg, pred in predictions(det, starts, settings, margin, learning):
+        alerts.append(long_run(seg.ts[learning:], pred)["alerts"])
+        open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
+    return alerts, open_rows / rows if rows else 0.0
+
+
 def start_trial(det: Detector, starts: list[Segment], settings: dict, margin: float,
                 learning: int) -> dict:
     """How many starts raise an alert at `margin`, and the share of their rows flagged."""
-    alerting, open_rows, rows = 0, 0, 0
-    for _, pred in predictions(det, starts, settings, margin, learning):
-        alerting += bool(pred.any())
-        open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
-    return {"margin": margin, "starts": len(starts), "alerting": alerting,
-            "open_share": open_rows / rows if rows else 0.0}
+    alerts, share = start_alerts(det, starts, settings, margin, learning)
+    return {"margin": margin, "starts": len(starts), "alerting": sum(a > 0 for a in alerts),
+            "open_share": share}
 
 
 def rounded_up(i: int, safety: float) -> int:
@@ -198,16 +205,6 @@ def learning_starts(segs: list[Segment], learning: int, every_s: float,
                 break
             s += 1 + int(nxt[0])
     return out
-
-
-def start_alerts(det: Detector, starts: list[Segment], settings: dict, margin: float,
-                 learning: int) -> tuple[list[int], float]:
-    """(alerts from each start, the share of their running rows with an alert open)."""
-    alerts, open_rows, rows = [], 0, 0
-    for seg, pred in predictions(det, starts, settings, margin, learning):
-        alerts.append(long_run(seg.ts[learning:], pred)["alerts"])
-        open_rows, rows = open_rows + int(pred.sum()), rows + len(pred)
-    return alerts, open_rows / rows if rows else 0.0
 
 
 def fit_refine_margin(det: Detector, segs: list[Segment], settings: dict, refine: dict,
