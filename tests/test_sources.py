@@ -1,6 +1,7 @@
 """Source plug-ins against real parts: pseudo-terminals, a real mosquitto, SKAB files."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -104,26 +105,34 @@ def open_pty():
     return master, slave, os.ttyname(slave)
 
 
-def test_serial_lines_partial_reads_and_garbage():
+@contextlib.contextmanager
+def serial_on_pty(m: Metrics, **source):
+    """A serial source (stream s1) reading a fresh pty, running and open: (the pty's master
+    end to write to, the source, its runner); the pty is closed after the runner stops."""
     master, slave, name = open_pty()
-    m = Metrics()
-    src = build_source(stream("s1", type="serial", port=name, baud=9600), CH, m, MqttConfig(), "n")
+    src = build_source(stream("s1", type="serial", port=name, **source), CH, m, MqttConfig(), "n")
     try:
         with Runner(src) as r:
             wait_for(lambda: src.connected, what="serial open")
-            os.write(master, f"{T + 1},1,2,3\r\n{T + 2},4,".encode())
-            time.sleep(0.05)                      # the line is split across two reads
-            os.write(master, b"5,6\n\xff\xfe garbage\r\n" + f"{T + 3},7\n{T + 4},9,9,9\n".encode())
-            got = r.take(3)
-        ts, v = samples(got)
-        assert all(b.stream == "s1" and b.values.dtype == np.float32 for b in got)
-        np.testing.assert_array_equal(ts, [T + 1, T + 2, T + 4])
-        np.testing.assert_array_equal(v, [[1, 2, 3], [4, 5, 6], [9, 9, 9]])
-        assert m.malformed["non_utf8"] == 1 and m.malformed["field_count"] == 1
-        assert src.connected is False
+            yield master, src, r
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_serial_lines_partial_reads_and_garbage():
+    m = Metrics()
+    with serial_on_pty(m, baud=9600) as (master, src, r):
+        os.write(master, f"{T + 1},1,2,3\r\n{T + 2},4,".encode())
+        time.sleep(0.05)                      # the line is split across two reads
+        os.write(master, b"5,6\n\xff\xfe garbage\r\n" + f"{T + 3},7\n{T + 4},9,9,9\n".encode())
+        got = r.take(3)
+    ts, v = samples(got)
+    assert all(b.stream == "s1" and b.values.dtype == np.float32 for b in got)
+    np.testing.assert_array_equal(ts, [T + 1, T + 2, T + 4])
+    np.testing.assert_array_equal(v, [[1, 2, 3], [4, 5, 6], [9, 9, 9]])
+    assert m.malformed["non_utf8"] == 1 and m.malformed["field_count"] == 1
+    assert src.connected is False
 
 
 def test_line_splitter_byte_by_byte():
@@ -138,15 +147,9 @@ def test_line_splitter_byte_by_byte():
 
 
 def test_serial_stop_interrupts_an_idle_read():
-    master, slave, name = open_pty()
-    src = build_source(stream("s1", type="serial", port=name), CH, Metrics(), MqttConfig(), "n")
-    try:
-        with Runner(src) as r:
-            wait_for(lambda: src.connected, what="serial open")
-        assert not r.thread.is_alive()      # __exit__ joined it after stop
-    finally:
-        os.close(master)
-        os.close(slave)
+    with serial_on_pty(Metrics()) as (_, _, r):
+        pass
+    assert not r.thread.is_alive()      # __exit__ joined it after stop
 
 
 def test_serial_absent_port_then_unplug_and_replug(tmp_path):
@@ -186,66 +189,44 @@ def test_serial_absent_port_then_unplug_and_replug(tmp_path):
 
 
 def test_serial_overlong_run_without_newline_is_dropped_once():
-    master, slave, name = open_pty()
     m = Metrics()
-    src = build_source(stream("s1", type="serial", port=name, timestamp="first"), CH, m,
-                       MqttConfig(), "n")
-    try:
-        with Runner(src) as r:
-            wait_for(lambda: src.connected, what="serial open")
-            junk = b"7" * 4096
-            for _ in range(40):              # 160 KiB without a line end
-                os.write(master, junk)
-            os.write(master, f"\n{T + 5},1,2,3\n".encode())
-            ts, v = samples(r.take(1))
-        np.testing.assert_array_equal(ts, [T + 5])
-        assert m.malformed["too_long"] == 1
-    finally:
-        os.close(master)
-        os.close(slave)
+    with serial_on_pty(m, timestamp="first") as (master, _, r):
+        junk = b"7" * 4096
+        for _ in range(40):              # 160 KiB without a line end
+            os.write(master, junk)
+        os.write(master, f"\n{T + 5},1,2,3\n".encode())
+        ts, v = samples(r.take(1))
+    np.testing.assert_array_equal(ts, [T + 5])
+    assert m.malformed["too_long"] == 1
 
 
 def test_serial_opened_mid_line_learns_the_timestamp_from_the_lines_after():
     """`timestamp: auto` (the serial default), port opened while the device is mid-line:
     the torn tail of a timestamped line has exactly C fields, as a line without a
     timestamp would; it must neither lock the stream to "no timestamp" nor be a sample."""
-    master, slave, name = open_pty()
     m = Metrics()
-    src = build_source(stream("s1", type="serial", port=name), CH, m, MqttConfig(), "n")
-    try:
-        with Runner(src) as r:
-            wait_for(lambda: src.connected, what="serial open")
-            os.write(master, b"662,0.0391254,32.0012\n")       # "...1700000000.662,..."
-            for k in range(1, 6):
-                os.write(master, f"{T + k},{k},2,3\n".encode())
-                time.sleep(0.02)                # line by line, as a device sends them
-            ts, v = samples(r.take(5))
-        np.testing.assert_array_equal(ts, [T + k for k in range(1, 6)])
-        np.testing.assert_array_equal(v, [[k, 2, 3] for k in range(1, 6)])
-        assert m.malformed == {"field_count": 1}
-    finally:
-        os.close(master)
-        os.close(slave)
+    with serial_on_pty(m) as (master, _, r):
+        os.write(master, b"662,0.0391254,32.0012\n")       # "...1700000000.662,..."
+        for k in range(1, 6):
+            os.write(master, f"{T + k},{k},2,3\n".encode())
+            time.sleep(0.02)                # line by line, as a device sends them
+        ts, v = samples(r.take(5))
+    np.testing.assert_array_equal(ts, [T + k for k in range(1, 6)])
+    np.testing.assert_array_equal(v, [[k, 2, 3] for k in range(1, 6)])
+    assert m.malformed == {"field_count": 1}
 
 
 def test_serial_auto_without_timestamps_still_reads_every_line():
-    master, slave, name = open_pty()
     m = Metrics()
-    src = build_source(stream("s1", type="serial", port=name), CH, m, MqttConfig(), "n")
-    try:
-        with Runner(src) as r:
-            wait_for(lambda: src.connected, what="serial open")
-            before = time.time()
-            for k in range(1, 6):
-                os.write(master, f"{k},2,3\n".encode())
-                time.sleep(0.02)
-            ts, v = samples(r.take(5))
-        np.testing.assert_array_equal(v, [[k, 2, 3] for k in range(1, 6)])
-        assert before <= ts[0] and np.all(np.diff(ts) > 0) and ts[-1] <= time.time()  # arrival
-        assert m.malformed == {}
-    finally:
-        os.close(master)
-        os.close(slave)
+    with serial_on_pty(m) as (master, _, r):
+        before = time.time()
+        for k in range(1, 6):
+            os.write(master, f"{k},2,3\n".encode())
+            time.sleep(0.02)
+        ts, v = samples(r.take(5))
+    np.testing.assert_array_equal(v, [[k, 2, 3] for k in range(1, 6)])
+    assert before <= ts[0] and np.all(np.diff(ts) > 0) and ts[-1] <= time.time()  # arrival
+    assert m.malformed == {}
 
 
 # ---------------------------------------------------------------- mqtt
