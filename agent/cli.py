@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__, logs, remote, shipped
@@ -80,6 +82,11 @@ def cmd_check_config(a) -> int:
 
 
 def cmd_run(a) -> int:
+    # SIGHUP's default action ends the process, and loading and warming a model takes
+    # minutes on a small board: a reload asked for meanwhile (kill -HUP, a config tool)
+    # is remembered and carried out once the agent runs.
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     if problem := config_file_problem(a.config):
         return _fail(problem)
     try:
@@ -92,7 +99,7 @@ def cmd_run(a) -> int:
     from .model_meta import ModelMetaError
     from .outbox import OutboxError
     try:
-        d = Daemon(a.config, cfg)
+        d = Daemon(a.config, cfg, reload)
     except (DetectorError, ModelMetaError) as e:
         return _fail(str(e), 1)
     except (ConfigError, OutboxError, OSError, ValueError) as e:   # preflight.check's problems
@@ -207,26 +214,12 @@ def cmd_predict(a) -> int:
 
 def cmd_fit_policy(a) -> int:
     logs.setup(a.log_level)
-    from .config import DetectionConfig
-    from .config_base import ConfigError
-    from .config_build import build
     from .detector import DetectorError
-    from .policy_fit import fit_policy, write_policy
-    settings: dict = {}
-    for item in a.set:
-        key, sep, raw = item.partition("=")
-        sec, dot, name = key.partition(".")
-        if not sep or not dot:
-            return _fail(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. scoring.smoothing=10")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        settings.setdefault(sec, {})[name] = value
+    from .policy_fit import fit_policy, parse_settings, write_policy
     try:
-        build(DetectionConfig, settings)
-    except ConfigError as e:
-        return _fail(f"--set {reason(e)}")
+        settings = parse_settings(a.set)
+    except ValueError as e:
+        return _fail(reason(e))
     model = resolve_model(a.model)
     try:
         policy = fit_policy(model, [Path(f) for f in a.data], settings, a.learn, a.reason,
@@ -319,7 +312,6 @@ def _file_commands(sub) -> None:
     s.add_argument("--json", action="store_true", help="alerts as JSON lines")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_demo)
-
 
 
 def _model_commands(sub) -> None:

@@ -59,13 +59,16 @@ def _report(findings: preflight.Findings) -> None:
 
 
 class Daemon:
-    def __init__(self, config_path: str, cfg: AgentConfig):
+    def __init__(self, config_path: str, cfg: AgentConfig,
+                 reload: threading.Event | None = None):
+        """`reload`: set by a SIGHUP before serve() takes the signals over (cli.cmd_run
+        catches them from its start); a reload asked for while starting runs once serving."""
         limit_arenas()      # before the sinks, sources and metrics server start threads
         self.config_path = config_path
         self.cfg = cfg
         self.metrics = Metrics()
         self._stop = threading.Event()
-        self._reload = threading.Event()
+        self._reload = reload if reload is not None else threading.Event()
         self.watchdog = sdnotify.Watchdog()
         self.heap = HeapTrimmer()
         # before the model loads: a port in use fails the start at once; kept for life
@@ -197,6 +200,8 @@ class Daemon:
         meta, ep = self.pipeline.engine.meta, self.pipeline.engine.detector.ep
         sdnotify.status(f"model {meta.name} on {ep}, {len(self.cfg.streams)} stream(s)")
         log.info("running: node %s, model %s on %s", self.cfg.node, meta.name, ep)
+        if self._reload.is_set():
+            log.info("a reload (SIGHUP) came while starting: rereading %s", self.config_path)
         while True:
             self.pipeline.run(interrupted=self._interrupted)
             if self._reload.is_set() and not self._stop.is_set():

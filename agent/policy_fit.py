@@ -47,7 +47,9 @@ import numpy as np
 from .contract import read_table
 from .detector import Detector
 from .engine import Engine
-from .config import RefineConfig
+from .config import DetectionConfig, RefineConfig
+from .config_base import ConfigError
+from .config_build import build
 from .jobs import detection_config, long_run, rows_prediction, run_table
 from .model_meta import meta_path_for, sha256_file
 
@@ -61,6 +63,29 @@ class Segment:
     path: Path
     ts: np.ndarray
     values: np.ndarray
+
+
+def parse_settings(items: list[str]) -> dict:
+    """fit-policy's `--set SECTION.KEY=VALUE` items (a JSON value, else the text) as the
+    settings of a policy, checked as the detection section of a config would be.
+    Raises ValueError (a ConfigError naming the flag) on a bad item or value."""
+    settings: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        sec, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. "
+                             "scoring.smoothing=10")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        settings.setdefault(sec, {})[name] = value
+    try:
+        build(DetectionConfig, settings)
+    except ConfigError as e:
+        raise ConfigError([f"--set {p}" for p in e.problems]) from None
+    return settings
 
 
 def segments(files: list[Path], channels: list[str], learning: int) -> list[Segment]:

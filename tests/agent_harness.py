@@ -99,17 +99,19 @@ def wait_until(pred, what: str, timeout: float = 20.0, step: float = 0.05):
 
 # ---------------------------------------------------------------- the agent process
 class AgentProcess:
-    def __init__(self, config: Path, log_path: Path):
+    def __init__(self, config: Path, log_path: Path, python: list[str] | None = None):
+        """`python`: what the interpreter runs instead of `-m agent.cli` (the config
+        path is appended), for a test that wraps the real agent."""
         self.config, self.log_path = config, log_path
+        self.python = python or ["-m", "agent.cli", "run", "--config"]
         self.proc: subprocess.Popen | None = None
         self._from = 0
 
     def start(self) -> "AgentProcess":
         logf = open(self.log_path, "ab")
         self._from = logf.tell()      # a restarted agent appends to the same file
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
-                                      str(self.config)], cwd=REPO, stdout=logf,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, *self.python, str(self.config)], cwd=REPO,
+                                     stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
         return self
 

@@ -197,3 +197,50 @@ def test_sighup_keeps_the_serial_port_open_and_loses_no_line(tmp_path, rig):
     assert agent.count("open at") == 1, "the port was closed and reopened"
     assert "source(s) of pump keep running" in agent.log()
     no_traceback(agent)
+
+
+# The real agent, with its model load held until the test lets it go: a stand-in for
+# loading and warming a large model on a small board, which takes minutes.
+HELD_LOAD = """
+import pathlib, sys, time
+from agent.detector import Detector
+held, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+load = Detector.from_config.__func__
+
+def held_load(cls, *args, **kwargs):
+    held.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    return load(cls, *args, **kwargs)
+
+Detector.from_config = classmethod(held_load)
+from agent.cli import main
+sys.exit(main(["run", "--config", sys.argv[3]]))
+"""
+
+
+def test_sighup_while_the_model_loads_reloads_once_running(tmp_path, rig):
+    broker, obs, pty, _ = rig
+    held, go = tmp_path / "held", tmp_path / "go"
+    cfg = write_config(tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=broker.port,
+                       serial_port=pty.path, state_dir=tmp_path / "state")
+    agent = AgentProcess(cfg, tmp_path / "agent.log",
+                         python=["-c", HELD_LOAD, str(held), str(go)]).start()
+    try:
+        wait_until(held.exists, "the model load to begin")
+        agent.signal(signal.SIGHUP)       # SIGHUP's default action would end the process
+        time.sleep(0.2)   # time for a signal to act (not a timing assertion)
+        assert agent.running(), f"ended by the SIGHUP ({agent.proc.returncode}):\n{agent.log()}"
+        go.touch()
+        agent.wait_log("a reload (SIGHUP) came while starting")
+        agent.wait_log("reloaded")
+        assert agent.count("running: node") == 1
+        w = LineWriter(pty)
+        w.normal(20)
+        ids = set(w.spikes(2))
+        obs.wait_ids(ids)
+        agent.signal(signal.SIGTERM)
+        assert agent.proc.wait(5) == 0
+        no_traceback(agent)
+    finally:
+        agent.close()
