@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .device_clock import BACKWARD_TOLERANCE_S
 from .timestamps import MIN_EPOCH_S, file_seconds
 
 # A threshold of 0 would flag every window (score >= 0), e.g. when a model
@@ -225,6 +226,27 @@ def column_seconds(col, path: str | Path) -> np.ndarray:
     return ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64)
 
 
+def _in_time_order(ts: np.ndarray, col, path: str | Path) -> None:
+    """Refuse a file whose time goes back by more than a clock's jitter behind the newest
+    row before it (the rule a daemon's decoder applies to each sample).  A daemon meets a
+    device clock stepping back live and follows it (agent/sample_clock.py); in a file a
+    step back is nearly always rows out of order, which would feed the model its windows
+    backwards and stop every time gate (elapsed time stands still across a step back)."""
+    if not len(ts):
+        return
+    newest = np.maximum.accumulate(ts)
+    back = np.flatnonzero(ts[1:] < newest[:-1] - BACKWARD_TOLERANCE_S)
+    if len(back):
+        i = int(back[0]) + 1
+        j = int(np.argmax(ts[:i]))          # the newest row before it
+        a, b = (repr(v) if isinstance(v, str) else v for v in (col.iloc[j], col.iloc[i]))
+        raise ValueError(
+            f"{path}: column {col.name!r}: row {i + 1} ({b}) is {newest[i - 1] - ts[i]:g} s "
+            f"before row {j + 1} ({a}); {len(back)} such row(s). Rows must be in time order: "
+            "sort the file (exported newest first?); local times that go back when daylight "
+            "saving ends need their UTC offset")
+
+
 def _no_bad_rows(col, bad: np.ndarray, path: str | Path, why: str) -> None:
     at = np.flatnonzero(bad)
     if len(at):
@@ -260,6 +282,7 @@ def read_table(path: str | Path, channels: list[str], time_text: bool = False) -
         ts = np.arange(len(df), dtype=np.float64)
     else:
         ts = column_seconds(df[tcol], path)
+        _in_time_order(ts, df[tcol], path)
         if time_text:
             # read again as text: parsed, 1583750689 would come back as "1583750689.0"
             raw = pd.read_csv(path, sep=sniff_separator(_header(path)), usecols=[list(df.columns).index(tcol)],

@@ -31,10 +31,13 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     pd.DataFrame(rng.normal(size=(60, 3)), columns=CH).to_csv(d / "good.csv", index=False)
     pd.DataFrame(rng.normal(size=(60, 2)), columns=["x", "y"]).to_csv(d / "other.csv", index=False)
+    newest_first = pd.DataFrame(rng.normal(size=(60, 3)), columns=CH)
+    newest_first.insert(0, "time", 1583750073.0 - 0.1 * np.arange(60))
+    newest_first.to_csv(d / "newest_first.csv", index=False)
     (d / "blocker").write_text("a file where a folder should be\n")
     (d / "bad.yaml").write_text(f"node: n\nmodel:\n  path: {model}\n  threds: 2\nstreams: []\n")
     return {"dir": d, "model": model, "good": d / "good.csv", "other": d / "other.csv",
-            "missing": d / "missing.csv", "blocker": d / "blocker", "bad_yaml": d / "bad.yaml",
+            "missing": d / "missing.csv", "newest_first": d / "newest_first.csv", "blocker": d / "blocker", "bad_yaml": d / "bad.yaml",
             "replay_missing": config(d, "replay_missing",
                                      f"{{type: replay, path: {d / 'missing.csv'}}}")}
 
@@ -78,6 +81,9 @@ AGENT_CASES = [
     ("check-config-a-folder", ["check-config", "{dir}"], "error: {dir}: not a file"),
     ("evaluate-missing-path", ["evaluate", "{missing}", "-m", "{model}"],
      "error: {missing}: no such file or directory"),
+    ("evaluate-rows-out-of-time-order", ["evaluate", "{newest_first}", "-m", "{model}"],
+     "error: {newest_first}: column 'time': row 12 (1583750071.9) is 1.1 s before row 1 "
+     "(1583750073.0); 49 such row(s). Rows must be in time order: sort the file"),
     ("evaluate-unknown-model", ["evaluate", "{good}", "-m", "nope"],
      "error: model 'nope' is neither"),
     ("predict-missing-input", ["predict", "-i", "{missing}", "-m", "{model}"],

@@ -435,6 +435,20 @@ def test_read_table_times_out_of_range_name_file_column_and_row(tmp_path, cells,
     assert why in msg
 
 
+def test_read_table_refuses_rows_out_of_time_order_and_keeps_a_clocks_jitter(tmp_path):
+    p = tmp_path / "times.csv"
+    # 0.5 s back and a repeated time: jitter a daemon's decoder accepts too
+    p.write_text("time,a,b,c\n10,1,2,3\n11,1,2,3\n10.5,1,2,3\n10.5,1,2,3\n12,1,2,3\n")
+    assert read_table(p, CH).ts.tolist() == [10, 11, 10.5, 10.5, 12]
+    # a 10 Hz file newest first: each step is within the jitter, but the rows fall
+    # further and further behind the first one
+    p.write_text("time,a,b,c\n" + "".join(f"{100 - k / 10:.1f},1,2,3\n" for k in range(30)))
+    with pytest.raises(ValueError) as e:
+        read_table(p, CH)
+    assert str(e.value).startswith(f"{p}: column 'time': row 12 (98.9) is 1.1 s before row 1 "
+                                   "(100.0); 19 such row(s). Rows must be in time order"), e.value
+
+
 def test_read_table_date_text_of_a_plants_older_history_is_read(tmp_path):
     p = tmp_path / "old.csv"
     p.write_text("time,a,b,c\n1998-06-01 00:00:00,1,2,3\n1998-06-01 00:00:01,1,2,3\n")
