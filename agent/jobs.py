@@ -190,11 +190,33 @@ def rows_prediction(row_ts: np.ndarray, table: dict, by: str) -> np.ndarray:
     window of their own (warm-up, learning) are 0."""
     pred = np.zeros(len(row_ts), dtype=np.int8)
     if len(table["ts"]):
-        idx = np.searchsorted(row_ts, table["ts"])
-        ok = (idx < len(row_ts))
-        ok[ok] = row_ts[idx[ok]] == table["ts"][ok]
+        if np.all(np.diff(row_ts) > 0):
+            idx = np.searchsorted(row_ts, table["ts"])
+            ok = (idx < len(row_ts))
+            ok[ok] = row_ts[idx[ok]] == table["ts"][ok]
+        else:
+            idx = _window_rows(row_ts, table["ts"])
+            ok = idx >= 0
         pred[idx[ok]] = table[by][ok].astype(np.int8)
     return pred
+
+
+def _window_rows(row_ts: np.ndarray, window_ts: np.ndarray) -> np.ndarray:
+    """Each window's row (-1: none) in a file whose times repeat (10 Hz logged to the
+    second) or jitter back, where a search by time would give every window of a repeated
+    time its first row.  Windows are rows' newest samples in file order, so they are
+    matched from the end, each to the latest unused row of its time: exact where the rows
+    without a window come before those with one (a warm-up, a window refilling after
+    missing values)."""
+    out = np.full(len(window_ts), -1, np.intp)
+    rows, j = row_ts.tolist(), len(row_ts) - 1
+    for k, t in zip(range(len(window_ts) - 1, -1, -1), reversed(window_ts.tolist())):
+        while j >= 0 and rows[j] != t:
+            j -= 1
+        if j < 0:
+            break
+        out[k], j = j, j - 1
+    return out
 
 
 def long_run(ts: np.ndarray, pred: np.ndarray) -> dict:

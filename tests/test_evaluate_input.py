@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from agent.evaluate import Counts
+from agent.jobs import rows_prediction
 from conftest import REPO
 from onnx_factory import make_model
 
@@ -86,3 +87,16 @@ def test_a_file_job_whose_engine_failed_ends_with_an_error(model, monkeypatch):
     ts, v = 1.6e9 + np.arange(100.0), np.zeros((100, 3), np.float32)
     with pytest.raises(ValueError, match=r"stream s: the engine failed \d+ time\(s\) on it"):
         run_table(e, "s", ts, v)
+
+
+@pytest.mark.parametrize("row_ts", [
+    1.6e9 + np.arange(40) // 2,                  # 2 Hz logged to the second: each time twice
+    1.6e9 + np.arange(40) - 0.5 * (np.arange(40) % 5 == 4),     # a clock's jitter back
+    np.full(40, 1.6e9),                          # one time for every row
+], ids=["repeated", "jitter", "frozen"])
+def test_rows_get_their_own_windows_where_times_repeat_or_jitter(row_ts):
+    # windows from row 9 on (a warm-up before), every third one alerting
+    alert = (np.arange(31) % 3 == 0).astype(np.int8)
+    table = {"ts": row_ts[9:], "alert": alert}
+    want = np.concatenate([np.zeros(9, np.int8), alert])
+    assert rows_prediction(row_ts, table, "alert").tolist() == want.tolist()
