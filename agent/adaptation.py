@@ -73,9 +73,9 @@ class Adapter:
         # which 7 digits are plenty, and at half the size (0.5 KB a stream at 8 channels)
         self._err = np.full((FOLD, c), np.nan, np.float32) if level is not None else None
         self._filled = 0                          # buffered rows not added to the sums yet
-        # the epoch's sums so far: learnable values and their count (then, with a level,
-        # their errors and count); None at the start of an epoch
-        self._sums: list[np.ndarray] | None = None
+        # the epoch's sums so far: (sum, count) of the learnable values per channel (then,
+        # with a level, of their errors: 2C columns); None at the start of an epoch
+        self._sums: tuple[np.ndarray, np.ndarray] | None = None
         self.seen = 0                             # samples concluded since learning ended
         self.ingested = 0                         # samples ingested since learning ended
 
@@ -152,73 +152,81 @@ class Adapter:
         ok = np.zeros(x.shape, bool) if ok is None else near & ok
         if not math.isfinite(self.cfg.gate):
             ok &= np.isfinite(x)
-        # ufunc reductions: the sums .sum() computes, without its wrapper
-        self._add(0, np.where(ok, x, 0.0), ok)
         if self._err is not None:
             # rounded to float32 from a long piece too, as the buffer rounds them: the same
-            # sums however the samples were chunked (summed in float64: see _add)
+            # sums however the samples were chunked
             e = np.full(x.shape, np.nan, np.float32) if err is None else \
                 np.asarray(err, np.float32)
-            e_ok = ok & np.isfinite(e)
-            self._add(2, np.where(e_ok, e, np.float32(0.0)), e_ok)
+            # errors beside the values (widened exactly, summed in float64): one set of sums
+            # and one EWMA step an epoch for both, as a numpy call on a few dozen numbers
+            # costs more than its arithmetic
+            x = np.concatenate((x, e), axis=1)
+            ok = np.concatenate((ok, ok & np.isfinite(e)), axis=1)
+        self._add(np.where(ok, x, 0.0), ok)
 
-    def _add(self, j: int, values: np.ndarray, counted: np.ndarray) -> None:
-        """Continue sums j (values) and j + 1 (their count) with these rows, FOLD at a time
-        as the buffer adds them: a reduction along the rows adds them one after the other,
-        so continuing it from the sums so far gives the bits that one reduction over the
-        whole epoch gives (counts are whole numbers: exact in any order)."""
+    def _add(self, values: np.ndarray, counted: np.ndarray) -> None:
+        """Continue the epoch's sums (values, their count) with these rows, FOLD at a time as
+        the buffer adds them: a reduction along the rows adds them one after the other, so
+        continuing it from the sums so far gives the bits that one reduction over the whole
+        epoch gives (counts are whole numbers: exact in any order)."""
         n = np.add.reduce(counted, axis=0, dtype=np.float64)
-        s = self._sums
-        if s is None:
-            s = self._sums = [None] * (4 if self._err is not None else 2)
-        # one column is summed pairwise, not row after row: then by the buffer's blocks
-        step = FOLD if values.shape[1] == 1 else len(values)
-        for b in range(0, len(values), step):
-            v = values[b:b + step]
-            # float64 sums, of float32 errors too (each widened exactly before it is added)
-            s[j] = np.add.reduce(v, axis=0, dtype=np.float64) if s[j] is None else \
-                np.add.reduce(np.concatenate((s[j][None], v)), axis=0)
-        s[j + 1] = n if s[j + 1] is None else s[j + 1] + n
-
-    def _epoch_sums(self) -> tuple[np.ndarray, ...]:
-        """(sum, count) of the epoch's learnable values and of their errors, per channel;
-        the next epoch's sums start from nothing."""
-        sums, self._sums = self._sums, None
-        zero = np.zeros(len(self.scaler.mean))
-        return tuple(sums) + (zero,) * (4 - len(sums))
+        total, count = self._sums if self._sums is not None else (None, None)
+        if len(self.scaler.mean) > 1:
+            total = np.add.reduce(values, axis=0) if total is None else \
+                np.add.reduce(np.concatenate((total[None], values)), axis=0)
+        else:
+            # one channel's column is summed pairwise, not row after row: then by the
+            # buffer's blocks, and each column (value, error) alone
+            total = np.array([_pairwise(values[:, j], None if total is None else total[j])
+                              for j in range(values.shape[1])])
+        self._sums = (total, n if count is None else count + n)
 
     def _end_epoch(self) -> None:
-        total, n, err_sum, err_n = self._epoch_sums()
-        dt = self.pace.interval or 1.0
-        self.scaler = self.scaler.moved(self._followed(self.scaler.mean, total, n, dt)) \
-            if np.logical_or.reduce(n) else self.scaler
-        if self.level is not None and np.logical_or.reduce(err_n):
-            self.level = self._followed(self.level, err_sum, err_n, dt, self.cfg.level_fall,
-                                        bounded=False)
+        (total, n), self._sums = self._sums, None
+        c = len(self.scaler.mean)
+        moves = np.logical_or.reduce(n[:c])
+        adapts = self.level is not None and np.logical_or.reduce(n[c:])
+        if moves or adapts:
+            now = self.scaler.mean if self.level is None else \
+                np.concatenate((self.scaler.mean, self.level))
+            out = self._followed(now, total, n, self.pace.interval or 1.0)
+            if moves:
+                mean = out[:c]
+                if self.cfg.max_shift is not None:
+                    lim = self.cfg.max_shift * self.learned.std
+                    mean = np.clip(mean, self.learned.mean - lim, self.learned.mean + lim)
+                self.scaler = self.scaler.moved(mean)
+            if adapts:
+                self.level = out[c:]
         self.version += 1
         self._by_version[self.version] = (self.scaler, self.level)
         # every sample not concluded yet comes after this epoch, so its version is at
         # least this one - LAG: older ones are done with (0.6 KB a stream each)
         self._by_version.pop(self.version - LAG - 1, None)
 
-    def _followed(self, now: np.ndarray, total: np.ndarray, n: np.ndarray, dt: float,
-                  fall: float = 1.0, bounded: bool = True) -> np.ndarray:
-        """`now` moved toward the epoch's means total / n by the EWMA weight of n samples,
-        on the channels with n > 0 (all of them, usually: then without indexing); where
-        the mean is lower, `fall` times faster."""
+    def _followed(self, now: np.ndarray, total: np.ndarray, n: np.ndarray,
+                  dt: float) -> np.ndarray:
+        """`now` (the means, then the error levels when kept) moved toward the epoch's means
+        total / n by the EWMA weight of n samples, on the columns with n > 0 (all of them,
+        usually: then without indexing); where an error level's mean is lower, `level_fall`
+        times faster."""
         used = n > 0
-        if fall == 1.0 and np.logical_and.reduce(used):
-            out = now + (1.0 - np.exp(-n * dt / self.cfg.time_constant_s)) * (total / n - now)
-        else:
+        every = np.logical_and.reduce(used)
+        c = len(self.scaler.mean)
+        if not every:
             out = now.copy()
-            mean = total[used] / n[used]
-            rate = n[used] * dt / self.cfg.time_constant_s
-            if fall != 1.0:
-                rate = np.where(mean < out[used], rate * fall, rate)
-            out[used] += (1.0 - np.exp(-rate)) * (mean - out[used])
-        if bounded and self.cfg.max_shift is not None:
-            lim = self.cfg.max_shift * self.learned.std
-            out = np.clip(out, self.learned.mean - lim, self.learned.mean + lim)
+            c = np.count_nonzero(used[:c])         # the means' columns among those used
+            now, total, n = now[used], total[used], n[used]
+        mean = total / n
+        rate = n * -dt / self.cfg.time_constant_s     # exactly -(n * dt / time constant)
+        if self.level is not None and self.cfg.level_fall != 1.0:
+            lower = mean < now
+            lower[:c] = False
+            rate = np.where(lower, rate * self.cfg.level_fall, rate)
+        step = (1.0 - np.exp(rate)) * (mean - now)
+        if every:
+            return now + step
+        out[used] = now + step
         return out
 
     # ------------------------------------------------------------ persistence
@@ -241,3 +249,11 @@ class Adapter:
         if self.level is not None and record.get("adapted_level") is not None:
             self.level = np.asarray(record["adapted_level"], np.float64)
         self._by_version = {0: (self.scaler, self.level)}
+
+
+def _pairwise(column: np.ndarray, total: float | None) -> float:
+    """A column's sum continued FOLD rows at a time (numpy sums one column pairwise)."""
+    for b in range(0, len(column), FOLD):
+        v = column[b:b + FOLD]
+        total = np.add.reduce(v) if total is None else np.add.reduce(np.concatenate(([total], v)))
+    return total
