@@ -85,16 +85,14 @@ class Adapter:
         exists (epoch version + LAG), so one ingest may hold up to LAG + 1 epochs."""
         return max((self.version + LAG + 1) * EPOCH - self.ingested, 0)
 
-    def pieces(self, k: int, most: int) -> list[tuple[int, int, int]]:
-        """(start, end, version) of the next k samples, in order: cut at every epoch's
-        end and every `most` samples within an epoch, where an ingest of one epoch of
-        `most` samples at most used to end (the smoother's blocks: see Stream.conclude)."""
+    def pieces(self, k: int) -> list[tuple[int, int, int]]:
+        """(start, end, version) of the next k samples, in order: cut at every epoch's end."""
         out, i, end = [], self.ingested, self.ingested + k
-        if k <= most and end <= (i // EPOCH + 1) * EPOCH:    # one part (a daemon's samples)
+        if end <= (i // EPOCH + 1) * EPOCH:    # one part (a daemon's samples)
             return [(0, k, max(i // EPOCH - LAG, 0))]
         while i < end:
             e = i // EPOCH
-            j = min(end, (e + 1) * EPOCH, i + most)
+            j = min(end, (e + 1) * EPOCH)
             out.append((i - self.ingested, j - self.ingested, max(e - LAG, 0)))
             i = j
         return out

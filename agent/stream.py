@@ -158,14 +158,14 @@ class Stream:
         if k == 0:
             return 0, None
         k = self._refine_room(ts[:k])
-        parts = self.adapter.pieces(k, self.max_batch)
+        parts = self.adapter.pieces(k)
         self.adapter.took(k)
         ts, values = ts[:k], values[:k]
         off = self._took(ts)
         if len(parts) == 1:     # one version (a daemon's samples)
             scaler, level = self.adapter.at(parts[0][2])
             w = self._push(ts, scaler.apply(values), off)
-            self._pieces.append([values, w is not None, level, None, None])
+            self._pieces.append([values, w is not None, level, None])
         else:
             w = self._push(ts, self._scaled(values, parts), off)
             self._pieces.append(self._piece(values, w, parts))
@@ -192,18 +192,16 @@ class Stream:
     def _piece(self, values: np.ndarray, w: Windows | None, parts: list) -> list:
         """A pending piece: [raw, True (awaiting scores) | False (no window), the error
         level of its windows ([C], [windows, C] when its parts' levels differ, or None),
-        errors (once concluded), the window counts that end its parts' smoother blocks
-        (None: one block)]."""
+        errors (once concluded)]."""
         if w is None:
-            return [values, False, None, None, None]
+            return [values, False, None, None]
         ends = np.searchsorted(w.rows, [b for _, b, _ in parts]).tolist()
         counts = [b - a for a, b in zip([0] + ends, ends)]
         levels = [self.adapter.at(v)[1] for (_, _, v), n in zip(parts, counts) if n]
         lv = levels[0]
         if any(x is not lv for x in levels):
             lv = np.repeat(np.stack(levels), [n for n in counts if n], axis=0)
-        cuts = [e for e, n in zip(ends, counts) if n]
-        return [values, True, lv, None, cuts if len(cuts) > 1 else None]
+        return [values, True, lv, None]
 
     def _took(self, ts: np.ndarray) -> float | np.ndarray:
         """Count the samples taken; their clock offsets (SampleClock.take)."""
@@ -293,11 +291,7 @@ class Stream:
         `scores` sums them: divided by `shown_level()` when that is not None."""
         piece = self._pieces[0] if self.adapter is not None else None
         level = piece[2] if piece is not None else self.baseline.level
-        if piece is None or piece[4] is None:
-            s = self.smoother.update(scores)
-        else:       # the blocks one epoch (of max_batch at most) per ingest gave: same bits
-            s = np.concatenate([self.smoother.update(scores[a:b])
-                                for a, b in zip([0] + piece[4], piece[4])])
+        s = self.smoother.update(scores)     # chunk-independent: one block for all parts
         refiner = self.baseline.refiner
         if refiner is not None and refiner.due():
             self._refine()
@@ -375,7 +369,7 @@ class Stream:
         no normal sample; one still awaiting its scores stops the queue)."""
         q = self._pieces
         while q and q[0][1] is not True:
-            raw, ok, _, err, _ = q.pop(0)
+            raw, ok, _, err = q.pop(0)
             self.adapter.observe(raw, ok if ok is not False else None, err)
 
     def relearn(self) -> dict | None:
