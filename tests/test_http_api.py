@@ -228,7 +228,9 @@ SHAPES = "values must be one sample: a list of 8 numbers, or one window: a list 
     ({"values": [[10 ** 400] + [0.0] * 7] + [[0.0] * 8] * 63}, "within float32 range"),
     ({"values": [0.0] * 3}, "got a list of 3 numbers"),
     ({"values": []}, "got an empty list"),
-    ({"values": "1,2,3"}, "got str"),
+    ({"values": "1,2,3"}, "got a string"),
+    ({"values": None}, "got null"),
+    ({"values": {"a": 1}}, "got an object"),
     ({"values": [1.0, [2.0]] * 4}, "got a list holding something other than numbers"),
     ({}, "field 'values' is required"),
     ({"stream": "s", "values": [0.0] * 3}, "got a list of 3 numbers"),
@@ -243,7 +245,9 @@ SHAPES = "values must be one sample: a list of 8 numbers, or one window: a list 
     ({"stream": "s", "values": [0.0] * 8, "ts": "1999-12-31T23:59:59Z"}, "between 2000"),
     ({"stream": "s", "values": [0.0] * 8, "ts": None}, "between 2000 and 2100"),
     ({"values": [[0.0] * 8] * 64, "ts": T0}, "ts belongs to one sample"),
-    ([1, 2, 3], "JSON object"),
+    ([1, 2, 3], "body must be a JSON object, got an array"),
+    (b"null", "body must be a JSON object, got null"),
+    (b"7", "body must be a JSON object, got a number"),
 ])
 def test_wrong_shapes_are_422(server, body, expect):
     msg = error_of(call(server, "POST", "/anomaly", body), 422)

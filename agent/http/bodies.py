@@ -41,6 +41,13 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _json_kind(x) -> str:
+    """What a JSON value is, in JSON's words (a client sent JSON, not Python)."""
+    if x is None or isinstance(x, bool):
+        return json.dumps(x)
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(x), "a number")
+
+
 def json_body(body: bytes) -> dict:
     try:
         doc = json.loads(body, parse_constant=_reject_constant)
@@ -48,7 +55,7 @@ def json_body(body: bytes) -> dict:
         raise HttpError(400, f"body is not JSON: {' '.join(str(e).split())[:200]}",
                         "http_json") from None
     if not isinstance(doc, dict):
-        raise HttpError(422, f"body must be a JSON object, got {type(doc).__name__}", "http_shape")
+        raise HttpError(422, f"body must be a JSON object, got {_json_kind(doc)}", "http_shape")
     return doc
 
 
@@ -74,7 +81,7 @@ def _values(v, w: int, c: int) -> np.ndarray:
     else:
         what = "an empty list" if v == [] else \
             "a list holding something other than numbers" if isinstance(v, list) else \
-            type(v).__name__
+            _json_kind(v)
         raise HttpError(422, f"{shapes}; got {what}", "http_shape")
     try:
         a = np.asarray(v, np.float64)
