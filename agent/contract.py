@@ -207,23 +207,25 @@ def time_column(columns) -> str | None:
 def column_seconds(col, path: str | Path) -> np.ndarray:
     """Seconds (float64) of a time column: numbers by timestamps.file_seconds (epoch s,
     ms, µs or ns by magnitude inside 2000-2100 as a device's, or a count from 0), else
-    date text (a time without a zone is UTC) within TEXT_DATES.  ValueError names the
-    first bad row."""
+    date text (a time without a zone is UTC) within TEXT_DATES, in time order
+    (_in_time_order).  ValueError names the first bad row."""
     import pandas as pd
     num = pd.to_numeric(col, errors="coerce")
     if num.notna().all() or col.dtype.kind in "iuf":    # (NaN: an empty cell)
         sec = file_seconds(num.to_numpy())
         _no_bad_rows(col, np.isnan(sec), path, "a number must be epoch s, ms, µs or ns "
                      f"inside 2000-2100, or a time from 0 below {MIN_EPOCH_S} s")
-        return sec
-    dt = pd.to_datetime(col, errors="coerce", utc=True)
-    _no_bad_rows(col, dt.isna().to_numpy(), path, "not a date")
-    # wider than a device's 2000-2100: a plant's history may be older.  Compared as
-    # dates: subtracting 1970 from a year-3000 date overflows nanoseconds
-    lo, hi = pd.Timestamp(TEXT_DATES[0], tz="UTC"), pd.Timestamp(TEXT_DATES[1], tz="UTC")
-    _no_bad_rows(col, ((dt < lo) | (dt >= hi)).to_numpy(), path,
-                 f"outside {TEXT_DATES[0][:4]}-{TEXT_DATES[1][:4]}")
-    return ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64)
+    else:
+        dt = pd.to_datetime(col, errors="coerce", utc=True)
+        _no_bad_rows(col, dt.isna().to_numpy(), path, "not a date")
+        # wider than a device's 2000-2100: a plant's history may be older.  Compared as
+        # dates: subtracting 1970 from a year-3000 date overflows nanoseconds
+        lo, hi = pd.Timestamp(TEXT_DATES[0], tz="UTC"), pd.Timestamp(TEXT_DATES[1], tz="UTC")
+        _no_bad_rows(col, ((dt < lo) | (dt >= hi)).to_numpy(), path,
+                     f"outside {TEXT_DATES[0][:4]}-{TEXT_DATES[1][:4]}")
+        sec = ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64)
+    _in_time_order(sec, col, path)
+    return sec
 
 
 def _in_time_order(ts: np.ndarray, col, path: str | Path) -> None:
@@ -242,7 +244,8 @@ def _in_time_order(ts: np.ndarray, col, path: str | Path) -> None:
         a, b = (repr(v) if isinstance(v, str) else v for v in (col.iloc[j], col.iloc[i]))
         raise ValueError(
             f"{path}: column {col.name!r}: row {i + 1} ({b}) is {newest[i - 1] - ts[i]:g} s "
-            f"before row {j + 1} ({a}); {len(back)} such row(s). Rows must be in time order: "
+            f"before row {j + 1} ({a}), more than the {BACKWARD_TOLERANCE_S:g} s of jitter "
+            f"allowed; {len(back)} such row(s). Rows must be in time order: "
             "sort the file (exported newest first?); local times that go back when daylight "
             "saving ends need their UTC offset")
 
@@ -282,7 +285,6 @@ def read_table(path: str | Path, channels: list[str], time_text: bool = False) -
         ts = np.arange(len(df), dtype=np.float64)
     else:
         ts = column_seconds(df[tcol], path)
-        _in_time_order(ts, df[tcol], path)
         if time_text:
             # read again as text: parsed, 1583750689 would come back as "1583750689.0"
             raw = pd.read_csv(path, sep=sniff_separator(_header(path)), usecols=[list(df.columns).index(tcol)],

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agent.contract import LABEL_COLUMN, LABEL_COLUMNS, TIME_COLUMNS, load_csv, sniff_separator
+from agent.contract import (LABEL_COLUMN, LABEL_COLUMNS, TIME_COLUMNS, column_seconds, load_csv,
+                            sniff_separator, time_column)
 from agent.model_meta import sha256_file
 
 # Flat channels would divide by ~0; the floor keeps a flat training channel at 0
@@ -81,9 +82,13 @@ def parse_data_arg(arg: str, default_rows: int | None) -> tuple[Path, int | None
 
 
 def read_table(path: Path, rows: int | None = None) -> pd.DataFrame:
-    """The CSV as a DataFrame of raw columns, time columns dropped, row limit applied."""
+    """The CSV as a DataFrame of raw columns, time columns dropped, row limit applied.
+    The time column is read as the runtime reads it: windows of rows out of time order
+    would teach the model a process running backwards."""
     try:
         df = load_csv(path, rows)
+        if (tcol := time_column(df.columns)) is not None:
+            column_seconds(df[tcol], path)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     except ValueError as e:

@@ -83,7 +83,8 @@ AGENT_CASES = [
      "error: {missing}: no such file or directory"),
     ("evaluate-rows-out-of-time-order", ["evaluate", "{newest_first}", "-m", "{model}"],
      "error: {newest_first}: column 'time': row 12 (1583750071.9) is 1.1 s before row 1 "
-     "(1583750073.0); 49 such row(s). Rows must be in time order: sort the file"),
+     "(1583750073.0), more than the 1 s of jitter allowed; 49 such row(s). Rows must be in "
+     "time order: sort the file"),
     ("evaluate-unknown-model", ["evaluate", "{good}", "-m", "nope"],
      "error: model 'nope' is neither"),
     ("predict-missing-input", ["predict", "-i", "{missing}", "-m", "{model}"],

@@ -161,6 +161,7 @@ def test_drift_rows_needs_scale_rows(tmp_path, capsys):
     ("nan", "column 'b' has empty/NaN at data row 17 (line 19)"),
     ("too_short", "too few rows for window 8"),
     ("text_cell", "column 'a' has non-numeric"),
+    ("newest_first", "row 3 (1700000000) is 2 s before row 1 (1700000002), more than the 1 s"),
 ])
 def test_bad_training_data_fails_cleanly(tmp_path, capsys, case, expect):
     f = make_csv(tmp_path / "d.csv")
@@ -176,6 +177,10 @@ def test_bad_training_data_fails_cleanly(tmp_path, capsys, case, expect):
     elif case == "text_cell":
         df = pd.read_csv(f, dtype=str)
         df.loc[3, "a"] = "oops"
+        df.to_csv(f, index=False)
+    elif case == "newest_first":
+        df = pd.read_csv(f)
+        df.insert(0, "time", 1_700_000_002 - np.arange(len(df)))
         df.to_csv(f, index=False)
     rc, out = train(tmp_path, *extra, data=[str(f)])
     err = capsys.readouterr().err

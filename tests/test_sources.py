@@ -446,7 +446,8 @@ def test_read_table_refuses_rows_out_of_time_order_and_keeps_a_clocks_jitter(tmp
     with pytest.raises(ValueError) as e:
         read_table(p, CH)
     assert str(e.value).startswith(f"{p}: column 'time': row 12 (98.9) is 1.1 s before row 1 "
-                                   "(100.0); 19 such row(s). Rows must be in time order"), e.value
+                                   "(100.0), more than the 1 s of jitter allowed; 19 such "
+                                   "row(s). Rows must be in time order"), e.value
 
 
 def test_read_table_date_text_of_a_plants_older_history_is_read(tmp_path):
