@@ -73,7 +73,7 @@ class Stream:
         self.pace = pace
         self.adaptation = adaptation
         self.adapter: Adapter | None = None
-        # ingested pieces not concluded yet: [raw, windows?, version, err]; a list, not a
+        # ingested pieces not concluded yet (_piece: raw, windows?, error level, err); a list, not a
         # deque: it holds a piece or two, and an empty deque costs 0.7 KB per stream
         self._pieces: list = []
         self._gap_logged = -np.inf
@@ -137,8 +137,9 @@ class Stream:
     def ingest(self, ts: np.ndarray, values: np.ndarray) -> tuple[int, Windows | None]:
         """Raw samples in: (how many it took, the windows now due or None); not while
         `fit_due`.  It takes fewer than offered at the end of a learning period, of the
-        adaptation epochs whose scalers exist (LAG + 1 at most), or (without adaptation)
-        of `max_batch`; 0 when its scaler waits for earlier windows to be concluded."""
+        adaptation epochs whose scalers exist (LAG + 1 at most; one, of `max_batch` at most,
+        with `alerts.rebaseline_after_s`), or (without adaptation) of `max_batch`; 0 when its
+        scaler waits for earlier windows to be concluded."""
         if self.baseline.learning:     # the engine fits it (end_learning) once it is over
             k = self.baseline.hold(ts, values, self.clock.peek(ts))
             self._took(ts[:k])
@@ -152,8 +153,8 @@ class Stream:
         # one conclusion and one engine call for up to 192 windows
         k = min(len(ts), self.adapter.room())
         if self.tracker.cfg.rebaseline_after_s is not None:
-            # the engine re-baselines between ingests: where one epoch (of max_batch at
-            # most) per ingest did, so a long chunk re-baselines at the same sample
+            # the engine re-baselines between ingests: with rebaseline_after_s an ingest
+            # holds one epoch, max_batch samples at most
             k = min(k, self.max_batch, EPOCH - self.adapter.ingested % EPOCH)
         if k == 0:
             return 0, None

@@ -245,6 +245,48 @@ def test_a_typical_error_falls_faster_than_it_rises(fall):
     np.testing.assert_allclose(ad.scaler.mean, 0.5 * (1 - (1 - up) ** 2), rtol=1e-12)
 
 
+def test_max_shift_bounds_the_mean_and_not_the_level():
+    """adaptation.max_shift: the mean stops at learned mean + max_shift x learned std
+    however far the values lead it; the typical error is not a mean and is not bounded."""
+    from types import SimpleNamespace
+
+    from agent.adaptation import Adapter
+    from agent.config import AdaptationConfig
+    from agent.contract import StreamScaler
+
+    ad = Adapter(AdaptationConfig(enabled=True, time_constant_s=60.0, gate=1e9, max_shift=0.5),
+                 StreamScaler(np.array([1.0, -1.0]), np.array([2.0, 4.0])),
+                 SimpleNamespace(interval=1.0), level=np.ones(2))
+    ok = np.ones((EPOCH, 1), bool)
+    for _ in range(20):
+        ad.observe(np.full((EPOCH, 2), 100.0, np.float32), ok, np.full((EPOCH, 2), 9.0, np.float32))
+    assert ad.scaler.mean.tolist() == [1.0 + 0.5 * 2.0, -1.0 + 0.5 * 4.0]
+    assert ad.level.tolist() > [8.9, 8.9]
+
+
+def test_a_channel_without_values_keeps_its_mean_and_level_while_the_others_move():
+    """An epoch in which one channel's values are all missing: that channel's mean and level
+    stay, the other levels fall by level_fall times the weight, the other means move by the
+    plain one."""
+    from types import SimpleNamespace
+
+    from agent.adaptation import Adapter
+    from agent.config import AdaptationConfig
+    from agent.contract import StreamScaler
+
+    tc, fall = 600.0, 3.0
+    ad = Adapter(AdaptationConfig(enabled=True, time_constant_s=tc, level_fall=fall),
+                 StreamScaler(np.zeros(3), np.ones(3)), SimpleNamespace(interval=1.0),
+                 level=np.full(3, 2.0))
+    raw = np.full((EPOCH, 3), 0.25, np.float32)
+    raw[:, 1] = np.nan
+    ad.observe(raw, np.ones((EPOCH, 1), bool), np.full((EPOCH, 3), 0.5, np.float32))
+    down, up = 1.0 - np.exp(-fall * EPOCH / tc), 1.0 - np.exp(-EPOCH / tc)
+    fell = 2.0 + down * (0.5 - 2.0)
+    np.testing.assert_allclose(ad.level, [fell, 2.0, fell], rtol=1e-12)
+    np.testing.assert_allclose(ad.scaler.mean, [0.25 * up, 0.0, 0.25 * up], rtol=1e-12)
+
+
 def test_channel_levels_keep_scores_chunk_independent(model):
     """With per-channel levels rising through a fault and falling after it (level_fall) and
     smoothed scores, a daemon fed one sample at a time and 256-row blocks compute the same

@@ -431,8 +431,8 @@ def test_a_step_of_many_adaptation_epochs_scores_as_epoch_by_epoch(model):
 def test_an_ingest_of_several_epochs_scores_as_one_epoch_per_ingest(model, monkeypatch, block,
                                                                     max_batch, stride):
     """An ingest may hold up to LAG + 1 adaptation epochs, each scaled by its own version;
-    bit for bit what one epoch (of max_batch samples at most) per ingest gives: scores
-    smoothed in the same blocks, alerts, and the adapted mean and level."""
+    bit for bit what one epoch (of max_batch samples at most) per ingest gives: scores,
+    alerts, and the adapted mean and level."""
     from agent import adaptation
     over = {"calibration": {"enabled": True, "samples": 200, "margin": 1.5},
             "adaptation": {"enabled": True, "time_constant_s": 60.0},
