@@ -174,6 +174,14 @@ class ModelMeta:
                     k in sections and isinstance(v, dict) for k, v in settings.items()):
                 raise ModelMetaError(f"{where}: 'policy.settings' must map sections of "
                                      f"{', '.join(sections)} to key/value objects")
+        for key in ("hyperparameters", "training", "tool"):
+            if not isinstance(getattr(self, key), dict):
+                raise ModelMetaError(f"{where}: {key!r} must be an object, got "
+                                     f"{json.dumps(getattr(self, key))[:40]}")
+        rows = self.training.get("calibration_rows")
+        if rows is not None and (type(rows) is not int or rows < 1):
+            raise ModelMetaError(f"{where}: 'training.calibration_rows' is {rows!r}, expected "
+                                 "null or the rows each block was scaled on (an integer >= 1)")
         t = self.threshold.value
         if not isinstance(t, (int, float)) or not (t > 0) or t == float("inf"):
             raise ModelMetaError(f"{where}: 'threshold.value' is {t!r}, expected a finite number > 0")

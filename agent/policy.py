@@ -40,7 +40,10 @@ def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
     try:
         return build(DetectionConfig, d)
     except Invalid as e:
-        raise ModelMetaError(f"model {meta.name}: policy.settings.{e.problems[0]}") from None
+        # a model without a policy gets one from its training.calibration_rows: say so
+        where = "policy.settings." if meta.policy is not None else \
+            "training.calibration_rows sets the learning period: "
+        raise ModelMetaError(f"model {meta.name}: {where}{e.problems[0]}") from None
 
 
 def learning_rows(cfg: DetectionConfig) -> int:

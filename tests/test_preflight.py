@@ -3,6 +3,7 @@ a config that starts but overrules its model; shared by check-config, run and re
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,28 @@ def test_a_state_dir_that_cannot_be_created_is_found_by_trying(model):
     assert not any(p.name.startswith(".tsad-write-test-") for p in Path("/tmp").iterdir())
     assert findings(model, state_dir="/tmp/tsad-preflight-test/a/b").problems == []
     assert not Path("/tmp/tsad-preflight-test").exists()      # the check leaves nothing
+
+
+@pytest.mark.parametrize("training, error", [
+    (None, "'training' must be an object, got null"),
+    ([1], "'training' must be an object, got [1]"),
+    ({"calibration_rows": "400"}, "'training.calibration_rows' is '400', expected null or"),
+    ({"calibration_rows": 0}, "'training.calibration_rows' is 0, expected null or"),
+])
+def test_training_metadata_of_the_wrong_kind_is_refused_by_name(tmp_path, training, error):
+    """Not a traceback in the policy's lookup, in every command that reads the model."""
+    from agent.model_meta import ModelMetaError
+    path, meta = make_model(tmp_path / "t.onnx", window=8, channels=CH, kind="timemix")
+    meta.training = training
+    meta.save(meta_path_for(path))
+    with pytest.raises(ModelMetaError, match=re.escape(error)):
+        load_meta(path)
+
+
+def test_a_learning_period_from_training_rows_the_agent_refuses_names_where_it_came_from(tmp_path):
+    path, meta = make_model(tmp_path / "t.onnx", window=8, channels=CH, kind="timemix", name="t")
+    meta.training = {"calibration_rows": 5}
+    meta.save(meta_path_for(path))
+    f = findings(path)
+    assert f.problems == ["model t: training.calibration_rows sets the learning period: "
+                          "calibration.samples: value 5 is invalid: expected an integer >= 10"]
