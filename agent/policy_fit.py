@@ -117,7 +117,9 @@ def with_margin(det: Detector, settings: dict, margin: float, learning: int) -> 
 def predictions(det: Detector, segs: list[Segment], settings: dict, margin: float,
                 learning: int):
     """(segment, alert open per running row) for each segment replayed at `margin`."""
-    cfg = detection_config(det.meta, None, with_margin(det, settings, margin, learning))
+    # the settings alone, not over the model's current policy: they are all the new one holds
+    cfg = detection_config(det.meta, None, {**with_margin(det, settings, margin, learning),
+                                            "model_policy": False})
     for seg in segs:
         rec = run_table(Engine(cfg, det), "s", seg.ts, seg.values)
         yield seg, rows_prediction(seg.ts, rec.table("s"), "alert")[learning:]

@@ -179,3 +179,23 @@ def test_safety_rounds_up_one_grid_step_not_two():
     i = GRID.index(1.331)
     assert GRID[rounded_up(i, 1.1)] == 1.464        # 1.331 x 1.1 = 1.4641, a hair above
     assert all(rounded_up(k, 1.1) == k + 1 for k in range(len(GRID) - 1))
+
+
+def test_a_refit_ignores_the_policy_it_replaces(model, data, tmp_path):
+    """The trials run the given settings alone, not over the model's current policy: the
+    written policy holds only them, so its margin must be the one fitted for them."""
+    import shutil
+
+    from agent.model_meta import load_meta, meta_path_for
+    steady = data[0][:1]
+    plain = fit_policy(model, steady, SETTINGS, 40, "test")
+    old = tmp_path / "old.onnx"
+    shutil.copy(model, old)
+    meta = load_meta(model)
+    # settings that would change the margin the trials find if they ran over them
+    meta.policy = {"settings": {"scoring": {"smoothing": 30},
+                                "alerts": {"open_k": 1, "open_n": 1, "close_m": 50}}}
+    meta.save(meta_path_for(old))
+    refit = fit_policy(str(old), steady, SETTINGS, 40, "test")
+    assert refit["settings"] == plain["settings"]
+    assert refit["fitted"]["result"] == plain["fitted"]["result"]
