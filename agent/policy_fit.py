@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ import numpy as np
 from .contract import read_table
 from .detector import Detector
 from .engine import Engine
-from .config import DetectionConfig, RefineConfig
+from .config import MIN_LEARN, DetectionConfig, RefineConfig
 from .config_base import ConfigError
 from .config_build import build
 from .jobs import detection_config, long_run, rows_prediction, run_table
@@ -287,12 +288,30 @@ def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning:
                         key=lambda r: r["margin"])
 
 
+def _check_rule(learning: int, alerts_per_day: float, open_share: float, start_h: float,
+                start_quantile: float, safety: float) -> None:
+    """The rule's numbers, each named by its fit-policy flag (NaN fails every test)."""
+    if learning != 0 and not learning >= MIN_LEARN:
+        raise ValueError(f"--learn {learning}: 0 (the model's own scaler and threshold) or at "
+                         f"least {MIN_LEARN} rows")
+    for flag, v, ok, want in (
+            ("--alerts-per-day", alerts_per_day, 0 <= alerts_per_day < math.inf, "a number >= 0"),
+            ("--open-share", open_share, 0 <= open_share <= 1, "a share of rows from 0 to 1"),
+            ("--start-hours", start_h, 0 < start_h < math.inf, "a number of hours > 0"),
+            ("--start-quantile", start_quantile, 0 < start_quantile <= 1,
+             "a share of the starts, over 0 and at most 1"),
+            ("--safety", safety, 1 <= safety < math.inf, "a factor >= 1")):
+        if not ok:
+            raise ValueError(f"{flag} {v:g}: expected {want}")
+
+
 def fit_policy(model: str, files: list[Path], settings: dict, learning: int, reason: str,
                alerts_per_day: float = 1.0, open_share: float = 0.01,
                data_root: Path | None = None, starts: list[Path] | None = None,
                start_h: float = 8.0, start_quantile: float = 0.95,
                safety: float = 1.1) -> dict:
     """The policy (metadata `policy`) for `model` on normal `files` (and `starts`)."""
+    _check_rule(learning, alerts_per_day, open_share, start_h, start_quantile, safety)
     refine = settings.get("calibration", {}).get("refine")
     if refine is not None and "margin" in refine:
         raise ValueError("--set calibration.refine: its margin is what fit-policy fits, not a "
