@@ -163,12 +163,13 @@ def _pct(v: float | None) -> str:
 
 
 def evaluation_files(paths: list[Path]) -> list[Path]:
-    """The CSV files under the given files and folders (a folder of folders: SKAB's
-    labeled subfolders); ValueError when a path is missing or nothing is found."""
+    """The CSV files under the given files and folders (a folder's own, then those of its
+    labeled subfolders, as SKAB's root holds them); ValueError when a path is missing or
+    nothing is found."""
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files += skab_files(p) if any(q.is_dir() for q in p.iterdir()) else sorted(p.glob("*.csv"))
+            files += sorted(p.glob("*.csv")) + skab_files(p)
         elif p.is_file():
             files.append(p)
         else:

@@ -100,3 +100,12 @@ def test_rows_get_their_own_windows_where_times_repeat_or_jitter(row_ts):
     table = {"ts": row_ts[9:], "alert": alert}
     want = np.concatenate([np.zeros(9, np.int8), alert])
     assert rows_prediction(row_ts, table, "alert").tolist() == want.tolist()
+
+
+def test_a_folder_with_a_subfolder_evaluates_its_own_files_too(model, tmp_path):
+    (tmp_path / "old").mkdir()
+    own = table(tmp_path / "a.csv", 60)
+    below = table(tmp_path / "old" / "c.csv", 60)
+    r = evaluate(model, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"{own}: " in r.stdout and f"{below}: " in r.stdout, r.stdout
