@@ -146,7 +146,10 @@ def format_summary(r: dict) -> str:
         lines.append(f"{'':<18} events={len(ev)} detected={len(delays)} median delay="
                      + (f"{np.median(delays):.0f} s" if delays else "-"))
     for f in r["per_file"]:
-        if "events" not in f:
+        if "events" not in f and not f["rows"]:
+            lines.append(f"{r['model']:<18} {f['file']}: no row scored (no more rows than its "
+                         f"learning period, {r['learning_rows']})")
+        elif "events" not in f:
             lines.append(f"{r['model']:<18} {f['file']}: {f['hours']:.1f} h, alert open on "
                          f"{100 * f['alert_open_share']:.2f}% of rows, {f['alerts']} alert(s)"
                          + (f" ({f['alerts_per_day']:.2f}/day)" if f['alerts_per_day'] is not None

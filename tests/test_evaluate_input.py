@@ -55,6 +55,11 @@ def test_a_file_with_no_scored_row_is_named_and_its_figures_are_n_a(model, tmp_p
     assert r.returncode == 0, r.stderr
     assert "P=n/a R=n/a F1=n/a FAR=n/a MAR=n/a  (TP=0 FP=0 TN=0 FN=0)" in r.stdout
     assert f"{short}: no row scored (no more rows than its learning period, 20)" in r.stdout
+    unlabeled = table(tmp_path / "unlabeled.csv", 15)
+    r = evaluate(model, unlabeled)
+    assert r.returncode == 0, r.stderr
+    assert f"{unlabeled}: no row scored (no more rows than its learning period, 20)" in r.stdout
+    assert "0.0 h" not in r.stdout
 
 
 @pytest.mark.parametrize("cols, labels, error", [
