@@ -299,10 +299,12 @@ def read_table(path: str | Path, channels: list[str], time_text: bool = False) -
         raise ValueError(f"{path}: column(s) {empty} hold no number (a decimal comma? "
                          f"text?); the model needs numbers in {list(channels)}")
     labels = None
-    if LABEL_COLUMN in df.columns:
-        lab = pd.to_numeric(df[LABEL_COLUMN], errors="coerce")
+    # named as training finds it (export/data.py): `Anomaly` is a label column too
+    label = next((c for c in df.columns if str(c).strip().lower() == LABEL_COLUMN), None)
+    if label is not None:
+        lab = pd.to_numeric(df[label], errors="coerce")
         # a label that is not 0 or 1 (text, an empty cell, 2) would be counted silently
-        _no_bad_label(df[LABEL_COLUMN], ~lab.isin((0, 1)).to_numpy(), path)
+        _no_bad_label(df[label], ~lab.isin((0, 1)).to_numpy(), path)
         labels = lab.to_numpy(np.int8)
     return Table(ts, values, labels, text)
 
@@ -312,5 +314,5 @@ def _no_bad_label(col, bad: np.ndarray, path: str | Path) -> None:
     if len(at):
         v = col.iloc[at[0]]
         what = "is empty" if v != v else f"holds {v!r}" if isinstance(v, str) else f"holds {v}"
-        raise ValueError(f"{path}: column {LABEL_COLUMN!r}: row {at[0] + 1} {what}, not 0 or "
+        raise ValueError(f"{path}: column {col.name!r}: row {at[0] + 1} {what}, not 0 or "
                          f"1; {len(at)} such row(s)")

@@ -91,10 +91,16 @@ def parse_settings(items: list[str]) -> dict:
 
 def segments(files: list[Path], channels: list[str], learning: int) -> list[Segment]:
     """The recordings long enough to run after their learning period (more than twice
-    its rows: a run at least as long as what it learned on); the others are logged."""
+    its rows: a run at least as long as what it learned on); the others are logged.
+    ValueError for a recording with rows labelled anomalous: margins come from normal
+    running only, as a model is trained on it."""
     out = []
     for f in files:
         t = read_table(f, channels)
+        flagged = np.flatnonzero(t.labels) if t.labels is not None else ()
+        if len(flagged):
+            raise ValueError(f"{f}: {len(flagged)} row(s) labelled anomalous (first at row "
+                             f"{flagged[0] + 1}); fit a policy on normal recordings only")
         if len(t.ts) > 2 * max(learning, 1):
             out.append(Segment(f, t.ts, t.values))
         else:

@@ -114,3 +114,12 @@ def test_a_folder_with_a_subfolder_evaluates_its_own_files_too(model, tmp_path):
     r = evaluate(model, tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"{own}: " in r.stdout and f"{below}: " in r.stdout, r.stdout
+
+
+def test_a_label_column_is_found_whatever_its_case(model, tmp_path):
+    """`Anomaly` labels a file for training (export/data.py): evaluate scores it too."""
+    f = table(tmp_path / "cap.csv", 60, labels=[0] * 40 + [1] * 20)
+    pd.read_csv(f).rename(columns={"anomaly": "Anomaly"}).to_csv(f, index=False)
+    r = evaluate(model, f)
+    assert r.returncode == 0, r.stderr
+    assert "files=1" in r.stdout and "P=" in r.stdout, r.stdout

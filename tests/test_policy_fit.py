@@ -199,3 +199,14 @@ def test_a_refit_ignores_the_policy_it_replaces(model, data, tmp_path):
     refit = fit_policy(str(old), steady, SETTINGS, 40, "test")
     assert refit["settings"] == plain["settings"]
     assert refit["fitted"]["result"] == plain["fitted"]["result"]
+
+
+def test_recordings_with_labelled_faults_are_refused(model, tmp_path):
+    rng = np.random.default_rng(3)
+    f = write(tmp_path / "faulty.csv", rng.normal(0, 1.0, (200, len(CH))))
+    d = pd.read_csv(f)
+    d["anomaly"] = [0] * 150 + [1] * 50
+    d.to_csv(f, index=False)
+    with pytest.raises(ValueError, match=r"faulty.csv: 50 row\(s\) labelled anomalous \(first "
+                                         r"at row 151\); fit a policy on normal recordings only"):
+        fit_policy(model, [f], SETTINGS, 40, "test")
