@@ -216,7 +216,7 @@ def column_seconds(col, path: str | Path) -> np.ndarray:
         _no_bad_rows(col, np.isnan(sec), path, "a number must be epoch s, ms, µs or ns "
                      f"inside 2000-2100, or a time from 0 below {MIN_EPOCH_S} s")
     else:
-        dt = pd.to_datetime(col, errors="coerce", utc=True)
+        dt = pd.to_datetime(col, errors="coerce", utc=True, dayfirst=_day_first(col, path))
         _no_bad_rows(col, dt.isna().to_numpy(), path, "not a date")
         # wider than a device's 2000-2100: a plant's history may be older.  Compared as
         # dates: subtracting 1970 from a year-3000 date overflows nanoseconds
@@ -226,6 +226,24 @@ def column_seconds(col, path: str | Path) -> np.ndarray:
         sec = ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64)
     _in_time_order(sec, col, path)
     return sec
+
+
+def _day_first(col, path: str | Path) -> bool:
+    """Whether dates written NN/NN/YYYY (or with dots) put the day first: yes where a first
+    field is over 12, no where a second one is; a file where neither is over 12 anywhere
+    is refused, as either reading gives a valid but different time line (pandas would read
+    01/03/2020 as 3 January without a word)."""
+    f = col.astype(str).str.extract(r"^\s*(\d{1,2})[/.](\d{1,2})[/.]\d{2,4}\b").astype(float)
+    if not f[0].notna().any():
+        return False
+    if (f[0] > 12).any():
+        return True
+    if (f[1] > 12).any():
+        return False
+    i = int(np.flatnonzero(f[0].notna().to_numpy())[0])
+    raise ValueError(f"{path}: column {col.name!r}: row {i + 1} ({col.iloc[i]!r}) and every "
+                     "other date can be read day first or month first; write them as "
+                     "YYYY-MM-DD (ISO 8601)")
 
 
 def _in_time_order(ts: np.ndarray, col, path: str | Path) -> None:

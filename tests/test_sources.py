@@ -11,6 +11,7 @@ import tty
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import paho.mqtt.client as paho
 import pytest
 
@@ -448,6 +449,25 @@ def test_read_table_refuses_rows_out_of_time_order_and_keeps_a_clocks_jitter(tmp
     assert str(e.value).startswith(f"{p}: column 'time': row 12 (98.9) is 1.1 s before row 1 "
                                    "(100.0), more than the 1 s of jitter allowed; 19 such "
                                    "row(s). Rows must be in time order"), e.value
+
+
+@pytest.mark.parametrize("cells, first", [
+    (["12/03/2020 10:00:00", "13/03/2020 10:00:00"], "2020-03-12T10:00:00"),    # day first
+    (["03/12/2020 10:00:00", "03/13/2020 10:00:00"], "2020-03-12T10:00:00"),    # month first
+    (["12.03.2020 10:00", "13.03.2020 10:00"], "2020-03-12T10:00:00"),          # dotted
+])
+def test_read_table_tells_day_first_dates_from_month_first(tmp_path, cells, first):
+    p = tmp_path / "dates.csv"
+    p.write_text("time,a,b,c\n" + "".join(f"{c},1,2,3\n" for c in cells))
+    assert str(pd.to_datetime(read_table(p, CH).ts[0], unit="s").isoformat()) == first
+
+
+def test_read_table_refuses_dates_that_read_either_way(tmp_path):
+    p = tmp_path / "dates.csv"
+    p.write_text("time,a,b,c\n01/03/2020 10:00:00,1,2,3\n02/03/2020 10:00:00,1,2,3\n")
+    with pytest.raises(ValueError, match=r"row 1 \('01/03/2020 10:00:00'\) and every other date "
+                                         r"can be read day first or month first"):
+        read_table(p, CH)
 
 
 def test_read_table_date_text_of_a_plants_older_history_is_read(tmp_path):
