@@ -114,7 +114,7 @@ def cmd_replay(a) -> int:
                            **({"jsonl": {"path": a.alerts}} if a.alerts else {})}}
     model = resolve_model(a.model)
     try:
-        cfg = file_config(a.file, model, a.calibrate or None, overrides, stream=a.stream,
+        cfg = file_config(a.file, model, a.calibrate, overrides, stream=a.stream,
                           speed=a.speed)
         engine, rec = replay_config(cfg, _detector(model))
         if a.out:
@@ -278,8 +278,9 @@ def _file_commands(sub) -> None:
     s = sub.add_parser("replay", help="replay a CSV through the pipeline")
     s.add_argument("file")
     s.add_argument("--model", "-m", default=DEFAULT_MODEL)
-    s.add_argument("--calibrate", type=int, default=400, metavar="N",
-                   help="fit scaler+threshold on the first N rows (0: use the model's)")
+    s.add_argument("--calibrate", type=int, metavar="N",
+                   help="learn on the first N rows (default: the model's policy, as evaluate; "
+                        "0: the bare model, its own scaler and threshold)")
     s.add_argument("--speed", type=float, default=0.0, help="0 = full speed, else real time x S")
     s.add_argument("--out", help="per-window CSV: timestamp,score,label,alert")
     s.add_argument("--alerts", help="append alert events to this JSON-lines file")

@@ -65,7 +65,9 @@ def file_config(path: str, model: str, learning_rows: int | None, overrides: dic
     over = dict(overrides or {})
     det = detection_config_dict(learning_rows, {k: over.pop(k) for k in list(over)
                                                 if k in DetectionConfig.__struct_fields__}, node)
-    d = {**det, "state_dir": None, "model": {"path": model},
+    # a daemon config says model.policy where a detection config says model_policy
+    policy = det.pop("model_policy", True)
+    d = {**det, "state_dir": None, "model": {"path": model, "policy": policy},
          "streams": [{"id": stream, "source": {"type": "replay", "path": str(path),
                                                "speed": speed}}],
          "mqtt": {"enabled": False}, "sinks": {"console": {"enabled": False}}}

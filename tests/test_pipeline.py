@@ -286,6 +286,28 @@ def test_cli_replay_writes_per_window_csv(tmp_path, model):
     assert len(df) == 300 and df["score"].notna().all()
 
 
+def test_cli_replay_learns_as_the_model_policy_says_unless_told(tmp_path, model):
+    """No flag: the model's policy, as evaluate; --calibrate N: N rows; 0: the bare model."""
+    import pandas as pd
+
+    from agent.model_meta import load_meta, meta_path_for
+    meta = load_meta(model)
+    meta.policy = {"settings": {"calibration": {"enabled": True, "samples": 50}}}
+    meta.save(meta_path_for(model))
+    f = tmp_path / "data.csv"
+    pd.DataFrame(normal(500), columns=CH).to_csv(f, index=False)
+
+    def windows(*flags) -> int:
+        out = tmp_path / "scores.csv"
+        r = run_cli("replay", str(f), "--model", model, "--out", str(out), "-q", *flags)
+        assert r.returncode == 0, r.stderr
+        return len(pd.read_csv(out))
+
+    assert windows() == 500 - 50
+    assert windows("--calibrate", "200") == 500 - 200
+    assert windows("--calibrate", "0") == 500 - W + 1
+
+
 def test_cli_demo_opens_and_closes_an_alert_inside_the_labeled_anomaly():
     """README's first command, as a user runs it: no broker, no extra files."""
     from conftest import MODELS
