@@ -86,6 +86,8 @@ def evaluate(files: list[Path], model: str, calibration_rows: int | None = None,
     """Every file through a fresh engine.  Labeled files: pooled counts (SKAB protocol),
     per-event detection rate and delay; every file: its long-run figures.  The rows of
     the learning period (None: the model's policy) are not scored."""
+    if out_dir is not None:
+        _distinct_outputs(files)
     detector = detector or Detector(model)
     cfg = detection_config(detector.meta, calibration_rows, overrides)
     skip = learning_rows(cfg)
@@ -102,10 +104,24 @@ def evaluate(files: list[Path], model: str, calibration_rows: int | None = None,
             row.update(c.summary(), events=events(row_ts[skip:], labels[skip:], pred[skip:]))
         per_file.append(row)
         if out_dir is not None:
-            _write_prediction(out_dir / f"{f.parent.name}_{f.stem}.csv", row_ts, pred)
+            _write_prediction(out_dir / _out_name(f), row_ts, pred)
     labeled = [r for r in per_file if "events" in r]
     return {"model": detector.meta.name, "files": len(files), "labeled_files": len(labeled),
             "by": by, "learning_rows": skip, **counts.summary(), "per_file": per_file}
+
+
+def _out_name(f: Path) -> str:
+    return f"{f.parent.name}_{f.stem}.csv"
+
+
+def _distinct_outputs(files: list[Path]) -> None:
+    """ValueError before any work when two inputs would write one --out file."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        other = seen.setdefault(_out_name(f), f)
+        if other != f:
+            raise ValueError(f"--out: {other} and {f} would both write {_out_name(f)}; "
+                             "evaluate them in separate runs")
 
 
 def _write_prediction(path: Path, row_ts: np.ndarray, pred: np.ndarray) -> None:

@@ -123,3 +123,14 @@ def test_a_label_column_is_found_whatever_its_case(model, tmp_path):
     r = evaluate(model, f)
     assert r.returncode == 0, r.stderr
     assert "files=1" in r.stdout and "P=" in r.stdout, r.stdout
+
+
+def test_two_inputs_that_would_share_an_out_file_are_refused_before_any_work(model, tmp_path):
+    (tmp_path / "x1" / "v").mkdir(parents=True)
+    (tmp_path / "x2" / "v").mkdir(parents=True)
+    a = table(tmp_path / "x1" / "v" / "1.csv", 60)
+    b = table(tmp_path / "x2" / "v" / "1.csv", 60)
+    r = evaluate(model, a, b, "--out", tmp_path / "out")
+    assert r.returncode == 2, r.stderr
+    assert f"error: --out: {a} and {b} would both write v_1.csv" in r.stderr
+    assert not (tmp_path / "out").exists()
