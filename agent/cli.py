@@ -31,6 +31,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def _gap_factor(text: str) -> float:      # --max-gap
+    if not ((k := float(text)) == 0 or 1 <= k < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text}: 0 (no check) or a factor >= 1 on the median step")
+    return k
+
+
 def _fail(msg: str, code: int = 2) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
@@ -136,7 +142,7 @@ def cmd_evaluate(a) -> int:
     except ValueError as e:
         return _fail(str(e))
     overrides = {}
-    if a.smoothing:
+    if a.smoothing is not None:
         overrides["scoring"] = {"smoothing": a.smoothing}
     cal = {k: v for k, v in (("quantile", a.quantile), ("margin", a.margin),
                              ("std_floor", a.std_floor)) if v is not None}
@@ -331,7 +337,7 @@ def _model_commands(sub) -> None:
     s.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     s.add_argument("--paddlex-compat", action="store_true",
                    help="like PaddleX: score and label only the last window's rows")
-    s.add_argument("--max-gap", type=float, default=2.5, metavar="K",
+    s.add_argument("--max-gap", type=_gap_factor, default=2.5, metavar="K",
                    help="reject steps over K x the median step (1.5 = strictly regular; 0 = off)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_predict)
@@ -377,7 +383,7 @@ def _model_commands(sub) -> None:
                         "default as in predict)")
     s.add_argument("--paddlex-compat", action="store_true",
                    help="the PaddleX endpoint labels only the last window's rows")
-    s.add_argument("--max-gap", type=float, default=2.5, metavar="K")
+    s.add_argument("--max-gap", type=_gap_factor, default=2.5, metavar="K")
     s.add_argument("--visualize", action="store_true",
                    help="PaddleX endpoint returns a PNG too (needs matplotlib)")
     s.add_argument("--log-level", default="info")
