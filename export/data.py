@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,16 @@ DEFAULT_NOISE = 1.0
 VALUE_MAX = float(np.finfo(np.float32).max)
 
 
+# A European export writes 0,27 for 0.27: pandas reads such a column as text.
+DECIMAL_COMMA = re.compile(r"^\s*[-+]?\d+,\d+\s*$")
+
+
 class DataError(ValueError):
     """Training data unusable; the message names the file, column and row."""
+
+
+def warn(message: str) -> None:
+    print(f"tsad-export: warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -77,6 +86,8 @@ def parse_data_arg(arg: str, default_rows: int | None) -> tuple[Path, int | None
     """``FILE`` or ``FILE:ROWS`` (only the first ROWS rows of that file)."""
     m = re.match(r"^(.*):(\d+)$", arg)
     if m and not Path(arg).exists():
+        if int(m.group(2)) < 1:
+            raise DataError(f"{arg}: ROWS must be >= 1 (FILE:ROWS uses the first ROWS rows)")
         return Path(m.group(1)), int(m.group(2))
     return Path(arg), default_rows
 
@@ -96,12 +107,38 @@ def read_table(path: Path, rows: int | None = None) -> pd.DataFrame:
     return df.drop(columns=[c for c in df.columns if c.lower() in TIME_COLUMNS])
 
 
-def default_columns(df: pd.DataFrame) -> list[str]:
+def check_column_names(columns: list[str]) -> None:
+    """DataError for a chosen channel that no sensor sends: a label would hand the model
+    the answer it is scored on, and every time-like column is dropped by read_table."""
+    for col in columns:
+        if col.strip().lower() in LABEL_COLUMNS:
+            raise DataError(f"--columns: {col!r} is a label column, not a sensor")
+        if col.strip().lower() in TIME_COLUMNS:
+            raise DataError(f"--columns: {col!r}: the time column cannot be a channel")
+
+
+def _decimal_comma(col: pd.Series) -> bool:
+    cells = col.dropna().astype(str).str.strip()
+    cells = cells[cells != ""]
+    return len(cells) > 0 and cells.str.match(DECIMAL_COMMA).mean() > 0.5
+
+
+def default_columns(df: pd.DataFrame, path: Path) -> list[str]:
     """Columns holding numbers; a numeric column with a few bad cells stays in (and is then
-    refused by name) rather than silently vanishing from the model."""
-    return [c for c in df.columns
-            if str(c).strip().lower() not in LABEL_COLUMNS
-            and pd.to_numeric(df[c], errors="coerce").notna().any()]
+    refused by name) rather than silently vanishing from the model.  A column of
+    decimal-comma numbers is refused: dropping it trained a 1-channel model from 8
+    sensors.  The other columns without a number are named in a warning."""
+    sensors = [c for c in df.columns if str(c).strip().lower() not in LABEL_COLUMNS]
+    empty = [c for c in sensors if pd.to_numeric(df[c], errors="coerce").isna().all()]
+    comma = [c for c in empty if _decimal_comma(df[c])]
+    if comma:
+        raise DataError(
+            f"{path}: column(s) {', '.join(map(repr, comma))} hold no number (a decimal comma? "
+            "convert the file to '.' decimals, or leave them out with --columns)")
+    if empty:
+        warn(f"{path}: not used as channels: {', '.join(map(repr, empty))} (no number in "
+             "them: empty or text)")
+    return [c for c in sensors if c not in empty]
 
 
 def _check_values(df: pd.DataFrame, columns: list[str], path: Path) -> np.ndarray:
@@ -112,7 +149,9 @@ def _check_values(df: pd.DataFrame, columns: list[str], path: Path) -> np.ndarra
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raw = df[col].iloc[i]
-            what = "empty/NaN" if pd.isna(raw) else f"non-numeric or infinite value {raw!r}"
+            # str(), not repr(): numpy's repr of a parsed inf is np.float64(inf)
+            shown = repr(raw) if isinstance(raw, str) else str(raw)
+            what = "empty/NaN" if pd.isna(raw) else f"non-numeric or infinite value {shown}"
             raise DataError(
                 f"{path}: column {col!r} has {what} at data row {i} (line {i + 2}); "
                 f"{int(bad.sum())} bad cell(s) in this column. Training refuses gaps: "
@@ -173,8 +212,10 @@ def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | 
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
         df = read_table(path, rows)
+        if len(df) == 0:
+            raise DataError(f"{path}: no data rows")
         if chosen is None:
-            chosen = default_columns(df)
+            chosen = default_columns(df, path)
             if not chosen:
                 raise DataError(f"{path}: no numeric sensor columns found (columns: {list(df.columns)})")
         _check_header(path, chosen)
@@ -278,6 +319,12 @@ def chronological_split(scaled: list[np.ndarray], paths: list[Path], window: int
             train.append(windows(x, window)[::train_stride])
     if not val:
         longest = max(len(x) for x in scaled)
+        n_val = int(round(longest * val_frac))
+        if n_val >= window:
+            raise DataError(
+                f"--val-frac {val_frac} leaves no training windows: it holds out {n_val} of the "
+                f"longest file's {longest} rows, leaving {longest - n_val}, fewer than the "
+                f"window ({window}); lower --val-frac")
         raise DataError(
             f"no file is long enough for a held-out validation split: need a file with at least "
             f"{int(np.ceil(window / max(val_frac, 1e-9)))} rows for window {window} and "

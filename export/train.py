@@ -78,6 +78,8 @@ class TrainOptions:
 
     def check(self) -> None:
         self._check_ranges()
+        if self.columns:
+            D.check_column_names(self.columns)
         if self.columns and len(set(self.columns)) < len(self.columns):
             dup = sorted({c for c in self.columns if self.columns.count(c) > 1})
             raise TrainError(f"--columns: {', '.join(map(repr, dup))} given more than once; "
@@ -282,10 +284,9 @@ def _warn_constant(files: list[D.DataFile], channels: list[str]) -> None:
     # the floored std (export/data.py) exists to train on it.
     flat = D.constant_channels(files, channels)
     if flat:
-        print(f"tsad-export: warning: channel(s) {', '.join(map(repr, flat))} never change in "
-              "the training data: their std is floored, so any later change scores enormously. "
-              "Leave them out with --columns unless every change of them is a fault",
-              file=sys.stderr)
+        D.warn(f"channel(s) {', '.join(map(repr, flat))} never change in the training data: "
+               "their std is floored, so any later change scores enormously. Leave them out "
+               "with --columns unless every change of them is a fault")
 
 
 def train(o: TrainOptions) -> dict:

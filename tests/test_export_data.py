@@ -1,0 +1,101 @@
+"""tsad-export train: which columns of a file become channels, and the messages for data
+that cannot train (a decimal comma, a label or time column, no rows, no training windows)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("torch")
+from agent.model_meta import load_meta  # noqa: E402
+from test_export_cli import make_csv, no_model_files, train  # noqa: E402
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if "tsad-export: error:" in ln]
+    assert len(lines) == 1 and len(err.strip().splitlines()) == 1, err
+    return lines[0]
+
+
+def test_decimal_comma_columns_are_refused_not_dropped(tmp_path, capsys):
+    f = make_csv(tmp_path / "d.csv")
+    df = pd.read_csv(f)
+    df["c"] = df["c"].round(0).astype(int)       # logged as integers: still a number
+    df.to_csv(f, sep=";", index=False, decimal=",")
+    rc, out = train(tmp_path, data=[str(f)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and no_model_files(out.parent)
+    assert f"{f}: column(s) 'a', 'b' hold no number (a decimal comma? convert the file to '.' " \
+           "decimals, or leave them out with --columns)" in line
+
+
+def test_decimal_comma_columns_left_out_with_columns_train(tmp_path):
+    f = make_csv(tmp_path / "d.csv")
+    df = pd.read_csv(f)
+    df["c"] = df["c"].round(0).astype(int)
+    df["d"] = np.arange(len(df)) % 7
+    df.to_csv(f, sep=";", index=False, decimal=",")
+    rc, out = train(tmp_path, "--columns", "c,d", data=[str(f)])
+    assert rc == 0 and load_meta(out).channels == ["c", "d"]
+
+
+def test_empty_and_text_columns_are_named_in_a_warning(tmp_path, capsys):
+    f = make_csv(tmp_path / "d.csv")
+    df = pd.read_csv(f)
+    df["offline"] = np.nan
+    df["batch"] = "B-17"
+    df.to_csv(f, index=False)
+    rc, out = train(tmp_path, data=[str(f)])
+    err = capsys.readouterr().err
+    assert rc == 0 and load_meta(out).channels == ["a", "b", "c"]
+    warning = [ln for ln in err.splitlines() if "not used as channels" in ln]
+    assert warning == [f"tsad-export: warning: {f}: not used as channels: 'offline', 'batch' "
+                       "(no number in them: empty or text)"]
+
+
+def test_a_file_of_plain_numbers_warns_of_nothing(tmp_path, capsys):
+    rc, _ = train(tmp_path)
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns, expect", [
+    ("a,anomaly", "--columns: 'anomaly' is a label column, not a sensor"),
+    ("Changepoint,a", "--columns: 'Changepoint' is a label column, not a sensor"),
+    ("datetime,a", "--columns: 'datetime': the time column cannot be a channel"),
+])
+def test_columns_that_are_no_sensor_are_refused(tmp_path, capsys, columns, expect):
+    rc, out = train(tmp_path, "--columns", columns)
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and no_model_files(out.parent)
+    assert line == f"tsad-export: error: {expect}"
+
+
+def test_zero_rows_are_refused_as_such(tmp_path, capsys):
+    f = make_csv(tmp_path / "d.csv")
+    rc, _ = train(tmp_path, data=[f"{f}:0"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"{f}:0: ROWS must be >= 1" in line
+    header = tmp_path / "header.csv"
+    header.write_text(f.read_text().splitlines()[0] + "\n")
+    rc, _ = train(tmp_path, data=[str(header)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and line == f"tsad-export: error: {header}: no data rows"
+
+
+def test_val_frac_that_leaves_no_training_windows_says_so(tmp_path, capsys):
+    rc, _ = train(tmp_path, "--val-frac", "0.95")      # 114 of 120 rows held out, window 8
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2
+    assert "--val-frac 0.95 leaves no training windows: it holds out 114 of the longest " \
+           "file's 120 rows, leaving 6, fewer than the window (8); lower --val-frac" in line
+
+
+def test_an_infinite_cell_is_shown_as_written(tmp_path, capsys):
+    f = make_csv(tmp_path / "d.csv")
+    df = pd.read_csv(f)
+    df.loc[9, "b"] = np.inf
+    df.to_csv(f, index=False)
+    rc, _ = train(tmp_path, data=[str(f)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2
+    assert "column 'b' has non-numeric or infinite value inf at data row 9 (line 11)" in line
