@@ -40,6 +40,15 @@ DEGENERATE_REL = 1e-3
 # on rounding alone, which must not be reported as an export fault.
 DIVERGED_REL = 1e3
 DIVERGED_OUTPUT = 1e3
+# --scale-rows becomes the model's learning period, calibration.samples, which the runtime
+# refuses below MIN_LEARN (agent/config.py; export may import only agent.contract and
+# agent.model_meta, so the bound is repeated here and a test holds the two equal).
+MIN_SCALE_ROWS = 10
+# numpy's seeds are unsigned 32-bit; outside them seeding fails after the data is loaded.
+MAX_SEED = 2**32 - 1
+# Window scores are squared float32 differences (< 5e77): up to this margin the threshold
+# stays finite, and a threshold a million times the normal quantile never fires anyway.
+MAX_MARGIN = 1e6
 
 
 class TrainError(ValueError):
@@ -88,6 +97,8 @@ class TrainOptions:
             raise TrainError(f"--val-frac {self.val_frac}: expected a fraction between 0 and 1")
         if not 0 < self.quantile <= 1 or not 0 < self.margin < math.inf:
             raise TrainError("--quantile must be in (0, 1] and --margin > 0")
+        if self.margin > MAX_MARGIN:
+            raise TrainError(f"--margin {self.margin:g}: expected at most {MAX_MARGIN:g}")
         if self.train_stride < 1:
             raise TrainError(f"--train-stride {self.train_stride}: expected at least 1")
         if self.window < 2:
@@ -115,9 +126,11 @@ class TrainOptions:
             ok = math.isfinite(value) and (value >= low if inclusive else value > low)
             if not ok:
                 raise TrainError(f"{flag} {value}: expected {words}")
-        # A one-row block has no spread to scale by: every row would become 0.
-        if self.scale_rows < 0 or self.scale_rows == 1:
-            raise TrainError(f"--scale-rows {self.scale_rows}: expected 0 (off) or an integer >= 2")
+        if self.scale_rows < 0 or 0 < self.scale_rows < MIN_SCALE_ROWS:
+            raise TrainError(f"--scale-rows {self.scale_rows}: expected 0 (off) or an integer "
+                             f">= {MIN_SCALE_ROWS} (the runtime's shortest learning period)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TrainError(f"--seed {self.seed}: expected an integer 0..{MAX_SEED}")
         if problem := opset_problem(self.opset):
             raise TrainError(problem)
 
@@ -289,6 +302,16 @@ def _warn_constant(files: list[D.DataFile], channels: list[str]) -> None:
                "with --columns unless every change of them is a fault")
 
 
+def _warn_long_blocks(files: list[D.DataFile], scale_rows: int) -> None:
+    # The model then learns no within-file block structure, and a stream scores nothing
+    # until scale_rows samples have passed: likely a typo, yet a long stream may want it.
+    longest = max(f.rows for f in files)
+    if scale_rows > longest:
+        D.warn(f"--scale-rows {scale_rows} is longer than every training file (longest has "
+               f"{longest} rows): each file is one block, and the runtime learns for "
+               f"{scale_rows} samples before it scores any")
+
+
 def train(o: TrainOptions) -> dict:
     """Train, calibrate, export and parity-check one model; returns a summary.
 
@@ -304,6 +327,8 @@ def train(o: TrainOptions) -> dict:
     root = D.data_root([f.path for f in files], o.data_root)
     D.check_lengths(files, o.window)
     _warn_constant(files, channels)
+    if o.scale_rows:
+        _warn_long_blocks(files, o.scale_rows)
     cfg = F.TrainConfig(window=o.window, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
                         patience=o.patience, val_frac=o.val_frac, seed=o.seed,
                         quantile=o.quantile, margin=o.margin, noise=o.noise,

@@ -373,3 +373,36 @@ def test_degenerate_rule_is_relative_to_the_data_variance():
         check_not_degenerate("m", val, val_loss=float("nan"), threshold=0.5)
     with pytest.raises(TrainError, match="do not vary"):
         check_not_degenerate("m", np.zeros((5, 8, 4), np.float32), 0.0, 1e-9)
+
+
+SHORTEST = "(the runtime's shortest learning period)"
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--scale-rows", "5", f"--scale-rows 5: expected 0 (off) or an integer >= 10 {SHORTEST}"),
+    ("--scale-rows", "9", f"--scale-rows 9: expected 0 (off) or an integer >= 10 {SHORTEST}"),
+    ("--seed", "-1", "--seed -1: expected an integer 0..4294967295"),
+    ("--seed", "4294967296", "--seed 4294967296: expected an integer 0..4294967295"),
+    ("--margin", "1e308", "--margin 1e+308: expected at most 1e+06"),
+])
+def test_train_option_the_runtime_or_numpy_cannot_take_is_refused_first(tmp_path, capsys,
+                                                                         flag, value, expect):
+    rc, out = train(tmp_path, flag, value)
+    assert rc == 2 and no_model_files(out.parent)
+    assert capsys.readouterr().err.strip() == f"tsad-export: error: {expect}"
+
+
+def test_scale_rows_bound_is_the_runtimes_learning_minimum():
+    from agent.config import MIN_LEARN
+    from export.train import MIN_SCALE_ROWS
+    assert MIN_SCALE_ROWS == MIN_LEARN
+
+
+def test_scale_rows_longer_than_every_file_trains_with_a_warning(tmp_path, capsys):
+    rc, out = train(tmp_path, "--scale-rows", "500")
+    err = capsys.readouterr().err
+    assert rc == 0 and load_meta(out).training["calibration_rows"] == 500
+    assert "tsad-export: warning: --scale-rows 500 is longer than every training file " \
+           "(longest has 120 rows)" in err
+    rc, _ = train(tmp_path, "--scale-rows", "100", name="fits.onnx")
+    assert rc == 0 and "warning" not in capsys.readouterr().err

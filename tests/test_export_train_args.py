@@ -36,8 +36,8 @@ def run(tmp_path, *extra: str, data=None) -> tuple[int, str]:
     ("--level-noise", "nan", "--level-noise nan: expected a finite number >= 0"),
     ("--block-std-floor", "-0.1", "--block-std-floor -0.1: expected a finite number >= 0"),
     ("--rows-per-file", "0", "--rows-per-file 0: expected an integer >= 1"),
-    ("--scale-rows", "-5", "--scale-rows -5: expected 0 (off) or an integer >= 2"),
-    ("--scale-rows", "1", "--scale-rows 1: expected 0 (off) or an integer >= 2"),
+    ("--scale-rows", "-5", "--scale-rows -5: expected 0 (off) or an integer >= 10"),
+    ("--scale-rows", "1", "--scale-rows 1: expected 0 (off) or an integer >= 10"),
     ("--margin", "nan", "--quantile must be in (0, 1] and --margin > 0"),
     ("--columns", "a,b,a", "--columns: 'a' given more than once"),
 ])
