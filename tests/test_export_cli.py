@@ -406,3 +406,51 @@ def test_scale_rows_longer_than_every_file_trains_with_a_warning(tmp_path, capsy
            "(longest has 120 rows)" in err
     rc, _ = train(tmp_path, "--scale-rows", "100", name="fits.onnx")
     assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    rc, _ = train(d, "--save-checkpoint", str(d / "out" / "m.pt"))
+    assert rc == 0
+    return d / "out" / "m.pt"
+
+
+def _damaged(ckpt, edit):
+    import torch
+    c = torch.load(ckpt, weights_only=True)
+    edit(c)
+    return c
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda c: c.pop("scaler"), "'scaler' missing, expected a dict"),
+    (lambda c: c.pop("parity_windows"), "'parity_windows' missing or not a tensor"),
+    (lambda c: c.update(name="Foo_ad"), "unknown model 'Foo_ad'; known: "),
+    (lambda c: c["threshold"].update(zzz=1), "invalid 'scaler' or 'threshold': "),
+    (lambda c: c["scaler"].pop("std"), "invalid 'scaler' or 'threshold': "),
+    (lambda c: c.update(training=None), "'training' a NoneType, expected a dict"),
+])
+def test_convert_names_what_a_damaged_checkpoint_lacks(checkpoint, tmp_path, capsys, edit, why):
+    import torch
+    bad = tmp_path / "bad.pt"
+    torch.save(_damaged(checkpoint, edit), bad)
+    rc = main(["convert", str(bad), "--out", str(tmp_path / "o" / "c.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and no_model_files(tmp_path / "o")
+    assert err.startswith(f"tsad-export: error: {bad}: not a complete tsad-export checkpoint "
+                          f"({why}")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "empty file"),
+    (b"hello world\n", "cut short, or some other format"),
+])
+def test_convert_says_why_a_file_is_no_checkpoint(tmp_path, capsys, content, why):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    rc = main(["convert", str(bad), "--out", str(tmp_path / "c.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert err == f"tsad-export: error: {bad}: not a readable torch checkpoint: {why}"
