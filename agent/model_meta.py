@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contract import LABEL_COLUMNS
+
 FORMAT = "tsad-model"
 FORMAT_VERSION = 1
 
@@ -144,6 +146,11 @@ class ModelMeta:
             raise ModelMetaError(f"{where}: 'channels' must be a non-empty list of names")
         if len(set(self.channels)) != len(self.channels):
             raise ModelMetaError(f"{where}: 'channels' has duplicate names")
+        # a model fed the labels it is scored on scores perfectly and detects nothing
+        labels = [c for c in self.channels if c.strip().lower() in LABEL_COLUMNS]
+        if labels:
+            raise ModelMetaError(f"{where}: 'channels' holds the label column(s) {labels}, "
+                                 "which no sensor sends")
         n = len(self.channels)
         for key in ("mean", "std"):
             v = getattr(self.scaler, key)

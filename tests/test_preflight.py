@@ -263,3 +263,12 @@ def test_a_learning_period_from_training_rows_the_agent_refuses_names_where_it_c
     f = findings(path)
     assert f.problems == ["model t: training.calibration_rows sets the learning period: "
                           "calibration.samples: value 5 is invalid: expected an integer >= 10"]
+
+
+def test_a_model_that_reads_a_label_column_is_refused(tmp_path):
+    from agent.model_meta import ModelMetaError
+    path, meta = make_model(tmp_path / "t.onnx", window=8, channels=["a", "b", "Anomaly"],
+                            kind="timemix")
+    with pytest.raises(ModelMetaError, match=r"'channels' holds the label column\(s\) "
+                                             r"\['Anomaly'\], which no sensor sends"):
+        load_meta(path)
