@@ -16,7 +16,7 @@ from .config_base import (ConfigError, KeyProblem, NonNegativeFloat, NonNegative
                           PositiveFloat, PositiveInt, Strict, StreamId)
 from .config_build import Invalid, build, fmt_path
 from .config_yaml import line_of, read_yaml
-from .contract import DEFAULT_STD_FLOOR
+from .contract import DEFAULT_STD_FLOOR, MIN_LEARN
 from .metrics_server import MetricsConfig
 from .mqtt_client import MqttConfig
 from .shipped import resolve_model
@@ -34,9 +34,6 @@ SinksConfig = msgspec.defstruct(
 # the source plug-ins' config classes, told apart by their `type` key
 SourceConfigs = Union[tuple(cls.config_class for cls in SOURCES.values())]
 
-
-# the fewest samples a learning period may hold (a threshold needs some windows)
-MIN_LEARN = 10
 
 class StreamConfig(Strict, kw_only=True):
     id: StreamId

@@ -40,6 +40,9 @@ DEFAULT_STD_FLOOR = 0.1
 
 TIME_COLUMNS = ("datetime", "timestamp", "time", "date", "ts")
 TEXT_DATES = ("1900-01-01", "2200-01-01")    # the dates a file's time text may hold
+# the fewest samples a learning period may hold (a threshold needs some windows); a
+# model's per-block scaling (training.calibration_rows) becomes one, so export holds to it
+MIN_LEARN = 10
 LABEL_COLUMN = "anomaly"
 # Columns that describe the data rather than measure it: never a model channel.
 LABEL_COLUMNS = (LABEL_COLUMN, "changepoint")
@@ -204,6 +207,19 @@ def time_column(columns) -> str | None:
     return next((c for c in columns if str(c).lower() in TIME_COLUMNS), None)
 
 
+def label_column(columns) -> str | None:
+    """The `anomaly` column whatever its case and spaces, or None."""
+    return next((c for c in columns if str(c).strip().lower() == LABEL_COLUMN), None)
+
+
+def learning_rows_problem(flag: str, rows: int) -> str | None:
+    """Why `rows` cannot be a file command's learning period (0: none, the model's own
+    scaler and threshold), or None."""
+    if rows != 0 and not rows >= MIN_LEARN:
+        return f"{flag} {rows}: 0 (the model's scaler and threshold) or at least {MIN_LEARN} rows"
+    return None
+
+
 def column_seconds(col, path: str | Path) -> np.ndarray:
     """Seconds (float64) of a time column: numbers by timestamps.file_seconds (epoch s,
     ms, µs or ns by magnitude inside 2000-2100 as a device's, or a count from 0), else
@@ -317,8 +333,7 @@ def read_table(path: str | Path, channels: list[str], time_text: bool = False) -
         raise ValueError(f"{path}: column(s) {empty} hold no number (a decimal comma? "
                          f"text?); the model needs numbers in {list(channels)}")
     labels = None
-    # named as training finds it (export/data.py): `Anomaly` is a label column too
-    label = next((c for c in df.columns if str(c).strip().lower() == LABEL_COLUMN), None)
+    label = label_column(df.columns)    # as training finds it: `Anomaly` labels too
     if label is not None:
         lab = pd.to_numeric(df[label], errors="coerce")
         # a label that is not 0 or 1 (text, an empty cell, 2) would be counted silently

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import read_table
+from .contract import learning_rows_problem, read_table
 from .detector import Detector
 from .engine import Engine
-from .config import MIN_LEARN, DetectionConfig, RefineConfig
+from .config import DetectionConfig, RefineConfig
 from .config_base import ConfigError
 from .config_build import build
 from .jobs import detection_config, long_run, rows_prediction, run_table
@@ -297,9 +297,8 @@ def fit_start_margin(det: Detector, files: list[Path], settings: dict, learning:
 def _check_rule(learning: int, alerts_per_day: float, open_share: float, start_h: float,
                 start_quantile: float, safety: float) -> None:
     """The rule's numbers, each named by its fit-policy flag (NaN fails every test)."""
-    if learning != 0 and not learning >= MIN_LEARN:
-        raise ValueError(f"--learn {learning}: 0 (the model's own scaler and threshold) or at "
-                         f"least {MIN_LEARN} rows")
+    if problem := learning_rows_problem("--learn", learning):
+        raise ValueError(problem)
     for flag, v, ok, want in (
             ("--alerts-per-day", alerts_per_day, 0 <= alerts_per_day < math.inf, "a number >= 0"),
             ("--open-share", open_share, 0 <= open_share <= 1, "a share of rows from 0 to 1"),

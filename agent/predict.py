@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import MIN_LEARN
+from .contract import learning_rows_problem
 from .detector import Detector, DetectorError
 from .prediction import DEFAULT_MAX_GAP, PredictError, Prediction, plot_png, predict
 
@@ -45,9 +45,8 @@ def predict_files(input_path: str | Path, model: str, save_path: str | Path,
                   report=print, fail=print) -> int:
     """Predict every input file; `report(line)` per file written, `fail(message)` per file
     refused.  Returns how many failed; PredictError/DetectorError when nothing can start."""
-    if calibrate is not None and calibrate != 0 and calibrate < MIN_LEARN:
-        raise PredictError(f"--calibrate {calibrate}: 0 (the model's scaler and threshold) "
-                           f"or at least {MIN_LEARN} rows")
+    if calibrate is not None and (problem := learning_rows_problem("--calibrate", calibrate)):
+        raise PredictError(problem)
     files = input_files(input_path)
     det = Detector(model)
     failed = 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agent.contract import (LABEL_COLUMN, LABEL_COLUMNS, TIME_COLUMNS, column_seconds, load_csv,
+from agent.contract import (LABEL_COLUMNS, TIME_COLUMNS, column_seconds, label_column, load_csv,
                             sniff_separator, time_column)
 from agent.model_meta import sha256_file
 
@@ -187,7 +187,7 @@ def _check_header(path: Path, chosen: list[str]) -> None:
 
 
 def _check_labels(path: Path, df: pd.DataFrame) -> None:
-    label = next((c for c in df.columns if str(c).strip().lower() == LABEL_COLUMN), None)
+    label = label_column(df.columns)
     if label is None:
         return
     flagged = np.flatnonzero(pd.to_numeric(df[label], errors="coerce").fillna(0).to_numpy() != 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.contract import DEFAULT_STD_FLOOR, score_windows
+from agent.contract import DEFAULT_STD_FLOOR, MIN_LEARN, score_windows
 from export import data as D
 from export.data import DEFAULT_NOISE
 from export import drift
@@ -40,10 +40,6 @@ DEGENERATE_REL = 1e-3
 # on rounding alone, which must not be reported as an export fault.
 DIVERGED_REL = 1e3
 DIVERGED_OUTPUT = 1e3
-# --scale-rows becomes the model's learning period, calibration.samples, which the runtime
-# refuses below MIN_LEARN (agent/config.py; export may import only agent.contract and
-# agent.model_meta, so the bound is repeated here and a test holds the two equal).
-MIN_SCALE_ROWS = 10
 # numpy's seeds are unsigned 32-bit; outside them seeding fails after the data is loaded.
 MAX_SEED = 2**32 - 1
 # Window scores are squared float32 differences (< 5e77): up to this margin the threshold
@@ -126,9 +122,10 @@ class TrainOptions:
             ok = math.isfinite(value) and (value >= low if inclusive else value > low)
             if not ok:
                 raise TrainError(f"{flag} {value}: expected {words}")
-        if self.scale_rows < 0 or 0 < self.scale_rows < MIN_SCALE_ROWS:
+        # --scale-rows becomes the model's learning period (training.calibration_rows)
+        if self.scale_rows < 0 or 0 < self.scale_rows < MIN_LEARN:
             raise TrainError(f"--scale-rows {self.scale_rows}: expected 0 (off) or an integer "
-                             f">= {MIN_SCALE_ROWS} (the runtime's shortest learning period)")
+                             f">= {MIN_LEARN} (the runtime's shortest learning period)")
         if not 0 <= self.seed <= MAX_SEED:
             raise TrainError(f"--seed {self.seed}: expected an integer 0..{MAX_SEED}")
         if problem := opset_problem(self.opset):

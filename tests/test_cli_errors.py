@@ -118,7 +118,7 @@ AGENT_CASES = [
                                           "--start-quantile", "2"],
      "error: --start-quantile 2: expected a share of the starts, over 0 and at most 1"),
     ("fit-policy-negative-learn", ["fit-policy", "{model}", "--data", "{good}", "--learn", "-5"],
-     "error: --learn -5: 0 (the model's own scaler and threshold) or at least 10 rows"),
+     "error: --learn -5: 0 (the model's scaler and threshold) or at least 10 rows"),
     ("fit-policy-missing-data", ["fit-policy", "{model}", "--data", "{missing}"],
      "error: {missing}: no such file or directory"),
     ("demo-bad-broker-port", ["demo", "--mqtt", "localhost:abc"],

@@ -392,12 +392,6 @@ def test_train_option_the_runtime_or_numpy_cannot_take_is_refused_first(tmp_path
     assert capsys.readouterr().err.strip() == f"tsad-export: error: {expect}"
 
 
-def test_scale_rows_bound_is_the_runtimes_learning_minimum():
-    from agent.config import MIN_LEARN
-    from export.train import MIN_SCALE_ROWS
-    assert MIN_SCALE_ROWS == MIN_LEARN
-
-
 def test_scale_rows_longer_than_every_file_trains_with_a_warning(tmp_path, capsys):
     rc, out = train(tmp_path, "--scale-rows", "500")
     err = capsys.readouterr().err
