@@ -33,6 +33,16 @@ class ModelMetaError(ValueError):
     """Metadata missing, malformed or inconsistent with the ONNX file."""
 
 
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot name a model, or None. It goes into alerts, logs and metric
+    labels, so it is one printable line of text."""
+    if not isinstance(name, str) or not name.strip():
+        return f"a model name is non-empty text, got {json.dumps(name)[:40]}"
+    if len(name) > 128 or not name.isprintable():
+        return f"a model name is at most 128 printable characters, got {name[:40]!r}"
+    return None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -139,6 +149,8 @@ class ModelMeta:
         return meta
 
     def validate(self, where: str = "metadata") -> None:
+        if problem := name_problem(self.name):
+            raise ModelMetaError(f"{where}: 'name': {problem}")
         if not isinstance(self.window, int) or self.window < 2:
             raise ModelMetaError(f"{where}: 'window' is {self.window!r}, expected an integer >= 2")
         if (not isinstance(self.channels, list) or not self.channels

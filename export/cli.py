@@ -70,7 +70,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         block_std_floor=a.block_std_floor, drift_rows=a.drift_rows,
         drift_quantile=a.drift_quantile, train_stride=a.train_stride,
         hparams=_parse_hparams(a.hparam), threads=a.threads, opset=a.opset,
-        save_checkpoint=a.save_checkpoint)
+        save_checkpoint=a.save_checkpoint, name=a.name)
     try:
         opts.check()
         check_hparam_keys(a.model, opts.hparams)
@@ -180,6 +180,8 @@ def _train_command(sub) -> None:
     t.add_argument("--opset", type=int, default=17)
     t.add_argument("--save-checkpoint", metavar="FILE.pt",
                    help="also save a torch checkpoint that `convert` can export")
+    t.add_argument("--name", help="the model's name in its metadata, alerts, logs and metrics "
+                   "(default: the --model name), e.g. to tell two pumps' models apart")
     t.add_argument("--out", required=True, help="output .onnx (metadata goes to OUT.json)")
     t.set_defaults(func=cmd_train)
 

@@ -48,8 +48,10 @@ def _load(path: Path) -> dict:
             raise _incomplete(path, f"{key!r} {got}, expected a {kind.__name__}")
     if not isinstance(ckpt.get("parity_windows"), torch.Tensor):
         raise _incomplete(path, "'parity_windows' missing or not a tensor")
-    if ckpt["name"] not in REGISTRY:
-        raise _incomplete(path, f"unknown model {ckpt['name']!r}; known: {', '.join(REGISTRY)}")
+    # checkpoints saved before train --name: the model's name was its architecture's
+    ckpt.setdefault("model", ckpt["name"])
+    if not isinstance(ckpt["model"], str) or ckpt["model"] not in REGISTRY:
+        raise _incomplete(path, f"unknown model {ckpt['model']!r}; known: {', '.join(REGISTRY)}")
     return ckpt
 
 
@@ -67,11 +69,11 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, opset: int = 17,
     scaler, threshold = _scaler_threshold(ckpt, path)
     check_writable(out)
     seed_everything(0, threads)
-    model = build(ckpt["name"], ckpt["window"], len(ckpt["channels"]), ckpt["hparams"])
+    model = build(ckpt["model"], ckpt["window"], len(ckpt["channels"]), ckpt["hparams"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise TrainError(f"{path}: weights do not fit {ckpt['name']}{ckpt['hparams']}: {e}") from None
+        raise TrainError(f"{path}: weights do not fit {ckpt['model']}{ckpt['hparams']}: {e}") from None
     training = dict(ckpt["training"], converted_from=str(path))
     meta = P.build_meta(ckpt["name"], ckpt["architecture"], ckpt["window"], ckpt["channels"],
                         scaler, threshold, ckpt["hparams"], training, int(count_parameters(model)),

@@ -119,10 +119,11 @@ def _check_signature(m: onnx.ModelProto, window: int, n_channels: int) -> None:
 
 
 def parity_check(model: torch.nn.Module, onnx_path: str | Path, windows: np.ndarray,
-                 tol: float = 1e-4) -> float:
+                 tol: float = 1e-4, shown: str | Path | None = None) -> float:
     """Max |ORT - torch| over: the first window alone (batch 1), up to 64 real windows as one
     batch, and 4 random N(0,1) windows.  Raises ExportError above `tol` or on a shape or
-    non-finite mismatch."""
+    non-finite mismatch, naming `shown` (the file being written, where `onnx_path` is a
+    temporary one that is gone by the time the user reads the error)."""
     windows = np.asarray(windows, dtype=np.float32)
     if windows.ndim != 3 or len(windows) == 0:
         raise ExportError(f"parity windows must be [N, window, channels] with N >= 1, "
@@ -135,6 +136,7 @@ def parity_check(model: torch.nn.Module, onnx_path: str | Path, windows: np.ndar
     }
     model.eval()
     sess = ort_session(onnx_path)
+    named = shown if shown is not None else onnx_path
     worst = 0.0
     for label, batch in cases.items():
         with torch.no_grad():
@@ -142,7 +144,7 @@ def parity_check(model: torch.nn.Module, onnx_path: str | Path, windows: np.ndar
         try:
             got = sess.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         except Exception as e:
-            raise ExportError(f"{onnx_path}: ONNX Runtime failed on {label} {batch.shape}: {e}") from e
+            raise ExportError(f"{named}: ONNX Runtime failed on {label} {batch.shape}: {e}") from e
         worst = max(worst, compare(got, expected, label, tol, "torch", ExportError,
-                                   where=f"{onnx_path}: "))
+                                   where=f"{named}: "))
     return worst

@@ -52,7 +52,7 @@ def write_model(model: torch.nn.Module, meta: ModelMeta, out: Path, parity_windo
     try:
         model.eval()
         meta.opset = int(export_onnx(model, tmp, meta.window, meta.n_channels, opset=opset))
-        diff = parity_check(model, tmp, parity_windows)
+        diff = parity_check(model, tmp, parity_windows, shown=out)
         meta.training["parity_max_abs_diff"] = float(diff)
         meta.onnx_sha256 = sha256_file(tmp)
         publish(meta, tmp, tmp_meta, out)
@@ -65,6 +65,7 @@ def write_model(model: torch.nn.Module, meta: ModelMeta, out: Path, parity_windo
 def make_checkpoint(model: torch.nn.Module, meta: ModelMeta, parity_windows: np.ndarray) -> dict:
     return {
         "format": CHECKPOINT_FORMAT,
+        "model": meta.training["model"],
         "name": meta.name,
         "architecture": meta.architecture,
         "window": meta.window,

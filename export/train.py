@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.contract import DEFAULT_STD_FLOOR, MIN_LEARN, score_windows
+from agent.model_meta import name_problem
 from export import data as D
 from export.data import DEFAULT_NOISE
 from export import drift
@@ -80,9 +81,12 @@ class TrainOptions:
     opset: int = 17
     save_checkpoint: str | None = None
     check_degenerate: bool = True
+    name: str | None = None        # the metadata's model name; None: the architecture's
 
     def check(self) -> None:
         self._check_ranges()
+        if self.name is not None and (problem := name_problem(self.name)):
+            raise TrainError(f"--name: {problem}")
         if self.columns:
             D.check_column_names(self.columns)
         if self.columns and len(set(self.columns)) < len(self.columns):
@@ -266,6 +270,7 @@ def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResul
                      root: Path) -> dict:
     g_mean, g_std = space.global_scaler
     return {
+        "model": o.model,
         "data_root": root.name,
         "files": [f.describe(root) for f in files],
         "validation": {"method": f"chronological: last {o.val_frac} of the rows of each file "
@@ -354,7 +359,7 @@ def train(o: TrainOptions) -> dict:
     threshold = F.calibrate(scores, o.quantile, o.margin)
     if o.check_degenerate:
         check_not_degenerate(o.model, split.val, result.best_val_loss, threshold.value)
-    meta = P.build_meta(o.model, ARCHITECTURE[o.model], o.window, channels,
+    meta = P.build_meta(o.name or o.model, ARCHITECTURE[o.model], o.window, channels,
                         P.Scaler(mean=space.mean.tolist(), std=space.std.tolist()), threshold,
                         model.hparams(), _training_record(o, files, space, result, root),
                         int(count_parameters(model)),

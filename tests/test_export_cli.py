@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agent.model_meta import load_meta, meta_path_for, sha256_file
+from agent.model_meta import ModelMetaError, load_meta, meta_path_for, sha256_file
 from conftest import MODELS
 from onnx_factory import make_model
 
@@ -213,15 +213,19 @@ def test_output_path_that_cannot_be_a_folder(tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
-def test_parity_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
+def test_parity_failure_leaves_nothing_and_names_the_output(tmp_path, capsys, monkeypatch):
     import export.onnx_export as ox
+    real = ox.parity_check
 
-    def broken_parity(model, path, windows, tol=1e-4):
-        raise ox.ExportError(f"{path}: ONNX Runtime and torch disagree")
-    monkeypatch.setattr(ox, "parity_check", broken_parity)
+    def strict_parity(*args, **kwargs):   # the real check; no difference is small enough
+        return real(*args, **kwargs, tol=-1.0)
+    monkeypatch.setattr(ox, "parity_check", strict_parity)
     rc, out = train(tmp_path)
     assert rc == 1
-    assert "disagree" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The error names the file the user asked for, not the temporary file it was checked in.
+    assert f"error: {out}: ONNX Runtime and torch disagree" in err
+    assert ".tmp" not in err
     assert no_model_files(out.parent)
 
 
@@ -420,7 +424,9 @@ def _damaged(ckpt, edit):
 @pytest.mark.parametrize("edit, why", [
     (lambda c: c.pop("scaler"), "'scaler' missing, expected a dict"),
     (lambda c: c.pop("parity_windows"), "'parity_windows' missing or not a tensor"),
-    (lambda c: c.update(name="Foo_ad"), "unknown model 'Foo_ad'; known: "),
+    (lambda c: c.update(model="Foo_ad"), "unknown model 'Foo_ad'; known: "),
+    # saved before train --name, when the name was the model
+    (lambda c: (c.pop("model"), c.update(name="Foo_ad")), "unknown model 'Foo_ad'; known: "),
     (lambda c: c["threshold"].update(zzz=1), "invalid 'scaler' or 'threshold': "),
     (lambda c: c["scaler"].pop("std"), "invalid 'scaler' or 'threshold': "),
     (lambda c: c.update(training=None), "'training' a NoneType, expected a dict"),
@@ -448,3 +454,41 @@ def test_convert_says_why_a_file_is_no_checkpoint(tmp_path, capsys, content, why
     err = capsys.readouterr().err.strip()
     assert rc == 1
     assert err == f"tsad-export: error: {bad}: not a readable torch checkpoint: {why}"
+
+
+def test_name_names_the_model_and_survives_convert(tmp_path, capsys):
+    import torch
+    ckpt = tmp_path / "out" / "m.pt"
+    rc, out = train(tmp_path, "--name", "pump 3 DLinear", "--save-checkpoint", str(ckpt))
+    assert rc == 0
+    meta = load_meta(out)
+    assert meta.name == "pump 3 DLinear" and meta.architecture == "DLinear"
+    assert meta.training["model"] == "DLinear_ad"     # what was trained stays on record
+    converted = tmp_path / "conv" / "c.onnx"
+    assert main(["convert", str(ckpt), "--out", str(converted)]) == 0
+    assert load_meta(converted).name == "pump 3 DLinear"
+    assert sha256_file(converted) == sha256_file(out)
+    # a checkpoint saved before --name had no "model": its name was the model
+    old = _damaged(ckpt, lambda c: (c.pop("model"), c.update(name="DLinear_ad")))
+    torch.save(old, tmp_path / "old.pt")
+    assert main(["convert", str(tmp_path / "old.pt"), "--out", str(tmp_path / "o.onnx")]) == 0
+    assert load_meta(tmp_path / "o.onnx").name == "DLinear_ad"
+
+
+@pytest.mark.parametrize("name", ["", "  ", "two\nlines", "x" * 129])
+def test_a_name_that_cannot_name_a_model_is_refused_before_training(tmp_path, capsys, name):
+    rc, out = train(tmp_path, "--name", name)
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --name: a model name is" in err
+    assert "channels, window" not in err          # refused before any training
+    assert no_model_files(out.parent)
+
+
+def test_metadata_with_a_bad_name_is_refused(tiny_model, tmp_path):
+    d = json.loads(meta_path_for(tiny_model).read_text())
+    d["name"] = "a\tb"
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(tiny_model.read_bytes())
+    meta_path_for(bad).write_text(json.dumps(d))
+    with pytest.raises(ModelMetaError, match="'name': a model name is at most 128 printable"):
+        load_meta(bad)
