@@ -141,7 +141,12 @@ class Daemon:
         sdnotify.reloading()
         try:
             new_cfg = load_config(self.config_path)
-            detector = self._load_alive(lambda: Detector.from_config(new_cfg.model, self.metrics))
+            detector = self.pipeline.engine.detector
+            if detector.serves(new_cfg.model):
+                log.info("reload: model file and settings unchanged: not loaded again")
+            else:
+                detector = self._load_alive(
+                    lambda: Detector.from_config(new_cfg.model, self.metrics))
             # what a start would refuse must fail here, before anything stops
             findings = preflight.require(new_cfg, detector.meta)
         except (ConfigError, DetectorError, ModelMetaError, OSError, TimeoutError) as e:

@@ -19,7 +19,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .config import ModelConfig
 from .metrics import Metrics
-from .model_meta import ModelMeta, ModelMetaError, load_meta
+from .model_meta import ModelMeta, ModelMetaError, load_meta, sha256_file
 from .providers import CPU, resolve
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Detector:
                  metrics: Metrics | None = None,
                  provider_options: dict[str, dict] | None = None) -> None:
         self.path = Path(model_path)
+        self.config: ModelConfig | None = None     # the config section it was built from
         self.max_batch = max(1, int(max_batch))
         self.metrics = metrics
         try:
@@ -67,8 +68,9 @@ class Detector:
         except OSError as e:
             raise DetectorError(f"{self.path}: cannot read: {e.strerror}") from None
         # Hash the very bytes handed to ORT, so a file swapped after the check cannot load.
+        self.loaded_sha256 = hashlib.sha256(blob).hexdigest()
         if verify_checksum:
-            actual = hashlib.sha256(blob).hexdigest()
+            actual = self.loaded_sha256
             if actual != self.meta.onnx_sha256:
                 raise DetectorError(
                     f"{self.path}: sha256 {actual[:16]}... does not match metadata "
@@ -90,9 +92,24 @@ class Detector:
     @classmethod
     def from_config(cls, model: ModelConfig, metrics: Metrics | None = None) -> "Detector":
         """The detector a config's `model:` section asks for."""
-        return cls(model.path, providers=list(model.providers), threads=model.threads,
-                   verify_checksum=model.verify_checksum, max_batch=model.max_batch,
-                   metrics=metrics)
+        det = cls(model.path, providers=list(model.providers), threads=model.threads,
+                  verify_checksum=model.verify_checksum, max_batch=model.max_batch,
+                  metrics=metrics)
+        det.config = model
+        return det
+
+    def serves(self, model: ModelConfig) -> bool:
+        """Whether `model` asks for this detector as it stands: the same settings, and the
+        same model and metadata on disk. A reload that changed neither need not load the
+        model again, which takes minutes for a large model or TensorRT on a small board."""
+        if model != self.config:
+            return False
+        try:
+            meta = load_meta(self.path, verify_checksum=False)
+            return meta == self.meta and sha256_file(self.path) == self.loaded_sha256
+        except (ModelMetaError, OSError):
+            return False    # the full load that follows says what is wrong
+
     def _session_options(self, threads: int) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads

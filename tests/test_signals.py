@@ -165,6 +165,49 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     no_traceback(agent)
 
 
+def test_sighup_loads_the_model_again_only_when_it_changed(tmp_path, rig):
+    obs = rig[1]
+    agent, w, cfg, v2, kw = _running_on_v1(tmp_path, rig)
+    loads = "model tiny_v1 (test-affine"      # the line every model load logs
+    assert agent.count(loads) == 1
+
+    # the same config, and one that changes a stream but not the model: no second load
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded")
+    write_config(cfg, model=tmp_path / "tiny_v1.onnx", alerts={"close_m": 3}, **kw)
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded", 2)
+    assert agent.count("model file and settings unchanged: not loaded again") == 2
+    assert agent.count(loads) == 1
+    w.normal(10)                          # refill the new pipeline's window
+    ids = set(w.spikes(2))
+    obs.wait_ids(ids)                      # the model kept serves the new pipeline
+    assert _model_names(obs, ids) == {"tiny_v1"}
+
+    # the model file replaced in place (a retrained model copied over): loaded again
+    v1 = tmp_path / "tiny_v1.onnx"
+    v1.write_bytes(v2.read_bytes())
+    meta = json.loads((tmp_path / "tiny_v2.onnx.json").read_text())
+    (tmp_path / "tiny_v1.onnx.json").write_text(json.dumps(meta))
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded", 3)
+    assert agent.count("model tiny_v2 (test-affine") == 1
+    assert agent.count("not loaded again") == 2
+    # the model's settings changed, not its files: loaded again
+    write_config(cfg, model=v1, **kw)
+    text = cfg.read_text().replace(f"path: {v1}", f"path: {v1}\n  max_batch: 8")
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded", 4)
+    assert agent.count("model tiny_v2 (test-affine") == 2
+    w.normal(10)                          # refill the new pipeline's window
+    ids = set(w.spikes(2))
+    obs.wait_ids(ids)
+    assert _model_names(obs, ids) == {"tiny_v2"}
+    no_traceback(agent)
+
+
 def _health(obs: Observer) -> dict:
     h = obs.healths()
     return h[-1][1] if h else {}
@@ -235,6 +278,8 @@ def test_sighup_while_the_model_loads_reloads_once_running(tmp_path, rig):
         agent.wait_log("a reload (SIGHUP) came while starting")
         agent.wait_log("reloaded")
         assert agent.count("running: node") == 1
+        # the config read at the start is the one reread: the model is not loaded twice
+        assert agent.count("model file and settings unchanged: not loaded again") == 1
         w = LineWriter(pty)
         w.normal(20)
         ids = set(w.spikes(2))
