@@ -51,6 +51,13 @@ def _provider_failure(e: BaseException) -> str:
     return why
 
 
+def _session_settings(model: ModelConfig) -> tuple:
+    """What of a `model:` section a loaded detector is made of (batch_wait_s and policy
+    act elsewhere)."""
+    return (model.path, tuple(model.providers), model.threads, model.verify_checksum,
+            model.max_batch)
+
+
 class Detector:
     def __init__(self, model_path: str, providers: list[str] = ["cpu"], threads: int = 1,
                  verify_checksum: bool = True, max_batch: int = 64,
@@ -101,8 +108,11 @@ class Detector:
     def serves(self, model: ModelConfig) -> bool:
         """Whether `model` asks for this detector as it stands: the same settings, and the
         same model and metadata on disk. A reload that changed neither need not load the
-        model again, which takes minutes for a large model or TensorRT on a small board."""
-        if model != self.config:
+        model again, which takes minutes for a large model or TensorRT on a small board.
+        One that fell back from the provider asked for first is loaded again: a reload is
+        how a user retries the GPU."""
+        if self.config is None or _session_settings(model) != _session_settings(self.config) \
+                or self.ep != self.preferred_ep:
             return False
         try:
             meta = load_meta(self.path, verify_checksum=False)
@@ -143,6 +153,7 @@ class Detector:
     def _open(self, blob: bytes, requested: list[str], threads: int,
               provider_options: dict[str, dict] | None) -> ort.InferenceSession:
         chain = self._with_hints(resolve(requested, provider_options), threads)
+        self.preferred_ep = chain[0][0]
         for i, (ep, _) in enumerate(chain):
             # Hand ORT the rest of the chain, so nodes the preferred provider cannot
             # run are placed on the next one instead of failing the session.

@@ -1,6 +1,7 @@
 """Detector: loading checks, provider fallback and batched inference on real ONNX models."""
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -140,3 +141,33 @@ def test_bad_input_shape_is_a_clear_error(timemix):
     det = Detector(str(timemix[0]))
     with pytest.raises(ValueError, match=rf"\[B, {W}, {C}\]"):
         det.infer(np.zeros((2, W, C + 1), np.float32))
+
+
+def test_a_detector_serves_a_model_section_only_while_nothing_it_is_made_of_changed(timemix):
+    from msgspec.structs import replace
+    from agent.config import ModelConfig
+    path, _ = timemix
+    cfg = ModelConfig(path=str(path))
+    det = Detector.from_config(cfg)
+    assert det.serves(cfg)
+    assert det.serves(replace(cfg, batch_wait_s=0.5, policy=False))   # not the session's
+    assert not det.serves(replace(cfg, max_batch=8))
+    assert not det.serves(replace(cfg, threads=2))
+    assert not Detector(str(path)).serves(cfg)         # not built from a config section
+    # a session on a fallback: a reload retries the provider asked for first
+    det.preferred_ep = "CUDAExecutionProvider"
+    assert not det.serves(cfg)
+    det.preferred_ep = det.ep
+    # the metadata edited (a new threshold), then the model file rewritten
+    meta = meta_path_for(path)
+    text = meta.read_text()
+    edited = json.loads(text)
+    edited["threshold"]["value"] *= 1.5
+    meta.write_text(json.dumps(edited))
+    assert not det.serves(cfg)
+    meta.write_text(text)
+    assert det.serves(cfg)
+    path.write_bytes(path.read_bytes() + b"\0")
+    assert not det.serves(cfg)
+    path.unlink()
+    assert not det.serves(cfg)
