@@ -67,6 +67,23 @@ def test_example_config_is_valid_and_complete():
     missing = sorted(name for name in _all_keys(AgentConfig)
                      if not re.search(rf"^\s*#?\s*(- )?{name}:", text, re.M))
     assert missing == [], f"keys not documented in {EXAMPLE.name}: {missing}"
+    # The example is installed as the live config (README, Install), so a value it sets
+    # that is not the agent's default changes every such deployment: only the broker login
+    # is the example's own.
+    assert _not_default(cfg) == {"mqtt.username", "mqtt.password_credential"}
+
+
+def _not_default(obj: msgspec.Struct, prefix: str = "") -> set[str]:
+    out = set()
+    for f in msgspec.structs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if isinstance(value, msgspec.Struct):
+            out |= _not_default(value, f"{prefix}{f.name}.")
+        elif f.default is not msgspec.NODEFAULT and value != f.default:
+            out.add(prefix + f.name)
+        elif f.default_factory is not msgspec.NODEFAULT and value != f.default_factory():
+            out.add(prefix + f.name)
+    return out
 
 
 def _all_keys(model: type[msgspec.Struct]) -> set[str]:
