@@ -7,8 +7,9 @@ fresh request id), wait for the result carrying that id.  The agent checks the
 command; this side only builds it, so a malformed one gets the agent's error.
 
 Exit codes: 0 the agent carried it out; 1 the agent refused it (its error is
-printed); 2 a usage or broker problem, or no result within the timeout (the command
-then stays queued for the agent, which carries it out when it is back).
+printed); 2 a usage or broker problem, or no result within the timeout (the broker keeps
+the command for an agent of that node that is away, in its persistent session, and drops
+it when no agent of that node ever connected: a misspelt --node).
 """
 from __future__ import annotations
 
@@ -125,8 +126,10 @@ def send(m: MqttConfig, node: str, prefix: str, doc: dict, timeout: float) -> di
                                      if "refused" in box else "did not answer"))
         c.publish(prefix + "cmd", json.dumps(doc), qos=1).wait_for_publish(timeout)
         if not done.wait(timeout):
-            raise TimeoutError(f"no result from the agent within {timeout:g} s (is it running "
-                               f"and connected? the command stays queued for it)")
+            raise TimeoutError(
+                f"no result from the agent within {timeout:g} s: is {prefix}cmd its command "
+                f"topic (--node, --prefix), and the agent running? An agent that is away gets "
+                f"the command when it is back; where none ever subscribed, the broker dropped it")
         return box["result"]
     finally:
         c.disconnect()

@@ -226,6 +226,44 @@ def test_a_configured_stream_is_shelved_before_its_first_sample(serial_agent, br
              "online with its first samples")
 
 
+def test_a_retained_command_is_carried_out_once_not_at_every_start(serial_agent, broker,
+                                                                    tmp_path):
+    agent, w, sub = serial_agent
+    shelve = {"id": "kept", "cmd": "shelve", "stream": STREAM, "for_s": 3600}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="retainer")
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    c.publish(P + "cmd", json.dumps(shelve), qos=1, retain=True).wait_for_publish(10)
+    sub.wait(lambda m: "kept" in results(sub), "the shelve's result")
+    assert results(sub)["kept"]["ok"] is True          # sent live: carried out
+    rc, res, err = cli(broker.port, "unshelve", STREAM)
+    assert rc == 0 and res["shelved_until"] is None, err
+
+    agent.close()                          # the next start subscribes anew
+    again = AgentProcess(tmp_path / "agent.yaml", tmp_path / "agent2.log").start()
+    try:
+        sub.wait(lambda m: len([r for r in map(json.loads, on(sub, "cmd/result"))
+                                if r["id"] == "kept"]) == 2, "the retained copy's result")
+        res = results(sub)["kept"]
+        assert res["ok"] is False and "a retained command is refused" in res["error"]
+        w.normal(10)
+        spike = alert_id(w.line(True))     # not shelved: the operator's unshelve stands
+        w.normal(3)
+        sub.wait(lambda m: spike in {json.loads(a)["id"] for a in on(sub, "alerts")},
+                 "an alert after the restart")
+        # an empty retained message clears it, and is no command
+        n = len(on(sub, "cmd/result"))
+        c.publish(P + "cmd", b"", qos=1, retain=True).wait_for_publish(10)
+        rc, res, err = cli(broker.port, "unshelve", STREAM)
+        assert rc == 0 and len(on(sub, "cmd/result")) == n + 1, err
+        assert again.running()
+        no_traceback(again)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+        again.close()
+
+
 # ---------------------------------------------------------------- discovery across a reload
 def _write(path: Path, streams: list, **over) -> None:
     cfg = yaml.safe_load(path.read_text())
@@ -512,6 +550,8 @@ def test_schemas_accept_the_documented_payloads_and_refuse_others():
 def test_cli_exit_codes_without_an_agent(broker):
     rc, res, err = cli(broker.port, "unshelve", "pump", timeout=1)
     assert rc == 2 and res is None and "no result from the agent" in err
+    # no agent ever subscribed here: the message names the topic, and promises no queue
+    assert f"is {P}cmd its command topic" in err and "the broker dropped it" in err
     broker.stop()
     rc, res, err = cli(broker.port, "unshelve", "pump")
     assert rc == 2 and "cannot reach the broker" in err

@@ -17,7 +17,9 @@ it, carries it out on its own thread and hands the result back; the result, stam
 (README, "Operate").  A malformed command gets an error result (with its request id
 when it has one), never an exception; refused commands are counted in health
 (`mqtt.commands`) and logged.  The subscription lives in the sink's persistent
-session, so a command sent while the agent is away is carried out when it is back.
+session, so a command sent while the agent is away is carried out when it is back.  A
+retained command is refused: the broker would hand it over again at every start and
+reconnect.
 
 Alert delivery: alert() writes the event to the sink's own Outbox
 (state_dir/outbox.sqlite; in memory without a state_dir) and returns; a sender
@@ -284,15 +286,25 @@ class MqttSink(Sink):
         # an exception escaping a paho callback would stop the network loop
         try:
             if msg.topic == self.t_cmd:
-                self._on_command(msg.payload)
+                self._on_command(msg.payload, msg.retain)
             elif msg.topic == self.streams.discovery_topic:
                 self.streams.read_back(msg.payload)
         except Exception:
             log.exception("MQTT message on %r could not be handled", msg.topic)
 
-    def _on_command(self, payload: bytes) -> None:
+    def _on_command(self, payload: bytes, retained: bool) -> None:
         command = self._command
-        if len(payload) > MAX_COMMAND_BYTES:
+        if not payload:
+            log.debug("empty message on %s (a retained command cleared): not a command", self.t_cmd)
+        elif retained:
+            # The broker hands a retained message to every new subscription: at each start
+            # and reconnect. Carried out, a retained recalibrate would learn whatever the
+            # machine does at that moment (a fault included) as normal.
+            self._reply({"id": _request_id(payload), "cmd": None, "ok": False,
+                         "error": "a retained command is refused: a command is carried out "
+                                  "once, when it is sent; clear it with an empty retained "
+                                  f"message on {self.t_cmd}"})
+        elif len(payload) > MAX_COMMAND_BYTES:
             self._reply({"id": None, "cmd": None, "ok": False,
                          "error": f"command longer than {MAX_COMMAND_BYTES} bytes"})
         elif command is None:     # a file replay (the demo's --mqtt) runs no pipeline
