@@ -44,7 +44,7 @@ PAYLOAD_SCHEMA = {"alerts": "alert", "health": "health", "cmd/result": "command-
 def schema_for(topic: str) -> str | None:
     rest = topic[len(P):]
     if rest.startswith("stream/"):
-        return {"score": "score", "shelved": "shelved"}.get(rest.rsplit("/", 1)[1])
+        return {"score": "score", "shelved": "shelved", "alert": "alert"}.get(rest.rsplit("/", 1)[1])
     return PAYLOAD_SCHEMA.get(rest)
 
 
@@ -224,6 +224,39 @@ def test_a_configured_stream_is_shelved_before_its_first_sample(serial_agent, br
     w.normal(9)
     sub.wait(lambda m: on(sub, f"stream/{STREAM}/availability")[-1:] == ["online"],
              "online with its first samples")
+
+
+def test_a_dashboard_that_connects_late_finds_the_open_alert_and_acks_it(serial_agent, broker):
+    agent, w, sub = serial_agent
+    topic = P + f"stream/{STREAM}/alert"
+    w.normal(10)
+    aid = alert_id(w.line(True))       # open_k 1: it opens, and stays open without normals
+    sub.wait(lambda m: any(x[0] == P + "alerts" and json.loads(x[1])["id"] == aid for x in m),
+             "the new alert")
+    late = Sub(broker.port, [topic])   # a SCADA restarted during the alert, the sensor silent
+    try:
+        got = late.wait(lambda m: m, "the retained open alert")
+        event = json.loads(got[0][1])
+        assert got[0][3] is True and (event["id"], event["type"]) == (aid, "new")
+        SCHEMAS["alert"].validate(event)
+        rc, res, err = cli(broker.port, "ack", event["id"])
+        assert rc == 0 and res["ok"] is True, err
+        late.wait(lambda m: any(json.loads(x[1])["acknowledged"] for x in m if x[1]),
+                  "the acknowledged update on the retained topic")
+    finally:
+        late.close()
+    w.normal(2)                        # close_m 2: it ends, and the retained view is cleared
+    sub.wait(lambda m: any(x[0] == P + "alerts" and json.loads(x[1])["type"] == "end"
+                           for x in m), "the end")
+    sub.wait(lambda m: on(sub, f"stream/{STREAM}/alert")[-1:] == [""], "the view cleared")
+    # subscribed one topic after the other, the retained state comes after any retained alert
+    later = Sub(broker.port, [topic, P + f"stream/{STREAM}/state"])
+    try:
+        got = later.wait(lambda m: any(x[0].endswith("/state") for x in m), "the state")
+        assert [x[0] for x in got] == [P + f"stream/{STREAM}/state"]
+    finally:
+        later.close()
+    assert_payloads_valid(sub.msgs)
 
 
 def test_a_retained_command_is_carried_out_once_not_at_every_start(serial_agent, broker,

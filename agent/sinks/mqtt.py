@@ -4,7 +4,7 @@ health, availability, Home Assistant device discovery, and the operator command 
 Topics (P = cfg.topic_prefix, default "tsad/<node>/"); JSON payloads follow docs/schemas/:
   P alerts                  every alert event (alert.json)        QoS 1, not retained
   P availability            "online" / "offline"                 QoS 1, retained; "offline" is the Last Will
-  P stream/<id>/...         state, availability, shelved (mqtt_streams.py)   QoS 1, retained
+  P stream/<id>/...         state, availability, shelved, alert (mqtt_streams.py)   QoS 1, retained
   P stream/<id>/score       score.json, <= 1 per score_interval_s  QoS 0, not retained
   P health                  health.json (+ this sink's "mqtt")   QoS 1, retained
   P cmd                     operator commands in (command.json)  QoS 1, subscribed
@@ -196,8 +196,10 @@ class MqttSink(Sink):
             self._open.pop(stream, None)
         else:
             self._open[stream] = alert.get("id")
-        self.outbox.put(self.t_alerts, to_json(alert).encode(), kind, alert_id=alert.get("id"),
+        event = to_json(alert).encode()
+        self.outbox.put(self.t_alerts, event, kind, alert_id=alert.get("id"),
                         last_ts=self._last_ts.get(stream))
+        self.streams.alert(stream, event, kind == "end")
         self._wake.set()
 
     def scores(self, stream: str, ts, scores, threshold: float, labels, alert_open) -> None:

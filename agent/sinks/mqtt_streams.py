@@ -5,6 +5,9 @@ Topics (P = the topic prefix), all QoS 1 and retained:
   P stream/<id>/availability   online | offline: its source is connected and its last
                                sample is younger than mqtt.stale_after_s
   P stream/<id>/shelved        {"ts", "shelved_until"} (docs/schemas/shelved.json)
+  P stream/<id>/alert          the open alert's latest event (docs/schemas/alert.json),
+                               cleared (an empty retained message) when it ends: a
+                               dashboard that connects late lists and acks it from there
 
 Which streams exist: the config's own streams from the start, and a topic-named one
 (`stream_from_topic`) from its first sample on; never the id of a topic-named source
@@ -33,6 +36,7 @@ from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_compon
 log = logging.getLogger(__name__)
 
 DISCOVERY_S = 1.0
+KINDS = ("state", "availability", "shelved", "alert")      # the retained topics of a stream
 
 
 def configured(cfg, sid: str) -> bool:
@@ -59,6 +63,7 @@ class StreamTopics:
         self.known: set[str] = cfg.named_streams
         self.states = {sid: "normal" for sid in self.known}
         self.status: dict[str, dict] = {}
+        self.open: dict[str, bytes] = {}       # stream -> its open alert's latest event
         self.removed: dict[str, str] = {}      # component key -> platform, until it returns
         self._dirty = False
         self._last_discovery = 0.0
@@ -84,6 +89,7 @@ class StreamTopics:
         self._pub(sid, "availability",
                   "online" if self.status.get(sid, {}).get("online") else "offline")
         self._pub(sid, "shelved", self._shelved(sid))
+        self._pub(sid, "alert", self.open.get(sid, b""))
 
     def offline(self) -> None:
         """A clean stop: every stream's source is gone with the agent (the node's
@@ -106,6 +112,15 @@ class StreamTopics:
         return True
 
     # ------------------------------------------------------------ from the pipeline
+    def alert(self, sid: str, event: bytes, ended: bool) -> None:
+        with self._lock:
+            if ended:
+                self.open.pop(sid, None)
+            else:
+                self.open[sid] = event
+            if sid in self.known:
+                self._pub(sid, "alert", b"" if ended else event)
+
     def state(self, sid: str, state: str) -> None:
         with self._lock:
             new = self._add(sid)
@@ -150,9 +165,10 @@ class StreamTopics:
         self.known.discard(sid)
         self.states.pop(sid, None)
         self.status.pop(sid, None)
+        self.open.pop(sid, None)
         self.removed.update({k: c["p"] for k, c in stream_components(self.cfg, sid).items()})
         self._dirty = True
-        for kind in ("state", "availability", "shelved"):
+        for kind in KINDS:
             self._pub(sid, kind, b"")      # an empty retained message deletes the retained one
 
     # ------------------------------------------------------------ from the network thread
@@ -190,7 +206,7 @@ class StreamTopics:
             earlier = {k: c for k, c in cmps.items() if isinstance(c, dict) and len(c) > 1}
             for sid in sorted({stream_of(c, self.prefix) for c in earlier.values()} - {None}):
                 if not configured(self.cfg, sid):
-                    for kind in ("state", "availability", "shelved"):
+                    for kind in KINDS:
                         self._pub(sid, kind, b"")
                 elif self._add(sid):
                     self.states.setdefault(sid, "normal")
