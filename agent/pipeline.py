@@ -25,6 +25,7 @@ from .engine import Engine
 from .health import health_snapshot, stream_presence
 from .inbox import Inbox
 from .jobs import deliver
+from .shelves import ShelfBook
 from .sinks.base import Sink
 from .source_runner import SourceRunner
 from .sources import build_source
@@ -85,6 +86,7 @@ class Handover:
     runners: dict[str, SourceRunner]
     ended: set[str]
     engine: Engine | None = None
+    shelves: ShelfBook | None = None
 
 
 class Pipeline:
@@ -98,6 +100,12 @@ class Pipeline:
             s, build_source(s, engine.meta.channels, self.metrics, cfg.mqtt, cfg.node),
             self.queue, self.metrics) for s in cfg.streams]
         self._ended = set(handover.ended) if handover else set()
+        if handover and handover.shelves:   # over a reload (without a state_dir, the only copy)
+            self.shelves = handover.shelves
+            self.shelves.keep_in(cfg.state_dir)
+        else:
+            self.shelves = ShelfBook(cfg.state_dir)
+        self._restore_shelves = not (handover and handover.engine is engine)
         self.stop_event = threading.Event()
         self._last_health = 0.0
         self._last_presence = 0.0
@@ -115,6 +123,8 @@ class Pipeline:
         t, inferred = time.monotonic(), self.metrics.infer_total_s
         n0, s0 = self.metrics.samples_in, self.metrics.stream_steps
         deliver(self.engine.step(batches), self.sinks, self._sink_failed)
+        if self.shelves.waiting:
+            self.shelves.catch_up(self.engine)
         now = time.monotonic()
         wait = self.cfg.model.batch_wait_s
         if wait == "auto":
@@ -149,6 +159,8 @@ class Pipeline:
 
     def _command(self, c: Command) -> None:
         result, events = execute(c, self.engine)
+        if result["ok"] and c.cmd in ("shelve", "unshelve"):
+            self.shelves.record(c.args["stream"], c.args.get("for_s", 0.0))
         states = self.engine.take_entered()
         for sink in self.sinks:
             try:
@@ -223,6 +235,8 @@ class Pipeline:
         return items
 
     def start(self, start_sinks: bool = True) -> None:
+        if self._restore_shelves:       # streams built anew: an operator's shelve stands
+            self.shelves.restore(self.engine)
         for sink in self.sinks:     # kept sinks too: commands now go to this pipeline
             sink.attach(self.cfg, self.command)
         if start_sinks:             # after attach: a command may wait for them in the broker
@@ -341,4 +355,4 @@ class Pipeline:
                     log.exception("sink %s failed to stop cleanly", type(sink).__name__)
         kept = {r.stream.id: r for r in self.runners if r.stream.id in keep}
         return Handover(self.queue, kept, ended & set(kept),
-                        self.engine if keep_engine else None)
+                        self.engine if keep_engine else None, self.shelves)

@@ -259,6 +259,51 @@ def test_a_dashboard_that_connects_late_finds_the_open_alert_and_acks_it(serial_
     assert_payloads_valid(sub.msgs)
 
 
+def _shelved_spike(w: LineWriter, sub: Sub) -> str:
+    """A spike and a few normal lines once every line was read; its alert id, which a
+    shelved stream never opens."""
+    w.normal(10)
+    spike = alert_id(w.line(True))
+    w.normal(3)
+    n = w.i
+    sub.wait(lambda m: any(x[0] == P + "health" and json.loads(x[1])["samples_in"] >= n
+                           and json.loads(x[1])["streams"].get(STREAM, {}).get("shelved_until")
+                           for x in m), "every line read, shelved")
+    return spike
+
+
+def test_a_shelve_outlives_a_restart_and_a_reload_that_rebuilds_the_streams(
+        serial_agent, broker, tmp_path):
+    agent, w, sub = serial_agent
+    rc, res, err = cli(broker.port, "shelve", STREAM, "--for", "1h")
+    assert rc == 0 and res["ok"], err
+    agent.close()
+    del sub.msgs[:]
+    again = AgentProcess(tmp_path / "agent.yaml", tmp_path / "agent2.log").start()
+    try:
+        again.wait_log("shelved again for the")
+        spike = _shelved_spike(w, sub)
+        # a reload that changes a detection setting builds the streams anew
+        cfg = yaml.safe_load((tmp_path / "agent.yaml").read_text())
+        cfg["alerts"]["close_m"] = 3
+        (tmp_path / "agent.yaml").write_text(yaml.safe_dump(cfg))
+        again.signal(signal.SIGHUP)
+        again.wait_log("reloaded")
+        assert again.count("shelved again for the") == 2
+        spike2 = _shelved_spike(w, sub)
+        assert not {spike, spike2} & {json.loads(a)["id"] for a in on(sub, "alerts")}
+        rc, res, err = cli(broker.port, "unshelve", STREAM)
+        assert rc == 0 and res["ok"], err
+        w.normal(10)
+        spike3 = alert_id(w.line(True))
+        sub.wait(lambda m: spike3 in {json.loads(a)["id"] for a in on(sub, "alerts")},
+                 "an alert once unshelved")
+        assert json.loads((tmp_path / "state" / "shelves.json").read_text()) == {"ends": {}}
+        no_traceback(again)
+    finally:
+        again.close()
+
+
 def test_a_retained_command_is_carried_out_once_not_at_every_start(serial_agent, broker,
                                                                     tmp_path):
     agent, w, sub = serial_agent

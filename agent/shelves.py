@@ -1,0 +1,99 @@
+"""Shelves that outlive the process and the streams: `<state_dir>/shelves.json`.
+
+A shelve is an operator's decision with an end (ISA-18.2): a restart, or a reload that
+builds the streams anew, must not lift it, or alerts open in the middle of the
+maintenance it was set for.  Each shelve is kept as the wall time it ends, on the
+agent's clock: while the agent is away no sample tells the time.  When the streams are
+built again, each shelve still in force is given again for the time it has left, which
+runs on the wall clock until the stream's first sample and on sample time from then on
+(`Stream.shelve`).  A topic-named stream gets its shelve back when its first sample has
+made it.
+
+Rules: a file that cannot be read or is malformed is logged and ignored (no shelve is
+better than a crash loop); a write that fails is logged and the book goes on in memory.
+Writes are atomic (tmp + rename).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FILE = "shelves.json"
+
+
+class ShelfBook:
+    def __init__(self, state_dir: str | Path | None) -> None:
+        self.path = Path(state_dir) / FILE if state_dir else None
+        self.ends: dict[str, float] = self._load()
+        self.waiting: set[str] = set()     # shelves whose stream has not appeared yet
+
+    def keep_in(self, state_dir: str | Path | None) -> None:
+        """Keep the book in `state_dir` from now on (a reload may move it)."""
+        path = Path(state_dir) / FILE if state_dir else None
+        if path != self.path:
+            self.path = path
+            self._write()
+
+    def _load(self) -> dict[str, float]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            ends = json.loads(self.path.read_text())["ends"]
+            if not all(type(v) in (int, float) and math.isfinite(v) for v in ends.values()):
+                raise ValueError("a shelve's end is not a number")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s: cannot be read (%s); no shelve is restored", self.path, e)
+            return {}
+        now = time.time()
+        return {sid: end for sid, end in ends.items() if end > now}
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"ends": self.ends}))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("%s: cannot be written (%s); the shelves are kept in memory only",
+                        self.path, e)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def record(self, sid: str, for_s: float) -> None:
+        """A shelve command carried out (`for_s` 0: an unshelve)."""
+        if for_s > 0:
+            self.ends[sid] = time.time() + for_s
+        else:
+            self.ends.pop(sid, None)
+        self.waiting.discard(sid)
+        self._write()
+
+    def restore(self, engine) -> None:
+        """Give a freshly built engine the shelves still in force."""
+        now = time.time()
+        self.ends = {sid: end for sid, end in self.ends.items() if end > now}
+        self.waiting = set()
+        for sid, end in sorted(self.ends.items()):
+            if engine.shelve(sid, end - now) is None:
+                self.waiting.add(sid)
+            else:
+                log.info("stream %s: shelved again for the %.0f s it had left", sid, end - now)
+
+    def catch_up(self, engine) -> None:
+        """Shelves of topic-named streams whose first sample has come (each step)."""
+        for sid in [s for s in self.waiting if s in engine.streams]:
+            self.waiting.discard(sid)
+            left = self.ends.get(sid, 0.0) - time.time()
+            if left > 0:
+                engine.shelve(sid, left)
+                log.info("stream %s: shelved again for the %.0f s it had left", sid, left)

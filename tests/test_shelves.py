@@ -1,0 +1,54 @@
+"""The shelve book on disk (agent/shelves.py): what a broken or full state_dir does to it.
+Shelves surviving a restart and a reload of the real agent: tests/test_mqtt_ops.py."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pytest
+
+from agent.shelves import FILE, ShelfBook
+
+
+def test_a_book_keeps_what_is_in_force_and_drops_what_ended(tmp_path):
+    book = ShelfBook(tmp_path)
+    book.record("a", 3600)
+    book.record("b", 3600)
+    book.record("b", 0)                       # unshelved
+    doc = json.loads((tmp_path / FILE).read_text())
+    assert set(doc["ends"]) == {"a"} and doc["ends"]["a"] > time.time() + 3500
+    doc["ends"]["old"] = time.time() - 1      # ended while the agent was away
+    (tmp_path / FILE).write_text(json.dumps(doc))
+    assert set(ShelfBook(tmp_path).ends) == {"a"}
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"ends": [1, 2]}', '"x"', '{"ends": {"a": "soon"}}'])
+def test_a_damaged_file_is_logged_and_restores_nothing(tmp_path, caplog, content):
+    (tmp_path / FILE).write_text(content)
+    with caplog.at_level(logging.WARNING):
+        book = ShelfBook(tmp_path)
+    assert book.ends == {} and "cannot be read" in caplog.text
+    book.record("a", 60)                      # and the book works on
+    assert set(json.loads((tmp_path / FILE).read_text())["ends"]) == {"a"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_state_dir_that_cannot_be_written_keeps_the_book_in_memory(tmp_path, caplog):
+    tmp_path.chmod(0o500)
+    try:
+        book = ShelfBook(tmp_path)
+        with caplog.at_level(logging.WARNING):
+            book.record("a", 60)
+        assert "cannot be written" in caplog.text and set(book.ends) == {"a"}
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_a_path_that_is_no_folder_keeps_the_book_in_memory(tmp_path, caplog):
+    (tmp_path / "file").write_text("")
+    book = ShelfBook(tmp_path / "file")
+    with caplog.at_level(logging.WARNING):
+        book.record("a", 60)
+    assert "cannot be written" in caplog.text and set(book.ends) == {"a"}
