@@ -25,8 +25,8 @@ Alert delivery: alert() writes the event to the sink's own Outbox
 (state_dir/outbox.sqlite; in memory without a state_dir) and returns; a sender
 thread hands the oldest rows to paho (at most WINDOW unacknowledged) and deletes
 each row when its PUBACK arrives.  Rows still in the outbox at exit are sent
-again by the next run, so delivery is at least once and consumers de-duplicate
-by alert id.  Order is kept across outages: after a reconnect paho first resends
+again by the next run, so delivery is at least once and consumers keep one record
+per alert id, updated by each event.  Order is kept across outages: after a reconnect paho first resends
 its unacknowledged copies in their original order, and new rows are handed over
 only once the broker has acknowledged this connection's "online" message, which
 it can only do after those resends went out.  The outbox also keeps events the
