@@ -324,6 +324,7 @@ def test_a_retained_command_is_carried_out_once_not_at_every_start(serial_agent,
                                 if r["id"] == "kept"]) == 2, "the retained copy's result")
         res = results(sub)["kept"]
         assert res["ok"] is False and "a retained command is refused" in res["error"]
+        assert res["cmd"] == "shelve"
         w.normal(10)
         spike = alert_id(w.line(True))     # not shelved: the operator's unshelve stands
         w.normal(3)

@@ -77,12 +77,13 @@ def outbox_path(cfg: AgentConfig) -> str:
     return str(Path(cfg.state_dir) / "outbox.sqlite") if cfg.state_dir else ":memory:"
 
 
-def _request_id(payload: bytes) -> str | None:
+def _text(payload: bytes, key: str) -> str | None:
+    """A command's `key` (its request id, its name) where the payload has it as text."""
     try:
-        rid = json.loads(payload).get("id")
+        value = json.loads(payload).get(key)
     except (ValueError, AttributeError, RecursionError):
         return None
-    return rid if isinstance(rid, str) else None
+    return value if isinstance(value, str) else None
 
 
 def _acked(info: mqtt.MQTTMessageInfo | None) -> bool:
@@ -295,22 +296,25 @@ class MqttSink(Sink):
             log.exception("MQTT message on %r could not be handled", msg.topic)
 
     def _on_command(self, payload: bytes, retained: bool) -> None:
+        from ..commands import COMMANDS     # here: commands needs the engine, whose config needs the sinks
         command = self._command
         if not payload:
             log.debug("empty message on %s (a retained command cleared): not a command", self.t_cmd)
+        elif len(payload) > MAX_COMMAND_BYTES:
+            self._reply({"id": None, "cmd": None, "ok": False,
+                         "error": f"command longer than {MAX_COMMAND_BYTES} bytes"})
         elif retained:
             # The broker hands a retained message to every new subscription: at each start
             # and reconnect. Carried out, a retained recalibrate would learn whatever the
             # machine does at that moment (a fault included) as normal.
-            self._reply({"id": _request_id(payload), "cmd": None, "ok": False,
+            name = _text(payload, "cmd")
+            self._reply({"id": _text(payload, "id"), "cmd": name if name in COMMANDS else None,
+                         "ok": False,
                          "error": "a retained command is refused: a command is carried out "
                                   "once, when it is sent; clear it with an empty retained "
                                   f"message on {self.t_cmd}"})
-        elif len(payload) > MAX_COMMAND_BYTES:
-            self._reply({"id": None, "cmd": None, "ok": False,
-                         "error": f"command longer than {MAX_COMMAND_BYTES} bytes"})
         elif command is None:     # a file replay (the demo's --mqtt) runs no pipeline
-            self._reply({"id": _request_id(payload), "cmd": None, "ok": False,
+            self._reply({"id": _text(payload, "id"), "cmd": None, "ok": False,
                          "error": "this run of the agent takes no commands"})
         else:
             command(payload, self._reply)
