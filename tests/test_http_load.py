@@ -352,3 +352,42 @@ def test_serve_command_refuses_an_unset_key(capsys):
     assert main(["serve", "--model", str(MODEL), "--api-key-env", "TSAD_SURELY_UNSET_VAR"]) == 2
     assert capsys.readouterr().err.strip() == \
         "error: API key variable TSAD_SURELY_UNSET_VAR is not set or empty"
+
+
+def _serve_error(capsys, *args: str) -> str:
+    assert main(["serve", "--model", str(MODEL), "--log-level", "warning", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_serve_command_that_cannot_listen_says_why_in_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _serve_error(capsys, "--port", str(port)) == \
+            f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert _serve_error(capsys, "--port", "99999") == \
+        "error: cannot listen on 127.0.0.1:99999: port must be 0-65535"
+    assert _serve_error(capsys, "--host", "256.1.1.1", "--port", "0").startswith(
+        "error: cannot listen on 256.1.1.1:0: ")
+
+
+def test_serve_listens_on_ipv6_loopback():
+    from agent.http.server import make_server
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 here")
+    srv = make_server(str(MODEL), host="::1", port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert srv.url.startswith("http://[::1]:")
+        conn = http.client.HTTPConnection("::1", srv.server_address[1], timeout=30)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

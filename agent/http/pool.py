@@ -67,11 +67,10 @@ class PooledServer(socketserver.TCPServer):
         self._queues = {"": queue.Queue(queue_size), "large_": queue.Queue(large_queue)}
         self._full_logged = 0.0
         self.watcher = Watcher(self._enqueue, self.bump, deadline_s, answered=self.answered)
-        try:
-            super().__init__(address, handler)
-        except OSError:
-            self.watcher.stop()
-            raise
+        # a failed bind calls server_close() from inside super().__init__: it must find
+        # the workers (none yet) and stop the watcher
+        self._workers: list = []
+        super().__init__(address, handler)
         # (thread, the queue it serves)
         self._workers = [(threading.Thread(target=self._work, args=(self._queues[kind],),
                                            name=f"http-{kind}{i}", daemon=True),

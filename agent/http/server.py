@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -68,6 +69,10 @@ class ApiError(RuntimeError):
     """The server cannot start (key not set, port taken, ...); one line."""
 
 
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 # ---------------------------------------------------------------- HTTP
 class ApiServer(PooledServer):
     def __init__(self, svc: AnomalyService, host: str, port: int, api_key: str | None = None,
@@ -79,14 +84,15 @@ class ApiServer(PooledServer):
         self._req_lock = threading.Lock()
         self.spec = json.dumps(build_spec(svc.meta, svc.detector.ep, self.limits, bool(api_key),
                                           svc.model_scaler_ok), indent=1).encode()
+        # an IPv6 address listens on IPv6; a host name is looked up as IPv4
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), _Handler, lim["threads"], lim["queue_size"],
                          lim["large_threads"], lim["large_queue"], lim["deadline_s"],
                          lim["idle_s"])
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host_port(*self.server_address[:2])}"
 
     def answered(self, code: int) -> None:
         self.count("other", code)      # the path was never read
@@ -294,6 +300,9 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
     in LIMITS go to the server, the others to the service."""
     limits = {k: kw.pop(k) for k in list(kw) if k in LIMITS}
     service_kw = kw
+    where = host_port(host, port)
+    if not 0 <= port <= 65535:      # checked before the model loads: it takes seconds
+        raise ApiError(f"cannot listen on {where}: port must be 0-65535")
     if service_kw.get("visualize"):
         try:
             import matplotlib  # noqa: F401  (checked now, not on the first request)
@@ -305,8 +314,8 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
         raise ApiError(str(e)) from None
     try:
         return ApiServer(svc, host, port, api_key, max_body, **limits)
-    except OSError as e:
-        raise ApiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except OSError as e:        # in use, no such address, a host name that does not resolve
+        raise ApiError(f"cannot listen on {where}: {e.strerror or e}") from None
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080,
