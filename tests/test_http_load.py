@@ -391,3 +391,9 @@ def test_serve_listens_on_ipv6_loopback():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize("n", ["3", "-5"])
+def test_serve_refuses_a_calibration_predict_refuses(capsys, n):
+    assert _serve_error(capsys, "--port", "0", "--calibrate", n) == \
+        f"error: --calibrate {n}: 0 (the model's scaler and threshold) or at least 10 rows"

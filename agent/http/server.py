@@ -41,6 +41,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import __version__
+from ..config_base import ConfigError
+from ..contract import learning_rows_problem
 from ..detector import DetectorError
 from .bodies import HttpError, handle_anomaly, handle_paddlex, json_body
 from .openapi import PADDLEX_PATH, build_spec
@@ -301,6 +303,9 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
     limits = {k: kw.pop(k) for k in list(kw) if k in LIMITS}
     service_kw = kw
     where = host_port(host, port)
+    calibrate = service_kw.get("calibrate")
+    if calibrate is not None and (problem := learning_rows_problem("--calibrate", calibrate)):
+        raise ApiError(problem)         # as predict refuses it
     if not 0 <= port <= 65535:      # checked before the model loads: it takes seconds
         raise ApiError(f"cannot listen on {where}: port must be 0-65535")
     if service_kw.get("visualize"):
@@ -310,7 +315,7 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8080,
             raise ApiError("--visualize needs matplotlib: pip install 'tsad-agent[plot]'") from None
     try:
         svc = AnomalyService(model_path, **service_kw)
-    except DetectorError as e:
+    except (DetectorError, ConfigError) as e:     # the model's policy or settings
         raise ApiError(str(e)) from None
     try:
         return ApiServer(svc, host, port, api_key, max_body, **limits)
