@@ -397,3 +397,9 @@ def test_serve_listens_on_ipv6_loopback():
 def test_serve_refuses_a_calibration_predict_refuses(capsys, n):
     assert _serve_error(capsys, "--port", "0", "--calibrate", n) == \
         f"error: --calibrate {n}: 0 (the model's scaler and threshold) or at least 10 rows"
+
+
+def test_serve_refuses_a_key_no_client_can_send(capsys, monkeypatch):
+    monkeypatch.setenv("TSAD_TEST_KEY", "clé-secrète")
+    assert _serve_error(capsys, "--port", "0", "--api-key-env", "TSAD_TEST_KEY") == \
+        "error: API key from TSAD_TEST_KEY must be printable ASCII (letters, digits, punctuation)"

@@ -278,6 +278,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------- start-up
 def load_api_key(env: str | None = None, file: str | None = None) -> str | None:
+    key = _read_api_key(env, file)
+    # header bytes arrive as latin-1 and clients encode a key as UTF-8: a non-ASCII key
+    # could never match what a client sends
+    if key is not None and not (key.isascii() and key.isprintable()):
+        raise ApiError(f"API key from {env or file} must be printable ASCII "
+                       f"(letters, digits, punctuation)")
+    return key
+
+
+def _read_api_key(env: str | None, file: str | None) -> str | None:
     if env and file:
         raise ApiError("give the API key by environment variable or by file, not both")
     if env:
