@@ -6,6 +6,7 @@ numbers come from benchmarks/bench_http.py.  Slow clients and the request deadli
 test_http_api."""
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from agent.cli import main
+from agent.cli import DEMO_CSV, main
 from conftest import REPO, free_port, wait_port
 from http_harness import MODEL, call, demo_b64, demo_rows, error_of, read_all, start, stop
 
@@ -103,35 +104,29 @@ def wait_until(cond, timeout: float = 10.0) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after_and_no_reset():
-    srv = limited(threads=1, queue_size=1, deadline_s=3.0)
+    # no slow client can hold a small-request worker (that is the point): work does.
+    # A burst of small PaddleX requests (a few hundred rows each, tens of ms of work)
+    # on one worker with a queue of one: the rest are refused at once, unread, no reset
+    srv = limited(threads=1, queue_size=1)
     port = srv.server_address[1]
+    rows = DEMO_CSV.read_bytes().splitlines(keepends=True)[:300]
+    body = json.dumps({"csv": base64.b64encode(b"".join(rows)).decode()}).encode()
+    assert len(body) < 64 << 10
+    request = (b"POST /time-series-anomaly-detection HTTP/1.1\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body) + body)
     try:
-        # small bodies reach a worker complete, except one sent only after the worker
-        # says "100 Continue": this one never comes and holds the one worker until its
-        # deadline
-        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
-        slow.sendall(b"POST /anomaly HTTP/1.1\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: 40\r\n\r\n")
-        time.sleep(0.3)
-        wait_until(lambda: srv.waiting == 0)
-        queued = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        queued.request("GET", "/healthz")
-        wait_until(lambda: srv.waiting == 1)
-        # the queue is full: answered at once, its body sent but never read, no reset
-        body = json.dumps({"values": [1.0] * 8}).encode() * 200
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(b"POST /anomaly HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            head, _, rest = read_all(s).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head
-        doc = json.loads(rest)
-        assert doc["errorCode"] == 503 and "retry" in doc["errorMsg"]
-        # the slow body is cut off by its deadline, which frees the worker for the queue
-        assert read_all(slow).startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 408 ")
-        r = queued.getresponse()
-        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
-        assert srv.stats["busy_queue"] == 1 and srv.stats["timeout"] == 1
-        slow.close()
-        queued.close()
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(12)]
+        for s in socks:
+            s.sendall(request)
+        answers = [read_all(s).partition(b"\r\n\r\n") for s in socks]
+        for s in socks:
+            s.close()
+        codes = [int(head.split()[1]) for head, _, _ in answers]
+        busy = [(head, rest) for head, _, rest in answers if head.startswith(b"HTTP/1.1 503 ")]
+        assert set(codes) == {200, 503} and codes[0] == 200, codes
+        for head, rest in busy:
+            assert b"Retry-After: 1" in head and "retry" in json.loads(rest)["errorMsg"]
+        assert srv.stats["busy_queue"] == len(busy)
     finally:
         stop(srv)
 
@@ -403,3 +398,65 @@ def test_serve_refuses_a_key_no_client_can_send(capsys, monkeypatch):
     monkeypatch.setenv("TSAD_TEST_KEY", "clé-secrète")
     assert _serve_error(capsys, "--port", "0", "--api-key-env", "TSAD_TEST_KEY") == \
         "error: API key from TSAD_TEST_KEY must be printable ASCII (letters, digits, punctuation)"
+
+
+# ---------------------------------------------------------------- Content-Length, Expect
+SAMPLE = json.dumps({"values": [1.0] * 8}).encode()
+N = len(SAMPLE)
+
+
+def _send(port: int, data: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        head, _, body = read_all(s).partition(b"\r\n\r\n")
+    return head, body
+
+
+def _post(*lengths: str) -> bytes:
+    return (b"POST /anomaly HTTP/1.1\r\nConnection: close\r\n"
+            + b"".join(b"Content-Length: %s\r\n" % v.encode() for v in lengths) + b"\r\n" + SAMPLE)
+
+
+@pytest.mark.parametrize("lengths", [
+    [f"+{N}"], [f"{N // 10}_{N % 10}"], ["-1"], [""], [f"{N}x"], ["1" * 19],
+    [str(N), str(N + 1)], [f"{N}, {N + 1}"]])
+def test_content_length_is_digits_only_and_one_value(server, lengths):
+    head, body = _send(server.server_address[1], _post(*lengths))
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert "Content-Length" in json.loads(body)["errorMsg"]
+
+
+@pytest.mark.parametrize("lengths", [
+    [str(N), str(N)], [f"{N}, {N}"], [f"{N:013d}"]])
+def test_equal_content_lengths_count_once(server, lengths):
+    head, body = _send(server.server_address[1], _post(*lengths))
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(body)["status"] == "warming_up"
+
+
+def test_bodies_awaited_hold_no_worker_whatever_their_length_form_or_expect():
+    """A small body that never comes is awaited by the watcher, not a worker: with a
+    length in any valid form, and after `Expect: 100-continue` (the watcher says
+    "100 Continue" itself)."""
+    srv = limited(threads=1, deadline_s=4.0)
+    port = srv.server_address[1]
+    heads = [b"POST /anomaly HTTP/1.1\r\nContent-Length: %013d\r\n\r\n" % N] * 2 + \
+        [b"POST /anomaly HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % N] * 2
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in heads]
+        for s, h in zip(socks, heads):
+            s.sendall(h)
+        for s in socks[2:]:
+            assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        t0 = time.monotonic()
+        assert one_request(port, "GET", "/healthz")[0] == 200
+        assert time.monotonic() - t0 < 1.0
+        # and the body, once sent, is answered (no second "100 Continue")
+        socks[3].sendall(SAMPLE)
+        socks[3].settimeout(10)
+        head = socks[3].recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        for s in socks:
+            s.close()
+    finally:
+        stop(srv)

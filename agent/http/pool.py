@@ -10,7 +10,8 @@ Rules:
   accept thread only accepts, every waiting connection at each wake-up.
 - The watcher thread (`transport.Watcher`, a selector) holds every connection that
   has not yet sent a complete request head, and a complete body when that is small
-  (up to 64 KiB, any /anomaly request): at most `MAX_OPEN` (512) connections, beyond
+  (up to 64 KiB, any /anomaly request; after `Expect: 100-continue` too: it sends the
+  "100 Continue" itself): at most `MAX_OPEN` (512) connections, beyond
   which a new one gets 503.  Slow or silent clients cost a socket and at most 80 KiB
   of buffer (40 MiB for all), never a worker: a client sending a byte a second holds
   no thread at all.
@@ -160,6 +161,7 @@ class PooledServer(socketserver.TCPServer):
                 now = time.monotonic()
                 conn.started = now if conn.buf else None
                 conn.idle_end = now + self.idle_s
+                conn.continued = False
                 self.watcher.watch(conn)
             else:
                 self.watcher.close(conn.sock)

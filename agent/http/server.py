@@ -49,7 +49,7 @@ from .openapi import PADDLEX_PATH, build_spec
 from .prometheus import metrics_text
 from .service import AnomalyService, InputError, NotJudgeable, TooManyStreams
 from .pool import PooledServer
-from .transport import Conn, DeadlineReader, DeadlineWriter
+from .transport import CONTINUE, Conn, DeadlineReader, DeadlineWriter, content_length
 
 log = logging.getLogger("tsad.http")
 
@@ -185,6 +185,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"
         self._error(code, message or self.responses.get(code, ("error",))[0])
 
+    def handle_expect_100(self) -> bool:
+        # not here, before the route, the key and the size are checked: `_body` sends it
+        # when the body is wanted, unless the watcher already has (small bodies)
+        return True
+
     # ------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
@@ -216,6 +221,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, path: str) -> None:
         srv, svc = self.server, self.server.svc
+        try:        # on every path: a length read two ways is a smuggled request
+            self._length = content_length(self.headers.get_all("Content-Length") or [])
+        except ValueError as e:
+            self.close_connection = True
+            raise HttpError(400, str(e)) from None
         want = ROUTES.get(path)
         if want is None:
             self.close_connection = self.command not in ("GET", "HEAD")
@@ -227,6 +237,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise HttpError(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
                             headers={"WWW-Authenticate": "Bearer"})
+        if self._length:
+            self.close_connection = True    # a body no GET reads must not become a request
         if path == "/healthz":
             return self._json(200, {"status": "ok", "model": svc.meta.name, "ep": svc.detector.ep})
         if path == "/openapi.json":
@@ -251,21 +263,19 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise HttpError(411, "send a Content-Length; chunked bodies are not accepted")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
+        n = self._length
+        if n is None:
             self.close_connection = True
             raise HttpError(411, "Content-Length required")
-        try:
-            n = int(raw)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise HttpError(400, f"bad Content-Length {raw[:40]!r}") from None
         if n > limit:
             self.close_connection = True   # the body is never read
             raise HttpError(413, f"body of {n} bytes is over the {limit}-byte limit of "
                                  f"{self._route}", "http_too_large")
+        if n > len(self._in.buf) and not self.request.continued and \
+                self.headers.get("Expect", "").lower() == "100-continue" and \
+                self.request_version == "HTTP/1.1":
+            self.request.continued = True
+            self._out.write(CONTINUE)
         # a large body gets one more second per MIN_BODY_RATE bytes, so an 8 MiB upload
         # over a 2 Mbit/s link still arrives; a stalled one is still cut off
         self._in.deadline += n / MIN_BODY_RATE

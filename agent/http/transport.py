@@ -5,7 +5,9 @@ every connection no worker holds.
 
 The watcher is one selector loop: it reads each request until its head is complete,
 and its body too when that is small (SMALL_BODY, all /anomaly needs), then hands it
-on; it answers 408 to requests cut off by the deadline and 431 to heads over
+on (it reads Content-Length by `content_length`, the handler's rule too, and says
+"100 Continue" to a small body's `Expect`); it answers 408 to requests cut off by the
+deadline and 431 to heads over
 MAX_HEAD, and lingers closes: a socket closed with unread input sends RST, which
 can destroy the response still in flight (a 413 or 503 refused before its body was
 read), so it half-closes, reads and discards what still comes for up to LINGER_S,
@@ -29,9 +31,11 @@ MAX_LINGER = 128
 RETRY_AFTER_S = 1
 SMALL_BODY = 64 * 1024
 _HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
-# only to decide how long to wait: the handler parses the head for real
-_LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r?\n", re.IGNORECASE)
-_EXPECT = re.compile(rb"\nexpect:", re.IGNORECASE)
+# a length this long is no body any server takes; the bound keeps int() cheap
+MAX_LENGTH_DIGITS = 18
+_LENGTH = re.compile(rb"\ncontent-length:([^\r\n]*)", re.IGNORECASE)
+_EXPECT = re.compile(rb"\nexpect:[ \t]*100-continue[ \t]*\r?\n", re.IGNORECASE)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass(eq=False)
@@ -43,6 +47,7 @@ class Conn:
     started: float | None = None    # monotonic time the current request began arriving
     idle_end: float = 0.0           # kept alive: when to give up waiting for a request
     queued: float = 0.0             # when its head joined the queue for a worker
+    continued: bool = False         # "100 Continue" sent for the current request
 
     def deadline(self, deadline_s: float) -> float:
         return self.idle_end if self.started is None else self.started + deadline_s
@@ -59,21 +64,57 @@ def head_too_big(buf: bytes | bytearray) -> bool:
     return (len(buf) if end is None else end) > MAX_HEAD
 
 
+def content_length(values: list[str]) -> int | None:
+    """The Content-Length of a request from its header values (None without one), by
+    the one rule of the watcher and the handler: every value is 1*DIGIT (RFC 9110), at
+    most MAX_LENGTH_DIGITS long; repeated equal values (in one header as a list, or in
+    several) count once.  ValueError otherwise, differing values included: a length
+    that two parsers could read differently is how requests are smuggled."""
+    found = set()
+    for value in values:
+        for part in value.split(","):
+            n = part.strip(" \t")
+            if not (n.isascii() and n.isdigit() and len(n) <= MAX_LENGTH_DIGITS):
+                raise ValueError(f"bad Content-Length {value.strip()[:40]!r}: digits only")
+            found.add(int(n))
+    if len(found) > 1:
+        raise ValueError(f"conflicting Content-Length values {sorted(found)}")
+    return found.pop() if found else None
+
+
 def body_length(buf: bytes | bytearray, end: int) -> int:
-    """The Content-Length of the head buf[:end] (0 when it has none or a bad one)."""
-    m = _LENGTH.search(bytes(buf[:end]))
-    return int(m.group(1)) if m else 0
+    """The Content-Length of the head buf[:end]: 0 when it has none, or a bad one (the
+    request goes to a worker at once, which refuses it without reading a body)."""
+    values = [m.decode("latin-1") for m in _LENGTH.findall(bytes(buf[:end]))]
+    try:
+        return content_length(values) or 0
+    except ValueError:
+        return 0
 
 
-def request_ready(buf: bytes | bytearray) -> bool:
+def expects_continue(buf: bytes | bytearray, end: int) -> bool:
+    """`Expect: 100-continue` on an HTTP/1.1 request (HTTP/1.0 ignores it: RFC 9110)."""
+    line = bytes(buf[:buf.find(b"\n")]).rstrip(b"\r")
+    return line.endswith(b" HTTP/1.1") and bool(_EXPECT.search(bytes(buf[:end])))
+
+
+def request_ready(conn: Conn) -> bool:
     """Whether a worker can take the request without waiting for the client: the head
-    is complete and so is its body when that is small (up to SMALL_BODY).  A larger
-    body, or one sent only after `Expect: 100-continue`, is the worker's to read."""
+    is complete and so is its body when that is small (up to SMALL_BODY); a larger
+    body is the large-body worker's to read.  A small body awaited after `Expect:
+    100-continue` is awaited here: the watcher sends "100 Continue" itself, so a
+    client that never sends the body holds no worker."""
+    buf = conn.buf
     end = head_end(buf)
     if end is None:
         return False
     n = body_length(buf, end)
-    return n > SMALL_BODY or len(buf) >= end + n or bool(_EXPECT.search(bytes(buf[:end])))
+    if n > SMALL_BODY or len(buf) >= end + n:
+        return True
+    if not conn.continued and len(buf) == end and expects_continue(buf, end):
+        conn.continued = True
+        send_now(conn.sock, CONTINUE)   # a few bytes on a socket with nothing unsent
+    return False
 
 
 def error_response(code: int, reason: str, msg: str, extra: str = "") -> bytes:
@@ -263,7 +304,7 @@ class Watcher:
     def _admit(self, conn: Conn) -> None:
         if head_too_big(conn.buf):
             self._refuse_head(conn.sock)
-        elif request_ready(conn.buf):       # pipelined: the next request is already here
+        elif request_ready(conn):       # pipelined: the next request is already here
             self.on_head(conn)
         elif len(self._heads) >= self.max_open:
             if conn.started is not None:    # a new client, not an idle kept-alive one
@@ -293,7 +334,7 @@ class Watcher:
         if head_too_big(conn.buf):
             self._forget(sock)
             self._refuse_head(sock)
-        elif request_ready(conn.buf):
+        elif request_ready(conn):
             self._forget(sock)
             self.on_head(conn)
 
