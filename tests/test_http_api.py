@@ -432,3 +432,14 @@ def test_slowloris_is_cut_off_by_the_deadline_while_others_are_served():
     answered = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
                    if ln.startswith('tsad_http_requests_total{code="408"'))
     assert answered == 3
+
+
+def test_window_that_overflows_once_scaled_is_422_never_nan(raw_server):
+    win = demo_rows(64)
+    win[-1] = 3e38
+    msg = error_of(call(raw_server, "POST", "/anomaly", {"values": win.tolist()}), 422)
+    assert "overflow float32 once scaled" in msg
+    # the sample form takes such a sample as missing, as the daemon does: no NaN either
+    # (on pump-1, after a gap: this server's three streams may all be taken)
+    answers = feed(raw_server, "pump-1", np.vstack([demo_rows(64), win[-1:]]), T0 + 1000)
+    assert "score" in answers[-1] and all(np.isfinite(a.get("score", 0.0)) for a in answers)

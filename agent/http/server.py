@@ -171,7 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, code: int, doc: dict, extra: dict | None = None) -> None:
-        self._send(code, json.dumps(doc).encode(), "application/json", extra)
+        # allow_nan=False: NaN and Infinity are not JSON; a bug answers 500, never them
+        self._send(code, json.dumps(doc, allow_nan=False).encode(), "application/json", extra)
 
     def _error(self, code: int, msg: str, extra: dict | None = None) -> None:
         self._json(code, {"logId": str(uuid.uuid4()), "errorCode": code, "errorMsg": msg}, extra)

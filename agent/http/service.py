@@ -96,6 +96,12 @@ class AnomalyService:
         s, err, threshold = self._judge(values, stream)
         self.metrics.samples_in += len(values)
         self.metrics.windows_inferred += 1
+        if not np.isfinite(s):
+            # a stream forward-fills such a value as missing; a window has nothing to fill
+            # it with, and a NaN score is neither valid JSON nor "normal"
+            raise InputError("values overflow float32 once scaled by the "
+                             + ("model's scaler" if stream is None else f"baseline of stream {stream}")
+                             + ": no score; a stream takes such a sample as missing")
         return {"score": s, "status": "anomaly" if s >= threshold else "normal",
                 "threshold": threshold, "channels": top_channels(err, self.meta.channels, 3)}
 
@@ -141,6 +147,9 @@ class AnomalyService:
             if done:
                 r = done[-1]
                 s = float(r.scores[-1])
+                if not np.isfinite(s):      # never seen (overflow is missing data): never NaN
+                    raise InputError(f"stream {stream}: the sample was taken, but its window "
+                                     f"has no finite score ({s})")
                 return {"score": s, "status": "anomaly" if s >= r.threshold else "normal",
                         "threshold": r.threshold, "alert": self.engine.streams[stream].tracker.state}
             pending = self.engine.pending(stream)
