@@ -443,3 +443,17 @@ def test_window_that_overflows_once_scaled_is_422_never_nan(raw_server):
     # (on pump-1, after a gap: this server's three streams may all be taken)
     answers = feed(raw_server, "pump-1", np.vstack([demo_rows(64), win[-1:]]), T0 + 1000)
     assert "score" in answers[-1] and all(np.isfinite(a.get("score", 0.0)) for a in answers)
+
+
+def test_idle_streams_are_evicted_so_new_ids_are_taken_again():
+    srv = start(calibrate=0, max_streams=2, idle_evict_s=0.5)
+    row = demo_rows(1)[0].tolist()
+    try:
+        codes = [call(srv, "POST", "/anomaly", {"stream": f"job{i}", "values": row})[0]
+                 for i in range(3)]
+        assert codes == [200, 200, 429]
+        time.sleep(1.2)     # idle past idle_evict_s, and past the once-a-second look
+        assert call(srv, "POST", "/anomaly", {"stream": "job2", "values": row})[0] == 200
+        assert set(srv.svc.engine.streams) == {"job2"}
+    finally:
+        stop(srv)

@@ -7,7 +7,9 @@ errors below to status codes.
   period, ring buffer, alert hysteresis), so a stream fed over HTTP is judged exactly
   as one fed over MQTT.  The answer is the score, or why there is none yet
   (`Engine.pending`: learning / warming_up / skipped, with the samples needed), or
-  "learned" for the sample that ended the learning period.
+  "learned" for the sample that ended the learning period.  Streams idle for
+  `buffer.idle_evict_s` (3600 s) are dropped as the daemon drops them (none with an
+  open alert), looked for at most once a second, before a new stream is admitted.
 - `score_window`: one window scored, never against a baseline that does not fit it:
   with a stream, against that stream's learned baseline (scaler and threshold; refused
   while it is still learning); without one, against the model's own scaler and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import base64
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ from ..timestamps import BadTimestamp, epoch_seconds
 
 MAX_STREAMS = 1024
 DEFAULT_STREAM = "default"
+EVICT_EVERY_S = 1.0     # idle streams are looked for at most this often (a pass over all)
 # sample times outside [2000, 2100) are a wrong unit or a broken clock, not data
 
 
@@ -59,7 +63,7 @@ class AnomalyService:
     def __init__(self, model_path: str, calibrate: int | None = None, compat: bool = False,
                  max_gap: float = DEFAULT_MAX_GAP, visualize: bool = False,
                  metrics: Metrics | None = None, max_streams: int = MAX_STREAMS,
-                 workers: int = 4):
+                 workers: int = 4, idle_evict_s: float | None = None):
         self.metrics = metrics or Metrics()
         self.detector = Detector(model_path, metrics=self.metrics)
         self.meta = self.detector.meta
@@ -71,9 +75,12 @@ class AnomalyService:
         self.model_scaler_ok = model_learning_rows(self.meta) is None or calibrate == 0
         # file predictions run a whole file each: bound how many at once
         self._files = threading.BoundedSemaphore(workers)
-        self.engine = Engine(detection_config(self.meta, self.calibrate or 0, node="http"),
+        # idle_evict_s: buffer.idle_evict_s, the daemon's default unless given
+        over = {"buffer": {"idle_evict_s": idle_evict_s}} if idle_evict_s else None
+        self.engine = Engine(detection_config(self.meta, self.calibrate or 0, over, node="http"),
                              self.detector, metrics=self.metrics, default_max_streams=max_streams)
         self._lock = threading.Lock()
+        self._evicted = time.monotonic()
 
     # ------------------------------------------------------------ files
     def predict_csv(self, data: bytes) -> tuple[str, str | None]:
@@ -137,10 +144,17 @@ class AnomalyService:
 
     def push_sample(self, stream: str, ts: float, values: np.ndarray) -> dict:
         with self._lock:
+            now = time.monotonic()
+            if now - self._evicted >= EVICT_EVERY_S:
+                # as the daemon does: per-session stream ids must not fill the table for good
+                self._evicted = now
+                self.engine.evict_idle(now)
             if stream not in self.engine.streams and \
                     len(self.engine.streams) >= self.engine.admission.default_cap:
-                raise TooManyStreams(f"too many streams ({self.engine.admission.default_cap}); "
-                                     f"reuse stream ids")
+                idle = self.engine.cfg.buffer.idle_evict_s
+                raise TooManyStreams(
+                    f"too many streams ({self.engine.admission.default_cap}); reuse stream ids"
+                    + (f" (a stream without samples for {idle:g} s is dropped)" if idle else ""))
             results = self.engine.step([Batch(stream, np.array([ts], np.float64), values[None],
                                               source="http")])
             done = [r for r in results if len(r.ts)]
