@@ -101,6 +101,11 @@ class Adapter:
         """(scaler, error level) of a version still in use."""
         return self._by_version[version]
 
+    def newest(self) -> tuple[StreamScaler, np.ndarray | None]:
+        """(scaler, error level) of the version that scaled the newest sample taken."""
+        v = max((self.ingested - 1) // EPOCH - LAG, 0)
+        return self._by_version.get(v) or (self.scaler, self.level)
+
     def took(self, n: int) -> None:
         self.ingested += n
 

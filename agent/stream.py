@@ -335,12 +335,16 @@ class Stream:
                      self.id, was, new, n)
 
     def judge(self, values: np.ndarray, infer: Infer) -> tuple[float, np.ndarray]:
-        """One window of raw values [window, C] scored as this stream scores now (its
-        adapted scaler, its channel normalisation; a single window is not smoothed):
+        """One window of raw values [window, C] scored as this stream scored its newest
+        sample: with the scaler and error level that sample was scaled with (adaptation
+        lags its newest version by LAG epochs), its level band and channel normalisation;
+        but unsmoothed (one window has no earlier scores to smooth with), while the
+        stream's own scores are smoothed and its threshold was fitted on them:
         (score, per-channel error as shown in top_channels)."""
-        x = self.scaler.apply(values)[None]
+        scaler, level = (self.adapter.newest() if self.adapter is not None
+                         else (self.baseline.scaler, self.baseline.level))
+        x = scaler.apply(values)[None]
         scores, err = self.scored(x, *score_windows(x, infer(x)))
-        level = self.adapter.level if self.adapter is not None else self.baseline.level
         if self.normalize and level is not None:
             err = err / level
             return float(err[0].mean()), err[0]

@@ -457,3 +457,18 @@ def test_idle_streams_are_evicted_so_new_ids_are_taken_again():
         assert set(srv.svc.engine.streams) == {"job2"}
     finally:
         stop(srv)
+
+
+def test_window_judged_with_the_scaler_its_stream_scaled_its_newest_sample_with():
+    """Adaptation scales a sample with the version of LAG epochs before: a window is
+    judged with that one, so (unsmoothed) it scores what the stream scored."""
+    from agent.engine import Engine
+    from agent.jobs import detection_config, model_learning_rows, run_table
+    det = Detector(str(MODEL))
+    t = read_table("../shared/data/skab/valve1/1.csv", det.meta.channels)
+    over = {"scoring": {"smoothing": 1}}
+    eng = Engine(detection_config(det.meta, model_learning_rows(det.meta), over, node="t"), det)
+    last = float(run_table(eng, "s", t.ts, t.values).table("s")["score"][-1])
+    st = eng.streams["s"]
+    assert st.adapter is not None and st.adapter.version > 2
+    assert st.judge(t.values[-64:], det.infer)[0] == pytest.approx(last, rel=0.02)

@@ -85,7 +85,12 @@ def build_spec(meta: ModelMeta, ep: str, limits: dict[str, int], auth: bool,
                                "(SampleRequest), W lists of C numbers one window "
                                "(WindowRequest); anything else is 422. A window with "
                                "`stream` is judged against that stream's learned baseline "
-                               "(422 while it is unknown or still learning). "
+                               "(422 while it is unknown or still learning): the "
+                               "scaler it applied to its newest sample, its threshold, "
+                               "and the newest step's score, unsmoothed; where the "
+                               "model's policy smooths a stream's scores (and fitted its "
+                               "threshold on them) the sample form is the stream's own "
+                               "judgement and may differ near the threshold. "
                                + _window_rule(model_scaler_ok),
                 **protected,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {

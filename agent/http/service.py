@@ -16,8 +16,12 @@ errors below to status codes.
   threshold, but only when those mean something on raw data: the model needs no
   per-stream baseline (`jobs.model_learning_rows` is None), or the server was started
   with `calibrate=0` (the operator chose the model's scaler for everything, as PaddleX
-  does).  Otherwise it is refused with the way to get a score.  Windows are scored
-  unsmoothed, as the service's streams are (smoothing 1).
+  does).  Otherwise it is refused with the way to get a score.  A window's score is
+  its newest step's, unsmoothed (`Stream.judge`: the scaler the stream applied to its
+  newest sample); a stream whose policy smooths its scores (the shipped SKAB models:
+  over 10) fitted its threshold on smoothed scores, so a window near the threshold can
+  be judged otherwise than the stream judges the same samples: the sample form is the
+  stream's own judgement.
 - Sample times (`sample_time`): epoch seconds, milliseconds, microseconds or
   nanoseconds told apart by magnitude, or ISO 8601 (UTC when no zone is given),
   between 2000 and 2100; anything else is refused.
@@ -113,8 +117,9 @@ class AnomalyService:
                 "threshold": threshold, "channels": top_channels(err, self.meta.channels, 3)}
 
     def _judge(self, values: np.ndarray, stream: str | None) -> tuple[float, np.ndarray, float]:
-        """(score, channel errors, threshold): against the stream's baseline as it scores
-        now, or without a stream the model's own scaler and threshold."""
+        """(score, channel errors, threshold): against the stream's baseline as it scaled
+        its newest sample (unsmoothed), or without a stream the model's own scaler and
+        threshold."""
         c = self.meta.n_channels
         if stream is None:
             if self.model_scaler_ok:
