@@ -243,7 +243,13 @@ SHAPES = "values must be one sample: a list of 8 numbers, or one window: a list 
     ({"stream": "s", "values": [0.0] * 8, "ts": 1000.0}, "between 2000 and 2100"),
     ({"stream": "s", "values": [0.0] * 8, "ts": 4.2e9}, "between 2000 and 2100"),
     ({"stream": "s", "values": [0.0] * 8, "ts": "1999-12-31T23:59:59Z"}, "between 2000"),
-    ({"stream": "s", "values": [0.0] * 8, "ts": None}, "between 2000 and 2100"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": None}, "between 2000 and 2100; got null"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": True}, "got true"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": {"a": 1}}, "got an object"),
+    ({"stream": "s", "values": [0.0] * 8, "ts": "now"}, 'got "now"'),
+    ({"stream": "s", "values": [0.0] * 8, "ts": 10 ** 400}, "got a number beyond float64"),
+    (b'{"values": [' + b"7" * 5000 + b', 0, 0, 0, 0, 0, 0, 0]}', "within float32 range"),
+    (b'{"values": [0, 0, 0, 0, 0, 0, 0, 0], "ts": -' + b"7" * 5000 + b'}', "beyond float64"),
     ({"values": [[0.0] * 8] * 64, "ts": T0}, "ts belongs to one sample"),
     ([1, 2, 3], "body must be a JSON object, got an array"),
     (b"null", "body must be a JSON object, got null"),
@@ -251,8 +257,8 @@ SHAPES = "values must be one sample: a list of 8 numbers, or one window: a list 
 ])
 def test_wrong_shapes_are_422(server, body, expect):
     msg = error_of(call(server, "POST", "/anomaly", body), 422)
-    assert expect in msg
-    if "values" in str(body) and "got" in expect:
+    assert expect in msg and "sys." not in msg and "None" not in msg
+    if "values" in str(body) and "got" in expect and "ts" not in str(body):
         assert msg.startswith(SHAPES), msg
 
 

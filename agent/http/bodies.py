@@ -10,13 +10,16 @@ POST /anomaly, by the shape of `values` (C channels, W the model's window):
   `service` for when that is refused).  `ts` has no meaning for a window: refused.
 - anything else: 422 naming both shapes.
 Numbers must be finite and fit float32 (an integer like 10**400 is refused, not
-overflowed); stream ids are 1-64 of A-Z a-z 0-9 _ . -.
+overflowed); stream ids are 1-64 of A-Z a-z 0-9 _ . -.  Sample times (`sample_time`):
+epoch seconds, milliseconds, microseconds or nanoseconds told apart by magnitude, or
+ISO 8601 (UTC when no zone is given), between 2000 and 2100; anything else is refused.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import math
 import re
 import time
 import uuid
@@ -24,7 +27,8 @@ import uuid
 import numpy as np
 
 from ..config_base import STREAM_ID_CHARS
-from .service import DEFAULT_STREAM, AnomalyService, sample_time
+from ..timestamps import BadTimestamp, epoch_seconds
+from .service import DEFAULT_STREAM, AnomalyService, InputError
 
 STREAM_ID = re.compile(rf"^{STREAM_ID_CHARS}{{1,64}}$")
 FLOAT32_MAX = 3.4e38
@@ -48,9 +52,25 @@ def _json_kind(x) -> str:
     return {dict: "an object", list: "an array", str: "a string"}.get(type(x), "a number")
 
 
+def _json_text(x) -> str:
+    """A JSON value for a message, in JSON's words: the string or number (40 characters
+    at most), else its kind."""
+    if isinstance(x, str):
+        return json.dumps(x[:40]) + ("..." if len(x) > 40 else "")
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return json.dumps(x)[:40] if math.isfinite(x) else "a number beyond float64"
+    return _json_kind(x)
+
+
+def _int(text: str) -> int | float:
+    # Python refuses to read integers over 4,300 digits with advice for the server's
+    # code; far beyond float64 anyway, such a number is read as one
+    return int(text) if len(text) <= 400 else float("-inf" if text[0] == "-" else "inf")
+
+
 def json_body(body: bytes) -> dict:
     try:
-        doc = json.loads(body, parse_constant=_reject_constant)
+        doc = json.loads(body, parse_constant=_reject_constant, parse_int=_int)
     except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError
         raise HttpError(400, f"body is not JSON: {' '.join(str(e).split())[:200]}",
                         "http_json") from None
@@ -91,6 +111,16 @@ def _values(v, w: int, c: int) -> np.ndarray:
         raise HttpError(422, "values must be finite numbers within float32 range (±3.4e38)",
                         "http_range")
     return a.astype(np.float32)
+
+
+def sample_time(value) -> float:
+    """Epoch seconds from an API caller's `ts` (agent/timestamps.py, the decoders' rule);
+    InputError if unusable."""
+    try:
+        return epoch_seconds(value)
+    except BadTimestamp:
+        raise InputError("ts must be epoch seconds, ms, µs or ns, or ISO 8601, between 2000 "
+                         f"and 2100; got {_json_text(value)}") from None
 
 
 def handle_anomaly(svc: AnomalyService, doc: dict) -> dict:

@@ -22,9 +22,6 @@ errors below to status codes.
   over 10) fitted its threshold on smoothed scores, so a window near the threshold can
   be judged otherwise than the stream judges the same samples: the sample form is the
   stream's own judgement.
-- Sample times (`sample_time`): epoch seconds, milliseconds, microseconds or
-  nanoseconds told apart by magnitude, or ISO 8601 (UTC when no zone is given),
-  between 2000 and 2100; anything else is refused.
 """
 from __future__ import annotations
 
@@ -43,12 +40,10 @@ from ..jobs import detection_config, model_learning_rows
 from ..metrics import Metrics
 from ..prediction import DEFAULT_MAX_GAP, PredictError, plot_png, predict
 from ..sources.base import Batch
-from ..timestamps import BadTimestamp, epoch_seconds
 
 MAX_STREAMS = 1024
 DEFAULT_STREAM = "default"
 EVICT_EVERY_S = 1.0     # idle streams are looked for at most this often (a pass over all)
-# sample times outside [2000, 2100) are a wrong unit or a broken clock, not data
 
 
 class InputError(ValueError):
@@ -179,12 +174,3 @@ class AnomalyService:
                 return {"status": "learned", "needed": 1, "threshold": st.threshold}
             return pending
 
-
-def sample_time(value) -> float:
-    """Epoch seconds from an API caller's `ts` (agent/timestamps.py, the decoders' rule);
-    InputError if unusable."""
-    try:
-        return epoch_seconds(value)
-    except BadTimestamp:
-        raise InputError("ts must be epoch seconds, ms, µs or ns, or ISO 8601, between 2000 "
-                         f"and 2100; got {str(value)[:40]!r}") from None
