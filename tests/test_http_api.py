@@ -478,3 +478,16 @@ def test_window_judged_with_the_scaler_its_stream_scaled_its_newest_sample_with(
     st = eng.streams["s"]
     assert st.adapter is not None and st.adapter.version > 2
     assert st.judge(t.values[-64:], det.infer)[0] == pytest.approx(last, rel=0.02)
+
+
+def test_openapi_lists_every_answer_the_server_sends_on_every_path(server):
+    spec = json.loads(call(server, "GET", "/openapi.json")[2])
+    for path, want in ROUTES.items():
+        wrong = "GET" if want == "POST" else "POST"
+        code, headers, _ = call(server, wrong, path, b"" if wrong == "POST" else None)
+        assert code == 405 and headers["Allow"] == want
+        responses = spec["paths"][path][want.lower()]["responses"]
+        assert {"400", "405", "505"} <= set(responses) and "Allow" in responses["405"]["headers"]
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"GET /healthz HTTP/2.0\r\n\r\n")
+        assert read_all(s).startswith(b"HTTP/1.1 505 ")

@@ -18,8 +18,10 @@ def _json(schema_ref: str, description: str) -> dict:
 
 
 _ERROR_TEXT = {
-    400: "Body is not JSON, or `csv` is not base64", 401: "API key missing or wrong",
-    404: "Unknown path", 405: "Method not allowed on this path",
+    400: "Bad request: a request line without an HTTP version, a Content-Length that is "
+         "not digits only or two that differ; on POST a body that is not JSON or a `csv` "
+         "that is not base64", 401: "API key missing or wrong",
+    404: "Unknown path", 405: "Method not allowed on this path (Allow names the one that is)",
     408: "Request (line, headers and body) not received within the request deadline",
     411: "Content-Length missing (chunked bodies are not accepted)",
     413: "Body over the size limit", 422: "Well-formed JSON that cannot be used: wrong "
@@ -29,11 +31,16 @@ _ERROR_TEXT = {
     429: "Too many named streams",
     431: "Request head (request line and headers) over 16 KiB", 500: "Internal error (details in the server log)",
     503: "Server busy (all workers busy and their wait queue full, or too many open "
-         "connections): retry after Retry-After seconds"}
+         "connections): retry after Retry-After seconds",
+    505: "HTTP version other than 1.0 and 1.1"}
+# answered on every path, whatever the operation: the request line, head and connection
+EVERY_PATH = (400, 405, 408, 431, 503, 505)
 
 
 def _errors(*codes: int) -> dict:
-    out = {str(c): _json("Error", _ERROR_TEXT[c]) for c in codes}
+    out = {str(c): _json("Error", _ERROR_TEXT[c]) for c in sorted({*codes, *EVERY_PATH})}
+    out["405"]["headers"] = {"Allow": {"description": "the method this path accepts",
+                                       "schema": {"type": "string"}}}
     if "503" in out:
         out["503"]["headers"] = {"Retry-After": {"description": "seconds to wait",
                                                  "schema": {"type": "integer"}}}
