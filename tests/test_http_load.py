@@ -460,3 +460,9 @@ def test_bodies_awaited_hold_no_worker_whatever_their_length_form_or_expect():
             s.close()
     finally:
         stop(srv)
+
+
+def test_a_request_line_without_a_version_gets_a_status_line(server):
+    head, body = _send(server.server_address[1], b"GET /healthz\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert "no HTTP version" in json.loads(body)["errorMsg"]

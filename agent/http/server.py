@@ -186,6 +186,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"
         self._error(code, message or self.responses.get(code, ("error",))[0])
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            # "GET /path" without a version: 0.9's answer is a bare body, no status line
+            self.send_error(400, "request line has no HTTP version: send "
+                                 "'METHOD PATH HTTP/1.1'")
+            return False
+        return True
+
     def handle_expect_100(self) -> bool:
         # not here, before the route, the key and the size are checked: `_body` sends it
         # when the body is wanted, unless the watcher already has (small bodies)
