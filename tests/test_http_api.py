@@ -77,6 +77,17 @@ def test_paddlex_errors(server):
     assert msg.startswith("csv: missing column(s) ['Accelerometer1RMS'") and "/tmp" not in msg
 
 
+def test_paddlex_takes_line_wrapped_base64(server):
+    """`base64 file.csv` wraps its output at 76 characters (MIME): accepted as is."""
+    wrapped = base64.encodebytes(DEMO_CSV.read_bytes()).decode()
+    assert "\n" in wrapped
+    got = [json.loads(call(server, "POST", "/time-series-anomaly-detection", {"csv": c})[2])
+           for c in (wrapped, demo_b64())]
+    assert got[0]["errorCode"] == 0 and got[0]["result"] == got[1]["result"]
+    assert "not valid base64" in error_of(call(server, "POST", "/time-series-anomaly-detection",
+                                               {"csv": "é" + wrapped}), 400)
+
+
 def test_paddlex_compat_server_returns_last_window(tmp_path):
     srv = start(calibrate=0, compat=True)
     try:

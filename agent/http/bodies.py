@@ -149,8 +149,11 @@ def handle_paddlex(svc: AnomalyService, doc: dict) -> dict:
         raise HttpError(422, "'csv' is a URL: this server does not fetch URLs (no network); "
                              "send the file as base64", "http_url")
     try:
-        data = base64.b64decode(csv_b64, validate=True)
-    except (binascii.Error, ValueError):
+        # line breaks and spaces are how MIME base64 (the `base64` tool's default) wraps
+        # it: dropped; anything else outside the alphabet is still an error
+        data = base64.b64decode(csv_b64.encode("ascii").translate(None, b" \t\r\n\v\f"),
+                                validate=True)
+    except (binascii.Error, ValueError):        # UnicodeEncodeError is a ValueError
         raise HttpError(400, "field 'csv' is not valid base64", "http_base64") from None
     text, image = svc.predict_csv(data)
     return {"logId": str(uuid.uuid4()), "errorCode": 0, "errorMsg": "Success",
