@@ -99,7 +99,8 @@ class AnomalyService:
 
     # ------------------------------------------------------------ windows and streams
     def score_window(self, values: np.ndarray, stream: str | None = None) -> dict:
-        s, err, threshold = self._judge(values, stream)
+        with np.errstate(over="ignore", invalid="ignore"):     # overflow is answered below
+            s, err, threshold = self._judge(values, stream)
         self.metrics.samples_in += len(values)
         self.metrics.windows_inferred += 1
         if not np.isfinite(s):
