@@ -4,7 +4,10 @@ For each model, in one run, pinned to one core:
   * bare ORT `run` µs per window at batch 1 and at the batch the engine sends (model.max_batch),
   * the whole pipeline's µs per window (replay source -> ring -> detector -> scorer
     -> alert tracker -> null sink), stride 1, stepped as `evaluate` and `replay` step a
-    file (agent/jobs.py), and its ratio to bare ORT,
+    file (agent/jobs.py), and its ratio to bare ORT at the engine's batch, timed in
+    `--turns` turns, each a bare ORT run right before a pipeline run, so that both see
+    the machine in the same state (this machine's speed moves 2-3x between minutes):
+    the median of the turns' ratios, and their range,
   * sustained windows/s for 1 stream and for 32 streams,
   * the daemon's pattern: 50 streams stepped together 2 samples at a time (what a
     busy agent's step holds), CPU µs per sample: the engine's fixed cost per stream
@@ -113,6 +116,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(PADDLEX_MODELS))
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--turns", type=int, default=7)
     a = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -120,8 +124,8 @@ def main() -> None:
     # bare ORT at the batch the engine sends: the default model.max_batch
     nb = {f.name: f.default for f in msgspec.structs.fields(ModelConfig)}["max_batch"]
     hdr = (f"{'model':<17} {'ORT b1 µs':>9} {f'ORT b{nb} µs':>11} {'pipe µs/win':>11} "
-           f"{f'pipe/b{nb}':>9} {'pipe/b1':>7} {'1 stream win/s':>14} {'32 streams win/s':>16} "
-           f"{'50x2 µs/sample':>14}")
+           f"{f'pipe/b{nb}':>9} {'(range)':>11} {'pipe/b1':>7} {'1 stream win/s':>14} "
+           f"{'32 streams win/s':>16} {'50x2 µs/sample':>14}")
     print(hdr)
     with tempfile.TemporaryDirectory() as tmp:
         csv1 = long_csv(a.rows, Path(tmp))
@@ -134,14 +138,19 @@ def main() -> None:
                 continue
             b1 = bare_ort_us(path, 1, a.reps)
             det = Detector(str(path), threads=1, max_batch=nb)
-            bn = bare_ort_us(path, det.max_batch, max(a.reps // 10, 20))
             engine_run(csv32, 1, det)   # warm caches, imports
-            n1, t1 = engine_run(csv1, 1, det)
+            turns = []                  # (bare ORT µs a window, pipeline µs a window, windows/s)
+            for _ in range(max(a.turns, 1)):
+                bn = bare_ort_us(path, det.max_batch, a.reps)
+                n1, t1 = engine_run(csv1, 1, det)
+                turns.append((bn, t1 * 1e6 / n1, n1 / t1))
+            ratios = sorted(p / b for b, p, _ in turns)
+            bn, per, rate = (statistics.median(x) for x in zip(*turns))
             n32, t32 = engine_run(csv32, 32, det)
-            per = t1 * 1e6 / n1
             daemon = daemon_us_per_sample(csv32, det)
-            print(f"{name:<17} {b1:9.1f} {bn:11.2f} {per:11.2f} {per / bn:9.2f} "
-                  f"{per / b1:7.2f} {n1 / t1:14,.0f} {n32 / t32:16,.0f} {daemon:14.1f}")
+            span = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+            print(f"{name:<17} {b1:9.1f} {bn:11.2f} {per:11.2f} {statistics.median(ratios):9.2f} "
+                  f"{span:>11} {per / b1:7.2f} {rate:14,.0f} {n32 / t32:16,.0f} {daemon:14.1f}")
 
 
 if __name__ == "__main__":
