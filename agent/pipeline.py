@@ -122,9 +122,9 @@ class Pipeline:
         """One engine step and its delivery; sets when the next step may start."""
         t, inferred = time.monotonic(), self.metrics.infer_total_s
         n0, s0 = self.metrics.samples_in, self.metrics.stream_steps
-        deliver(self.engine.step(batches), self.sinks, self._sink_failed)
         if self.shelves.waiting:
-            self.shelves.catch_up(self.engine)
+            self.shelves.catch_up(self.engine, batches)
+        deliver(self.engine.step(batches), self.sinks, self._sink_failed)
         now = time.monotonic()
         wait = self.cfg.model.batch_wait_s
         if wait == "auto":
@@ -219,7 +219,7 @@ class Pipeline:
             if now - self._last_save >= SAVE_INTERVAL_S:
                 self._last_save = now
                 self.engine.saves.due_all(self.engine.streams)   # a few a step (saving.py)
-        self.engine.evict_idle(now)
+        self.shelves.evicted(self.engine.evict_idle(now))
         h = self.health()
         for sink in self.sinks:
             try:

@@ -7,7 +7,7 @@ agent's clock: while the agent is away no sample tells the time.  When the strea
 built again, each shelve still in force is given again for the time it has left, which
 runs on the wall clock until the stream's first sample and on sample time from then on
 (`Stream.shelve`).  A topic-named stream gets its shelve back when its first sample has
-made it.
+made it, and so does a stream dropped while silent (`buffer.idle_evict_s`) when it returns.
 
 Rules: a file that cannot be read or is malformed is logged and ignored (no shelve is
 better than a crash loop); a write that fails is logged and the book goes on in memory.
@@ -89,11 +89,19 @@ class ShelfBook:
             else:
                 log.info("stream %s: shelved again for the %.0f s it had left", sid, end - now)
 
-    def catch_up(self, engine) -> None:
-        """Shelves of topic-named streams whose first sample has come (each step)."""
-        for sid in [s for s in self.waiting if s in engine.streams]:
-            self.waiting.discard(sid)
-            left = self.ends.get(sid, 0.0) - time.time()
+    def evicted(self, sids: list[str]) -> None:
+        """Streams dropped for want of samples: a machine shelved for maintenance often
+        falls silent, and its stream's return must find the shelve."""
+        self.waiting.update(sid for sid in sids if sid in self.ends)
+
+    def catch_up(self, engine, batches) -> None:
+        """Before a step: the shelve of a stream whose samples it brings back, given before
+        its first sample is judged."""
+        for b in batches:
+            if b.stream not in self.waiting or engine.stream(b.stream, b.source or b.stream) is None:
+                continue
+            self.waiting.discard(b.stream)
+            left = self.ends.get(b.stream, 0.0) - time.time()
             if left > 0:
-                engine.shelve(sid, left)
-                log.info("stream %s: shelved again for the %.0f s it had left", sid, left)
+                engine.shelve(b.stream, left)
+                log.info("stream %s: shelved again for the %.0f s it had left", b.stream, left)

@@ -304,6 +304,30 @@ def test_a_shelve_outlives_a_restart_and_a_reload_that_rebuilds_the_streams(
         again.close()
 
 
+def test_a_shelved_stream_dropped_while_silent_finds_its_shelve_when_it_returns(broker, tmp_path):
+    pty = Pty()
+    cfg = write_config(tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=broker.port,
+                       serial_port=pty.path, state_dir=tmp_path / "state",
+                       buffer={"idle_evict_s": 1})
+    sub = Sub(broker.port, [P + "#"])
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("open at")
+        w = LineWriter(pty)
+        w.normal(10)
+        rc, res, err = cli(broker.port, "shelve", STREAM, "--for", "1h")
+        assert rc == 0 and res["ok"], err
+        agent.wait_log("evicted 1 idle stream")      # maintenance: the machine falls silent
+        spike = _shelved_spike(w, sub)
+        agent.wait_log("shelved again for the")
+        assert spike not in {json.loads(a)["id"] for a in on(sub, "alerts")}
+        no_traceback(agent)
+    finally:
+        agent.close()
+        sub.close()
+        pty.close()
+
+
 def test_a_retained_command_is_carried_out_once_not_at_every_start(serial_agent, broker,
                                                                     tmp_path):
     agent, w, sub = serial_agent
