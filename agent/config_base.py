@@ -18,7 +18,8 @@ STREAM_ID_CHARS = r"[A-Za-z0-9_.\-]"
 # at most this long: an id names the stream's baseline file (a file name holds 255 bytes),
 # and every alert id, health entry and topic that carries it
 STREAM_ID_MAX = 128
-STREAM_ID_PATTERN = rf"^{STREAM_ID_CHARS}{{1,{STREAM_ID_MAX}}}$"
+# \Z, not $: "$" also matches before a final newline, and "x\n" would be a second stream
+STREAM_ID_PATTERN = rf"^{STREAM_ID_CHARS}{{1,{STREAM_ID_MAX}}}\Z"
 StreamId = Annotated[str, msgspec.Meta(
     pattern=STREAM_ID_PATTERN,
     description=f"a name of 1-{STREAM_ID_MAX} letters, digits, '_', '.' and '-'")]

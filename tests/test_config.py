@@ -204,6 +204,14 @@ def test_mqtt_topic_filters_with_wildcards_are_accepted():
         assert cfg.streams[1].source.topic == topic
 
 
+def test_a_trailing_newline_is_no_part_of_an_id():
+    # "$" matches before a final newline: "a\n" would be a second stream beside "a"
+    p = only(BASE.replace("node: press-1", 'node: "press-1\\n"'))
+    assert p.startswith("<config>:1: node: value 'press-1\\n' is invalid")
+    p = only(BASE.replace("id: a", 'id: "a\\n"'))
+    assert p.startswith("<config>:5: streams[0].id: value 'a\\n' is invalid")
+
+
 def test_duplicate_stream_ids():
     p = only(BASE + "  - id: a\n    source: {type: replay, path: /x.csv}\n")
     assert p.startswith("<config>:4: streams: value [")

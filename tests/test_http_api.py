@@ -247,6 +247,7 @@ SHAPES = "values must be one sample: a list of 8 numbers, or one window: a list 
     ({"stream": "s", "values": [0.0] * 3}, "got a list of 3 numbers"),
     ({"stream": "s", "values": [[0.0] * 8]}, "got 1 list(s) of 8 number(s)"),
     ({"stream": "bad id!", "values": [0.0] * 8}, "stream must be"),
+    ({"stream": "x\n", "values": [0.0] * 8}, "stream must be"),     # not a second "x"
     ({"stream": 7, "values": [0.0] * 8}, "stream must be"),
     ({"stream": None, "values": [0.0] * 8}, "stream must be"),
     ({"stream": "s", "values": [0.0] * 8, "ts": "now"}, "ts must be epoch seconds"),

@@ -30,7 +30,7 @@ from ..config_base import STREAM_ID_CHARS
 from ..timestamps import BadTimestamp, epoch_seconds
 from .service import DEFAULT_STREAM, AnomalyService, InputError
 
-STREAM_ID = re.compile(rf"^{STREAM_ID_CHARS}{{1,64}}$")
+STREAM_ID = re.compile(rf"^{STREAM_ID_CHARS}{{1,64}}\Z")
 FLOAT32_MAX = 3.4e38
 
 
