@@ -66,10 +66,7 @@ class MqttConfig(Strict):
 def resolve_password(m: MqttConfig) -> str | None:
     """The MQTT password from file, environment or systemd credential; never logged."""
     if m.password_file:
-        try:
-            return Path(m.password_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError([f"mqtt.password_file: cannot read {m.password_file!r}: {e.strerror}"])
+        return _secret(Path(m.password_file), f"mqtt.password_file: cannot read {m.password_file!r}")
     if m.password_env:
         v = os.environ.get(m.password_env)
         if v is None:
@@ -80,12 +77,19 @@ def resolve_password(m: MqttConfig) -> str | None:
         if not d:
             raise ConfigError(["mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
                                "(use LoadCredential= in the systemd unit)"])
-        try:
-            return (Path(d) / m.password_credential).read_text().strip()
-        except OSError as e:
-            raise ConfigError([f"mqtt.password_credential: cannot read credential "
-                               f"{m.password_credential!r}: {e.strerror}"])
+        return _secret(Path(d) / m.password_credential, "mqtt.password_credential: cannot "
+                       f"read credential {m.password_credential!r}")
     return None
+
+
+def _secret(path: Path, where: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8").strip()
+    except OSError as e:
+        raise ConfigError([f"{where}: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        # the decoder's message quotes a byte of the secret and where it is
+        raise ConfigError([f"{where}: not UTF-8 text"]) from None
 
 
 class BufferedClient(mqtt.Client):

@@ -308,6 +308,10 @@ def test_password_file(tmp_path):
         resolve_password(mqtt_cfg(password_file=tmp_path / "missing"))
     assert str(e.value).startswith("mqtt.password_file: cannot read ")
     assert "missing" in str(e.value) and "No such file" in str(e.value)
+    f.write_bytes(b"hunter2\xff\xfeSECRET")   # not text: the error quotes none of it
+    with pytest.raises(ConfigError) as e:
+        resolve_password(cfg.mqtt)
+    assert str(e.value) == f"mqtt.password_file: cannot read {str(f)!r}: not UTF-8 text"
 
 
 def test_password_env(monkeypatch):

@@ -538,6 +538,34 @@ def test_a_restart_without_a_stream_removes_it_from_home_assistant(broker, tmp_p
     sub.close()
 
 
+def test_a_planted_discovery_payload_adds_no_stream(broker, tmp_path):
+    """The read-back takes only ids a source could have made: whoever may write the
+    discovery topic must not plant streams, which the agent's own payload would keep."""
+    wildcard = {"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
+                                          "stream_from_topic": 1}}
+    planted = {f"c{i}": {"p": "sensor", "state_topic": f"{P}stream/{sid}/state",
+                         "unique_id": f"u{i}"}
+               for i, sid in enumerate(["pump1", "a/b/c", "x y", "evil\u202e", "z" * 300])}
+    publish_retained = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="planter")
+    publish_retained.connect("127.0.0.1", broker.port)
+    publish_retained.loop_start()
+    publish_retained.publish(HA, json.dumps({"dev": {"ids": ["x"]}, "o": {"name": "x"},
+                                             "cmps": planted}), qos=1, retain=True
+                             ).wait_for_publish(10)
+    publish_retained.disconnect()
+    publish_retained.loop_stop()
+    sub = Sub(broker.port, [P + "#", "homeassistant/#"])
+    s = MqttSink(_sink_cfg(broker.port, tmp_path / "st", [wildcard]), Metrics())
+    s.start()
+    try:
+        sub.wait(lambda m: ha_view(sub).streams() == {"pump1"}, "only pump1 adopted")
+        assert {x[0] for x in sub.msgs if x[0].startswith(P + "stream/")} <= {
+            P + f"stream/pump1/{k}" for k in ("state", "availability", "shelved", "alert")}
+    finally:
+        s.stop()
+        sub.close()
+
+
 def test_a_stream_dropped_by_a_reload_stays_dropped_when_its_alert_ends(broker, tmp_path):
     """The reload ends the dropped stream's open alert after the new pipeline attached:
     that end (and the state "normal" with it) must not bring the stream back."""

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 
+from ..config_base import STREAM_ID_PATTERN
 from ..timestamps import iso_utc
 from .base import to_json
 from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_components, stream_of
@@ -36,6 +38,7 @@ from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_compon
 log = logging.getLogger(__name__)
 
 DISCOVERY_S = 1.0
+_ID = re.compile(STREAM_ID_PATTERN)
 KINDS = ("state", "availability", "shelved", "alert")      # the retained topics of a stream
 
 
@@ -204,7 +207,10 @@ class StreamTopics:
                                 "one of ours; replacing it", self.discovery_topic)
                 cmps = {}
             earlier = {k: c for k, c in cmps.items() if isinstance(c, dict) and len(c) > 1}
-            for sid in sorted({stream_of(c, self.prefix) for c in earlier.values()} - {None}):
+            # only ids a source could have made: anyone who may write the discovery topic
+            # could otherwise plant streams here, which this payload would then carry on
+            ids = {stream_of(c, self.prefix) for c in earlier.values()}
+            for sid in sorted(i for i in ids if i is not None and _ID.match(i)):
                 if not configured(self.cfg, sid):
                     for kind in KINDS:
                         self._pub(sid, kind, b"")
