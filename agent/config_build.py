@@ -126,7 +126,7 @@ def _struct(cls: type, value, path: KeyPath, found: list, tag: str | None = None
         kwargs[name] = _build(f.type, v, path + (name,), found)
     for key, v in value.items():
         if key not in fields and key != tag:
-            found.append((path + (key,), _unknown(key, v)))
+            found.append((path + (key,), _unknown(key, v, path)))
     if len(found) > n:
         return _BAD
     try:
@@ -163,10 +163,14 @@ def _tagged(classes: list[type], value, path: KeyPath, found: list) -> Any:
     return _struct(tags[tag], value, path, found, tag=field)
 
 
-def _unknown(key, value) -> str:
+def _unknown(key, value, path: KeyPath) -> str:
     if is_secret_key(key):
         return (f"unknown key (value {show(value, key)}); a secret never goes in the config: "
                 f"use password_file, password_env or password_credential")
+    if path[:1] == ("mqtt",):
+        # the broker login's section: a password under a name no pattern foresees
+        # ("pwd", "pasword", "credentials") must not reach the journal either
+        return "unknown key (its value is not shown in the broker's section); check the spelling"
     return f"unknown key (value {show(value, key)}); check the spelling"
 
 

@@ -24,6 +24,7 @@ Rules:
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -90,6 +91,10 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
         except ConfigError as e:
             for p in e.problems:
                 f._problem(p)
+        if _login_in_clear(cfg.mqtt):
+            f.warnings.append(f"mqtt: the broker password goes to {cfg.mqtt.host} in clear text "
+                              "(no mqtt.tls): anyone on the network path can read it and "
+                              "command the agent; set mqtt.tls, or run the broker on this host")
     _check_sources(cfg, meta.channels, f)
     try:
         # the engine applies the model's policy only when it is built: after a reload has
@@ -102,6 +107,17 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
     _learning_advice(cfg, det.calibration, f)
     _refine_advice(cfg, det, f)
     return f
+
+
+def _login_in_clear(m) -> bool:
+    if m.tls is not None or not (m.password_file or m.password_env or m.password_credential):
+        return False
+    if m.host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(m.host).is_loopback
+    except ValueError:          # a host name: it may resolve anywhere
+        return True
 
 
 def require(cfg: AgentConfig, meta: ModelMeta) -> Findings:

@@ -272,3 +272,23 @@ def test_a_model_that_reads_a_label_column_is_refused(tmp_path):
     with pytest.raises(ModelMetaError, match=r"'channels' holds the label column\(s\) "
                                              r"\['Anomaly'\], which no sensor sends"):
         load_meta(path)
+
+
+@pytest.mark.parametrize("host, tls, warned", [
+    ("192.0.2.10", None, True), ("broker.plant", None, True), ("127.0.0.1", None, False),
+    ("localhost", None, False), ("::1", None, False), ("192.0.2.10", "ca", False)])
+def test_a_password_sent_in_clear_to_another_host_is_warned(model, tmp_path, monkeypatch,
+                                                            host, tls, warned):
+    monkeypatch.setenv("PW", "x")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    mqtt = {"host": host, "username": "u", "password_env": "PW"}
+    if tls:
+        mqtt["tls"] = {"ca_file": str(ca)}
+    f = findings(model, mqtt=mqtt)
+    clear = [w for w in f.warnings if "in clear text" in w]
+    assert clear == ([f"mqtt: the broker password goes to {host} in clear text (no mqtt.tls): "
+                      "anyone on the network path can read it and command the agent; set "
+                      "mqtt.tls, or run the broker on this host"] if warned else [])
+    # without a password there is nothing to read
+    assert not any("in clear text" in w for w in findings(model, mqtt={"host": host}).warnings)
