@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import re
 import select
 import socket
@@ -503,3 +504,17 @@ def test_openapi_lists_every_answer_the_server_sends_on_every_path(server):
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
         s.sendall(b"GET /healthz HTTP/2.0\r\n\r\n")
         assert read_all(s).startswith(b"HTTP/1.1 505 ")
+
+
+def test_a_request_line_with_control_characters_is_logged_escaped(server, caplog):
+    """The request line is the client's text: in the log it cannot move a terminal's
+    cursor nor start a journal entry of its own."""
+    with caplog.at_level(logging.DEBUG, logger="tsad.http"):
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+            s.sendall(b"GET /\x1b[2J\x1b[31mFAKE HTTP/1.1\r\nConnection: close\r\n\r\n")
+            assert read_all(s).startswith(b"HTTP/1.1 404 ")
+        deadline = time.monotonic() + 10
+        while "FAKE" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    line = next(r.getMessage() for r in caplog.records if "FAKE" in r.getMessage())
+    assert "\x1b" not in line and "/\\x1b[2J\\x1b[31mFAKE" in line

@@ -52,6 +52,7 @@ from .pool import PooledServer
 from .transport import CONTINUE, Conn, DeadlineReader, DeadlineWriter, content_length
 
 log = logging.getLogger("tsad.http")
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f)}
 
 MAX_BODY = 8 << 20
 MIN_BODY_RATE = 256 << 10      # bytes/s
@@ -151,7 +152,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ plumbing
     def log_message(self, fmt, *args) -> None:
-        log.debug("%s " + fmt, self.client_address[0], *args)
+        # a request line is the client's text: escape control characters, so that it can
+        # neither move the terminal's cursor nor start a journal entry of its own
+        log.debug("%s %s", self.client_address[0], (fmt % args).translate(_CONTROL))
 
     def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
         self._responded = True
@@ -226,7 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError):     # the deadline, or the client went away
             raise
         except Exception:
-            log.exception("unhandled error on %s %s", self.command, path)
+            log.exception("unhandled error on %s %r", self.command, path)
             self.close_connection = True
             self._error(500, "internal error; see the server log")
 
