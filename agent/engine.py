@@ -20,7 +20,7 @@ Rules of a step:
 - Streams are created on their first sample, as agent/admission.py allows (at most
   `max_streams` per source, one source per stream id), and evicted after `idle_evict_s`
   without samples unless an alert is open; a learned baseline is in the state store by
-  then and comes back with the stream's next sample.
+  then and comes back with the stream's next sample, a learning period is lost (logged).
 """
 from __future__ import annotations
 
@@ -50,9 +50,8 @@ from .stream import Stream, StreamResult
 log = logging.getLogger("tsad.engine")
 
 # Streams that start together end their learning periods together.  Fitted in one step,
-# 100 streams' 30 minutes at 1 Hz took 10 s with TimesNet_ad here; on a device 3x slower,
-# past WatchdogSec: systemd would restart the agent before any baseline was saved, again
-# and again (docs/RESULTS.md, twelfth session).
+# 100 streams' 30 minutes at 1 Hz took 10 s with TimesNet_ad here; 3x slower, past
+# WatchdogSec: systemd restarted the agent before any baseline was saved (RESULTS, 12th).
 FIT_SAMPLES = 4096
 
 
@@ -128,14 +127,12 @@ class Engine:
             st.adapter.restore(saved)
         return st
 
-    def pending(self, sid: str) -> dict:
-        """Why a stream gave no score yet (Stream.pending)."""
+    def pending(self, sid: str) -> dict:      # why a stream gave no score yet
         return self.streams[sid].pending()
 
     def drop(self, sid: str) -> None:
         self.held_back.pop(sid, None)
-        st = self.streams.pop(sid, None)
-        if st is not None:
+        if (st := self.streams.pop(sid, None)) is not None:
             self.admission.removed(st.source)
 
     def retain(self, new_sources: dict, old_sources: dict, reason: str) -> list[dict]:
@@ -167,8 +164,7 @@ class Engine:
             joined.setdefault(b.stream, []).append(b)
         results: list[StreamResult] = []
         self._due: list[tuple[Stream, Windows]] = []
-        self._pending, now = 0, time.monotonic()
-        self._fit_room = FIT_SAMPLES
+        self._pending, now, self._fit_room = 0, time.monotonic(), FIT_SAMPLES
         self.metrics.steps += 1
         for sid in (touched := list(self.held_back)):
             st = self.streams[sid]
@@ -382,6 +378,10 @@ class Engine:
         gone = [sid for sid, st in self.streams.items()
                 if now - st.last_seen > limit and st.tracker.state != "anomaly"]
         for sid in gone:
+            if held := self.streams[sid].baseline.held:
+                log.warning("stream %s: dropped after %g s without samples while learning: %d "
+                            "held samples lost (a longer buffer.idle_evict_s keeps them)",
+                            sid, limit, held)
             self.save(sid)
             self.drop(sid)
         if gone:

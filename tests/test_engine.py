@@ -224,6 +224,17 @@ def test_idle_streams_are_evicted_and_come_back_with_their_baseline(model, tmp_p
     assert not e.streams["s1"].baseline.learning and windows(res) == 50 - W + 1
 
 
+def test_a_stream_dropped_while_learning_says_what_it_lost(model, caplog):
+    e = engine_for(model, buffer={"idle_evict_s": 60},
+                   calibration={"enabled": True, "samples": 100, "margin": 3.0})
+    feed(e, "s1", normal(40))
+    e.streams["s1"].last_seen -= 61
+    with caplog.at_level(logging.WARNING, logger="tsad.engine"):
+        assert e.evict_idle() == ["s1"]
+    assert ("stream s1: dropped after 60 s without samples while learning: 40 held samples "
+            "lost (a longer buffer.idle_evict_s keeps them)") in caplog.text
+
+
 def test_an_open_alert_keeps_its_stream_in_memory(model):
     e = engine_for(model, scoring={"threshold": 0.5}, buffer={"idle_evict_s": 60},
                    alerts={"open_k": 1, "open_n": 1})
