@@ -1,6 +1,9 @@
 """Counting and logging unusable input: every reason counted in `Metrics.malformed`,
 logged at most once per reason per LOG_INTERVAL_S with how many more came meanwhile,
-so a broken sensor neither floods the journal nor goes unnoticed.  Reasons met while
+so a broken sensor neither floods the journal nor goes unnoticed.  A reason that keeps
+coming (a device that always sends an extra key) is reported half as often each time,
+down to once per MAX_LOG_INTERVAL_S: a condition that never changes is not news
+8,640 times a day.  One that comes back after a quiet spell is reported at once.  Reasons met while
 one payload is decoded (it may hold 100k samples) are `note`d and reported once by
 `flush`."""
 from __future__ import annotations
@@ -13,12 +16,15 @@ from .metrics import Metrics
 log = logging.getLogger("tsad.decode")
 
 LOG_INTERVAL_S = 10.0
+MAX_LOG_INTERVAL_S = 3600.0
 
 
 class BadInput:
     def __init__(self, metrics: Metrics, log_name: str):
         self.metrics, self.log_name = metrics, log_name
         self._last_log: dict[str, float] = {}
+        self._interval: dict[str, float] = {}
+        self._seen: dict[str, float] = {}       # when each reason last came
         self._suppressed: dict[str, int] = {}
         self._pending: dict[str, list] = {}
 
@@ -33,12 +39,18 @@ class BadInput:
                         f" (+{more} more since last report)" if more else "")
 
     def may_log(self, key: str, n: int = 1) -> int | None:
-        """How many more of `key` to report with this log line; None: logged < 10 s ago."""
+        """How many more of `key` to report with this log line; None: not yet due."""
         now = time.monotonic()
-        last = self._last_log.get(key)
-        if last is not None and now - last < LOG_INTERVAL_S:
+        last, seen = self._last_log.get(key), self._seen.get(key)
+        self._seen[key] = now
+        gap = self._interval.get(key, LOG_INTERVAL_S)
+        if last is not None and now - last < gap:
             self._suppressed[key] = self._suppressed.get(key, 0) + n
             return None
+        # going on: it came again within twice the interval (so a quirk every 15 s backs
+        # off too); after a quiet spell it is news again
+        going_on = seen is not None and now - seen < 2 * gap
+        self._interval[key] = min(2 * gap, MAX_LOG_INTERVAL_S) if going_on else LOG_INTERVAL_S
         self._last_log[key] = now
         return self._suppressed.pop(key, 0) + n - 1
 

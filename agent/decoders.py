@@ -271,7 +271,7 @@ class LineDecoder:
         `flat`: time keys are the sample's time, not unknown channels."""
         index = self._index
         raw = [_ABSENT] * len(self.channels)
-        unknown = 0
+        unknown = None              # the first key that names no channel, for the log
         for k, v in obj.items():
             i = index.get(k)
             if i is not None:
@@ -280,11 +280,11 @@ class LineDecoder:
                 for k2, v2 in v.items():
                     j = index.get(f"{k}.{k2}")
                     if j is None:
-                        unknown += 1
+                        unknown = f"{k}.{k2}" if unknown is None else unknown
                     else:
                         raw[j] = v2
             elif not (flat and k.lower() in TIME_KEYS):
-                unknown += 1
+                unknown = k if unknown is None else unknown
         missing = raw.count(_ABSENT)
         if missing == len(raw):
             raise Unusable("no_known_channel")
@@ -297,8 +297,8 @@ class LineDecoder:
         else:
             vals = [v if type(v) is float else json_number(v) for v in raw]
             bad = clean(vals)
-        if unknown:
-            self.report.note("unknown_channel", data)
+        if unknown is not None:
+            self.report.note("unknown_channel", data, f"key {unknown[:40]!r}")
         if bad:
             self.report.note("nan", data)
         return vals
