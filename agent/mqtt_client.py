@@ -24,7 +24,16 @@ class TlsConfig(Strict):
     ca_file: str
     cert_file: str | None = None
     key_file: str | None = None
+    # the client key as a systemd credential (LoadCredential=NAME:/etc/...): the unit's
+    # transient user can read no file that only root may, and a key must stay private
+    key_credential: str | None = None
     verify_hostname: bool = True
+
+    def __post_init__(self):
+        if self.key_file and self.key_credential:
+            raise ValueError("give key_file or key_credential, not both")
+        if self.key_credential and not self.cert_file:
+            raise ValueError("key_credential is the key of cert_file: give cert_file too")
 
 
 class HomeAssistantConfig(Strict):
@@ -73,13 +82,32 @@ def resolve_password(m: MqttConfig) -> str | None:
             raise ConfigError([f"mqtt.password_env: environment variable {m.password_env!r} is not set"])
         return v
     if m.password_credential:
-        d = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not d:
-            raise ConfigError(["mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
-                               "(use LoadCredential= in the systemd unit)"])
-        return _secret(Path(d) / m.password_credential, "mqtt.password_credential: cannot "
-                       f"read credential {m.password_credential!r}")
+        return _secret(_credential(m.password_credential, "mqtt.password_credential"),
+                       f"mqtt.password_credential: cannot read credential {m.password_credential!r}")
     return None
+
+
+def _credential(name: str, key: str) -> Path:
+    d = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not d:
+        raise ConfigError([f"{key}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= "
+                           "in the systemd unit)"])
+    return Path(d) / name
+
+
+def tls_files(tls: TlsConfig) -> tuple[str, str | None, str | None]:
+    """(ca, cert, key) paths, each one readable: ConfigError naming the one that is not
+    (ssl's own error does not say which of the three it could not open)."""
+    key = str(_credential(tls.key_credential, "mqtt.tls.key_credential")) \
+        if tls.key_credential else tls.key_file
+    for name, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file),
+                       ("key_credential" if tls.key_credential else "key_file", key)):
+        if path is not None:
+            try:
+                open(path, "rb").close()
+            except OSError as e:
+                raise ConfigError([f"mqtt.tls.{name}: cannot read {path!r}: {e.strerror}"]) from None
+    return tls.ca_file, tls.cert_file, key
 
 
 def _secret(path: Path, where: str) -> str:
@@ -172,9 +200,9 @@ def make_client(cfg: MqttConfig, node: str, role: str,
         c.username_pw_set(cfg.username, resolve_password(cfg))
     if cfg.tls:
         # TLS configured means TLS only: paho never falls back to plaintext once set.
+        ca, cert, key = tls_files(cfg.tls)
         try:
-            c.tls_set(ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file,
-                      keyfile=cfg.tls.key_file, cert_reqs=ssl.CERT_REQUIRED,
+            c.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED,
                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
         except (OSError, ssl.SSLError, ValueError) as e:
             raise ConfigError([f"mqtt.tls: cannot load ca_file {cfg.tls.ca_file!r}"
@@ -193,9 +221,12 @@ def tls_problem(cfg: MqttConfig, timeout: float = 3.0) -> str | None:
     if not cfg.tls:
         return None
     try:
-        ctx = ssl.create_default_context(cafile=cfg.tls.ca_file)
-        if cfg.tls.cert_file:
-            ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+        ca, cert, key = tls_files(cfg.tls)
+        ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    except ConfigError as e:
+        return e.problems[0]
     except (OSError, ssl.SSLError) as e:
         return f"TLS files unusable: {e}"
     ctx.check_hostname = cfg.tls.verify_hostname

@@ -206,7 +206,7 @@ REFUSED = [
                                         "password_file: {missing}}}"),
      "mqtt.password_file: cannot read '{missing}': No such file or directory"),
     ("tls-ca-missing", dict(mqtt="{{host: 127.0.0.1, tls: {{ca_file: {missing}}}}}"),
-     "mqtt.tls: cannot load ca_file '{missing}'"),
+     "mqtt.tls.ca_file: cannot read '{missing}': No such file or directory"),
     ("state-dir-unwritable", dict(state_dir="{blocker}/state"),
      "state_dir: {blocker}/state is not writable ({blocker} is not a folder)"),
     ("jsonl-unwritable", dict(extra="sinks: {{jsonl: {{path: {blocker}/a.jsonl}}}}\n"),

@@ -61,25 +61,27 @@ def pki(tmp_path_factory) -> dict[str, Path]:
           .sign(ca_key, hashes.SHA256()))
     out = {"ca": _write(d, "ca", ca, ca_key)[0]}
 
-    def server(stem: str, cn: str, sans: list) -> None:
+    def server(stem: str, cn: str, sans: list,
+               usage=x509.ExtendedKeyUsageOID.SERVER_AUTH) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - dt.timedelta(minutes=5))
                 .not_valid_after(now + dt.timedelta(days=1))
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
-                               critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
                 .sign(ca_key, hashes.SHA256()))
         out[stem], out[stem + "_key"] = _write(d, stem, cert, key)
 
     server("server", "127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                    x509.DNSName("localhost")])
     server("other", "otherhost", [x509.DNSName("otherhost")])
+    server("client", "tsad-agent", [x509.DNSName("tsad-agent")],
+           usage=x509.ExtendedKeyUsageOID.CLIENT_AUTH)
     return out
 
 
-def _tls_broker(d: Path, pki: dict, cert: str = "server") -> Broker:
+def _tls_broker(d: Path, pki: dict, cert: str = "server", mutual: bool = False) -> Broker:
     d.mkdir()
     pw = d / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), USER, PASSWORD], check=True,
@@ -87,7 +89,8 @@ def _tls_broker(d: Path, pki: dict, cert: str = "server") -> Broker:
     root = "user root\n" if os.geteuid() == 0 else ""
     return Broker(d, extra_conf=(f"allow_anonymous false\npassword_file {pw}\n"
                                  f"cafile {pki['ca']}\ncertfile {pki[cert]}\n"
-                                 f"keyfile {pki[cert + '_key']}\n{root}")).start()
+                                 f"keyfile {pki[cert + '_key']}\n{root}"
+                                 + ("require_certificate true\n" if mutual else ""))).start()
 
 
 @pytest.fixture
@@ -208,7 +211,7 @@ def test_unreadable_credentials_stop_the_start_clearly(tmp_path, pki):
                 ("nopw", {"username": USER, "password_file": str(tmp_path / "missing.pw")},
                  "mqtt.password_file: cannot read"),
                 ("noca", {"tls": {"ca_file": str(tmp_path / "missing-ca.pem")}},
-                 "mqtt.tls: cannot load ca_file")):
+                 "mqtt.tls.ca_file: cannot read")):
             cfg = write_config(tmp_path / f"{name}.yaml", model=tiny_model(tmp_path),
                                port=1883, serial_port=pty.path, state_dir=tmp_path / name,
                                mqtt=mqtt)
@@ -218,3 +221,44 @@ def test_unreadable_credentials_stop_the_start_clearly(tmp_path, pki):
             no_traceback(a)
     finally:
         pty.close()
+
+
+def test_mutual_tls_takes_the_client_key_as_a_systemd_credential(tmp_path, pki, run,
+                                                                 monkeypatch):
+    """The unit's transient user cannot read a key only root may; systemd hands it over
+    as a credential (LoadCredential=client.key:/etc/tsad-agent/client.key)."""
+    start, pty = run
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "client.key").write_bytes(pki["client_key"].read_bytes())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    b = _tls_broker(tmp_path / "mq", pki, mutual=True)
+    obs = Observer(b.port, tls={"ca_certs": str(pki["ca"]), "certfile": str(pki["client"]),
+                                "keyfile": str(pki["client_key"])}, auth=(USER, PASSWORD))
+    try:
+        obs.wait_subscribed()
+        agent = start(b.port, cert_file=str(pki["client"]), key_credential="client.key")
+        agent.wait_log("MQTT connected")
+        w = LineWriter(pty)
+        w.normal(20)
+        expected = set(w.spikes(2))
+        obs.wait_ids(expected)
+        no_traceback(agent)
+    finally:
+        obs.close()
+        b.stop()
+
+
+def test_the_tls_file_that_cannot_be_read_is_the_one_named(tmp_path, pki, monkeypatch):
+    from agent.config import ConfigError
+    from agent.mqtt_client import TlsConfig, tls_files
+    missing = str(tmp_path / "nope.key")
+    with pytest.raises(ConfigError, match=f"mqtt.tls.key_file: cannot read '{missing}'"):
+        tls_files(TlsConfig(ca_file=str(pki["ca"]), cert_file=str(pki["client"]),
+                            key_file=missing))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(ConfigError, match="mqtt.tls.key_credential: cannot read"):
+        tls_files(TlsConfig(ca_file=str(pki["ca"]), cert_file=str(pki["client"]),
+                            key_credential="client.key"))
+    with pytest.raises(ValueError, match="not both"):
+        TlsConfig(ca_file="a", cert_file="b", key_file="c", key_credential="d")
