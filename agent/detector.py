@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .providers import CPU, resolve
 log = logging.getLogger(__name__)
 
 # ORT errors that mean the file itself is bad: no other provider will do better.
+EXTERNAL_DATA_DIR = "session.model_external_initializers_file_folder_path"
 _MODEL_ERRORS = (ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.InvalidArgument,
                  ort_state.NoSuchFile, ort_state.NoModel)
 
@@ -159,12 +161,23 @@ class Detector:
             # run are placed on the next one instead of failing the session.
             rest = chain[i:]
             try:
-                sess = ort.InferenceSession(
-                    blob, sess_options=self._session_options(threads),
-                    providers=[p for p, _ in rest], provider_options=[o for _, o in rest])
+                # External data files are found from an empty folder, so none is: the
+                # sha256 covers the .onnx file alone, and ORT would look for them from the
+                # working directory (/ under the unit), where any file could stand in.
+                with tempfile.TemporaryDirectory() as nowhere:
+                    so = self._session_options(threads)
+                    so.add_session_config_entry(EXTERNAL_DATA_DIR, nowhere)
+                    sess = ort.InferenceSession(
+                        blob, sess_options=so, providers=[p for p, _ in rest],
+                        provider_options=[o for _, o in rest])
             except _MODEL_ERRORS as e:
                 raise DetectorError(f"{self.path}: not a loadable ONNX model: {_first_line(e)}") from None
             except Exception as e:   # ORT raises bare pybind errors; any other = provider trouble
+                if "External data" in str(e):
+                    raise DetectorError(
+                        f"{self.path}: the model keeps weights in external data files, which its "
+                        "sha256 does not cover; tsad-agent loads one self-contained .onnx file "
+                        "(export it with the weights inside)") from None
                 if ep == CPU:
                     raise DetectorError(
                         f"{self.path}: onnxruntime cannot build a session: {_first_line(e)}") from None

@@ -171,3 +171,19 @@ def test_a_detector_serves_a_model_section_only_while_nothing_it_is_made_of_chan
     assert not det.serves(cfg)
     path.unlink()
     assert not det.serves(cfg)
+
+
+def test_a_model_with_external_data_is_refused_wherever_the_process_runs(tmp_path, monkeypatch):
+    """Its weights would come from files the sha256 does not cover, looked for from the
+    working directory (/ under the unit): any file there could stand in for them."""
+    import onnx
+    path, _ = make_model(tmp_path / "ext.onnx", window=W, channels=C, kind="timemix")
+    m = onnx.load(str(path))
+    onnx.save(m, str(path), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    reseal(path)
+    for cwd in (tmp_path, tmp_path.parent):           # beside its weights, and elsewhere
+        monkeypatch.chdir(cwd)
+        with pytest.raises(DetectorError, match="keeps weights in external data files, which "
+                                                "its sha256 does not cover"):
+            Detector(str(path))
