@@ -19,8 +19,8 @@ Rules of a step:
   `metrics.errors`; the other streams of the step go on.
 - Streams are created on their first sample, as agent/admission.py allows (at most
   `max_streams` per source, one source per stream id), and evicted after `idle_evict_s`
-  without samples unless an alert is open; a learned baseline is in the state store by
-  then and comes back with the stream's next sample, a learning period is lost (logged).
+  without samples (a learning one after as long as it has learned, if longer) unless an
+  alert is open; a learned baseline comes back from the state store with its next sample.
 """
 from __future__ import annotations
 
@@ -375,13 +375,12 @@ class Engine:
         if limit is None:
             return []
         now = time.monotonic() if now is None else now
-        gone = [sid for sid, st in self.streams.items()
-                if now - st.last_seen > limit and st.tracker.state != "anomaly"]
+        gone = [sid for sid, st in self.streams.items() if st.tracker.state != "anomaly"
+                and now - st.last_seen > max(limit, st.baseline.learning_for(st.last_seen))]
         for sid in gone:
             if held := self.streams[sid].baseline.held:
-                log.warning("stream %s: dropped after %g s without samples while learning: %d "
-                            "held samples lost (a longer buffer.idle_evict_s keeps them)",
-                            sid, limit, held)
+                log.warning("stream %s: dropped while learning, silent for longer than it had "
+                            "learned and than buffer.idle_evict_s: %d held samples lost", sid, held)
             self.save(sid)
             self.drop(sid)
         if gone:

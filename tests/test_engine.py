@@ -224,15 +224,22 @@ def test_idle_streams_are_evicted_and_come_back_with_their_baseline(model, tmp_p
     assert not e.streams["s1"].baseline.learning and windows(res) == 50 - W + 1
 
 
-def test_a_stream_dropped_while_learning_says_what_it_lost(model, caplog):
+def test_a_learning_stream_stays_through_a_silence_shorter_than_its_learning(model, caplog):
+    """A day's learning on a machine that stands every night: the held samples must
+    outlive the night, while a one-off id leaves after idle_evict_s."""
     e = engine_for(model, buffer={"idle_evict_s": 60},
-                   calibration={"enabled": True, "samples": 100, "margin": 3.0})
-    feed(e, "s1", normal(40))
-    e.streams["s1"].last_seen -= 61
+                   calibration={"enabled": True, "duration_s": 86400, "margin": 3.0})
+    feed(e, "day", normal(40))
+    feed(e, "once", normal(1), t0=3e9)
+    day = e.streams["day"]
+    day.baseline._since = day.last_seen - 16 * 3600     # its samples came over 16 h
+    now = day.last_seen + 8 * 3600                       # then the night
+    e.streams["once"].last_seen = day.last_seen
     with caplog.at_level(logging.WARNING, logger="tsad.engine"):
-        assert e.evict_idle() == ["s1"]
-    assert ("stream s1: dropped after 60 s without samples while learning: 40 held samples "
-            "lost (a longer buffer.idle_evict_s keeps them)") in caplog.text
+        assert e.evict_idle(now) == ["once"]
+        assert e.evict_idle(now + 8 * 3600 + 1) == ["day"]   # silent longer than it learned
+    assert ("stream day: dropped while learning, silent for longer than it had learned and "
+            "than buffer.idle_evict_s: 40 held samples lost") in caplog.text
 
 
 def test_an_open_alert_keeps_its_stream_in_memory(model):
