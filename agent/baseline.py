@@ -80,6 +80,9 @@ class _Held:
         self._values[self.n:self.n + m] = values
         self.n += m
 
+    def span(self) -> float:
+        return float(self._ts[self.n - 1] - self._ts[0]) if self.n else 0.0
+
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The held samples; the buffer is released."""
         if self._ts is None:
@@ -94,7 +97,7 @@ class _Held:
 class Baseline:
     __slots__ = ("fixed_threshold", "scaler", "threshold", "level", "fitted_at", "samples_used",
                  "_held", "_first_ts", "_ended", "meta", "cal", "refiner", "refined_from",
-                 "refined", "unsaved", "_since")
+                 "refined", "unsaved")
 
     def __init__(self, meta: ModelMeta, cal: CalibrationConfig, fixed_threshold: float | None):
         self.meta, self.cal = meta, cal
@@ -114,7 +117,6 @@ class Baseline:
         self._held: _Held | None = self._new_held() if cal.enabled else None
         self._first_ts: float | None = None
         self._ended = False
-        self._since = float("inf")     # monotonic time of the first sample held
         if not cal.enabled:
             self.scaler = StreamScaler.from_meta(meta)
             self.threshold = self._default_threshold()
@@ -144,12 +146,12 @@ class Baseline:
         """Samples held for the learning period so far."""
         return self._held.n if self._held is not None else 0
 
-    def learning_for(self, now: float) -> float:
-        """How long (monotonic s) this learning period has held samples by `now`; 0 when
-        it holds none or is over. An idle stream that learned this long may stay as long
+    def learning_for(self) -> float:
+        """The sample time this learning period's held samples span (0 when it holds none
+        or is over). An idle stream that has learned this long may stay as long
         (Engine.evict_idle): a machine that stands every night must not lose a learning
         period longer than its working day."""
-        return max(0.0, now - self._since) if self._held is not None and self._held.n else 0.0
+        return self._held.span() if self._held is not None else 0.0
 
     @property
     def period_over(self) -> bool:
@@ -171,8 +173,6 @@ class Baseline:
             take = int(after[0]) if len(after) else len(ts)
             ended = len(after) > 0
         if take:
-            if not self._held.n:
-                self._since = time.monotonic()
             self._held.add(ts[:take], values[:take])
         self._ended = ended and self._held.n > 0
         return take
@@ -181,7 +181,7 @@ class Baseline:
         """The held samples (ts, raw values); the period is reset."""
         ts, raw = self._held.take()
         self._held = None
-        self._first_ts, self._ended, self._since = None, False, float("inf")
+        self._first_ts, self._ended = None, False
         return ts, raw
 
     def fit_scaler(self, raw: np.ndarray, stream: str) -> None:

@@ -229,15 +229,17 @@ def test_a_learning_stream_stays_through_a_silence_shorter_than_its_learning(mod
     outlive the night, while a one-off id leaves after idle_evict_s."""
     e = engine_for(model, buffer={"idle_evict_s": 60},
                    calibration={"enabled": True, "duration_s": 86400, "margin": 3.0})
-    feed(e, "day", normal(40))
+    v = normal(40)
+    for k in range(4):                                   # 16 h of running, fast-forwarded
+        feed(e, "day", v[10 * k:10 * (k + 1)], t0=1.7e9 + k * 4 * 3600)
     feed(e, "once", normal(1), t0=3e9)
     day = e.streams["day"]
-    day.baseline._since = day.last_seen - 16 * 3600     # its samples came over 16 h
+    assert day.baseline.learning_for() == pytest.approx(12 * 3600 + 9, abs=1)
     now = day.last_seen + 8 * 3600                       # then the night
     e.streams["once"].last_seen = day.last_seen
     with caplog.at_level(logging.WARNING, logger="tsad.engine"):
         assert e.evict_idle(now) == ["once"]
-        assert e.evict_idle(now + 8 * 3600 + 1) == ["day"]   # silent longer than it learned
+        assert e.evict_idle(now + 4 * 3600 + 10) == ["day"]  # silent longer than it learned
     assert ("stream day: dropped while learning, silent for longer than it had learned and "
             "than buffer.idle_evict_s: 40 held samples lost") in caplog.text
 
