@@ -192,6 +192,10 @@ def test_commands_from_the_cli_act_on_the_running_agent(serial_agent, broker):
 def test_a_home_assistant_button_press_runs_its_command(serial_agent, broker):
     agent, w, sub = serial_agent
     w.normal(9)
+    # the samples taken first: a shelve before a stream's first sample runs on the wall
+    # clock and is shown on the sample clock once that sample comes
+    sub.wait(lambda m: any(x[0] == P + "health" and json.loads(x[1])["samples_in"] >= 9
+                           for x in m), "the samples read")
     sub.wait(lambda m: any(x[0] == HA and STREAM in json.loads(x[1])["cmps"].get(
         f"{STREAM}_shelve", {}).get("payload_press", "") for x in m), "discovery")
     reg = ha_view(sub)
