@@ -286,6 +286,7 @@ def test_a_shelve_outlives_a_restart_and_a_reload_that_rebuilds_the_streams(
     again = AgentProcess(tmp_path / "agent.yaml", tmp_path / "agent2.log").start()
     try:
         again.wait_log("shelved again for the")
+        again.wait_log("open at")          # lines written before the port opens are not read
         spike = _shelved_spike(w, sub)
         # a reload that changes a detection setting builds the streams anew
         cfg = yaml.safe_load((tmp_path / "agent.yaml").read_text())
@@ -353,6 +354,7 @@ def test_a_retained_command_is_carried_out_once_not_at_every_start(serial_agent,
         res = results(sub)["kept"]
         assert res["ok"] is False and "a retained command is refused" in res["error"]
         assert res["cmd"] == "shelve"
+        again.wait_log("open at")          # lines written before the port opens are not read
         w.normal(10)
         spike = alert_id(w.line(True))     # not shelved: the operator's unshelve stands
         w.normal(3)
