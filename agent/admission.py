@@ -31,6 +31,11 @@ class Admission:
         self.counts: dict[str, int] = {}
         self._told: set = set()     # sources, and (stream, source) pairs, already logged
 
+    def room(self, sid: str, src: str) -> bool:
+        """may_create's answer, without counting or logging a refusal."""
+        return not (src != sid and sid in self.named) and \
+            self.counts.get(src, 0) < self.caps.get(src, self.default_cap)
+
     def may_create(self, sid: str, src: str) -> bool:
         if src != sid and sid in self.named:
             return self.collision(sid, src, sid)

@@ -3,7 +3,9 @@ logged at most once per reason per LOG_INTERVAL_S with how many more came meanwh
 so a broken sensor neither floods the journal nor goes unnoticed.  A reason that keeps
 coming (a device that always sends an extra key) is reported half as often each time,
 down to once per MAX_LOG_INTERVAL_S: a condition that never changes is not news
-8,640 times a day.  One that comes back after a quiet spell is reported at once.  Reasons met while
+8,640 times a day.  One that comes back after a quiet spell longer than its current
+interval is reported at once, and after one longer than twice that interval its
+interval starts again at LOG_INTERVAL_S.  Reasons met while
 one payload is decoded (it may hold 100k samples) are `note`d and reported once by
 `flush`."""
 from __future__ import annotations

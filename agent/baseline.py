@@ -59,16 +59,19 @@ class _Held:
     heap: _unheaped): a daemon receives samples one message at a time, and a list of
     one-row arrays costs about seven times the data it holds."""
 
-    __slots__ = ("n", "_ts", "_values", "channels", "first_cap")
+    __slots__ = ("n", "_ts", "_values", "channels", "first_cap", "since")
 
     def __init__(self, channels: int, first_cap: int):
         self.channels, self.first_cap = channels, max(first_cap, 16)
         self.n = 0
         self._ts: np.ndarray | None = None
         self._values: np.ndarray | None = None
+        self.since = 0.0            # monotonic time of the first sample held
 
     def add(self, ts: np.ndarray, values: np.ndarray) -> None:
         m = len(ts)
+        if not self.n:
+            self.since = time.monotonic()
         if self._ts is None:
             self._ts, self._values = _unheaped(max(self.first_cap, m), self.channels)
         elif self.n + m > len(self._ts):
@@ -80,8 +83,13 @@ class _Held:
         self._values[self.n:self.n + m] = values
         self.n += m
 
-    def span(self) -> float:
-        return float(self._ts[self.n - 1] - self._ts[0]) if self.n else 0.0
+    def span(self, now: float) -> float:
+        """How long these samples were held for: their sample time's span, but no longer
+        than the wall time since the first (a device clock's step forward, or a client's
+        made-up times, must not make a few samples look like a day's learning)."""
+        if not self.n:
+            return 0.0
+        return max(0.0, min(float(self._ts[self.n - 1] - self._ts[0]), now - self.since))
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The held samples; the buffer is released."""
@@ -146,12 +154,12 @@ class Baseline:
         """Samples held for the learning period so far."""
         return self._held.n if self._held is not None else 0
 
-    def learning_for(self) -> float:
-        """The sample time this learning period's held samples span (0 when it holds none
-        or is over). An idle stream that has learned this long may stay as long
-        (Engine.evict_idle): a machine that stands every night must not lose a learning
-        period longer than its working day."""
-        return self._held.span() if self._held is not None else 0.0
+    def learning_for(self, now: float) -> float:
+        """How long this learning period has held samples, by `now` (monotonic; `_Held.span`),
+        0 when it holds none or is over. An idle stream that has learned this long may stay
+        as long (Engine.evict_idle): a machine that stands every night must not lose a
+        learning period longer than its working day."""
+        return self._held.span(now) if self._held is not None else 0.0
 
     @property
     def period_over(self) -> bool:

@@ -19,7 +19,7 @@ Rules of a step:
   `metrics.errors`; the other streams of the step go on.
 - Streams are created on their first sample, as agent/admission.py allows (at most
   `max_streams` per source, one source per stream id), and evicted after `idle_evict_s`
-  without samples (a learning one after the sample time it has learned, if longer) unless an
+  without samples (a learning one after as long as it has learned, if longer) unless an
   alert is open; a learned baseline comes back from the state store with its next sample.
 """
 from __future__ import annotations
@@ -376,7 +376,7 @@ class Engine:
             return []
         now = time.monotonic() if now is None else now
         gone = [sid for sid, st in self.streams.items() if st.tracker.state != "anomaly"
-                and now - st.last_seen > max(limit, st.baseline.learning_for())]
+                and now - st.last_seen > max(limit, st.baseline.learning_for(st.last_seen))]
         for sid in gone:
             if held := self.streams[sid].baseline.held:
                 log.warning("stream %s: dropped while learning, silent for longer than it had "

@@ -159,8 +159,14 @@ class Pipeline:
 
     def _command(self, c: Command) -> None:
         result, events = execute(c, self.engine)
-        if result["ok"] and c.cmd in ("shelve", "unshelve"):
-            self.shelves.record(c.args["stream"], c.args.get("for_s", 0.0))
+        if c.cmd in ("shelve", "unshelve") and not c.error:
+            sid = c.args["stream"]
+            if not result["ok"] and c.cmd == "unshelve" and sid in self.shelves.ends:
+                # a shelve waiting for its stream's return (evicted, topic-named)
+                result = {**result, "ok": True, "stream": sid, "shelved_until": None}
+                del result["error"]
+            if result["ok"]:
+                self.shelves.record(sid, c.args.get("for_s", 0.0))
         states = self.engine.take_entered()
         for sink in self.sinks:
             try:

@@ -91,10 +91,11 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
         except ConfigError as e:
             for p in e.problems:
                 f._problem(p)
-        if _login_in_clear(cfg.mqtt):
-            f.warnings.append(f"mqtt: the broker password goes to {cfg.mqtt.host} in clear text "
-                              "(no mqtt.tls): anyone on the network path can read it and "
-                              "command the agent; set mqtt.tls, or run the broker on this host")
+    uses_broker = cfg.mqtt.enabled or any(s.source.type == "mqtt" for s in cfg.streams)
+    if uses_broker and _login_in_clear(cfg.mqtt):
+        f.warnings.append(f"mqtt: the broker password goes to {cfg.mqtt.host} in clear text "
+                          "(no mqtt.tls): anyone on the network path can read it and "
+                          "command the agent; set mqtt.tls, or run the broker on this host")
     _check_sources(cfg, meta.channels, f)
     try:
         # the engine applies the model's policy only when it is built: after a reload has

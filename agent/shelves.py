@@ -4,7 +4,8 @@ A shelve is an operator's decision with an end (ISA-18.2): a restart, or a reloa
 builds the streams anew, must not lift it, or alerts open in the middle of the
 maintenance it was set for.  Each shelve is kept as the wall time it ends, on the
 agent's clock: while the agent is away no sample tells the time.  When the streams are
-built again, each shelve still in force is given again for the time it has left, which
+built again, each shelve still in force is given again for the time it has left (at most
+the week a command may ask for, whatever the wall clock did meanwhile), which
 runs on the wall clock until the stream's first sample and on sample time from then on
 (`Stream.shelve`).  A topic-named stream gets its shelve back when its first sample has
 made it, and so does a stream dropped while silent (`buffer.idle_evict_s`) when it returns.
@@ -21,6 +22,8 @@ import math
 import os
 import time
 from pathlib import Path
+
+from .commands import MAX_SHELVE_S
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class ShelfBook:
         self.ends = {sid: end for sid, end in self.ends.items() if end > now}
         self.waiting = set()
         for sid, end in sorted(self.ends.items()):
-            if engine.shelve(sid, end - now) is None:
+            if engine.shelve(sid, min(end - now, MAX_SHELVE_S)) is None:
                 self.waiting.add(sid)
             else:
                 log.info("stream %s: shelved again for the %.0f s it had left", sid, end - now)
@@ -98,10 +101,16 @@ class ShelfBook:
         """Before a step: the shelve of a stream whose samples it brings back, given before
         its first sample is judged."""
         for b in batches:
-            if b.stream not in self.waiting or engine.stream(b.stream, b.source or b.stream) is None:
+            if b.stream not in self.waiting:
+                continue
+            src = b.source or b.stream
+            # a stream the step will refuse is left to it, which counts the refusal once
+            known = b.stream in engine.streams
+            if not known and not engine.admission.room(b.stream, src) or \
+                    engine.stream(b.stream, src) is None:
                 continue
             self.waiting.discard(b.stream)
-            left = self.ends.get(b.stream, 0.0) - time.time()
+            left = min(self.ends.get(b.stream, 0.0) - time.time(), MAX_SHELVE_S)
             if left > 0:
                 engine.shelve(b.stream, left)
                 log.info("stream %s: shelved again for the %.0f s it had left", b.stream, left)

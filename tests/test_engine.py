@@ -224,21 +224,32 @@ def test_idle_streams_are_evicted_and_come_back_with_their_baseline(model, tmp_p
     assert not e.streams["s1"].baseline.learning and windows(res) == 50 - W + 1
 
 
-def test_a_learning_stream_stays_through_a_silence_shorter_than_its_learning(model, caplog):
+def test_a_learning_stream_stays_through_a_silence_shorter_than_its_learning(model, caplog,
+                                                                            monkeypatch):
     """A day's learning on a machine that stands every night: the held samples must
-    outlive the night, while a one-off id leaves after idle_evict_s."""
+    outlive the night, while a one-off id leaves after idle_evict_s, and so does one
+    whose few samples only claim to span a day (a device clock's step forward)."""
+    import types
+    import agent.baseline
+    clock = types.SimpleNamespace(t=1000.0)
+    monkeypatch.setattr(agent.baseline, "time", types.SimpleNamespace(
+        monotonic=lambda: clock.t, strftime=time.strftime, gmtime=time.gmtime))
     e = engine_for(model, buffer={"idle_evict_s": 60},
                    calibration={"enabled": True, "duration_s": 86400, "margin": 3.0})
     v = normal(40)
-    for k in range(4):                                   # 16 h of running, fast-forwarded
+    for k in range(4):                                   # 12 h of running, samples and
+        clock.t = 1000.0 + k * 4 * 3600                  # wall clock alike
         feed(e, "day", v[10 * k:10 * (k + 1)], t0=1.7e9 + k * 4 * 3600)
     feed(e, "once", normal(1), t0=3e9)
+    feed(e, "jump", normal(2), t0=4e9)
+    feed(e, "jump", normal(2), t0=4e9 + 86400)           # a day later by its clock only
+    for sid in ("day", "once", "jump"):
+        e.streams[sid].last_seen = clock.t + 9
     day = e.streams["day"]
-    assert day.baseline.learning_for() == pytest.approx(12 * 3600 + 9, abs=1)
+    assert day.baseline.learning_for(day.last_seen) == pytest.approx(12 * 3600 + 9, abs=1)
     now = day.last_seen + 8 * 3600                       # then the night
-    e.streams["once"].last_seen = day.last_seen
     with caplog.at_level(logging.WARNING, logger="tsad.engine"):
-        assert e.evict_idle(now) == ["once"]
+        assert sorted(e.evict_idle(now)) == ["jump", "once"]
         assert e.evict_idle(now + 4 * 3600 + 10) == ["day"]  # silent longer than it learned
     assert ("stream day: dropped while learning, silent for longer than it had learned and "
             "than buffer.idle_evict_s: 40 held samples lost") in caplog.text

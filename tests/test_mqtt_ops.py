@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import jsonschema
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
@@ -326,6 +327,14 @@ def test_a_shelved_stream_dropped_while_silent_finds_its_shelve_when_it_returns(
         spike = _shelved_spike(w, sub)
         agent.wait_log("shelved again for the")
         assert spike not in {json.loads(a)["id"] for a in on(sub, "alerts")}
+        # gone again, the shelve waits for it; lifted meanwhile, it does not come back
+        agent.wait_log("evicted 1 idle stream", 2)
+        rc, res, err = cli(broker.port, "unshelve", STREAM)
+        assert rc == 0 and res["ok"] and res["shelved_until"] is None, (res, err)
+        w.normal(10)
+        again = alert_id(w.line(True))
+        sub.wait(lambda m: again in {json.loads(a)["id"] for a in on(sub, "alerts")},
+                 "an alert once unshelved")
         no_traceback(agent)
     finally:
         agent.close()
@@ -567,6 +576,32 @@ def test_a_planted_discovery_payload_adds_no_stream(broker, tmp_path):
         sub.wait(lambda m: ha_view(sub).streams() == {"pump1"}, "only pump1 adopted")
         assert {x[0] for x in sub.msgs if x[0].startswith(P + "stream/")} <= {
             P + f"stream/pump1/{k}" for k in ("state", "availability", "shelved", "alert")}
+    finally:
+        s.stop()
+        sub.close()
+
+
+def test_an_alert_a_crash_left_retained_is_cleared_when_its_stream_shows_up(broker, tmp_path):
+    """A topic-named stream seen first by its status (no state entered: a baseline came
+    back from the store) clears the open alert a crashed run left on its topic."""
+    wildcard = {"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
+                                          "stream_from_topic": 1}}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="crashed")
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    c.publish(P + "stream/pump1/alert", '{"id": "old"}', qos=1, retain=True).wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+    sub = Sub(broker.port, [P + "#"])
+    cfg = _sink_cfg(broker.port, tmp_path / "st", [wildcard])
+    cfg = msgspec.structs.replace(cfg, mqtt=msgspec.structs.replace(
+        cfg.mqtt, homeassistant=msgspec.structs.replace(cfg.mqtt.homeassistant, enabled=False)))
+    s = MqttSink(cfg, Metrics())
+    s.start()
+    try:
+        sub.wait(lambda m: any(x[0] == P + "availability" for x in m), "the sink online")
+        s.stream_status("pump1", {"state": "normal", "online": True, "shelved_until": None})
+        sub.wait(lambda m: on(sub, "stream/pump1/alert")[-1:] == [""], "the stale alert cleared")
     finally:
         s.stop()
         sub.close()

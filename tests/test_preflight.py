@@ -292,3 +292,7 @@ def test_a_password_sent_in_clear_to_another_host_is_warned(model, tmp_path, mon
                       "mqtt.tls, or run the broker on this host"] if warned else [])
     # without a password there is nothing to read
     assert not any("in clear text" in w for w in findings(model, mqtt={"host": host}).warnings)
+    # the sink off, an MQTT source still logs in to the broker
+    f = findings(model, mqtt={**mqtt, "enabled": False},
+                 streams=[{"id": "s", "source": {"type": "mqtt", "topic": "p/s"}}])
+    assert [w for w in f.warnings if "in clear text" in w] == clear

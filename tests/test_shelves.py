@@ -52,3 +52,42 @@ def test_a_path_that_is_no_folder_keeps_the_book_in_memory(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         book.record("a", 60)
     assert "cannot be written" in caplog.text and set(book.ends) == {"a"}
+
+
+# ---------------------------------------------------------------- with a real engine
+def _engine(tmp_path, **kw):
+    from agent.config import DetectionConfig
+    from agent.config_build import build
+    from agent.detector import Detector
+    from agent.engine import Engine
+    from onnx_factory import make_model
+    path, _ = make_model(tmp_path / "m.onnx", window=8, channels=["a", "b", "c"])
+    return Engine(build(DetectionConfig, {"node": "t", "calibration": {"enabled": False},
+                                          "scoring": {"threshold": 1.0}}),
+                  Detector(str(path)), **kw)
+
+
+def test_a_restored_shelve_lasts_at_most_the_week_a_command_may_ask_for(tmp_path):
+    """A wall clock behind at start (no RTC, before NTP) must not stretch a shelve."""
+    import numpy as np
+    from agent.commands import MAX_SHELVE_S
+    (tmp_path / FILE).write_text(json.dumps({"ends": {"pump": time.time() + 3 * MAX_SHELVE_S}}))
+    e = _engine(tmp_path, named=["pump"])
+    ShelfBook(tmp_path).restore(e)
+    left = e.streams["pump"].tracker.shelved_until - time.time()
+    assert 0.99 * MAX_SHELVE_S < left <= MAX_SHELVE_S
+    assert np.isfinite(left)
+
+
+def test_a_waiting_shelve_does_not_count_a_refused_stream_twice(tmp_path):
+    import numpy as np
+    from agent.sources.base import Batch
+    e = _engine(tmp_path, default_max_streams=1)
+    one = np.zeros((1, 3), np.float32)
+    e.step([Batch("a", np.array([1.7e9]), one, source="src")])
+    book = ShelfBook(tmp_path)
+    book.ends, book.waiting = {"b": time.time() + 60}, {"b"}
+    batch = [Batch("b", np.array([1.7e9 + 1]), one, source="src")]
+    book.catch_up(e, batch)                    # src is at its cap: the step refuses b
+    e.step(batch)
+    assert e.metrics.dropped["stream_limit"] == 1 and "b" in book.waiting

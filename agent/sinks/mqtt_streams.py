@@ -149,6 +149,8 @@ class StreamTopics:
                 self._pub(sid, "availability", "online" if status["online"] else "offline")
             if new or before.get("shelved_until") != status["shelved_until"]:
                 self._pub(sid, "shelved", self._shelved(sid))
+            if new:             # clears an alert a crashed run left retained
+                self._pub(sid, "alert", self.open.get(sid, b""))
 
     def attach(self, cfg) -> None:
         """A (re)loaded config: streams it can no longer produce are dropped."""
