@@ -12,18 +12,18 @@ made it, and so does a stream dropped while silent (`buffer.idle_evict_s`) when 
 
 Rules: a file that cannot be read or is malformed is logged and ignored (no shelve is
 better than a crash loop); a write that fails is logged and the book goes on in memory.
-Writes are atomic (tmp + rename).
+Writes are atomic (state_store.write_json).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 from .commands import MAX_SHELVE_S
+from .state_store import write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,11 @@ class ShelfBook:
     def _write(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"ends": self.ends}))
-            os.replace(tmp, self.path)
+            write_json(self.path, {"ends": self.ends})
         except OSError as e:
             log.warning("%s: cannot be written (%s); the shelves are kept in memory only",
                         self.path, e)
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
 
     def record(self, sid: str, for_s: float) -> None:
         """A shelve command carried out (`for_s` 0: an unshelve)."""
@@ -85,12 +78,18 @@ class ShelfBook:
         """Give a freshly built engine the shelves still in force."""
         now = time.time()
         self.ends = {sid: end for sid, end in self.ends.items() if end > now}
-        self.waiting = set()
-        for sid, end in sorted(self.ends.items()):
-            if engine.shelve(sid, min(end - now, MAX_SHELVE_S)) is None:
-                self.waiting.add(sid)
-            else:
-                log.info("stream %s: shelved again for the %.0f s it had left", sid, end - now)
+        self.waiting = {sid for sid in sorted(self.ends) if not self._give(engine, sid)}
+
+    def _give(self, engine, sid: str) -> bool:
+        """The shelve of `sid` for the time it has left, at most a week; False when the
+        engine has no such stream (yet)."""
+        left = min(self.ends.get(sid, 0.0) - time.time(), MAX_SHELVE_S)
+        if left <= 0:
+            return True
+        if engine.shelve(sid, left) is None:
+            return False
+        log.info("stream %s: shelved again for the %.0f s it had left", sid, left)
+        return True
 
     def evicted(self, sids: list[str]) -> None:
         """Streams dropped for want of samples: a machine shelved for maintenance often
@@ -110,7 +109,4 @@ class ShelfBook:
                     engine.stream(b.stream, src) is None:
                 continue
             self.waiting.discard(b.stream)
-            left = min(self.ends.get(b.stream, 0.0) - time.time(), MAX_SHELVE_S)
-            if left > 0:
-                engine.shelve(b.stream, left)
-                log.info("stream %s: shelved again for the %.0f s it had left", b.stream, left)
+            self._give(engine, b.stream)

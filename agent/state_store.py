@@ -127,7 +127,7 @@ class StateStore:
         body = {"schema": SCHEMA, "stream": stream, "model_sha256": model_sha,
                 **{k: _plain(v) for k, v in record.items()}}
         try:
-            self._write(self.path(stream), body)
+            write_json(self.path(stream), body)
         except OSError as e:
             self._pending[stream] = (model_sha, record)
             problem = f"cannot save baselines in {self.dir}: {e.strerror or e}"
@@ -156,24 +156,28 @@ class StateStore:
     def health(self) -> dict:
         return {"ok": self.problem is None, "error": self.problem, "unsaved": len(self._pending)}
 
-    def _write(self, p: Path, body: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=self.dir)
+
+def write_json(p: Path, body: dict) -> None:
+    """Write `body` to `p` all or nothing: tmp + fsync + rename, then the folder's fsync,
+    so a power cut leaves the old file or the new one (the folder is created). OSError
+    when it cannot be written."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(body, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dfd = os.open(p.parent, os.O_RDONLY)
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(body, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:
-            dfd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass   # some filesystems cannot fsync a directory; the rename is still atomic
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass   # some filesystems cannot fsync a directory; the rename is still atomic
