@@ -8,6 +8,7 @@ The classes are msgspec Structs (pydantic cost the daemon ~10 MB of RSS);
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -20,6 +21,7 @@ STREAM_ID_CHARS = r"[A-Za-z0-9_.\-]"
 STREAM_ID_MAX = 128
 # \Z, not $: "$" also matches before a final newline, and "x\n" would be a second stream
 STREAM_ID_PATTERN = rf"^{STREAM_ID_CHARS}{{1,{STREAM_ID_MAX}}}\Z"
+STREAM_ID_RE = re.compile(STREAM_ID_PATTERN)   # for ids from topics and payloads
 StreamId = Annotated[str, msgspec.Meta(
     pattern=STREAM_ID_PATTERN,
     description=f"a name of 1-{STREAM_ID_MAX} letters, digits, '_', '.' and '-'")]

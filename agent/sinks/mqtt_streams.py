@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 
-from ..config_base import STREAM_ID_PATTERN
+from ..config_base import STREAM_ID_RE
 from ..timestamps import iso_utc
 from .base import to_json
 from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_components, stream_of
@@ -38,7 +37,6 @@ from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_compon
 log = logging.getLogger(__name__)
 
 DISCOVERY_S = 1.0
-_ID = re.compile(STREAM_ID_PATTERN)
 KINDS = ("state", "availability", "shelved", "alert")      # the retained topics of a stream
 
 
@@ -212,7 +210,7 @@ class StreamTopics:
             # only ids a source could have made: anyone who may write the discovery topic
             # could otherwise plant streams here, which this payload would then carry on
             ids = {stream_of(c, self.prefix) for c in earlier.values()}
-            for sid in sorted(i for i in ids if i is not None and _ID.match(i)):
+            for sid in sorted(i for i in ids if i is not None and STREAM_ID_RE.match(i)):
                 if not configured(self.cfg, sid):
                     for kind in KINDS:
                         self._pub(sid, kind, b"")

@@ -11,7 +11,6 @@ every connect.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from typing import Annotated, Literal
@@ -19,7 +18,7 @@ from typing import Annotated, Literal
 import paho.mqtt.client as paho
 from msgspec import Meta
 
-from ..config_base import (STREAM_ID_PATTERN, KeyProblem, NonNegativeInt, PositiveInt,
+from ..config_base import (STREAM_ID_RE, KeyProblem, NonNegativeInt, PositiveInt,
                            SourceConfig)
 from ..decoders import MAX_PAYLOAD, LineDecoder
 from ..metrics import Metrics
@@ -28,7 +27,6 @@ from .base import Batch, Emit, Source, Undecoded
 
 log = logging.getLogger("tsad.source.mqtt")
 
-_STREAM_ID = re.compile(STREAM_ID_PATTERN)
 TOPICS_CACHED = 4096     # topic -> stream id lookups remembered (then forgotten at once)
 
 
@@ -115,7 +113,7 @@ class MqttLineSource(Source):
         if self.cfg.stream_from_topic >= len(levels):
             return None
         sid = levels[self.cfg.stream_from_topic]
-        return sid if _STREAM_ID.match(sid) else None
+        return sid if STREAM_ID_RE.match(sid) else None
 
     # ------------------------------------------------------------ paho callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
