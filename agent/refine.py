@@ -5,26 +5,34 @@ the threshold it fits carries a wide margin: the stream must stay quiet through 
 follows learning while adaptation catches up with the machine's warm-up.  Once it has,
 the stream's normal windows show how high its scores really go (`calibration.refine`):
 
-- The span runs from `after_s` to `after_s + span_s` of elapsed sample time
-  (agent/sample_clock.py) after the first sample that follows the learning period, or
-  follows a restart that restored a baseline not refined yet.
+- The span runs from `after_s` to `after_s + span_s` of running time after the first
+  sample that follows the learning period.  Running time is elapsed sample time
+  (agent/sample_clock.py) less the stops: a gap longer than the stream's gap rule
+  (`buffer.gap_reset_s`, the gap that restarts its window) counts as no time, so a
+  machine that stands still in the middle of the span (a night, a break shorter than
+  `idle_evict_s`) takes up the span where it left it, and its windows, which only running
+  makes, still fill it.  With `gap_reset_s: null` no gap is a stop.
 - Its windows that scored under the threshold with no alert open are counted in a
   histogram of score / threshold: BINS log-spaced bins from 1e-3 to 1, 2.3 % wide, so a
   stream holds 1.2 KB while its span lasts however fast it samples, and the counts do not
   depend on how its samples were chunked.
 - Before the first window of the samples from the first one at or after the span's end
-  (the first sample with an elapsed time there, even when it closes no window or the
+  (the first sample with a running time there, even when it closes no window or the
   next sample's clock jitters back), the threshold becomes `margin` x the upper edge of
   the bin holding those windows' `calibration.quantile`, if that is lower.
   It never rises: the learned threshold is the one the model's policy was fitted to
   keep quiet.  With fewer than 10 / (1 - quantile) normal windows (1,000 at 0.99, so
-  that ten lie above the quantile) it stays as learned.
+  that ten lie above the quantile) it stays as learned: a span too short for the
+  stream's rate (preflight warns) or one alerts held open, not a stop.
 - Once: re-baselining (a new learning period) starts a new refinement; the refined
-  threshold is saved with the baseline and restored after a restart.
+  threshold is saved with the baseline and restored after a restart; a restart before
+  the span's end starts the span again.
 - Exact: a block a stream ingests ends before its first sample at or after the span's
-  end (`room`), and windows are counted as they are ingested and judged, so the daemon
-  fed one sample at a time and a file job in chunks switch at the same window.  A daemon's few samples a step are checked in Python floats: while a
-  refinement is due, numpy calls on two-sample arrays would cost about 10 µs a step.
+  end (`room`), stops are found sample by sample in the order samples come, and windows
+  are counted as they are ingested and judged, so the daemon fed one sample at a time
+  and a file job in chunks switch at the same window.  A daemon's few samples a step are
+  checked in Python floats: while a refinement is due, numpy calls on two-sample arrays
+  would cost about 10 µs a step.
 """
 from __future__ import annotations
 
@@ -55,30 +63,57 @@ def _first_at(el: np.ndarray, x: float) -> int | None:
 
 class Refiner:
     __slots__ = ("cfg", "quantile", "start", "_from", "end", "_counts", "passed", "_taken",
-                 "_judged", "_first")
+                 "_judged", "_first", "_newest")
 
     def __init__(self, cfg: RefineConfig, quantile: float):
         self.cfg, self.quantile = cfg, quantile
         self.start: float | None = None       # elapsed time the span counts from
-        self._from = self.end = math.inf      # the span, once `start` is known
+        self._from = self.end = math.inf      # the span, once `start` is known; stops move it
         self._counts: np.ndarray | None = None
+        self._newest = -math.inf              # the newest elapsed time taken
         self.passed = False                   # a sample at or after the span's end was taken
         self._taken = self._judged = 0        # windows ingested, and judged, since creation
         self._first: int | None = None        # the first window after the span's end
 
-    def room(self, el: np.ndarray) -> int:
+    def room(self, el: np.ndarray, gap: float | None) -> int:
         """How many of these samples (their elapsed times) one block may hold: those
-        before the first at or after the span's end; all once the span has passed."""
+        before the first at or after the span's end; all once the span has passed.  `gap`:
+        the stream's gap rule (None: no gap is a stop).  The samples allowed are taken."""
         if self.start is None:
-            self.start = float(el[0])
+            self.start = self._newest = float(el[0])
             self._from = self.start + self.cfg.after_s
             self.end = self._from + self.cfg.span_s
         if self.passed:
             return len(el)
-        i = _first_at(el, self.end)
+        i = self._walk(el, gap)
         if i == 0:
             self.passed = True
         return len(el) if not i else i
+
+    def _walk(self, el: np.ndarray, gap: float | None) -> int | None:
+        """The index of the first sample at or after the span's end, or None; the samples
+        before it are taken: the newest time, and the stops among them."""
+        if len(el) > FEW:
+            run = np.fmax.accumulate(np.concatenate(([self._newest], el)))
+            if gap is None or not (el - run[:-1] > gap).any():      # no stop: the usual block
+                i = _first_at(el, self.end)
+                self._newest = float(run[len(el) if i is None else i])
+                return i
+        for i, v in enumerate(el.tolist()):
+            if gap is not None and v - self._newest > gap:
+                self._stopped(v - self._newest)     # running time stands still: never the end
+            elif v >= self.end:
+                return i
+            if v > self._newest:
+                self._newest = v
+        return None
+
+    def _stopped(self, d: float) -> None:
+        """A stop of d seconds: the span waits for the stream to run again.  Windows taken
+        before it may be judged after it: a span already started keeps its start."""
+        if self._newest < self._from:
+            self._from += d
+        self.end += d
 
     def took(self, windows: int) -> None:
         """An ingested block (the samples `room` allowed) made this many windows."""

@@ -175,9 +175,9 @@ class Stream:
 
     def _refine_room(self, ts: np.ndarray) -> int:
         """How many of these samples one block may hold: none crosses the moment a
-        threshold refinement is due (refine.py)."""
+        threshold refinement is due; its span waits through stops (refine.py)."""
         r = self.baseline.refiner
-        return len(ts) if r is None else r.room(ts + self.clock.peek(ts))
+        return len(ts) if r is None else r.room(ts + self.clock.peek(ts), self.ring.gap_reset_s)
 
     def _refine_took(self, w: Windows | None) -> Windows | None:
         if self.baseline.refiner is not None:

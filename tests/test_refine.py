@@ -66,6 +66,22 @@ def run(e: Engine, values: np.ndarray, block: int, start: int = 0,
     return rec
 
 
+def switch(rec: Recording) -> tuple[float, float, float]:
+    """(the threshold before the switch, after it, the time of the switch's window)."""
+    t = rec.table("s")
+    thr = t["threshold"]
+    i = np.flatnonzero(thr != thr[0])
+    assert len(i) and len(set(thr[i[0]:])) == 1, "one switch"
+    return thr[0], thr[i[0]], t["ts"][i[0]]
+
+
+def counted(caplog) -> int:
+    """The normal windows the logged refinement was made on."""
+    msg = [r.getMessage() for r in caplog.records if "threshold refined" in r.getMessage()]
+    assert len(msg) == 1, msg
+    return int(msg[0].rsplit(" on ", 1)[1].split()[0])
+
+
 # the refinement is due at LEARN + AFTER + SPAN = 1,800 s; the fault comes well after it
 N = 2600
 FAULT = (2200, 2300, 2.0)
@@ -104,6 +120,33 @@ def test_refinement_switches_at_the_same_window_however_the_samples_come(model):
     assert len(set(one.table("s")["threshold"])) == 2
 
 
+STOP = 45 * 60.0
+
+
+@pytest.mark.parametrize("at", [500, 1200])
+def test_a_stop_waits_with_the_span_however_the_samples_come(model, caplog, at):
+    """The machine stands 45 min (under idle_evict_s) before the span (600-1800 s of
+    running) or 600 s into it: the span counts running time, so it waits through the stop
+    and still holds its windows.  It used to end during the stop (with 600 windows, or
+    none) and keep the learned threshold for good."""
+    ts = T0 + np.arange(N, dtype=np.float64)
+    ts[at:] += STOP
+    vals = series(N, seed=13, fault=FAULT)
+    with caplog.at_level(logging.INFO, logger="tsad.stream"):
+        one = run(engine(model, {"margin": 1.0}), vals, block=1, ts=ts)
+    learned, refined, at_ts = switch(one)
+    assert refined < 0.7 * learned
+    # the step over the stop counts as no time: the end falls one sample later
+    assert at_ts == ts[int(LEARN + AFTER + SPAN) + 1]
+    # the 7 samples the window restarts on are not windows; one sample more fits
+    assert counted(caplog) == SPAN - (7 - 1 if at > LEARN + AFTER else 0)
+    others = [run(engine(model, {"margin": 1.0}), vals, block=257, ts=ts),
+              run_table(engine(model, {"margin": 1.0}), "s", ts, vals)]
+    for other in others:
+        for key in ("score", "threshold", "alert"):
+            np.testing.assert_array_equal(one.table("s")[key], other.table("s")[key])
+
+
 def test_too_few_normal_windows_keep_the_learned_threshold(model, caplog):
     # a 200 s span holds 200 windows, under the 1,000 the 0.99 quantile needs
     e = engine(model, {"margin": 1.0, "span_s": 200.0})
@@ -118,13 +161,13 @@ def test_too_few_normal_windows_keep_the_learned_threshold(model, caplog):
 def test_a_refinement_never_raises_the_threshold():
     r = Refiner(RefineConfig(after_s=0.0, span_s=100.0, margin=1.5), 0.9)
     el = np.arange(100.0)
-    assert r.room(el) == 100
+    assert r.room(el, None) == 100
     r.keep(el, np.full(100, 1.8), 2.0, np.ones(100, bool))  # every window near the threshold
     assert needed(0.9) == 100
     new, n = r.refined(2.0)
     assert new is None and n == 100
     r2 = Refiner(RefineConfig(after_s=0.0, span_s=100.0, margin=1.5), 0.9)
-    r2.room(el)
+    r2.room(el, None)
     r2.keep(el, np.linspace(0.02, 0.4, 100), 2.0, np.ones(100, bool))
     new, _ = r2.refined(2.0)
     # the 0.9 quantile of 0.01..0.2 is 0.181; its bin's upper edge, x 1.5, x the threshold
@@ -133,15 +176,15 @@ def test_a_refinement_never_raises_the_threshold():
 
 def test_a_block_never_crosses_the_span_end():
     r = Refiner(RefineConfig(after_s=10.0, span_s=20.0), 0.99)
-    assert r.room(np.array([100.0, 101.0])) == 2            # the span counts from here
+    assert r.room(np.array([100.0, 101.0]), None) == 2      # the span counts from here
     r.took(2)
-    assert r.room(np.array([125.0, 129.0, 130.0, 131.0])) == 2     # cut before 130
+    assert r.room(np.array([125.0, 129.0, 130.0, 131.0]), None) == 2    # cut before 130
     r.took(2)
     r.keep(np.array([100.0, 101.0]), np.ones(2), 1.0, np.ones(2, bool))
     r.keep(np.array([125.0, 129.0]), np.ones(2), 1.0, np.ones(2, bool))
     assert not r.due()                              # nothing past the end taken yet
     # from the first sample past it, all (a clock's jitter back after it included)
-    assert r.room(np.array([130.0, 129.9])) == 2
+    assert r.room(np.array([130.0, 129.9]), None) == 2
     r.took(0)                                       # a block that closed no window
     assert r.due()                                  # the next window to judge is past it
     # a clock's jitter back right after the span's end: the block still ends before the
@@ -149,8 +192,30 @@ def test_a_block_never_crosses_the_span_end():
     for el, k in (([125.0, 130.2, 129.9, 131.0], 1),
                   (np.r_[np.linspace(120.0, 129.0, 10), 130.2, 129.9, 131.0], 10)):
         r = Refiner(RefineConfig(after_s=10.0, span_s=20.0), 0.99)
-        r.room(np.array([100.0]))
-        assert r.room(np.asarray(el)) == k
+        r.room(np.array([100.0]), None)
+        assert r.room(np.asarray(el), None) == k
+
+
+@pytest.mark.parametrize("block", [1, 10, 50])
+@pytest.mark.parametrize("stop_at, counted_", [(16, 21), (6, 20)])
+def test_a_stop_moves_the_span_end_and_windows_judged_later_keep_their_place(block, stop_at,
+                                                                             counted_):
+    """The span [110, 130) of running time at 1 Hz from 100; a stop of 100 s (gap rule 5 s)
+    after the span has begun only moves its end (the windows before it still count, though
+    judged after the stop was seen); one before the span moves the span."""
+    el = np.r_[np.arange(100.0, 100.0 + stop_at), np.arange(100.0 + stop_at + 99, 250.0)]
+    r = Refiner(RefineConfig(after_s=10.0, span_s=20.0), 0.99)
+    taken, a = [], 0
+    while not r.passed:
+        k = r.room(el[a:a + block], 5.0)
+        if not r.passed:
+            r.took(k)
+            taken.append(el[a:a + k])
+            a += k
+    assert el[a] == 230.0
+    for t in taken:                 # judged only now, after every stop was seen
+        r.keep(t, np.full(len(t), 0.5), 1.0, np.ones(len(t), bool))
+    assert r.refined(1.0)[1] == counted_
 
 
 @pytest.mark.parametrize("stride", [1, 2])
