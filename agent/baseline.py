@@ -229,9 +229,9 @@ class Baseline:
             self._refine_later()
         self.fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    def _refine_later(self) -> None:
+    def _refine_later(self, progress: dict | None = None) -> None:
         self.refiner = None if self.cal.refine is None else \
-            Refiner(self.cal.refine, self.cal.quantile)
+            Refiner(self.cal.refine, self.cal.quantile, progress)
         self.refined_from, self.refined = None, False
 
     def refine(self) -> tuple[float | None, int]:
@@ -260,6 +260,8 @@ class Baseline:
             rec["level"] = self.level.tolist()
         if self.refined:        # null: refined, and the learned threshold stayed
             rec["refined_from"] = self.refined_from
+        elif self.refiner is not None:
+            rec["refining"] = self.refiner.progress()
         return rec
 
     def restore(self, record: dict) -> None:
@@ -272,13 +274,13 @@ class Baseline:
         if record.get("level") is not None:     # checked by state_store: one value a channel
             self.level = np.asarray(record["level"], np.float64)
         # refined before the restart: kept while the config still refines (re-baseline to
-        # refine again), the learned threshold back once it does not; not yet: its span
-        # starts again from the next sample.  A threshold the config fixes is not learned.
+        # refine again), the learned threshold back once it does not; not yet: resumed
+        # where the save left it (refine.py).  A threshold the config fixes is not learned.
         was = record.get("refined_from")
         if self.fixed_threshold is not None or self.cal.threshold != "fit":
             self.refiner, self.refined_from, self.refined = None, None, False
         elif "refined_from" not in record:
-            self._refine_later()
+            self._refine_later(record.get("refining"))
         elif self.cal.refine is None:
             self.refiner, self.refined_from, self.refined = None, None, False
             if was is not None:

@@ -25,8 +25,12 @@ the stream's normal windows show how high its scores really go (`calibration.ref
   that ten lie above the quantile) it stays as learned: a span too short for the
   stream's rate (preflight warns) or one alerts held open, not a stop.
 - Once: re-baselining (a new learning period) starts a new refinement; the refined
-  threshold is saved with the baseline and restored after a restart; a restart before
-  the span's end starts the span again.
+  threshold is saved with the baseline and restored after a restart.
+- Resumed: a refinement under way is saved with the baseline (`progress`: the running
+  time so far and the counts, tied to the model's sha256 as the baseline is), so a
+  restart, a reload or an idle stream's eviction takes it up where the last save left
+  it, the time the stream was away counting as a stop.  It runs on with the config it
+  restarts with.
 - Exact: a block a stream ingests ends before its first sample at or after the span's
   end (`room`), stops are found sample by sample in the order samples come, and windows
   are counted as they are ingested and judged, so the daemon fed one sample at a time
@@ -61,26 +65,53 @@ def _first_at(el: np.ndarray, x: float) -> int | None:
     return int(hit.argmax()) if hit.any() else None
 
 
+def check_progress(d) -> None:
+    """A saved refinement under way (`Refiner.progress`); ValueError when malformed."""
+    if not isinstance(d, dict) or type(d.get("ran")) not in (int, float) \
+            or not 0 <= d["ran"] < math.inf:
+        raise ValueError(f"'refining' is {d!r}, expected {{'ran': seconds >= 0, 'counts': "
+                         f"[{BINS} counts]}}")
+    c = d.get("counts")
+    if c is not None and (not isinstance(c, list) or len(c) != BINS or not all(
+            type(x) is int and 0 <= x < 2 ** 31 for x in c)):
+        raise ValueError(f"'refining.counts' must be {BINS} whole numbers >= 0")
+
+
 class Refiner:
     __slots__ = ("cfg", "quantile", "start", "_from", "end", "_counts", "passed", "_taken",
-                 "_judged", "_first", "_newest")
+                 "_judged", "_first", "_ran", "_newest", "_lost")
 
-    def __init__(self, cfg: RefineConfig, quantile: float):
+    def __init__(self, cfg: RefineConfig, quantile: float, progress: dict | None = None):
         self.cfg, self.quantile = cfg, quantile
-        self.start: float | None = None       # elapsed time the span counts from
+        self.start: float | None = None       # elapsed time the running time counts from
         self._from = self.end = math.inf      # the span, once `start` is known; stops move it
         self._counts: np.ndarray | None = None
+        self._ran = 0.0                       # running time before `start` (a restart's)
+        if progress is not None:
+            self._ran = float(progress["ran"])
+            if progress.get("counts") is not None:
+                self._counts = np.asarray(progress["counts"], np.int32)
         self._newest = -math.inf              # the newest elapsed time taken
+        self._lost = 0.0                      # elapsed time the stops took, since `start`
         self.passed = False                   # a sample at or after the span's end was taken
         self._taken = self._judged = 0        # windows ingested, and judged, since creation
         self._first: int | None = None        # the first window after the span's end
+
+    def progress(self) -> dict:
+        """What a restart needs to resume it (check_progress)."""
+        ran = self._ran if self.start is None else self._newest - self.start - self._lost
+        out = {"ran": ran}
+        if self._counts is not None:
+            out["counts"] = self._counts.tolist()
+        return out
 
     def room(self, el: np.ndarray, gap: float | None) -> int:
         """How many of these samples (their elapsed times) one block may hold: those
         before the first at or after the span's end; all once the span has passed.  `gap`:
         the stream's gap rule (None: no gap is a stop).  The samples allowed are taken."""
         if self.start is None:
-            self.start = self._newest = float(el[0])
+            self._newest = float(el[0])
+            self.start = self._newest - self._ran
             self._from = self.start + self.cfg.after_s
             self.end = self._from + self.cfg.span_s
         if self.passed:
@@ -111,6 +142,7 @@ class Refiner:
     def _stopped(self, d: float) -> None:
         """A stop of d seconds: the span waits for the stream to run again.  Windows taken
         before it may be judged after it: a span already started keeps its start."""
+        self._lost += d
         if self._newest < self._from:
             self._from += d
         self.end += d

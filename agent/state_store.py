@@ -1,9 +1,10 @@
 """Per-stream baselines on disk: `<state_dir>/calibration/<stream>.json`.
 
-A learned baseline (scaler and threshold, see baseline.py) is saved when its
-learning period ends, at intervals and on a clean stop, so a restart resumes it
-instead of learning again.  Each file is tied to the model's sha256: a new model
-invalidates it and the stream learns again.
+A learned baseline (scaler and threshold, see baseline.py; with them the adapted mean and
+a threshold refinement under way, refine.py) is saved when its learning period ends, at
+intervals and on a clean stop, so a restart resumes it instead of learning again.  Each
+file is tied to the model's sha256: a new model invalidates it and the stream learns
+again.
 
 Rules:
 - A file that is unreadable, malformed, for another model, whose vectors do not have
@@ -25,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .refine import check_progress
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ def _check(d, n_channels: int) -> dict:
     was = d.get("refined_from")     # the threshold before its refinement (refine.py)
     if was is not None and (type(was) not in (int, float) or not 0 < was < float("inf")):
         raise ValueError(f"'refined_from' is {was!r}, expected a finite number > 0 or null")
+    if d.get("refining") is not None:
+        check_progress(d["refining"])
     if not isinstance(d.get("fitted_at"), (str, type(None))):
         raise ValueError(f"'fitted_at' is {d.get('fitted_at')!r}, expected a text or null")
     return rec

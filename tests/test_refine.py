@@ -212,7 +212,7 @@ def test_a_stop_moves_the_span_end_and_windows_judged_later_keep_their_place(blo
             r.took(k)
             taken.append(el[a:a + k])
             a += k
-    assert el[a] == 230.0
+    assert el[a] == 230.0 and r.progress() == {"ran": 29.0}
     for t in taken:                 # judged only now, after every stop was seen
         r.keep(t, np.full(len(t), 0.5), 1.0, np.ones(len(t), bool))
     assert r.refined(1.0)[1] == counted_
@@ -241,8 +241,7 @@ def test_the_switch_follows_the_first_sample_past_the_span_even_without_its_wind
     assert len(set(recs[0].table("s")["threshold"])) == 2
 
 
-def test_a_refined_threshold_survives_a_restart_and_an_unrefined_one_starts_again(model,
-                                                                                  tmp_path):
+def test_a_refined_threshold_survives_a_restart(model, tmp_path):
     vals = series(N, seed=4)
     store = StateStore(tmp_path)
     e = engine(model, {"margin": 1.0}, store=store)
@@ -250,22 +249,39 @@ def test_a_refined_threshold_survives_a_restart_and_an_unrefined_one_starts_agai
     e.save_baselines()
     saved = json.loads(store.path("s").read_text())
     learned, refined = saved["refined_from"], saved["threshold"]
-    assert refined < learned
+    assert refined < learned and "refining" not in saved
     e2 = engine(model, {"margin": 1.0}, store=StateStore(tmp_path))
     rec = run(e2, vals[2000:], block=64, start=2000)
     st = e2.streams["s"]
     assert st.baseline.refiner is None and st.baseline.threshold == refined
     assert set(rec.table("s")["threshold"]) == {refined}
-    # saved before its span ended: the restarted stream counts a new span from its next sample
-    store3 = StateStore(tmp_path / "early")
-    e3 = engine(model, {"margin": 1.0}, store=store3)
-    run(e3, vals[:1000], block=64)
-    e3.save_baselines()
-    assert "refined_from" not in json.loads(store3.path("s").read_text())
-    e4 = engine(model, {"margin": 1.0}, store=StateStore(tmp_path / "early"))
-    run(e4, vals[1000:1100], block=64, start=1000)
-    r = e4.streams["s"].baseline.refiner
-    assert r is not None and r.start == T0 + 1000
+
+
+@pytest.mark.parametrize("cut", [700, 1000, 1500])
+def test_a_restart_in_the_middle_of_the_span_resumes_it(model, tmp_path, caplog, cut):
+    """Saved before, in and late in the span (600-1800 s): the restarted stream takes the
+    span up where it was, its windows from before the restart still counted; the second
+    the stream was away counts as a stop.  It used to start a new span at the restart."""
+    vals = series(N, seed=12, fault=FAULT)
+    store = StateStore(tmp_path)
+    e = engine(model, {"margin": 1.0}, store=store)
+    run(e, vals[:cut], block=64)
+    e.save_baselines()
+    saved = json.loads(store.path("s").read_text())
+    assert "refined_from" not in saved and saved["refining"]["ran"] == cut - 1 - LEARN
+    assert sum(saved["refining"].get("counts", [])) == max(0, cut - (LEARN + AFTER))
+    with caplog.at_level(logging.INFO, logger="tsad.stream"):
+        rec = run(engine(model, {"margin": 1.0}, store=StateStore(tmp_path)), vals[cut:],
+                  block=64, start=cut)
+    learned, refined, at = switch(rec)
+    assert learned == saved["threshold"] and refined < 0.7 * learned
+    assert at == T0 + LEARN + AFTER + SPAN + 1
+    # the span's 1,200 windows, less the 7 samples the restarted window fills on (window
+    # 8), plus the one sample more the span holds for the second the stream was away
+    assert counted(caplog) == SPAN - (7 - 1 if cut > LEARN + AFTER else 0)
+    t = rec.table("s")          # the refined threshold sees the fault, and only it
+    opened = t["ts"][np.flatnonzero(t["alert"])[0]]
+    assert T0 + FAULT[0] <= opened < T0 + FAULT[1]
 
 
 def test_re_baselining_starts_a_new_refinement(model):
@@ -279,14 +295,21 @@ def test_re_baselining_starts_a_new_refinement(model):
     assert st.baseline.refiner is not None and not st.baseline.learning
 
 
-@pytest.mark.parametrize("bad", ["1.0", -1.0, 0, float("inf"), True])
-def test_a_saved_refined_from_of_the_wrong_kind_is_refused(model, tmp_path, bad):
+@pytest.mark.parametrize("key, bad", [
+    *[("refined_from", v) for v in ("1.0", -1.0, 0, float("inf"), True)],
+    *[("refining", v) for v in (1.0, {}, {"ran": -1.0}, {"ran": True}, {"ran": float("nan")},
+                                {"ran": 5.0, "counts": [1] * 3},
+                                {"ran": 5.0, "counts": [-1] + [0] * 299},
+                                {"ran": 5.0, "counts": [1.0] * 300})]])
+def test_a_saved_refinement_of_the_wrong_kind_is_refused(model, tmp_path, key, bad):
     store = StateStore(tmp_path)
     e = engine(model, {"margin": 1.0}, store=store)
-    run(e, series(2000, seed=7), block=64)
+    run(e, series(1000, seed=7), block=64)          # in the span: "refining" saved
     e.save_baselines()
     d = json.loads(store.path("s").read_text())
-    d["refined_from"] = bad
+    assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH)) is not None
+    d.pop("refining")
+    d[key] = bad
     store.path("s").write_text(json.dumps(d))
     assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH)) is None
 
@@ -329,6 +352,43 @@ def test_the_real_agent_refines_saves_and_keeps_the_refined_threshold(tmp_path):
         rec2 = json.loads((state / "calibration" / "pump.json").read_text())
         assert (rec2["threshold"], rec2["refined_from"]) == (rec["threshold"],
                                                              rec["refined_from"])
+    finally:
+        agent.close()
+        pty.close()
+
+
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed")
+def test_the_real_agent_resumes_a_refinement_a_stop_interrupted(tmp_path):
+    """The real agent, samples 0.01 s apart: stopped 7 s into its 12 s span (700 windows
+    counted), then restarted and given 700 samples more, fewer than a new span would
+    need (200 + 1,200) and than the refinement needs (1,000): it finishes the span on
+    the windows from before the stop and those after it."""
+    pty = Pty()
+    state = tmp_path / "state"
+    cfg = write_config(
+        tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=1, serial_port=pty.path,
+        state_dir=state, mqtt={"enabled": False}, scoring={"threshold": "model"},
+        calibration={"enabled": True, "samples": 40, "margin": 4.0,
+                     "refine": {"after_s": 2.0, "span_s": 12.0, "margin": 1.0}},
+        sinks={"console": {"enabled": False}})
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("open at")
+        i = write_lines(pty, 0, np.random.default_rng(3).normal(0, 1.0, (940, 3)))
+        wait_until(lambda: drained(pty), "the agent to read every line")
+        agent.signal(signal.SIGTERM)
+        agent.proc.wait(20)
+        assert agent.proc.returncode == 0 and "Traceback" not in agent.log(), agent.log()
+        rec = json.loads((state / "calibration" / "pump.json").read_text())
+        assert rec["refining"]["ran"] == pytest.approx(8.99)
+        assert 600 < sum(rec["refining"]["counts"]) <= 700
+        agent = AgentProcess(cfg, tmp_path / "agent2.log").start()
+        agent.wait_log("open at")
+        write_lines(pty, i, np.random.default_rng(4).normal(0, 1.0, (700, 3)))
+        agent.wait_log("threshold refined from")
+        msg = next(ln for ln in agent.log().splitlines() if "threshold refined from" in ln)
+        assert int(msg.rsplit(" on ", 1)[1].split()[0]) >= needed(0.99), msg
+        assert "learning its baseline" not in agent.log()
     finally:
         agent.close()
         pty.close()
