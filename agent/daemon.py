@@ -192,7 +192,7 @@ class Daemon:
         self.cfg = new_cfg
         self.pipeline = self._new_pipeline(new_cfg, engine, handover)
         self.pipeline.start(start_sinks=rebuild)
-        self.pipeline.deliver_events(gone)
+        self.pipeline.deliver_events(gone, "warming_up")
         log.info("reloaded %s: model %s (%s)", self.config_path, detector.meta.name, detector.ep)
         sdnotify.ready()
 

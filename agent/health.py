@@ -14,7 +14,7 @@ from .config import AgentConfig
 from .engine import Engine
 
 HEALTH_STREAMS = 32
-_ORDER = {"anomaly": 0, "learning": 1, "normal": 2}
+_ORDER = {"anomaly": 0, "learning": 1, "warming_up": 2, "normal": 2}
 
 
 def _shelved_until(st) -> str | None:

@@ -182,13 +182,14 @@ class Pipeline:
             except Exception:
                 log.exception("command %s: its result could not be sent", c.request_id)
 
-    def deliver_events(self, events: list[dict]) -> None:
-        """End events produced outside a step (a stop, a reload, a re-baseline)."""
+    def deliver_events(self, events: list[dict], state: str = "normal") -> None:
+        """End events produced outside a step (a stop, a reload), each followed by its
+        stream's `state`: after a reload, "warming_up" (its stream is built anew)."""
         for sink in self.sinks:
             try:
                 for ev in events:
                     sink.alert(ev)
-                    sink.state(ev["stream"], "normal")
+                    sink.state(ev["stream"], state)
             except Exception:
                 self._sink_failed(sink)
 
@@ -312,7 +313,8 @@ class Pipeline:
 
     def close_alerts(self, reason: str) -> None:
         """End every open alert (the next pipeline or process could never close them)."""
-        self.deliver_events(self.engine.close_alerts(reason))
+        self.deliver_events(self.engine.close_alerts(reason),
+                            "normal" if reason == "stopped" else "warming_up")
 
     def reusable_sources(self, cfg: AgentConfig, channels: list[str]) -> set[str]:
         """Ids of the streams whose running source can serve a pipeline for `cfg` and a

@@ -35,7 +35,7 @@ from . import __version__
 from .metrics import Metrics
 
 SNAPSHOT_S = 1.0
-STATES = ("learning", "normal", "anomaly")
+STATES = ("learning", "warming_up", "normal", "anomaly")
 
 
 def standard_registry(*collectors) -> CollectorRegistry:
@@ -171,7 +171,7 @@ def _stream_families(snap: Snapshot) -> list:
         ("tsad_stream_last_sample_age_seconds", "Seconds since the stream's newest sample "
                                                 "arrived."))}
     state = GaugeMetricFamily("tsad_stream_state", "1 for the state the stream is in "
-                              "(learning, normal, anomaly), 0 for the others.",
+                              "(learning, warming_up, normal, anomaly), 0 for the others.",
                               labels=["stream", "state"])
     samples = CounterMetricFamily("tsad_stream_samples", "Samples of the stream taken in "
                                   "since it was created.", labels=["stream"])

@@ -59,7 +59,7 @@ class Stream:
     __slots__ = ("normalize", "level_band", "max_batch", "pace", "adaptation", "adapter",
                  "_pieces", "_gap_logged", "samples", "last_ts", "last_seen",
                  "rebaseline_due", "entered", "id", "source", "ring", "smoother", "baseline",
-                 "tracker", "clock")
+                 "tracker", "clock", "judged")
 
     def __init__(self, sid: str, source: str, ring: RingBuffer, smoother: Smoother,
                  baseline: Baseline, tracker: AlertTracker, max_batch: int, pace: Pace,
@@ -84,12 +84,16 @@ class Stream:
         self.rebaseline_due = False     # a standing alert asked for a new learning period
         # states entered since the engine last collected them (see StreamResult.entered)
         self.entered: list[str] = []    # "learning" comes with the first sample (_first)
+        self.judged = False             # a window concluded: until then no verdict to show
         if not baseline.learning:
             self._start_adapting()
 
     @property
     def state(self) -> str:
-        return "learning" if self.baseline.learning else self.tracker.state
+        # "warming_up": built anew (a start, a reload) with a baseline, no window judged yet;
+        # "normal" would say that a fault still there had cleared
+        return "learning" if self.baseline.learning else \
+            self.tracker.state if self.judged else "warming_up"
 
     @property
     def threshold(self) -> float:
@@ -97,8 +101,7 @@ class Stream:
 
     @property
     def shelved(self) -> bool:
-        """A shelve is in force: it ends after the newest sample (before the first sample,
-        any shelve is)."""
+        """A shelve is in force: it ends after the newest sample (any, before the first)."""
         return self.tracker.shelved_until > (self.last_ts + self.clock.offset if self.samples
                                              else -np.inf)
 
@@ -217,11 +220,10 @@ class Stream:
         return self.clock.take(ts)
 
     def _first(self, t0: float) -> None:
-        """`learning` shows from the first sample (a stream a command made shows `normal`
-        until then).  A shelve given before it ran on the wall clock; now it runs on sample
-        time, keeping what it had left: a device clock can be years off."""
-        if self.baseline.learning:
-            self.entered.append("learning")
+        """`learning` or `warming_up` shows from the first sample.  A shelve given before
+        it ran on the wall clock; now it runs on sample time, keeping what it had left: a
+        device clock can be years off."""
+        self.entered.append(self.state)
         until = self.tracker.shelved_until
         if np.isfinite(until):
             self.tracker.shelve(t0 + max(0.0, until - time.time()))
@@ -239,8 +241,7 @@ class Stream:
 
     @property
     def fit_due(self) -> bool:
-        """Its learning period is over and waits for `end_learning`; `ingest` takes nothing
-        until then."""
+        """Its learning period is over and waits for `end_learning` (`ingest` takes none)."""
         return self.baseline.learning and self.baseline.period_over
 
     def end_learning(self, infer: Infer) -> None:
@@ -272,6 +273,7 @@ class Stream:
                  "threshold %.4g", self.id, len(ts), (ts[-1] - ts[0]) / 60 if len(ts) else 0.0,
                  b.threshold)
         self._start_adapting()
+        self.judged = True      # the fit scored its windows; the next ones are judged
         self.entered.append("normal")
 
     # ------------------------------------------------------------ step, second half
@@ -315,9 +317,11 @@ class Stream:
                 piece[3] = np.full((n, c), np.nan)
                 piece[3][w.rows] = err
             self._settle()
-        if events:
-            self.entered += [("anomaly" if ev["type"] == "new" else "normal") for ev in events
-                             if ev["type"] != "update"]
+        entered = [("anomaly" if ev["type"] == "new" else "normal") for ev in events
+                   if ev["type"] != "update"]
+        # the first verdict ends "warming_up"
+        self.entered += entered or ([] if self.judged else [self.tracker.state])
+        self.judged = True
         # the engine re-baselines once this step's windows are all concluded
         self.rebaseline_due = self.rebaseline_due or self.tracker.rebaseline_due()
         return StreamResult(self.id, w.ts, s, thr, self.tracker.labels, self.tracker.open_mask,

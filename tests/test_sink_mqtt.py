@@ -230,7 +230,7 @@ def test_alert_state_score_health_flags(broker, tmp_path, sinks):
     late = Sub(broker.port, [P + "alerts", P + "stream/+/state"])
     got = late.wait(lambda m: len(m) == 2, "retained states")
     assert sorted(got) == [(P + "stream/pump1/state", "anomaly", 1, True),
-                           (P + "stream/pump2/state", "normal", 1, True)]
+                           (P + "stream/pump2/state", "warming_up", 1, True)]
     sub.close()
     late.close()
 

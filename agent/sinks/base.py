@@ -55,8 +55,8 @@ class Sink:
         """An alert lifecycle event (schema in README: new/update/end)."""
 
     def state(self, stream: str, state: str) -> None:
-        """Stream state entered: 'learning', 'normal' or 'anomaly'.  A stream that starts
-        without learning enters nothing: its first `stream_status` carries its state."""
+        """Stream state entered: 'learning', 'warming_up' (no window judged since it was
+        built), 'normal' or 'anomaly'."""
 
     def stream_status(self, stream: str, status: dict) -> None:
         """A stream's status changed: {"state", "online", "shelved_until"}

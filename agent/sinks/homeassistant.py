@@ -28,7 +28,7 @@ import re
 from .. import __version__
 from .base import to_json
 
-STATES = ["learning", "normal", "anomaly"]
+STATES = ["learning", "warming_up", "normal", "anomaly"]
 # Entity suffix -> platform; the component key is "<stream slug>_<suffix>".
 COMPONENTS = {"anomaly": "binary_sensor", "state": "sensor", "score": "sensor",
               "shelved": "binary_sensor", "recalibrate": "button", "shelve": "button",
@@ -73,7 +73,7 @@ def stream_components(cfg, sid: str) -> dict[str, dict]:
     shelve_s = cfg.mqtt.homeassistant.shelve_s
     return dict([
         cmp("anomaly", "anomaly", state_topic=base + "state", device_class="problem",
-            # "learning" is neither: the entity shows unknown ("None") meanwhile
+            # "learning" and "warming_up" are neither: the entity shows unknown ("None")
             value_template="{{ {'anomaly': 'ON', 'normal': 'OFF'}.get(value, 'None') }}",
             **both),
         cmp("state", "state", state_topic=base + "state", device_class="enum",

@@ -1,7 +1,7 @@
 """What the MQTT sink publishes per stream, and the Home Assistant device that shows it.
 
 Topics (P = the topic prefix), all QoS 1 and retained:
-  P stream/<id>/state          learning | normal | anomaly
+  P stream/<id>/state          learning | warming_up | normal | anomaly
   P stream/<id>/availability   online | offline: its source is connected and its last
                                sample is younger than mqtt.stale_after_s
   P stream/<id>/shelved        {"ts", "shelved_until"} (docs/schemas/shelved.json)
@@ -16,8 +16,9 @@ still produce it (`configured`); one that a reload (or a restart: the previous
 discovery payload is read back once from the broker) leaves without a source is
 dropped: its retained topics are cleared and HA is told to remove its entities.
 
-A fresh process has no open alert, so every stream known at start is "normal" until
-its status says otherwise.  The discovery payload is re-published when the set of
+A fresh process has judged no window yet, so every stream known at start is
+"warming_up" (which also clears a state a crashed run left) until its status says
+otherwise.  The discovery payload is re-published when the set of
 streams changes, at most once per DISCOVERY_S (a wildcard source may bring hundreds
 of streams at once).  All publishing happens under one lock, so that a reconnect's
 re-publication never overtakes a newer state.
@@ -62,7 +63,7 @@ class StreamTopics:
         self.ha = cfg.mqtt.homeassistant.enabled
         self._lock = threading.RLock()
         self.known: set[str] = cfg.named_streams
-        self.states = {sid: "normal" for sid in self.known}
+        self.states = {sid: "warming_up" for sid in self.known}
         self.status: dict[str, dict] = {}
         self.open: dict[str, bytes] = {}       # stream -> its open alert's latest event
         self.removed: dict[str, str] = {}      # component key -> platform, until it returns
@@ -86,7 +87,7 @@ class StreamTopics:
         return to_json({"ts": iso_utc(time.time()), "shelved_until": until})
 
     def _publish_stream(self, sid: str) -> None:
-        self._pub(sid, "state", self.states.get(sid, "normal"))
+        self._pub(sid, "state", self.states.get(sid, "warming_up"))
         self._pub(sid, "availability",
                   "online" if self.status.get(sid, {}).get("online") else "offline")
         self._pub(sid, "shelved", self._shelved(sid))
@@ -159,7 +160,7 @@ class StreamTopics:
                     self._drop(sid)
             for sid in sorted(cfg.named_streams - self.known):
                 self._add(sid)
-                self.states.setdefault(sid, "normal")
+                self.states.setdefault(sid, "warming_up")
                 self._publish_stream(sid)
 
     def _drop(self, sid: str) -> None:
@@ -215,7 +216,7 @@ class StreamTopics:
                     for kind in KINDS:
                         self._pub(sid, kind, b"")
                 elif self._add(sid):
-                    self.states.setdefault(sid, "normal")
+                    self.states.setdefault(sid, "warming_up")
                     self._publish_stream(sid)
             current = {k for sid in self.known for k in stream_components(self.cfg, sid)}
             for k, c in earlier.items():
