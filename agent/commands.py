@@ -12,10 +12,15 @@ never raises: a malformed command gets ok false and an error that says what is w
 `execute` runs on the pipeline thread (the engine has no locks), so commands arrive
 through the pipeline's queue; the events a command causes (the end of an alert a
 re-baseline closed, the update an ack produced) go to the sinks like any other.
+
+A stream the agent shows (its Home Assistant entities) but does not run takes commands
+too (`idle`): a topic-named stream before its first sample after a restart, one dropped
+while silent.  "unknown stream" is for ids the agent does not know at all.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +33,8 @@ COMMANDS = ("recalibrate", "ack", "shelve", "unshelve")
 # clock's step back does not lengthen it (agent/sample_clock.py)
 MAX_SHELVE_S = 7 * 24 * 3600.0
 MAX_ID = 128
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,3 +105,21 @@ def execute(c: Command, engine: Engine) -> tuple[dict, list[dict]]:
         return {**result, "error": f"unknown stream {sid!r}"}, []
     return {**result, "ok": True, "stream": sid,
             "shelved_until": iso_utc(until) if c.cmd == "shelve" else None}, []
+
+
+def idle(c: Command, engine: Engine, book) -> dict:
+    """The result of a stream command (parsed, no error) for a stream the agent shows but
+    does not run.  A shelve waits in the ShelfBook `book` and is given at the stream's first
+    sample, counted from now until then (as a configured stream's before its first sample);
+    an unshelve lifts it.  A recalibrate deletes its saved baseline, so the stream learns
+    afresh from its first sample, as a running one would from now."""
+    sid = c.args["stream"]
+    result = {"id": c.request_id, "cmd": c.cmd, "ok": True, "stream": sid}
+    if c.cmd == "recalibrate":
+        if engine.store:
+            engine.store.forget(sid)
+        log.info("stream %s: not running; its saved baseline is deleted: it learns afresh "
+                 "from its first sample", sid)
+        return result
+    until = book.hold(sid, c.args["for_s"] if c.cmd == "shelve" else 0.0)
+    return {**result, "shelved_until": iso_utc(until) if c.cmd == "shelve" else None}

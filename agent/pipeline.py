@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .commands import Command, execute, parse
+from .commands import Command, execute, idle, parse
 from .config import AgentConfig
 from .engine import Engine
 from .health import health_snapshot, stream_presence
@@ -157,15 +157,22 @@ class Pipeline:
         c.reply = reply
         self.submit(c)
 
+    def _idle(self, sid: str) -> bool:
+        """A stream the agent knows but does not run: one a sink shows (a topic-named one
+        after a restart, one dropped while silent) or whose shelve waits for it."""
+        e = self.engine
+        return sid not in e.streams and sid not in e.admission.named and (
+            sid in self.shelves.ends or any(s.shows(sid) for s in self.sinks))
+
     def _command(self, c: Command) -> None:
-        result, events = execute(c, self.engine)
-        if c.cmd in ("shelve", "unshelve") and not c.error:
-            sid = c.args["stream"]
-            if not result["ok"] and c.cmd == "unshelve" and sid in self.shelves.ends:
-                # a shelve waiting for its stream's return (evicted, topic-named)
-                result = {**result, "ok": True, "stream": sid, "shelved_until": None}
-                del result["error"]
-            if result["ok"]:
+        sid = None if c.error or c.cmd == "ack" else c.args["stream"]
+        if sid is not None and self._idle(sid):
+            result, events = idle(c, self.engine, self.shelves), []
+            if c.cmd != "recalibrate":      # shown now, not at the stream's first sample
+                self._show_idle(sid, result["shelved_until"])
+        else:
+            result, events = execute(c, self.engine)
+            if c.cmd in ("shelve", "unshelve") and result["ok"]:
                 self.shelves.record(sid, c.args.get("for_s", 0.0))
         states = self.engine.take_entered()
         for sink in self.sinks:
@@ -181,6 +188,14 @@ class Pipeline:
                 c.reply(result)
             except Exception:
                 log.exception("command %s: its result could not be sent", c.request_id)
+
+    def _show_idle(self, sid: str, shelved_until: str | None) -> None:
+        status = {"state": "warming_up", "online": False, "shelved_until": shelved_until}
+        for sink in self.sinks:
+            try:
+                sink.stream_status(sid, status)
+            except Exception:
+                self._sink_failed(sink)
 
     def deliver_events(self, events: list[dict], state: str = "normal") -> None:
         """End events produced outside a step (a stop, a reload), each followed by its

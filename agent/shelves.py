@@ -74,6 +74,16 @@ class ShelfBook:
         self.waiting.discard(sid)
         self._write()
 
+    def hold(self, sid: str, for_s: float) -> float | None:
+        """A shelve command (`for_s` 0: an unshelve) for a stream not running now: the
+        wall time it ends (None: lifted), given to the stream at its first sample."""
+        self.record(sid, for_s)
+        if for_s > 0:
+            self.waiting.add(sid)
+            log.info("stream %s: not running; shelved for %g s, given to it at its first "
+                     "sample", sid, for_s)
+        return self.ends.get(sid)
+
     def restore(self, engine) -> None:
         """Give a freshly built engine the shelves still in force."""
         now = time.time()

@@ -58,6 +58,11 @@ class Sink:
         """Stream state entered: 'learning', 'warming_up' (no window judged since it was
         built), 'normal' or 'anomaly'."""
 
+    def shows(self, stream: str) -> bool:
+        """Whether operators see `stream` through this sink (Home Assistant buttons) while
+        the engine does not run it: its commands are then taken (commands.idle)."""
+        return False
+
     def stream_status(self, stream: str, status: dict) -> None:
         """A stream's status changed: {"state", "online", "shelved_until"}
         (agent.health.stream_presence), at most once a second."""

@@ -214,6 +214,9 @@ class MqttSink(Sink):
     def stream_status(self, stream: str, status: dict) -> None:
         self.streams.stream_status(stream, status)
 
+    def shows(self, stream: str) -> bool:
+        return stream in self.streams.known       # a set's `in` is atomic: no lock needed
+
     def attach(self, cfg, command) -> None:
         self.streams.attach(cfg)
         self._command = command
