@@ -82,6 +82,11 @@ class BufferConfig(Strict):
     gap_factor: Annotated[float, Meta(ge=1)] = 10.0
     # a stream without samples this long is dropped from memory (its baseline stays on disk)
     idle_evict_s: PositiveFloat | None = 3600.0
+    # a stream the config does not name (topic-named) without samples this long is forgotten:
+    # Home Assistant entities, retained topics, baseline file (agent/departures.py).  30 days:
+    # longer than the longest shelve (a week) and than a usual plant stop (holidays, a
+    # turnaround), so a machine that comes back keeps its baseline; 0 or null: never
+    forget_after_s: NonNegativeFloat | None = 30 * 86400.0
 
 
 class RefineConfig(Strict):

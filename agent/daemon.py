@@ -51,6 +51,14 @@ def build_engine(cfg: AgentConfig, detector: Detector, metrics: Metrics) -> Engi
     return engine
 
 
+def _engine_settings(cfg: AgentConfig):
+    """The detection settings the engine uses: buffer.forget_after_s is the pipeline's
+    (agent/departures.py), and a new retention must not end open alerts with a new engine."""
+    det = cfg.detection
+    return msgspec.structs.replace(det, buffer=msgspec.structs.replace(det.buffer,
+                                                                        forget_after_s=None))
+
+
 def _report(findings: preflight.Findings) -> None:
     for w in findings.warnings:
         log.warning("%s", w)
@@ -133,7 +141,7 @@ class Daemon:
     def _engine_carries_over(self, new_cfg: AgentConfig, detector: Detector) -> bool:
         old = self.pipeline.engine
         return (detector.meta.onnx_sha256 == old.meta.onnx_sha256
-                and new_cfg.detection == self.cfg.detection
+                and _engine_settings(new_cfg) == _engine_settings(self.cfg)
                 and new_cfg.state_dir == self.cfg.state_dir)
 
     def reload(self) -> None:

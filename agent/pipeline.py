@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .commands import Command, execute, idle, parse
 from .config import AgentConfig
+from .departures import Departures
 from .engine import Engine
 from .health import health_snapshot, stream_presence
 from .inbox import Inbox
@@ -87,6 +88,7 @@ class Handover:
     ended: set[str]
     engine: Engine | None = None
     shelves: ShelfBook | None = None
+    departures: Departures | None = None
 
 
 class Pipeline:
@@ -106,6 +108,11 @@ class Pipeline:
         else:
             self.shelves = ShelfBook(cfg.state_dir)
         self._restore_shelves = not (handover and handover.engine is engine)
+        if handover and handover.departures:
+            self.departures = handover.departures
+            self.departures.attach(cfg)
+        else:
+            self.departures = Departures(cfg)
         self.stop_event = threading.Event()
         self._last_health = 0.0
         self._last_presence = 0.0
@@ -228,6 +235,16 @@ class Pipeline:
             except Exception:
                 self._sink_failed(sink)
 
+    def _gone(self, evicted: list[str], forgotten: list[str]) -> None:
+        for sid in forgotten:       # no "offline" for it later: that would bring it back
+            self._presence.pop(sid, None)
+        for sink in self.sinks:
+            try:
+                sink.evicted(evicted)
+                sink.forget(forgotten)
+            except Exception:
+                self._sink_failed(sink)
+
     def _housekeeping(self, force: bool = False) -> None:
         now = time.monotonic()
         if now - self._last_presence >= PRESENCE_S:
@@ -241,7 +258,12 @@ class Pipeline:
             if now - self._last_save >= SAVE_INTERVAL_S:
                 self._last_save = now
                 self.engine.saves.due_all(self.engine.streams)   # a few a step (saving.py)
-        self.shelves.evicted(self.engine.evict_idle(now))
+        self.departures.note(self.engine.streams)     # before eviction takes them
+        evicted = self.engine.evict_idle(now)
+        self.shelves.evicted(evicted)
+        forgotten = self.departures.sweep(self.engine, self.shelves, force)
+        if evicted or forgotten:
+            self._gone(evicted, forgotten)
         h = self.health()
         for sink in self.sinks:
             try:
@@ -260,7 +282,7 @@ class Pipeline:
         if self._restore_shelves:       # streams built anew: an operator's shelve stands
             self.shelves.restore(self.engine)
         for sink in self.sinks:     # kept sinks too: commands now go to this pipeline
-            sink.attach(self.cfg, self.command)
+            sink.attach(self.cfg, self.command, self.departures)
         if start_sinks:             # after attach: a command may wait for them in the broker
             for sink in self.sinks:
                 sink.start()
@@ -378,4 +400,4 @@ class Pipeline:
                     log.exception("sink %s failed to stop cleanly", type(sink).__name__)
         kept = {r.stream.id: r for r in self.runners if r.stream.id in keep}
         return Handover(self.queue, kept, ended & set(kept),
-                        self.engine if keep_engine else None, self.shelves)
+                        self.engine if keep_engine else None, self.shelves, self.departures)

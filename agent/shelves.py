@@ -106,6 +106,14 @@ class ShelfBook:
         falls silent, and its stream's return must find the shelve."""
         self.waiting.update(sid for sid in sids if sid in self.ends)
 
+    def forget(self, sids: list[str]) -> None:
+        """Streams forgotten for good (agent/departures.py)."""
+        if any(sid in self.ends for sid in sids):
+            for sid in sids:
+                self.ends.pop(sid, None)
+            self._write()
+        self.waiting.difference_update(sids)
+
     def catch_up(self, engine, batches) -> None:
         """Before a step: the shelve of a stream whose samples it brings back, given before
         its first sample is judged."""

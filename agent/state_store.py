@@ -24,6 +24,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -150,6 +151,14 @@ class StateStore:
         for stream, (sha, record) in list(self._pending.items()):
             if not self.save(stream, sha, record):
                 return
+
+    def streams(self) -> list[str]:
+        """The streams that have a baseline file here (none when the folder cannot be read)."""
+        try:
+            names = sorted(p.name for p in self.dir.glob("*.json"))
+        except OSError:
+            return []
+        return [unquote(n[:-len(".json")]) for n in names]
 
     def forget(self, stream: str) -> None:
         self._pending.pop(stream, None)

@@ -46,10 +46,11 @@ class Sink:
     def start(self) -> None:
         """Connect / open; must not block the pipeline on an absent broker."""
 
-    def attach(self, cfg, command) -> None:
+    def attach(self, cfg, command, departures=None) -> None:
         """A pipeline feeds this sink from now on (at its start, and after every reload,
-        which may keep the sink): its config, and `command(payload, reply)`, which takes
-        an operator command as received and calls `reply(result)` once."""
+        which may keep the sink): its config, `command(payload, reply)`, which takes
+        an operator command as received and calls `reply(result)` once, and its book of
+        departed streams (agent/departures.py: `gone(sid)`, `adopt(sids)`)."""
 
     def alert(self, alert: dict) -> None:
         """An alert lifecycle event (schema in README: new/update/end)."""
@@ -81,6 +82,12 @@ class Sink:
 
     def health(self, health: dict) -> None:
         """Periodic health snapshot."""
+
+    def evicted(self, streams: list[str]) -> None:
+        """Streams dropped from memory for want of samples; each may come back."""
+
+    def forget(self, streams: list[str]) -> None:
+        """Streams gone for good (buffer.forget_after_s): nothing of them is to be kept."""
 
     def stop(self) -> None:
         """Flush and close; for MQTT publish availability 'offline'."""

@@ -16,7 +16,7 @@ discovery.py, schemas.py, the platform schemas):
 - Buttons publish the JSON command on `P cmd` (QoS 1, not retained).
 - HA does not remove a component that is merely left out of a later payload: a
   removed one is sent as its platform alone ({"p": "sensor"}), which HA takes as a
-  removal, for as long as the sink runs.
+  removal, for a day (mqtt_streams.REMOVED_KEEP_S) while the sink runs.
 - Nothing is published while there is no stream (a wildcard source before its first).
 """
 from __future__ import annotations

@@ -217,9 +217,19 @@ class MqttSink(Sink):
     def shows(self, stream: str) -> bool:
         return stream in self.streams.known       # a set's `in` is atomic: no lock needed
 
-    def attach(self, cfg, command) -> None:
-        self.streams.attach(cfg)
+    def attach(self, cfg, command, departures=None) -> None:
+        self.streams.attach(cfg, departures)
         self._command = command
+
+    def evicted(self, streams: list[str]) -> None:
+        # an evicted stream has no open alert, and its next score is due whenever it returns
+        for sid in streams:
+            self._last_ts.pop(sid, None)
+            self._last_score.pop(sid, None)
+
+    def forget(self, streams: list[str]) -> None:
+        self.evicted(streams)
+        self.streams.forget(streams)
 
     def score(self, stream: str, ts: float, score: float, threshold: float, label: int) -> None:
         now = time.monotonic()
@@ -370,8 +380,8 @@ class MqttSink(Sink):
         now = time.monotonic()
         if self._open and now - self._touched >= PERSIST_S:
             self._touched = now
-            self.outbox.touch({aid: self._last_ts[s] for s, aid in list(self._open.items())
-                               if s in self._last_ts})
+            self.outbox.touch({aid: t for s, aid in list(self._open.items())
+                               if (t := self._last_ts.get(s)) is not None})
 
     def _hand_off(self) -> None:
         if not (self.client.is_connected() and _acked(self._gate)):

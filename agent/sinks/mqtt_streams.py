@@ -16,6 +16,13 @@ still produce it (`configured`); one that a reload (or a restart: the previous
 discovery payload is read back once from the broker) leaves without a source is
 dropped: its retained topics are cleared and HA is told to remove its entities.
 
+A topic-named stream silent for `buffer.forget_after_s` is forgotten the same way
+(`forget`, from the pipeline's book of departed streams, agent/departures.py), and the
+read-back does not bring back one that book counts as gone.  A stream forgotten while the
+broker is away has its topics cleared at the next connect, and the read-back that
+follows does not take it back.  Home Assistant is told of a removal for REMOVED_KEEP_S,
+not for ever: the payload would otherwise grow with every stream that ever went.
+
 A fresh process has judged no window yet, so every stream known at start is
 "warming_up" (which also clears a state a crashed run left) until its status says
 otherwise.  The discovery payload is re-published when the set of
@@ -38,6 +45,7 @@ from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_compon
 log = logging.getLogger(__name__)
 
 DISCOVERY_S = 1.0
+REMOVED_KEEP_S = 86400.0     # a day: Home Assistant down for longer keeps an orphan entity
 KINDS = ("state", "availability", "shelved", "alert")      # the retained topics of a stream
 
 
@@ -66,7 +74,10 @@ class StreamTopics:
         self.states = {sid: "warming_up" for sid in self.known}
         self.status: dict[str, dict] = {}
         self.open: dict[str, bytes] = {}       # stream -> its open alert's latest event
-        self.removed: dict[str, str] = {}      # component key -> platform, until it returns
+        # component key -> (platform, when removed), until it returns or REMOVED_KEEP_S passed
+        self.removed: dict[str, tuple[str, float]] = {}
+        self.departures = None                 # the pipeline's book (agent/departures.py)
+        self._unsent: set[str] = set()         # forgotten, not yet cleared or read back
         self._dirty = False
         self._last_discovery = 0.0
         self._read_back = self.ha              # the previous run's payload, once
@@ -151,10 +162,10 @@ class StreamTopics:
             if new:             # clears an alert a crashed run left retained
                 self._pub(sid, "alert", self.open.get(sid, b""))
 
-    def attach(self, cfg) -> None:
+    def attach(self, cfg, departures=None) -> None:
         """A (re)loaded config: streams it can no longer produce are dropped."""
         with self._lock:
-            self.cfg = cfg
+            self.cfg, self.departures = cfg, departures
             for sid in sorted(self.known):
                 if not configured(cfg, sid):
                     self._drop(sid)
@@ -166,14 +177,34 @@ class StreamTopics:
     def _drop(self, sid: str) -> None:
         log.info("stream %s: no longer configured; its retained topics are cleared%s", sid,
                  " and Home Assistant drops its entities" if self.ha else "")
-        self.known.discard(sid)
+        self._clear(sid)
+
+    def _clear(self, sid: str) -> None:
+        if sid in self.known:
+            self.known.discard(sid)
+            now = time.monotonic()
+            self.removed.update({k: (c["p"], now)
+                                 for k, c in stream_components(self.cfg, sid).items()})
+            self._dirty = True
         self.states.pop(sid, None)
         self.status.pop(sid, None)
         self.open.pop(sid, None)
-        self.removed.update({k: c["p"] for k, c in stream_components(self.cfg, sid).items()})
-        self._dirty = True
         for kind in KINDS:
             self._pub(sid, kind, b"")      # an empty retained message deletes the retained one
+
+    def forget(self, sids: list[str]) -> None:
+        """Streams gone for good: dropped like those a reload leaves, whether known to this
+        run or not (the topics a previous run left retained go too)."""
+        with self._lock:
+            for sid in sids:
+                self._clear(sid)
+                if self._read_back or not self.client.is_connected():
+                    self._unsent.add(sid)
+            if sids:
+                now = time.monotonic()
+                for k in [k for k, (_, t) in self.removed.items() if now - t > REMOVED_KEEP_S]:
+                    del self.removed[k]
+                    self._dirty = True
 
     # ------------------------------------------------------------ from the network thread
     def on_connect(self) -> None:
@@ -183,6 +214,11 @@ class StreamTopics:
                 self.client.subscribe(self.discovery_topic, qos=1)
             for sid in sorted(self.known):
                 self._publish_stream(sid)
+            for sid in sorted(self._unsent):
+                for kind in KINDS:
+                    self._pub(sid, kind, b"")
+            if not self._read_back:
+                self._unsent.clear()
             self.publish_discovery()
 
     def on_disconnect(self) -> None:
@@ -211,17 +247,23 @@ class StreamTopics:
             # only ids a source could have made: anyone who may write the discovery topic
             # could otherwise plant streams here, which this payload would then carry on
             ids = {stream_of(c, self.prefix) for c in earlier.values()}
+            book = self.departures
             for sid in sorted(i for i in ids if i is not None and STREAM_ID_RE.match(i)):
-                if not configured(self.cfg, sid):
+                if not configured(self.cfg, sid) or sid in self._unsent or \
+                        (book is not None and book.gone(sid)):
                     for kind in KINDS:
                         self._pub(sid, kind, b"")
                 elif self._add(sid):
+                    if book is not None:
+                        book.adopt([sid])
                     self.states.setdefault(sid, "warming_up")
                     self._publish_stream(sid)
+            self._unsent.clear()
             current = {k for sid in self.known for k in stream_components(self.cfg, sid)}
+            now = time.monotonic()
             for k, c in earlier.items():
                 if k not in current and c.get("p") in COMPONENTS.values():
-                    self.removed[k] = c["p"]
+                    self.removed[k] = (c["p"], now)
                     self._dirty = True
 
     # ------------------------------------------------------------ from the sender thread
@@ -231,7 +273,8 @@ class StreamTopics:
                 return
             self._dirty = False
             self._last_discovery = time.monotonic()
-            topic, payload = discovery(self.cfg, self.known, self.removed)
+            topic, payload = discovery(self.cfg, self.known,
+                                       {k: p for k, (p, _) in self.removed.items()})
             if payload["cmps"]:      # a wildcard source before its first stream: nothing yet
                 self.client.publish(topic, to_json(payload), qos=1, retain=True)
 
