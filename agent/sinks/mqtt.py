@@ -11,15 +11,9 @@ Topics (P = cfg.topic_prefix, default "tsad/<node>/"); JSON payloads follow docs
   P cmd/result              one result per command (command-result.json)  QoS 1, not retained
   <discovery_prefix>/device/<node>/config   Home Assistant device discovery (homeassistant.py)
 
-Commands: each message on P cmd goes to the attached pipeline (`attach`), which parses
-it, carries it out on its own thread and hands the result back; the result, stamped
-`ts`, goes out on P cmd/result.  Nothing but the broker's ACL authorises a command
-(README, "Operate").  A malformed command gets an error result (with its request id
-when it has one), never an exception; refused commands are counted in health
-(`mqtt.commands`) and logged.  The subscription lives in the sink's persistent
-session, so a command sent while the agent is away is carried out when it is back.  A
-retained command is refused: the broker would hand it over again at every start and
-reconnect.
+Commands (mqtt_commands.py): each message on P cmd goes to the attached pipeline; its
+result goes out on P cmd/result.  The subscription lives in the sink's persistent
+session, so a command sent while the agent is away is carried out when it is back.
 
 Alert delivery: alert() writes the event to the sink's own Outbox
 (state_dir/outbox.sqlite; in memory without a state_dir) and returns; a sender
@@ -47,7 +41,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +51,7 @@ from ..metrics import Metrics
 from ..mqtt_client import make_client, tls_problem
 from ..outbox import Outbox
 from .base import Sink, to_json
+from .mqtt_commands import CommandChannel
 from .mqtt_streams import StreamTopics
 
 if TYPE_CHECKING:   # the config module builds its sinks section from this package
@@ -68,22 +62,12 @@ log = logging.getLogger(__name__)
 WINDOW = 32      # alert rows handed to paho but not yet acknowledged
 FLUSH_S = 2.0    # how long a clean stop may spend delivering queued alerts
 PERSIST_S = 2.0  # how often open alerts' last sample time is written
-MAX_COMMAND_BYTES = 4096   # a command is a few short fields; anything longer is refused unread
 
 
 def outbox_path(cfg: AgentConfig) -> str:
     # Without a state dir the outbox lives in memory: alerts survive broker outages,
     # not restarts.
     return str(Path(cfg.state_dir) / "outbox.sqlite") if cfg.state_dir else ":memory:"
-
-
-def _text(payload: bytes, key: str) -> str | None:
-    """A command's `key` (its request id, its name) where the payload has it as text."""
-    try:
-        value = json.loads(payload).get(key)
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _acked(info: mqtt.MQTTMessageInfo | None) -> bool:
@@ -103,7 +87,6 @@ class MqttSink(Sink):
         self.cfg, self.m, self.metrics = cfg, cfg.mqtt, metrics
         p = cfg.topic_prefix
         self.t_alerts, self.t_avail, self.t_health = p + "alerts", p + "availability", p + "health"
-        self.t_cmd, self.t_result = p + "cmd", p + "cmd/result"
         self.client = make_client(cfg.mqtt, cfg.node, role="sink")
         # The will must be registered before the first CONNECT to be part of it.
         self.client.will_set(self.t_avail, "offline", qos=1, retain=True)
@@ -116,9 +99,7 @@ class MqttSink(Sink):
         self.client.on_publish = lambda *a: self._wake.set()
         self.client.on_message = self._on_message
         self.streams = StreamTopics(cfg, self.client)
-        self._command = None           # the attached pipeline's command(payload, reply)
-        self.commands: Counter = Counter()     # "ok" / "refused"
-        self._commands_lock = threading.Lock()  # results come from two threads
+        self.commands = CommandChannel(self.client, p)
         self._health: dict | None = None
         self._last_score: dict[str, float] = {}
         self._wake = threading.Event()
@@ -219,7 +200,7 @@ class MqttSink(Sink):
 
     def attach(self, cfg, command, departures=None) -> None:
         self.streams.attach(cfg, departures)
-        self._command = command
+        self.commands.command = command
 
     def evicted(self, streams: list[str]) -> None:
         # an evicted stream has no open alert, and its next score is due whenever it returns
@@ -253,8 +234,7 @@ class MqttSink(Sink):
         doc["mqtt"] = {"connected": self.client.is_connected(), "queued": self.outbox.depth(),
                        "dropped": self.metrics.dropped.get("outbox_full", 0),
                        "outbox": self.outbox.state(),
-                       "commands": {"ok": self.commands["ok"],
-                                    "refused": self.commands["refused"]}}
+                       "commands": self.commands.counts()}
         self.client.publish(self.t_health, to_json(doc), qos=1, retain=True)
 
     # ------------------------------------------------------------ paho callbacks (network thread)
@@ -271,7 +251,7 @@ class MqttSink(Sink):
         log.info("MQTT connected to %s:%d as %s (%d alert events queued)", self.m.host,
                  self.m.port, self.m.username or "anonymous", self.outbox.depth())
         self._gate = client.publish(self.t_avail, "online", qos=1, retain=True)
-        client.subscribe(self.t_cmd, qos=1)
+        client.subscribe(self.commands.t_cmd, qos=1)
         self.streams.on_connect()
         if self._health is not None:
             self._pub_health()
@@ -301,51 +281,12 @@ class MqttSink(Sink):
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         # an exception escaping a paho callback would stop the network loop
         try:
-            if msg.topic == self.t_cmd:
-                self._on_command(msg.payload, msg.retain)
+            if msg.topic == self.commands.t_cmd:
+                self.commands.on_message(msg.payload, msg.retain)
             elif msg.topic == self.streams.discovery_topic:
                 self.streams.read_back(msg.payload)
         except Exception:
             log.exception("MQTT message on %r could not be handled", msg.topic)
-
-    def _on_command(self, payload: bytes, retained: bool) -> None:
-        from ..commands import COMMANDS     # here: commands needs the engine, whose config needs the sinks
-        command = self._command
-        if not payload:
-            log.debug("empty message on %s (a retained command cleared): not a command", self.t_cmd)
-        elif len(payload) > MAX_COMMAND_BYTES:
-            self._reply({"id": None, "cmd": None, "ok": False,
-                         "error": f"command longer than {MAX_COMMAND_BYTES} bytes"})
-        elif retained:
-            # The broker hands a retained message to every new subscription: at each start
-            # and reconnect. Carried out, a retained recalibrate would learn whatever the
-            # machine does at that moment (a fault included) as normal.
-            name = _text(payload, "cmd")
-            self._reply({"id": _text(payload, "id"), "cmd": name if name in COMMANDS else None,
-                         "ok": False,
-                         "error": "a retained command is refused: a command is carried out "
-                                  "once, when it is sent; clear it with an empty retained "
-                                  f"message on {self.t_cmd}"})
-        elif command is None:     # a file replay (the demo's --mqtt) runs no pipeline
-            self._reply({"id": _text(payload, "id"), "cmd": None, "ok": False,
-                         "error": "this run of the agent takes no commands"})
-        else:
-            command(payload, self._reply)
-
-    def _reply(self, result: dict) -> None:
-        """Publish a command's result (any thread: the pipeline's, or paho's)."""
-        ok = bool(result.get("ok"))
-        with self._commands_lock:
-            self.commands["ok" if ok else "refused"] += 1
-            n = self.commands["refused"]
-        if ok:       # the broker knows who sent it; this log says what was done
-            log.info("command %s (id %r) carried out: %s", result.get("cmd"), result.get("id"),
-                     {k: v for k, v in result.items() if k not in ("id", "cmd", "ok")})
-        elif n <= 5 or n % 100 == 0:
-            log.warning("command %s (id %r) refused: %s (%d refused so far)", result.get("cmd"),
-                        result.get("id"), result.get("error"), n)
-        self.client.publish(self.t_result, to_json({**result, "ts": iso_utc(time.time())}),
-                            qos=1, retain=False)
 
     def _report(self, level: int, msg: str) -> None:
         # once per distinct problem, not once per retry
