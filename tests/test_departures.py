@@ -21,7 +21,9 @@ from agent.daemon import _engine_settings
 from agent.departures import FILE, Departures
 from agent.metrics import Metrics
 from agent.shelves import ShelfBook
+from agent.sinks.mqtt import MqttSink
 from agent.state_store import StateStore
+from ha_rules import Registry
 from agent_harness import MOSQUITTO, AgentProcess, no_traceback, tiny_model, write_config
 from test_mqtt_ops import HA, P, ha_view, publish, samples
 from test_sink_mqtt import Sub
@@ -160,13 +162,68 @@ def test_a_restart_forgets_what_departed_while_the_agent_was_away(broker, tmp_pa
         sub.close()
 
 
+# ---------------------------------------------------------------- the sink alone
+def _sink_run(port: int, state: Path, before_start=None) -> MqttSink:
+    """A run of the MQTT sink with its pipeline's book; `before_start(sink, book)`."""
+    cfg = _cfg(state, 3600, mqtt={"port": port, "keepalive": 5,
+                                  "homeassistant": {"enabled": True}})
+    book = Departures(cfg)
+    sink = MqttSink(cfg, Metrics())
+    sink.attach(cfg, None, book)
+    if before_start:
+        before_start(sink, book)
+    sink.start()
+    return sink
+
+
+@needs_broker
+@pytest.mark.parametrize("when", ["read back", "swept before the connect"])
+def test_the_sink_never_shows_a_departed_stream_again(broker, tmp_path, when):
+    """Whichever comes first at a start, the read-back of the discovery payload or the
+    first sweep (the broker may be late), dev1 is not published again, only cleared."""
+    state = tmp_path / "st"
+    node_p, ha = "tsad/n1/", "homeassistant/device/n1/config"
+    sub = Sub(broker.port, [node_p + "#", "homeassistant/#"])
+    first = _sink_run(broker.port, state)
+    for sid in ("dev1", "dev2"):
+        first.stream_status(sid, {"state": "normal", "online": True, "shelved_until": None})
+    sub.wait(lambda m: ha_view_of(sub, ha) == {"bench", "dev1", "dev2"},
+             "dev1 and dev2 in Home Assistant")
+    first.stop()
+    (state / FILE).write_text(json.dumps({"last_sample": {"dev1": time.time() - 7200,
+                                                          "dev2": time.time()}}))
+    n = len(sub.msgs)
+    def sweep_first(sink, book):        # as the pipeline's first sweep does
+        due = book.sweep(_engine(state), ShelfBook(None))
+        assert due == ["dev1"]
+        sink.forget(due)
+
+    again = _sink_run(broker.port, state, sweep_first if when != "read back" else None)
+    try:
+        sub.wait(lambda m: any(t == node_p + "stream/dev1/state" and p == ""
+                               for t, p, *_ in m[n:]), "dev1's state cleared")
+        sub.wait(lambda m: ha_view_of(sub, ha) == {"bench", "dev2"},
+                 "dev1 gone from Home Assistant")
+        assert [(t, p) for t, p, *_ in sub.msgs[n:] if "/dev1/" in t and p] == []
+    finally:
+        again.stop()
+        sub.close()
+
+
+def ha_view_of(sub: Sub, topic: str) -> set[str]:
+    reg = Registry()
+    for t, raw, _, _ in sub.on(topic):
+        reg.apply(t, raw)
+    return reg.streams()
+
+
 # ---------------------------------------------------------------- the book alone
-def _cfg(state_dir: Path, forget_after_s) -> AgentConfig:
+def _cfg(state_dir: Path, forget_after_s, **over) -> AgentConfig:
     return build(AgentConfig, {
         "node": "n1", "state_dir": str(state_dir), "model": {"path": "m.onnx"},
         "buffer": {"forget_after_s": forget_after_s},
         "streams": [{"id": "bench", "source": {"type": "replay", "path": "a.csv"}},
-                    WILDCARD]})
+                    WILDCARD], **over})
 
 
 def _engine(state_dir: Path, **streams: float) -> SimpleNamespace:
