@@ -23,9 +23,9 @@ from agent.metrics import Metrics
 from agent.shelves import ShelfBook
 from agent.sinks.mqtt import MqttSink
 from agent.state_store import StateStore
-from ha_rules import Registry
 from agent_harness import MOSQUITTO, AgentProcess, no_traceback, tiny_model, write_config
-from test_mqtt_ops import HA, P, ha_view, publish, samples
+from ha_rules import Registry
+from test_mqtt_ops import P, ha_view, publish, samples
 from test_sink_mqtt import Sub
 
 needs_broker = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
