@@ -54,6 +54,14 @@ class Departures:
         self._dirty = False
         self.attach(cfg)
 
+    @classmethod
+    def carried(cls, book: Departures | None, cfg) -> Departures:
+        """The book a reload hands over, attached to the new config; a new one at a start."""
+        if book is None:
+            return cls(cfg)
+        book.attach(cfg)
+        return book
+
     def attach(self, cfg) -> None:
         """A (re)loaded config: its retention, the streams it names, its state_dir (the
         book moves there, and the baselines found there are known from now on)."""

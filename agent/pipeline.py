@@ -108,11 +108,7 @@ class Pipeline:
         else:
             self.shelves = ShelfBook(cfg.state_dir)
         self._restore_shelves = not (handover and handover.engine is engine)
-        if handover and handover.departures:
-            self.departures = handover.departures
-            self.departures.attach(cfg)
-        else:
-            self.departures = Departures(cfg)
+        self.departures = Departures.carried(handover.departures if handover else None, cfg)
         self.stop_event = threading.Event()
         self._last_health = 0.0
         self._last_presence = 0.0

@@ -147,7 +147,7 @@ def test_a_restart_forgets_what_departed_while_the_agent_was_away(broker, tmp_pa
             sub.wait(lambda m: ha_view(sub).streams() == {"dev2", "press9"}, "dev1 gone")
             kept = _retained(broker.port)
             assert not any("/dev1/" in t for t in kept), kept
-            assert kept[P + "stream/dev2/state"] == "normal"
+            assert kept[P + "stream/dev2/state"] == "warming_up"
             cal = state / "calibration"
             assert {p.name for p in cal.glob("*.json")} == {"dev2.json", "press9.json"}
             again.signal(signal.SIGTERM)
