@@ -24,7 +24,7 @@ from itertools import repeat
 
 import numpy as np
 
-from .device_clock import BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, Clock
+from .device_clock import BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, JUMP_S, Clock
 from .field_values import FLT_MAX
 from .timestamps import epoch_seconds_array
 
@@ -70,11 +70,11 @@ class _Part:
 
 def read_block(payloads: list[bytes], arrivals: list[float], per_stream: list[int],
                clocks: list[Clock], channels: int, timestamp: str,
-               max_line: int) -> Block | None:
+               max_line: int, mono: float) -> Block | None:
     """Payloads of consecutive streams (stream i has the next `per_stream[i]` payloads,
     `arrivals` one time per payload), each a line or lines; None when no stream's lines
     are all such samples.  The clocks of the streams taken are updated as the line
-    reader would update them."""
+    reader would update them; `mono`: this machine's monotonic time, for them."""
     part = _Part(payloads, arrivals, per_stream, clocks, list(range(len(per_stream))),
                  len(per_stream))
     # each round leaves out the streams with a line of another shape, then those with a
@@ -102,15 +102,19 @@ def read_block(payloads: list[bytes], arrivals: list[float], per_stream: list[in
     bad = ~(np.abs(values) <= FLT_MAX).all(axis=1)     # NaN/inf/huge: the reader writes NaN
     if has_ts:
         ts = epoch_seconds_array(rows[:, 0])      # NaN where epoch_seconds raises
-        bad |= ~(ts <= arrival + FUTURE_TOLERANCE_S)    # NaN (no valid epoch) included
-        back = np.zeros(len(ts), bool)
-        back[1:] = ts[1:] < ts[:-1]
-        back[bounds[:-1]] = False          # a stream's first line is checked against its clock
-        bad |= back
+        limit = arrival + FUTURE_TOLERANCE_S
+        if any(c.lead for c in part.clocks):
+            limit += np.repeat([c.lead for c in part.clocks], np.diff(bounds))
+        bad |= ~(ts <= limit)               # NaN (no valid epoch) included
+        step = np.zeros(len(ts))
+        step[1:] = ts[1:] - ts[:-1]
+        step[bounds[:-1]] = 0.0            # a stream's first line is checked against its clock
+        # a longer step is the line reader's: its tolerance, or a stream's first interval
+        bad |= (step < 0) | (step > JUMP_S)
     else:
         ts = arrival
     ok = _by_stream(bad, bounds) == 0
-    taken = _settle_clocks(part, ok.tolist(), bounds, ts, has_ts)
+    taken = _settle_clocks(part, ok.tolist(), bounds, ts, has_ts, arrival, mono)
     if all(t is None for t in taken):
         return None
     with np.errstate(over="ignore"):    # the huge values of streams not taken
@@ -118,21 +122,57 @@ def read_block(payloads: list[bytes], arrivals: list[float], per_stream: list[in
 
 
 def _settle_clocks(part: _Part, ok: list[bool], bounds: np.ndarray, ts: np.ndarray,
-                   has_ts: bool) -> list[int | None]:
+                   has_ts: bool, arrival: np.ndarray, mono: float) -> list[int | None]:
     """Check each stream's first timestamp against its clock and update the clocks of the
     streams taken; each stream's place in the block (None: left to the line reader)."""
     taken: list[int | None] = [None] * part.n
     first, last = bounds[:-1].tolist(), (bounds[1:] - 1).tolist()
     tsl = ts.tolist() if has_ts else None
     for j, clock in enumerate(part.clocks):
-        if not ok[j] or clock.has_ts is not has_ts or clock.held or (
-                has_ts and clock.last is not None
-                and tsl[first[j]] < clock.last - BACKWARD_TOLERANCE_S):
+        if not ok[j] or clock.has_ts is not has_ts or clock.held:
             continue
-        if has_ts:      # its lines do not decrease: keeping the last is keeping them all
-            clock.keep(tsl[last[j]])
+        if has_ts:
+            a, b = first[j], last[j]
+            # a stream with a step pending, or whose first line the clock would refuse or
+            # follow, is the line reader's: it counts and logs
+            if clock.ahead or clock.behind or clock.last is not None and (
+                    tsl[a] < clock.last - BACKWARD_TOLERANCE_S
+                    or clock.step and tsl[a] - clock.last > mono - clock.mono
+                    + clock.tolerance()):
+                continue
+            if clock.lead:
+                if not _lead_allows(clock.lead, tsl[a:b + 1], arrival[a:b + 1].tolist()):
+                    continue
+                for i in range(a, b + 1):
+                    clock.keep(tsl[i], float(arrival[i]), mono)
+            else:
+                _keep_lines(clock, tsl, a, b, mono)
         taken[part.index[j]] = j
     return taken
+
+
+def _lead_allows(lead: float, ts: list[float], arrivals: list[float]) -> bool:
+    """Whether each line keeps within a followed device's lead, as it shrinks line by line
+    (device_clock.Clock.keep)."""
+    for t, now in zip(ts, arrivals):
+        if t > now + FUTURE_TOLERANCE_S + lead:
+            return False
+        lead = max(0.0, min(lead, t - now))
+    return True
+
+
+def _keep_lines(clock: Clock, tsl: list[float], a: int, b: int, mono: float) -> None:
+    """Keep lines a..b, which do not decrease, as keeping each would: the one before the
+    last step up (for the interval that step ends) and the last are enough.  No lead
+    to shrink: the arrival times do not matter."""
+    k = b
+    while k > a and tsl[k - 1] >= tsl[k]:
+        k -= 1
+    if k > a:
+        clock.keep(tsl[k - 1], 0.0, mono)
+    clock.keep(tsl[k], 0.0, mono)
+    if k < b:
+        clock.keep(tsl[b], 0.0, mono)
 
 
 def _shape(payloads: list[bytes], per_stream: list[int], max_line: int):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+from time import monotonic
 from itertools import chain
 
 import numpy as np
@@ -52,8 +53,7 @@ import numpy as np
 from .bad_input import BadInput
 from .csv_auto import Held, hold, refuse_held
 from .csv_block import Block, read_block
-from .device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, RESYNC_AFTER, Clock,
-                           Clocks)
+from .device_clock import Clock, Clocks
 from .field_values import FLT_MAX, NAN, Unusable, clean, json_number, missing_or_float
 from .metrics import Metrics
 from .timestamps import BadTimestamp, epoch_seconds
@@ -94,6 +94,7 @@ class LineDecoder:
         self._clocks = Clocks({"first": True, "none": False}.get(timestamp))
         self.report = BadInput(metrics, log_name)
         self._block_failed = False      # logged once: csv_block.py raised (a bug)
+        self._mono = 0.0                # monotonic time of the decode call (device_clock.py)
 
     # ------------------------------------------------------------ public API
     def decode(self, line: bytes, now: float, stream: str | None = None) -> Sample | None:
@@ -106,6 +107,7 @@ class LineDecoder:
     def decode_lines(self, lines, now: float, stream: str | None = None) -> Samples | None:
         """Lines read together (serial) -> (ts float64[n], float32[n, C]), None if none usable."""
         ts, rows = [], []
+        self._mono = monotonic()
         self._lines(lines, now, self._clocks.get(stream), ts, rows)
         self.report.flush()
         return _pack(ts, rows)
@@ -116,6 +118,7 @@ class LineDecoder:
 
         `stream` keys the per-stream clock when one subscription feeds many streams."""
         ts, rows = [], []
+        self._mono = monotonic()
         self._payloads((payload,), (now,), self._clocks.get(stream), ts, rows)
         self.report.flush()
         return _pack(ts, rows)
@@ -127,6 +130,7 @@ class LineDecoder:
         path's streams as views of one array (500 streams x 1 message: not 500 arrays); a
         stream that raises is logged and left out."""
         clocks = [self._clocks.get(sid) for sid in groups]
+        self._mono = monotonic()
         block = self._block(groups, clocks)
         ts, rows, spans, out = [], [], [], {}
         for k, (sid, (payloads, arrivals)) in enumerate(groups.items()):
@@ -161,7 +165,7 @@ class LineDecoder:
                 return None
             return read_block(payloads, [a for _, arr in groups.values() for a in arr],
                               [len(ps) for ps, _ in groups.values()], clocks,
-                              len(self.channels), self.timestamp, MAX_LINE)
+                              len(self.channels), self.timestamp, MAX_LINE, self._mono)
         except TypeError:       # a payload that is not bytes: the line reader says whose
             return None
         except Exception:       # a bug here must not cost samples: the line reader reads all
@@ -223,7 +227,7 @@ class LineDecoder:
         if clean(vals) and shape is None:       # a held line counts "nan" if it comes out
             self.report.note("nan", line)
         if has_ts:
-            clock.keep(t)
+            clock.keep(t, now, self._mono)
         if clock.held and shape is None:
             refuse_held(clock, self.report)
         return t, vals
@@ -263,7 +267,7 @@ class LineDecoder:
         else:
             vals = self._keyed(values, data)
         if raw_ts is not None:
-            clock.keep(t)
+            clock.keep(t, now, self._mono)
         return t, vals
 
     def _keyed(self, obj: dict, data, flat: bool = False) -> list[float]:
@@ -304,24 +308,20 @@ class LineDecoder:
         return vals
 
     def _device_time(self, raw, now: float, clock: Clock) -> float:
-        """A device timestamp, refused when far ahead of this machine or behind the stream;
-        `Clock.keep` records it once the whole sample is accepted."""
+        """A device timestamp, refused when implausible for its stream's clock
+        (device_clock.py); `Clock.keep` records it once the whole sample is accepted."""
         try:
             t = epoch_seconds(raw)
         except BadTimestamp as e:
             raise Unusable("bad_timestamp", str(e)) from None
-        if t > now + FUTURE_TOLERANCE_S:
-            raise Unusable("bad_timestamp", f"{(t - now) / 3600:.1f} h ahead of this clock")
-        last = clock.last
-        if last is not None and t < last - BACKWARD_TOLERANCE_S:
-            clock.behind += 1
-            if clock.behind < RESYNC_AFTER:
-                raise Unusable("bad_timestamp", f"{last - t:.3f} s behind the stream")
+        why, followed = clock.judge(t, now, self._mono)
+        if why is not None:
+            raise Unusable("bad_timestamp", why)
+        if followed is not None:
             more = self.report.may_log("clock_step")
             if more is not None:    # two devices on one stream would otherwise flood the log
-                log.warning("%s: device clock stepped back %.3f s; following it%s",
-                            self.log_name, last - t, f" (+{more} more steps)" if more else "")
-            clock.last = None
+                log.warning("%s: %s%s", self.log_name, followed,
+                            f" (+{more} more steps)" if more else "")
         return t
 
     def _json_whole(self, payload: bytes, now: float, clock: Clock, ts: list,

@@ -1,14 +1,23 @@
 """What a decoder remembers about each stream's device clock.
 
-A device timestamp is refused (`bad_timestamp`) when it is more than
-BACKWARD_TOLERANCE_S behind the newest one the stream accepted, or more than
-FUTURE_TOLERANCE_S ahead of this machine's clock: a corrupted digit then costs one
-sample instead of resetting or freezing the window.  A device whose clock really
-stepped back (NTP, an RTC reset) is followed again after RESYNC_AFTER consecutive
-such samples, so a stream is never left blind for the length of the step.  This
-memory (and the CSV `auto` decision, with its held lines: csv_auto.py) is kept for the
-MAX_TRACKED_STREAMS streams seen most recently: a flood of topic-named streams cannot
-grow it without bound.
+A device timestamp is refused (`bad_timestamp`), so that a corrupted digit costs one
+sample instead of resetting, freezing or fast-forwarding the window and the stream's
+time gates, when it is
+- more than BACKWARD_TOLERANCE_S behind the newest one the stream accepted;
+- further ahead of that one than the real time since it came (this machine's monotonic
+  clock) plus a tolerance: JUMP_S, or JUMP_STEPS sampling intervals (the last one seen)
+  where that is more, so a logger that uploads an hour of 5-minute samples in one burst
+  is not mistaken for a step, nor a recording published faster than real time.  A gap
+  (a device switched off for a day) has real time behind it and passes;
+- more than FUTURE_TOLERANCE_S ahead of this machine's clock.
+A device whose clock really stepped is followed after RESYNC_AFTER consecutive samples
+that agree with each other, so a stream is never left blind for the length of a step.
+That includes a device far ahead of this machine: a Raspberry Pi has no real-time clock,
+and without NTP it runs on the time it was last shut down (fake-hwclock), days behind a
+device whose own clock is right.  The device's lead over this machine is then allowed
+for, and it shrinks back as this machine's clock is put right.  This memory (and the CSV
+`auto` decision, with its held lines: csv_auto.py) is kept for the MAX_TRACKED_STREAMS
+streams seen most recently: a flood of topic-named streams cannot grow it without bound.
 """
 from __future__ import annotations
 
@@ -19,25 +28,80 @@ BACKWARD_TOLERANCE_S = 1.0
 # A device sending local time as if it were UTC is up to 14 h ahead; that is a
 # configuration fault the operator can see in the alert times, not corruption.
 FUTURE_TOLERANCE_S = 86_400.0
-RESYNC_AFTER = 5                # consecutive backward samples that mean a real clock step
+# Network and broker delays bunch samples together by seconds, and a device's clock
+# drifts by well under a second a day: a minute ahead of real time is a step.
+JUMP_S = 60.0
+JUMP_STEPS = 10
+RESYNC_AFTER = 5                # consecutive stepped samples that mean a real clock step
 MAX_TRACKED_STREAMS = 4096      # per-stream clocks kept (least recently seen dropped)
 
 
 class Clock:
-    __slots__ = ("last", "behind", "has_ts", "held")
+    __slots__ = ("last", "mono", "step", "lead", "behind", "ahead", "ahead_t", "ahead_mono",
+                 "has_ts", "held")
 
     def __init__(self, has_ts: bool | None = None) -> None:
         self.last: float | None = None     # newest accepted device timestamp
+        self.mono = 0.0                    # this machine's monotonic time when it came
+        self.step = 0.0                    # the last interval between accepted samples
+        self.lead = 0.0                    # a followed device's lead over this machine
         self.behind = 0                    # consecutive samples refused as backward
+        self.ahead = 0                     # consecutive samples refused as ahead
+        self.ahead_t = self.ahead_mono = 0.0   # the newest of them, and when it came
         # CSV: whether lines start with a timestamp; None while `auto` has not decided
         self.has_ts = has_ts
         self.held: list | None = None      # CSV `auto`: lines held until a decision
 
-    def keep(self, t: float) -> None:
-        """A sample stamped `t` was accepted whole."""
-        self.behind = 0
+    def judge(self, t: float, now: float, mono: float) -> tuple[str | None, str | None]:
+        """(why `t` is refused, or None; what was followed, for a warning, or None) for a
+        sample stamped `t` that came at `now` (wall) / `mono` (monotonic)."""
+        if t > now + FUTURE_TOLERANCE_S + self.lead:
+            return self._ahead(t, mono, f"{(t - now) / 3600:.1f} h ahead of this clock",
+                               lambda: self._lead_from(t - now))
+        last = self.last
+        if last is None:
+            return None, None
+        if t < last - BACKWARD_TOLERANCE_S:
+            self.behind += 1
+            if self.behind < RESYNC_AFTER:
+                return f"{last - t:.3f} s behind the stream", None
+            self.last = None
+            return None, f"device clock stepped back {last - t:.3f} s; following it"
+        if self.step and t - last > mono - self.mono + self.tolerance():
+            return self._ahead(t, mono, f"{t - last:.3f} s ahead of the stream",
+                               lambda: f"device clock stepped forward {t - last:.3f} s; "
+                                       "following it")
+        return None, None
+
+    def tolerance(self) -> float:
+        """How far ahead of real time a sample may come before it is a clock step."""
+        return max(JUMP_S, JUMP_STEPS * self.step)
+
+    def _ahead(self, t: float, mono: float, why: str, follow) -> tuple[str | None, str | None]:
+        agree = self.ahead and self.ahead_t - BACKWARD_TOLERANCE_S <= t <= \
+            self.ahead_t + mono - self.ahead_mono + self.tolerance()
+        self.ahead = self.ahead + 1 if agree else 1
+        self.ahead_t, self.ahead_mono = t, mono
+        if self.ahead < RESYNC_AFTER:
+            return why, None
+        self.ahead, self.last = 0, None
+        return None, follow()
+
+    def _lead_from(self, lead: float) -> str:
+        self.lead = lead
+        return (f"this machine's clock is {lead / 3600:.1f} h behind the device's; following "
+                "the device (set this machine's clock: NTP, or a real-time clock)")
+
+    def keep(self, t: float, now: float, mono: float) -> None:
+        """A sample stamped `t` that came at `now` / `mono` was accepted whole."""
+        self.behind = self.ahead = 0
         if self.last is None or t > self.last:
+            if self.last is not None:
+                self.step = t - self.last
             self.last = t
+        self.mono = mono
+        if self.lead:       # this machine's clock put right: the allowance goes with it
+            self.lead = max(0.0, min(self.lead, t - now))
 
 
 class Clocks:

@@ -113,7 +113,8 @@ _ODD_NUMBERS = ["1e39", "-1e39", "1e999", "1e", ".", "5.", ".5", "+5", "-0", "0e
                 "--1", "1.2.3", "", "nan", " 1", "1_0", "4e-46", "3.4028235e38", "١"]
 
 
-DEFECTS = ["number", "back", "jitter", "future", "range", "iso", "units", "semicolon",
+DEFECTS = ["number", "back", "jitter", "future", "jump", "ahead", "range", "iso", "units",
+           "semicolon",
            "newline", "empty", "fewer", "more", "blank"]
 
 
@@ -129,18 +130,21 @@ def stream_payloads(draw, k0: int, timestamp: str) -> list[bytes]:
     unit = draw(st.sampled_from(["s", "ms", "us", "ns"]))
     step = draw(st.sampled_from([0.01, 1.0]))
     n = draw(st.integers(1, 8))
+    defect = draw(st.sampled_from(DEFECTS + [None] * len(DEFECTS)))
+    # "ahead": a device whose clock is right while this machine's is two days behind
+    lead = 2 * 86400 if defect == "ahead" else 0
     lines = []
     for k in range(k0, k0 + n):
         vals = [draw(st.floats(-100, 100).map(lambda x: f"{x:.5g}")) for _ in CH]
-        lines.append(([_stamp(T0 + k * step, unit)] if stamped else []) + vals)
-    defect = draw(st.sampled_from(DEFECTS + [None] * len(DEFECTS)))
+        lines.append(([_stamp(T0 + lead + k * step, unit)] if stamped else []) + vals)
     i = draw(st.integers(0, n - 1))
     row, t = lines[i], T0 + (k0 + i) * step
     if defect == "number":
         row[-1] = draw(st.sampled_from(_ODD_NUMBERS))
-    elif defect in ("back", "jitter", "future", "range", "iso", "units") and stamped:
+    elif defect in ("back", "jitter", "future", "jump", "range", "iso", "units") and stamped:
         row[0] = {"back": _stamp(t - 5 - step * i, unit), "jitter": _stamp(t - 0.5, unit),
-                  "future": f"{NOW + 2 * 86400:.0f}", "range": "123",
+                  "future": f"{NOW + 2 * 86400:.0f}", "jump": _stamp(t + 3600, unit),
+                  "range": "123",
                   "iso": "2023-11-14T22:13:20Z", "units": _stamp(t, "ms" if unit == "s" else "s")
                   }[defect]
     elif defect in ("fewer", "more"):
@@ -169,7 +173,8 @@ def drain(draw, timestamp: str, k0: int):
 
 
 def _clocks(d: LineDecoder) -> dict:
-    return {sid: (c.last, c.behind, c.has_ts, [h[:2] for h in c.held or ()])
+    return {sid: (c.last, c.step, c.lead, c.behind, c.ahead, c.ahead_t, c.has_ts,
+                  [h[:2] for h in c.held or ()])
             for sid, c in d._clocks._clocks.items()}
 
 
@@ -211,10 +216,11 @@ def test_a_well_formed_drain_is_read_as_one_block_and_a_bad_stream_is_left_out()
     # `auto` streams that have not decided are the line reader's (csv_auto.py holds lines)
     undecided = [Clock() for _ in per]
     assert read_block(payloads, [NOW] * len(payloads), per, undecided, len(CH), "auto",
-                      1 << 16) is None
+                      1 << 16, 0.0) is None
     assert all(c.last is None and c.has_ts is None for c in undecided)
     clocks = [Clock(True) for _ in per]
-    block = read_block(payloads, [NOW] * len(payloads), per, clocks, len(CH), "auto", 1 << 16)
+    block = read_block(payloads, [NOW] * len(payloads), per, clocks, len(CH), "auto", 1 << 16,
+                       0.0)
     assert [block.take(i) is None for i in range(4)] == [False, False, True, False]
     ts, v = block.take(3)
     assert ts.tolist() == [T0 + k for k in range(5)]

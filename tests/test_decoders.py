@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 from agent.csv_auto import DECIDE_AFTER, HOLD_MAX, REDECIDE_AFTER
 from agent.decoders import FATAL_REASONS, MAX_LINE, LineDecoder
-from agent.device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, MAX_TRACKED_STREAMS,
-                                RESYNC_AFTER)
+from agent.device_clock import (BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, JUMP_S,
+                                MAX_TRACKED_STREAMS, RESYNC_AFTER)
 from agent.metrics import Metrics
 from agent.timestamps import (MAX_EPOCH_S, MIN_EPOCH_S, BadTimestamp, epoch_seconds,
                               epoch_seconds_array)
@@ -290,9 +290,9 @@ def test_backward_and_future_timestamps_are_refused():
     assert d.decode(f"{NOW + FUTURE_TOLERANCE_S + 60},1,2,3".encode(), NOW) is None
     # the stream's clock did not move: the next good line follows T0
     assert d.decode(f"{T0 + 0.01},1,2,3".encode(), NOW)[0] == T0 + 0.01
-    local_time = NOW + 14 * 3600                            # UTC+14 sent as UTC: allowed
-    assert d.decode(f"{local_time},1,2,3".encode(), NOW)[0] == local_time
     assert m.malformed == Counter({"bad_timestamp": 2})
+    local_time = NOW + 14 * 3600                            # UTC+14 sent as UTC: allowed
+    assert d.decode_payload(f"{local_time},1,2,3".encode(), NOW, "tz")[0][0] == local_time
 
 
 def test_a_real_clock_step_back_is_followed(caplog):
@@ -314,6 +314,98 @@ def test_a_real_clock_step_back_is_followed(caplog):
     assert m.malformed == Counter({"bad_timestamp": 2 * (RESYNC_AFTER - 1)})
     steps = [r.getMessage() for r in caplog.records if "stepped back" in r.getMessage()]
     assert len(steps) == 1 and steps[0].startswith("test: device clock stepped back 3596.000 s")
+
+
+class _Monotonic:
+    """This machine's monotonic clock as the decoder reads it, moved by hand."""
+
+    def __init__(self, monkeypatch):
+        self.t = 1000.0
+        monkeypatch.setattr("agent.decoders.monotonic", lambda: self.t)
+
+
+def _stamped(d, ts, now=NOW, stream=None):
+    """Each timestamp decoded as its own JSON sample: the times kept (None: refused)."""
+    out = []
+    for t in ts:
+        got = d.decode_payload(json.dumps({"ts": t, "values": [1, 2, 3]}).encode(), now, stream)
+        out.append(None if got is None else float(got[0][0]))
+    return out
+
+
+def test_a_timestamp_glitched_forward_costs_one_sample(monkeypatch, caplog):
+    """One wrong digit two hours ahead (under FUTURE_TOLERANCE_S of this machine) neither
+    moves the stream's clock nor costs the samples after it (the audit: five, and a
+    learning period or shelve ended early downstream)."""
+    _Monotonic(monkeypatch)
+    d, m = make("json")
+    ts = [T0 + i for i in range(10)]
+    ts[4] += 7200
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        got = _stamped(d, ts)
+    assert got == ts[:4] + [None] + ts[5:]
+    assert m.malformed == Counter({"bad_timestamp": 1})
+    assert not [r for r in caplog.records if "stepped" in r.getMessage()]
+
+
+def test_a_real_clock_step_forward_is_followed(monkeypatch, caplog):
+    _Monotonic(monkeypatch)
+    d, m = make("json")
+    stepped = [T0 + 3600 + i for i in range(RESYNC_AFTER + 2)]
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        got = _stamped(d, [T0 - 1, T0] + stepped)
+    assert got[2:RESYNC_AFTER + 1] == [None] * (RESYNC_AFTER - 1)
+    assert got[RESYNC_AFTER + 1:] == stepped[RESYNC_AFTER - 1:]
+    assert m.malformed == Counter({"bad_timestamp": RESYNC_AFTER - 1})
+    steps = [r.getMessage() for r in caplog.records if "stepped forward" in r.getMessage()]
+    assert len(steps) == 1 and "3604.000 s" in steps[0]
+
+
+def test_a_gap_with_real_time_behind_it_is_no_step(monkeypatch):
+    """A device switched off for two hours comes back two hours later: time that passed."""
+    mono = _Monotonic(monkeypatch)
+    d, m = make("json")
+    assert _stamped(d, [T0, T0 + 1]) == [T0, T0 + 1]
+    mono.t += 7200
+    assert _stamped(d, [T0 + 7201, T0 + 7202]) == [T0 + 7201, T0 + 7202]
+    assert not m.malformed
+
+
+def test_replays_faster_than_real_time_and_logger_uploads_are_no_steps(monkeypatch):
+    """A recording published at full speed (real time stands still here), and a logger
+    that uploads an hour of 5-minute samples at once, every hour."""
+    mono = _Monotonic(monkeypatch)
+    d, m = make("json")
+    fast = [T0 + i for i in range(300)]
+    assert _stamped(d, fast, stream="replay") == fast
+    start = T0 - 86400
+    for hour in range(3):
+        upload = [start + 3600 * hour + 300 * k for k in range(12)]
+        assert _stamped(d, upload, stream="logger") == upload
+        mono.t += 3600
+    assert JUMP_S < 300 and not m.malformed
+
+
+def test_a_machine_clock_days_behind_follows_the_device(monkeypatch, caplog):
+    """A Raspberry Pi without a real-time clock or NTP boots on the time it was shut down
+    (fake-hwclock): two days behind a device whose clock is right.  The device is
+    followed after RESYNC_AFTER samples, not refused for as long as this machine is wrong,
+    and the allowance goes once this machine's clock is put right."""
+    _Monotonic(monkeypatch)
+    d, m = make("json")
+    late = NOW - 2 * 86400            # this machine's clock
+    ts = [NOW + i for i in range(RESYNC_AFTER + 3)]
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        got = _stamped(d, ts, now=late)
+    assert got[:RESYNC_AFTER - 1] == [None] * (RESYNC_AFTER - 1)
+    assert got[RESYNC_AFTER - 1:] == ts[RESYNC_AFTER - 1:]
+    assert m.malformed == Counter({"bad_timestamp": RESYNC_AFTER - 1})
+    said = [r.getMessage() for r in caplog.records if "this machine's clock" in r.getMessage()]
+    assert len(said) == 1 and "48.0 h behind the device's" in said[0]
+    # NTP puts this machine right: a sample two days ahead of it is refused again
+    right = ts[-1] + 1
+    assert _stamped(d, [right], now=right) == [right]
+    assert _stamped(d, [right + 2 * 86400], now=right + 1) == [None]
 
 
 def test_clocks_are_per_stream_and_bounded():
