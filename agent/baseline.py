@@ -59,7 +59,7 @@ class _Held:
     heap: _unheaped): a daemon receives samples one message at a time, and a list of
     one-row arrays costs about seven times the data it holds."""
 
-    __slots__ = ("n", "_ts", "_values", "channels", "first_cap", "since")
+    __slots__ = ("n", "_ts", "_values", "channels", "first_cap", "since", "_el")
 
     def __init__(self, channels: int, first_cap: int):
         self.channels, self.first_cap = channels, max(first_cap, 16)
@@ -67,11 +67,15 @@ class _Held:
         self._ts: np.ndarray | None = None
         self._values: np.ndarray | None = None
         self.since = 0.0            # monotonic time of the first sample held
+        self._el = [0.0, 0.0]       # the elapsed times of the first and the newest held
 
-    def add(self, ts: np.ndarray, values: np.ndarray) -> None:
+    def add(self, ts: np.ndarray, values: np.ndarray, el: tuple[float, float]) -> None:
+        """`el`: the elapsed times of the first and last of `ts` (agent/sample_clock.py)."""
         m = len(ts)
         if not self.n:
             self.since = time.monotonic()
+            self._el[0] = el[0]
+        self._el[1] = el[1]
         if self._ts is None:
             self._ts, self._values = _unheaped(max(self.first_cap, m), self.channels)
         elif self.n + m > len(self._ts):
@@ -84,12 +88,13 @@ class _Held:
         self.n += m
 
     def span(self, now: float) -> float:
-        """How long these samples were held for: their sample time's span, but no longer
+        """How long these samples were held for: their elapsed time's span (a device clock
+        reset back to 2000 must not make a day's learning look like none), but no longer
         than the wall time since the first (a device clock's step forward, or a client's
         made-up times, must not make a few samples look like a day's learning)."""
         if not self.n:
             return 0.0
-        return max(0.0, min(float(self._ts[self.n - 1] - self._ts[0]), now - self.since))
+        return max(0.0, min(self._el[1] - self._el[0], now - self.since))
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The held samples; the buffer is released."""
@@ -181,7 +186,9 @@ class Baseline:
             take = int(after[0]) if len(after) else len(ts)
             ended = len(after) > 0
         if take:
-            self._held.add(ts[:take], values[:take])
+            o = (float(off),) * 2 if np.ndim(off) == 0 else (float(off[0]), float(off[take - 1]))
+            self._held.add(ts[:take], values[:take], (float(ts[0]) + o[0],
+                                                      float(ts[take - 1]) + o[1]))
         self._ended = ended and self._held.n > 0
         return take
 

@@ -20,7 +20,7 @@ INFER_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 class Metrics:
     def __init__(self, latency_samples: int = 4096) -> None:
-        self.started = time.time()
+        self.started = time.monotonic()     # uptime: a wall-clock step is no time running
         self.samples_in = 0
         # engine steps, and the streams they held summed over them: samples_in / stream_steps
         # is how many samples a stream gets per step, which sets each stream's fixed cost per
@@ -83,7 +83,7 @@ class Metrics:
         with self._lock:
             malformed = dict(self.malformed)
         return {
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(time.monotonic() - self.started, 1),
             "samples_in": self.samples_in,
             "steps": self.steps,
             "stream_steps": self.stream_steps,

@@ -240,17 +240,21 @@ def test_a_learning_stream_stays_through_a_silence_shorter_than_its_learning(mod
     for k in range(4):                                   # 12 h of running, samples and
         clock.t = 1000.0 + k * 4 * 3600                  # wall clock alike
         feed(e, "day", v[10 * k:10 * (k + 1)], t0=1.7e9 + k * 4 * 3600)
+        # the same, its device clock reset to 2000 before the last block (an RTC battery)
+        feed(e, "reset", v[10 * k:10 * (k + 1)], t0=1.7e9 + k * 4 * 3600 if k < 3 else 9.5e8)
     feed(e, "once", normal(1), t0=3e9)
     feed(e, "jump", normal(2), t0=4e9)
     feed(e, "jump", normal(2), t0=4e9 + 86400)           # a day later by its clock only
-    for sid in ("day", "once", "jump"):
+    for sid in ("day", "reset", "once", "jump"):
         e.streams[sid].last_seen = clock.t + 9
     day = e.streams["day"]
     assert day.baseline.learning_for(day.last_seen) == pytest.approx(12 * 3600 + 9, abs=1)
-    now = day.last_seen + 8 * 3600                       # then the night
+    reset = e.streams["reset"]
+    assert reset.baseline.learning_for(reset.last_seen) == pytest.approx(8 * 3600 + 18, abs=1)
+    now = day.last_seen + 7 * 3600                       # then the night
     with caplog.at_level(logging.WARNING, logger="tsad.engine"):
         assert sorted(e.evict_idle(now)) == ["jump", "once"]
-        assert e.evict_idle(now + 4 * 3600 + 10) == ["day"]  # silent longer than it learned
+        assert e.evict_idle(now + 5 * 3600 + 10) == ["day", "reset"]  # silent longer
     assert ("stream day: dropped while learning, silent for longer than it had learned and "
             "than buffer.idle_evict_s: 40 held samples lost") in caplog.text
 

@@ -28,7 +28,7 @@ def fill(h: _Held, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         ts.append(t + np.arange(m, dtype=np.float64))
         vs.append(rng.normal(size=(m, 3)).astype(np.float32))
         t += m
-        h.add(ts[-1], vs[-1])
+        h.add(ts[-1], vs[-1], (float(ts[-1][0]), float(ts[-1][-1])))
     return np.concatenate(ts), np.concatenate(vs)
 
 

@@ -245,3 +245,15 @@ def test_a_learning_stream_shows_no_old_score_and_an_unsampled_one_no_age(tmp_pa
     got = series()
     assert ("tsad_stream_score", "s1") not in got and ("tsad_stream_threshold", "s1") not in got
     assert ("tsad_stream_state", "s1") in got
+
+
+def test_uptime_counts_running_time_not_wall_clock_steps(monkeypatch):
+    """NTP stepping a Pi's clock by days (it booted without a real-time clock) is no time
+    running: uptime read 259,205 s after a 3-day step forward, and went negative back."""
+    import time as _time
+    from agent.metrics import Metrics
+    m = Metrics()
+    real = _time.time
+    for step in (3 * 86400, -86400):
+        monkeypatch.setattr(_time, "time", lambda: real() + step)
+        assert 0 <= m.snapshot()["uptime_s"] < 60

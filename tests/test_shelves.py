@@ -91,3 +91,31 @@ def test_a_waiting_shelve_does_not_count_a_refused_stream_twice(tmp_path):
     book.catch_up(e, batch)                    # src is at its cap: the step refuses b
     e.step(batch)
     assert e.metrics.dropped["stream_limit"] == 1 and "b" in book.waiting
+
+
+def test_a_shelve_read_back_lasts_no_longer_than_it_was_asked_for(tmp_path):
+    """A Raspberry Pi without a real-time clock boots 12 h behind (fake-hwclock): its one-hour
+    shelve's end, by that clock, is 13 h away.  The audit saw 46,770 s given back."""
+    (tmp_path / FILE).write_text(json.dumps({"ends": {"pump": time.time() + 13 * 3600},
+                                             "asked": {"pump": 3600}}))
+    e = _engine(tmp_path, named=["pump"])
+    ShelfBook(tmp_path).restore(e)
+    left = e.streams["pump"].tracker.shelved_until - time.time()
+    assert 3590 < left <= 3600
+
+
+def test_a_wall_clock_step_neither_lifts_nor_stretches_a_shelve(tmp_path, monkeypatch):
+    """NTP steps the clock of a Pi that booted without one: the shelve keeps its hour,
+    in the book, in the file, and when it is given to the stream again."""
+    book = ShelfBook(tmp_path)
+    book.record("pump", 3600)
+    real = time.time
+    for step in (3 * 3600, -12 * 3600):
+        monkeypatch.setattr(time, "time", lambda: real() + step)
+        assert 3590 < book.ends["pump"] - time.time() <= 3600
+        book.record("other", 60)            # a write with the stepped clock
+        on_disk = json.loads((tmp_path / FILE).read_text())
+        assert 3590 < on_disk["ends"]["pump"] - time.time() <= 3600
+        e = _engine(tmp_path, named=["pump"])
+        book.restore(e)
+        assert 3590 < e.streams["pump"].tracker.shelved_until - time.time() <= 3600
