@@ -261,7 +261,6 @@ class Baseline:
     def to_record(self) -> dict:
         rec = {"mean": self.scaler.mean.tolist(), "std": self.scaler.std.tolist(),
                "threshold": self.threshold, "samples": self.samples_used,
-               "quantile": self.cal.quantile, "margin": self.cal.margin,
                "fitted_at": self.fitted_at}
         if self.level is not None:
             rec["level"] = self.level.tolist()

@@ -39,7 +39,7 @@ from .contract import score_windows
 from .detector import Detector
 from .metrics import Metrics
 from .pace import Pace
-from .policy import effective
+from .policy import baseline_basis, effective
 from .ring import RingBuffer, Windows
 from .saving import SaveQueue
 from .scoring import Smoother, add_levels, normalized
@@ -106,7 +106,8 @@ class Engine:
         baseline = Baseline(m, c.calibration, fixed)
         saved = None
         if c.calibration.enabled:
-            saved = self.store.load(sid, m.onnx_sha256, m.n_channels) if self.store else None
+            saved = self.store and self.store.load(sid, m.onnx_sha256, m.n_channels,
+                                                   baseline_basis(c, m))
             if saved:
                 baseline.restore(saved)
                 log.info("stream %s: baseline restored (threshold %.4g)", sid, baseline.threshold)
@@ -358,7 +359,7 @@ class Engine:
         """Write a learned stream's baseline to the store (saving.py says when)."""
         st = self.streams.get(sid)
         if st and self.store and self.cfg.calibration.enabled and not st.baseline.learning:
-            record = st.baseline.to_record()
+            record = {**st.baseline.to_record(), "basis": baseline_basis(self.cfg, self.meta)}
             if st.adapter is not None:
                 record.update(st.adapter.to_record())
             self.store.save(sid, self.meta.onnx_sha256, record)
@@ -389,8 +390,7 @@ class Engine:
         return gone
 
 
-_EMPTY_F = np.empty(0, np.float64)
-_EMPTY_I = np.empty(0, np.int8)
+_EMPTY_F, _EMPTY_I = np.empty(0, np.float64), np.empty(0, np.int8)
 
 
 def _join(parts: list[Batch]) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,37 @@ def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
         raise ModelMetaError(f"model {meta.name}: {where}{e.problems[0]}") from None
 
 
+def baseline_basis(cfg: DetectionConfig, meta: ModelMeta) -> dict:
+    """What a stream's learned baseline (scaler, error level, threshold) depends on besides
+    the model's ONNX bytes, which its sha256 covers: saved with it and compared when it is
+    restored (state_store), so a policy refitted with `fit-policy --write`, a config key or
+    a release that ships another policy for the same .onnx does not restore a threshold
+    fitted on scores of another scale.  Here: what computes the scores the threshold was
+    fitted on (scoring.normalize, smoothing, level_band; buffer.stride, which sets the
+    span the smoothing covers), how the scaler, level and threshold were fitted (the
+    calibration keys, the learning length, whether scoring.threshold fixes the threshold,
+    which the saved record then holds), and the metadata numbers those fits read (the
+    sha256 covers the .onnx alone, not its .json).  Not here: what only acts from the
+    restore on (adaptation, whose state is saved with the baseline and moves it from
+    there; alerts; buffer gaps and eviction; calibration.refine, which `Baseline.restore`
+    resolves itself; a fixed threshold's value, which replaces the saved one at every
+    restore).  Plain JSON values, keyed by the name a log line shows."""
+    c, s = cfg.calibration, cfg.scoring
+    return {
+        "scoring.normalize": s.normalize, "scoring.smoothing": s.smoothing,
+        "scoring.level_band": s.level_band, "buffer.stride": cfg.buffer.stride,
+        "scoring.threshold": "model" if s.threshold == "model" else "fixed",
+        "calibration.fit": c.fit, "calibration.threshold": c.threshold,
+        "calibration.quantile": c.quantile, "calibration.margin": c.margin,
+        "calibration.std_floor": c.std_floor,
+        "calibration.samples": c.samples if c.duration_s is None else None,
+        "calibration.duration_s": c.duration_s,
+        "model.threshold": meta.threshold.value, "model.scaler.std": meta.scaler.std,
+        "model.calibration_margin": meta.calibration_margin,
+        "model.calibration_std_scale": meta.calibration_std_scale,
+    }
+
+
 def learning_rows(cfg: DetectionConfig) -> int:
     """The rows a file job's learning period holds back (0: no learning period, or one set
     by duration, whose length depends on the file's timestamps)."""

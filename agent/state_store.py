@@ -3,10 +3,17 @@
 A learned baseline (scaler and threshold, see baseline.py; with them the adapted mean and
 a threshold refinement under way, refine.py) is saved when its learning period ends, at
 intervals and on a clean stop, so a restart resumes it instead of learning again.  Each
-file is tied to the model's sha256: a new model invalidates it and the stream learns
-again.
+file is tied to the model's sha256 and to the settings its values were computed under
+(`basis`: policy.baseline_basis): a new model, or a change in one of those settings
+(the model's policy refitted, a config key, a release that ships another policy), and
+the stream learns again, with a log line naming what changed.
 
 Rules:
+- A file saved before the basis was (tsad-agent < 0.2.0) is refused too: it records only
+  calibration.quantile and margin, so the settings that set the scores' scale
+  (scoring.normalize, smoothing) cannot be shown equal to today's, and a threshold on
+  another scale is an alert that never ends or a blind stream.  One learning period per
+  stream, once, is the price.
 - A file that is unreadable, malformed, for another model, whose vectors do not have
   one value per model channel, or any of whose values has the wrong type or range, is
   refused with a log line; the stream learns.
@@ -86,6 +93,8 @@ def _check(d, n_channels: int) -> dict:
         raise ValueError(f"'refined_from' is {was!r}, expected a finite number > 0 or null")
     if d.get("refining") is not None:
         check_progress(d["refining"])
+    if not isinstance(d.get("basis"), (dict, type(None))):
+        raise ValueError(f"'basis' is {d.get('basis')!r}, expected an object")
     if not isinstance(d.get("fitted_at"), (str, type(None))):
         raise ValueError(f"'fitted_at' is {d.get('fitted_at')!r}, expected a text or null")
     return rec
@@ -106,8 +115,9 @@ class StateStore:
     def path(self, stream: str) -> Path:
         return self.dir / _filename(stream)
 
-    def load(self, stream: str, model_sha: str, n_channels: int) -> dict | None:
-        """The saved baseline ("mean"/"std" as float64 arrays), or None when none is usable."""
+    def load(self, stream: str, model_sha: str, n_channels: int, basis: dict) -> dict | None:
+        """The saved baseline ("mean"/"std" as float64 arrays), or None when none is usable:
+        `basis`, the settings it must have been learned under (policy.baseline_basis)."""
         p = self.path(stream)
         try:
             d = json.loads(p.read_text())
@@ -125,6 +135,9 @@ class StateStore:
         if rec.get("model_sha256") != model_sha:
             log.info("stream %s: baseline was learned for model %.12s..., now %.12s...; "
                      "learning again", stream, str(rec.get("model_sha256")), model_sha)
+            return None
+        if changed := basis_change(rec.get("basis"), basis):
+            log.warning("stream %s: baseline file %s %s; learning again", stream, p, changed)
             return None
         return rec
 
@@ -169,6 +182,24 @@ class StateStore:
 
     def health(self) -> dict:
         return {"ok": self.problem is None, "error": self.problem, "unsaved": len(self._pending)}
+
+
+def basis_change(saved: dict | None, now: dict) -> str | None:
+    """How the settings a baseline was learned under (`saved`) differ from `now`, in words;
+    None when they do not.  A key `now` has and `saved` lacks is a difference (a later
+    version's new setting: its old files cannot vouch for it); one only `saved` has is not
+    (a rollback's older version does not know it)."""
+    if saved is None:
+        return ("was saved without the settings it was learned under (tsad-agent before "
+                "0.2.0), so they cannot be checked against today's")
+    diff = [f"{k} {_shown(saved[k]) if k in saved else 'unrecorded'} (now {_shown(v)})"
+            for k, v in now.items() if k not in saved or saved[k] != v]
+    return f"was learned with {', '.join(diff)}" if diff else None
+
+
+def _shown(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def write_json(p: Path, body: dict) -> None:

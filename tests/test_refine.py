@@ -307,11 +307,11 @@ def test_a_saved_refinement_of_the_wrong_kind_is_refused(model, tmp_path, key, b
     run(e, series(1000, seed=7), block=64)          # in the span: "refining" saved
     e.save_baselines()
     d = json.loads(store.path("s").read_text())
-    assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH)) is not None
+    assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH), d["basis"]) is not None
     d.pop("refining")
     d[key] = bad
     store.path("s").write_text(json.dumps(d))
-    assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH)) is None
+    assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH), d["basis"]) is None
 
 
 @pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed")

@@ -11,6 +11,7 @@ from agent.config import DetectionConfig
 from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
+from agent.policy import baseline_basis
 from agent.saving import SaveQueue
 from agent.sources.base import Batch
 from agent.state_store import StateStore
@@ -72,7 +73,8 @@ def test_streams_that_learn_together_are_saved_a_few_steps_apart(model, tmp_path
     e.saves.due_all(e.streams)
     e.drop("s1")                        # gone by its turn: skipped
     assert e.saves.run(e.save) == 1     # as the pipeline runs it between steps
-    assert e.store.load("s0", e.meta.onnx_sha256, 2)["threshold"] == 123.0
+    basis = baseline_basis(e.cfg, e.meta)
+    assert e.store.load("s0", e.meta.onnx_sha256, 2, basis)["threshold"] == 123.0
     assert e.saves.run(e.save) == 1 and len(e.saves) == N - 2     # s1: nothing to write
 
 

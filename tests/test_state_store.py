@@ -12,11 +12,12 @@ import pytest
 from agent.state_store import StateStore
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
+BASIS = {"calibration.quantile": 0.99, "calibration.margin": 1.5, "scoring.normalize": "none"}
 
 
 def record(mean=(1.0, 2.0), std=(0.5, 0.25), thr=0.3):
     return {"mean": np.array(mean), "std": np.array(std), "threshold": np.float64(thr),
-            "samples": 400, "quantile": 0.99, "margin": 1.5, "fitted_at": "2024-01-01T00:00:00Z"}
+            "samples": 400, "basis": BASIS, "fitted_at": "2024-01-01T00:00:00Z"}
 
 
 def test_calibration_round_trip(tmp_path):
@@ -24,15 +25,15 @@ def test_calibration_round_trip(tmp_path):
     assert store.save("pump-1", SHA_A, record())
     p = store.path("pump-1")
     assert p.parent == tmp_path / "calibration" and not list(p.parent.glob("*.tmp"))
-    got = StateStore(tmp_path).load("pump-1", SHA_A, 2)
+    got = StateStore(tmp_path).load("pump-1", SHA_A, 2, BASIS)
     np.testing.assert_array_equal(got["mean"], [1.0, 2.0])
     np.testing.assert_array_equal(got["std"], [0.5, 0.25])
-    assert got["threshold"] == 0.3 and got["samples"] == 400 and got["quantile"] == 0.99
-    assert got["margin"] == 1.5 and got["fitted_at"] == "2024-01-01T00:00:00Z"
-    assert store.load("pump-2", SHA_A, 2) is None
+    assert got["threshold"] == 0.3 and got["samples"] == 400 and got["basis"] == BASIS
+    assert got["fitted_at"] == "2024-01-01T00:00:00Z"
+    assert store.load("pump-2", SHA_A, 2, BASIS) is None
     # saving again replaces the file
     store.save("pump-1", SHA_A, record(thr=0.7))
-    assert store.load("pump-1", SHA_A, 2)["threshold"] == 0.7
+    assert store.load("pump-1", SHA_A, 2, BASIS)["threshold"] == 0.7
 
 
 def test_calibration_odd_stream_names_do_not_escape(tmp_path):
@@ -40,17 +41,17 @@ def test_calibration_odd_stream_names_do_not_escape(tmp_path):
     for s in ["../evil", "a/b", ".", "x%2Fy", "x/y"]:
         store.save(s, SHA_A, record(thr=len(s) / 10))
     assert {p.parent for p in (tmp_path / "calibration").iterdir()} == {tmp_path / "calibration"}
-    assert store.load("x%2Fy", SHA_A, 2)["threshold"] == 0.5
-    assert store.load("x/y", SHA_A, 2)["threshold"] == 0.3
+    assert store.load("x%2Fy", SHA_A, 2, BASIS)["threshold"] == 0.5
+    assert store.load("x/y", SHA_A, 2, BASIS)["threshold"] == 0.3
 
 
 def test_calibration_other_model_means_recalibrate(tmp_path, caplog):
     store = StateStore(tmp_path)
     store.save("s", SHA_A, record())
     caplog.set_level(logging.INFO, logger="agent.state_store")
-    assert store.load("s", SHA_B, 2) is None
+    assert store.load("s", SHA_B, 2, BASIS) is None
     assert "learning again" in caplog.text
-    assert store.load("s", SHA_A, 2) is not None
+    assert store.load("s", SHA_A, 2, BASIS) is not None
 
 
 @pytest.mark.parametrize("content", ['{"schema": 1, "mean": [1', "[]", "\xff\xfe",
@@ -67,7 +68,7 @@ def test_calibration_corrupt_file_is_logged_and_ignored(tmp_path, caplog, conten
     store.save("s", SHA_A, record())
     store.path("s").write_bytes(content.encode("latin-1"))
     caplog.set_level(logging.WARNING, logger="agent.state_store")
-    assert store.load("s", SHA_A, 2) is None
+    assert store.load("s", SHA_A, 2, BASIS) is None
     assert "learning again" in caplog.text and str(store.path("s")) in caplog.text
 
 
@@ -95,7 +96,7 @@ def test_a_refused_save_is_kept_reported_and_retried(tmp_path, caplog):
         os.chmod(tmp_path / "calibration", 0o700)
     store.retry()
     assert store.health() == {"ok": True, "error": None, "unsaved": 0}
-    assert store.load("s", SHA_A, 2)["threshold"] == 0.3 and store.load("t", SHA_A, 2)
+    assert store.load("s", SHA_A, 2, BASIS)["threshold"] == 0.3 and store.load("t", SHA_A, 2, BASIS)
 
 
 def test_a_save_into_a_file_where_the_folder_should_be_fails_softly(tmp_path):
@@ -106,7 +107,7 @@ def test_a_save_into_a_file_where_the_folder_should_be_fails_softly(tmp_path):
     assert store.health()["ok"] is False
     (tmp_path / "calibration").unlink()
     store.retry()
-    assert store.health()["ok"] is True and store.load("s", SHA_A, 2) is not None
+    assert store.health()["ok"] is True and store.load("s", SHA_A, 2, BASIS) is not None
 
 
 def test_a_learning_period_from_the_models_policy_is_saved_and_restored(tmp_path):
