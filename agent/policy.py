@@ -8,9 +8,10 @@ in its config still wins.  Every entry point builds its engine through `effectiv
 """
 from __future__ import annotations
 
+from . import __version__
 from .config import DetectionConfig
 from .config_base import keys_set
-from .config_build import Invalid, build
+from .config_build import Invalid, build, fmt_path
 from .model_meta import ModelMeta, ModelMetaError
 
 SECTIONS = ("buffer", "scoring", "calibration", "adaptation", "alerts")
@@ -43,6 +44,15 @@ def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
         # a model without a policy gets one from its training.calibration_rows: say so
         where = "policy.settings." if meta.policy is not None else \
             "training.calibration_rows sets the learning period: "
+        path, text = e.found[0]
+        if meta.policy is not None and text.startswith("unknown key"):
+            # the config's own keys were checked when it loaded: this one is the policy's,
+            # a setting a later version added, not a typo
+            raise ModelMetaError(
+                f"model {meta.name}: {where}{fmt_path(path)}: a key this agent (tsad-agent "
+                f"{__version__}) does not know: the policy was likely written by a newer "
+                f"tsad-export or fit-policy; upgrade the agent, or refit the policy with this "
+                f"version (tsad-agent fit-policy MODEL --data ... --write)") from None
         raise ModelMetaError(f"model {meta.name}: {where}{e.problems[0]}") from None
 
 

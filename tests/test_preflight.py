@@ -229,6 +229,33 @@ def test_a_model_policy_the_agent_does_not_accept_is_a_problem_for_check_and_run
     assert f"{conf}: INVALID" in r.stdout + r.stderr
 
 
+def test_a_policy_key_from_a_newer_tool_says_to_upgrade_not_to_check_the_spelling(tmp_path):
+    """Upgrade audit F3: a key only the metadata's policy holds (the config's own keys are
+    checked when it loads) is a setting from a newer tsad-export / fit-policy, not a typo."""
+    from agent import __version__
+    path, meta = make_model(tmp_path / "new.onnx", window=8, channels=CH, kind="timemix",
+                            name="new")
+    meta.policy = {"settings": {"calibration": {"enabled": True, "warm_start": True}}}
+    meta.save(meta_path_for(path))
+    want = (f"model new: policy.settings.calibration.warm_start: a key this agent (tsad-agent "
+            f"{__version__}) does not know: the policy was likely written by a newer "
+            f"tsad-export or fit-policy; upgrade the agent, or refit the policy with this "
+            f"version (tsad-agent fit-policy MODEL --data ... --write)")
+    assert findings(path).problems == [want]
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"node: t\nstate_dir: null\nmodel: {{path: {path}}}\nmqtt: {{enabled: false}}\n"
+                    f"streams:\n  - id: s\n    source: {{type: serial, port: /dev/null}}\n")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "-c", str(conf)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {want}"], r.stderr
+    # the same key in the config is the user's: a typo, as before
+    conf.write_text(conf.read_text() + "calibration: {warm_start: true}\n")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(conf)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 1 and "calibration.warm_start: unknown key" in r.stderr
+    assert "check the spelling" in r.stderr and "newer tsad-export" not in r.stderr
+
+
 def test_a_state_dir_that_cannot_be_created_is_found_by_trying(model):
     # /proc passes os.access for root but refuses every mkdir: `run` would fail on it
     f = findings(model, state_dir="/proc/tsad-test")
