@@ -3,9 +3,10 @@ send operator commands to a running agent.
 
 Errors: one line on stderr starting with `error: `, never a traceback for anything the
 user can fix.  Exit 2: the command cannot start (a bad flag or value, an unknown model
-name, a missing or unusable input file, a config that `run` refuses).  Exit 1: the work
-ran into a problem (check-config: INVALID; predict: a file refused; a model that does
-not load or fails its checksum).
+name, a missing or unusable input file, a config or model `run` refuses: the unit's
+RestartPreventExitStatus=2 fails once, as no restart mends them).  Exit 1: the work ran
+into a problem (check-config: INVALID; predict: a file refused; the file commands: a
+model that does not load or fails its checksum).
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def cmd_run(a) -> int:
     try:
         d = Daemon(a.config, cfg, reload)
     except (DetectorError, ModelMetaError) as e:
-        return _fail(str(e), 1)
+        return _fail(str(e))
     except (ConfigError, OutboxError, OSError, ValueError) as e:   # preflight.check's problems
         return _fail(reason(e))
     return d.serve()

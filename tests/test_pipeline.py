@@ -2,10 +2,13 @@
 handover on reload; and the CLI commands built on them, with a real ONNX model."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +275,32 @@ def test_cli_check_config_refuses_tampered_model(tmp_path, model):
                    f"  - id: s\n    source: {{type: serial, port: /dev/null}}\n")
     r = run_cli("check-config", str(cfg))
     assert r.returncode == 1 and "sha256" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["tampered", "newer-format", "missing"])
+def test_cli_run_refuses_a_model_it_cannot_load_with_exit_2(tmp_path, model, how):
+    """Upgrade audit F4: exit 2, which the unit's RestartPreventExitStatus=2 fails once,
+    not 1, which it restarted every 5 s up to StartLimitBurst: no restart mends the model."""
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "m.onnx"
+    shutil.copy(model, path)
+    shutil.copy(model + ".json", str(path) + ".json")
+    if how == "tampered":             # an older .onnx beside newer metadata, say
+        path.write_bytes(path.read_bytes()[:-5] + b"xxxxx")
+    elif how == "newer-format":
+        meta = json.loads(Path(str(path) + ".json").read_text())
+        Path(str(path) + ".json").write_text(json.dumps({**meta, "format_version": 2}))
+    else:
+        path.unlink()
+    want = {"tampered": "does not match metadata", "newer-format": "'format_version' is 2",
+            "missing": "model file not found"}[how]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"node: n\nstate_dir: null\nmodel:\n  path: {path}\nmqtt: {{enabled: false}}\n"
+                   f"streams:\n  - id: s\n    source: {{type: serial, port: /dev/null}}\n")
+    r = run_cli("run", "-c", str(cfg))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.stderr
 
 
 def test_cli_replay_writes_per_window_csv(tmp_path, model):
