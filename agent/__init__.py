@@ -1,2 +1,2 @@
 """tsad-agent: edge time-series anomaly detection for factory sensor streams."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

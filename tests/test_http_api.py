@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from agent import __version__
 from agent.cli import DEMO_CSV, main
 from agent.contract import read_table
 from agent.detector import Detector
@@ -364,7 +365,8 @@ def test_metrics_exposition_format(raw_server):
     assert "tsad_outbox_depth" not in val     # serve has no outbox: only the daemon reports one
     assert val['tsad_http_busy_total{reason="queue"}'] == 0 and val["tsad_http_waiting"] >= 0
     assert val["tsad_http_timeouts_total"] >= 0
-    assert val['tsad_build_info{ep="CPUExecutionProvider",model="DLinear_ad",version="0.1.0"}'] == 1
+    assert val['tsad_build_info{ep="CPUExecutionProvider",model="DLinear_ad",'
+               f'version="{__version__}"}}'] == 1
     assert val["process_resident_memory_bytes"] > 0
 
 

@@ -81,6 +81,16 @@ def test_cli_entry_points_answer():
     assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "agent.__version__"}
 
 
+def test_the_version_moved_on_and_the_readme_installs_it():
+    """Upgrade audit F2: 0.1.0 was every build's version up to the upgrade fixes, so pip took
+    a newer wheel for the installed one and did nothing (exit 0). Each release bumps it."""
+    assert tuple(int(x) for x in __version__.split(".")) > (0, 1, 0)
+    readme = (REPO / "README.md").read_text()
+    wheels = set(re.findall(r"tsad_agent-[^ ]*?-py3-none-any\.whl", readme))
+    assert wheels == {f"tsad_agent-{__version__}-py3-none-any.whl"}, wheels
+    assert "### Upgrading" in readme and "--force-reinstall" in readme
+
+
 def _check_config(path: Path, **env) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
     return subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(path)],
