@@ -86,7 +86,7 @@ class ModelMeta:
     score: str = SCORE_DEFINITION
     # Architecture settings needed to rebuild the model, e.g. TimesNet's fixed periods.
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    # {"files": [{"path", "sha256", "rows"}], "seed", "epochs", "val_loss", ...}
+    # {"files": [{"path", "sha256", "rows"}], "interval_s", "seed", "epochs", "val_loss", ...}
     training: dict[str, Any] = field(default_factory=dict)
     tool: dict[str, Any] = field(default_factory=dict)   # {"name", "version"}
     exported_at: str = ""
@@ -111,6 +111,12 @@ class ModelMeta:
     @property
     def n_channels(self) -> int:
         return len(self.channels)
+
+    @property
+    def interval_s(self) -> float | None:
+        """The training rows' sampling interval (median step, seconds); None where the
+        training files had no time column, or the model predates the key."""
+        return self.training.get("interval_s")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +203,10 @@ class ModelMeta:
             if not isinstance(getattr(self, key), dict):
                 raise ModelMetaError(f"{where}: {key!r} must be an object, got "
                                      f"{json.dumps(getattr(self, key))[:40]}")
+        iv = self.training.get("interval_s")
+        if iv is not None and (type(iv) not in (int, float) or not 0 < iv < float("inf")):
+            raise ModelMetaError(f"{where}: 'training.interval_s' is {iv!r}, expected null or "
+                                 "the training rows' sampling interval (a number of seconds > 0)")
         rows = self.training.get("calibration_rows")
         if rows is not None and (type(rows) is not int or rows < 1):
             raise ModelMetaError(f"{where}: 'training.calibration_rows' is {rows!r}, expected "

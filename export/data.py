@@ -61,6 +61,7 @@ class DataFile:
     sha256: str
     rows: int                 # rows actually used (after the per-file row limit)
     values: np.ndarray        # float64 [rows, channels], raw units
+    steps: np.ndarray | None = None   # the positive time steps between its rows (s), if timed
 
     def describe(self, root: Path) -> dict:
         return {"path": relative_path(self.path, root), "sha256": self.sha256, "rows": self.rows}
@@ -92,19 +93,29 @@ def parse_data_arg(arg: str, default_rows: int | None) -> tuple[Path, int | None
     return Path(arg), default_rows
 
 
-def read_table(path: Path, rows: int | None = None) -> pd.DataFrame:
-    """The CSV as a DataFrame of raw columns, time columns dropped, row limit applied.
-    The time column is read as the runtime reads it: windows of rows out of time order
-    would teach the model a process running backwards."""
+def read_table(path: Path, rows: int | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The CSV as a DataFrame of raw columns, time columns dropped, row limit applied, and
+    its positive time steps (None without a time column).  The time column is read as the
+    runtime reads it: windows of rows out of time order would teach the model a process
+    running backwards."""
+    steps = None
     try:
         df = load_csv(path, rows)
         if (tcol := time_column(df.columns)) is not None:
-            column_seconds(df[tcol], path)
+            d = np.diff(column_seconds(df[tcol], path))
+            steps = d[d > 0]        # as the runtime learns a pace (agent/pace.py)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     except ValueError as e:
         raise DataError(str(e)) from None
-    return df.drop(columns=[c for c in df.columns if c.lower() in TIME_COLUMNS])
+    return df.drop(columns=[c for c in df.columns if c.lower() in TIME_COLUMNS]), steps
+
+
+def interval_s(files: list[DataFile]) -> float | None:
+    """The median time step over every timed file's rows (metadata `training.interval_s`):
+    the pace the model learned its windows at; None where no file has a time column."""
+    steps = [f.steps for f in files if f.steps is not None and len(f.steps)]
+    return round(float(np.median(np.concatenate(steps))), 6) if steps else None
 
 
 def check_column_names(columns: list[str]) -> None:
@@ -211,7 +222,7 @@ def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | 
         path, rows = parse_data_arg(arg, rows_per_file)
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
-        df = read_table(path, rows)
+        df, steps = read_table(path, rows)
         if len(df) == 0:
             raise DataError(f"{path}: no data rows")
         if chosen is None:
@@ -227,7 +238,8 @@ def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | 
                 f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
                 f"the file has {', '.join(map(repr, map(str, df.columns)))}")
         values = _check_values(df, chosen, path)
-        files.append(DataFile(path=path, sha256=sha256_file(path), rows=len(values), values=values))
+        files.append(DataFile(path=path, sha256=sha256_file(path), rows=len(values), values=values,
+                              steps=steps))
     if not files:
         raise DataError("no training files given")
     return files, chosen

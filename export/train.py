@@ -273,6 +273,7 @@ def _training_record(o: TrainOptions, files, space: _Space, result: F.TrainResul
         "model": o.model,
         "data_root": root.name,
         "files": [f.describe(root) for f in files],
+        "interval_s": D.interval_s(files),
         "validation": {"method": f"chronological: last {o.val_frac} of the rows of each file "
                                  "long enough to hold a full window on both sides of the cut",
                        "files": [D.relative_path(p, root) for p in space.split.held_out_files],
