@@ -119,7 +119,8 @@ class Engine:
         ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
                           ffill_max=c.buffer.ffill_max, gap_reset_s=None if gap == "auto" else gap,
                           max_block=max(m.window, SPAN if c.adaptation.enabled else 64))
-        pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source))
+        pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source),
+                    m.interval_s)
         tracker = AlertTracker(c.node, sid, c.alerts, m.channels, self.model_info)
         st = Stream(sid, source, ring, Smoother(c.scoring.smoothing), baseline, tracker,
                     self.detector.max_batch, pace, c.adaptation,

@@ -12,6 +12,27 @@ from .ring import RingBuffer
 log = logging.getLogger("tsad.stream")
 
 PACE_STEPS = 32      # steps that teach a stream its sampling interval
+# A stream sampled this many times faster or slower than the model's training rows is
+# told so: its windows span another stretch of the process than the model learned, and
+# a learning period or policy set in samples lasts another time (a 5 s model's 360-sample
+# learning was 6 min at 1 Hz, and a constant valve's std was floored into a false alert).
+# Jitter and a missing sample keep a learned median well inside 2x.
+RATE_FACTOR = 2.0
+
+
+def rate_mismatch(interval: float, trained: float | None) -> str | None:
+    """What to say when `interval` (s) is more than RATE_FACTOR off the model's training
+    interval (metadata training.interval_s), else None."""
+    if trained is None or not interval > 0:
+        return None
+    ratio = interval / trained
+    if 1 / RATE_FACTOR <= ratio <= RATE_FACTOR:
+        return None
+    return (f"a sample every {interval:.3g} s, but the model was trained on rows "
+            f"{trained:.3g} s apart ({ratio:.3g}x): its windows cover another span of the "
+            f"process than it learned, and a learning period in samples lasts "
+            f"{ratio:.3g}x as long in time; retrain the model on data sampled at this "
+            f"stream's rate, or resample the stream to {trained:.3g} s")
 
 
 class Pace:
@@ -20,10 +41,13 @@ class Pace:
     Adaptation reads it to turn time constants into samples; with `factor` (gap reset
     "auto"), a gap longer than `factor` intervals restarts the stream's window."""
 
-    __slots__ = ("interval", "_steps", "_n", "_prev", "ring", "factor")
+    __slots__ = ("interval", "_steps", "_n", "_prev", "ring", "factor", "trained")
 
-    def __init__(self, ring: RingBuffer, factor: float | None, interval: float | None):
-        self.ring, self.factor = ring, factor
+    def __init__(self, ring: RingBuffer, factor: float | None, interval: float | None,
+                 trained: float | None = None):
+        """`trained`: the model's training interval (ModelMeta.interval_s), to which a
+        learned interval is compared once (a given one preflight compares at start)."""
+        self.ring, self.factor, self.trained = ring, factor, trained
         self.interval = interval
         self._steps: list[np.ndarray] = []
         self._n = 0
@@ -46,6 +70,8 @@ class Pace:
             # one sample at a time and a file job in blocks learn the same interval
             self.interval = float(np.median(np.concatenate(self._steps)[:PACE_STEPS]))
             self._steps = []
+            if (why := rate_mismatch(self.interval, self.trained)) is not None:
+                log.warning("stream %s: %s", sid, why)
             if self.factor is not None:
                 self.ring.gap_reset_s = self.factor * self.interval
                 log.info("stream %s: a sample every %.3g s; a gap over %.3g s restarts its "

@@ -16,7 +16,8 @@ Rules:
   source that cannot be built.
 - warnings: settings that start but probably do not do what the plant wants (a model
   that needs a learning period run without one; the config overruling the model's policy;
-  a learning period shorter than LEARN_S at a stream's known sampling interval).
+  a learning period shorter than LEARN_S at a stream's known sampling interval; a stream's
+  interval_s more than RATE_FACTOR off the model's training interval).
 - notes: facts that are fine at start: a serial port that is not there now (a USB
   adapter may be plugged in later; the source waits for it); a learning period set in
   samples for streams whose sampling interval is learned, so its length in time is not
@@ -37,6 +38,7 @@ from .config_base import ConfigError, keys_set
 from .metrics import Metrics
 from .model_meta import ModelMeta, ModelMetaError
 from .mqtt_client import make_client
+from .pace import rate_mismatch
 from .policy import SECTIONS, effective, model_policy
 from .refine import needed
 from .sources import build_source
@@ -105,7 +107,9 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
         f._problem(str(e))
         return f
     f.warnings += policy_warnings(cfg, meta)
-    _learning_advice(cfg, det.calibration, f)
+    f.warnings += [f"streams[{i}] ({s.id}): interval_s: {why}" for i, s in enumerate(cfg.streams)
+                   if s.interval_s and (why := rate_mismatch(s.interval_s, meta.interval_s))]
+    _learning_advice(cfg, det.calibration, meta.interval_s, f)
     _refine_advice(cfg, det, f)
     return f
 
@@ -208,10 +212,12 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.3g} min"
 
 
-def _learning_advice(cfg: AgentConfig, cal, f: Findings) -> None:
+def _learning_advice(cfg: AgentConfig, cal, trained: float | None, f: Findings) -> None:
     """A learning period (`cal`: the calibration the model's policy and the config give)
     shorter than LEARN_S: a warning where its length in time is known (duration_s, or
-    samples at a stream's interval_s), else a note."""
+    samples at a stream's interval_s), else a note, its length told at the model's training
+    interval (`trained`, which a stream far off it is warned about when it is learned;
+    1 Hz for a model that does not record one)."""
     if not cal.enabled:
         return
     advice = (f"a deployment should learn for {_minutes(LEARN_S)} or more of normal running, "
@@ -229,8 +235,9 @@ def _learning_advice(cfg: AgentConfig, cal, f: Findings) -> None:
         f.warnings.append(f"{who} first {cal.samples} samples, under {_minutes(LEARN_S)} at "
                           f"interval_s; {advice}")
     if len(known) < len(cfg.streams):
+        at = "1 Hz" if trained is None else f"the model's training interval of {trained:g} s"
         f.notes.append(f"each stream learns its baseline on its first {cal.samples} samples "
-                       f"({_minutes(cal.samples)} at 1 Hz); {advice}")
+                       f"({_minutes(cal.samples * (trained or 1.0))} at {at}); {advice}")
 
 
 def _refine_advice(cfg: AgentConfig, det, f: Findings) -> None:

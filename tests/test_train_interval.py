@@ -1,14 +1,24 @@
-"""The training rows' sampling interval (metadata `training.interval_s`), recorded by
-`tsad-export train`."""
+"""The training rows' sampling interval (metadata `training.interval_s`): recorded by
+`tsad-export train`, and a stream sampled far off it is told so, at start (a configured
+interval_s: agent/preflight.py) and when its interval is learned (agent/pace.py)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from agent.config import AgentConfig, DetectionConfig
+from agent.config_build import build
+from agent.detector import Detector
+from agent.engine import Engine
+from agent.metrics import Metrics
 from agent.model_meta import ModelMeta, ModelMetaError, load_meta, meta_path_for
+from agent.pace import RATE_FACTOR, rate_mismatch
+from agent.preflight import check
+from agent.sources.base import Batch
 from onnx_factory import make_model
 
 CH = ["a", "b"]
@@ -52,3 +62,72 @@ def test_metadata_without_an_interval_stays_valid(tmp_path):
     path, _ = make_model(tmp_path / "m.onnx", channels=CH)
     meta = load_meta(path)
     assert "interval_s" not in meta.training and meta.interval_s is None
+    assert rate_mismatch(30.0, None) is None
+
+
+def test_the_rate_rule_allows_jitter_within_its_factor():
+    assert rate_mismatch(5.0 * RATE_FACTOR, 5.0) is None
+    assert rate_mismatch(5.0 / RATE_FACTOR, 5.0) is None
+    assert "0.2x" in rate_mismatch(1.0, 5.0) and "resample the stream to 5 s" in rate_mismatch(1.0, 5.0)
+    assert "6x" in rate_mismatch(30.0, 5.0)
+
+
+@pytest.fixture
+def model_5s(tmp_path):
+    """A model trained on rows 5 s apart, whose policy learns on 360 samples (30 min)."""
+    path, meta = make_model(tmp_path / "m5.onnx", window=8, channels=CH, kind="timemix")
+    meta.training["interval_s"] = 5.0
+    meta.policy = {"settings": {"calibration": {"enabled": True, "samples": 360}}}
+    meta.save(meta_path_for(path))
+    return path
+
+
+def _cfg(path, interval_s=None) -> AgentConfig:
+    return build(AgentConfig, {
+        "node": "t", "state_dir": None, "model": {"path": str(path)}, "mqtt": {"enabled": False},
+        "streams": [{"id": "s", "interval_s": interval_s,
+                     "source": {"type": "serial", "port": "/dev/null"}}]})
+
+
+def test_check_config_tells_the_learning_period_at_the_model_rate(model_5s):
+    f = check(_cfg(model_5s), load_meta(model_5s))
+    assert f.warnings == []
+    assert len(f.notes) == 1
+    assert ("first 360 samples (30 min at the model's training interval of 5 s)"
+            in f.notes[0]), f.notes
+
+
+def test_check_config_warns_about_a_configured_interval_off_the_training_one(model_5s):
+    f = check(_cfg(model_5s, interval_s=1.0), load_meta(model_5s))
+    rate = [w for w in f.warnings if "trained on rows" in w]
+    assert rate == ["streams[0] (s): interval_s: " + rate_mismatch(1.0, 5.0)]
+    assert "a sample every 1 s, but the model was trained on rows 5 s apart" in rate[0]
+    # the learning period at that interval is short as well, and said so
+    assert any("learns on its first 360 samples, under 30 min" in w for w in f.warnings)
+    assert check(_cfg(model_5s, interval_s=6.0), load_meta(model_5s)).warnings == []
+
+
+def _engine(path) -> Engine:
+    m = Metrics()
+    return Engine(build(DetectionConfig, {"node": "t"}), Detector(str(path), metrics=m),
+                  metrics=m)
+
+
+@pytest.mark.parametrize("step_s, warned", [(1.0, True), (30.0, True), (5.0, False),
+                                            (7.0, False)])
+def test_a_stream_learned_off_the_training_rate_is_warned_once(model_5s, caplog, step_s, warned):
+    e = _engine(model_5s)
+    rng = np.random.default_rng(0)
+    caplog.set_level(logging.WARNING, logger="tsad.stream")
+    for k in range(10):          # one sample a message, as a daemon receives them, then blocks
+        n = 1 if k < 5 else 64
+        ts = 1e9 + step_s * (np.arange(n) + (k if k < 5 else 5 + 64 * (k - 5)))
+        e.step([Batch("s", ts, rng.normal(0, 1, (n, 2)).astype(np.float32)),
+                Batch("other", ts, rng.normal(0, 1, (n, 2)).astype(np.float32))])
+    assert e.streams["s"].pace.interval == pytest.approx(step_s)
+    lines = [r.getMessage() for r in caplog.records if "trained on rows" in r.getMessage()]
+    if warned:
+        assert sorted(lines) == sorted(f"stream {sid}: {rate_mismatch(step_s, 5.0)}"
+                                       for sid in ("s", "other"))
+    else:
+        assert lines == []
