@@ -327,6 +327,12 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
     fitted_keys = {("calibration", "margin"): "what fit-policy fits",
                    ("calibration", "samples"): "set by --learn",
                    ("calibration", "enabled"): "set by --learn (0: none)",
+                   # the engine would end learning where duration_s does, the fit counts
+                   # alerts from row --learn: each would judge rows the other did not
+                   ("calibration", "duration_s"): "the fit learns on each recording's first "
+                   "--learn rows and counts alerts from there (give the rows of that duration "
+                   "at the recordings' interval, 1800 s at 5 s: --learn 360, and set "
+                   "calibration.duration_s in the deployment's config)",
                    ("scoring", "threshold"): "the model's threshold times the fitted margin"}
     for (sec, key), why in fitted_keys.items():
         if key in settings.get(sec, {}):

@@ -1,6 +1,8 @@
 """The training rows' sampling interval (metadata `training.interval_s`): recorded by
 `tsad-export train`, and a stream sampled far off it is told so, at start (a configured
-interval_s: agent/preflight.py) and when its interval is learned (agent/pace.py)."""
+interval_s: agent/preflight.py) and when its interval is learned (agent/pace.py).
+fit-policy refuses a learning period by duration, which its count by rows would not
+follow."""
 from __future__ import annotations
 
 import json
@@ -17,6 +19,7 @@ from agent.engine import Engine
 from agent.metrics import Metrics
 from agent.model_meta import ModelMeta, ModelMetaError, load_meta, meta_path_for
 from agent.pace import RATE_FACTOR, rate_mismatch
+from agent.policy_fit import fit_policy
 from agent.preflight import check
 from agent.sources.base import Batch
 from onnx_factory import make_model
@@ -131,3 +134,10 @@ def test_a_stream_learned_off_the_training_rate_is_warned_once(model_5s, caplog,
                                        for sid in ("s", "other"))
     else:
         assert lines == []
+
+
+def test_fit_policy_refuses_a_learning_period_by_duration(model_5s, tmp_path):
+    data = _csv(tmp_path / "normal.csv", 200, 5.0)
+    with pytest.raises(ValueError, match=r"--set calibration.duration_s: the fit learns on "
+                       r"each recording's first --learn rows .*--learn 360"):
+        fit_policy(str(model_5s), [data], {"calibration": {"duration_s": 300}}, 60, "t")
