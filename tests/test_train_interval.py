@@ -22,6 +22,7 @@ from agent.pace import RATE_FACTOR, rate_mismatch
 from agent.policy_fit import fit_policy
 from agent.preflight import check
 from agent.sources.base import Batch
+from conftest import MODELS
 from onnx_factory import make_model
 
 CH = ["a", "b"]
@@ -141,3 +142,20 @@ def test_fit_policy_refuses_a_learning_period_by_duration(model_5s, tmp_path):
     with pytest.raises(ValueError, match=r"--set calibration.duration_s: the fit learns on "
                        r"each recording's first --learn rows .*--learn 360"):
         fit_policy(str(model_5s), [data], {"calibration": {"duration_s": 300}}, 60, "t")
+
+
+def test_shipped_models_record_the_interval_their_training_rows_have(skab_dir):
+    """SKAB's rows are 1 s apart (measured here from the recorded files and rows); the
+    TEP recipe samples every SAMPLING_MIN minutes (its data is generated, not stored)."""
+    from agent.shipped import shipped_models
+    from export import data as D
+    from export.recipes.tep_data import SAMPLING_MIN
+    for name in shipped_models():
+        meta = load_meta(MODELS / f"{name}.onnx")
+        if name.startswith("tep/"):
+            assert meta.interval_s == SAMPLING_MIN * 60, name
+            continue
+        root = skab_dir.parent / meta.training["data_root"]
+        files, _ = D.load_files([f"{root / f['path']}:{f['rows']}" for f in meta.training["files"]],
+                                meta.channels, None)
+        assert meta.interval_s == D.interval_s(files) == 1.0, name
