@@ -21,6 +21,13 @@ LOG_INTERVAL_S = 10.0
 MAX_LOG_INTERVAL_S = 3600.0
 
 
+def named(names: list[str], most: int = 3) -> str:
+    """Names for a log detail: the first `most` (each cut to 40 characters), then how many
+    more, so that one line says which without growing with the model."""
+    shown = ", ".join(n[:40] for n in names[:most])
+    return shown + (f" +{len(names) - most} more" if len(names) > most else "")
+
+
 class BadInput:
     def __init__(self, metrics: Metrics, log_name: str):
         self.metrics, self.log_name = metrics, log_name

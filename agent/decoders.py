@@ -25,9 +25,9 @@ any case (Tasmota's "Time"); without one (or null) the sample is stamped with
 this machine's clock on arrival.  "values" holding a list or an object selects
 the values form (unless a channel is called "values").  In the keyed forms a
 key that is neither a channel nor (flat form) a time key counts
-`unknown_channel`, an absent channel `missing_channel`, both soft; no known
-channel at all is `no_known_channel`.  A value is a JSON number, a numeric
-string or null.
+`unknown_channel`, an absent channel `missing_channel`, both soft and named in
+the log; no known channel at all is `no_known_channel`.  A value is a JSON
+number, a numeric string or null.
 
 Numbers: plain ASCII decimal only ("1_000" and non-ASCII digits, which Python's
 float() accepts, are `non_numeric`).  An explicit missing value (empty field,
@@ -50,7 +50,7 @@ from itertools import chain
 
 import numpy as np
 
-from .bad_input import BadInput
+from .bad_input import BadInput, named
 from .csv_auto import Held, hold, refuse_held
 from .csv_block import Block, read_block
 from .device_clock import Clock, Clocks
@@ -297,7 +297,8 @@ class LineDecoder:
             bad = any(not -FLT_MAX <= f <= FLT_MAX
                       for f, v in zip(vals, raw) if v is not _ABSENT)
             clean(vals)
-            self.report.note("missing_channel", data)
+            self.report.note("missing_channel", data, named(
+                [ch for ch, v in zip(self.channels, raw) if v is _ABSENT]))
         else:
             vals = [v if type(v) is float else json_number(v) for v in raw]
             bad = clean(vals)
