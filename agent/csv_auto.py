@@ -16,6 +16,12 @@ line noise, such as a lost or an extra `,`), and REDECIDE_AFTER of them in a row
 again (the device was reflashed or reconfigured), logged, the held lines coming out.
 A stream holds at most HOLD_MAX lines; the oldest beyond that is refused.  A stream
 that decides on the plain shape forgets its device clock (there is none to follow).
+
+A device one channel short or over sends lines of the other shape's field count: a
+timestamp and C - 1 values are C fields, read as C values (`non_numeric` at the
+timestamp), and C + 1 values are read as a timestamp and C values (`bad_timestamp`).
+Such a refusal says how the line was read and how many channels the model has
+(`misread`), so that it does not pass for an unsupported number or date format.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ import math
 
 from .bad_input import BadInput
 from .device_clock import Clock
+from .field_values import Unusable
+from .timestamps import BadTimestamp, epoch_seconds
 
 log = logging.getLogger("tsad.decode")
 
@@ -94,3 +102,25 @@ def _refuse(report: BadInput, entry: tuple, decided: bool | None, detail: str = 
     shape, _, vals, snippet = entry
     c = len(vals)
     report.note("field_count", snippet, detail or f"{c + shape} fields, expected {c + decided}")
+
+
+def misread(e: Unusable, mode: str, fields: list[str], has_ts: bool, decided: bool,
+            c: int) -> Unusable:
+    """`e`, a line of C or C + 1 `fields` refused when read with (`has_ts`) or without a
+    timestamp, with its detail saying so under `timestamp: auto`: by the stream's
+    decision (`decided`) or by the line's own field count (undecided).  A timestamp that
+    parses but that the stream's clock refuses is a clock problem: `e` as it is."""
+    if mode != "auto" or e.reason not in ("non_numeric", "bad_timestamp"):
+        return e
+    if e.reason == "bad_timestamp":
+        try:
+            epoch_seconds(fields[0])
+            return e
+        except BadTimestamp:
+            pass
+    n = len(fields)
+    how = f"a timestamp and {n - 1} values" if has_ts else f"{n} values without a timestamp"
+    why = "by the stream's decision" if decided else "by the field count"
+    said = f"{e.detail}; " if e.detail else ""
+    return Unusable(e.reason, f"{said}timestamp auto, {why}: {n} fields read as {how}; "
+                              f"the model has {c} channels")

@@ -51,10 +51,10 @@ from itertools import chain
 import numpy as np
 
 from .bad_input import BadInput, named
-from .csv_auto import Held, hold, refuse_held
+from .csv_auto import Held, hold, misread, refuse_held
 from .csv_block import Block, read_block
 from .device_clock import Clock, Clocks
-from .field_values import FLT_MAX, NAN, Unusable, clean, json_number, missing_or_float
+from .field_values import FLT_MAX, NAN, Unusable, clean, csv_values, json_number
 from .metrics import Metrics
 from .timestamps import BadTimestamp, epoch_seconds
 
@@ -217,13 +217,13 @@ class LineDecoder:
         has_ts = clock.has_ts if shape is None else shape
         if has_ts is None or n != c + has_ts:
             self._other_shape(line, now, clock, n, c)
-        if "_" in text or not text.isascii():
-            raise Unusable("non_numeric", "not a plain ASCII decimal number")
-        t = self._device_time(fields[0], now, clock) if has_ts else now
         try:
-            vals = [float(f) for f in fields[has_ts:]]
-        except ValueError:
-            vals = [missing_or_float(f) for f in fields[has_ts:]]
+            if "_" in text or not text.isascii():
+                raise Unusable("non_numeric", "not a plain ASCII decimal number")
+            t = self._device_time(fields[0], now, clock) if has_ts else now
+            vals = csv_values(fields[has_ts:])
+        except Unusable as e:       # under `auto`, say how the field count was read
+            raise misread(e, self.timestamp, fields, has_ts, shape is None, c) from None
         if clean(vals) and shape is None:       # a held line counts "nan" if it comes out
             self.report.note("nan", line)
         if has_ts:

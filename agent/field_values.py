@@ -61,6 +61,14 @@ def clean(vals: list[float]) -> bool:
     return bad
 
 
+def csv_values(fields: list[str]) -> list[float]:
+    """CSV fields as floats, missing tokens as NaN."""
+    try:
+        return [float(f) for f in fields]
+    except ValueError:
+        return [missing_or_float(f) for f in fields]
+
+
 def missing_or_float(f: str) -> float:
     """A CSV field float() refused: NaN when it is a missing token."""
     try:
