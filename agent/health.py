@@ -12,6 +12,7 @@ import time
 from .timestamps import iso_utc
 from .config import AgentConfig
 from .engine import Engine
+from .staleness import stale_window
 
 HEALTH_STREAMS = 32
 _ORDER = {"anomaly": 0, "learning": 1, "warming_up": 2, "normal": 2}
@@ -56,14 +57,21 @@ def health_snapshot(cfg: AgentConfig, engine: Engine, runners) -> dict:
 
 def stream_presence(engine: Engine, runners, stale_after_s: float, now: float) -> dict[str, dict]:
     """Per stream what operators see at a glance: its state, whether it is online (its
-    source is connected and its last sample arrived less than `stale_after_s` ago, by
-    the monotonic clock `now`) and until when it is shelved (a shelve lifts when the
-    stream's sample time passes it, so it is shown until then)."""
+    source is connected and its last sample arrived less than its stale window ago, by
+    the monotonic clock `now`: `stale_after_s`, widened for a slow stream by
+    agent/staleness.py), that window once its interval is known, and until when it is
+    shelved (a shelve lifts when the stream's sample time passes it, so it is shown until
+    then)."""
     connected = {r.stream.id: bool(r.source.connected) for r in runners}
     out = {}
     for st in list(engine.streams.values()):
+        # online is judged on the steps seen so far while the interval is being learned (a
+        # 3-min stream is not offline between its first 32 samples); the window shown (Home
+        # Assistant's expire_after) waits for the learned one: it changes once, and the
+        # discovery payload is not sent again at every step
+        recent = now - st.last_seen < stale_window(stale_after_s, st.pace.estimate)
         out[st.id] = {"state": st.state,
-                      "online": connected.get(st.source, False) and st.samples > 0
-                      and now - st.last_seen < stale_after_s,
+                      "online": connected.get(st.source, False) and st.samples > 0 and recent,
+                      "stale_after_s": stale_window(stale_after_s, st.pace.interval),
                       "shelved_until": _shelved_until(st)}
     return out

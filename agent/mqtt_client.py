@@ -61,6 +61,7 @@ class MqttConfig(Strict):
     score_interval_s: NonNegativeFloat = 1.0
     health_interval_s: PositiveFloat = 30.0
     # a stream is "online" while its source is connected and its last sample is younger
+    # (than this, or than 3 of its intervals when longer: agent/staleness.py)
     stale_after_s: PositiveFloat = 60.0
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 

@@ -59,6 +59,15 @@ class Pace:
     def learning(self) -> bool:
         return self.interval is None
 
+    @property
+    def estimate(self) -> float | None:
+        """The interval, or while it is being learned the median step so far (None before
+        the first step): enough to tell a slow stream's pause from an outage
+        (agent/staleness.py), not to set its gap rule on."""
+        if self.interval is not None or not self._n:
+            return self.interval
+        return float(np.median(np.concatenate(self._steps)))
+
     def observe(self, ts: np.ndarray, sid: str) -> None:
         d = np.diff(np.concatenate([[self._prev], ts]))
         self._prev = float(ts[-1])

@@ -21,7 +21,7 @@ Rules:
 - notes: facts that are fine at start: a serial port that is not there now (a USB
   adapter may be plugged in later; the source waits for it); a learning period set in
   samples for streams whose sampling interval is learned, so its length in time is not
-  known yet.
+  known yet; a stream's `interval_s` that widens its stale window (agent/staleness.py).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from .pace import rate_mismatch
 from .policy import SECTIONS, effective, model_policy
 from .refine import needed
 from .sources import build_source
+from .staleness import widening_note
 
 # The shortest learning period to recommend for a deployment, in seconds of sample time.
 # On SKAB's 2.6 h normal run, 400 samples (6.7 min) learned at other rows than its first
@@ -197,6 +198,10 @@ def _check_sources(cfg: AgentConfig, channels: list[str], f: Findings) -> None:
                 and not os.path.exists(s.source.port):
             f.notes.append(f"{where}: serial port {s.source.port} is not there now; the agent "
                            f"starts without it and opens it when it appears")
+        slow = cfg.mqtt.enabled and s.interval_s and widening_note(cfg.mqtt.stale_after_s,
+                                                                   s.interval_s)
+        if slow:
+            f.notes.append(f"{where}: {slow}")
         try:
             # a throwaway Metrics: a replay file's bad rows are counted when it really runs
             build_source(s, channels, Metrics(), cfg.mqtt, cfg.node).close()

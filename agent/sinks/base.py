@@ -65,7 +65,7 @@ class Sink:
         return False
 
     def stream_status(self, stream: str, status: dict) -> None:
-        """A stream's status changed: {"state", "online", "shelved_until"}
+        """A stream's status changed: {"state", "online", "stale_after_s", "shelved_until"}
         (agent.health.stream_presence), at most once a second."""
 
     def score(self, stream: str, ts: float, score: float, threshold: float, label: int) -> None:

@@ -10,7 +10,8 @@ discovery.py, schemas.py, the platform schemas):
 - Availability: a stream's anomaly, state and score entities are available only while
   the node AND the stream are online (an `availability` list with
   `availability_mode: all`); the score also expires (`expire_after`) when no score
-  came for `stale_after_s` + `score_interval_s`.  The buttons and the shelved sensor
+  came for the stream's stale window (`stale_after_s`, widened for a slow stream:
+  agent/staleness.py) + `score_interval_s`.  The buttons and the shelved sensor
   need only the node: they inherit the device-level `availability`.
   (`availability_topic` is never used: HA refuses it beside an `availability` list.)
 - Buttons publish the JSON command on `P cmd` (QoS 1, not retained).
@@ -54,7 +55,8 @@ def _duration(s: float) -> str:
     return f"{s:g} s"
 
 
-def stream_components(cfg, sid: str) -> dict[str, dict]:
+def stream_components(cfg, sid: str, stale_s: float | None = None) -> dict[str, dict]:
+    """`stale_s`: the stream's stale window; None: `mqtt.stale_after_s`."""
     p, dev, key = cfg.topic_prefix, slug(cfg.node), slug(sid)
     base = f"{p}stream/{sid}/"
     both = {"availability": [{"topic": f"{p}availability"}, {"topic": base + "availability"}],
@@ -81,8 +83,9 @@ def stream_components(cfg, sid: str) -> dict[str, dict]:
         cmp("score", "anomaly score", state_topic=base + "score",
             value_template="{{ value_json.score }}", state_class="measurement",
             json_attributes_topic=base + "score",
-            # scores come at most every score_interval_s: expired = none for stale_after_s more
-            expire_after=math.ceil(cfg.mqtt.stale_after_s + cfg.mqtt.score_interval_s), **both),
+            # scores come at most every score_interval_s: expired = none for the stale window more
+            expire_after=math.ceil((cfg.mqtt.stale_after_s if stale_s is None else stale_s)
+                                   + cfg.mqtt.score_interval_s), **both),
         cmp("shelved", "shelved", state_topic=base + "shelved",
             value_template="{{ 'ON' if value_json.shelved_until else 'OFF' }}",
             json_attributes_topic=base + "shelved"),
@@ -92,12 +95,14 @@ def stream_components(cfg, sid: str) -> dict[str, dict]:
     ])
 
 
-def discovery(cfg, streams, removed: dict[str, str]) -> tuple[str, dict]:
+def discovery(cfg, streams, removed: dict[str, str],
+              stale: dict[str, float] | None = None) -> tuple[str, dict]:
     """The topic and payload for `streams`; `removed` (component key -> platform) lists
-    components of earlier payloads that HA must drop."""
+    components of earlier payloads that HA must drop; `stale`: each stream's stale window
+    (missing: `mqtt.stale_after_s`)."""
     cmps = {k: {"p": platform} for k, platform in removed.items()}
     for sid in sorted(streams):
-        cmps.update(stream_components(cfg, sid))
+        cmps.update(stream_components(cfg, sid, (stale or {}).get(sid)))
     payload = {
         "dev": {"ids": [f"tsad_{slug(cfg.node)}"], "name": f"tsad {cfg.node}",
                 "mf": "tsad-agent", "mdl": "edge anomaly detector", "sw": __version__},

@@ -3,7 +3,8 @@
 Topics (P = the topic prefix), all QoS 1 and retained:
   P stream/<id>/state          learning | warming_up | normal | anomaly
   P stream/<id>/availability   online | offline: its source is connected and its last
-                               sample is younger than mqtt.stale_after_s
+                               sample is younger than its stale window (mqtt.stale_after_s,
+                               widened for a slow stream: agent/staleness.py)
   P stream/<id>/shelved        {"ts", "shelved_until"} (docs/schemas/shelved.json)
   P stream/<id>/alert          the open alert's latest event (docs/schemas/alert.json),
                                cleared (an empty retained message) when it ends: a
@@ -26,8 +27,9 @@ not for ever: the payload would otherwise grow with every stream that ever went.
 A fresh process has judged no window yet, so every stream known at start is
 "warming_up" (which also clears a state a crashed run left) until its status says
 otherwise.  The discovery payload is re-published when the set of
-streams changes, at most once per DISCOVERY_S (a wildcard source may bring hundreds
-of streams at once).  All publishing happens under one lock, so that a reconnect's
+streams changes, or a stream's stale window (the score's `expire_after`) does, as when
+it learns its interval, at most once per DISCOVERY_S (a wildcard source may bring
+hundreds of streams at once).  All publishing happens under one lock, so that a reconnect's
 re-publication never overtakes a newer state.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ import threading
 import time
 
 from ..config_base import STREAM_ID_RE
+from ..staleness import stale_window
 from ..timestamps import iso_utc
 from .base import to_json
 from .homeassistant import COMPONENTS, discovery, discovery_topic, stream_components, stream_of
@@ -49,19 +52,24 @@ REMOVED_KEEP_S = 86400.0     # a day: Home Assistant down for longer keeps an or
 KINDS = ("state", "availability", "shelved", "alert")      # the retained topics of a stream
 
 
-def configured(cfg, sid: str) -> bool:
-    """Whether `cfg` can still produce stream `sid`: a stream of its own, or a topic-named
-    source whose filter admits that id at its stream level."""
+def producer(cfg, sid: str):
+    """The config stream that can produce stream `sid` (a stream of its own, or a
+    topic-named source whose filter admits that id at its stream level), else None."""
     for s in cfg.streams:
         level = getattr(s.source, "stream_from_topic", None)
         if level is None:
             if s.id == sid:
-                return True
+                return s
             continue
         parts = s.source.topic.split("/")
         if "#" in parts[:level + 1] or (level < len(parts) and parts[level] in ("+", sid)):
-            return True
-    return False
+            return s
+    return None
+
+
+def configured(cfg, sid: str) -> bool:
+    """Whether `cfg` can still produce stream `sid`."""
+    return producer(cfg, sid) is not None
 
 
 class StreamTopics:
@@ -73,6 +81,7 @@ class StreamTopics:
         self.known: set[str] = cfg.named_streams
         self.states = {sid: "warming_up" for sid in self.known}
         self.status: dict[str, dict] = {}
+        self.stale: dict[str, float] = {}      # stream -> its stale window, from its status
         self.open: dict[str, bytes] = {}       # stream -> its open alert's latest event
         # component key -> (platform, when removed), until it returns or REMOVED_KEEP_S passed
         self.removed: dict[str, tuple[str, float]] = {}
@@ -152,6 +161,10 @@ class StreamTopics:
                 return
             before = self.status.get(sid, {})
             self.status[sid] = status
+            window = status.get("stale_after_s")
+            if window is not None and self.stale.get(sid) != window:
+                self.stale[sid] = window
+                self._dirty = True          # the score's expire_after follows it
             if new or self.states.get(sid) != status["state"]:
                 self.states[sid] = status["state"]
                 self._pub(sid, "state", status["state"])
@@ -188,6 +201,7 @@ class StreamTopics:
             self._dirty = True
         self.states.pop(sid, None)
         self.status.pop(sid, None)
+        self.stale.pop(sid, None)
         self.open.pop(sid, None)
         for kind in KINDS:
             self._pub(sid, kind, b"")      # an empty retained message deletes the retained one
@@ -274,9 +288,19 @@ class StreamTopics:
             self._dirty = False
             self._last_discovery = time.monotonic()
             topic, payload = discovery(self.cfg, self.known,
-                                       {k: p for k, (p, _) in self.removed.items()})
+                                       {k: p for k, (p, _) in self.removed.items()},
+                                       {sid: self._stale(sid) for sid in self.known})
             if payload["cmps"]:      # a wildcard source before its first stream: nothing yet
                 self.client.publish(topic, to_json(payload), qos=1, retain=True)
+
+    def _stale(self, sid: str) -> float:
+        """A stream's stale window: from its status, else (no sample yet) from the interval
+        its config gives."""
+        window = self.stale.get(sid)
+        if window is None:
+            src = producer(self.cfg, sid)
+            window = stale_window(self.cfg.mqtt.stale_after_s, src and src.interval_s)
+        return window
 
     def tick(self) -> None:
         if self._dirty and time.monotonic() - self._last_discovery >= DISCOVERY_S:
