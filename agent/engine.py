@@ -15,6 +15,8 @@ Rules of a step:
 - A step fits learning periods of FIT_SAMPLES held samples (the first one whatever its
   size); a stream whose period ends after that waits, with its later samples, for the
   next step, which the daemon runs at once.  Results do not change, only their step.
+- A stream's clock takes its steps forward out by the real time its batches carry (their
+  latest `arrived`: agent/sample_clock.py); batches from a file carry none.
 - A stream that fails (a bug, a value no sink can format) is logged and counted in
   `metrics.errors`; the other streams of the step go on.
 - Streams are created on their first sample, as agent/admission.py allows (at most
@@ -43,7 +45,7 @@ from .policy import baseline_basis, effective
 from .ring import RingBuffer, Windows
 from .saving import SaveQueue
 from .scoring import Smoother, add_levels, normalized
-from .sources.base import Batch
+from .sources.base import Batch, join
 from .state_store import StateStore
 from .stream import Stream, StreamResult
 
@@ -171,7 +173,7 @@ class Engine:
         for sid in (touched := list(self.held_back)):
             st = self.streams[sid]
             if not st.fit_due or self._fit_room > 0:
-                results += self._feed(st, *_join(self.held_back.pop(sid)))
+                results += self._feed(st, *join(self.held_back.pop(sid)))
         for sid, parts in joined.items():
             if len(parts) > 1 and any(p.source != parts[0].source for p in parts):
                 st = self.streams.get(sid)
@@ -180,13 +182,13 @@ class Engine:
             if st is None:
                 continue
             st.last_seen = now
-            ts, values = _join(parts)
+            ts, values, arrived = join(parts)
             self.metrics.samples_in += len(ts)
             self.metrics.stream_steps += 1
             if sid in self.held_back:
-                self.held_back[sid].append(Batch(sid, ts, values))
+                self.held_back[sid].append(Batch(sid, ts, values, arrived=arrived))
             else:
-                results += self._feed(st, ts, values)
+                results += self._feed(st, ts, values, arrived)
         results += self._flush()
         touched += joined
         for sid in joined:
@@ -209,15 +211,18 @@ class Engine:
         self.metrics.alerts["end"] += 1
         return [StreamResult(st.id, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I, _EMPTY_I, [ev])]
 
-    def _feed(self, st: Stream, ts: np.ndarray, values: np.ndarray) -> list[StreamResult]:
-        """One stream's samples, piece by piece as it takes them; inference runs whenever
-        max_batch windows wait, or the stream waits for its earlier windows' scores."""
+    def _feed(self, st: Stream, ts: np.ndarray, values: np.ndarray,
+              arrived: float | None) -> list[StreamResult]:
+        """One stream's samples (handed over at `arrived`: Batch), piece by piece as it takes
+        them; inference runs whenever max_batch windows wait, or the stream waits for its
+        earlier windows' scores."""
+        st.clock.arrive(arrived, st.pace.interval)
         out: list[StreamResult] = []
         a, stalled = 0, False
         while True:
             if st.fit_due:
                 if self._fit_room <= 0:
-                    self.held_back[st.id] = [Batch(st.id, ts[a:], values[a:])]
+                    self.held_back[st.id] = [Batch(st.id, ts[a:], values[a:], arrived=arrived)]
                     return out
                 if not self._fit(st):
                     return out
@@ -393,8 +398,3 @@ class Engine:
 
 _EMPTY_F, _EMPTY_I = np.empty(0, np.float64), np.empty(0, np.int8)
 
-
-def _join(parts: list[Batch]) -> tuple[np.ndarray, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0].ts, parts[0].values
-    return np.concatenate([p.ts for p in parts]), np.concatenate([p.values for p in parts])

@@ -157,7 +157,7 @@ class AnomalyService:
                     f"too many streams ({self.engine.admission.default_cap}); reuse stream ids"
                     + (f" (a stream without samples for {idle:g} s is dropped)" if idle else ""))
             results = self.engine.step([Batch(stream, np.array([ts], np.float64), values[None],
-                                              source="http")])
+                                              source="http", arrived=now)])
             done = [r for r in results if len(r.ts)]
             if done:
                 r = done[-1]

@@ -33,9 +33,21 @@ class Batch:
     ts: np.ndarray       # float64 [n], epoch seconds
     values: np.ndarray   # float32 [n, channels] in MODEL channel order; NaN = missing
     source: str | None = None    # the configured stream id of the source, when it differs
+    # monotonic time a live source handed it over: real time, which tells a clock's step
+    # forward from a gap (agent/sample_clock.py); None from a file, which has none
+    arrived: float | None = None
 
     def __len__(self) -> int:
         return len(self.ts)
+
+
+def join(parts: list[Batch]) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """One stream's batches as one block: (ts, values, the latest arrival or None)."""
+    if len(parts) == 1:
+        return parts[0].ts, parts[0].values, parts[0].arrived
+    arrived = max((p.arrived for p in parts if p.arrived is not None), default=None)
+    return (np.concatenate([p.ts for p in parts]), np.concatenate([p.values for p in parts]),
+            arrived)
 
 
 class Undecoded:

@@ -173,5 +173,6 @@ class MqttLineSource(Source):
                 g = groups[sid] = ([], [])
             g[0].append(m.payload)
             g[1].append(m.arrival)
-        return [Batch(sid, ts, values, self.stream_id)
+        arrived = time.monotonic()      # decoded on the pipeline thread as its step begins
+        return [Batch(sid, ts, values, self.stream_id, arrived)
                 for sid, ts, values in self.decoder.decode_streams(groups)]

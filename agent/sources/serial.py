@@ -151,7 +151,7 @@ class SerialLineSource(Source):
                 continue
             got = self.decoder.decode_lines(self._splitter.feed(data), time.time())
             if got is not None:
-                emit(Batch(self.stream_id, *got))
+                emit(Batch(self.stream_id, *got, arrived=time.monotonic()))
 
     def close(self) -> None:
         with self._lock:
