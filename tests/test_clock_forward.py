@@ -6,6 +6,9 @@ passed, not the step (agent/sample_clock.py).  A file has no real time: there a 
 forward still counts as time that passed (tests/test_clock_steps.py)."""
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -18,6 +21,7 @@ from agent.health import stream_status
 from agent.sample_clock import FORWARD_S, SampleClock
 from agent.sources.base import Batch
 from agent.timestamps import iso_utc
+from agent_harness import AgentProcess, Pty, tiny_model, wait_until, write_config
 from onnx_factory import make_model
 
 W = 8
@@ -273,3 +277,62 @@ def test_the_engine_gives_the_same_results_for_the_same_arrivals_however_chunked
     got, want = run(block), run(64)
     assert got == want
     assert want[2] < -2 * DAY and len([ev for ev in want[1] if ev["type"] == "new"]) >= 3
+
+
+# The real agent with time.time() running ahead of the real clock by the seconds in a file
+# (argv[1]), read every 10 ms: what NTP does to a Pi's wall clock; monotonic time is left.
+STEPPED_CLOCK = """
+import sys, threading, time
+path, real, ahead = sys.argv[1], time.time, [0.0]
+
+def follow():
+    while True:
+        try:
+            with open(path) as f:
+                ahead[0] = float(f.read() or 0)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+
+threading.Thread(target=follow, daemon=True).start()
+time.time = lambda: real() + ahead[0]
+from agent.cli import main
+sys.exit(main(["run", "--config", sys.argv[2]]))
+"""
+
+
+def test_f1_the_real_agent_keeps_learning_when_ntp_sets_its_clock_forward(tmp_path):
+    """Audit F1 end to end: a serial stream stamped on arrival learns by `duration_s: 5`;
+    1 s in, the agent's wall clock is set two days forward.  The period still lasts its
+    5 s of real time (it ended at the next sample)."""
+    pty, ahead = Pty(), tmp_path / "ahead"
+    cfg = write_config(tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=1,
+                       serial_port=pty.path, state_dir=tmp_path / "state",
+                       mqtt={"enabled": False}, calibration={"enabled": True, "duration_s": 5.0})
+    text = cfg.read_text().replace("timestamp: first", "timestamp: none")
+    cfg.write_text(text)
+    agent = AgentProcess(cfg, tmp_path / "agent.log",
+                         python=["-c", STEPPED_CLOCK, str(ahead)]).start()
+    rng = np.random.default_rng(0)
+
+    def write_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            a, b, c = rng.normal(0, 0.1, 3)
+            os.write(pty.master, f"{a:.4f},{b:.4f},{c:.4f}\n".encode())
+            time.sleep(0.02)
+
+    try:
+        agent.wait_log("open at")
+        began = time.monotonic()
+        write_for(1.0)
+        ahead.write_text(str(2 * DAY))
+        time.sleep(0.1)                     # the agent reads it within 10 ms
+        write_for(2.0)
+        assert agent.count("learned its baseline") == 0, agent.log()
+        wait_until(lambda: write_for(0.2) or agent.count("learned its baseline"),
+                   "the end of the learning period", timeout=20.0)
+        assert time.monotonic() - began > 5.0
+    finally:
+        agent.close()
+        pty.close()
