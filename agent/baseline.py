@@ -2,7 +2,7 @@
 
 Learning period: with calibration enabled, a stream's first `calibration.samples`
 samples (or, with `calibration.duration_s`, the samples of its first that many
-seconds of sample time, a device clock's steps back not counted: agent/sample_clock.py)
+seconds of sample time, a clock's steps not counted: agent/sample_clock.py)
 are held back, not scored.  When the period ends, the
 scaler is fitted on them (`contract.fit_scaler`; with `fit: mean` only its mean, the
 std staying the model's); the stream then pushes them through its ring and the
@@ -174,7 +174,8 @@ class Baseline:
         """Keep the samples that belong to the learning period; returns how many it kept.
         Once `period_over`, the caller fits the baseline (`take_held`, `fit_*`).  `off`:
         the samples' clock offsets; a period set by duration runs on ts + off, the stream's
-        elapsed time (agent/sample_clock.py), so a clock step back does not lengthen it."""
+        elapsed time (agent/sample_clock.py), so a clock step back does not lengthen it, nor
+        a live stream's step forward end it."""
         if self.cal.duration_s is None:
             take = min(len(ts), self.cal.samples - self._held.n)
             ended = self._held.n + take >= self.cal.samples

@@ -30,7 +30,8 @@ from .timestamps import iso_utc
 
 COMMANDS = ("recalibrate", "ack", "shelve", "unshelve")
 # a forgotten shelve must still lift within a week, of the stream's elapsed time: a device
-# clock's step back does not lengthen it (agent/sample_clock.py)
+# clock's step back does not lengthen it, nor a live stream's step forward end it
+# (agent/sample_clock.py)
 MAX_SHELVE_S = 7 * 24 * 3600.0
 MAX_ID = 128
 

@@ -19,9 +19,11 @@ run on `elapsed = ts + offset`:
   the daemon's MQTT and serial sources, the HTTP API's samples).  A sample is a clock step
   forward when both (1) it is more than `tol` ahead of the newest sample before it, and
   (2) its elapsed time is more than `tol` past `reach`: the newest elapsed time when the
-  stream's previous samples arrived, plus the monotonic time since then.  Elapsed time then
-  goes on from the later of the newest elapsed time and `reach`: a gate gets the real time
-  that passed, not the step.  `tol` is max(FORWARD_S, TOL_STEPS x the stream's sampling
+  stream's previous samples arrived, plus the monotonic time since then (a stream's first
+  arrival has none: no step).  Elapsed time then goes on from the later of the newest
+  elapsed time and `reach`: a gate gets the real time that passed, not the step (a step
+  among samples that arrived together also gets their own spacing after it: at most
+  their span too much).  `tol` is max(FORWARD_S, TOL_STEPS x the stream's sampling
   interval, given or learned: agent/pace.py).  (1) is per jump, so a recording published
   at 20x real time is never stepped however far it runs ahead; (2) lets the samples that
   arrive together cover the real time before them, so a data logger's burst of an hour of
@@ -32,12 +34,14 @@ run on `elapsed = ts + offset`:
   that passed: it can end a gate early, never keep an alert from opening.
 
 Times shown (an alert's start and end, `shelved_until`) stay the device's own.  The
-offset follows the order of the samples and their arrivals, not how they were chunked:
-real time is known per arrival, the monotonic time a live source handed a block over (the
-latest of a stream's blocks in one engine step), and every sample of an arrival shares it,
-so a daemon fed one sample at a time and in blocks gates on the same elapsed times for the
-same arrivals, and a file job's long chunks on those of no arrivals.  A block without a
-step costs a few array operations (a few samples: a few comparisons).
+offset follows the order of the samples and their arrivals, not how they were chunked.
+Real time is known per arrival, not per sample: the monotonic time a live source handed
+a block over (`Batch.arrived`: MQTT's when the pipeline decodes the messages of its step,
+serial's when a read's lines are decoded, HTTP's when a sample is pushed), the latest of
+a stream's blocks in one engine step; every sample of an arrival shares it.  So a daemon
+fed one sample at a time and in blocks gates on the same elapsed times for the same
+arrivals, and a file job's long chunks on those of no arrivals.  A block without a step
+costs a few array operations (a few samples: a few comparisons).
 """
 from __future__ import annotations
 
@@ -107,8 +111,8 @@ class SampleClock:
         return self._steps(ts)
 
     def _steps(self, ts: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """A block that steps, or may step forward, sample by sample (rare: Python is
-        fine)."""
+        """A block that steps, or may step forward, sample by sample (rare, or a live
+        block ahead of real time: a few samples a step; Python is fine)."""
         off = np.empty(len(ts))
         offset, newest, reach, tol = self.offset, self.newest, self.reach, self.tol
         for i, t in enumerate(ts.tolist()):
