@@ -24,7 +24,8 @@ The time gates (cooldown, shelve, update interval, the standing span) run on the
 stream's elapsed time, each window's timestamp plus its clock offset (`update`'s `off`,
 agent/sample_clock.py): when a device clock steps back, or a live stream's clock steps
 forward, a gate keeps the time it had left, counted on the new clock, instead of waiting
-for the new clock to catch up with the old one, or ending at once.  The times events show (start, end, the alert id) are the device's own.
+for the new clock to catch up with the old one, or ending at once.  The times events
+show (start, end, the alert id) are the device's own.
 
 Each block is scanned with numpy from one event to the next, so a block without
 events costs a handful of array operations regardless of its length, and the
