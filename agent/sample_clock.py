@@ -4,31 +4,34 @@ The time gates of a stream are durations of its sample time: the cooldown after 
 alert, a shelve, the update interval and the standing span of an open alert (agent/
 alerts.py), a learning period set by `calibration.duration_s` (agent/baseline.py), a
 threshold refinement's span (agent/refine.py).  A clock that steps back (NTP, an RTC
-reset: agent/device_clock.py follows it after RESYNC_AFTER samples) left them anchored
-to the old, later clock: a step back of a day blocked every new alert for a day.  One
-that steps forward ended them at once: NTP setting a Pi without an RTC forward two days
-after boot ended a 10-minute learning period of a stream stamped on arrival after 7 s.
-So each stream keeps an `offset`, the sum of the steps it has taken out, and its gates
-run on `elapsed = ts + offset`:
+reset: agent/device_clock.py follows a device's step after RESYNC_AFTER samples) left
+them anchored to the old, later clock: a step back of a day blocked every new alert for a
+day.  One that steps forward ended them at once: NTP setting a Pi without an RTC forward
+two days after boot ended a 10-minute learning period of a stream stamped on arrival
+(by this machine's clock, which no decoder judges) after 7 s.  So each stream keeps an
+`offset`, the sum of the steps it has taken out, and its gates run on
+`elapsed = ts + offset`:
 
 - a sample more than STEP_S behind the newest one since the last step back is a clock
   step back: the offset grows by the difference, so elapsed time stands still across the
   step and every gate keeps the time it had left, now counted on the new clock;
 - a smaller step back is jitter (agent/ring.py treats it so too): nothing changes;
 - a step forward is told from a gap by real time, which only a live stream has (`arrive`:
-  the daemon's MQTT and serial sources, the HTTP API's samples).  A sample is a clock step
-  forward when both (1) it is more than `tol` ahead of the newest sample before it, and
-  (2) its elapsed time is more than `tol` past `reach`: the newest elapsed time when the
-  stream's previous samples arrived, plus the monotonic time since then (a stream's first
-  arrival has none: no step).  Elapsed time then goes on from the later of the newest
-  elapsed time and `reach`: a gate gets the real time that passed, not the step (a step
-  among samples that arrived together also gets their own spacing after it: at most
-  their span too much).  `tol` is max(FORWARD_S, TOL_STEPS x the stream's sampling
-  interval, given or learned: agent/pace.py).  (1) is per jump, so a recording published
-  at 20x real time is never stepped however far it runs ahead; (2) lets the samples that
-  arrive together cover the real time before them, so a data logger's burst of an hour of
-  5-minute samples after an hour's silence is not stepped either.  A real gap (a device
-  off for two hours) has real time behind it and counts as time that passed;
+  the daemon's MQTT and serial sources, the HTTP API's samples; a device's step the
+  decoders followed reaches it as one jump).  A sample is a clock step forward when both
+  (1) it is more than `tol` ahead of the newest sample before it, and (2) its elapsed time
+  is more than `tol` past `reach`: the newest elapsed time when the stream's previous
+  samples arrived, plus the monotonic time since then (a stream's first arrival has none:
+  no step).  Elapsed time then goes on from the later of the newest elapsed time and
+  `reach`: a gate gets the real time that passed, not the step (a step among samples that
+  arrived together also gets their own spacing after it: at most their span too much).
+  `tol` is the decoders' tolerance for a device clock's jump (agent/device_clock.py):
+  max(JUMP_S, JUMP_STEPS x the stream's sampling interval, given or learned: agent/
+  pace.py).  (1) is per jump, so a recording published at 20x real time is never stepped
+  however far it runs ahead; (2) lets the samples that arrive together cover the real
+  time before them, so a data logger's burst of an hour of 5-minute samples after an
+  hour's silence is not stepped either.  A real gap (a device off for two hours) has real
+  time behind it and counts as time that passed;
 - without real time (file jobs: evaluate, replay, predict, fit-policy, the benchmarks; a
   daemon's replay source) a step forward cannot be told from a gap, so it counts as time
   that passed: it can end a gate early, never keep an alert from opening.
@@ -49,13 +52,10 @@ import math
 
 import numpy as np
 
-from .device_clock import BACKWARD_TOLERANCE_S
+from .device_clock import BACKWARD_TOLERANCE_S, JUMP_S, JUMP_STEPS
 
 STEP_S = BACKWARD_TOLERANCE_S      # further back than this is a clock step, not jitter
 FEW = 8                             # blocks up to this many samples are scanned in Python
-# ahead of real time by more than this is a step forward (live streams); at least ...
-FORWARD_S = 60.0                    # ... a minute: network delay and a backlog's jitter ...
-TOL_STEPS = 10                      # ... and ten sampling intervals: a logger's late upload
 
 
 class SampleClock:
@@ -66,7 +66,7 @@ class SampleClock:
         self.newest = -math.inf     # the newest sample time since the last step back
         self.at: float | None = None    # monotonic time of the latest arrival
         self.reach = math.inf       # the elapsed time real time explains (inf: not known)
-        self.tol = FORWARD_S
+        self.tol = JUMP_S
 
     def arrive(self, at: float | None, interval: float | None) -> None:
         """The samples that follow were handed over at monotonic time `at` (None: no real
@@ -77,7 +77,7 @@ class SampleClock:
             self.reach = math.inf if self.at is None or self.newest == -math.inf else \
                 self.newest + self.offset + max(0.0, at - self.at)
             self.at = at
-        self.tol = max(FORWARD_S, TOL_STEPS * interval) if interval else FORWARD_S
+        self.tol = max(JUMP_S, JUMP_STEPS * interval) if interval else JUMP_S
 
     def peek(self, ts: np.ndarray) -> float | np.ndarray:
         """The offset of each sample of the block `ts` (one float when they share one),

@@ -18,7 +18,8 @@ from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
 from agent.health import stream_status
-from agent.sample_clock import FORWARD_S, SampleClock
+from agent.device_clock import JUMP_S
+from agent.sample_clock import SampleClock
 from agent.sources.base import Batch
 from agent.timestamps import iso_utc
 from agent_harness import AgentProcess, Pty, tiny_model, wait_until, write_config
@@ -99,7 +100,7 @@ def test_a_real_gap_counts_as_time_that_passed():
 
 
 def test_a_jump_within_the_tolerance_of_real_time_is_not_a_step():
-    ts = T0 + np.array([0.0, FORWARD_S + 5.0])      # 65 s of sample time ...
+    ts = T0 + np.array([0.0, JUMP_S + 5.0])      # 65 s of sample time ...
     off = offsets(SampleClock(), ts, [0.0, 10.0])   # ... in 10 s: within the minute's slack
     np.testing.assert_array_equal(off, 0.0)
     off = offsets(SampleClock(), ts, [0.0, 4.0])    # in 4 s: a step, 4 s of real time
