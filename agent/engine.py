@@ -118,7 +118,7 @@ class Engine:
                          f"{c.calibration.duration_s:g} s" if c.calibration.duration_s
                          else f"{c.calibration.samples} samples")
         gap = c.buffer.gap_reset_s
-        ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride,
+        ring = RingBuffer(m.window, m.n_channels, stride=c.buffer.stride, metrics=self.metrics,
                           ffill_max=c.buffer.ffill_max, gap_reset_s=None if gap == "auto" else gap,
                           max_block=max(m.window, SPAN if c.adaptation.enabled else 64))
         pace = Pace(ring, c.buffer.gap_factor if gap == "auto" else None, self.intervals.get(source),

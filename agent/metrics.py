@@ -28,7 +28,7 @@ class Metrics:
         self.steps = 0
         self.stream_steps = 0
         self.windows_inferred = 0
-        self.windows_skipped = 0          # NaN that could not be filled, etc.
+        self.windows_skipped = 0          # every ring's dropped windows (ring.py counts them)
         self.malformed = Counter()        # reason -> count (decoders, sources)
         self.dropped = Counter()          # reason -> count (queues full, outbox policy)
         self.alerts = Counter()           # "new"/"update"/"end" -> count

@@ -26,7 +26,8 @@ Semantics, in the order they apply to each sample:
   value since the last reset) it stays NaN.
 - stride: counting samples since the last reset, the first window is due when
   the buffer holds `window` samples, then every `stride` samples.
-- a due window that still contains NaN is dropped and counted in `skipped`.
+- a due window that still contains NaN is dropped and counted in `skipped` (and in the
+  process-wide `metrics.windows_skipped` when a Metrics is given).
 """
 from __future__ import annotations
 
@@ -63,10 +64,11 @@ def _window_offsets(window: int) -> np.ndarray:
 class RingBuffer:
     __slots__ = ("window", "channels", "stride", "ffill_max", "gap_reset_s", "max_block",
                  "_buf", "_end", "_largest", "_offsets", "_total", "resets", "skipped",
-                 "_since", "_prev_ts", "_last_val", "_missing_run", "_missing", "_last_nan_row")
+                 "_since", "_prev_ts", "_last_val", "_missing_run", "_missing", "_last_nan_row",
+                 "metrics")
 
     def __init__(self, window: int, channels: int, stride: int = 1, ffill_max: int = 3,
-                 gap_reset_s: float | None = None, max_block: int = 1024):
+                 gap_reset_s: float | None = None, max_block: int = 1024, metrics=None):
         if window < 1 or channels < 1 or stride < 1 or ffill_max < 0 or max_block < 1:
             raise ValueError("window, channels, stride, max_block must be >= 1 and ffill_max >= 0")
         self.window = window
@@ -82,6 +84,7 @@ class RingBuffer:
         self._total = 0          # rows ever written, never reset (NaN bookkeeping)
         self.resets = 0          # resets caused by time gaps
         self.skipped = 0         # due windows dropped because of unfillable NaN
+        self.metrics = metrics   # agent.metrics.Metrics: every ring's drops, summed
         self.reset()
 
     @property
@@ -247,7 +250,7 @@ class RingBuffer:
             newest_nan = self._last_nan_row if last_nan is None else last_nan[due]
             ok = newest_nan < g0 + due - (W - 1)
             n_ok = int(ok.sum())
-            self.skipped += len(due) - n_ok
+            self._dropped(ok, n_ok)
             if n_ok == 0:
                 return None
             if n_ok < len(due):
@@ -260,3 +263,10 @@ class RingBuffer:
         else:
             x = region.take(due[:, None] + self._offsets[None, :], axis=0)
         return Windows(ts[due], x, due.astype(np.int64, copy=False))
+
+    def _dropped(self, ok: np.ndarray, n_ok: int) -> None:
+        """Count the due windows `ok` (bool, one per window, in order) leaves out."""
+        n = len(ok) - n_ok
+        self.skipped += n
+        if self.metrics is not None:
+            self.metrics.windows_skipped += n
