@@ -1,7 +1,8 @@
 """The health snapshot: what the agent publishes on `P health` and answers on its API.
 
 Bounded in size whatever the number of streams: at most HEALTH_STREAMS streams are
-listed in full (those in alarm first, then learning, then by id), the rest only
+listed in full (those in alarm first, then those without data, then learning, then by
+id), the rest only
 counted in `streams_summary`, so a wildcard subscription with hundreds of devices
 cannot turn one retained message into megabytes.
 """
@@ -15,7 +16,7 @@ from .engine import Engine
 from .staleness import stale_window
 
 HEALTH_STREAMS = 32
-_ORDER = {"anomaly": 0, "learning": 1, "warming_up": 2, "normal": 2}
+_ORDER = {"anomaly": 0, "no_data": 1, "learning": 2, "warming_up": 3, "normal": 3}
 
 
 def _shelved_until(st) -> str | None:
@@ -30,12 +31,13 @@ def stream_status(st) -> dict:
             "samples": st.samples, "calibrated": not st.baseline.learning,
             "threshold": st.threshold, "refined_from": st.baseline.refined_from,
             "last_sample": iso_utc(st.last_ts),
-            "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped}
+            "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped,
+            "missing_channels": list(st.no_data)}
 
 
 def health_snapshot(cfg: AgentConfig, engine: Engine, runners) -> dict:
     h = engine.metrics.snapshot()
-    streams = sorted(engine.streams.values(), key=lambda s: (_ORDER.get(s.state, 3), s.id))
+    streams = sorted(engine.streams.values(), key=lambda s: (_ORDER.get(s.state, 4), s.id))
     counts: dict[str, int] = {}
     for st in streams:
         counts[st.state] = counts.get(st.state, 0) + 1

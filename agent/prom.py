@@ -35,7 +35,7 @@ from . import __version__
 from .metrics import Metrics
 
 SNAPSHOT_S = 1.0
-STATES = ("learning", "warming_up", "normal", "anomaly")
+STATES = ("learning", "warming_up", "normal", "anomaly", "no_data")
 
 
 def standard_registry(*collectors) -> CollectorRegistry:
@@ -100,6 +100,7 @@ class StreamView:
     samples: int
     threshold: float | None
     score: float | None     # its latest window's score; None before its first
+    missing: tuple[str, ...]    # channels without a value (no_data), else ()
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def take_snapshot(engine, runners, sinks, metrics: Metrics) -> Snapshot:
             del table[key]
     views = tuple(StreamView(st.id, st.state, st.shelved,
                              st.last_seen, st.samples, _finite(st.threshold),
-                             metrics.stream_scores.get(st.id))
+                             metrics.stream_scores.get(st.id), st.no_data)
                   for st in streams.values())
     # the MQTT sink's durable outbox: the alerts the broker has not acknowledged yet
     mqtt = next((s for s in sinks if hasattr(s, "outbox")), None)
@@ -171,8 +172,11 @@ def _stream_families(snap: Snapshot) -> list:
         ("tsad_stream_last_sample_age_seconds", "Seconds since the stream's newest sample "
                                                 "arrived."))}
     state = GaugeMetricFamily("tsad_stream_state", "1 for the state the stream is in "
-                              "(learning, warming_up, normal, anomaly), 0 for the others.",
+                              "(learning, warming_up, normal, anomaly, no_data), 0 for the others.",
                               labels=["stream", "state"])
+    missing = GaugeMetricFamily("tsad_stream_channel_missing", "1 for each channel that left "
+                                "the stream in no_data: no value past the forward fill.",
+                                labels=["stream", "channel"])
     samples = CounterMetricFamily("tsad_stream_samples", "Samples of the stream taken in "
                                   "since it was created.", labels=["stream"])
     for s in snap.streams:
@@ -188,6 +192,8 @@ def _stream_families(snap: Snapshot) -> list:
         for name in STATES:
             state.add_metric([s.id, name], int(s.state == name))
         samples.add_metric([s.id], s.samples)
+        for ch in s.missing:
+            missing.add_metric([s.id, ch], 1)
     alerts = CounterMetricFamily("tsad_alerts", "Alert events (new, update, end) by stream.",
                                  labels=["stream", "type"])
     for (sid, typ), n in sorted(snap.alerts.items()):
@@ -197,7 +203,7 @@ def _stream_families(snap: Snapshot) -> list:
                            labels=["source", "type"])
     for sid, typ, connected in snap.sources:
         up.add_metric([sid, typ], int(connected))
-    out = [*g.values(), state, samples, alerts, up,
+    out = [*g.values(), state, missing, samples, alerts, up,
            GaugeMetricFamily("tsad_streams", "Streams held in memory.", value=len(snap.streams))]
     if snap.outbox_depth is not None:
         out += [GaugeMetricFamily("tsad_outbox_depth", "Alert events waiting for the broker's "

@@ -27,7 +27,8 @@ Semantics, in the order they apply to each sample:
 - stride: counting samples since the last reset, the first window is due when
   the buffer holds `window` samples, then every `stride` samples.
 - a due window that still contains NaN is dropped and counted in `skipped` (and in the
-  process-wide `metrics.windows_skipped` when a Metrics is given).
+  process-wide `metrics.windows_skipped` when a Metrics is given); `unscored` counts those
+  dropped since the last window returned.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class RingBuffer:
     __slots__ = ("window", "channels", "stride", "ffill_max", "gap_reset_s", "max_block",
                  "_buf", "_end", "_largest", "_offsets", "_total", "resets", "skipped",
                  "_since", "_prev_ts", "_last_val", "_missing_run", "_missing", "_last_nan_row",
-                 "metrics")
+                 "metrics", "unscored")
 
     def __init__(self, window: int, channels: int, stride: int = 1, ffill_max: int = 3,
                  gap_reset_s: float | None = None, max_block: int = 1024, metrics=None):
@@ -85,6 +86,9 @@ class RingBuffer:
         self.resets = 0          # resets caused by time gaps
         self.skipped = 0         # due windows dropped because of unfillable NaN
         self.metrics = metrics   # agent.metrics.Metrics: every ring's drops, summed
+        # due windows dropped since the last one returned (a gap's reset does not end them:
+        # no window was scored since)
+        self.unscored = 0
         self.reset()
 
     @property
@@ -100,6 +104,13 @@ class RingBuffer:
         self._missing_run = np.zeros(self.channels, dtype=np.int64)
         self._missing = False    # whether _missing_run may hold a non-zero count
         self._last_nan_row = -1  # global row index of the newest row still holding NaN
+
+    def dead(self) -> list[int]:
+        """The channels without a value for a whole window past the forward fill (never
+        sent since the last reset, or NaN since): no window can be scored while one is."""
+        if not self._missing:
+            return []
+        return np.flatnonzero(self._missing_run >= self.ffill_max + self.window).tolist()
 
     def latest(self) -> np.ndarray:
         """The newest `window` rows as a view into the buffer, valid until the next push.
@@ -255,6 +266,8 @@ class RingBuffer:
                 return None
             if n_ok < len(due):
                 due = due[ok]
+        else:
+            self.unscored = 0
         # region = the W-1 rows before this block + the block, contiguous (see _write)
         region = self._buf[self._end - (W - 1 + m):self._end]
         if len(due) == 1:       # one window (a daemon's sample): a slice, not a gather
@@ -270,3 +283,6 @@ class RingBuffer:
         self.skipped += n
         if self.metrics is not None:
             self.metrics.windows_skipped += n
+        # those after the last clean one (all of them, and the earlier ones, if none is)
+        self.unscored = self.unscored + n if n_ok == 0 else \
+            len(ok) - 1 - int(np.flatnonzero(ok)[-1])

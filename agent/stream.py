@@ -31,6 +31,7 @@ from .refine import needed
 from .ring import RingBuffer, Windows
 from .sample_clock import SampleClock
 from .scoring import Smoother, level_excess
+from .stream_status import StreamStatus
 
 log = logging.getLogger("tsad.stream")
 
@@ -49,11 +50,11 @@ class StreamResult:
     labels: np.ndarray      # int8 [k] score >= threshold
     alert_open: np.ndarray  # int8 [k] an alert is open at that window
     events: list[dict]      # alert events, in order
-    # states the stream entered during the step, in order ("learning", "normal", "anomaly")
+    # states the stream entered during the step, in order ("learning", "normal", "no_data", ...)
     entered: list[str] = field(default_factory=list)
 
 
-class Stream:
+class Stream(StreamStatus):
     # slots here and in the objects a stream holds (ring, pace, smoother, baseline, tracker,
     # adapter): no instance dict, about 56 bytes less per object (benchmarks/bench_memory.py)
     __slots__ = ("normalize", "level_band", "max_batch", "pace", "adaptation", "adapter",
@@ -85,15 +86,9 @@ class Stream:
         # states entered since the engine last collected them (see StreamResult.entered)
         self.entered: list[str] = []    # "learning" comes with the first sample (_first)
         self.judged = False             # a window concluded: until then no verdict to show
+        self.no_data = ()               # channels without a value (stream_status.py)
         if not baseline.learning:
             self._start_adapting()
-
-    @property
-    def state(self) -> str:
-        # "warming_up": built anew (a start, a reload) with a baseline, no window judged yet;
-        # "normal" would say that a fault still there had cleared
-        return "learning" if self.baseline.learning else \
-            self.tracker.state if self.judged else "warming_up"
 
     @property
     def threshold(self) -> float:
@@ -119,18 +114,6 @@ class Stream:
         """The scaler in force now (learned, then adapted)."""
         return self.adapter.scaler if self.adapter else self.baseline.scaler
 
-    def pending(self) -> dict:
-        """Why the stream gave no score yet: {"status": "learning" | "warming_up" |
-        "skipped", "needed": samples still needed (null when the learning period is set
-        by time)}."""
-        if self.baseline.learning:
-            return {"status": "learning", "needed": self.baseline.needed}
-        need = self.ring.window - self.ring.filled
-        if need > 0:
-            return {"status": "warming_up", "needed": need}
-        # a full window that still holds a value the forward fill could not cover
-        return {"status": "skipped", "needed": 1}
-
     def _start_adapting(self) -> None:
         self.adapter = (Adapter(self.adaptation, self.baseline.scaler, self.pace,
                                 self.baseline.level)
@@ -150,8 +133,7 @@ class Stream:
         if self.adapter is None:
             k = self._refine_room(ts[:self.max_batch])
             off = self._took(ts[:k])
-            return k, self._refine_took(self._push(ts[:k], self.baseline.scaler.apply(values[:k]),
-                                                   off))
+            return k, self._pushed(self._push(ts[:k], self.baseline.scaler.apply(values[:k]), off))
         # up to LAG + 1 epochs at once (each scaled by its own version): one ring push,
         # one conclusion and one engine call for up to 192 windows
         k = min(len(ts), self.adapter.room())
@@ -174,7 +156,7 @@ class Stream:
             w = self._push(ts, self._scaled(values, parts), off)
             self._pieces.append(self._piece(values, w, parts))
         self._settle()
-        return k, self._refine_took(w)
+        return k, self._pushed(w)
 
     def _refine_room(self, ts: np.ndarray) -> int:
         """How many of these samples one block may hold: none crosses the moment a
@@ -182,7 +164,9 @@ class Stream:
         r = self.baseline.refiner
         return len(ts) if r is None else r.room(ts + self.clock.peek(ts), self.ring.gap_reset_s)
 
-    def _refine_took(self, w: Windows | None) -> Windows | None:
+    def _pushed(self, w: Windows | None) -> Windows | None:
+        """After an ingest's push: the refiner counts its windows, no_data is watched."""
+        self._watch()
         if self.baseline.refiner is not None:
             self.baseline.refiner.took(0 if w is None else len(w))
         return w
@@ -319,8 +303,9 @@ class Stream:
             self._settle()
         entered = [("anomaly" if ev["type"] == "new" else "normal") for ev in events
                    if ev["type"] != "update"]
-        # the first verdict ends "warming_up"
-        self.entered += entered or ([] if self.judged else [self.tracker.state])
+        # the first verdict ends "warming_up", and the first after no_data
+        again = self._scored() or not self.judged
+        self.entered += entered or ([self.tracker.state] if again else [])
         self.judged = True
         # the engine re-baselines once this step's windows are all concluded
         self.rebaseline_due = self.rebaseline_due or self.tracker.rebaseline_due()
@@ -388,6 +373,7 @@ class Stream:
         self.rebaseline_due = False
         self.baseline.relearn()
         self.ring.reset()
+        self.no_data = ()       # learned anew: the ring watches again from its reset
         self.smoother.reset()
         self._pieces.clear()
         if self.baseline.learning:

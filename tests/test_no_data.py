@@ -1,7 +1,11 @@
-"""A channel without a value (audit s20 F2): every window left unscored counts in the
-process-wide `windows_skipped` (health, Prometheus).  Engine level, one sample a step as
-the daemon gets them."""
+"""A channel without a value (audit s20 F1, F2): the stream shows `no_data` naming it once
+the channel has had no value for a window past the forward fill, and its verdict again at
+the next window scored; every window left unscored counts in the process-wide
+`windows_skipped`.  Engine level, one sample a step as the daemon gets them; the real agent
+with Mosquitto is in test_faults_no_data.py."""
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pytest
@@ -10,16 +14,17 @@ from agent.config import AgentConfig, DetectionConfig
 from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
-from agent.health import health_snapshot
+from agent.health import health_snapshot, stream_status
 from agent.metrics import Metrics
-from agent.prom import shared_families
+from agent.prom import DaemonCollector, shared_families
+from agent.ring import RingBuffer
 from agent.sources.base import Batch
 from onnx_factory import make_model
 
 CH = ["a", "b", "c"]
 W, FILL = 8, 3                  # the model's window, buffer.ffill_max
 GONE = FILL + W                 # missing samples in a row that make a channel gone
-NORMAL = [0.0, 0.0, 0.0]
+NORMAL, ANOMALY = [0.0, 0.0, 0.0], [1000.0, 1000.0, 1000.0]
 
 
 @pytest.fixture
@@ -55,6 +60,82 @@ class Feed:
         return self.e.streams["s"]
 
 
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_channel_gone_for_a_window_shows_no_data_until_a_window_scores(engine, caplog):
+    feed = Feed(engine)
+    feed(W + 2)
+    assert feed.states == ["warming_up", "normal"]
+    caplog.set_level(logging.INFO, "tsad.stream")
+    feed(GONE - 1, without="b")
+    # windows are dropped from the fourth missing sample on, but a dropout this short is
+    # not a channel down: its windows would go unscored for a window after it anyway
+    assert feed.st.ring.skipped == GONE - 1 - FILL > 0
+    assert feed.st.state == "normal" and not _warnings(caplog)
+    feed(1, without="b")
+    assert feed.states[-1] == "no_data" and feed.st.state == "no_data"
+    (warning,) = _warnings(caplog)
+    assert "stream s: no value from b for 11 samples" in warning
+    status = stream_status(feed.st)
+    assert status["state"] == "no_data" and status["missing_channels"] == ["b"]
+    feed(50, without="b")           # no flooding: one line, one state
+    assert feed.states.count("no_data") == 1 and len(_warnings(caplog)) == 1
+    # back: the windows still holding the gap are dropped, the first without it is judged
+    feed(W - 1)
+    assert feed.st.state == "no_data"
+    feed(1)
+    assert feed.st.state == "normal" and feed.states[-2:] == ["no_data", "normal"]
+    assert stream_status(feed.st)["missing_channels"] == []
+    ends = [r.getMessage() for r in caplog.records if "no_data ends" in r.getMessage()]
+    assert ends == ["stream s: windows are scored again (b back): no_data ends"]
+
+
+def test_a_channel_never_sent_shows_no_data_not_warming_up_for_ever(engine):
+    feed = Feed(engine)
+    feed(GONE - 1, without="c")
+    assert feed.st.state == "warming_up"    # the first window is not even full before
+    feed(1, without="c")
+    assert feed.states == ["warming_up", "no_data"]
+    assert feed.st.no_data == ("c",)
+    feed(W)
+    assert feed.states == ["warming_up", "no_data", "normal"]
+
+
+def test_a_second_channel_gone_joins_the_names(engine):
+    feed = Feed(engine)
+    feed(W)
+    feed(GONE, without="b")
+    v = [0.0, np.nan, np.nan]
+    feed(GONE, row=v)
+    assert feed.st.no_data == ("b", "c") and feed.states.count("no_data") == 1
+
+
+def test_an_open_alert_stays_open_and_shown_while_its_stream_has_no_data(engine, caplog):
+    feed = Feed(engine)
+    feed(W)
+    feed(1, row=ANOMALY)
+    assert feed.st.state == "anomaly"
+    caplog.set_level(logging.WARNING, "tsad.stream")
+    feed(GONE + 5, row=ANOMALY, without="a")
+    # nothing judged since: the alert has not cleared, and no_data does not hide it
+    assert feed.st.state == "anomaly" and feed.st.tracker.state == "anomaly"
+    assert stream_status(feed.st)["missing_channels"] == ["a"]
+    assert len(_warnings(caplog)) == 1 and "no_data" not in feed.states
+    feed(W + 2)
+    assert feed.st.state == "normal" and feed.st.no_data == ()
+
+
+def test_recalibration_forgets_no_data_with_the_window(engine):
+    feed = Feed(engine)
+    feed(W)
+    feed(GONE, without="b")
+    assert feed.st.state == "no_data"
+    assert engine.rebaseline("s")[0]
+    assert feed.st.no_data == () and feed.st.state != "no_data"
+
+
 def test_every_dropped_window_counts_in_the_process_counter(engine, tmp_path):
     feed = Feed(engine)
     feed(W)
@@ -74,3 +155,42 @@ def test_every_dropped_window_counts_in_the_process_counter(engine, tmp_path):
     cfg = build(AgentConfig, {"node": "t", "model": {"path": "m.onnx"}, "mqtt": {"enabled": False},
                               "streams": [{"id": "s", "source": {"type": "replay", "path": "x"}}]})
     assert health_snapshot(cfg, engine, [])["windows_skipped"] == rings
+
+
+def _scrape(engine: Engine) -> dict:
+    c = DaemonCollector(engine.metrics)
+    c.publish(engine, [], [])
+    return {f.name: f for f in c.collect()}
+
+
+def test_prometheus_names_the_state_and_the_channel(engine):
+    feed = Feed(engine)
+    feed(W)
+    feed(GONE, without="b")
+    fams = _scrape(engine)
+    on = {s.labels["state"] for s in fams["tsad_stream_state"].samples if s.value == 1}
+    assert on == {"no_data"}
+    assert [(s.labels, s.value) for s in fams["tsad_stream_channel_missing"].samples] == \
+        [({"stream": "s", "channel": "b"}, 1)]
+    feed(W)
+    fams = _scrape(engine)
+    assert fams["tsad_stream_state"].samples[0].labels["state"] == "learning"
+    assert not fams["tsad_stream_channel_missing"].samples
+
+
+def test_ring_names_a_channel_dead_for_a_window_past_the_fill_and_counts_unscored():
+    ring = RingBuffer(window=4, channels=2, ffill_max=1)
+    v = np.ones((20, 2), np.float32)
+    v[6:, 1] = np.nan
+    ring.push(np.arange(6.0), v[:6])
+    assert ring.dead() == [] and ring.unscored == 0
+    ring.push(np.arange(6.0, 10.0), v[6:10])     # missing 4 in a row: one short
+    assert ring.dead() == [] and ring.unscored == 3
+    ring.push(np.array([10.0]), v[10:11])
+    assert ring.dead() == [1] and ring.unscored == 4
+    v[11:, 1] = 1.0
+    w = ring.push(np.arange(11.0, 20.0), v[11:])
+    # the windows ending at 11..13 still hold row 10; those at 14..19 are clean
+    assert w.ts.tolist() == [14.0, 15.0, 16.0, 17.0, 18.0, 19.0]
+    assert ring.unscored == 0 and ring.dead() == [] and ring.skipped == 7
+

@@ -57,7 +57,8 @@ class Sink:
 
     def state(self, stream: str, state: str) -> None:
         """Stream state entered: 'learning', 'warming_up' (no window judged since it was
-        built), 'normal' or 'anomaly'."""
+        built), 'normal', 'anomaly' or 'no_data' (a channel without a value: no window can
+        be scored; agent/stream_status.py)."""
 
     def shows(self, stream: str) -> bool:
         """Whether operators see `stream` through this sink (Home Assistant buttons) while

@@ -29,7 +29,7 @@ import re
 from .. import __version__
 from .base import to_json
 
-STATES = ["learning", "warming_up", "normal", "anomaly"]
+STATES = ["learning", "warming_up", "normal", "anomaly", "no_data"]
 # Entity suffix -> platform; the component key is "<stream slug>_<suffix>".
 COMPONENTS = {"anomaly": "binary_sensor", "state": "sensor", "score": "sensor",
               "shelved": "binary_sensor", "recalibrate": "button", "shelve": "button",
@@ -75,7 +75,8 @@ def stream_components(cfg, sid: str, stale_s: float | None = None) -> dict[str, 
     shelve_s = cfg.mqtt.homeassistant.shelve_s
     return dict([
         cmp("anomaly", "anomaly", state_topic=base + "state", device_class="problem",
-            # "learning" and "warming_up" are neither: the entity shows unknown ("None")
+            # "learning", "warming_up" and "no_data" are neither: the entity shows unknown
+            # ("None")
             value_template="{{ {'anomaly': 'ON', 'normal': 'OFF'}.get(value, 'None') }}",
             **both),
         cmp("state", "state", state_topic=base + "state", device_class="enum",

@@ -1,0 +1,89 @@
+"""What a stream shows: its state, why it gave no score yet, and `no_data`.
+
+A stream scores a window only when every channel has a value in it: the ring forward-fills
+a missing value for up to `buffer.ffill_max` samples and drops every window still holding
+one (agent/ring.py).  A channel that is never sent, or null/NaN for longer, leaves every
+window unscored.  Once a channel has had no value for a whole window (the model's, in
+samples) past the forward fill, the stream shows `no_data` and names the channel(s): on its
+state topic, in health (`missing_channels`), Prometheus and Home Assistant, with one
+WARNING.  It shows its verdict again (one INFO) at the next window scored, a window after
+the channel is back.  Before, it would have kept showing `normal`, unjudged for hours.
+
+Why a window past the fill and not the first dropped window: a dropout a little longer than
+the fill already leaves a window of windows unscored after the channel is back (each one
+holding the gap); showing `no_data` then would flap the state and the log at every short
+dropout.  A channel gone for a window is down, not dropping out.
+
+Why not an alert: an alert says the process is abnormal (its score, its top channels, the
+k-of-n that opened it, an acknowledgement); a dead transmitter is an instrument fault, a
+diagnostic that ISA-18.2 keeps apart from process alarms, and no score exists to put in
+one.  An alert already open stays open, and the state `anomaly`: it cannot have cleared
+while nothing is judged.  A dashboard alerts on the state (README: Troubleshooting).
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("tsad.stream")
+
+NO_DATA = "no_data"
+
+
+class StreamStatus:
+    """The part of agent/stream.py's Stream that says what it shows (a base class, so that
+    stream.py stays within its size)."""
+    __slots__ = ("no_data",)     # the channels named while it shows no_data, else ()
+
+    @property
+    def state(self) -> str:
+        # "warming_up": built anew (a start, a reload) with a baseline, no window judged yet;
+        # "normal" would say that a fault still there had cleared
+        if self.baseline.learning:
+            return "learning"
+        if self.no_data and self.tracker.state != "anomaly":
+            return NO_DATA
+        return self.tracker.state if self.judged else "warming_up"
+
+    def pending(self) -> dict:
+        """Why the stream gave no score yet: {"status": "learning" | "warming_up" |
+        "skipped", "needed": samples still needed (null when the learning period is set
+        by time)}."""
+        if self.baseline.learning:
+            return {"status": "learning", "needed": self.baseline.needed}
+        need = self.ring.window - self.ring.filled
+        if need > 0:
+            return {"status": "warming_up", "needed": need}
+        # a full window that still holds a value the forward fill could not cover
+        return {"status": "skipped", "needed": 1}
+
+    def _watch(self) -> None:
+        """After a push: a channel without a value for a window past the fill puts the
+        stream in no_data (another one joins the names)."""
+        dead = self.ring.dead()
+        if not dead:
+            return
+        names = [self.tracker.channels[i] for i in dead]
+        if self.no_data:
+            if not set(names) <= set(self.no_data):
+                self.no_data = tuple(dict.fromkeys(self.no_data + tuple(names)))
+            return
+        was = self.state
+        self.no_data = tuple(names)
+        if self.state != was:
+            self.entered.append(NO_DATA)
+        log.warning("stream %s: no value from %s for %d samples (buffer.ffill_max %d plus a "
+                    "window): no window can be scored; state no_data until one is (health "
+                    "missing_channels)", self.id, ", ".join(names),
+                    self.ring.ffill_max + self.ring.window, self.ring.ffill_max)
+
+    def _scored(self) -> bool:
+        """A window was concluded: no_data ends if the ring has dropped none since.  True
+        when the state shown was no_data (its verdict is shown again)."""
+        if not self.no_data or self.ring.unscored:
+            return False
+        shown = self.state == NO_DATA
+        log.info("stream %s: windows are scored again (%s back): no_data ends", self.id,
+                 ", ".join(self.no_data))
+        self.no_data = ()
+        return shown
+
