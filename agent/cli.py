@@ -116,7 +116,7 @@ def cmd_run(a) -> int:
 
 def cmd_replay(a) -> int:
     logs.setup(a.log_level)
-    from .jobs import file_config, replay_config, write_results_csv
+    from .jobs import file_config, replay_config, replay_line, write_results_csv
     overrides = {"sinks": {"console": {"enabled": not a.quiet},
                            **({"jsonl": {"path": a.alerts}} if a.alerts else {})}}
     model = resolve_model(a.model)
@@ -128,9 +128,7 @@ def cmd_replay(a) -> int:
             write_results_csv(Path(a.out), rec.table(a.stream))
     except (OSError, ValueError) as e:
         return _fail(reason(e))
-    m = engine.metrics.snapshot()
-    print(f"replayed {m['samples_in']} samples, {m['windows_inferred']} windows, "
-          f"{len(rec.events)} alert events; malformed {m['malformed'] or 0}"
+    print(replay_line(engine, rec, a.stream)
           + (f"; per-window results in {a.out}" if a.out else ""), file=sys.stderr)
     return 0
 

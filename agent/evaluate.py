@@ -25,6 +25,7 @@ from .detector import Detector
 from .engine import Engine
 from .jobs import Recording, detection_config, long_run, rows_prediction, run_table
 from .policy import learning_rows
+from .stream_status import unscored, unscored_text
 from .timestamps import iso_utc
 
 log = logging.getLogger("tsad.evaluate")
@@ -60,11 +61,13 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def predict_file(path: str | Path, detector: Detector, cfg: DetectionConfig,
-                 stream: str = "replay") -> tuple[dict, np.ndarray, np.ndarray | None]:
-    """One file through a fresh engine: (per-window table, row timestamps, labels or None)."""
+                 stream: str = "replay") -> tuple[dict, np.ndarray, np.ndarray | None, dict]:
+    """One file through a fresh engine: (per-window table, row timestamps, labels or None,
+    the windows left unscored: stream_status.unscored)."""
     t = read_table(path, detector.meta.channels)
-    rec = run_table(Engine(cfg, detector), stream, t.ts, t.values)
-    return rec.table(stream), t.ts, t.labels
+    engine = Engine(cfg, detector)
+    rec = run_table(engine, stream, t.ts, t.values)
+    return rec.table(stream), t.ts, t.labels, unscored(engine.streams.get(stream))
 
 
 def events(ts: np.ndarray, labels: np.ndarray, pred: np.ndarray) -> list[dict]:
@@ -94,9 +97,9 @@ def evaluate(files: list[Path], model: str, calibration_rows: int | None = None,
     counts = Counts()
     per_file = []
     for f in files:
-        table, row_ts, labels = predict_file(f, detector, cfg)
+        table, row_ts, labels, left = predict_file(f, detector, cfg)
         pred = rows_prediction(row_ts, table, by)
-        row = {"file": str(f), **long_run(row_ts[skip:], pred[skip:])}
+        row = {"file": str(f), **long_run(row_ts[skip:], pred[skip:]), "unscored": left}
         if labels is not None:
             c = Counts()
             c.add(labels[skip:], pred[skip:])
@@ -170,6 +173,8 @@ def format_summary(r: dict) -> str:
                          f"{100 * f['alert_open_share']:.2f}% of rows, {f['alerts']} alert(s)"
                          + (f" ({f['alerts_per_day']:.2f}/day)" if f['alerts_per_day'] is not None
                             else ""))
+    lines += [f"{r['model']:<18} {f['file']}: {unscored_text(f['unscored'])}"
+              for f in r["per_file"] if f["unscored"]["windows"]]
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from .sinks import build_sinks
 from .sinks.base import Sink
 from .sources.base import Batch
 from .stream import StreamResult
+from .stream_status import unscored, unscored_text
 
 CHUNK = SPAN
 
@@ -92,6 +93,15 @@ def replay_config(cfg: AgentConfig, detector: Detector,
         for sink in sinks:
             sink.stop()
     return engine, rec
+
+
+def replay_line(engine: Engine, rec: Recording, stream: str) -> str:
+    """The replay command's summary: samples, windows scored, those left unscored for want
+    of a channel's values (named), alert events, rejected input."""
+    m, skipped = engine.metrics.snapshot(), unscored_text(unscored(engine.streams.get(stream)))
+    return (f"replayed {m['samples_in']} samples, {m['windows_inferred']} windows, "
+            + (f"{skipped}, " if skipped else "")
+            + f"{len(rec.events)} alert events; malformed {m['malformed'] or 0}")
 
 
 def model_learning_rows(meta: ModelMeta) -> int | None:

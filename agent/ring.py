@@ -28,7 +28,7 @@ Semantics, in the order they apply to each sample:
   the buffer holds `window` samples, then every `stride` samples.
 - a due window that still contains NaN is dropped and counted in `skipped` (and in the
   process-wide `metrics.windows_skipped` when a Metrics is given); `unscored` counts those
-  dropped since the last window returned.
+  dropped since the last window returned, `unfilled` per channel the samples left NaN.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class RingBuffer:
     __slots__ = ("window", "channels", "stride", "ffill_max", "gap_reset_s", "max_block",
                  "_buf", "_end", "_largest", "_offsets", "_total", "resets", "skipped",
                  "_since", "_prev_ts", "_last_val", "_missing_run", "_missing", "_last_nan_row",
-                 "metrics", "unscored")
+                 "metrics", "unscored", "unfilled")
 
     def __init__(self, window: int, channels: int, stride: int = 1, ffill_max: int = 3,
                  gap_reset_s: float | None = None, max_block: int = 1024, metrics=None):
@@ -89,6 +89,7 @@ class RingBuffer:
         # due windows dropped since the last one returned (a gap's reset does not end them:
         # no window was scored since)
         self.unscored = 0
+        self.unfilled: np.ndarray | None = None   # per channel, samples left NaN (None: none)
         self.reset()
 
     @property
@@ -206,6 +207,8 @@ class RingBuffer:
         fill = np.where(has_src, v[np.maximum(src, 0), cols], self._last_val[None, :])
         run = np.where(has_src, rows - src, self._missing_run[None, :] + rows + 1)
         out = np.where(finite | (run <= self.ffill_max), fill, np.float32(np.nan))
+        left = np.isnan(out).sum(axis=0)
+        self.unfilled = left if self.unfilled is None else self.unfilled + left
         self._last_val = fill[-1].astype(np.float32)
         self._missing_run = run[-1].astype(np.int64)
         return out.astype(np.float32, copy=False), True

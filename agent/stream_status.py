@@ -87,3 +87,20 @@ class StreamStatus:
         self.no_data = ()
         return shown
 
+
+def unscored(st) -> dict:
+    """A file job's account of the windows stream `st` (None: none was made) left unscored:
+    {"windows": dropped, "missing": {channel: its samples the forward fill left empty}}."""
+    if st is None:
+        return {"windows": 0, "missing": {}}
+    left = st.ring.unfilled
+    missing = {} if left is None else {c: int(n) for c, n in zip(st.tracker.channels, left) if n}
+    return {"windows": st.ring.skipped, "missing": missing}
+
+
+def unscored_text(u: dict) -> str:
+    """`unscored` as a clause of a summary line ("" when every window was scored)."""
+    if not u["windows"]:
+        return ""
+    why = ", ".join(f"{c} on {n} samples" for c, n in u["missing"].items())
+    return f"{u['windows']} window(s) unscored (no value past the forward fill: {why})"

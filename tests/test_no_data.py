@@ -5,7 +5,10 @@ the next window scored; every window left unscored counts in the process-wide
 with Mosquitto is in test_faults_no_data.py."""
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from agent.metrics import Metrics
 from agent.prom import DaemonCollector, shared_families
 from agent.ring import RingBuffer
 from agent.sources.base import Batch
+from conftest import REPO
 from onnx_factory import make_model
 
 CH = ["a", "b", "c"]
@@ -188,9 +192,50 @@ def test_ring_names_a_channel_dead_for_a_window_past_the_fill_and_counts_unscore
     assert ring.dead() == [] and ring.unscored == 3
     ring.push(np.array([10.0]), v[10:11])
     assert ring.dead() == [1] and ring.unscored == 4
+    assert ring.unfilled.tolist() == [0, 4]
     v[11:, 1] = 1.0
     w = ring.push(np.arange(11.0, 20.0), v[11:])
     # the windows ending at 11..13 still hold row 10; those at 14..19 are clean
     assert w.ts.tolist() == [14.0, 15.0, 16.0, 17.0, 18.0, 19.0]
     assert ring.unscored == 0 and ring.dead() == [] and ring.skipped == 7
 
+
+# ---------------------------------------------------------------- file jobs
+def _csv(path, n: int = 200, gone: slice = slice(50, 90)):
+    """Rows of zeros with channel b empty over `gone`: 40 - FILL rows no fill covers."""
+    rows = ["timestamp,a,b,c"] + [f"{1.6e9 + i:.0f},0,{'' if gone.start <= i < gone.stop else 0},0"
+                                  for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def test_replay_says_how_many_windows_went_unscored_and_for_which_channel(tmp_path):
+    path, _ = make_model(tmp_path / "m.onnx", window=W, channels=CH, threshold=1.0)
+    r = _cli("replay", _csv(tmp_path / "f.csv"), "-m", path, "--calibrate", "0", "-q")
+    # 37 rows without b: the 37 windows ending on them and the W - 1 after
+    unscored = 40 - FILL + W - 1
+    assert r.stderr.splitlines()[-1] == \
+        f"replayed 200 samples, {200 - W + 1 - unscored} windows, {unscored} window(s) " \
+        f"unscored (no value past the forward fill: b on 37 samples), 0 alert events; malformed 0"
+    assert "stream replay: no value from b for 11 samples" in r.stderr
+
+
+def test_evaluate_names_the_unscored_windows_of_each_file(tmp_path):
+    path, _ = make_model(tmp_path / "m.onnx", window=W, channels=CH, threshold=1.0)
+    f = _csv(tmp_path / "f.csv")
+    full = _csv(tmp_path / "full.csv", gone=slice(0, 0))
+    r = _cli("evaluate", "-m", path, "--calibration", "0", f, full)
+    assert f"tiny_affine        {f}: {40 - FILL + W - 1} window(s) unscored (no value past " \
+           f"the forward fill: b on 37 samples)" in r.stdout.splitlines()
+    assert r.stdout.count("unscored") == 1      # the full file's windows were all scored
+    js = json.loads(_cli("evaluate", "-m", path, "--calibration", "0", "--json", f,
+                         full).stdout)
+    assert [p["unscored"] for p in js["per_file"]] == [
+        {"windows": 40 - FILL + W - 1, "missing": {"b": 37}}, {"windows": 0, "missing": {}}]

@@ -94,7 +94,7 @@ def test_sliding_labels_equal_evaluate_by_label(dlinear, tmp_path):
     assert main(["predict", "--input", str(DEMO_CSV), "--model", str(dlinear.path),
                  "--save_path", str(out), "--calibrate", "400"]) == 0
     labels = np.array([int(r[1]) for r in read_result(out / f"{DEMO_CSV.stem}_res.csv")[1:]])
-    table, row_ts, _ = predict_file(DEMO_CSV, dlinear, detection_config(dlinear.meta, 400))
+    table, row_ts, _, _ = predict_file(DEMO_CSV, dlinear, detection_config(dlinear.meta, 400))
     want = rows_prediction(row_ts, table, "label")
     np.testing.assert_array_equal(labels, want)
     assert labels[:400].sum() == 0 and 0 < labels.sum() < len(labels)
