@@ -1,10 +1,9 @@
 """The health snapshot: what the agent publishes on `P health` and answers on its API.
 
 Bounded in size whatever the number of streams: at most HEALTH_STREAMS streams are
-listed in full (those in alarm first, then those without data, then learning, then by
-id), the rest only
-counted in `streams_summary`, so a wildcard subscription with hundreds of devices
-cannot turn one retained message into megabytes.
+listed in full (those in alarm first, then those in no_data, then learning, then by id),
+the rest only counted in `streams_summary`, so a wildcard subscription with hundreds of
+devices cannot turn one retained message into megabytes.
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ Rules of the daemon's collector:
   the next tick publishes from the new one, so the endpoint never stops serving.
 - Label cardinality is bounded by the streams the engine holds: at most each source's
   `max_streams` (one stream per serial line, 256 by default per topic-named MQTT
-  subscription).  A stream dropped from memory (idle eviction, a reload that removes
-  it) drops its series, its alert counters included.
+  subscription), times the model's channels for tsad_stream_channel_missing (only those
+  that put a stream in no_data).  A stream dropped from memory (idle eviction, a reload
+  that removes it) drops its series, its alert counters included.
 - A stream's last-sample age is computed at scrape time from the monotonic arrival
   time of its newest batch: it keeps growing while nothing arrives, even when the
   pipeline thread itself is stuck.
