@@ -37,8 +37,8 @@ MAX_TRACKED_STREAMS = 4096      # per-stream clocks kept (least recently seen dr
 
 
 class Clock:
-    __slots__ = ("last", "mono", "step", "lead", "behind", "ahead", "ahead_t", "ahead_mono",
-                 "has_ts", "held")
+    __slots__ = ("last", "mono", "step", "lead", "behind", "behind_t", "behind_mono", "ahead",
+                 "ahead_t", "ahead_mono", "has_ts", "held")
 
     def __init__(self, has_ts: bool | None = None) -> None:
         self.last: float | None = None     # newest accepted device timestamp
@@ -46,6 +46,7 @@ class Clock:
         self.step = 0.0                    # the last interval between accepted samples
         self.lead = 0.0                    # a followed device's lead over this machine
         self.behind = 0                    # consecutive samples refused as backward
+        self.behind_t = self.behind_mono = 0.0     # the newest of them, and when it came
         self.ahead = 0                     # consecutive samples refused as ahead
         self.ahead_t = self.ahead_mono = 0.0   # the newest of them, and when it came
         # CSV: whether lines start with a timestamp; None while `auto` has not decided
@@ -62,7 +63,9 @@ class Clock:
         if last is None:
             return None, None
         if t < last - BACKWARD_TOLERANCE_S:
-            self.behind += 1
+            self.behind = self.behind + 1 if self.behind and self._agrees(
+                t, self.behind_t, self.behind_mono, mono) else 1
+            self.behind_t, self.behind_mono = t, mono
             if self.behind < RESYNC_AFTER:
                 return f"{last - t:.3f} s behind the stream", None
             self.last = None
@@ -77,9 +80,13 @@ class Clock:
         """How far ahead of real time a sample may come before it is a clock step."""
         return max(JUMP_S, JUMP_STEPS * self.step)
 
+    def _agrees(self, t: float, before: float, then: float, mono: float) -> bool:
+        """Whether `t` goes on from a refused sample stamped `before` that came at `then`:
+        a clock that really stepped, not one more corrupted digit."""
+        return before - BACKWARD_TOLERANCE_S <= t <= before + mono - then + self.tolerance()
+
     def _ahead(self, t: float, mono: float, why: str, follow) -> tuple[str | None, str | None]:
-        agree = self.ahead and self.ahead_t - BACKWARD_TOLERANCE_S <= t <= \
-            self.ahead_t + mono - self.ahead_mono + self.tolerance()
+        agree = self.ahead and self._agrees(t, self.ahead_t, self.ahead_mono, mono)
         self.ahead = self.ahead + 1 if agree else 1
         self.ahead_t, self.ahead_mono = t, mono
         if self.ahead < RESYNC_AFTER:

@@ -173,7 +173,7 @@ def drain(draw, timestamp: str, k0: int):
 
 
 def _clocks(d: LineDecoder) -> dict:
-    return {sid: (c.last, c.step, c.lead, c.behind, c.ahead, c.ahead_t, c.has_ts,
+    return {sid: (c.last, c.step, c.lead, c.behind, c.behind_t, c.ahead, c.ahead_t, c.has_ts,
                   [h[:2] for h in c.held or ()])
             for sid, c in d._clocks._clocks.items()}
 

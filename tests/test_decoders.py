@@ -361,6 +361,17 @@ def test_a_real_clock_step_forward_is_followed(monkeypatch, caplog):
     assert len(steps) == 1 and "3604.000 s" in steps[0]
 
 
+def test_scattered_corrupted_times_behind_the_stream_are_not_followed(monkeypatch):
+    """RESYNC_AFTER bad times in a row that do not agree with each other are noise, not a
+    clock step: following the fifth cost the good samples after it (the session review)."""
+    _Monotonic(monkeypatch)
+    d, m = make("json")
+    bad = [T0 - 1e5, T0 - 3e6, T0 - 7e5, T0 - 1e7, T0 - 5e6]
+    good = [T0 + 1 + i for i in range(6)]
+    assert _stamped(d, [T0 - 1, T0] + bad + good) == [T0 - 1, T0] + [None] * 5 + good
+    assert m.malformed == Counter({"bad_timestamp": 5})
+
+
 def test_a_gap_with_real_time_behind_it_is_no_step(monkeypatch):
     """A device switched off for two hours comes back two hours later: time that passed."""
     mono = _Monotonic(monkeypatch)
