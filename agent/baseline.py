@@ -193,6 +193,10 @@ class Baseline:
         self._ended = ended and self._held.n > 0
         return take
 
+    def held_span(self) -> float:
+        """The elapsed time the held samples span (clock steps taken out: sample_clock.py)."""
+        return self._held.span(np.inf) if self._held is not None else 0.0
+
     def take_held(self) -> tuple[np.ndarray, np.ndarray]:
         """The held samples (ts, raw values); the period is reset."""
         ts, raw = self._held.take()

@@ -232,6 +232,7 @@ class Stream(StreamStatus):
         """Fit the baseline on the held samples: scaler, error level and threshold, from
         the windows the held samples make."""
         b = self.baseline
+        span = b.held_span()
         ts, raw = b.take_held()
         b.fit_scaler(raw, self.id)
         scaled = b.scaler.apply(raw)
@@ -252,10 +253,9 @@ class Stream(StreamStatus):
                       "(%d window restart(s) after time gaps, %d window(s) skipped for missing "
                       "values); using the threshold %.4g", self.id, self.ring.window, len(ts),
                       self.ring.resets, self.ring.skipped, b.threshold)
-        # the span in sample time: what a learning period set in samples really covered
+        # the span in sample time, steps taken out: what a learning period really covered
         log.info("stream %s: learned its baseline on %d samples (%.3g min of sample time), "
-                 "threshold %.4g", self.id, len(ts), (ts[-1] - ts[0]) / 60 if len(ts) else 0.0,
-                 b.threshold)
+                 "threshold %.4g", self.id, len(ts), span / 60, b.threshold)
         self._start_adapting()
         self.judged = True      # the fit scored its windows; the next ones are judged
         self.entered.append("normal")

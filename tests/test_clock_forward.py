@@ -6,6 +6,7 @@ passed, not the step (agent/sample_clock.py).  A file has no real time: there a 
 forward still counts as time that passed (tests/test_clock_steps.py)."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -156,7 +157,7 @@ def live(e: Engine, values, ts, arrived, block: int = 1) -> list:
 @pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("real", [True, False])
 def test_f1_a_learning_period_by_duration_outlasts_ntp_setting_the_clock_forward(
-        model, block, real):
+        model, block, real, caplog):
     """Audit F1: samples stamped on arrival, `duration_s: 60`; NTP sets the wall clock two
     days forward 20 s in.  Live, the period still lasts 60 s of real time; a file has no
     real time, and there the step still ends it (today's rule)."""
@@ -168,13 +169,19 @@ def test_f1_a_learning_period_by_duration_outlasts_ntp_setting_the_clock_forward
     ts = T0 + np.arange(n, dtype=np.float64)    # the wall clock at arrival ...
     ts[20:] += 2 * DAY                          # ... set forward by NTP
     v = np.random.default_rng(0).normal(0, 0.1, (n, 3))
-    live(e, v, ts, arrived if real else None, block)
+    with caplog.at_level(logging.INFO, logger="tsad.stream"):
+        live(e, v, ts, arrived if real else None, block)
     b = e.streams["pump"].baseline
     assert not b.learning
     if real:
         # the step's sample gets the real time since the block before it, and the samples
         # that arrived with it their own spacing: a block's span early at most
         assert 60 - block < b.samples_used <= 60
+        # and the log says how long it learned, not the two days the clock jumped
+        said = [r.getMessage() for r in caplog.records if "learned its baseline" in
+                r.getMessage()]
+        assert len(said) == 1 and " min of sample time" in said[0]
+        assert float(said[0].split("(")[1].split(" min")[0]) <= 1.0
     else:
         assert b.samples_used == 20
 
