@@ -19,6 +19,10 @@ Rules:
   write, a wiped or absent state_dir), and forgetting at once would throw away a live
   device's learned baseline.  The ids that nothing else remembers are still reaped, one
   retention later.
+- Nothing is forgotten in a run's first `buffer.idle_evict_s` (an hour where eviction is
+  off): the silence that takes a running stream out of memory.  A plant that stood for
+  longer than the retention (a season) powers up with the agent, and its devices must
+  find their baselines when they reconnect a few minutes later.
 - Forgetting removes the baseline file and the shelve here; the pipeline tells the sinks
   (the MQTT sink clears the retained topics and drops the Home Assistant entities).
 - The file is written atomically (state_store.write_json), at most every WRITE_S while
@@ -42,6 +46,7 @@ log = logging.getLogger("tsad.departures")
 FILE = "departures.json"
 WRITE_S = 300.0     # last-sample times reach the disk at least this often
 NAMED_LOG = 5       # forgotten streams named one line each; more are summed up in one
+GRACE_S = 3600.0    # a run's first hour forgets nothing where idle eviction is off
 
 
 class Departures:
@@ -50,7 +55,7 @@ class Departures:
         self._lock = threading.Lock()
         self.path: Path | None = None
         self.seen: dict[str, float] = {}     # stream -> its last sample, monotonic clock
-        self._written = time.monotonic()
+        self._written = self.started = time.monotonic()
         self._dirty = False
         self.attach(cfg)
 
@@ -66,6 +71,7 @@ class Departures:
         """A (re)loaded config: its retention, the streams it names, its state_dir (the
         book moves there, and the baselines found there are known from now on)."""
         after = cfg.buffer.forget_after_s
+        self.grace = cfg.buffer.idle_evict_s or GRACE_S
         with self._lock:
             self.after = after or None
             self.named = set(cfg.named_streams)
@@ -144,7 +150,7 @@ class Departures:
         longer holds: their baseline file and shelve go here; the ids, for the sinks."""
         now = time.monotonic()
         with self._lock:
-            due = [] if self.after is None else sorted(
+            due = [] if self.after is None or now - self.started < self.grace else sorted(
                 sid for sid, t in self.seen.items()
                 if now - t > self.after and sid not in engine.streams)
             ages = {sid: now - self.seen.pop(sid) for sid in due}

@@ -194,6 +194,7 @@ def test_the_sink_never_shows_a_departed_stream_again(broker, tmp_path, when):
                                                           "dev2": time.time()}}))
     n = len(sub.msgs)
     def sweep_first(sink, book):        # as the pipeline's first sweep does
+        book.started -= 3600            # once the run is past its first idle_evict_s
         due = book.sweep(_engine(state), ShelfBook(None))
         assert due == ["dev1"]
         sink.forget(due)
@@ -239,6 +240,7 @@ def test_the_book_forgets_only_unnamed_streams_that_left_memory(tmp_path, caplog
     shelves = ShelfBook(tmp_path)
     shelves.record("dev1", 3600)
     book = Departures(_cfg(tmp_path, 5))
+    book.started -= 3600                              # past a run's first idle_evict_s
     now = time.monotonic()
     engine = _engine(tmp_path, bench=now - 60, dev1=now - 60, dev2=now - 60)
     book.note(engine.streams)
@@ -290,3 +292,18 @@ def test_the_retention_is_validated_and_changing_it_keeps_the_engine(tmp_path):
                                      "streams": [WILDCARD]}))
     assert _cfg(tmp_path, 5).buffer.forget_after_s == 5
     assert _engine_settings(_cfg(tmp_path, 5)) == _engine_settings(_cfg(tmp_path, 50))
+
+
+def test_nothing_is_forgotten_before_the_agent_has_run_idle_evict_s(tmp_path):
+    """A plant that stood for a season powers up with the agent: its devices reconnect
+    minutes later and must find their baselines, not a sweep that ran at the start."""
+    StateStore(tmp_path).save("dev1", "sha", {"mean": [0.0], "std": [1.0], "threshold": 1.0})
+    (tmp_path / FILE).write_text(json.dumps({"last_sample": {"dev1": time.time() - 90 * 86400}}))
+    book = Departures(_cfg(tmp_path, 30 * 86400, buffer={"forget_after_s": 30 * 86400,
+                                                          "idle_evict_s": 600}))
+    engine = _engine(tmp_path)
+    assert book.gone("dev1") and book.sweep(engine, ShelfBook(None)) == []
+    assert StateStore(tmp_path).streams() == ["dev1"]
+    book.started -= 601
+    assert book.sweep(engine, ShelfBook(None)) == ["dev1"]
+    assert StateStore(tmp_path).streams() == []
