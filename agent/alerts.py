@@ -33,6 +33,8 @@ events do not depend on how the scores were split into blocks.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .config import AlertConfig
@@ -57,7 +59,7 @@ class AlertTracker:
     __slots__ = ("channels", "model_info", "state", "labels", "open_mask", "alert_id", "_hist",
                  "_cooldown_until", "shelved_until", "acknowledged", "_last_score", "_standing",
                  "standing_since", "_start", "_start_el", "_peak", "_peak_err", "_last_update",
-                 "_normal_run", "_normal_since", "node", "stream", "cfg")
+                 "_normal_run", "_normal_since", "node", "stream", "cfg", "_last_ms")
 
     def __init__(self, node: str, stream: str, cfg: AlertConfig, channels: list[str],
                  model_info: dict) -> None:
@@ -70,6 +72,7 @@ class AlertTracker:
         self.labels = np.empty(0, np.int8)
         self.open_mask = np.empty(0, np.int8)
         self.alert_id: str | None = None
+        self._last_ms = -math.inf           # the start ms of the stream's latest alert id
         c = len(self.channels)
         # The last open_n - 1 windows, needed by the k-of-n rule across blocks.
         self._hist = _History(cfg.open_n - 1, c)
@@ -218,7 +221,10 @@ class AlertTracker:
         self.acknowledged = False
         self._standing = StandingCheck(self.cfg.standing_after_s)
         self._start, self._start_el = float(b.T[onset]), float(E[onset])
-        self.alert_id = f"{self.node}:{self.stream}:{int(round(self._start * 1000))}"
+        # a device clock that restarts at the same time at each power-up (no RTC battery)
+        # repeats start times: ids must not, consumers key their upserts and acks on them
+        self._last_ms = ms = max(int(round(self._start * 1000)), self._last_ms + 1)
+        self.alert_id = f"{self.node}:{self.stream}:{ms}"
         self._peak = float(Sp[p])
         self._peak_err = np.array(b.err_row(p))
         self._last_update = float(E[j])

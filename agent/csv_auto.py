@@ -18,8 +18,11 @@ A stream holds at most HOLD_MAX lines; the oldest beyond that is refused.  A str
 that decides on the plain shape forgets its device clock (there is none to follow).
 
 A device one channel short or over sends lines of the other shape's field count: a
-timestamp and C - 1 values are C fields, read as C values (`non_numeric` at the
-timestamp), and C + 1 values are read as a timestamp and C values (`bad_timestamp`).
+timestamp and C - 1 values are C fields, read as C values (`non_numeric` at an ISO
+timestamp; an epoch number is a value like any other, so a decision on the plain shape
+whose held lines all start with a number in the epoch ranges of agent/timestamps.py is
+warned about: no sensor reads 1.7e9), and C + 1 values are read as a timestamp and C
+values (`bad_timestamp`).
 Such a refusal says how the line was read and how many channels the model has
 (`misread`), so that it does not pass for an unsupported number or date format.
 """
@@ -80,6 +83,8 @@ def _decide(clock: Clock, has_ts: bool, report: BadInput, ts: list, rows: list) 
     held, clock.held, clock.has_ts = clock.held, None, has_ts
     if not has_ts:
         clock.last, clock.behind = None, 0
+    if not has_ts:
+        _first_field_a_time(held, report)
     for entry in held:
         shape, t, vals, snippet = entry
         if shape != has_ts:
@@ -96,6 +101,23 @@ def _decide(clock: Clock, has_ts: bool, report: BadInput, ts: list, rows: list) 
                         "one from now on%s", report.log_name, REDECIDE_AFTER,
                         "carry" if has_ts else "lack", "with" if has_ts else "without",
                         f" (+{more} more streams)" if more else "")
+
+
+def _first_field_a_time(held: list, report: BadInput) -> None:
+    """Warn when every held line of the plain shape starts with what reads as a time: a
+    device sending a timestamp and one value too few, every value one channel off."""
+    firsts = [vals[0] for shape, _, vals, _ in held if not shape]
+    try:
+        for v in firsts:
+            epoch_seconds(v)
+    except BadTimestamp:
+        return
+    if firsts and report.may_log("first_field_time") is not None:
+        log.warning("%s: lines of %d fields are read as %d values without a timestamp, but "
+                    "their first field reads as a time (%.10g): if the device sends a "
+                    "timestamp and one value too few, every value is one channel off; send "
+                    "exactly the model's %d channels", report.log_name, len(held[0][2]),
+                    len(held[0][2]), firsts[0], len(held[0][2]))
 
 
 def _refuse(report: BadInput, entry: tuple, decided: bool | None, detail: str = "") -> None:

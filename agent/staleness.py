@@ -23,9 +23,10 @@ def stale_window(stale_after_s: float, interval: float | None) -> float:
 
 def widening_note(stale_after_s: float, interval: float) -> str | None:
     """check-config's word on a configured interval that widens the window, else None."""
-    if interval < stale_after_s:
+    if STALE_INTERVALS * interval <= stale_after_s:
         return None
-    return (f"interval_s {interval:g} s is not under mqtt.stale_after_s {stale_after_s:g} s: "
+    return (f"interval_s {interval:g} s: {STALE_INTERVALS} intervals are more than "
+            f"mqtt.stale_after_s {stale_after_s:g} s, so "
             f"the stream counts as offline after {stale_window(stale_after_s, interval):g} s "
             f"without a sample ({STALE_INTERVALS} intervals), not {stale_after_s:g} s, and "
             f"Home Assistant's score expires with it")

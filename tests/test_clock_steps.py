@@ -183,3 +183,16 @@ def test_the_clock_takes_only_real_steps_back_whatever_the_chunks():
                               for i in range(0, 300, block)])
         np.testing.assert_array_equal(got, offs)
         assert (c.offset, c.newest) == (one.offset, one.newest)
+
+
+def test_a_clock_that_repeats_its_times_does_not_repeat_alert_ids(model):
+    """A device without an RTC battery restarts its clock at the same time at each
+    power-up: a fault at the same point after two power-ups started at the same second,
+    and both alerts had one id (the time audit), which consumers upsert and ack on."""
+    e = engine(model)
+    boot = 946_684_800.0
+    v = quiet(40)
+    v[20] = 100.0
+    news = [ev for _ in range(2) for ev in events(feed(e, v, boot), "new")]
+    assert [ev["start"] for ev in news] == [iso_utc(boot + 20)] * 2
+    assert [ev["id"] for ev in news] == ["n:pump:946684820000", "n:pump:946684820001"]

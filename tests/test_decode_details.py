@@ -100,3 +100,19 @@ def test_a_timestamp_the_clock_refuses_is_not_blamed_on_the_shape(caplog):
     with caplog.at_level(logging.WARNING, logger="tsad.decode"):
         auto.decode(f"{T0},1,2,3,4,5".encode(), T0 + 104)       # 100 s behind its stream
     assert said(caplog, "bad_timestamp") == ["103.000 s behind the stream"]
+
+
+@pytest.mark.parametrize("first, warned", [(T0, True), (T0 * 1000, True), (54.3, False)])
+def test_an_epoch_time_read_as_the_first_value_is_warned_about(caplog, first, warned):
+    """A timestamp and one value too few under `timestamp: auto` are C fields: read as C
+    values with an epoch number, nothing is refused (the docs audit found it silent), so
+    the decision on the plain shape says that the first field reads as a time."""
+    d = LineDecoder(CH, "csv", "auto", Metrics(), "pump")
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        for i in range(6):
+            got = d.decode(f"{first + i:.10g},1,2,3,4".encode(), T0 + i)
+    assert got is not None and float(got[1][0]) == pytest.approx(first + 5, rel=1e-6)
+    lines = [r.getMessage() for r in caplog.records if "reads as a time" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0)
+    if warned:
+        assert "one value too few" in lines[0] and "5 channels" in lines[0]

@@ -104,7 +104,16 @@ def test_check_config_notes_the_widened_window(tmp_path):
     assert p.returncode == 0, p.stderr
     notes = [ln for ln in p.stderr.splitlines() if "stale_after_s" in ln]
     # only the stream whose interval the config gives; "learnt" has none to judge yet
-    assert notes == [f"note: streams[0] (given): interval_s 2 s is not under "
-                     f"mqtt.stale_after_s 1 s: the stream counts as offline after 6 s "
+    assert notes == [f"note: streams[0] (given): interval_s 2 s: {STALE_INTERVALS} intervals "
+                     f"are more than mqtt.stale_after_s 1 s, so the stream counts as offline "
+                     f"after 6 s "
                      f"without a sample ({STALE_INTERVALS} intervals), not 1 s, and Home "
                      f"Assistant's score expires with it"], p.stderr
+
+
+def test_the_note_comes_as_soon_as_three_intervals_widen_the_window():
+    """At the 60 s default, a 30 s interval already makes the window 90 s (the docs
+    audit: the note came only from 60 s up)."""
+    from agent.staleness import widening_note
+    assert widening_note(60.0, 20.0) is None
+    assert "offline after 90 s" in widening_note(60.0, 30.0)
