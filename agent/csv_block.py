@@ -24,7 +24,7 @@ from itertools import repeat
 
 import numpy as np
 
-from .device_clock import BACKWARD_TOLERANCE_S, FUTURE_TOLERANCE_S, JUMP_S, Clock
+from .device_clock import FUTURE_TOLERANCE_S, JUMP_S, Clock
 from .field_values import FLT_MAX
 from .timestamps import epoch_seconds_array
 
@@ -135,13 +135,10 @@ def _settle_clocks(part: _Part, ok: list[bool], bounds: np.ndarray, ts: np.ndarr
             a, b = first[j], last[j]
             # a stream with a step pending, or whose first line the clock would refuse or
             # follow, is the line reader's: it counts and logs
-            if clock.ahead or clock.behind or clock.last is not None and (
-                    tsl[a] < clock.last - BACKWARD_TOLERANCE_S
-                    or clock.step and tsl[a] - clock.last > mono - clock.mono
-                    + clock.tolerance()):
+            if not clock.plain(tsl[a], mono):
                 continue
             if clock.lead:
-                if not _lead_allows(clock.lead, tsl[a:b + 1], arrival[a:b + 1].tolist()):
+                if not clock.lead_allows(tsl[a:b + 1], arrival[a:b + 1].tolist()):
                     continue
                 for i in range(a, b + 1):
                     clock.keep(tsl[i], float(arrival[i]), mono)
@@ -149,16 +146,6 @@ def _settle_clocks(part: _Part, ok: list[bool], bounds: np.ndarray, ts: np.ndarr
                 _keep_lines(clock, tsl, a, b, mono)
         taken[part.index[j]] = j
     return taken
-
-
-def _lead_allows(lead: float, ts: list[float], arrivals: list[float]) -> bool:
-    """Whether each line keeps within a followed device's lead, as it shrinks line by line
-    (device_clock.Clock.keep)."""
-    for t, now in zip(ts, arrivals):
-        if t > now + FUTURE_TOLERANCE_S + lead:
-            return False
-        lead = max(0.0, min(lead, t - now))
-    return True
 
 
 def _keep_lines(clock: Clock, tsl: list[float], a: int, b: int, mono: float) -> None:

@@ -56,13 +56,13 @@ class Clock:
     def judge(self, t: float, now: float, mono: float) -> tuple[str | None, str | None]:
         """(why `t` is refused, or None; what was followed, for a warning, or None) for a
         sample stamped `t` that came at `now` (wall) / `mono` (monotonic)."""
-        if t > now + FUTURE_TOLERANCE_S + self.lead:
+        if _beyond_lead(t, now, self.lead):
             return self._ahead(t, mono, f"{(t - now) / 3600:.1f} h ahead of this clock",
                                lambda: self._lead_from(t - now))
         last = self.last
         if last is None:
             return None, None
-        if t < last - BACKWARD_TOLERANCE_S:
+        if self._back(t):
             self.behind = self.behind + 1 if self.behind and self._agrees(
                 t, self.behind_t, self.behind_mono, mono) else 1
             self.behind_t, self.behind_mono = t, mono
@@ -70,11 +70,33 @@ class Clock:
                 return f"{last - t:.3f} s behind the stream", None
             self.last = None
             return None, f"device clock stepped back {last - t:.3f} s; following it"
-        if self.step and t - last > mono - self.mono + self.tolerance():
+        if self._jumps(t, mono):
             return self._ahead(t, mono, f"{t - last:.3f} s ahead of the stream",
                                lambda: f"device clock stepped forward {t - last:.3f} s; "
                                        "following it")
         return None, None
+
+    def plain(self, t: float, mono: float) -> bool:
+        """Whether `judge` takes `t` as it is, this machine's clock aside: no step pending
+        or begun by it (the CSV block reader leaves any other stream to the line reader)."""
+        return not (self.ahead or self.behind) and (
+            self.last is None or not (self._back(t) or self._jumps(t, mono)))
+
+    def lead_allows(self, ts: list[float], arrivals: list[float]) -> bool:
+        """Whether samples `ts` that came at `arrivals` (wall) keep within this machine's
+        clock and the device's lead, as `keep` shrinks the lead sample by sample."""
+        lead = self.lead
+        for t, now in zip(ts, arrivals):
+            if _beyond_lead(t, now, lead):
+                return False
+            lead = _shrunk(lead, t, now)
+        return True
+
+    def _back(self, t: float) -> bool:
+        return t < self.last - BACKWARD_TOLERANCE_S
+
+    def _jumps(self, t: float, mono: float) -> bool:
+        return bool(self.step) and t - self.last > mono - self.mono + self.tolerance()
 
     def tolerance(self) -> float:
         """How far ahead of real time a sample may come before it is a clock step."""
@@ -108,7 +130,18 @@ class Clock:
             self.last = t
         self.mono = mono
         if self.lead:       # this machine's clock put right: the allowance goes with it
-            self.lead = max(0.0, min(self.lead, t - now))
+            self.lead = _shrunk(self.lead, t, now)
+
+
+def _beyond_lead(t: float, now: float, lead: float) -> bool:
+    """A sample stamped `t` that came at `now` is further ahead of this machine's clock
+    than a day, or than a followed device's `lead` on top of it."""
+    return t > now + FUTURE_TOLERANCE_S + lead
+
+
+def _shrunk(lead: float, t: float, now: float) -> float:
+    """A followed device's lead once a sample stamped `t` came at `now`."""
+    return max(0.0, min(lead, t - now))
 
 
 class Clocks:
