@@ -165,7 +165,7 @@ class Pipeline:
         after a restart, one dropped while silent) or whose shelve waits for it."""
         e = self.engine
         return sid not in e.streams and sid not in e.admission.named and (
-            sid in self.shelves.ends or any(s.shows(sid) for s in self.sinks))
+            sid in self.shelves or any(s.shows(sid) for s in self.sinks))
 
     def _command(self, c: Command) -> None:
         sid = None if c.error or c.cmd == "ack" else c.args["stream"]

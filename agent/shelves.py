@@ -49,10 +49,9 @@ class ShelfBook:
         off = time.time() - time.monotonic()
         return {sid: end + off for sid, end in self._until.items()}
 
-    @ends.setter
-    def ends(self, ends: dict[str, float]) -> None:
-        off = time.monotonic() - time.time()
-        self._until = {sid: end + off for sid, end in ends.items()}
+    def __contains__(self, sid: str) -> bool:
+        """Whether `sid` has a shelve in the book (in force, or waiting for its stream)."""
+        return sid in self._until
 
     def keep_in(self, state_dir: str | Path | None) -> None:
         """Keep the book in `state_dir` from now on (a reload may move it)."""

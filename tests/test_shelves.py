@@ -86,7 +86,8 @@ def test_a_waiting_shelve_does_not_count_a_refused_stream_twice(tmp_path):
     one = np.zeros((1, 3), np.float32)
     e.step([Batch("a", np.array([1.7e9]), one, source="src")])
     book = ShelfBook(tmp_path)
-    book.ends, book.waiting = {"b": time.time() + 60}, {"b"}
+    book.record("b", 60)
+    book.waiting = {"b"}
     batch = [Batch("b", np.array([1.7e9 + 1]), one, source="src")]
     book.catch_up(e, batch)                    # src is at its cap: the step refuses b
     e.step(batch)
