@@ -203,6 +203,9 @@ class StreamTopics:
         self.status.pop(sid, None)
         self.stale.pop(sid, None)
         self.open.pop(sid, None)
+        self._wipe(sid)
+
+    def _wipe(self, sid: str) -> None:
         for kind in KINDS:
             self._pub(sid, kind, b"")      # an empty retained message deletes the retained one
 
@@ -229,8 +232,7 @@ class StreamTopics:
             for sid in sorted(self.known):
                 self._publish_stream(sid)
             for sid in sorted(self._unsent):
-                for kind in KINDS:
-                    self._pub(sid, kind, b"")
+                self._wipe(sid)
             if not self._read_back:
                 self._unsent.clear()
             self.publish_discovery()
@@ -265,8 +267,7 @@ class StreamTopics:
             for sid in sorted(i for i in ids if i is not None and STREAM_ID_RE.match(i)):
                 if not configured(self.cfg, sid) or sid in self._unsent or \
                         (book is not None and book.gone(sid)):
-                    for kind in KINDS:
-                        self._pub(sid, kind, b"")
+                    self._wipe(sid)
                 elif self._add(sid):
                     if book is not None:
                         book.adopt([sid])
