@@ -34,9 +34,9 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 from . import __version__
 from .metrics import Metrics
+from .stream_status import STATES
 
 SNAPSHOT_S = 1.0
-STATES = ("learning", "warming_up", "normal", "anomaly", "no_data")
 
 
 def standard_registry(*collectors) -> CollectorRegistry:

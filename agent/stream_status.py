@@ -27,6 +27,9 @@ import logging
 log = logging.getLogger("tsad.stream")
 
 NO_DATA = "no_data"
+# every state a stream shows (`StreamStatus.state`), for those that list them: Home
+# Assistant's enum sensor, Prometheus' tsad_stream_state
+STATES = ("learning", "warming_up", "normal", "anomaly", NO_DATA)
 
 
 class StreamStatus:

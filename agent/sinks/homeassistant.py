@@ -27,9 +27,9 @@ import math
 import re
 
 from .. import __version__
+from ..stream_status import STATES
 from .base import to_json
 
-STATES = ["learning", "warming_up", "normal", "anomaly", "no_data"]
 # Entity suffix -> platform; the component key is "<stream slug>_<suffix>".
 COMPONENTS = {"anomaly": "binary_sensor", "state": "sensor", "score": "sensor",
               "shelved": "binary_sensor", "recalibrate": "button", "shelve": "button",
@@ -80,7 +80,7 @@ def stream_components(cfg, sid: str, stale_s: float | None = None) -> dict[str, 
             value_template="{{ {'anomaly': 'ON', 'normal': 'OFF'}.get(value, 'None') }}",
             **both),
         cmp("state", "state", state_topic=base + "state", device_class="enum",
-            options=STATES, **both),
+            options=list(STATES), **both),
         cmp("score", "anomaly score", state_topic=base + "score",
             value_template="{{ value_json.score }}", state_class="measurement",
             json_attributes_topic=base + "score",
