@@ -113,11 +113,11 @@ def _first_field_a_time(held: list, report: BadInput) -> None:
     except BadTimestamp:
         return
     if firsts and report.may_log("first_field_time") is not None:
+        c = len(held[0][2])
         log.warning("%s: lines of %d fields are read as %d values without a timestamp, but "
                     "their first field reads as a time (%.10g): if the device sends a "
                     "timestamp and one value too few, every value is one channel off; send "
-                    "exactly the model's %d channels", report.log_name, len(held[0][2]),
-                    len(held[0][2]), firsts[0], len(held[0][2]))
+                    "exactly the model's %d channels", report.log_name, c, c, firsts[0], c)
 
 
 def _refuse(report: BadInput, entry: tuple, decided: bool | None, detail: str = "") -> None:
