@@ -314,6 +314,16 @@ def test_a_saved_refinement_of_the_wrong_kind_is_refused(model, tmp_path, key, b
     assert StateStore(tmp_path).load("s", d["model_sha256"], len(CH), d["basis"]) is None
 
 
+def _refining_agent(tmp_path: Path, pty: Pty, state: Path) -> Path:
+    """The real agent's config on the pty: 40 samples of learning, a 12 s span 2 s on."""
+    return write_config(
+        tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=1, serial_port=pty.path,
+        state_dir=state, mqtt={"enabled": False}, scoring={"threshold": "model"},
+        calibration={"enabled": True, "samples": 40, "margin": 4.0,
+                     "refine": {"after_s": 2.0, "span_s": 12.0, "margin": 1.0}},
+        sinks={"console": {"enabled": False}})
+
+
 @pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed")
 def test_the_real_agent_refines_saves_and_keeps_the_refined_threshold(tmp_path):
     """The real agent process on a pty: samples 0.01 s apart, so a 12 s span holds 1,200
@@ -321,12 +331,7 @@ def test_the_real_agent_refines_saves_and_keeps_the_refined_threshold(tmp_path):
     agent keeps it rather than refining again."""
     pty = Pty()
     state = tmp_path / "state"
-    cfg = write_config(
-        tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=1, serial_port=pty.path,
-        state_dir=state, mqtt={"enabled": False}, scoring={"threshold": "model"},
-        calibration={"enabled": True, "samples": 40, "margin": 4.0,
-                     "refine": {"after_s": 2.0, "span_s": 12.0, "margin": 1.0}},
-        sinks={"console": {"enabled": False}})
+    cfg = _refining_agent(tmp_path, pty, state)
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     try:
         agent.wait_log("open at")
@@ -365,12 +370,7 @@ def test_the_real_agent_resumes_a_refinement_a_stop_interrupted(tmp_path):
     the windows from before the stop and those after it."""
     pty = Pty()
     state = tmp_path / "state"
-    cfg = write_config(
-        tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=1, serial_port=pty.path,
-        state_dir=state, mqtt={"enabled": False}, scoring={"threshold": "model"},
-        calibration={"enabled": True, "samples": 40, "margin": 4.0,
-                     "refine": {"after_s": 2.0, "span_s": 12.0, "margin": 1.0}},
-        sinks={"console": {"enabled": False}})
+    cfg = _refining_agent(tmp_path, pty, state)
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     try:
         agent.wait_log("open at")
