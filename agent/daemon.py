@@ -98,6 +98,7 @@ class Daemon:
                       handover: Handover | None = None) -> Pipeline:
         p = Pipeline(cfg, engine, self.sinks, handover=handover)
         p.on_tick = self._tick
+        engine.fits.progress = self.watchdog.progress    # a long fit is progress, batch by batch
         return p
 
     def _tick(self) -> None:

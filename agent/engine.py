@@ -12,9 +12,10 @@ Rules of a step:
 - The windows that fall due, whatever their stream, are served by one batched ONNX
   Runtime call per `max_batch` windows: memory stays bounded however large a batch
   is (a 4 MB payload of 140k samples is inferred chunk by chunk).
-- A step fits learning periods of FIT_SAMPLES held samples (the first one whatever its
-  size); a stream whose period ends after that waits, with its later samples, for the
-  next step, which the daemon runs at once.  Results do not change, only their step.
+- A step fits learning periods while its fits have taken under a budget of time (the
+  first one whatever it takes: agent/fit_budget.py); a stream whose period ends after
+  that waits, with its later samples, for the next step, which the daemon runs at once.
+  Results do not change, only their step.
 - A stream's clock takes its steps forward out by the real time its batches carry (their
   latest `arrived`: agent/sample_clock.py); batches from a file carry none.
 - A stream that fails (a bug, a value no sink can format) is logged and counted in
@@ -39,6 +40,7 @@ from .baseline import Baseline
 from .config import DetectionConfig
 from .contract import score_windows
 from .detector import Detector
+from .fit_budget import FitBudget
 from .metrics import Metrics
 from .pace import Pace
 from .policy import baseline_basis, effective
@@ -50,11 +52,6 @@ from .state_store import StateStore
 from .stream import Stream, StreamResult
 
 log = logging.getLogger("tsad.engine")
-
-# Streams that start together end their learning periods together.  Fitted in one step,
-# 100 streams' 30 minutes at 1 Hz took 10 s with TimesNet_ad here; 3x slower, past
-# WatchdogSec: systemd restarted the agent before any baseline was saved (RESULTS, 12th).
-FIT_SAMPLES = 4096
 
 
 class Engine:
@@ -73,7 +70,8 @@ class Engine:
         # per source id: the sampling interval its config gives (else streams learn theirs)
         self.intervals = dict(intervals or {})
         self.saves = SaveQueue()        # streams whose baselines are due on disk
-        # streams whose fit waits for a step with room (FIT_SAMPLES): their samples since
+        self.fits = FitBudget()
+        # streams whose fit waits for a step with room (self.fits): their samples since
         self.held_back: dict[str, list[Batch]] = {}
 
     # ------------------------------------------------------------ streams
@@ -168,11 +166,12 @@ class Engine:
             joined.setdefault(b.stream, []).append(b)
         results: list[StreamResult] = []
         self._due: list[tuple[Stream, Windows]] = []
-        self._pending, now, self._fit_room = 0, time.monotonic(), FIT_SAMPLES
+        self._pending, now = 0, time.monotonic()
+        self.fits.new_step()
         self.metrics.steps += 1
         for sid in (touched := list(self.held_back)):
             st = self.streams[sid]
-            if not st.fit_due or self._fit_room > 0:
+            if not st.fit_due or self.fits.room():
                 results += self._feed(st, *join(self.held_back.pop(sid)))
         for sid, parts in joined.items():
             if len(parts) > 1 and any(p.source != parts[0].source for p in parts):
@@ -221,7 +220,7 @@ class Engine:
         a, stalled = 0, False
         while True:
             if st.fit_due:
-                if self._fit_room <= 0:
+                if not self.fits.room():
                     self.held_back[st.id] = [Batch(st.id, ts[a:], values[a:], arrived=arrived)]
                     return out
                 if not self._fit(st):
@@ -252,10 +251,9 @@ class Engine:
                     out += self._flush()
 
     def _fit(self, st: Stream) -> bool:
-        """End a stream's learning period, from the step's FIT_SAMPLES; False if it failed."""
-        self._fit_room -= st.baseline.held
+        """End a stream's learning period, in the step's budget; False if it failed."""
         try:
-            st.end_learning(self.detector.infer)
+            self.fits.spent(st.end_learning(self.fits.infer(self.detector.infer)))
         except Exception:
             self._failed(st, "ingest")
             return False

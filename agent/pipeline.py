@@ -294,7 +294,7 @@ class Pipeline:
             if self.queue.wait(0.0 if self.engine.held_back else 0.2):
                 self._batch_wait(interrupted)
                 self._step_drained(ended)
-            elif self.engine.held_back:     # fits that waited for room (engine.FIT_SAMPLES)
+            elif self.engine.held_back:     # fits that waited for room (agent/fit_budget.py)
                 self.process([])
             else:
                 self.engine.saves.run(self.engine.save)     # due while no step runs them

@@ -38,6 +38,9 @@ log = logging.getLogger("tsad.stream")
 GAP_LOG_S = 600.0    # a stream logs its window restarts at most this often
 
 Infer = Callable[[np.ndarray], np.ndarray]
+# A learning period's fit longer than this holds every stream's scoring back visibly:
+# the log says so (a day of samples, or a heavy model: agent/fit_budget.py).
+LONG_FIT_S = 10.0
 
 
 @dataclass
@@ -228,9 +231,10 @@ class Stream(StreamStatus):
         """Its learning period is over and waits for `end_learning` (`ingest` takes none)."""
         return self.baseline.learning and self.baseline.period_over
 
-    def end_learning(self, infer: Infer) -> None:
+    def end_learning(self, infer: Infer) -> float:
         """Fit the baseline on the held samples: scaler, error level and threshold, from
-        the windows the held samples make."""
+        the windows the held samples make.  Returns the seconds it took."""
+        started = time.perf_counter()
         b = self.baseline
         span = b.held_span()
         ts, raw = b.take_held()
@@ -253,12 +257,17 @@ class Stream(StreamStatus):
                       "(%d window restart(s) after time gaps, %d window(s) skipped for missing "
                       "values); using the threshold %.4g", self.id, self.ring.window, len(ts),
                       self.ring.resets, self.ring.skipped, b.threshold)
+        took = time.perf_counter() - started
         # the span in sample time, steps taken out: what a learning period really covered
-        log.info("stream %s: learned its baseline on %d samples (%.3g min of sample time), "
-                 "threshold %.4g", self.id, len(ts), span / 60, b.threshold)
+        log.log(logging.WARNING if took > LONG_FIT_S else logging.INFO,
+                "stream %s: learned its baseline on %d samples (%.3g min of sample time) in "
+                "%.3g s, threshold %.4g%s", self.id, len(ts), span / 60, took, b.threshold,
+                "; no stream's samples were scored meanwhile (README: How long to learn)"
+                if took > LONG_FIT_S else "")
         self._start_adapting()
         self.judged = True      # the fit scored its windows; the next ones are judged
         self.entered.append("normal")
+        return took
 
     # ------------------------------------------------------------ step, second half
     def shown_level(self, i: int = 0) -> np.ndarray | None:

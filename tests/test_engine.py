@@ -504,10 +504,11 @@ def test_an_ingest_of_several_epochs_scores_as_one_epoch_per_ingest(model, monke
 
 def test_learning_periods_that_end_together_are_fitted_a_few_a_step(model, monkeypatch):
     """Streams that start together end their learning periods in one step; the engine fits
-    FIT_SAMPLES' worth of held samples a step (the first fit always), holds the others'
-    later samples back, and each stream still gets, bit for bit, what it gets alone."""
-    import agent.engine as engine_mod
-    monkeypatch.setattr(engine_mod, "FIT_SAMPLES", 300)     # 200 held a stream: 2 fits a step
+    while the step's fits took under fit_budget.FIT_SECONDS (the first fit always), holds
+    the others' later samples back, and each stream still gets, bit for bit, what it gets
+    alone."""
+    import agent.fit_budget as fit_budget
+    monkeypatch.setattr(fit_budget, "FIT_SECONDS", 0.0)     # one fit a step
     k, n, block = 5, 260, 40
     data = [normal(n, seed=i) for i in range(k)]
     data[3][230:, 0] += 8.0                     # one stream alerts after it has learned
@@ -518,13 +519,14 @@ def test_learning_periods_that_end_together_are_fitted_a_few_a_step(model, monke
                metrics=m, default_max_streams=k)
     got: dict = {}
     learned = []
-    for a in range(0, n, block):
-        for r in e.step([Batch(f"s{i}", ts[a:a + block], data[i][a:a + block])
-                         for i in range(k)]):
+    steps = [[Batch(f"s{i}", ts[a:a + block], data[i][a:a + block]) for i in range(k)]
+             for a in range(0, n, block)]
+    for batches in steps + [[], []]:        # the daemon steps at once while fits wait
+        for r in e.step(batches):
             got.setdefault(r.stream, []).append(r)
         learned.append(sum(not st.baseline.learning for st in e.streams.values()))
-    # the periods end in the step of rows 160-200; two fits a step from then on
-    assert learned == [0, 0, 0, 0, 2, 4, 5]
+    # the periods end in the step of rows 160-200; one fit a step from then on
+    assert learned == [0, 0, 0, 0, 1, 2, 3, 4, 5]
     assert not e.held_back
     for i in range(k):
         alone = engine_for(model, **over)
@@ -543,9 +545,9 @@ def test_learning_periods_that_end_together_are_fitted_a_few_a_step(model, monke
     e2 = Engine(build(DetectionConfig, {"node": "t", **over}), Detector(model, metrics=m),
                 metrics=m, default_max_streams=k)
     e2.step([Batch(f"s{i}", ts[:200], data[i][:200]) for i in range(k)])
-    assert len(e2.held_back) == 3 and all(e2.streams[s].state == "learning" for s in e2.held_back)
-    e2.step([])
-    e2.step([])
+    assert len(e2.held_back) == 4 and all(e2.streams[s].state == "learning" for s in e2.held_back)
+    for _ in range(4):
+        e2.step([])
     assert not e2.held_back and not any(st.baseline.learning for st in e2.streams.values())
 
 

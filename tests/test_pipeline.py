@@ -100,11 +100,11 @@ def test_a_failing_sink_does_not_stop_the_others(model):
 
 @pytest.mark.parametrize("ends_by", ["idle", "stop"])
 def test_fits_held_back_are_done_without_new_samples(model, monkeypatch, ends_by):
-    """Learning periods that end together are fitted one a step here (engine.FIT_SAMPLES);
+    """Learning periods that end together are fitted one a step here (agent/fit_budget.py);
     the daemon does the rest while no sample comes, and at the latest when it stops, and
     the samples held back meanwhile are scored."""
-    import agent.engine as engine_mod
-    monkeypatch.setattr(engine_mod, "FIT_SAMPLES", 1)
+    import agent.fit_budget as fit_budget
+    monkeypatch.setattr(fit_budget, "FIT_SECONDS", 0.0)
     rec = RecordSink()
     p = pipeline(cfg_for(model, None, calibration={"enabled": True, "samples": 100}), [rec])
     ts = 1e9 + np.arange(120, dtype=np.float64)

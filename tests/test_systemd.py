@@ -411,3 +411,62 @@ def test_runtime_works_under_the_units_seccomp_rules():
     r = subprocess.run([sys.executable, "-c", AGENT_WORKLOAD], preexec_fn=preexec,
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0 and "WORKLOAD-OK" in r.stdout, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- the watchdog and a long fit
+def test_a_long_learning_fit_keeps_the_real_agent_s_watchdog_fed(tmp_path, notify_socket,
+                                                                  monkeypatch):
+    """One stream's learning-period fit cannot be split, and a heavy model or a day of
+    samples makes it long (a 300-channel PatchTST_ad: 10 s for 30 minutes at 1 Hz).  Before,
+    the main loop gave no heartbeat during it, so the pings stopped for as long as the fit
+    and WatchdogSec killed the agent mid-fit.  Now each batch the fit infers is progress."""
+    from agent_harness import AgentProcess, LineWriter, Pty, write_config
+    from conftest import started_broker
+    from onnx_factory import make_model
+    interval = 1.0
+    monkeypatch.setenv("WATCHDOG_USEC", str(int(interval * 1e6)))
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    # a time-mixing model over 1,024 samples: about 0.3 ms a window here, so the fit of
+    # 20,000 learning samples takes seconds
+    model, _ = make_model(tmp_path / "slow.onnx", window=1024, channels=["a", "b", "c"],
+                          kind="timemix", threshold=1.0, name="slow")
+    (tmp_path / "mq").mkdir()
+    broker = started_broker(tmp_path / "mq")
+    pty = Pty()
+    cfg = write_config(tmp_path / "agent.yaml", model=model, port=broker.port,
+                       serial_port=pty.path, state_dir=tmp_path / "state",
+                       calibration={"enabled": True, "samples": 20000},
+                       scoring={"threshold": "model"})
+    cfg.write_text(cfg.read_text().replace(f"path: {model}", f"path: {model}\n  threads: 1"))
+    pings: list[float] = []
+    done = threading.Event()
+
+    def listen():
+        notify_socket.settimeout(0.2)
+        while not done.is_set():
+            try:
+                if "WATCHDOG=1" in recv(notify_socket):
+                    pings.append(time.monotonic())
+            except socket.timeout:
+                pass
+    t = threading.Thread(target=listen)
+    t.start()
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("open at", timeout=60)
+        LineWriter(pty).normal(20100)
+        agent.wait_log("learned its baseline on 20000 samples", timeout=180)
+        learned = time.monotonic()
+    finally:
+        done.set()
+        t.join()
+        agent.kill()
+        pty.close()
+        broker.stop()
+    took = float(re.search(r"learned its baseline on 20000 samples .* in ([0-9.e+]+) s",
+                           agent.log()).group(1))
+    assert took > 2 * interval, f"the fit took {took} s: too quick to show a missed ping"
+    during = [p for p in pings if p <= learned + interval]
+    assert len(during) >= 2 and during[-1] > learned - interval, pings
+    gaps = [b - a for a, b in zip(during, during[1:])]
+    assert max(gaps) < 1.6 * interval, (took, gaps)
