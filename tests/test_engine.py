@@ -551,6 +551,35 @@ def test_learning_periods_that_end_together_are_fitted_a_few_a_step(model, monke
     assert not e2.held_back and not any(st.baseline.learning for st in e2.streams.values())
 
 
+def test_a_fit_tells_its_progress_batch_by_batch_and_a_long_one_is_a_warning(model, monkeypatch,
+                                                                             caplog):
+    """One stream's fit is never split; the engine tells `fits.progress` (the daemon: the
+    watchdog) after each batch it infers, and a fit over stream.LONG_FIT_S is a warning."""
+    import agent.stream as stream_mod
+    e = engine_for(model, max_batch=16, calibration={"enabled": True, "samples": 200})
+    calls, told = [], []
+    infer = e.detector.infer
+    monkeypatch.setattr(e.detector, "infer", lambda x: calls.append(len(x)) or infer(x))
+    e.fits.progress = lambda: told.append(len(calls))
+    e.step([Batch("s", 1e9 + np.arange(199, dtype=np.float64), normal(199))])
+    assert told == [] == calls
+    with caplog.at_level(logging.INFO, logger="tsad.stream"):
+        e.step([Batch("s", 1e9 + 199 + np.arange(1, dtype=np.float64), normal(1))])
+    # the held samples go through in batches of 16: told after each batch inferred
+    assert len(calls) >= 10 and told == list(range(1, len(calls) + 1))
+    said = [r for r in caplog.records if "learned its baseline" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert " s, threshold" in said[0].getMessage()
+    monkeypatch.setattr(stream_mod, "LONG_FIT_S", 0.0)
+    caplog.clear()
+    e.rebaseline("s")
+    with caplog.at_level(logging.INFO, logger="tsad.stream"):
+        e.step([Batch("s", 1e9 + 200 + np.arange(200, dtype=np.float64), normal(200, seed=1))])
+    said = [r for r in caplog.records if "learned its baseline" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert "no stream's samples were scored meanwhile" in said[0].getMessage()
+
+
 def test_a_glitch_in_a_sample_missing_its_other_channels_does_not_inflate_the_threshold():
     """A learning-period sample with one glitched value and the other channels missing:
     the windows forward-fill it, so the scaler must count that value too.  Left out of its
