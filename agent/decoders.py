@@ -27,7 +27,9 @@ the values form (unless a channel is called "values").  In the keyed forms a
 key that is neither a channel nor (flat form) a time key counts
 `unknown_channel`, an absent channel `missing_channel`, both soft and named in
 the log; no known channel at all is `no_known_channel`.  A value is a JSON
-number, a numeric string or null.
+number, a numeric string or null; any other value is missing in its channel only
+(`non_numeric_value`, soft, named), while a CSV field that is no number drops its
+line (`non_numeric`, named): line noise may have garbled the line's other fields.
 
 Numbers: plain ASCII decimal only ("1_000" and non-ASCII digits, which Python's
 float() accepts, are `non_numeric`).  An explicit missing value (empty field,
@@ -54,7 +56,7 @@ from .bad_input import BadInput, named
 from .csv_auto import Held, hold, misread, refuse_held
 from .csv_block import Block, read_block
 from .device_clock import Clock, Clocks
-from .field_values import FLT_MAX, NAN, Unusable, clean, csv_values, json_number
+from .field_values import ABSENT, Unusable, clean, csv_values, json_values
 from .metrics import Metrics
 from .timestamps import BadTimestamp, epoch_seconds
 
@@ -69,9 +71,7 @@ TIME_KEYS = ("ts", "timestamp", "time")
 FATAL_REASONS = frozenset({"empty", "too_long", "non_utf8", "bad_json", "field_count",
                            "non_numeric", "bad_timestamp", "no_known_channel"})
 # Counted, but the sample is kept.
-SOFT_REASONS = frozenset({"nan", "missing_channel", "unknown_channel"})
-
-_ABSENT = object()      # a channel the keyed sample does not name
+SOFT_REASONS = frozenset({"nan", "missing_channel", "unknown_channel", "non_numeric_value"})
 
 Sample = tuple[float, np.ndarray]           # (ts, float32[C])
 Samples = tuple[np.ndarray, np.ndarray]     # (ts float64[n], values float32[n, C])
@@ -221,7 +221,7 @@ class LineDecoder:
             if "_" in text or not text.isascii():
                 raise Unusable("non_numeric", "not a plain ASCII decimal number")
             t = self._device_time(fields[0], now, clock) if has_ts else now
-            vals = csv_values(fields[has_ts:])
+            vals = csv_values(fields[has_ts:], self.channels)
         except Unusable as e:       # under `auto`, say how the field count was read
             raise misread(e, self.timestamp, fields, has_ts, shape is None, c) from None
         if clean(vals) and shape is None:       # a held line counts "nan" if it comes out
@@ -261,9 +261,7 @@ class LineDecoder:
             if len(values) != len(self.channels):
                 raise Unusable("field_count",
                                 f"{len(values)} values, expected {len(self.channels)}")
-            vals = [v if type(v) is float else json_number(v) for v in values]
-            if clean(vals):
-                self.report.note("nan", data)
+            vals = json_values(values, self.channels, self.report.note, data)
         else:
             vals = self._keyed(values, data)
         if raw_ts is not None:
@@ -274,7 +272,7 @@ class LineDecoder:
         """Values of a {"<channel>": v} object, one level of nesting flattened with ".";
         `flat`: time keys are the sample's time, not unknown channels."""
         index = self._index
-        raw = [_ABSENT] * len(self.channels)
+        raw = [ABSENT] * len(self.channels)
         unknown = None              # the first key that names no channel, for the log
         for k, v in obj.items():
             i = index.get(k)
@@ -289,23 +287,17 @@ class LineDecoder:
                         raw[j] = v2
             elif not (flat and k.lower() in TIME_KEYS):
                 unknown = k if unknown is None else unknown
-        missing = raw.count(_ABSENT)
+        missing = raw.count(ABSENT)
         if missing == len(raw):
             raise Unusable("no_known_channel")
         if missing:
-            vals = [NAN if v is _ABSENT else json_number(v) for v in raw]
-            bad = any(not -FLT_MAX <= f <= FLT_MAX
-                      for f, v in zip(vals, raw) if v is not _ABSENT)
-            clean(vals)
+            vals = json_values(raw, self.channels, self.report.note, data, slow=True)
             self.report.note("missing_channel", data, named(
-                [ch for ch, v in zip(self.channels, raw) if v is _ABSENT]))
+                [ch for ch, v in zip(self.channels, raw) if v is ABSENT]))
         else:
-            vals = [v if type(v) is float else json_number(v) for v in raw]
-            bad = clean(vals)
+            vals = json_values(raw, self.channels, self.report.note, data)
         if unknown is not None:
             self.report.note("unknown_channel", data, f"key {unknown[:40]!r}")
-        if bad:
-            self.report.note("nan", data)
         return vals
 
     def _device_time(self, raw, now: float, clock: Clock) -> float:

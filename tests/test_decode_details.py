@@ -53,8 +53,8 @@ def test_missing_channels_beyond_three_are_counted_not_listed(caplog):
 @pytest.mark.parametrize("line, reason, detail", [
     # a timestamp and one value too few: C fields, read as C values
     (b"2024-05-10 08:00:00.000,54.3466,7.1,2.2,40.0", "non_numeric",
-     "timestamp auto, by the field count: 5 fields read as 5 values without a timestamp; "
-     "the model has 5 channels"),
+     "TT101_bearing_temp_C='2024-05-10 08:00:00.000'; timestamp auto, by the field count: "
+     "5 fields read as 5 values without a timestamp; the model has 5 channels"),
     # one value too many and no timestamp: C + 1 fields, the first read as a time
     (b"54.3466,7.1,2.2,31.0,40.0,9.9", "bad_timestamp",
      "timestamp out of range: 54.3466; timestamp auto, by the field count: 6 fields read as "
@@ -76,13 +76,15 @@ def test_a_decided_stream_says_it_read_by_its_decision(caplog):
     with caplog.at_level(logging.WARNING, logger="tsad.decode"):
         assert d.decode(b"2024-05-10 08:00:00.000,54.3,7.1,2.2,31.0", T0 + 5) is None
     assert said(caplog, "non_numeric") == [
-        "timestamp auto, by the stream's decision: 5 fields read as 5 values without a "
-        "timestamp; the model has 5 channels"]
+        "TT101_bearing_temp_C='2024-05-10 08:00:00.000'; timestamp auto, by the stream's "
+        "decision: 5 fields read as 5 values without a timestamp; the model has 5 channels"]
 
 
 @pytest.mark.parametrize("timestamp, line, reason, detail", [
-    # the configured shape is the user's own word: nothing to explain
-    ("none", b"2024-05-10 08:00:00.000,54.3466,7.1,2.2,40.0", "non_numeric", ""),
+    # the configured shape is the user's own word: nothing to explain but the field
+    ("none", b"2024-05-10 08:00:00.000,54.3466,7.1,2.2,40.0", "non_numeric",
+     "TT101_bearing_temp_C='2024-05-10 08:00:00.000'"),
+    ("none", b"54.3466,7.1,Bad,31.0,40.0", "non_numeric", "VT103_vibration_mm_s='Bad'"),
     ("first", b"54.3466,7.1,2.2,31.0,40.0,9.9", "bad_timestamp",
      "timestamp out of range: 54.3466"),
 ])

@@ -489,13 +489,7 @@ def test_json_flat_objects():
 
 @pytest.mark.parametrize("line, reason", [
     (b'{"values": [1, 2]}', "field_count"),
-    (b'{"values": [1, "x", 3]}', "non_numeric"),
-    (b'{"values": [1, true, 3]}', "non_numeric"),
-    (b'{"values": [1, "1_000", 3]}', "non_numeric"),
-    (b'{"values": [1, "\\u0661", 3]}', "non_numeric"),
     (b'{"values": {"zz": 1}}', "no_known_channel"),
-    (b'{"a": 1, "b": [2], "c": 3}', "non_numeric"),
-    (b'{"a": "high", "b": 2, "c": 3}', "non_numeric"),
     (b'{"ts": "soon", "values": [1, 2, 3]}', "bad_timestamp"),
     (b'{"ts": -1, "values": [1, 2, 3]}', "bad_timestamp"),
     (b'{"ts": 1e30, "values": [1, 2, 3]}', "bad_timestamp"),
@@ -513,6 +507,32 @@ def test_json_unusable(line, reason):
     assert d.decode(line, NOW) is None
     assert m.malformed[reason] == 1
     assert fatal(m) == 1
+
+
+@pytest.mark.parametrize("line, nan_at, named", [
+    (b'{"values": [1, "x", 3]}', 1, 'b="x"'),
+    (b'{"values": [1, true, 3]}', 1, "b=true"),
+    (b'{"values": [1, "1_000", 3]}', 1, 'b="1_000"'),
+    (b'{"values": [1, "\\u0661", 3]}', 1, 'b="\\u0661"'),
+    (b'{"a": 1, "b": [2], "c": 3}', 1, "b=[2]"),
+    (b'{"a": "high", "b": 2, "c": 3}', 0, 'a="high"'),
+    (b'{"a": "Bad", "b": "unavailable", "c": 3}', None, 'a="Bad", b="unavailable"'),
+])
+def test_a_json_value_that_is_no_number_is_missing_in_its_channel_only(line, nan_at, named,
+                                                                      caplog):
+    """A gateway's quality text ("Bad"), true, a list: that channel is missing (NaN, which
+    the ring forward-fills), the sample is kept, counted once as `non_numeric_value` and
+    the channel named; one tag must not drop a wide sample's other values."""
+    d, m = make("json")
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        ts, v = d.decode(line, NOW)
+    want = [1.0, 2.0, 3.0]
+    if nan_at is None:
+        assert np.isnan(v[:2]).all() and v[2] == 3.0
+    else:
+        assert np.isnan(v[nan_at]) and all(v[i] == want[i] for i in range(3) if i != nan_at)
+    assert m.malformed == Counter({"non_numeric_value": 1}) and fatal(m) == 0
+    assert f"non_numeric_value ({named})" in caplog.text
 
 
 def test_payloads():
