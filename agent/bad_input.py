@@ -4,8 +4,10 @@ so a broken sensor neither floods the journal nor goes unnoticed.  A reason that
 coming (a device that always sends an extra key) is reported half as often each time,
 down to once per MAX_LOG_INTERVAL_S: a condition that never changes is not news
 8,640 times a day.  One that comes back after a quiet spell longer than its current
-interval is reported at once, and after one longer than twice that interval its
-interval starts again at LOG_INTERVAL_S.  Reasons met while
+interval is reported at once, and after one longer than twice that interval and than
+QUIET_S its interval starts again at LOG_INTERVAL_S: a device status message every
+minute on the data topic is a condition that goes on, not news each minute (1,440 lines
+a day before; RESULTS, twenty-first session).  Reasons met while
 one payload is decoded (it may hold 100k samples) are `note`d and reported once by
 `flush`."""
 from __future__ import annotations
@@ -19,6 +21,7 @@ log = logging.getLogger("tsad.decode")
 
 LOG_INTERVAL_S = 10.0
 MAX_LOG_INTERVAL_S = 3600.0
+QUIET_S = 3600.0        # a reason away this long is news again when it comes back
 
 
 def named(names: list[str], most: int = 3) -> str:
@@ -56,9 +59,9 @@ class BadInput:
         if last is not None and now - last < gap:
             self._suppressed[key] = self._suppressed.get(key, 0) + n
             return None
-        # going on: it came again within twice the interval (so a quirk every 15 s backs
-        # off too); after a quiet spell it is news again
-        going_on = seen is not None and now - seen < 2 * gap
+        # going on: it came again within twice the interval or an hour (so a quirk every
+        # 15 s, or every minute, backs off too); after a quiet spell it is news again
+        going_on = seen is not None and now - seen < max(2 * gap, QUIET_S)
         self._interval[key] = min(2 * gap, MAX_LOG_INTERVAL_S) if going_on else LOG_INTERVAL_S
         self._last_log[key] = now
         return self._suppressed.pop(key, 0) + n - 1

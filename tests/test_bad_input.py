@@ -48,6 +48,21 @@ def test_a_reason_that_never_stops_is_reported_less_and_less_often(clock, caplog
     assert reports(caplog) == 1 and b._interval["field_count"] == LOG_INTERVAL_S
 
 
+@pytest.mark.parametrize("every_s", [21, 60, 300])
+def test_a_quirk_every_minute_backs_off_too(clock, caplog, every_s):
+    """A device status message on the data topic every 21 s, minute or 5 minutes: before,
+    "going on" meant within twice the interval (20 s at first), so each one was news
+    (4,115, 1,440 and 288 lines a day).  Now it backs off to hourly as a constant one does."""
+    b = BadInput(Metrics(), "mqtt:pump")
+    with caplog.at_level(logging.WARNING, logger="tsad.decode"):
+        for _ in range(86_400 // every_s):
+            b.bad("field_count", b"{status}")
+            clock.t += every_s
+    assert b.metrics.malformed["field_count"] == 86_400 // every_s
+    assert reports(caplog) <= 40
+    assert b._interval["field_count"] == MAX_LOG_INTERVAL_S
+
+
 def test_an_unknown_key_is_named(clock, caplog):
     d = LineDecoder(["a", "b"], "json", "auto", Metrics(), "mqtt:pump")
     with caplog.at_level(logging.WARNING, logger="tsad.decode"):
