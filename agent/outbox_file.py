@@ -1,8 +1,9 @@
 """The outbox's SQLite file: its schema, opening it with its checks, and reading what a
 damaged one still holds.
 
-Opening: WAL journal, synchronous=FULL (a put() that returned has reached the disk;
-alerts are rare, so the fsync per alert is affordable), the WAL capped (checkpoint
+Opening: WAL journal, synchronous=FULL (a put() of a "new" or "end" that returned has
+reached the disk; alerts are rare, so that fsync is affordable; updates, acks and touches
+commit with NORMAL: outbox.py), the WAL capped (checkpoint
 every WAL_PAGES, truncated to WAL_BYTES) so it cannot fill a small state partition,
 then `PRAGMA quick_check`.
 

@@ -110,6 +110,34 @@ def test_wal_order_ack_and_depth(tmp_path):
     ob.close()
 
 
+def test_only_new_and_end_wait_for_the_disk(tmp_path):
+    """An alert open for weeks sends an update every 10 s and touches its last sample
+    time: each was an fsync'd transaction (3,660 fsyncs an hour on the audit's SD-card
+    count).  Now only "new" and "end" commit with synchronous=FULL; updates, acks and
+    touches with NORMAL (WAL: they survive a kill, test_faults_disk.py), and all of
+    them are read back after a reopen."""
+    ob = Outbox(tmp_path / "outbox.sqlite")
+    said = []
+    ob._db.set_trace_callback(said.append)
+
+    def sync_of(work) -> list[str]:
+        said.clear()
+        work()
+        return [s for s in said if s.startswith("PRAGMA synchronous")]
+    new = sync_of(lambda: ob.put("t/alerts", b"new", "new", alert_id="a1", last_ts=1.0))
+    upd = sync_of(lambda: ob.put("t/alerts", b"upd", "update", alert_id="a1", last_ts=2.0))
+    touch = sync_of(lambda: ob.touch({"a1": 3.0}))
+    ack = sync_of(lambda: ob.ack(ob.pending(1)[0][0]))
+    end = sync_of(lambda: ob.put("t/alerts", b"end", "end", alert_id="a2", last_ts=4.0))
+    assert new == end == ["PRAGMA synchronous=FULL"]
+    assert upd == touch == ack == ["PRAGMA synchronous=NORMAL"]
+    ob.close()
+    again = Outbox(tmp_path / "outbox.sqlite")
+    assert [p for _, _, p in again.pending(10)] == [b"upd", b"end"]
+    assert [(a, ts) for a, _, _, ts in again.left_open()] == [("a1", 3.0)]
+    again.close()
+
+
 def test_rows_survive_reopen(tmp_path):
     path = tmp_path / "state" / "outbox.sqlite"
     ob = Outbox(path)

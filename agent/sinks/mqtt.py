@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 WINDOW = 32      # alert rows handed to paho but not yet acknowledged
 FLUSH_S = 2.0    # how long a clean stop may spend delivering queued alerts
-PERSIST_S = 2.0  # how often open alerts' last sample time is written
+PERSIST_S = 10.0  # how often open alerts' last sample time is written (alerts.update_interval_s's default)
 
 
 def outbox_path(cfg: AgentConfig) -> str:
