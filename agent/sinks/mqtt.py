@@ -105,6 +105,7 @@ class MqttSink(Sink):
         self._wake = threading.Event()
         self._stopping = False
         self._gate: mqtt.MQTTMessageInfo | None = None    # this connection's "online"
+        self._republish = False     # retained values due once the gate is acknowledged
         self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}
         self._last_handed = 0
         self._problem: str | None = None
@@ -226,7 +227,7 @@ class MqttSink(Sink):
 
     def health(self, health: dict) -> None:
         self._health = health
-        if self.client.is_connected():
+        if self.client.is_connected() and not self._republish:
             self._pub_health()
 
     def _pub_health(self) -> None:
@@ -252,9 +253,7 @@ class MqttSink(Sink):
                  self.m.port, self.m.username or "anonymous", self.outbox.depth())
         self._gate = client.publish(self.t_avail, "online", qos=1, retain=True)
         client.subscribe(self.commands.t_cmd, qos=1)
-        self.streams.on_connect()
-        if self._health is not None:
-            self._pub_health()
+        self._republish = True      # the sender does it once the gate is acknowledged
         self._wake.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
@@ -303,6 +302,7 @@ class MqttSink(Sink):
                 break
             try:
                 self._settle()
+                self._republished()
                 self._hand_off()
                 self._touch()
                 self.streams.tick()
@@ -316,6 +316,17 @@ class MqttSink(Sink):
             if _acked(info):
                 self.outbox.ack(rowid)
                 del self._inflight[rowid]
+
+    def _republished(self) -> None:
+        """The retained values (streams' topics, discovery, health), after a connect, once
+        its gate is acknowledged: paho resends the previous connection's unacknowledged
+        publications after on_connect, so values published there were overwritten by
+        older ones; whatever is published after the gate's PUBACK goes out after them."""
+        if self._republish and self.client.is_connected() and _acked(self._gate):
+            self._republish = False
+            self.streams.on_connect()
+            if self._health is not None:
+                self._pub_health()
 
     def _touch(self) -> None:
         now = time.monotonic()

@@ -30,7 +30,11 @@ otherwise.  The discovery payload is re-published when the set of
 streams changes, or a stream's stale window (the score's `expire_after`) does, as when
 it learns its interval, at most once per DISCOVERY_S (a wildcard source may bring
 hundreds of streams at once).  All publishing happens under one lock, so that a reconnect's
-re-publication never overtakes a newer state.
+re-publication never overtakes a newer state; and only once the broker has acknowledged
+the connection's "online" (MqttSink calls on_connect then): paho resends the previous
+connection's unacknowledged publications after its own on_connect, so values published
+there were overwritten by older ones (a link that died silently left `normal` retained
+during an open alert; RESULTS, twenty-first session).
 """
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ class StreamTopics:
         return discovery_topic(self.cfg)
 
     def _pub(self, sid: str, kind: str, payload) -> None:
-        if self.client.is_connected():
+        if self._online and self.client.is_connected():
             self.client.publish(f"{self.prefix}stream/{sid}/{kind}", payload, qos=1, retain=True)
 
     def _shelved(self, sid: str) -> str:
@@ -215,7 +219,7 @@ class StreamTopics:
         with self._lock:
             for sid in sids:
                 self._clear(sid)
-                if self._read_back or not self.client.is_connected():
+                if self._read_back or not self._online:
                     self._unsent.add(sid)
             if sids:
                 now = time.monotonic()
