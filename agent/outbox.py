@@ -1,36 +1,34 @@
 """Durable, ordered, bounded queue of outgoing alert messages (SQLite, WAL mode).
 
-An alert is written here before it is published and deleted only when the
-broker has acknowledged it, so broker outages and agent restarts lose nothing.
-"new" and "end" reach the disk before put() returns; an "update", an ack and touch()
-are committed without waiting for it (they survive a kill, and a power cut at worst
-loses an update or sends an acked row again): an alert open for weeks cost 3,660
-fsyncs an hour on an SD card (RESULTS, 21st session).  Row ids never go backwards (the
-file keeps the high-water mark): the sender delivers strictly in id order.
+An alert is written here before it is published and deleted only when the broker has
+acknowledged it, so broker outages and agent restarts lose nothing.  "new" and "end"
+reach the disk before put() returns; an "update", an ack and touch() are committed
+without waiting for it (they survive a kill; a power cut at worst loses an update or
+sends an acked row again): an alert open for weeks cost 3,660 fsyncs an hour on an SD
+card (RESULTS, 21st session).  Row ids never go backwards (the file keeps the
+high-water mark): the sender delivers strictly in id order.
 
 Full-queue policy (max_rows): the oldest "update" is evicted to make room; "new" and
-"end" events are never evicted, because they open and close an alert and a consumer
-cannot reconstruct them.  When only new/end rows remain, the incoming event is
-refused.  Both cases count in metrics.dropped["outbox_full"].
+"end" events are never evicted: they open and close an alert, and a consumer cannot
+reconstruct them.  Each open alert keeps a row for its end, so when only new/end rows
+remain an incoming event is refused, but never the end of an alert whose new was taken.
+Both cases count in metrics.dropped["outbox_full"].
 
-A failing disk (full, I/O error, remounted read-only) loses nothing while the
-process lives: an event the file refuses is kept in memory, and so is every
-later one until retry() writes them back, so the order stays "file rows, then
-memory rows"; pending() returns both, so a connected sender publishes them all.
-Memory holds at most memory_rows: past that the oldest "update" goes, else the
+A failing disk (full, I/O error, read-only) loses nothing while the process lives: an
+event the file refuses is kept in memory, and so is every later one until retry()
+writes them back, so the order stays "file rows, then memory rows"; pending() returns
+both.  Memory holds at most memory_rows: past that the oldest "update" goes, else the
 oldest event (the newest new/end stay).  state()["ok"] is false meanwhile.
 
-Damage (`PRAGMA quick_check` at open, or corruption reported later): the rows
-that can still be read are saved, the file is moved aside (`<name>.corrupt-<ms>`)
-and a fresh one gets them plus what is in memory.  A transaction that changes the
-row count stamps it into the header (user_version), so the loss is counted even
-when the table's pages are gone.  Open alerts (new/update seen, no end yet) live in
-the open_alerts table, written with their event, plus the last sample time (touch()):
-after a kill -9 the next run finds them in left_open().  The WAL is capped
-(outbox_file.py).
-
-A file or folder that cannot be created or written at start raises OutboxError.  Every
-loss counts in metrics.dropped[reason] (outbox_full, outbox_corrupt, outbox_memory_full,
+Damage (`PRAGMA quick_check` at open, or corruption reported later): the rows that can
+still be read are saved, the file is moved aside (`<name>.corrupt-<ms>`) and a fresh one
+gets them plus what is in memory.  A transaction that changes the row count stamps it
+into the header (user_version), so the loss is counted even when the table's pages are
+gone.  Open alerts (new/update seen, no end yet) live in the open_alerts table, with
+their event and last sample time (touch()): after a kill -9 the next run finds them in
+left_open().  The WAL is capped (outbox_file.py).  A file or folder that cannot be
+created or written at start raises OutboxError.  Every loss counts in
+metrics.dropped[reason] (outbox_full, outbox_corrupt, outbox_memory_full,
 outbox_unsaved) and is logged, at most one line per LOG_EVERY_S, with counts."""
 from __future__ import annotations
 
@@ -163,8 +161,7 @@ class Outbox:
     def _txn(self, work, durable: bool = True):
         """Run work(db) -> (result, change in row count) in one transaction that also
         stamps the row count; _FAILED when the disk failed (handled here).  Not `durable`:
-        committed without waiting for the disk (WAL, synchronous=NORMAL), so it survives
-        the process being killed but maybe not a power cut."""
+        synchronous=NORMAL (module docstring)."""
         db = self._db
         try:
             db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -211,34 +208,40 @@ class Outbox:
         """Queue one message; returns its id, or None when the full-queue policy refused
         it.  With alert_id, the open-alert record follows the event (removed by "end")."""
         with self._lock:
+            owed = False        # an end of an alert whose new this outbox took
             if alert_id is not None:
                 if kind == "end":
-                    self._open.pop(alert_id, None)
+                    owed = self._open.pop(alert_id, None) is not None
                 else:
                     self._open[alert_id] = (topic, payload, last_ts)
             if self._mem:
                 self.retry()
             if not self._mem and self._db is not None:
                 done = self._txn(lambda db: self._insert(db, topic, payload, kind, alert_id,
-                                                         last_ts), durable=kind != "update")
+                                                         last_ts, owed), durable=kind != "update")
                 if done is not _FAILED:
                     rowid, dropped = done
                     if dropped:
                         self._loss("outbox_full", 1, f"outbox full ({self._depth} rows): "
                                                      f"{dropped}")
+                    if rowid is None and kind == "new":
+                        self._open.pop(alert_id, None)
                     return rowid
             return self._keep(topic, payload, kind)
 
-    def _insert(self, db, topic, payload, kind, alert_id, last_ts):
+    def _insert(self, db, topic, payload, kind, alert_id, last_ts, owed):
         """((row id or None if refused, what the full-queue policy dropped), row delta)"""
         delta, dropped = 1, None
-        if self._depth >= self.max_rows:
+        # an open alert's end must go out, or it never ends downstream (RESULTS, 21st)
+        if self._depth + (0 if owed else len(self._open)) >= self.max_rows:
             row = db.execute(
                 "SELECT id FROM outbox WHERE kind = 'update' ORDER BY id LIMIT 1").fetchone()
-            if row is None:
-                return (None, f"all rows are new/end events: refused a {kind!r} event"), 0
-            db.execute("DELETE FROM outbox WHERE id = ?", row)
-            delta, dropped = 0, "evicted the oldest 'update' event"
+            if row is not None:
+                db.execute("DELETE FROM outbox WHERE id = ?", row)
+                delta, dropped = 0, "evicted the oldest 'update' event"
+            elif not owed:
+                return (None, f"all rows are new/end events or kept for open alerts' ends: "
+                              f"refused a {kind!r} event"), 0
         # ids are issued here, not by SQLite: memory rows and a replacement file share
         # one sequence (AUTOINCREMENT still keeps its high-water mark across restarts)
         rowid = self._last_id + 1
@@ -278,9 +281,7 @@ class Outbox:
             return None, db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] - self._depth
         if self._txn(work) is _FAILED:
             return
-        n = len(self._mem)
-        self._mem.clear()
-        self._undeleted.clear()
+        n, self._mem, self._undeleted = len(self._mem), {}, set()
         if self._error:
             log.warning("outbox %s is writable again (%d events from memory stored)",
                         self.path, n)
@@ -299,8 +300,7 @@ class Outbox:
                     [(ts, a) for a, ts in changed.items()]), 0), durable=False)
 
     def left_open(self) -> list[tuple[str, str, bytes, float | None]]:
-        """(alert id, topic, last event, last sample time) of the alerts a previous run
-        left open, as found at open."""
+        """(alert id, topic, last event, last sample time) of those a previous run left open."""
         return list(self._left_open)
 
     # ------------------------------------------------------------ reads, acks

@@ -180,6 +180,38 @@ def test_full_drops_oldest_update_and_never_new_or_end(tmp_path):
     ob.close()
 
 
+def test_an_open_alert_s_end_is_never_refused(tmp_path):
+    """A long outage fills the outbox with new/end events.  Before, the end of an alert
+    whose new was taken could be refused (and its restart end too): downstream the alert
+    never ended.  Each open alert now keeps a row for its end: a new is refused first, and
+    an owed end is taken even past max_rows (a previous run's, found open at start)."""
+    m = Metrics()
+    ob = Outbox(tmp_path / "outbox.sqlite", max_rows=4, metrics=m)
+    assert ob.put("t", b"new-a", "new", alert_id="a") is not None
+    assert ob.put("t", b"new-b", "new", alert_id="b") is not None
+    # 2 rows + 2 open alerts' ends: full for anything but those ends
+    assert ob.put("t", b"new-c", "new", alert_id="c") is None
+    assert ob.put("t", b"upd-a", "update", alert_id="a") is None
+    assert ob.put("t", b"end-c", "end", alert_id="c") is None      # never taken: not owed
+    assert ob.put("t", b"end-a", "end", alert_id="a") is not None
+    assert ob.put("t", b"end-b", "end", alert_id="b") is not None
+    assert [p for _, _, p in ob.pending(10)] == [b"new-a", b"new-b", b"end-a", b"end-b"]
+    assert m.dropped["outbox_full"] == 3
+    ob.close()
+    # an alert a previous run left open, in a file the next run's cap finds full: its
+    # restart end goes past the cap
+    path = tmp_path / "left.sqlite"
+    ob = Outbox(path, max_rows=3, metrics=m)
+    ob.put("t", b"new-e", "new", alert_id="e")
+    ob.put("t", b"x", "new")
+    ob.close()
+    ob = Outbox(path, max_rows=2, metrics=m)
+    assert [a for a, *_ in ob.left_open()] == ["e"]
+    assert ob.put("t", b"end-e", "end", alert_id="e") is not None
+    assert [p for _, _, p in ob.pending(10)] == [b"new-e", b"x", b"end-e"]
+    ob.close()
+
+
 def test_concurrent_put_and_ack(tmp_path):
     ob = Outbox(tmp_path / "outbox.sqlite")
     acked = []
