@@ -99,14 +99,16 @@ def run(tmp_path, pki):
     pty = Pty()
     started: list[AgentProcess] = []
 
-    def start(port: int, password: str = PASSWORD, name: str = "a", **tls) -> AgentProcess:
+    def start(port: int, password: str = PASSWORD, name: str = "a", streams=None,
+              **tls) -> AgentProcess:
         pwf = tmp_path / f"{name}.pw"
         pwf.write_text(password + "\n")
+        more = {} if streams is None else {"streams": streams(pty.path)}
         cfg = write_config(tmp_path / f"{name}.yaml", model=tiny_model(tmp_path),
                            port=port, serial_port=pty.path, state_dir=tmp_path / f"st-{name}",
                            log_level="debug",
                            mqtt={"username": USER, "password_file": str(pwf),
-                                 "tls": {"ca_file": str(pki["ca"]), **tls}})
+                                 "tls": {"ca_file": str(pki["ca"]), **tls}}, **more)
         a = AgentProcess(cfg, tmp_path / f"{name}.log").start()
         started.append(a)
         return a
@@ -161,6 +163,26 @@ def test_wrong_password_logs_and_keeps_retrying(tmp_path, pki, run):
         assert agent.count("refused the connection") == 1, "one line per problem, not per retry"
         assert wrong not in agent.log() and PASSWORD not in agent.log()
         assert "MQTT connected" not in agent.log()
+        no_traceback(agent)
+    finally:
+        b.stop()
+
+
+def test_a_refused_mqtt_source_says_so_once(tmp_path, pki, run):
+    """The sink said a refused password once; each MQTT source said it at every retry
+    (2 a minute at the 30 s backoff: 2,900 lines a day per source)."""
+    start, _ = run
+    b = _tls_broker(tmp_path / "mq", pki)
+    streams = lambda port: [                                             # noqa: E731
+        {"id": "pump", "source": {"type": "serial", "port": port, "baud": 115200,
+                                  "protocol": "csv", "timestamp": "first"}},
+        {"id": "dev", "source": {"type": "mqtt", "topic": "plant/dev", "protocol": "csv"}}]
+    try:
+        agent = start(b.port, password="Wr0ng-Tls-Secret-9150", streams=streams)
+        agent.wait_log("dev: broker")
+        wait_until(lambda: _attempts(b) >= 6, "repeated connection attempts", timeout=40)
+        assert agent.running(), agent.log()
+        assert agent.count("dev: broker") == 1, agent.log()
         no_traceback(agent)
     finally:
         b.stop()

@@ -84,6 +84,7 @@ class MqttLineSource(Source):
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._started = False
+        self._refused: str | None = None    # the refusal last logged (once per reason)
         self._topics: dict[str, str] = {}     # topic -> its stream id, once derived
 
     @classmethod
@@ -118,10 +119,15 @@ class MqttLineSource(Source):
     # ------------------------------------------------------------ paho callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("%s: broker %s:%d refused the connection: %s", self.stream_id,
-                      self.mqtt.host, self.mqtt.port, reason_code)
+            # once per reason, not at every retry (a rotated password: 2,900 lines a day)
+            if str(reason_code) != self._refused:
+                self._refused = str(reason_code)
+                log.error("%s: broker %s:%d refused the connection: %s; retrying with backoff "
+                          "(said once; the next line is the subscription)", self.stream_id,
+                          self.mqtt.host, self.mqtt.port, reason_code)
             self.connected = False
             return
+        self._refused = None
         client.subscribe(self.cfg.topic, qos=self.cfg.qos)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
