@@ -36,6 +36,24 @@ def test_calibration_round_trip(tmp_path):
     assert store.load("pump-1", SHA_A, 2, BASIS)["threshold"] == 0.7
 
 
+def test_a_baseline_that_did_not_change_is_not_written_again(tmp_path, monkeypatch):
+    """Every stream is saved every 5 minutes; a silent one's file came out the same each
+    time, written again with two fsyncs (12 writes an hour a stream on an SD card)."""
+    import agent.state_store as state_store
+    writes = []
+    real = state_store.write_json
+    monkeypatch.setattr(state_store, "write_json", lambda p, b: (writes.append(p), real(p, b)))
+    store = StateStore(tmp_path)
+    for _ in range(3):
+        assert store.save("pump-1", SHA_A, record())
+    assert len(writes) == 1
+    assert store.save("pump-1", SHA_A, record(thr=0.7))        # a change is written
+    assert len(writes) == 2
+    store.forget("pump-1")                                      # and a forgotten file
+    assert store.save("pump-1", SHA_A, record(thr=0.7))        # comes back at once
+    assert len(writes) == 3 and store.load("pump-1", SHA_A, 2, BASIS)["threshold"] == 0.7
+
+
 def test_calibration_odd_stream_names_do_not_escape(tmp_path):
     store = StateStore(tmp_path)
     for s in ["../evil", "a/b", ".", "x%2Fy", "x/y"]:
