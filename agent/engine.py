@@ -36,6 +36,7 @@ import numpy as np
 from .adaptation import SPAN
 from .admission import Admission
 from .alerts import AlertTracker
+from .bad_input import named
 from .baseline import Baseline
 from .config import DetectionConfig
 from .contract import score_windows
@@ -390,7 +391,8 @@ class Engine:
             self.drop(sid)
         if gone:
             self.metrics.dropped["stream_evicted"] += len(gone)
-            log.info("evicted %d idle stream(s) (no sample for %g s)", len(gone), limit)
+            log.info("evicted %d idle stream(s) (no sample for %g s): %s", len(gone), limit,
+                     named(gone, 5))
         return gone
 
 

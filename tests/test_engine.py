@@ -211,13 +211,16 @@ def test_a_stream_id_belongs_to_one_source(model, caplog):
     assert e.admission.counts == {"pump": 1, "many": 1}
 
 
-def test_idle_streams_are_evicted_and_come_back_with_their_baseline(model, tmp_path):
+def test_idle_streams_are_evicted_and_come_back_with_their_baseline(model, tmp_path, caplog):
     e = engine_for(model, StateStore(tmp_path), buffer={"idle_evict_s": 60},
                    calibration={"enabled": True, "samples": 100, "margin": 3.0})
     feed(e, "s1", normal(150))
     thr = e.streams["s1"].threshold
     e.streams["s1"].last_seen -= 61
-    assert e.evict_idle() == ["s1"] and "s1" not in e.streams
+    with caplog.at_level(logging.INFO, logger="tsad.engine"):
+        assert e.evict_idle() == ["s1"] and "s1" not in e.streams
+    # the journal names the sensor that fell silent
+    assert "evicted 1 idle stream(s) (no sample for 60 s): s1" in caplog.text
     assert e.metrics.dropped["stream_evicted"] == 1
     res = feed(e, "s1", normal(50, seed=2), t0=2e9)
     assert e.streams["s1"].threshold == pytest.approx(thr)
