@@ -89,7 +89,7 @@ class Stream(StreamStatus):
         # states entered since the engine last collected them (see StreamResult.entered)
         self.entered: list[str] = []    # "learning" comes with the first sample (_first)
         self.judged = False             # a window concluded: until then no verdict to show
-        self.no_data = ()               # channels without a value (stream_status.py)
+        self.no_data, self._flaps = (), None      # stream_status.py
         if not baseline.learning:
             self._start_adapting()
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 
+from .bad_input import BadInput, named
+
 log = logging.getLogger("tsad.stream")
 
 NO_DATA = "no_data"
@@ -35,7 +37,10 @@ STATES = ("learning", "warming_up", "normal", "anomaly", NO_DATA)
 class StreamStatus:
     """The part of agent/stream.py's Stream that says what it shows (a base class, so that
     stream.py stays within its size)."""
-    __slots__ = ("no_data",)     # the channels named while it shows no_data, else ()
+    # no_data: the channels named while it shows no_data, else (); _flaps: its log lines'
+    # throttle, made at the first no_data (a loose connector flapping at 20 Hz logged 900
+    # lines an hour; now as bad input is: agent/bad_input.py)
+    __slots__ = ("no_data", "_flaps")
 
     @property
     def state(self) -> str:
@@ -74,10 +79,17 @@ class StreamStatus:
         self.no_data = tuple(names)
         if self.state != was:
             self.entered.append(NO_DATA)
-        log.warning("stream %s: no value from %s for %d samples (buffer.ffill_max %d plus a "
-                    "window): no window can be scored; state no_data until one is (health "
-                    "missing_channels)", self.id, ", ".join(names),
-                    self.ring.ffill_max + self.ring.window, self.ring.ffill_max)
+        if (more := self._flap("no_data")) is not None:
+            log.warning("stream %s: no value from %s for %d samples (buffer.ffill_max %d plus "
+                        "a window): no window can be scored; state no_data until one is "
+                        "(health missing_channels)%s", self.id, named(names),
+                        self.ring.ffill_max + self.ring.window, self.ring.ffill_max,
+                        f"; {more} more time(s) since the last such line" if more else "")
+
+    def _flap(self, key: str) -> int | None:
+        if self._flaps is None:
+            self._flaps = BadInput(None, self.id)
+        return self._flaps.may_log(key)
 
     def _scored(self) -> bool:
         """A window was concluded: no_data ends if the ring has dropped none since.  True
@@ -85,8 +97,9 @@ class StreamStatus:
         if not self.no_data or self.ring.unscored:
             return False
         shown = self.state == NO_DATA
-        log.info("stream %s: windows are scored again (%s back): no_data ends", self.id,
-                 ", ".join(self.no_data))
+        if self._flap("scored") is not None:
+            log.info("stream %s: windows are scored again (%s back): no_data ends", self.id,
+                     named(list(self.no_data)))
         self.no_data = ()
         return shown
 

@@ -96,6 +96,22 @@ def test_a_channel_gone_for_a_window_shows_no_data_until_a_window_scores(engine,
     assert ends == ["stream s: windows are scored again (b back): no_data ends"]
 
 
+def test_a_flapping_channel_is_shown_each_time_and_logged_less_and_less(engine, caplog):
+    """A loose connector: the channel gone for a window, back for a window, over and over.
+    The state follows every flap; the log backs off as bad input does (it wrote two lines
+    a flap: 900 an hour at 20 Hz), saying how many flaps it left out."""
+    feed = Feed(engine)
+    feed(W + 2)
+    caplog.set_level(logging.INFO, "tsad.stream")
+    for _ in range(40):
+        feed(GONE, without="b")
+        feed(W + 2)
+    assert feed.states.count("no_data") == 40 and feed.st.state == "normal"
+    went = [m for m in _warnings(caplog) if "no value from b" in m]
+    back = [r.getMessage() for r in caplog.records if "no_data ends" in r.getMessage()]
+    assert 1 <= len(went) <= 3 and 1 <= len(back) <= 3, (went, back)
+
+
 def test_a_channel_never_sent_shows_no_data_not_warming_up_for_ever(engine):
     feed = Feed(engine)
     feed(GONE - 1, without="c")
