@@ -43,6 +43,16 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+def channel_problem(names: list[str]) -> str | None:
+    """Why these channel names cannot be a model's, or None.  A name goes into log lines,
+    alerts and metric labels: a newline in one split the log's lines in two."""
+    odd = [c for c in names if not c.isprintable()]
+    if odd:
+        return (f"channel names are printable text (no newline, tab or other control "
+                f"character), got {odd[0][:40]!r}")
+    return None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -164,6 +174,8 @@ class ModelMeta:
             raise ModelMetaError(f"{where}: 'channels' must be a non-empty list of names")
         if len(set(self.channels)) != len(self.channels):
             raise ModelMetaError(f"{where}: 'channels' has duplicate names")
+        if problem := channel_problem(self.channels):
+            raise ModelMetaError(f"{where}: 'channels': {problem}")
         # a model fed the labels it is scored on scores perfectly and detects nothing
         labels = [c for c in self.channels if c.strip().lower() in LABEL_COLUMNS]
         if labels:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from agent.contract import (LABEL_COLUMNS, TIME_COLUMNS, column_seconds, label_column, load_csv,
                             sniff_separator, time_column)
-from agent.model_meta import sha256_file
+from agent.model_meta import channel_problem, sha256_file
 
 # Flat channels would divide by ~0; the floor keeps a flat training channel at 0
 # after scaling while bounding the blow-up when it finally moves.
@@ -186,6 +186,8 @@ def _header_names(path: Path) -> list[str]:
 
 
 def _check_header(path: Path, chosen: list[str]) -> None:
+    if problem := channel_problem(chosen):
+        raise DataError(f"{path}: {problem}; rename the column")
     counts = Counter(_header_names(path))
     for col in chosen:
         # A renamed copy is not in the header as written; its original is.

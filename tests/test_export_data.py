@@ -29,6 +29,29 @@ def test_decimal_comma_columns_are_refused_not_dropped(tmp_path, capsys):
            "decimals, or leave them out with --columns)" in line
 
 
+def test_a_channel_name_with_a_control_character_is_refused(tmp_path, capsys):
+    """A newline in a column name passed training and split the agent's log and console
+    lines in two (the wide-stream audit); a tab likewise."""
+    f = make_csv(tmp_path / "d.csv")
+    df = pd.read_csv(f).rename(columns={"b": "flow\nrate"})
+    df.to_csv(f, index=False)
+    rc, out = train(tmp_path, data=[str(f)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and no_model_files(out.parent)
+    assert "channel names are printable text" in line and "'flow\\nrate'" in line, line
+
+
+def test_a_model_whose_channel_names_hold_a_control_character_does_not_load(tmp_path):
+    import json
+    from agent.model_meta import ModelMetaError
+    from onnx_factory import make_model
+    path, _ = make_model(tmp_path / "m.onnx", channels=["a", "b\tc", "d"])
+    with pytest.raises(ModelMetaError, match="printable text"):
+        load_meta(path)
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["channels"][1] == "b\tc"
+
+
 def test_decimal_comma_columns_left_out_with_columns_train(tmp_path):
     f = make_csv(tmp_path / "d.csv")
     df = pd.read_csv(f)
