@@ -133,3 +133,32 @@ def test_after_a_dead_link_the_broker_retains_the_state_and_alert_of_now(tmp_pat
     assert obs.ids("end")[first] == 1      # alert 1's end came through with the resends
     assert state == b"anomaly", state
     assert alert and json.loads(alert)["id"] == alert_id(second), alert
+
+
+def test_a_broker_that_drops_each_connection_is_backed_off_from_and_named_once(tmp_path):
+    """A message over the broker's max_packet_size (here the health message) makes
+    Mosquitto close the connection as soon as it comes, at every connection.  The agent
+    reconnected every second, logging two lines each time (126 a minute, the connection
+    audit); now short connections back off as failed ones do, and one error says why."""
+    (tmp_path / "mq").mkdir()
+    broker = Broker(tmp_path / "mq", extra_conf="max_packet_size 700\n").start()
+    pty = Pty()
+    cfg = write_config(tmp_path / "agent.yaml", model=tiny_model(tmp_path), port=broker.port,
+                       serial_port=pty.path, state_dir=tmp_path / "state")
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("open at")
+        LineWriter(pty).normal(20)      # a stream in health: over 700 bytes
+        agent.wait_log("closed the connection within", timeout=30)
+        time.sleep(20)
+        log = agent.log()
+        connects = (broker.dir / "mosquitto.log").read_text().count("New client connected")
+        assert agent.running(), log
+    finally:
+        agent.close()
+        pty.close()
+        broker.stop()
+    assert log.count("closed the connection within") == 1, log
+    # 1 + 2 + 4 + 8 + 16 s between attempts: about 7 connections in 30 s, not 30
+    assert connects <= 10, connects
+    assert log.count("MQTT connected") + log.count("lost") <= 8, log

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 WINDOW = 32      # alert rows handed to paho but not yet acknowledged
 FLUSH_S = 2.0    # how long a clean stop may spend delivering queued alerts
+SHORT_S, SHORT_RUN = 10.0, 3   # connections shorter than this, this many in a row: flapping
 PERSIST_S = 10.0  # how often open alerts' last sample time is written (alerts.update_interval_s's default)
 
 
@@ -110,6 +111,7 @@ class MqttSink(Sink):
         self._last_handed = 0
         self._problem: str | None = None
         self._was_connected = False
+        self._up_since, self._short = 0.0, 0     # this connection's start; short ones in a row
         self.connect_failures = 0
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -248,9 +250,10 @@ class MqttSink(Sink):
             self.connect_failures += 1
             return
         self._problem = None
-        self._was_connected = True
-        log.info("MQTT connected to %s:%d as %s (%d alert events queued)", self.m.host,
-                 self.m.port, self.m.username or "anonymous", self.outbox.depth())
+        self._was_connected, self._up_since = True, time.monotonic()
+        if self._short < SHORT_RUN:
+            log.info("MQTT connected to %s:%d as %s (%d alert events queued)", self.m.host,
+                     self.m.port, self.m.username or "anonymous", self.outbox.depth())
         self._gate = client.publish(self.t_avail, "online", qos=1, retain=True)
         client.subscribe(self.commands.t_cmd, qos=1)
         self._republish = True      # the sender does it once the gate is acknowledged
@@ -274,8 +277,33 @@ class MqttSink(Sink):
         self.streams.on_disconnect()
         if self._was_connected and not self._stopping:
             self._was_connected = False
+            if self._flapping(client):
+                return
             self._report(logging.WARNING, f"MQTT connection to {self.m.host}:{self.m.port} lost "
                                           f"({reason_code}); reconnecting")
+
+    def _flapping(self, client) -> bool:
+        """A broker that closes each connection soon after accepting it (a message over its
+        max_packet_size, an ACL that disconnects, a second client with this id) had the
+        agent reconnect every second, logging two lines each time; such connections now
+        back off as failed ones do, and are logged once.  True: this loss is not logged."""
+        if time.monotonic() - self._up_since >= SHORT_S:
+            if self._short >= SHORT_RUN:
+                log.warning("MQTT connection to %s:%d stayed up again after %d short ones",
+                            self.m.host, self.m.port, self._short)
+            self._short = 0
+            client.reconnect_delay_set(min_delay=1, max_delay=30)
+            return False
+        self._short += 1
+        client.reconnect_delay_set(min_delay=min(2 ** self._short, 30), max_delay=30)
+        if self._short == SHORT_RUN:
+            log.error("MQTT broker %s:%d closed the connection within %g s of accepting it %d "
+                      "times in a row: a message over its max_packet_size (the Home Assistant "
+                      "discovery message grows with the streams), an ACL that disconnects on "
+                      "a refused publish, or another client with this client id (two agents "
+                      "with one node name); alerts wait in the outbox; backing off to a try every 30 s, "
+                      "said once", self.m.host, self.m.port, SHORT_S, SHORT_RUN)
+        return self._short >= SHORT_RUN
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         # an exception escaping a paho callback would stop the network loop
