@@ -301,8 +301,8 @@ class MqttSink(Sink):
                       "times in a row: a message over its max_packet_size (the Home Assistant "
                       "discovery message grows with the streams), an ACL that disconnects on "
                       "a refused publish, or another client with this client id (two agents "
-                      "with one node name); alerts wait in the outbox; backing off to a try every 30 s, "
-                      "said once", self.m.host, self.m.port, SHORT_S, SHORT_RUN)
+                      "with one node name); alerts wait in the outbox; backing off to a try "
+                      "every 30 s, said once", self.m.host, self.m.port, SHORT_S, SHORT_RUN)
         return self._short >= SHORT_RUN
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
