@@ -25,7 +25,7 @@ Rules:
   find their baselines when they reconnect a few minutes later.
 - Forgetting removes the baseline file and the shelve here; the pipeline tells the sinks
   (the MQTT sink clears the retained topics and drops the Home Assistant entities).
-- The file is written atomically (state_store.write_json), at most every WRITE_S while
+- The file is written atomically (state_store.FileWriter), at most every WRITE_S while
   only times change, and at a stop; a file that cannot be read is logged and ignored, a
   write that fails is logged and the book goes on in memory.
 """
@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from .state_store import StateStore, write_json
+from .state_store import FileWriter, StateStore
 from .timestamps import iso_utc
 
 log = logging.getLogger("tsad.departures")
@@ -54,6 +54,7 @@ class Departures:
         # the MQTT sink's read-back asks from its network thread
         self._lock = threading.Lock()
         self.path: Path | None = None
+        self._file: FileWriter | None = None
         self.seen: dict[str, float] = {}     # stream -> its last sample, monotonic clock
         self._written = self.started = time.monotonic()
         self._dirty = False
@@ -82,6 +83,7 @@ class Departures:
         if path != self.path:
             first = self.path is None and not self.seen
             self.path = path
+            self._file = FileWriter(path, "last sample times are") if path else None
             if first:
                 self._load()
             self._dirty = True
@@ -112,11 +114,8 @@ class Departures:
         with self._lock:
             body = {"last_sample": {sid: wall - (mono - t) for sid, t in sorted(self.seen.items())}}
             self._written, self._dirty = mono, False
-        try:
-            write_json(self.path, body)
-        except OSError as e:
-            log.warning("%s: cannot be written (%s); last sample times are kept in memory only",
-                        self.path, e)
+        if not self._file.write(body):
+            self._dirty = True          # tried again at the next save
 
     # ------------------------------------------------------------ any thread
     def adopt(self, sids) -> None:

@@ -17,7 +17,7 @@ a stream dropped while silent (`buffer.idle_evict_s`) when it returns.
 
 Rules: a file that cannot be read or is malformed is logged and ignored (no shelve is
 better than a crash loop); a write that fails is logged and the book goes on in memory.
-Writes are atomic (state_store.write_json).
+Writes are atomic (state_store.FileWriter).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from .commands import MAX_SHELVE_S
-from .state_store import write_json
+from .state_store import FileWriter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ FILE = "shelves.json"
 class ShelfBook:
     def __init__(self, state_dir: str | Path | None) -> None:
         self.path = Path(state_dir) / FILE if state_dir else None
+        self._file = FileWriter(self.path, "the shelves are") if self.path else None
         self._until: dict[str, float] = {}     # stream -> its shelve's end, monotonic clock
         self._asked: dict[str, float] = {}     # stream -> the length its command asked for
         self._load()
@@ -81,11 +82,7 @@ class ShelfBook:
     def _write(self) -> None:
         if self.path is None:
             return
-        try:
-            write_json(self.path, {"ends": self.ends, "asked": self._asked})
-        except OSError as e:
-            log.warning("%s: cannot be written (%s); the shelves are kept in memory only",
-                        self.path, e)
+        self._file.write({"ends": self.ends, "asked": self._asked})
 
     def record(self, sid: str, for_s: float) -> None:
         """A shelve command carried out (`for_s` 0: an unshelve)."""

@@ -211,6 +211,30 @@ def _shown(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+class FileWriter:
+    """write_json to one file of state_dir, its failure logged once per distinct error and
+    its recovery once: a full disk logged a warning at every 5-minute save (288 a day), and
+    nothing when it was writable again.  `what`: what is kept in memory meanwhile."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        self.problem: str | None = None
+
+    def write(self, body: dict) -> bool:
+        try:
+            write_json(self.path, body)
+        except OSError as e:
+            problem = f"{self.path}: cannot be written ({e}); {self.what} kept in memory only"
+            if problem != self.problem:
+                log.warning("%s", problem)
+            self.problem = problem
+            return False
+        if self.problem is not None:
+            log.info("%s: written again", self.path)
+            self.problem = None
+        return True
+
+
 def write_json(p: Path, body: dict) -> None:
     """Write `body` to `p` all or nothing: tmp + fsync + rename, then the folder's fsync,
     so a power cut leaves the old file or the new one (the folder is created). OSError

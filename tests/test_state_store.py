@@ -54,6 +54,24 @@ def test_a_baseline_that_did_not_change_is_not_written_again(tmp_path, monkeypat
     assert len(writes) == 3 and store.load("pump-1", SHA_A, 2, BASIS)["threshold"] == 0.7
 
 
+def test_a_state_file_that_cannot_be_written_is_said_once_and_its_recovery_too(tmp_path,
+                                                                               caplog):
+    """departures.json and shelves.json on a full disk logged a warning at every save (288
+    a day) and nothing once the disk took them again."""
+    from agent.state_store import FileWriter
+    (tmp_path / "state").write_text("a file where the folder should be")
+    w = FileWriter(tmp_path / "state" / "departures.json", "last sample times are")
+    with caplog.at_level(logging.INFO, logger="agent.state_store"):
+        assert not any(w.write({"n": i}) for i in range(5))
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and "cannot be written" in said[0] and "memory only" in said[0]
+        (tmp_path / "state").unlink()
+        assert w.write({"n": 5}) and w.write({"n": 6})
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and said[1].endswith("departures.json: written again")
+    assert json.loads((tmp_path / "state" / "departures.json").read_text()) == {"n": 6}
+
+
 def test_calibration_odd_stream_names_do_not_escape(tmp_path):
     store = StateStore(tmp_path)
     for s in ["../evil", "a/b", ".", "x%2Fy", "x/y"]:
