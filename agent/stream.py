@@ -35,7 +35,6 @@ from .stream_status import StreamStatus
 
 log = logging.getLogger("tsad.stream")
 
-GAP_LOG_S = 600.0    # a stream logs its window restarts at most this often
 
 Infer = Callable[[np.ndarray], np.ndarray]
 # A learning period's fit longer than this holds every stream's scoring back visibly:
@@ -61,7 +60,7 @@ class Stream(StreamStatus):
     # slots here and in the objects a stream holds (ring, pace, smoother, baseline, tracker,
     # adapter): no instance dict, about 56 bytes less per object (benchmarks/bench_memory.py)
     __slots__ = ("normalize", "level_band", "max_batch", "pace", "adaptation", "adapter",
-                 "_pieces", "_gap_logged", "samples", "last_ts", "last_seen",
+                 "_pieces", "samples", "last_ts", "last_seen",
                  "rebaseline_due", "entered", "id", "source", "ring", "smoother", "baseline",
                  "tracker", "clock", "judged")
 
@@ -80,7 +79,6 @@ class Stream(StreamStatus):
         # ingested pieces not concluded yet (_piece: raw, windows?, error level, err); a list, not a
         # deque: it holds a piece or two, and an empty deque costs 0.7 KB per stream
         self._pieces: list = []
-        self._gap_logged = -np.inf
         self.samples = 0
         self.last_ts = float("nan")     # newest sample time (stamps alerts closed at a stop)
         self.last_seen = 0.0            # monotonic time of the newest batch (idle eviction)
@@ -219,8 +217,8 @@ class Stream(StreamStatus):
         resets = self.ring.resets
         w = self.ring.push(ts, scaled)
         w.off = off[w.rows] if isinstance(off, np.ndarray) else off
-        if self.ring.resets > resets and time.monotonic() - self._gap_logged > GAP_LOG_S:
-            self._gap_logged = time.monotonic()
+        # backing off to hourly as bad input does (a bursty gateway: 144 lines a day before)
+        if self.ring.resets > resets and self._flap("window_restart") is not None:
             log.warning("stream %s: a gap of over %.3g s between samples: its window starts "
                         "again (%d restart(s) so far; counted in health ring_resets)", self.id,
                         self.ring.gap_reset_s, self.ring.resets)

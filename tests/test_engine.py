@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 
 import numpy as np
 import pytest
@@ -232,7 +233,6 @@ def test_a_learning_stream_stays_through_a_silence_shorter_than_its_learning(mod
     """A day's learning on a machine that stands every night: the held samples must
     outlive the night, while a one-off id leaves after idle_evict_s, and so does one
     whose few samples only claim to span a day (a device clock's step forward)."""
-    import types
     import agent.baseline
     clock = types.SimpleNamespace(t=1000.0)
     monkeypatch.setattr(agent.baseline, "time", types.SimpleNamespace(
@@ -552,6 +552,24 @@ def test_learning_periods_that_end_together_are_fitted_a_few_a_step(model, monke
     for _ in range(4):
         e2.step([])
     assert not e2.held_back and not any(st.baseline.learning for st in e2.streams.values())
+
+
+def test_window_restarts_are_logged_less_and_less_often(model, monkeypatch, caplog):
+    """A bursty gateway: a gap every 5 minutes, all day.  Each restarts the window and is
+    counted; the log backed off to one line per 10 minutes (144 a day) and now backs off
+    to hourly as bad input does."""
+    from agent import bad_input
+    clock = types.SimpleNamespace(t=1000.0)
+    monkeypatch.setattr(bad_input.time, "monotonic", lambda: clock.t)   # the time module's
+    e = engine_for(model, buffer={"gap_reset_s": 60})
+    with caplog.at_level(logging.WARNING, logger="tsad.stream"):
+        for k in range(288):
+            feed(e, "s", normal(W + 2, seed=k), t0=1e9 + k * 300)
+            clock.t += 300
+    assert e.streams["s"].ring.resets == 287
+    said = [r for r in caplog.records if "its window starts again" in r.getMessage()]
+    assert 1 <= len(said) <= 40, len(said)
+    assert "(287 restart(s) so far" in said[-1].getMessage() or len(said) < 40
 
 
 def test_a_fit_tells_its_progress_batch_by_batch_and_a_long_one_is_a_warning(model, monkeypatch,
