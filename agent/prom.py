@@ -109,10 +109,11 @@ class Snapshot:
     model: str
     ep: str
     streams: tuple[StreamView, ...]
-    sources: tuple[tuple[str, str, bool], ...]     # (stream id, source type, connected)
+    sources: tuple[tuple[str, str, bool, int], ...]  # (stream id, type, connected, disconnects)
     alerts: dict                                   # (stream, event type) -> count
     outbox_depth: int | None                       # None: no MQTT sink
     mqtt_connected: bool | None
+    mqtt_disconnects: int | None
 
 
 def _finite(v) -> float | None:
@@ -135,10 +136,12 @@ def take_snapshot(engine, runners, sinks, metrics: Metrics) -> Snapshot:
     mqtt = next((s for s in sinks if hasattr(s, "outbox")), None)
     return Snapshot(
         engine.meta.name, engine.detector.ep, views,
-        tuple((r.stream.id, r.stream.source.type, bool(r.source.connected)) for r in runners),
+        tuple((r.stream.id, r.stream.source.type, bool(r.source.connected),
+               r.source.disconnects) for r in runners),
         dict(metrics.stream_alerts),
         None if mqtt is None else mqtt.outbox.depth(),
-        None if mqtt is None else bool(mqtt.connected))
+        None if mqtt is None else bool(mqtt.connected),
+        None if mqtt is None else mqtt.disconnects)
 
 
 class DaemonCollector:
@@ -202,13 +205,19 @@ def _stream_families(snap: Snapshot) -> list:
     up = GaugeMetricFamily("tsad_source_up", "1 while the stream's source is connected (serial "
                            "port open, MQTT subscription up).",
                            labels=["source", "type"])
-    for sid, typ, connected in snap.sources:
+    lost = CounterMetricFamily("tsad_source_disconnects", "Connections the stream's source "
+                               "lost (serial port gone, MQTT connection dropped).",
+                               labels=["source", "type"])
+    for sid, typ, connected, n in snap.sources:
         up.add_metric([sid, typ], int(connected))
-    out = [*g.values(), state, missing, samples, alerts, up,
+        lost.add_metric([sid, typ], n)
+    out = [*g.values(), state, missing, samples, alerts, up, lost,
            GaugeMetricFamily("tsad_streams", "Streams held in memory.", value=len(snap.streams))]
     if snap.outbox_depth is not None:
         out += [GaugeMetricFamily("tsad_outbox_depth", "Alert events waiting for the broker's "
                                   "acknowledgement.", value=snap.outbox_depth),
                 GaugeMetricFamily("tsad_mqtt_connected", "1 while connected to the MQTT broker.",
-                                  value=int(snap.mqtt_connected))]
+                                  value=int(snap.mqtt_connected)),
+                CounterMetricFamily("tsad_mqtt_disconnects", "Connections to the MQTT broker "
+                                    "the alert sink lost.", value=snap.mqtt_disconnects)]
     return out

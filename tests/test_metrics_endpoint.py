@@ -112,10 +112,14 @@ def test_outbox_depth_and_source_up_follow_the_outages(tmp_path, broker):
         assert value(f, "tsad_alerts_total", stream=STREAM, type="new") == 3
         broker.start()
         rig.wait(lambda f: value(f, "tsad_outbox_depth") == 0, "outbox drained", 30)
+        # a gauge scraped every 15 s misses a flapping link: the losses are counted
+        assert value(f, "tsad_mqtt_disconnects_total") == 1
+        assert value(f, "tsad_source_disconnects_total", source=STREAM, type="serial") == 0
 
         rig.pty.close()        # the serial device goes away
-        rig.wait(lambda f: value(f, "tsad_source_up", source=STREAM, type="serial") == 0,
-                 "tsad_source_up 0")
+        f = rig.wait(lambda f: value(f, "tsad_source_up", source=STREAM, type="serial") == 0,
+                     "tsad_source_up 0")
+        assert value(f, "tsad_source_disconnects_total", source=STREAM, type="serial") == 1
         assert rig.agent.running()
         no_traceback(rig.agent)
     finally:

@@ -112,6 +112,7 @@ class MqttSink(Sink):
         self._problem: str | None = None
         self._was_connected = False
         self._up_since, self._short = 0.0, 0     # this connection's start; short ones in a row
+        self.disconnects = 0        # connections lost (health, tsad_mqtt_disconnects_total)
         self.connect_failures = 0
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -234,7 +235,8 @@ class MqttSink(Sink):
 
     def _pub_health(self) -> None:
         doc = dict(self._health or {})
-        doc["mqtt"] = {"connected": self.client.is_connected(), "queued": self.outbox.depth(),
+        doc["mqtt"] = {"connected": self.client.is_connected(), "disconnects": self.disconnects,
+                       "queued": self.outbox.depth(),
                        "dropped": self.metrics.dropped.get("outbox_full", 0),
                        "outbox": self.outbox.state(),
                        "commands": self.commands.counts()}
@@ -277,6 +279,7 @@ class MqttSink(Sink):
         self.streams.on_disconnect()
         if self._was_connected and not self._stopping:
             self._was_connected = False
+            self.disconnects += 1
             if self._flapping(client):
                 return
             self._report(logging.WARNING, f"MQTT connection to {self.m.host}:{self.m.port} lost "

@@ -143,6 +143,7 @@ class MqttLineSource(Source):
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected:
+            self.disconnects += 1
             log.warning("%s: disconnected from broker (%s); paho reconnects", self.stream_id,
                         reason_code)
         self.connected = False

@@ -124,6 +124,7 @@ class SerialLineSource(Source):
             except (serial.SerialException, OSError) as e:
                 log.warning("%s: %s lost: %s; reconnecting", self.stream_id, self.cfg.port, e)
                 announced_down = True
+                self.disconnects += 1
             finally:
                 self.connected = False
                 self.close()
