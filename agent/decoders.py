@@ -276,9 +276,9 @@ class LineDecoder:
         unknown = None              # the first key that names no channel, for the log
         for k, v in obj.items():
             i = index.get(k)
-            if i is not None:
+            if i is not None and type(v) is not dict:
                 raw[i] = v
-            elif type(v) is dict:
+            elif type(v) is dict:       # Tasmota's {"ANALOG": {"A0": 7}}, even beside ANALOG
                 for k2, v2 in v.items():
                     j = index.get(f"{k}.{k2}")
                     if j is None:

@@ -480,6 +480,12 @@ def test_json_flat_objects():
     assert ts == 1_700_000_000.0
     np.testing.assert_array_equal(v, [512, 42, 230.5])
     assert mt.malformed == Counter({"unknown_channel": 1})
+    # a channel named like a nested object's key: the object's values are still read
+    # (the whole sample was dropped as non_numeric), the channel itself is missing
+    n, mn = make("json", channels=["ANALOG", "ANALOG.A0"])
+    ts, v = n.decode(b'{"ANALOG": {"A0": 7}, "ts": 1700000000}', NOW)
+    assert np.isnan(v[0]) and v[1] == 7
+    assert mn.malformed == Counter({"missing_channel": 1})
     # a channel may itself be called "time"; then it is a value, not the timestamp
     tc, mc = make("json", channels=["time", "b"])
     ts, v = tc.decode(b'{"time": 7, "b": 8, "ts": 1699999999}', NOW)
