@@ -220,7 +220,8 @@ def test_alert_state_score_health_flags(broker, tmp_path, sinks):
     assert scores[0][2] == 0
     health = json.loads(sub.on(P + "health")[-1][1])
     assert health["samples_in"] == 7 and health["mqtt"]["connected"] is True
-    assert set(health["mqtt"]) == {"connected", "queued", "dropped", "outbox", "commands"}
+    assert set(health["mqtt"]) == {"connected", "disconnects", "queued", "dropped", "outbox",
+                                   "commands"}
     assert health["mqtt"]["outbox"] == {"ok": True, "error": None, "depth": 1, "memory": 0,
                                         "lost": 0}    # the end, published after this health
     assert (P + "stream/pump1/state", "anomaly", 1, False) in msgs
