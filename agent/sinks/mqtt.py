@@ -291,11 +291,6 @@ class MqttSink(Sink):
         agent reconnect every second, logging two lines each time; such connections now
         back off as failed ones do, and are logged once.  True: this loss is not logged."""
         if time.monotonic() - self._up_since >= SHORT_S:
-            if self._short >= SHORT_RUN:
-                log.warning("MQTT connection to %s:%d stayed up again after %d short ones",
-                            self.m.host, self.m.port, self._short)
-            self._short = 0
-            client.reconnect_delay_set(min_delay=1, max_delay=30)
             return False
         self._short += 1
         client.reconnect_delay_set(min_delay=min(2 ** self._short, 30), max_delay=30)
@@ -304,9 +299,20 @@ class MqttSink(Sink):
                       "times in a row: a message over its max_packet_size (the Home Assistant "
                       "discovery message grows with the streams), an ACL that disconnects on "
                       "a refused publish, or another client with this client id (two agents "
-                      "with one node name); alerts wait in the outbox; backing off to a try "
-                      "every 30 s, said once", self.m.host, self.m.port, SHORT_S, SHORT_RUN)
+                      "with one node name); alerts wait in the outbox; backing off, up to 30 s "
+                      "between tries; said once", self.m.host, self.m.port, SHORT_S, SHORT_RUN)
         return self._short >= SHORT_RUN
+
+    def _steady(self) -> None:
+        """A connection up for SHORT_S ends a run of short ones (sender thread): said when
+        it was named, so that the journal's last word is not the broker dropping us."""
+        if (self._short and self.client.is_connected()
+                and time.monotonic() - self._up_since >= SHORT_S):
+            if self._short >= SHORT_RUN:
+                log.warning("MQTT connection to %s:%d has stayed up for %g s, after %d short "
+                            "ones", self.m.host, self.m.port, SHORT_S, self._short)
+            self._short = 0
+            self.client.reconnect_delay_set(min_delay=1, max_delay=30)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         # an exception escaping a paho callback would stop the network loop
@@ -333,6 +339,7 @@ class MqttSink(Sink):
                 break
             try:
                 self._settle()
+                self._steady()
                 self._republished()
                 self._hand_off()
                 self._touch()
