@@ -66,6 +66,19 @@ class BadInput:
         self._last_log[key] = now
         return self._suppressed.pop(key, 0) + n - 1
 
+    def left_out(self, key: str) -> int | None:
+        """The occurrences of `key` left out of the log since its last line, once its
+        interval has passed (they then count as reported); else None.  For a condition
+        whose last occurrence was left out and that then persists without occurring
+        again: its line is still owed."""
+        n = self._suppressed.get(key)
+        gap = self._interval.get(key, LOG_INTERVAL_S)
+        if not n or time.monotonic() - self._last_log[key] < gap:
+            return None
+        self._last_log[key] = time.monotonic()
+        self._interval[key] = min(2 * gap, MAX_LOG_INTERVAL_S)     # it went on: back off
+        return self._suppressed.pop(key)
+
     def note(self, reason: str, data, detail: str = "") -> None:
         p = self._pending.get(reason)
         if p is None:

@@ -74,17 +74,26 @@ class StreamStatus:
         if self.no_data:
             if not set(names) <= set(self.no_data):
                 self.no_data = tuple(dict.fromkeys(self.no_data + tuple(names)))
+            elif (more := self._flaps.left_out(self._gone_key())) is not None:
+                self._say_gone(more)        # the last time it went was left out; it stays
             return
         was = self.state
         self.no_data = tuple(names)
         if self.state != was:
             self.entered.append(NO_DATA)
-        if (more := self._flap("no_data")) is not None:
-            log.warning("stream %s: no value from %s for %d samples (buffer.ffill_max %d plus "
-                        "a window): no window can be scored; state no_data until one is "
-                        "(health missing_channels)%s", self.id, named(names),
-                        self.ring.ffill_max + self.ring.window, self.ring.ffill_max,
-                        f"; {more} more time(s) since the last such line" if more else "")
+        if (more := self._flap(self._gone_key())) is not None:
+            self._say_gone(more)
+
+    def _gone_key(self) -> str:
+        # per set of channels: another channel going is news, the same one again is not
+        return "no_data:" + ",".join(self.no_data)
+
+    def _say_gone(self, more: int) -> None:
+        log.warning("stream %s: no value from %s for %d samples (buffer.ffill_max %d plus a "
+                    "window): no window can be scored; state no_data until one is (health "
+                    "missing_channels)%s", self.id, named(list(self.no_data)),
+                    self.ring.ffill_max + self.ring.window, self.ring.ffill_max,
+                    f"; {more} more time(s) since the last such line" if more else "")
 
     def _flap(self, key: str) -> int | None:
         if self._flaps is None:
@@ -94,14 +103,22 @@ class StreamStatus:
     def _scored(self) -> bool:
         """A window was concluded: no_data ends if the ring has dropped none since.  True
         when the state shown was no_data (its verdict is shown again)."""
-        if not self.no_data or self.ring.unscored:
+        if not self.no_data:
+            if self._flaps is not None and (more := self._flaps.left_out("scored")) is not None:
+                self._say_back(more)        # the last return was left out; it lasts
+            return False
+        if self.ring.unscored:
             return False
         shown = self.state == NO_DATA
-        if self._flap("scored") is not None:
-            log.info("stream %s: windows are scored again (%s back): no_data ends", self.id,
-                     named(list(self.no_data)))
+        if (more := self._flap("scored")) is not None:
+            self._say_back(more)
         self.no_data = ()
         return shown
+
+    def _say_back(self, more: int) -> None:
+        log.info("stream %s: windows are scored again%s: no_data ends%s", self.id,
+                 f" ({named(list(self.no_data))} back)" if self.no_data else "",
+                 f"; {more} more time(s) since the last such line" if more else "")
 
 
 def unscored(st) -> dict:

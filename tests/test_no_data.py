@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -96,20 +97,43 @@ def test_a_channel_gone_for_a_window_shows_no_data_until_a_window_scores(engine,
     assert ends == ["stream s: windows are scored again (b back): no_data ends"]
 
 
-def test_a_flapping_channel_is_shown_each_time_and_logged_less_and_less(engine, caplog):
+def test_a_flapping_channel_is_shown_each_time_and_logged_less_and_less(engine, caplog,
+                                                                        monkeypatch):
     """A loose connector: the channel gone for a window, back for a window, over and over.
     The state follows every flap; the log backs off as bad input does (it wrote two lines
-    a flap: 900 an hour at 20 Hz), saying how many flaps it left out."""
+    a flap: 900 an hour at 20 Hz), saying how many flaps it left out.  A line left out is
+    still owed: once the channel stays gone (or back), the log says so when the back-off
+    allows, and another channel going is news at once."""
+    from agent import bad_input
+    clock = types.SimpleNamespace(t=1000.0)
+    monkeypatch.setattr(bad_input.time, "monotonic", lambda: clock.t)
     feed = Feed(engine)
     feed(W + 2)
     caplog.set_level(logging.INFO, "tsad.stream")
-    for _ in range(40):
+
+    def lines(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+    for _ in range(40):                     # a flap a minute for 40 minutes
         feed(GONE, without="b")
         feed(W + 2)
+        clock.t += 60
     assert feed.states.count("no_data") == 40 and feed.st.state == "normal"
-    went = [m for m in _warnings(caplog) if "no value from b" in m]
-    back = [r.getMessage() for r in caplog.records if "no_data ends" in r.getMessage()]
-    assert 1 <= len(went) <= 3 and 1 <= len(back) <= 3, (went, back)
+    went, back = lines("no value from b"), lines("no_data ends")
+    assert 3 <= len(went) <= 12 and 3 <= len(back) <= 12, (went, back)
+    assert "more time(s) since the last such line" in went[-1]
+    # b gone for good: its last going was left out, and is said within the hour
+    feed(GONE, without="b")
+    for _ in range(60):
+        clock.t += 60
+        feed(1, without="b")
+    assert feed.st.state == "no_data"
+    last = [r.getMessage() for r in caplog.records][-1]
+    assert "no value from b" in last, last
+    # b back, then c gone: another channel is news at once
+    feed(W + 2)
+    caplog.clear()
+    feed(GONE, without="c")
+    assert len(lines("no value from c")) == 1
 
 
 def test_a_channel_never_sent_shows_no_data_not_warming_up_for_ever(engine):
