@@ -224,7 +224,9 @@ class FileWriter:
         try:
             write_json(self.path, body)
         except OSError as e:
-            problem = f"{self.path}: cannot be written ({e}); {self.what} kept in memory only"
+            # strerror: the full text names mkstemp's random file, new at every try
+            problem = (f"{self.path}: cannot be written ({e.strerror or type(e).__name__}); "
+                       f"{self.what} kept in memory only")
             if problem != self.problem:
                 log.warning("%s", problem)
             self.problem = problem

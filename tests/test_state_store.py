@@ -72,6 +72,25 @@ def test_a_state_file_that_cannot_be_written_is_said_once_and_its_recovery_too(t
     assert json.loads((tmp_path / "state" / "departures.json").read_text()) == {"n": 6}
 
 
+def test_a_read_only_state_dir_is_said_once_too(tmp_path, caplog, monkeypatch):
+    """An SD card remounted read-only: the error names the random temporary file, which
+    made every save a new problem."""
+    import errno
+    import itertools
+    import tempfile
+    from agent.state_store import FileWriter
+    n = itertools.count()
+
+    def refuse(prefix="", suffix="", dir=None):
+        raise OSError(errno.EROFS, "Read-only file system", f"{dir}/{prefix}{next(n)}{suffix}")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    w = FileWriter(tmp_path / "shelves.json", "the shelves are")
+    with caplog.at_level(logging.WARNING, logger="agent.state_store"):
+        assert not any(w.write({"n": i}) for i in range(4))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "Read-only file system" in said[0], said
+
+
 def test_calibration_odd_stream_names_do_not_escape(tmp_path):
     store = StateStore(tmp_path)
     for s in ["../evil", "a/b", ".", "x%2Fy", "x/y"]:
