@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ def name_problem(name: object) -> str | None:
 def channel_problem(names: list[str]) -> str | None:
     """Why these channel names cannot be a model's, or None.  A name goes into log lines,
     alerts and metric labels: a newline in one split the log's lines in two."""
-    odd = [c for c in names if not c.isprintable()]
+    # control characters and line breaks only: a no-break space, common inside a
+    # spreadsheet's headers, is text (str.isprintable would refuse it)
+    odd = [c for c in names if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in c)]
     if odd:
         return (f"channel names are printable text (no newline, tab or other control "
                 f"character), got {odd[0][:40]!r}")

@@ -48,6 +48,9 @@ def test_a_model_whose_channel_names_hold_a_control_character_does_not_load(tmp_
     path, _ = make_model(tmp_path / "m.onnx", channels=["a", "b\tc", "d"])
     with pytest.raises(ModelMetaError, match="printable text"):
         load_meta(path)
+    # a no-break space inside a name (a spreadsheet's header) is text, not a control
+    ok, _ = make_model(tmp_path / "ok.onnx", channels=["a", "Temp\u00a0C", "d"])
+    assert load_meta(ok).channels[1] == "Temp\u00a0C"
     meta = json.loads((tmp_path / "m.onnx.json").read_text())
     assert meta["channels"][1] == "b\tc"
 
