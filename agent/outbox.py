@@ -57,14 +57,11 @@ class Outbox:
         self._mem: dict[int, tuple[str, bytes, str]] = {}      # id -> row, ids ascending
         self._open: dict[str, tuple[str, bytes, float | None]] = {}   # alert id -> event
         self._undeleted: set[int] = set()     # acknowledged, but the delete failed
-        self._last_id = 0
-        self._depth = 0                       # rows in the file
+        self._last_id, self._depth = 0, 0     # the newest id; rows in the file
         self._error: str | None = None
-        self._retry_at = 0.0
-        self.lost = 0
+        self._retry_at, self.lost = 0.0, 0
         self._losses: Counter = Counter()
-        self._loss_what = ""
-        self._loss_logged = -1e9
+        self._loss_what, self._loss_logged = "", -1e9
         self._db: sqlite3.Connection | None = None
         self._loaded = False                  # the previous run's open alerts were read
         if str(path) != ":memory:":
@@ -205,15 +202,17 @@ class Outbox:
 
     def put(self, topic: str, payload: bytes, kind: str, alert_id: str | None = None,
             last_ts: float | None = None) -> int | None:
-        """Queue one message; returns its id, or None when the full-queue policy refused
-        it.  With alert_id, the open-alert record follows the event (removed by "end")."""
+        """Queue one message; its id, or None when the full-queue policy refused it.  With
+        alert_id, the open-alert record follows the event (removed by "end")."""
         with self._lock:
             owed = False        # an end of an alert whose new this outbox took
             if alert_id is not None:
                 if kind == "end":
                     owed = self._open.pop(alert_id, None) is not None
-                else:
+                elif kind == "new" or alert_id in self._open:
                     self._open[alert_id] = (topic, payload, last_ts)
+                else:           # an update of an alert whose new was refused: not tracked
+                    alert_id = None
             if self._mem:
                 self.retry()
             if not self._mem and self._db is not None:

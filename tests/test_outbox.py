@@ -191,12 +191,13 @@ def test_an_open_alert_s_end_is_never_refused(tmp_path):
     assert ob.put("t", b"new-b", "new", alert_id="b") is not None
     # 2 rows + 2 open alerts' ends: full for anything but those ends
     assert ob.put("t", b"new-c", "new", alert_id="c") is None
+    assert ob.put("t", b"upd-c", "update", alert_id="c") is None   # c is not open here
     assert ob.put("t", b"upd-a", "update", alert_id="a") is None
     assert ob.put("t", b"end-c", "end", alert_id="c") is None      # never taken: not owed
     assert ob.put("t", b"end-a", "end", alert_id="a") is not None
     assert ob.put("t", b"end-b", "end", alert_id="b") is not None
     assert [p for _, _, p in ob.pending(10)] == [b"new-a", b"new-b", b"end-a", b"end-b"]
-    assert m.dropped["outbox_full"] == 3
+    assert m.dropped["outbox_full"] == 4
     ob.close()
     # an alert a previous run left open, in a file the next run's cap finds full: its
     # restart end goes past the cap
