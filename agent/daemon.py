@@ -188,6 +188,11 @@ class Daemon:
                 self.sinks = build_sinks(self.cfg, self.metrics)
                 new_cfg = msgspec.structs.replace(new_cfg, mqtt=self.cfg.mqtt, sinks=self.cfg.sinks,
                                                    state_dir=self.cfg.state_dir)
+            if carry:
+                still = {st.tracker.alert_id for st in handover.engine.streams.values()
+                         if st.tracker.state == "anomaly"}
+                for s in self.sinks:
+                    s.carry_open(still)
         if carry:
             engine = handover.engine
             gone = engine.retain({s.id: s for s in new_cfg.streams},

@@ -242,6 +242,37 @@ def test_sighup_keeps_the_serial_port_open_and_loses_no_line(tmp_path, rig):
     no_traceback(agent)
 
 
+def test_a_reload_that_rebuilds_the_mqtt_sink_keeps_an_open_alert_open(tmp_path, rig):
+    """A SIGHUP that changes the `mqtt` section but not the model rebuilds the sink on the
+    same outbox while the engine carries its open alerts on.  The new sink took the outbox's
+    record of them for a killed run's and sent an end (reason restart), then their updates
+    and a second end (the review)."""
+    broker, obs, pty, start = rig
+    kw = dict(model=tiny_model(tmp_path), port=broker.port, serial_port=pty.path,
+              state_dir=tmp_path / "state")
+    cfg = write_config(tmp_path / "agent.yaml", **kw)
+    agent = start(cfg)
+    agent.wait_log("open at")
+    w = LineWriter(pty)
+    w.normal(20)
+    opened = alert_id(w.line(True))
+    w.line(True)
+    wait_until(lambda: opened in obs.ids("new"), "an open alert")
+    write_config(cfg, **kw, mqtt={"host": "127.0.0.1", "port": broker.port, "keepalive": 7,
+                                  "health_interval_s": 0.2})
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("reloaded")
+    assert "model and detection settings unchanged" in agent.log()
+    w.line(True)                          # still anomalous, then normal: it ends once
+    w.normal(5)
+    wait_until(lambda: opened in obs.ids("end"), "the alert's end")
+    time.sleep(0.5)
+    ends = [a for a in obs.alerts() if a["id"] == opened and a["type"] == "end"]
+    assert len(ends) == 1 and ends[0]["reason"] != "restart", ends
+    assert "sending its end (reason restart" not in agent.log()
+    no_traceback(agent)
+
+
 # The real agent, with its model load held until the test lets it go: a stand-in for
 # loading and warming a large model on a small board, which takes minutes.
 HELD_LOAD = """

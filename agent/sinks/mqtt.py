@@ -121,11 +121,20 @@ class MqttSink(Sink):
         self._touched = 0.0
         # last: a client that cannot be built (TLS files) must not leave the file open
         self.outbox = Outbox(outbox or outbox_path(cfg), metrics=metrics)
-        self._end_left_open()
+        self._carried: set[str] = set()
+
+    def carry_open(self, alert_ids: set[str]) -> None:
+        self._carried = set(alert_ids)
 
     def _end_left_open(self) -> None:
+        """Alerts a killed run left open get their end (reason "restart"); those the engine
+        holds across a reload (_carried) stay open: an end was followed by a second one."""
         for aid, topic, payload, last_ts in self.outbox.left_open():
             ev = json.loads(payload)
+            if aid in self._carried:
+                self._open[ev.get("stream")] = aid
+                self.streams.alert(ev.get("stream"), payload, False)
+                continue
             ev.update(type="end", reason="restart",
                       end=iso_utc(last_ts) if last_ts is not None else ev.get("start"))
             log.warning("alert %s of stream %s was open when the agent last stopped without "
@@ -135,6 +144,7 @@ class MqttSink(Sink):
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        self._end_left_open()
         self._thread = threading.Thread(target=self._run, name="mqtt-sink", daemon=True)
         self._thread.start()
         # Asynchronous: an absent broker is retried in the background while
