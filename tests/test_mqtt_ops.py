@@ -26,7 +26,7 @@ from agent.sinks.homeassistant import discovery, slug
 from agent.sinks.mqtt import MqttSink
 from agent.sinks.mqtt_streams import configured
 from agent_harness import (MOSQUITTO, NODE, STREAM, AgentProcess, LineWriter, Pty, alert_id,
-                           no_traceback, tiny_model, write_config)
+                           no_traceback, tiny_model, wait_until, write_config)
 from conftest import REPO, Broker
 from ha_rules import Registry, check
 from test_sink_mqtt import Sub
@@ -627,6 +627,32 @@ def test_a_stream_dropped_by_a_reload_stays_dropped_when_its_alert_ends(broker, 
     assert on(sub, "stream/pump1/state")[-1] == ""
     s.stop()
     sub.close()
+
+
+def test_a_stream_a_reload_drops_while_the_broker_is_away_is_cleared_at_the_reconnect(
+        broker, tmp_path):
+    """Dropped while the sink was offline, a stream's retained topics could not be cleared
+    then, and nothing cleared them later: its state stayed retained for good (review)."""
+    fixed = {"id": "bench", "source": {"type": "replay", "path": "a.csv"}}
+    wildcard = {"id": "plant", "source": {"type": "mqtt", "topic": "plant/+/sensors",
+                                          "stream_from_topic": 1}}
+    sub = Sub(broker.port, [P + "#"])
+    s = MqttSink(_sink_cfg(broker.port, tmp_path / "st", [fixed, wildcard]), Metrics())
+    s.start()
+    try:
+        s.stream_status("pump1", {"state": "anomaly", "online": True, "shelved_until": None})
+        sub.wait(lambda m: on(sub, "stream/pump1/state")[-1:] == ["anomaly"], "pump1 shown")
+        # the first connect's read-back of the discovery payload done: it clears what
+        # the config no longer produces, at the first connect only
+        wait_until(lambda: not s.streams._read_back, "the read-back")
+        s.streams.on_disconnect()           # the link gone (what paho's callback does)
+        s.attach(_sink_cfg(broker.port, tmp_path / "st", [fixed]), None)
+        assert on(sub, "stream/pump1/state")[-1] == "anomaly"
+        s.streams.on_connect()              # back (what the sender does after the gate)
+        sub.wait(lambda m: on(sub, "stream/pump1/state")[-1:] == [""], "pump1 cleared")
+    finally:
+        s.stop()
+        sub.close()
 
 
 # ---------------------------------------------------------------- rules, without a broker

@@ -208,6 +208,10 @@ class StreamTopics:
         self.stale.pop(sid, None)
         self.open.pop(sid, None)
         self._wipe(sid)
+        # not sent while the broker is away (or the read-back is due): the next connect
+        # clears them; a stream a reload dropped offline kept its retained topics for good
+        if self._read_back or not self._online:
+            self._unsent.add(sid)
 
     def _wipe(self, sid: str) -> None:
         for kind in KINDS:
@@ -219,8 +223,6 @@ class StreamTopics:
         with self._lock:
             for sid in sids:
                 self._clear(sid)
-                if self._read_back or not self._online:
-                    self._unsent.add(sid)
             if sids:
                 now = time.monotonic()
                 for k in [k for k, (_, t) in self.removed.items() if now - t > REMOVED_KEEP_S]:
