@@ -13,6 +13,7 @@ from .timestamps import iso_utc
 from .config import AgentConfig
 from .engine import Engine
 from .staleness import stale_window
+from .stream_status import LISTED
 
 HEALTH_STREAMS = 32
 _ORDER = {"anomaly": 0, "no_data": 1, "learning": 2, "warming_up": 3, "normal": 3}
@@ -31,7 +32,7 @@ def stream_status(st) -> dict:
             "threshold": st.threshold, "refined_from": st.baseline.refined_from,
             "last_sample": iso_utc(st.last_ts),
             "ring_resets": st.ring.resets, "windows_skipped": st.ring.skipped,
-            "missing_channels": list(st.no_data)}
+            "missing_channels": list(st.no_data[:LISTED]), "missing_count": len(st.no_data)}
 
 
 def health_snapshot(cfg: AgentConfig, engine: Engine, runners) -> dict:

@@ -34,7 +34,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 from . import __version__
 from .metrics import Metrics
-from .stream_status import STATES
+from .stream_status import LISTED, STATES
 
 SNAPSHOT_S = 1.0
 
@@ -130,7 +130,7 @@ def take_snapshot(engine, runners, sinks, metrics: Metrics) -> Snapshot:
             del table[key]
     views = tuple(StreamView(st.id, st.state, st.shelved,
                              st.last_seen, st.samples, _finite(st.threshold),
-                             metrics.stream_scores.get(st.id), st.no_data)
+                             metrics.stream_scores.get(st.id), st.no_data[:LISTED])
                   for st in streams.values())
     # the MQTT sink's durable outbox: the alerts the broker has not acknowledged yet
     mqtt = next((s for s in sinks if hasattr(s, "outbox")), None)

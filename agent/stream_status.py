@@ -29,6 +29,10 @@ from .bad_input import BadInput, named
 log = logging.getLogger("tsad.stream")
 
 NO_DATA = "no_data"
+# the missing channels health and Prometheus name (health also counts them all): a
+# 300-channel model with most of its tags gone made each stream's health entry 4 KB,
+# and Prometheus a series per channel (the wide-stream audit)
+LISTED = 10
 # every state a stream shows (`StreamStatus.state`), for those that list them: Home
 # Assistant's enum sensor, Prometheus' tsad_stream_state
 STATES = ("learning", "warming_up", "normal", "anomaly", NO_DATA)

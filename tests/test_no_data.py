@@ -222,6 +222,27 @@ def test_prometheus_names_the_state_and_the_channel(engine):
     assert not fams["tsad_stream_channel_missing"].samples
 
 
+def test_a_wide_stream_names_ten_missing_channels_and_counts_them_all(tmp_path):
+    """A 300-channel model with most of its tags gone made each stream's health entry 4 KB
+    (and Prometheus a series per channel): both name the first 10, health counts them all."""
+    chans = [f"tag{i:03d}" for i in range(30)]
+    path, _ = make_model(tmp_path / "wide.onnx", window=W, channels=chans)
+    m = Metrics()
+    cfg = build(DetectionConfig, {"node": "t", "calibration": {"enabled": False},
+                                  "scoring": {"threshold": 1.0}, "buffer": {"ffill_max": FILL}})
+    e = Engine(cfg, Detector(str(path), metrics=m), metrics=m)
+    v = np.zeros((W + GONE, 30), np.float32)
+    v[W:, 5:] = np.nan                       # 25 channels gone
+    for i in range(len(v)):
+        e.step([Batch("s", np.array([1e9 + i]), v[i:i + 1])])
+    status = stream_status(e.streams["s"])
+    assert status["state"] == "no_data" and status["missing_count"] == 25
+    assert status["missing_channels"] == chans[5:15]
+    fams = _scrape(e)
+    assert [s.labels["channel"] for s in fams["tsad_stream_channel_missing"].samples] == \
+        chans[5:15]
+
+
 def test_ring_names_a_channel_dead_for_a_window_past_the_fill_and_counts_unscored():
     ring = RingBuffer(window=4, channels=2, ffill_max=1)
     v = np.ones((20, 2), np.float32)
