@@ -38,6 +38,7 @@ import threading
 import time
 from pathlib import Path
 
+from .bad_input import named
 from .state_store import FileWriter, StateStore
 from .timestamps import iso_utc
 
@@ -175,5 +176,4 @@ class Departures:
         else:
             log.info("forgot %d streams without a sample for buffer.forget_after_s (%g s), "
                      "their saved baselines, shelves, retained topics and Home Assistant "
-                     "entities with them: %s, ...", len(due), self.after,
-                     ", ".join(due[:NAMED_LOG]))
+                     "entities with them: %s", len(due), self.after, named(due, NAMED_LOG))
