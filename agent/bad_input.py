@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Hashable
 
 from .metrics import Metrics
 
@@ -34,10 +35,10 @@ def named(names: list[str], most: int = 3) -> str:
 class BadInput:
     def __init__(self, metrics: Metrics, log_name: str):
         self.metrics, self.log_name = metrics, log_name
-        self._last_log: dict[str, float] = {}
-        self._interval: dict[str, float] = {}
-        self._seen: dict[str, float] = {}       # when each reason last came
-        self._suppressed: dict[str, int] = {}
+        self._last_log: dict[Hashable, float] = {}
+        self._interval: dict[Hashable, float] = {}
+        self._seen: dict[Hashable, float] = {}       # when each reason last came
+        self._suppressed: dict[Hashable, int] = {}
         self._pending: dict[str, list] = {}
 
     def bad(self, reason: str, data: bytes | str = b"", n: int = 1, detail: str = "") -> None:
@@ -50,8 +51,9 @@ class BadInput:
                         f" ({detail})" if detail else "", snippet,
                         f" (+{more} more since last report)" if more else "")
 
-    def may_log(self, key: str, n: int = 1) -> int | None:
-        """How many more of `key` to report with this log line; None: not yet due."""
+    def may_log(self, key: Hashable, n: int = 1) -> int | None:
+        """How many more of `key` (a reason, or any hashable) to report with this log line;
+        None: not yet due."""
         now = time.monotonic()
         last, seen = self._last_log.get(key), self._seen.get(key)
         self._seen[key] = now
@@ -66,7 +68,7 @@ class BadInput:
         self._last_log[key] = now
         return self._suppressed.pop(key, 0) + n - 1
 
-    def left_out(self, key: str) -> int | None:
+    def left_out(self, key: Hashable) -> int | None:
         """The occurrences of `key` left out of the log since its last line, once its
         interval has passed (they then count as reported); else None.  For a condition
         whose last occurrence was left out and that then persists without occurring

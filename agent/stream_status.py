@@ -88,9 +88,10 @@ class StreamStatus:
         if (more := self._flap(self._gone_key())) is not None:
             self._say_gone(more)
 
-    def _gone_key(self) -> str:
+    def _gone_key(self) -> tuple:
         # per set of channels: another channel going is news, the same one again is not
-        return "no_data:" + ",".join(self.no_data)
+        # (the tuple itself: no string built at every push while the stream has no data)
+        return (NO_DATA, self.no_data)
 
     def _say_gone(self, more: int) -> None:
         log.warning("stream %s: no value from %s for %d samples (buffer.ffill_max %d plus a "
@@ -99,7 +100,7 @@ class StreamStatus:
                     self.ring.ffill_max + self.ring.window, self.ring.ffill_max,
                     f"; {more} more time(s) since the last such line" if more else "")
 
-    def _flap(self, key: str) -> int | None:
+    def _flap(self, key) -> int | None:
         if self._flaps is None:
             self._flaps = BadInput(None, self.id)
         return self._flaps.may_log(key)
