@@ -46,7 +46,7 @@ SCHEMA = 1
 # Why an alert ended: the signal came back; the agent stopped cleanly; a reload changed
 # the model or the stream; an operator re-baselined the stream; the agent found the
 # alert still open at start after a crash (the outbox's record of open alerts).
-END_REASONS = ("recovered", "stopped", "reload", "rebaseline", "restart")
+END_REASONS = ("recovered", "stopped", "reload", "rebaseline", "restart", "idle")
 
 
 def _num(v: float) -> float | None:
@@ -158,6 +158,11 @@ class AlertTracker:
         ev = self._event("end", float("nan"), threshold, ts, reason)
         self.standing_since = self._standing = None
         return ev
+
+    def restart(self) -> None:
+        """A new run of windows (a machine started again: agent/running.py): no window
+        before it counts toward the k-of-n rule."""
+        self._hist.n, self._hist._quiet = 0, True
 
     # ------------------------------------------------------------ update
     def update(self, ts: np.ndarray, scores: np.ndarray, threshold: float,

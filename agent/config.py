@@ -168,6 +168,20 @@ class AlertConfig(Strict):
             raise ValueError(f"open_k ({self.open_k}) must be <= open_n ({self.open_n})")
 
 
+class RunningConfig(Strict):
+    """Judge a stream only while its machine runs (agent/running.py): `channel`'s raw value
+    above `above` (or below `below`); judging resumes once that has held `start_s`."""
+    channel: str
+    above: float | None = None
+    below: float | None = None
+    # the machine's start-up and warm-up, which its normal running does not hold
+    start_s: NonNegativeFloat = 0.0
+
+    def __post_init__(self):
+        if (self.above is None) == (self.below is None):
+            raise ValueError("set exactly one of above and below")
+
+
 # ---------------------------------------------------------------- outputs
 class DetectionConfig(Strict):
     """Everything the engine needs to turn samples into alerts (no sources, no outputs)."""
@@ -180,6 +194,7 @@ class DetectionConfig(Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     adaptation: AdaptationConfig = AdaptationConfig()
     alerts: AlertConfig = AlertConfig()
+    running: RunningConfig | None = None
 
 
 class AgentConfig(Strict, kw_only=True):
@@ -194,6 +209,8 @@ class AgentConfig(Strict, kw_only=True):
     calibration: CalibrationConfig = CalibrationConfig()
     adaptation: AdaptationConfig = AdaptationConfig()
     alerts: AlertConfig = AlertConfig()
+    # null: the machine is judged whatever it does; else only while it runs
+    running: RunningConfig | None = None
     mqtt: MqttConfig = MqttConfig()
     sinks: SinksConfig = SinksConfig()
     metrics: MetricsConfig = MetricsConfig()   # the daemon's Prometheus endpoint
@@ -209,7 +226,7 @@ class AgentConfig(Strict, kw_only=True):
         return DetectionConfig(node=self.node, model_policy=self.model.policy,
                                buffer=self.buffer, scoring=self.scoring,
                                calibration=self.calibration, adaptation=self.adaptation,
-                               alerts=self.alerts)
+                               alerts=self.alerts, running=self.running)
 
     @property
     def named_streams(self) -> set[str]:

@@ -43,9 +43,11 @@ from .contract import score_windows
 from .detector import Detector
 from .fit_budget import FitBudget
 from .metrics import Metrics
+from .operator_commands import OperatorCommands
 from .pace import Pace
 from .policy import baseline_basis, effective
 from .ring import RingBuffer, Windows
+from .running import RunGate, channel_of
 from .saving import SaveQueue
 from .scoring import Smoother, add_levels, normalized
 from .sources.base import Batch, join
@@ -55,7 +57,7 @@ from .stream import Stream, StreamResult
 log = logging.getLogger("tsad.engine")
 
 
-class Engine:
+class Engine(OperatorCommands):
     def __init__(self, cfg: DetectionConfig, detector: Detector, store: StateStore | None = None,
                  metrics: Metrics | None = None, max_streams: dict[str, int] | None = None,
                  default_max_streams: int = 1, intervals: dict[str, float] | None = None,
@@ -74,6 +76,8 @@ class Engine:
         self.fits = FitBudget()
         # streams whose fit waits for a step with room (self.fits): their samples since
         self.held_back: dict[str, list[Batch]] = {}
+        if self.cfg.running is not None:      # a wrong name fails here, not at a sample
+            channel_of(self.cfg.running, self.meta.channels)
 
     # ------------------------------------------------------------ streams
     def stream(self, sid: str, source: str | None = None) -> Stream | None:
@@ -91,14 +95,6 @@ class Engine:
         st = self._new_stream(sid, src)
         self.streams[sid] = st
         self.admission.created(src)
-        return st
-
-    def _commanded(self, sid: str) -> Stream | None:
-        """The stream an operator command names.  One the config names is created if no
-        sample has yet: Home Assistant shows its buttons from the start."""
-        st = self.streams.get(sid)
-        if st is None and sid in self.admission.named and (st := self.stream(sid)) is not None:
-            st.last_seen = time.monotonic()     # idle from now, not from boot
         return st
 
     def _new_stream(self, sid: str, source: str) -> Stream:
@@ -128,6 +124,8 @@ class Engine:
                     c.scoring.normalize == "channel", c.scoring.level_band)
         if saved and st.adapter is not None:
             st.adapter.restore(saved)
+        if c.running is not None:
+            st.gate = RunGate(c.running, channel_of(c.running, m.channels))
         return st
 
     def pending(self, sid: str) -> dict:      # why a stream gave no score yet
@@ -231,8 +229,20 @@ class Engine:
             if st.rebaseline_due:
                 out += self._flush()
                 out += self._rebaseline_standing(st)
+            end = len(ts)
+            if st.gate is not None:     # `running:`: the first run of judged or idle samples
+                n, judged = st.gate.split(ts[a:], values[a:])
+                if not judged:
+                    out += self._idle(st, ts[a:a + n], values[a:a + n])
+                    a += n
+                    continue
+                if st.gate.idle:
+                    st.resume()
+                end = a + n
             try:
-                k, w = st.ingest(ts[a:], values[a:])
+                k, w = st.ingest(ts[a:end], values[a:end])
+                if st.gate is not None and k:
+                    st.gate.take(ts[a:a + k], values[a:a + k])
             except Exception:
                 self._failed(st, "ingest")
                 return out
@@ -250,6 +260,21 @@ class Engine:
                 self._pending += len(w)
                 if self._pending >= self.detector.max_batch:
                     out += self._flush()
+
+    def _idle(self, st: Stream, ts: np.ndarray, values: np.ndarray) -> list[StreamResult]:
+        """Samples taken while the machine is stopped (agent/running.py).  At the stop, the
+        windows before it are concluded first, then an open alert ends."""
+        out = []
+        if not st.gate.idle:
+            out = self._flush()
+            if (ev := st.go_idle()) is not None:
+                self.metrics.alerts["end"] += 1
+                out.append(StreamResult(st.id, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I,
+                                        _EMPTY_I, [ev]))
+        st.gate.take(ts, values)
+        st.took_idle(ts)
+        self.metrics.samples_idle += len(ts)
+        return out
 
     def _fit(self, st: Stream) -> bool:
         """End a stream's learning period, in the step's budget; False if it failed."""
@@ -319,45 +344,6 @@ class Engine:
                 log.info("stream %s: alert %s ended (%s)", st.id, ev["id"], reason)
                 self.metrics.alerts["end"] += 1
                 out.append(ev)
-        return out
-
-    def rebaseline(self, sid: str) -> tuple[bool, dict | None]:
-        """Start a new learning period for one stream: (known stream?, end event or None)."""
-        st = self._commanded(sid)
-        if st is None:
-            return False, None
-        ev = st.relearn()
-        if ev is not None:
-            self.metrics.alerts["end"] += 1
-        if self.store:
-            self.store.forget(sid)
-        log.info("stream %s: re-baselining: a new learning period starts", sid)
-        return True, ev
-
-    def ack(self, alert_id: str) -> dict | None:
-        """Acknowledge an open alert: the "update" event that shows it, or None when no
-        stream has it open."""
-        for st in self.streams.values():
-            ev = st.tracker.ack(alert_id, st.threshold)
-            if ev is not None:
-                self.metrics.alerts["update"] += 1
-                return ev
-        return None
-
-    def shelve(self, sid: str, for_s: float) -> float | None:
-        """Stream.shelve on stream `sid`; None for an unknown stream."""
-        st = self._commanded(sid)
-        if st is None:
-            return None
-        until = st.shelve(for_s)
-        log.info("stream %s: %s", sid, f"shelved for {for_s:g} s" if for_s > 0 else "unshelved")
-        return until
-
-    def take_entered(self) -> list[tuple[str, str]]:
-        """States streams entered outside a step (a command, a re-baseline), in order."""
-        out = [(sid, state) for sid, st in self.streams.items() for state in st.entered]
-        for st in self.streams.values():
-            st.entered = []
         return out
 
     def save(self, sid: str) -> None:

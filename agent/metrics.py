@@ -22,6 +22,7 @@ class Metrics:
     def __init__(self, latency_samples: int = 4096) -> None:
         self.started = time.monotonic()     # uptime: a wall-clock step is no time running
         self.samples_in = 0
+        self.samples_idle = 0             # taken while their machine was stopped (running:)
         # engine steps, and the streams they held summed over them: samples_in / stream_steps
         # is how many samples a stream gets per step, which sets each stream's fixed cost per
         # sample (model.batch_wait_s trades it against latency)
@@ -85,6 +86,7 @@ class Metrics:
         return {
             "uptime_s": round(time.monotonic() - self.started, 1),
             "samples_in": self.samples_in,
+            "samples_idle": self.samples_idle,
             "steps": self.steps,
             "stream_steps": self.stream_steps,
             "windows_inferred": self.windows_inferred,

@@ -8,6 +8,8 @@ in its config still wins.  Every entry point builds its engine through `effectiv
 """
 from __future__ import annotations
 
+import msgspec
+
 from . import __version__
 from .config import DetectionConfig
 from .config_base import keys_set
@@ -39,7 +41,8 @@ def effective(cfg: DetectionConfig, meta: ModelMeta) -> DetectionConfig:
         mine = getattr(cfg, sec)
         d[sec] = {**policy.get(sec, {}), **{k: getattr(mine, k) for k in keys_set(mine)}}
     try:
-        return build(DetectionConfig, d)
+        # `running` names a plant's own channel: no model's policy sets it
+        return msgspec.structs.replace(build(DetectionConfig, d), running=cfg.running)
     except Invalid as e:
         # a model without a policy gets one from its training.calibration_rows: say so
         where = "policy.settings." if meta.policy is not None else \

@@ -41,6 +41,7 @@ from .mqtt_client import make_client
 from .pace import rate_mismatch
 from .policy import SECTIONS, effective, model_policy
 from .refine import needed
+from .running import channel_of
 from .sources import build_source
 from .staleness import widening_note
 
@@ -107,6 +108,11 @@ def check(cfg: AgentConfig, meta: ModelMeta, probe_listen: bool = False) -> Find
     except ModelMetaError as e:
         f._problem(str(e))
         return f
+    if cfg.running is not None:
+        try:
+            channel_of(cfg.running, meta.channels)
+        except ValueError as e:
+            f._problem(str(e))
     f.warnings += policy_warnings(cfg, meta)
     f.warnings += [f"streams[{i}] ({s.id}): interval_s: {why}" for i, s in enumerate(cfg.streams)
                    if s.interval_s and (why := rate_mismatch(s.interval_s, meta.interval_s))]

@@ -65,6 +65,8 @@ def shared_families(metrics: Metrics, model: str | None, ep: str | None) -> list
     m = metrics.snapshot()
     out = [
         CounterMetricFamily("tsad_samples", "Samples received.", value=m["samples_in"]),
+        CounterMetricFamily("tsad_samples_idle", "Samples received while their machine was "
+                            "stopped (running:), not judged.", value=m["samples_idle"]),
         CounterMetricFamily("tsad_windows", "Windows run through the model.",
                             value=m["windows_inferred"]),
         CounterMetricFamily("tsad_engine_steps", "Engine steps (each takes what arrived since "

@@ -62,7 +62,7 @@ class Stream(StreamStatus):
     __slots__ = ("normalize", "level_band", "max_batch", "pace", "adaptation", "adapter",
                  "_pieces", "samples", "last_ts", "last_seen",
                  "rebaseline_due", "entered", "id", "source", "ring", "smoother", "baseline",
-                 "tracker", "clock", "judged")
+                 "tracker", "clock", "judged", "gate")
 
     def __init__(self, sid: str, source: str, ring: RingBuffer, smoother: Smoother,
                  baseline: Baseline, tracker: AlertTracker, max_batch: int, pace: Pace,
@@ -88,6 +88,7 @@ class Stream(StreamStatus):
         self.entered: list[str] = []    # "learning" comes with the first sample (_first)
         self.judged = False             # a window concluded: until then no verdict to show
         self.no_data, self._flaps = (), None      # stream_status.py
+        self.gate = None                # agent/running.py's RunGate, with `running:`
         if not baseline.learning:
             self._start_adapting()
 

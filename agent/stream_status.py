@@ -35,7 +35,7 @@ NO_DATA = "no_data"
 LISTED = 10
 # every state a stream shows (`StreamStatus.state`), for those that list them: Home
 # Assistant's enum sensor, Prometheus' tsad_stream_state
-STATES = ("learning", "warming_up", "normal", "anomaly", NO_DATA)
+STATES = ("learning", "warming_up", "normal", "anomaly", NO_DATA, "idle")
 
 
 class StreamStatus:
@@ -50,6 +50,8 @@ class StreamStatus:
     def state(self) -> str:
         # "warming_up": built anew (a start, a reload) with a baseline, no window judged yet;
         # "normal" would say that a fault still there had cleared
+        if self.gate is not None and self.gate.idle:
+            return "idle"
         if self.baseline.learning:
             return "learning"
         if self.no_data and self.tracker.state != "anomaly":
@@ -67,6 +69,38 @@ class StreamStatus:
             return {"status": "warming_up", "needed": need}
         # a full window that still holds a value the forward fill could not cover
         return {"status": "skipped", "needed": 1}
+
+    def go_idle(self) -> dict | None:
+        """The machine stopped (agent/running.py): its samples are not judged until it runs
+        again; the end event of an open alert (reason "idle"), or None."""
+        self.gate.idle = True
+        ev = self.tracker.close(self.last_ts, self.threshold, "idle")
+        self.entered.append("idle")
+        if (more := self._flap("idle")) is not None:
+            log.info("stream %s: the machine stopped (not %s): its samples are not judged "
+                     "until it has run %g s%s%s", self.id, self.gate.rule, self.gate.start_s,
+                     f"; alert {ev['id']} ended" if ev else "",
+                     f"; {more} more stop(s) since the last such line" if more else "")
+        return ev
+
+    def took_idle(self, ts) -> None:
+        """Samples of a stopped machine: not judged, but received (its sample count, clock
+        and newest time go on)."""
+        self._took(ts)
+
+    def resume(self) -> None:
+        """It runs again: judged from a new window, smoothing and k-of-n history, and
+        `warming_up` until the first verdict."""
+        self.gate.idle = False
+        self.ring.reset()
+        self.smoother.reset()
+        self.tracker.restart()
+        self.no_data, self.judged = (), False
+        self.entered.append(self.state)
+        if (more := self._flap("running")) is not None:
+            log.info("stream %s: the machine runs (%s for %g s): judged again%s", self.id,
+                     self.gate.rule, self.gate.start_s,
+                     f"; {more} more start(s) since the last such line" if more else "")
 
     def _watch(self) -> None:
         """After a push: a channel without a value for a window past the fill puts the

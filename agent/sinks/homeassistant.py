@@ -75,7 +75,7 @@ def stream_components(cfg, sid: str, stale_s: float | None = None) -> dict[str, 
     shelve_s = cfg.mqtt.homeassistant.shelve_s
     return dict([
         cmp("anomaly", "anomaly", state_topic=base + "state", device_class="problem",
-            # "learning", "warming_up" and "no_data" are neither: the entity shows unknown
+            # "learning", "warming_up", "no_data" and "idle" are neither: the entity shows unknown
             # ("None")
             value_template="{{ {'anomaly': 'ON', 'normal': 'OFF'}.get(value, 'None') }}",
             **both),

@@ -1,7 +1,7 @@
 """What the MQTT sink publishes per stream, and the Home Assistant device that shows it.
 
 Topics (P = the topic prefix), all QoS 1 and retained:
-  P stream/<id>/state          learning | warming_up | normal | anomaly | no_data
+  P stream/<id>/state          learning | warming_up | normal | anomaly | no_data | idle
   P stream/<id>/availability   online | offline: its source is connected and its last
                                sample is younger than its stale window (mqtt.stale_after_s,
                                widened for a slow stream: agent/staleness.py)

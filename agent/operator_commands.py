@@ -1,0 +1,67 @@
+"""What operators ask of the engine's streams: re-baseline, acknowledge, shelve.
+
+A base class of agent/engine.py's Engine (as stream_status.py is of Stream), so that the
+engine's module holds the step and the streams' lifecycle.  Each command acts at once,
+between steps; the states it makes a stream enter are collected by `take_entered`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .stream import Stream
+
+log = logging.getLogger("tsad.engine")
+
+
+class OperatorCommands:
+    """Needs the engine's `streams`, `admission`, `metrics`, `store` and `stream()`."""
+
+    def _commanded(self, sid: str) -> Stream | None:
+        """The stream an operator command names.  One the config names is created if no
+        sample has yet: Home Assistant shows its buttons from the start."""
+        st = self.streams.get(sid)
+        if st is None and sid in self.admission.named and (st := self.stream(sid)) is not None:
+            st.last_seen = time.monotonic()     # idle from now, not from boot
+        return st
+
+    def rebaseline(self, sid: str) -> tuple[bool, dict | None]:
+        """Start a new learning period for one stream: (known stream?, end event or None)."""
+        st = self._commanded(sid)
+        if st is None:
+            return False, None
+        ev = st.relearn()
+        if ev is not None:
+            self.metrics.alerts["end"] += 1
+        if self.store:
+            self.store.forget(sid)
+        log.info("stream %s: re-baselining: a new learning period starts", sid)
+        return True, ev
+
+    def ack(self, alert_id: str) -> dict | None:
+        """Acknowledge an open alert: the "update" event that shows it, or None when no
+        stream has it open."""
+        for st in self.streams.values():
+            ev = st.tracker.ack(alert_id, st.threshold)
+            if ev is not None:
+                self.metrics.alerts["update"] += 1
+                return ev
+        return None
+
+    def shelve(self, sid: str, for_s: float) -> float | None:
+        """Stream.shelve on stream `sid`; None for an unknown stream."""
+        st = self._commanded(sid)
+        if st is None:
+            return None
+        until = st.shelve(for_s)
+        log.info("stream %s: %s", sid, f"shelved for {for_s:g} s" if for_s > 0 else "unshelved")
+        return until
+
+    def take_entered(self) -> list[tuple[str, str]]:
+        """States streams entered outside a step (a command, a re-baseline), in order."""
+        out = [(sid, state) for sid, st in self.streams.items() for state in st.entered]
+        for st in self.streams.values():
+            st.entered = []
+        return out

@@ -1,0 +1,154 @@
+"""`running:`: a stopped machine is not judged (agent/running.py), through the real engine
+and a real (tiny) ONNX model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.config import AgentConfig, DetectionConfig
+from agent.config_base import ConfigError
+from agent.config_build import build
+from agent.detector import Detector
+from agent.engine import Engine
+from agent.metrics import Metrics
+from agent.sources.base import Batch
+from onnx_factory import make_model
+
+CH = ["current", "b", "c"]
+W = 16
+RUNNING = {"channel": "current", "above": 1.0}
+LEARN = {"enabled": True, "samples": 200, "margin": 1.5}
+ALERTS = {"open_k": 3, "open_n": 5, "close_m": 5}
+
+
+@pytest.fixture
+def model(tmp_path):
+    path, _ = make_model(tmp_path / "m.onnx", window=W, channels=CH, kind="timemix")
+    return str(path)
+
+
+def engine(model: str, **over) -> Engine:
+    m = Metrics()
+    return Engine(build(DetectionConfig, {"node": "t", "calibration": LEARN, "alerts": ALERTS,
+                                          **over}), Detector(model, metrics=m), metrics=m)
+
+
+def running(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None]
+    v = np.sin(t / 5.0 + np.arange(3)) + rng.normal(0, 0.05, (n, 3))
+    v[:, 0] = 3.0 + rng.normal(0, 0.05, n)       # a motor current while it runs
+    return v.astype(np.float32)
+
+
+def stopped(n: int) -> np.ndarray:
+    """Nothing like running: no current, the other sensors far from their running values."""
+    return np.tile(np.array([0.0, 5.0, -5.0], np.float32), (n, 1))
+
+
+def feed(e: Engine, values: np.ndarray, block: int = 64) -> list:
+    out = []
+    for i in range(0, len(values), block):
+        v = values[i:i + block]
+        out += e.step([Batch("s", 1e9 + np.arange(i, i + len(v), dtype=np.float64), v)])
+    return out
+
+
+def events(res) -> list[dict]:
+    return [ev for r in res for ev in r.events if ev["type"] != "update"]
+
+
+def entered(res) -> list[str]:
+    return [s for r in res for s in r.entered]
+
+
+def day(stop_at=500, stop_n=200, after=300) -> np.ndarray:
+    return np.concatenate([running(stop_at), stopped(stop_n), running(after, seed=1)])
+
+
+def fault(n: int) -> np.ndarray:
+    """Noise no reconstruction follows (a step, the tiny model soon does)."""
+    return np.random.default_rng(7).normal(0, 4.0, n).astype(np.float32)
+
+
+def test_a_planned_stop_raises_no_alert_and_shows_idle(model):
+    v = day()
+    assert [ev["type"] for ev in events(feed(engine(model), v))][:1] == ["new"], \
+        "the stop should alarm without `running:` (else this test shows nothing)"
+    e = engine(model, running=RUNNING)
+    res = feed(e, v)
+    assert events(res) == []
+    assert entered(res) == ["learning", "normal", "idle", "warming_up", "normal"]
+    assert e.metrics.samples_idle == 200
+    # judged again from a new window: none mixes the stop with running
+    ts = np.concatenate([r.ts for r in res]) - 1e9
+    assert not ((ts >= 500) & (ts < 700 + W - 1)).any()
+    assert ts.max() == 999 and ((ts >= 700 + W - 1).sum() == 300 - W + 1)
+
+
+def test_an_open_alert_ends_when_the_machine_stops(model):
+    v = day()
+    v[420:500, 1] += fault(80)    # a fault, and the machine is stopped in it
+    e = engine(model, running=RUNNING)
+    evs = events(feed(e, v))
+    assert [ev["type"] for ev in evs[-2:]] == ["new", "end"]
+    assert evs[-1]["reason"] == "idle"
+    assert evs[-1]["end"] == "2001-09-09T01:54:59.000Z"      # its last running sample, 499
+    assert e.streams["s"].state == "normal"
+
+
+def test_start_s_keeps_the_warm_up_unjudged_but_not_what_follows(model):
+    v = day(after=400)
+    v[700:740, 1] += fault(40)     # a start-up transient of 40 s
+    assert [ev["type"] for ev in events(feed(engine(model, running=RUNNING), v))][:1] == ["new"]
+    e = engine(model, running={**RUNNING, "start_s": 60})
+    res = feed(e, v)
+    assert events(res) == []
+    ts = np.concatenate([r.ts for r in res]) - 1e9
+    assert ts[ts >= 500].min() == 760 + W - 1       # the first window after start_s
+    assert e.metrics.samples_idle == 200 + 60
+    v[900:960, 2] += fault(60)     # a fault after the warm-up is still an alert
+    assert [ev["type"] for ev in events(feed(engine(model, running={**RUNNING, "start_s": 60}),
+                                             v))] == ["new", "end"]
+
+
+@pytest.mark.parametrize("block", [1, 7, 333])
+def test_results_do_not_depend_on_how_samples_are_split(model, block):
+    v = day()
+    v[420:500, 1] += fault(80)
+    v[800:900:3, 0] = 0.2          # a current flickering at start-up
+    cfg = {"running": {**RUNNING, "start_s": 30}}
+    ref, got = feed(engine(model, **cfg), v, 64), feed(engine(model, **cfg), v, block)
+    assert events(got) == events(ref) and events(ref)[-1]["reason"] == "idle"
+    for key in ("ts", "scores"):
+        np.testing.assert_array_equal(np.concatenate([getattr(r, key) for r in got]),
+                                      np.concatenate([getattr(r, key) for r in ref]))
+
+
+def test_a_missing_run_value_keeps_the_state_it_is_in(model):
+    v = day()
+    v[300:310, 0] = np.nan         # while running: still running (the fill covers the rest)
+    v[600:610, 0] = np.nan         # while stopped: still stopped
+    e = engine(model, running={**RUNNING, "start_s": 0})
+    res = feed(e, v)
+    assert e.metrics.samples_idle == 200
+    assert entered(res).count("idle") == 1
+
+
+def test_learning_learns_only_running(model):
+    v = np.concatenate([running(100), stopped(300), running(300, seed=1)])
+    e = engine(model, running=RUNNING)
+    feed(e, v)
+    st = e.streams["s"]
+    assert not st.baseline.learning and st.baseline.samples_used == 200
+    assert st.baseline.scaler.mean[0] == pytest.approx(3.0, abs=0.05)
+
+
+def test_config_is_checked(model):
+    with pytest.raises(ConfigError, match="running.*exactly one of above and below"):
+        build(AgentConfig, {"node": "n", "model": {"path": model},
+                            "streams": [{"id": "s", "source": {"type": "replay", "path": "x"}}],
+                            "running": {"channel": "current", "above": 1, "below": 2}})
+    with pytest.raises(ValueError, match="running.channel: 'amps' is not one of the model's "
+                                         "channels \\(current, b, c\\)"):
+        engine(model, running={"channel": "amps", "above": 1.0})
