@@ -18,24 +18,12 @@ import threading
 from pathlib import Path
 
 from . import __version__, logs, remote, shipped
+from .cli_args import Parser, gap_factor, running_flags
 from .config import ConfigError, load_config
 from .preflight import config_file_problem, reason
 from .shipped import DEMO_CSV
 
 DEFAULT_MODEL = "DLinear_ad"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's usage errors in one line too (the usage itself is one --help away)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _gap_factor(text: str) -> float:      # --max-gap
-    if not ((k := float(text)) == 0 or 1 <= k < float("inf")):
-        raise argparse.ArgumentTypeError(f"{text}: 0 (no check) or a factor >= 1 on the median step")
-    return k
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -116,11 +104,12 @@ def cmd_run(a) -> int:
 
 def cmd_replay(a) -> int:
     logs.setup(a.log_level)
-    from .jobs import file_config, replay_config, replay_line, write_results_csv
+    from .jobs import file_config, flag_overrides, replay_config, replay_line, write_results_csv
     overrides = {"sinks": {"console": {"enabled": not a.quiet},
                            **({"jsonl": {"path": a.alerts}} if a.alerts else {})}}
     model = resolve_model(a.model)
     try:
+        overrides.update(flag_overrides(running=a.running, running_start_s=a.running_start_s))
         cfg = file_config(a.file, model, a.calibrate, overrides, stream=a.stream,
                           speed=a.speed)
         engine, rec = replay_config(cfg, _detector(model))
@@ -136,17 +125,16 @@ def cmd_replay(a) -> int:
 def cmd_evaluate(a) -> int:
     logs.setup(a.log_level)
     from .evaluate import evaluate, evaluation_files, format_summary
+    from .jobs import flag_overrides
     try:
         files = evaluation_files([Path(p) for p in a.paths])
     except ValueError as e:
         return _fail(str(e))
-    overrides = {}
-    if a.smoothing is not None:
-        overrides["scoring"] = {"smoothing": a.smoothing}
-    cal = {k: v for k, v in (("quantile", a.quantile), ("margin", a.margin),
-                             ("std_floor", a.std_floor)) if v is not None}
-    if cal:
-        overrides["calibration"] = cal
+    try:
+        overrides = flag_overrides(a.smoothing, a.quantile, a.margin, a.std_floor, a.running,
+                                   a.running_start_s)
+    except ValueError as e:
+        return _fail(str(e))
     results = []
     for m in a.model:
         model = resolve_model(m)
@@ -261,7 +249,7 @@ def cmd_serve(a) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="tsad-agent", description=__doc__)
+    ap = Parser(prog="tsad-agent", description=__doc__)
     ap.add_argument("--version", action="version", version=f"tsad-agent {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -293,6 +281,7 @@ def _file_commands(sub) -> None:
     s.add_argument("--quiet", "-q", action="store_true", help="no console alert lines")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_replay)
+    running_flags(s)
 
     s = sub.add_parser("evaluate", help="SKAB-protocol evaluation through the live pipeline")
     s.add_argument("paths", nargs="+", help="labeled CSV files or folders (e.g. ../shared/data/skab)")
@@ -310,6 +299,7 @@ def _file_commands(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_evaluate)
+    running_flags(s)
 
     s = sub.add_parser("demo", help="replay a shipped pump recording through a shipped model")
     s.add_argument("--model", "-m", default=DEFAULT_MODEL)
@@ -336,7 +326,7 @@ def _model_commands(sub) -> None:
     s.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     s.add_argument("--paddlex-compat", action="store_true",
                    help="like PaddleX: score and label only the last window's rows")
-    s.add_argument("--max-gap", type=_gap_factor, default=2.5, metavar="K",
+    s.add_argument("--max-gap", type=gap_factor, default=2.5, metavar="K",
                    help="reject steps over K x the median step (1.5 = strictly regular; 0 = off)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_predict)
@@ -382,7 +372,7 @@ def _model_commands(sub) -> None:
                         "default as in predict)")
     s.add_argument("--paddlex-compat", action="store_true",
                    help="the PaddleX endpoint labels only the last window's rows")
-    s.add_argument("--max-gap", type=_gap_factor, default=2.5, metavar="K")
+    s.add_argument("--max-gap", type=gap_factor, default=2.5, metavar="K")
     s.add_argument("--visualize", action="store_true",
                    help="PaddleX endpoint returns a PNG too (needs matplotlib)")
     s.add_argument("--log-level", default="info")

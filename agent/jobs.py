@@ -28,6 +28,7 @@ from .detector import Detector
 from .engine import Engine
 from .model_meta import ModelMeta
 from .policy import effective, learning_rows
+from .running import rule
 from .sinks import build_sinks
 from .sinks.base import Sink
 from .sources.base import Batch
@@ -47,6 +48,23 @@ def detection_config_dict(learning_rows: int | None, overrides: dict | None,
     for key, val in (overrides or {}).items():
         d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val
     return d
+
+
+def flag_overrides(smoothing: int | None = None, quantile: float | None = None,
+                   margin: float | None = None, std_floor: float | None = None,
+                   running: str | None = None, running_start_s: float | None = None) -> dict:
+    """The detection sections a file command's flags set (None: left unset); ValueError
+    for a --running that is not CHANNEL>LEVEL or CHANNEL<LEVEL."""
+    out: dict = {}
+    if smoothing is not None:
+        out["scoring"] = {"smoothing": smoothing}
+    cal = {k: v for k, v in (("quantile", quantile), ("margin", margin),
+                             ("std_floor", std_floor)) if v is not None}
+    if cal:
+        out["calibration"] = cal
+    if running is not None:
+        out["running"] = rule(running, running_start_s)
+    return out
 
 
 def detection_config(meta: ModelMeta, learning_rows: int | None = None,

@@ -85,6 +85,21 @@ class RunGate:
             self.since = float(ts[off[-1] + 1] if len(off) else ts[0])
 
 
+def rule(text: str, start_s: float | None = None) -> dict:
+    """`CHANNEL>LEVEL` or `CHANNEL<LEVEL` (replay's and evaluate's --running) as a `running`
+    section; ValueError saying the form."""
+    for op, key in ((">", "above"), ("<", "below")):
+        name, sep, level = text.rpartition(op)
+        if sep and name.strip():
+            try:
+                return {"channel": name.strip(), key: float(level),
+                        **({"start_s": start_s} if start_s is not None else {})}
+            except ValueError:
+                break
+    raise ValueError(f"--running {text!r}: expected CHANNEL>LEVEL or CHANNEL<LEVEL "
+                     f"(e.g. 'Current>0.5')")
+
+
 def channel_of(cfg: RunningConfig, channels: list[str]) -> int:
     """The index of `running.channel` among the model's channels; ValueError naming them."""
     if cfg.channel not in channels:

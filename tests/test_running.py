@@ -2,6 +2,8 @@
 and a real (tiny) ONNX model."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -152,3 +154,30 @@ def test_config_is_checked(model):
     with pytest.raises(ValueError, match="running.channel: 'amps' is not one of the model's "
                                          "channels \\(current, b, c\\)"):
         engine(model, running={"channel": "amps", "above": 1.0})
+
+
+def test_replay_and_evaluate_take_it_as_a_flag(model, tmp_path, capsys):
+    from agent.cli import main
+    v = day()
+    csv = tmp_path / "day.csv"
+    rows = [f"{1e9 + i:.0f},{','.join(f'{x:.4f}' for x in r)}" for i, r in enumerate(v)]
+    csv.write_text("timestamp," + ",".join(CH) + "\n" + "\n".join(rows) + "\n")
+    spans = []
+    for extra in ([], ["--running", "current>1", "--running-start-s", "5"]):
+        out = tmp_path / f"alerts{len(extra)}.jsonl"
+        assert main(["replay", str(csv), "-m", model, "--calibrate", "200", "-q",
+                     "--alerts", str(out), *extra]) == 0
+        evs = [json.loads(x) for x in out.read_text().splitlines()]
+        ends = {ev["id"]: ev["end"] for ev in evs if ev["type"] == "end"}
+        spans.append([(ev["start"], ends.get(ev["id"]) or "9999") for ev in evs
+                      if ev["type"] == "new"])
+    capsys.readouterr()
+    stop = ("2001-09-09T01:55:00.000Z", "2001-09-09T01:58:20.000Z")     # rows 500-700
+
+    def over_the_stop(spans):
+        return [s for s in spans if s[0] < stop[1] and s[1] > stop[0]]
+    assert over_the_stop(spans[0]) and not over_the_stop(spans[1])
+    assert main(["replay", str(csv), "-m", model, "--running", "current=1"]) == 2
+    assert "expected CHANNEL>LEVEL or CHANNEL<LEVEL" in capsys.readouterr().err
+    assert main(["evaluate", str(csv), "-m", model, "--running", "amps<1"]) == 2
+    assert "'amps' is not one of the model's channels" in capsys.readouterr().err
