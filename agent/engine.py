@@ -39,10 +39,10 @@ from .alerts import AlertTracker
 from .bad_input import named
 from .baseline import Baseline
 from .config import DetectionConfig
-from .contract import score_windows
-from .detector import Detector
+from .detector import Detector, DetectorError
 from .fit_budget import FitBudget
 from .metrics import Metrics
+from .model_call import scored
 from .operator_commands import OperatorCommands
 from .pace import Pace
 from .policy import baseline_basis, effective
@@ -222,8 +222,7 @@ class Engine(OperatorCommands):
                 if not self.fits.room():
                     self.held_back[st.id] = [Batch(st.id, ts[a:], values[a:], arrived=arrived)]
                     return out
-                if not self._fit(st):
-                    return out
+                self._fit(st)
             if a >= len(ts):
                 return out
             if st.rebaseline_due:
@@ -276,15 +275,24 @@ class Engine(OperatorCommands):
         self.metrics.samples_idle += len(ts)
         return out
 
-    def _fit(self, st: Stream) -> bool:
-        """End a stream's learning period, in the step's budget; False if it failed."""
+    def _fit(self, st: Stream) -> None:
+        """End a stream's learning period, in the step's budget.  A fit that fails (the
+        model's call, or no finite output to fit on) starts a new period: a stream half
+        fitted had a threshold of 0, an alert on normal data that never closed (ORT audit,
+        twenty-second session)."""
+        held = st.baseline.held
         try:
             self.fits.spent(st.end_learning(self.fits.infer(self.detector.infer)))
-        except Exception:
-            self._failed(st, "ingest")
-            return False
+        except Exception as e:
+            self.metrics.errors["learning"] += 1
+            n = self.metrics.errors["learning"]
+            if n <= 5 or n % 1000 == 0:
+                log.error("stream %s: its learning period could not be fitted (%s; %d so far): "
+                          "its %d samples are dropped and it learns again from its next one",
+                          st.id, e, n, held, exc_info=not isinstance(e, (DetectorError, ValueError)))
+            st.relearn()
+            return
         self.saves.due(st.id, first=True)
-        return True
 
     def _flush(self) -> list[StreamResult]:
         due, self._due, self._pending = self._due, [], 0
@@ -305,9 +313,7 @@ class Engine(OperatorCommands):
         return results
 
     def _infer(self, due: list[tuple[Stream, Windows]]) -> list[StreamResult]:
-        x = due[0][1].x if len(due) == 1 else np.concatenate([w.x for _, w in due])
-        scores, err = score_windows(x, self.detector.infer(x))
-        self.metrics.windows_inferred += len(x)
+        due, scores, err = scored(self.detector, due, self.metrics)
         add_levels(due, scores, err)
         scores, shown = normalized(due, scores, err)
         out, off = [], 0

@@ -31,6 +31,7 @@ from .refine import needed
 from .ring import RingBuffer, Windows
 from .sample_clock import SampleClock
 from .scoring import Smoother, level_excess
+from .stream_pieces import StreamPieces
 from .stream_status import StreamStatus
 
 log = logging.getLogger("tsad.stream")
@@ -56,7 +57,7 @@ class StreamResult:
     entered: list[str] = field(default_factory=list)
 
 
-class Stream(StreamStatus):
+class Stream(StreamStatus, StreamPieces):
     # slots here and in the objects a stream holds (ring, pace, smoother, baseline, tracker,
     # adapter): no instance dict, about 56 bytes less per object (benchmarks/bench_memory.py)
     __slots__ = ("normalize", "level_band", "max_batch", "pace", "adaptation", "adapter",
@@ -173,26 +174,6 @@ class Stream(StreamStatus):
             self.baseline.refiner.took(0 if w is None else len(w))
         return w
 
-    def _scaled(self, values: np.ndarray, parts: list) -> np.ndarray:
-        out = np.empty(values.shape, np.float32)
-        for a, b, v in parts:
-            out[a:b] = self.adapter.at(v)[0].apply(values[a:b])
-        return out
-
-    def _piece(self, values: np.ndarray, w: Windows | None, parts: list) -> list:
-        """A pending piece: [raw, True (awaiting scores) | False (no window), the error
-        level of its windows ([C], [windows, C] when its parts' levels differ, or None),
-        errors (once concluded)]."""
-        if w is None:
-            return [values, False, None, None]
-        ends = np.searchsorted(w.rows, [b for _, b, _ in parts]).tolist()
-        counts = [b - a for a, b in zip([0] + ends, ends)]
-        levels = [self.adapter.at(v)[1] for (_, _, v), n in zip(parts, counts) if n]
-        lv = levels[0]
-        if any(x is not lv for x in levels):
-            lv = np.repeat(np.stack(levels), [n for n in counts if n], axis=0)
-        return [values, True, lv, None]
-
     def _took(self, ts: np.ndarray) -> float | np.ndarray:
         """Count the samples taken; their clock offsets (SampleClock.take)."""
         if not len(ts):
@@ -246,6 +227,14 @@ class Stream(StreamStatus):
                 errs.append(self.scored(w.x, *score_windows(w.x, infer(w.x)))[1])
         if errs:
             err = np.concatenate(errs)
+            fin = np.isfinite(err).all(axis=1)
+            if not fin.any():
+                raise ValueError("the model returned NaN or infinity for every learning window")
+            if not fin.all():
+                log.warning("stream %s: the model returned NaN or infinity for %d of its %d "
+                            "learning windows: the baseline is fitted on the others", self.id,
+                            len(fin) - int(fin.sum()), len(fin))
+                err = err[fin]
             b.fit_level(err)
             if self.normalize:
                 err = err / b.level
@@ -269,16 +258,6 @@ class Stream(StreamStatus):
         return took
 
     # ------------------------------------------------------------ step, second half
-    def shown_level(self, i: int = 0) -> np.ndarray | None:
-        """The error level the i-th windows `ingest` returned and `conclude` has not taken
-        yet are normalised by ([C], or [windows, C] when they span adapted levels; None:
-        they are not): the engine divides every stream's errors by theirs at once."""
-        if not self.normalize:
-            return None
-        if self.adapter is None:
-            return self.baseline.level
-        return [p for p in self._pieces if p[1] is True][i][2]
-
     def conclude(self, w: Windows, scores: np.ndarray, err: np.ndarray,
                  shown: np.ndarray) -> StreamResult:
         """Scores of windows `ingest` returned, in order -> the result.  `scores` are
@@ -356,23 +335,6 @@ class Stream(StreamStatus):
             return scores, err
         err = err + level_excess(x[:, -1, :], self.level_band)
         return np.add.reduce(err, axis=1) / err.shape[1], err
-
-    def abandon(self, windows: int) -> None:
-        """The newest windows could not be concluded (a bug): their samples are learned
-        from by no channel, so the adapter's epochs stay whole."""
-        if self.baseline.refiner is not None:
-            self.baseline.refiner.dropped(windows)
-        if self._pieces:
-            self._pieces[0][1] = False
-            self._settle()
-
-    def _settle(self) -> None:
-        """Hand concluded pieces to the adapter, in order (a piece without windows has
-        no normal sample; one still awaiting its scores stops the queue)."""
-        q = self._pieces
-        while q and q[0][1] is not True:
-            raw, ok, _, err = q.pop(0)
-            self.adapter.observe(raw, ok if ok is not False else None, err)
 
     def relearn(self) -> dict | None:
         """Forget the baseline and start a new learning period; the end event of an open

@@ -5,6 +5,9 @@
 
 kind="affine":   recon = x * scale + bias              (elementwise)
 kind="timemix":  recon = M @ x, M [window, window]     (mixes time steps, like a linear AE)
+kind="glitch":   as affine, but a window whose last channel goes over `trigger` comes back
+                 all NaN, whose second last does all +inf, and whose third last fails
+                 ONNX Runtime's run (a Gather out of bounds): a model going wrong at run time
 The graph's declared window/channels can differ from the metadata's
 (`graph_window`, `graph_channels`) to build deliberately mismatched pairs.
 """
@@ -30,7 +33,7 @@ def timemix_matrix(window: int, seed: int = 0) -> np.ndarray:
 
 def build_graph(window: int, channels: int, kind: str = "affine", batch: int | str = "batch",
                 input_name: str = "x", output_name: str = "recon", scale: float = 0.9,
-                bias: float = 0.01, seed: int = 0) -> onnx.ModelProto:
+                bias: float = 0.01, seed: int = 0, trigger: float = 50.0) -> onnx.ModelProto:
     shape = [batch, window, channels]
     x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, shape)
     y = helper.make_tensor_value_info(output_name, TensorProto.FLOAT, shape)
@@ -42,6 +45,8 @@ def build_graph(window: int, channels: int, kind: str = "affine", batch: int | s
     elif kind == "timemix":
         inits = [numpy_helper.from_array(timemix_matrix(window, seed), "M")]
         nodes = [helper.make_node("MatMul", ["M", input_name], [output_name])]
+    elif kind == "glitch":
+        inits, nodes = _glitch(input_name, output_name, scale, bias, trigger)
     else:
         raise ValueError(f"unknown kind {kind!r}")
     graph = helper.make_graph(nodes, f"tiny_{kind}", [x], [y], initializer=inits)
@@ -50,6 +55,35 @@ def build_graph(window: int, channels: int, kind: str = "affine", batch: int | s
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
+
+
+def _glitch(inp: str, out: str, scale: float, bias: float, trigger: float):
+    """The glitch graph's initialisers and nodes (see the module docstring)."""
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for v, dt, n in (
+        (scale, np.float32, "scale"), (bias, np.float32, "bias"), (trigger, np.float32, "trig"),
+        (0.0, np.float32, "zero"), (100.0, np.float32, "hundred"), (100, np.int64, "far"),
+        ([0.0], np.float32, "one_value"), ([2], np.int64, "axis2"))]
+    inits += [numpy_helper.from_array(np.array(-k, np.int64), f"ch{k}") for k in (1, 2, 3)]
+    nodes = [helper.make_node("Mul", [inp, "scale"], ["s"]),
+             helper.make_node("Add", ["s", "bias"], ["y0"])]
+    for k in (1, 2, 3):         # m{k}: each window's largest value of channel -k, [B, 1, 1]
+        nodes += [helper.make_node("Gather", [inp, f"ch{k}"], [f"g{k}"], axis=2),
+                  helper.make_node("ReduceMax", [f"g{k}"], [f"r{k}"], axes=[1], keepdims=1),
+                  helper.make_node("Unsqueeze", [f"r{k}", "axis2"], [f"m{k}"])]
+    nodes += [helper.make_node("Sub", ["trig", "m1"], ["d1"]),      # NaN: sqrt of < 0, x 0
+              helper.make_node("Sqrt", ["d1"], ["q1"]),
+              helper.make_node("Mul", ["q1", "zero"], ["n1"]),
+              helper.make_node("Add", ["y0", "n1"], ["y1"]),
+              helper.make_node("Sub", ["m2", "trig"], ["d2"]),      # +inf: exp(100 x over)
+              helper.make_node("Mul", ["d2", "hundred"], ["e2"]),
+              helper.make_node("Exp", ["e2"], ["x2"]),
+              helper.make_node("Add", ["y1", "x2"], ["y2"]),
+              helper.make_node("Greater", ["m3", "trig"], ["o3"]),  # an index out of bounds
+              helper.make_node("Cast", ["o3"], ["i3"], to=TensorProto.INT64),
+              helper.make_node("Mul", ["i3", "far"], ["j3"]),
+              helper.make_node("Gather", ["one_value", "j3"], ["v3"]),
+              helper.make_node("Add", ["y2", "v3"], [out])]
+    return inits, nodes
 
 
 def make_model(path: str | Path, window: int = 8, channels: list[str] | int = 3,

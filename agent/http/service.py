@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract import StreamScaler, score_windows, top_channels
-from ..detector import Detector
+from ..detector import Detector, DetectorError
 from ..engine import Engine
 from ..jobs import detection_config, model_learning_rows
 from ..metrics import Metrics
@@ -104,6 +104,12 @@ class AnomalyService:
         self.metrics.samples_in += len(values)
         self.metrics.windows_inferred += 1
         if not np.isfinite(s):
+            scaler = self.scaler if stream is None else self.engine.streams[stream].scaler
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(scaler.apply(values)).all():
+                    # not the input: the model's own output (ORT audit, twenty-second session)
+                    raise DetectorError("the model returned NaN or infinity for this window: "
+                                        "no score (tsad-export verify MODEL checks a model)")
             # a stream forward-fills such a value as missing; a window has nothing to fill
             # it with, and a NaN score is neither valid JSON nor "normal"
             raise InputError("values overflow float32 once scaled by the "
