@@ -17,6 +17,7 @@ import time
 import msgspec
 
 from . import preflight, sdnotify
+from .bad_input import named
 from .config import AgentConfig, ConfigError, load_config
 from .detector import Detector, DetectorError
 from .engine import Engine
@@ -28,6 +29,7 @@ from .outbox import OutboxError
 from .pipeline import Handover, Pipeline
 from .sinks import build_sinks
 from .state_store import StateStore
+from .timestamps import iso_utc
 
 log = logging.getLogger("tsad.daemon")
 
@@ -159,15 +161,23 @@ class Daemon:
             # what a start would refuse must fail here, before anything stops
             findings = preflight.require(new_cfg, detector.meta)
         except (ConfigError, DetectorError, ModelMetaError, OSError, TimeoutError) as e:
-            log.error("reload rejected, keeping the running config and model: %s",
-                      preflight.reason(e))
-            sdnotify.ready()
+            why = preflight.reason(e)
+            log.error("reload rejected, keeping the running config and model: %s", why)
+            # seen in `systemctl status` and health, not only in the journal (ORT audit)
+            self._reloaded(why)
             return
         _report(findings)
         if new_cfg.metrics != self.cfg.metrics:
             log.warning("reload: metrics: changes take effect at the next start")
             new_cfg = msgspec.structs.replace(new_cfg, metrics=self.cfg.metrics)
         carry = self._engine_carries_over(new_cfg, detector)
+        alerting = [sid for sid, st in self.pipeline.engine.streams.items()
+                    if st.tracker.state == "anomaly"]
+        if alerting and not carry:
+            log.warning("reload: the alerts of %s end (reason reload) while their machine may "
+                        "still be abnormal; a stream that learns its baseline anew learns it on "
+                        "the machine as it is now: re-baseline it once it runs normally",
+                        named(alerting))
         keep = self.pipeline.reusable_sources(new_cfg, detector.meta.channels)
         handover = self.pipeline.stop(stop_sinks=False, close_alerts=None if carry else "reload",
                                       keep=keep, keep_engine=carry)
@@ -208,16 +218,25 @@ class Daemon:
         self.pipeline.start(start_sinks=rebuild)
         self.pipeline.deliver_events(gone, "warming_up")
         log.info("reloaded %s: model %s (%s)", self.config_path, detector.meta.name, detector.ep)
-        sdnotify.ready()
+        self._reloaded(None)
+
+    def _status(self) -> str:
+        meta, ep = self.pipeline.engine.meta, self.pipeline.engine.detector.ep
+        return f"model {meta.name} on {ep}, {len(self.cfg.streams)} stream(s)"
+
+    def _reloaded(self, error: str | None) -> None:
+        """Tell systemd (its STATUS line) and health (`reload`) how the last reload went."""
+        self.metrics.reload = {"ok": error is None, "error": error, "at": iso_utc(time.time())}
+        sdnotify.ready(self._status() if error is None
+                       else f"reload rejected: {error}; still {self._status()}")
 
     def serve(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.pipeline.start()
         self.watchdog.start()
-        sdnotify.ready()
+        sdnotify.ready(self._status())
         meta, ep = self.pipeline.engine.meta, self.pipeline.engine.detector.ep
-        sdnotify.status(f"model {meta.name} on {ep}, {len(self.cfg.streams)} stream(s)")
         log.info("running: node %s, model %s on %s", self.cfg.node, meta.name, ep)
         if self._reload.is_set():
             log.info("a reload (SIGHUP) came while starting: rereading %s", self.config_path)

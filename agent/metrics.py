@@ -41,6 +41,8 @@ class Metrics:
         self.stream_alerts = Counter()               # (stream, event type) -> count
         self._lat_ms: deque[float] = deque(maxlen=latency_samples)
         self._lock = threading.Lock()
+        # how the daemon's last reload went: {"ok", "error", "at"}; None before one
+        self.reload: dict | None = None
         # cumulative over the process lifetime, unlike the bounded latency sample
         self._infer_buckets = [0] * (len(INFER_BUCKETS_S) + 1)   # last: over the top bound
         self._infer_sum_s = 0.0
@@ -96,4 +98,5 @@ class Metrics:
             "dropped": dict(self.dropped),
             "alerts": dict(self.alerts),
             "errors": dict(self.errors),
+            "reload": self.reload,
         }

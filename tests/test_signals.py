@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -88,8 +89,22 @@ def _running_on_v1(tmp_path, rig):
     return agent, w, cfg, v2, kw
 
 
-def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
+def _notified(s: socket.socket) -> list[str]:
+    """The datagrams systemd would have had so far."""
+    out = []
+    s.setblocking(False)
+    while True:
+        try:
+            out.append(s.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig, monkeypatch):
     obs = rig[1]
+    sd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # systemd's notification socket
+    sd.bind(str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
     agent, w, cfg, v2, kw = _running_on_v1(tmp_path, rig)
     expected = set(w.spikes(2))
     obs.wait_ids(expected)
@@ -100,6 +115,14 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     agent.signal(signal.SIGHUP)
     agent.wait_log("reload rejected")
     assert "not valid YAML" in agent.log()
+    # health says so too, not only the journal (ORT audit, twenty-second session)
+    h = wait_until(lambda: (h := obs.healths()) and h[-1][1].get("reload") and h[-1][1],
+                   "health naming the rejected reload")
+    assert h["reload"]["ok"] is False and "not valid YAML" in h["reload"]["error"]
+    sent = _notified(sd)
+    assert sent[0].startswith("READY=1\nSTATUS=model tiny_v1 on CPUExecutionProvider")
+    assert sent[-1].startswith("READY=1\nSTATUS=reload rejected: ") and "not valid YAML" in \
+        sent[-1] and sent[-1].endswith("; still model tiny_v1 on CPUExecutionProvider, 1 stream(s)")
     ids = set(w.spikes(2))
     expected |= ids
     obs.wait_ids(expected)
@@ -160,6 +183,10 @@ def test_sighup_rejects_bad_config_and_model_then_reloads(tmp_path, rig):
     obs.wait_ids(expected)
     assert _model_names(obs, ids) == {"tiny_v2"}
     wait_until(lambda: obs.healths()[-1][1]["model"]["name"] == "tiny_v2", "health model")
+    assert obs.healths()[-1][1]["reload"]["ok"] is True
+    assert _notified(sd)[-1] == "READY=1\nSTATUS=model tiny_v2 on CPUExecutionProvider, 1 stream(s)"
+    sd.close()
+    assert "reload: the alerts of pump end (reason reload)" in agent.log()
     assert_exact(obs, expected)
     assert agent.running()
     no_traceback(agent)
