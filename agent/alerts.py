@@ -59,7 +59,7 @@ class AlertTracker:
     __slots__ = ("channels", "model_info", "state", "labels", "open_mask", "alert_id", "_hist",
                  "_cooldown_until", "shelved_until", "acknowledged", "_last_score", "_standing",
                  "standing_since", "_start", "_start_el", "_peak", "_peak_err", "_last_update",
-                 "_normal_run", "_normal_since", "node", "stream", "cfg", "_last_ms")
+                 "_normal_run", "_normal_since", "node", "stream", "cfg", "_last_ms", "rtn")
 
     def __init__(self, node: str, stream: str, cfg: AlertConfig, channels: list[str],
                  model_info: dict) -> None:
@@ -82,6 +82,10 @@ class AlertTracker:
         self.shelved_until = -np.inf
         # open-alert state
         self.acknowledged = False
+        # the end event of the latest alert, while it ended unacknowledged (ISA-18.2's
+        # "returned to normal, unacknowledged": still the operator's to ack); the next
+        # alert takes its place
+        self.rtn: dict | None = None
         self._last_score = float("nan")
         # the open alert's recent scores (standing_after_s of them; only while one is open:
         # a span at 100 Hz is a megabyte) and since when it stands
@@ -107,24 +111,31 @@ class AlertTracker:
             "model": dict(self.model_info), "acknowledged": self.acknowledged,
             "standing": self.standing_since is not None,
         }
+        if typ != "update":
+            self.rtn = ev if typ == "end" and not self.acknowledged else None
         if typ == "end":
             ev["reason"] = reason
         return ev
 
     @property
     def alarm(self) -> str:
-        """The stream's alarm state for operators: normal, unacknowledged or acknowledged."""
+        """The stream's alarm state for operators: normal, unacknowledged, acknowledged or
+        rtn_unacknowledged (its latest alert ended before anyone acked it)."""
         if self.state != "anomaly":
-            return "normal"
+            return "normal" if self.rtn is None else "rtn_unacknowledged"
         return "acknowledged" if self.acknowledged else "unacknowledged"
 
-    def ack(self, alert_id: str, threshold: float) -> dict | None:
-        """Acknowledge the open alert `alert_id`: an "update" showing it, or None when it is
-        not the open one (ended meanwhile, or another stream's)."""
-        if self.state != "anomaly" or alert_id != self.alert_id:
-            return None
-        self.acknowledged = True
-        return self._event("update", self._last_score, threshold, None)
+    def ack(self, alert_id: str | None, threshold: float) -> dict | None:
+        """Acknowledge alert `alert_id` (None: the stream's own): the open one, shown by an
+        "update", or one that ended unacknowledged, shown by its "end" again, acknowledged;
+        None when neither is that alert (acked, superseded, or another stream's)."""
+        if self.state == "anomaly" and alert_id in (None, self.alert_id):
+            self.acknowledged = True
+            return self._event("update", self._last_score, threshold, None)
+        if self.rtn is not None and alert_id in (None, self.rtn["id"]):
+            ev, self.rtn = {**self.rtn, "acknowledged": True}, None
+            return ev
+        return None
 
     def _track_standing(self, el: np.ndarray, scores: np.ndarray, threshold: float) -> None:
         """Feed the open alert's windows of this block (elapsed times `el`) to its standing

@@ -4,6 +4,7 @@ A command is a JSON object with a request id:
 
     {"id": "r1", "cmd": "recalibrate", "stream": "pump-1"}
     {"id": "r2", "cmd": "ack", "alert_id": "pump-hall-2:pump-1:1583750689000"}
+    {"id": "r5", "cmd": "ack", "stream": "pump-1"}        (its latest alert: a static button)
     {"id": "r3", "cmd": "shelve", "stream": "pump-1", "for_s": 3600}
     {"id": "r4", "cmd": "unshelve", "stream": "pump-1"}
 
@@ -67,8 +68,8 @@ def parse(payload: bytes | str) -> Command:
     cmd = doc.get("cmd")
     if cmd not in COMMANDS:
         return Command(rid, None, error=f"cmd must be one of {', '.join(COMMANDS)}")
-    need = {"recalibrate": ("stream",), "ack": ("alert_id",), "shelve": ("stream",),
-            "unshelve": ("stream",)}[cmd]
+    need = {"recalibrate": ("stream",), "shelve": ("stream",), "unshelve": ("stream",),
+            "ack": ("stream",) if "stream" in doc and "alert_id" not in doc else ("alert_id",)}[cmd]
     args = {}
     for key in need:
         v = _text(doc, key)
@@ -91,10 +92,12 @@ def execute(c: Command, engine: Engine) -> tuple[dict, list[dict]]:
         return {**result, "error": c.error}, []
     a = c.args
     if c.cmd == "ack":
-        ev = engine.ack(a["alert_id"])
+        ev = engine.ack(a.get("alert_id"), a.get("stream"))
         if ev is None:
-            return {**result, "error": f"no open alert {a['alert_id']!r}"}, []
-        return {**result, "ok": True, "alert_id": a["alert_id"]}, [ev]
+            return {**result, "error": f"no alert {a['alert_id']!r} to acknowledge (open, or ended "
+                                       f"unacknowledged)" if "alert_id" in a else
+                    f"stream {a['stream']!r} has no alert to acknowledge"}, []
+        return {**result, "ok": True, "alert_id": ev["id"]}, [ev]
     sid = a["stream"]
     if c.cmd == "recalibrate":
         known, ev = engine.rebaseline(sid)

@@ -40,13 +40,16 @@ class OperatorCommands:
         log.info("stream %s: re-baselining: a new learning period starts", sid)
         return True, ev
 
-    def ack(self, alert_id: str) -> dict | None:
-        """Acknowledge an open alert: the "update" event that shows it, or None when no
-        stream has it open."""
-        for st in self.streams.values():
+    def ack(self, alert_id: str | None = None, sid: str | None = None) -> dict | None:
+        """Acknowledge alert `alert_id`, or stream `sid`'s latest (open, or ended
+        unacknowledged): the event that shows it (AlertTracker.ack), or None when no
+        stream has it to acknowledge."""
+        streams = self.streams.values() if sid is None else \
+            [st] if (st := self.streams.get(sid)) is not None else []
+        for st in streams:
             ev = st.tracker.ack(alert_id, st.threshold)
             if ev is not None:
-                self.metrics.alerts["update"] += 1
+                self.metrics.alerts[ev["type"]] += 1
                 return ev
         return None
 

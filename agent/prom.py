@@ -104,6 +104,7 @@ class StreamView:
     threshold: float | None
     score: float | None     # its latest window's score; None before its first
     missing: tuple[str, ...]    # channels without a value (no_data), else ()
+    unacked: bool           # its latest alert awaits an ack (open, or ended unacknowledged)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def take_snapshot(engine, runners, sinks, metrics: Metrics) -> Snapshot:
             del table[key]
     views = tuple(StreamView(st.id, st.state, st.shelved,
                              st.last_seen, st.samples, _finite(st.threshold),
-                             metrics.stream_scores.get(st.id), st.no_data[:LISTED])
+                             metrics.stream_scores.get(st.id), st.no_data[:LISTED],
+                             st.tracker.alarm in ("unacknowledged", "rtn_unacknowledged"))
                   for st in streams.values())
     # the MQTT sink's durable outbox: the alerts the broker has not acknowledged yet
     mqtt = next((s for s in sinks if hasattr(s, "outbox")), None)
@@ -175,10 +177,13 @@ def _stream_families(snap: Snapshot) -> list:
         ("tsad_stream_threshold", "The stream's threshold: a window scoring at or over it "
                                   "is anomalous."),
         ("tsad_stream_shelved", "1 while an operator has shelved the stream's alerts."),
+        ("tsad_stream_unacknowledged", "1 while the stream's latest alert awaits an "
+                                       "operator's acknowledgement, open or ended."),
         ("tsad_stream_last_sample_age_seconds", "Seconds since the stream's newest sample "
                                                 "arrived."))}
     state = GaugeMetricFamily("tsad_stream_state", "1 for the state the stream is in "
-                              "(learning, warming_up, normal, anomaly, no_data), 0 for the others.",
+                              "(learning, warming_up, normal, anomaly, no_data, idle), 0 for the "
+                              "others.",
                               labels=["stream", "state"])
     missing = GaugeMetricFamily("tsad_stream_channel_missing", "1 for each channel that left "
                                 "the stream in no_data: no value past the forward fill.",
@@ -193,6 +198,7 @@ def _stream_families(snap: Snapshot) -> list:
         if s.threshold is not None and s.state != "learning":
             g["tsad_stream_threshold"].add_metric([s.id], s.threshold)
         g["tsad_stream_shelved"].add_metric([s.id], int(s.shelved))
+        g["tsad_stream_unacknowledged"].add_metric([s.id], int(s.unacked))
         if s.samples:       # a stream a command made has no sample to be old
             g["tsad_stream_last_sample_age_seconds"].add_metric([s.id], max(0.0, now - s.last_seen))
         for name in STATES:

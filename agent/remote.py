@@ -49,7 +49,8 @@ def duration_s(text: str) -> float:
 def command_doc(a) -> dict:
     doc = {"id": uuid.uuid4().hex, "cmd": a.cmd}
     if a.cmd == "ack":
-        doc["alert_id"] = a.alert_id
+        # an alert id is node:stream:ms; a stream id has no colon (config_base.STREAM_ID_CHARS)
+        doc["alert_id" if ":" in a.alert_id else "stream"] = a.alert_id
     else:
         doc["stream"] = a.stream
     if a.cmd == "shelve":
@@ -155,13 +156,13 @@ def run(a) -> int:
 
 
 def add_parsers(sub) -> None:
-    verbs = {"ack": ("acknowledge an open alert", "alert_id"),
+    verbs = {"ack": ("acknowledge an alert, open or ended; a stream id: its latest", "alert_id"),
              "shelve": ("no new alert on a stream for a while", "stream"),
              "unshelve": ("lift a shelve now", "stream"),
              "recalibrate": ("start a new learning period on a stream", "stream")}
     for verb, (text, arg) in verbs.items():
         s = sub.add_parser(verb, help=f"{text} (sent over MQTT to a running agent)")
-        s.add_argument(arg, metavar=arg.upper())
+        s.add_argument(arg, metavar="ALERT_ID|STREAM" if verb == "ack" else arg.upper())
         if verb == "shelve":
             s.add_argument("--for", dest="for_", required=True, metavar="DURATION",
                            help="e.g. 90s, 15m, 1h, 2d (a week at most)")

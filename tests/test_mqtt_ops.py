@@ -430,8 +430,8 @@ def test_home_assistant_follows_topic_named_streams_across_a_reload(broker, tmp_
         reg = ha_view(sub)
         assert not any(k.startswith("pump1_") for k in reg.entities)
         assert {k for k in reg.entities if k.startswith("press9_")} == {
-            f"press9_{s}" for s in ("anomaly", "state", "score", "shelved", "recalibrate",
-                                   "shelve", "unshelve")}
+            f"press9_{s}" for s in ("anomaly", "state", "score", "shelved", "ack",
+                                   "recalibrate", "shelve", "unshelve")}
         late = Sub(broker.port, [P + "stream/+/state"])
         late.wait(lambda m: any("press9" in t for t, *_ in m), "press9's retained state")
         time.sleep(0.5)      # retained messages come in one burst on subscribe
@@ -673,10 +673,10 @@ def test_discovery_payload_passes_home_assistants_rules():
     assert topic == f"homeassistant/device/{slug('hall.2')}/config" and slug("hall.2") != "hall_2"
     assert cmps["old_score"] == ("sensor", None)                   # a removal
     entities = {k: c for k, (_, c) in cmps.items() if c is not None}
-    assert len({c["unique_id"] for c in entities.values()}) == len(entities) == 21
+    assert len({c["unique_id"] for c in entities.values()}) == len(entities) == 24
     for sid in ("pump.1", "pump_1", "press7"):
         mine = {k: c for k, c in entities.items() if c["name"].startswith(sid + " ")}
-        assert len(mine) == 7
+        assert len(mine) == 8
         for k, c in mine.items():
             assert c["qos"] == 1
             own = [a["topic"] for a in c["availability"]]
@@ -738,7 +738,7 @@ def test_schemas_accept_the_documented_payloads_and_refuse_others():
             ("alert", {**alert, "start": 1583750689.0}),                  # epoch, not ISO
             ("score", {"ts": 1583750689.25, "score": 1, "threshold": 1, "label": 1}),
             ("command", {"cmd": "shelve", "stream": "p"}),                # for_s missing
-            ("command", {"cmd": "ack", "stream": "p"}),
+            ("command", {"cmd": "ack"}),                                  # no alert nor stream
             ("command-result", {"id": "x", "cmd": "ack", "ok": False,     # no error
                                 "ts": "2020-03-09T10:44:49.000Z"}),
             ("shelved", {"ts": "2020-03-09T10:44:49Z", "shelved_until": None})]:

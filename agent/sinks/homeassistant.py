@@ -32,8 +32,8 @@ from .base import to_json
 
 # Entity suffix -> platform; the component key is "<stream slug>_<suffix>".
 COMPONENTS = {"anomaly": "binary_sensor", "state": "sensor", "score": "sensor",
-              "shelved": "binary_sensor", "recalibrate": "button", "shelve": "button",
-              "unshelve": "button"}
+              "shelved": "binary_sensor", "ack": "button", "recalibrate": "button",
+              "shelve": "button", "unshelve": "button"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -90,6 +90,8 @@ def stream_components(cfg, sid: str, stale_s: float | None = None) -> dict[str, 
         cmp("shelved", "shelved", state_topic=base + "shelved",
             value_template="{{ 'ON' if value_json.shelved_until else 'OFF' }}",
             json_attributes_topic=base + "shelved"),
+        # the stream's latest alert, open or ended unacknowledged: a button carries no id
+        button("ack", "acknowledge"),
         button("recalibrate", "recalibrate", entity_category="config"),
         button("shelve", f"shelve {_duration(shelve_s)}", {"for_s": shelve_s}),
         button("unshelve", "unshelve"),

@@ -7,7 +7,8 @@ Topics (P = the topic prefix), all QoS 1 and retained:
                                widened for a slow stream: agent/staleness.py)
   P stream/<id>/shelved        {"ts", "shelved_until"} (docs/schemas/shelved.json)
   P stream/<id>/alert          the open alert's latest event (docs/schemas/alert.json),
-                               cleared (an empty retained message) when it ends: a
+                               then its end while nobody has acked it; cleared (an empty
+                               retained message) once it has ended acknowledged: a
                                dashboard that connects late lists and acks it from there
 
 Which streams exist: the config's own streams from the start, and a topic-named one
@@ -86,7 +87,7 @@ class StreamTopics:
         self.states = {sid: "warming_up" for sid in self.known}
         self.status: dict[str, dict] = {}
         self.stale: dict[str, float] = {}      # stream -> its stale window, from its status
-        self.open: dict[str, bytes] = {}       # stream -> its open alert's latest event
+        self.open: dict[str, bytes] = {}       # stream -> its retained alert (open, or ended unacked)
         # component key -> (platform, when removed), until it returns or REMOVED_KEEP_S passed
         self.removed: dict[str, tuple[str, float]] = {}
         self.departures = None                 # the pipeline's book (agent/departures.py)
@@ -138,14 +139,14 @@ class StreamTopics:
         return True
 
     # ------------------------------------------------------------ from the pipeline
-    def alert(self, sid: str, event: bytes, ended: bool) -> None:
+    def alert(self, sid: str, event: bytes, cleared: bool) -> None:
         with self._lock:
-            if ended:
+            if cleared:
                 self.open.pop(sid, None)
             else:
                 self.open[sid] = event
             if sid in self.known:
-                self._pub(sid, "alert", b"" if ended else event)
+                self._pub(sid, "alert", b"" if cleared else event)
 
     def state(self, sid: str, state: str) -> None:
         with self._lock:
