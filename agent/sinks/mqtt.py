@@ -195,8 +195,7 @@ class MqttSink(Sink):
         event = to_json(alert).encode()
         self.outbox.put(self.t_alerts, event, kind, alert_id=alert.get("id"),
                         last_ts=self._last_ts.get(stream))
-        # an alert that ended unacknowledged stays retained until acked (ISA-18.2's
-        # "returned to normal, unacknowledged"); its ack comes as its end again, acked
+        # one that ended unacknowledged stays retained until acked (its end again, acked)
         self.streams.alert(stream, event, kind == "end" and bool(alert.get("acknowledged")))
         self._wake.set()
 
