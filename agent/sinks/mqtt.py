@@ -20,17 +20,16 @@ Alert delivery: alert() writes the event to the sink's own Outbox
 thread hands the oldest rows to paho (at most WINDOW unacknowledged) and deletes
 each row when its PUBACK arrives.  Rows still in the outbox at exit are sent
 again by the next run, so delivery is at least once and consumers keep one record
-per alert id, updated by each event.  Order is kept across outages: after a reconnect paho first resends
-its unacknowledged copies in their original order, and new rows are handed over
-only once the broker has acknowledged this connection's "online" message, which
-it can only do after those resends went out.  The outbox also keeps events the
-disk refused (in memory, bounded), and the sender publishes those the same way.
+per alert id, updated by each event.  Order is kept across outages: after a reconnect
+paho first resends its unacknowledged copies in their original order, and new rows are
+handed over only once the broker has acknowledged this connection's "online" message,
+which it can only do after those resends went out.  The outbox also keeps events the disk
+refused (in memory, bounded), and the sender publishes those the same way.
 
-Open alerts: the outbox records each alert between its new and its end, and the
-stream's last sample time every PERSIST_S at most (from the sender thread: the
-score blocks only update a dict).  A run that finds records left behind (the
-previous one was killed) sends an "end" for each, with "reason": "restart" and
-"end" = the last sample time known.
+Open alerts: the outbox records each alert between its new and its end, and the stream's
+last sample time every PERSIST_S at most (from the sender thread: the score blocks only
+update a dict).  A run that finds records left behind (the previous one was killed) sends
+an "end" for each, with "reason": "restart" and "end" = the last sample time known.
 
 TLS: when mqtt.tls is set the client speaks TLS only (see make_client); there is
 no plaintext fallback.  Credentials never appear in log lines.
