@@ -208,7 +208,8 @@ def cmd_predict(a) -> int:
 def cmd_fit_policy(a) -> int:
     logs.setup(a.log_level)
     from .detector import DetectorError
-    from .policy_fit import fit_policy, parse_settings, write_policy
+    from .policy_fit import fit_policy, parse_settings
+    from .policy_store import write_policy
     try:
         settings = parse_settings(a.set)
     except ValueError as e:
@@ -228,6 +229,11 @@ def cmd_fit_policy(a) -> int:
     print(f"{Path(model).stem}: margin {r['margin']:g} -> {r['alerts']} alert(s) in {r['hours']} h "
           f"of normal running, alert open on {100 * r['open_share']:.2f}% of its rows"
           + (f"; refinement margin {rf['margin']:g}" if rf else ""), file=sys.stderr)
+    if (running := policy["fitted"].get("running")) is not None:
+        op, level = (">", running["above"]) if running.get("above") is not None \
+            else ("<", running["below"])
+        print(f"fitted while {running['channel']} {op} {level}: set the same running: in the "
+              f"agent's config (a policy holds no plant's channel)", file=sys.stderr)
     if written:
         print(f"policy written to {written}", file=sys.stderr)
     else:

@@ -30,6 +30,10 @@ data only:
   later normal running cross thresholds refined on a quiet half hour (docs/RESULTS.md,
   seventeenth session).
 
+A `running` section (`--set running.channel=... --set running.above=...`: the plant's own
+run condition, README: Machines that stop) is honoured by the fit and recorded under
+`fitted.running`, not in the settings: no model's policy holds a plant's channel.
+
 So the threshold is set by how often the plant's own normal operation would disturb
 an operator, never by labeled faults.  The result goes into the model's metadata
 (`policy`), which every entry point then uses by default (agent/policy.py).
@@ -52,7 +56,7 @@ from .config import DetectionConfig, RefineConfig
 from .config_base import ConfigError
 from .config_build import build
 from .jobs import detection_config, long_run, rows_prediction, run_table
-from .model_meta import meta_path_for, sha256_file
+from .policy_store import files_record
 
 log = logging.getLogger("tsad.policy_fit")
 
@@ -213,10 +217,18 @@ def _fit_segments(det: Detector, segs: list[Segment], settings: dict, learning: 
                     and r["open_share"] <= open_share)
     i, tried = bisect(lambda m: trial(det, segs, settings, m, learning), ok)
     best = next(r for r in tried if r["margin"] == GRID[i])
+    # a stop or a start-up the model never learned is judged all through (training audit)
+    hint = "" if "running" in settings else ("; recordings that hold stops need the plant's "
+                                             "run condition: --set running.channel=CH --set "
+                                             "running.above=LEVEL")
     if not ok(best):        # the grid's top: no margin on it meets the rule
         raise ValueError(f"no margin up to {GRID[-1]:g} meets the rule: at {best['margin']:g}, "
                          f"{best['alerts']} alert(s) in {best['hours']:g} h with an alert open "
-                         f"on {100 * best['open_share']:.2f}% of the rows")
+                         f"on {100 * best['open_share']:.2f}% of the rows{hint}")
+    if i == len(GRID) - 1:
+        log.warning("the margin is the grid's largest (%g): these recordings' normal running "
+                    "is judged as far from normal as it can be; check them (a unit change, "
+                    "the wrong model)%s", GRID[-1], hint)
     return best, tried
 
 
@@ -353,7 +365,7 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
         rule += (f"; and at least the start margin: {safety:g} x the smallest margin for "
                  f"which at most {100 * (1 - start_quantile):g}% of the starts raise an "
                  f"alert in their first {start_h:g} h of running, rounded up onto the grid")
-        fitted["starts"] = {"data": _files(starts, data_root), "result": sbest,
+        fitted["starts"] = {"data": files_record(starts, data_root), "result": sbest,
                             "trials": stried}
         if sbest["margin"] > best["margin"]:
             best = trial(det, segs, settings, sbest["margin"], learning)
@@ -370,30 +382,10 @@ def fit_policy(model: str, files: list[Path], settings: dict, learning: int, rea
         fitted["refine"] = {"result": rbest, "trials": rtried}
         settings = with_refine(settings, refine, rbest["margin"])
     chosen = with_margin(det, settings, best["margin"], learning)
+    # `running` names the plant's own channel: the fit honours it, no model's policy holds it
+    if (running := chosen.pop("running", None)) is not None:
+        fitted["running"] = running
     return {"settings": chosen, "reason": reason, "fitted": {
-        "rule": rule, "data": _files([seg.path for seg in segs], data_root), "result": best, "trials": tried,
+        "rule": rule, "data": files_record([seg.path for seg in segs], data_root), "result": best, "trials": tried,
         **fitted,
         "fitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
-
-
-def _files(files: list[Path], data_root: Path | None) -> list[dict]:
-    root = data_root or Path(*Path(files[0]).resolve().parts[:-1])
-    return [{"path": _rel(f, root), "sha256": sha256_file(f)} for f in files]
-
-
-def _rel(f: Path, root: Path) -> str:
-    try:
-        return Path(f).resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return Path(f).name
-
-
-def write_policy(model: str, policy: dict) -> Path:
-    """Store the policy in the model's metadata (the ONNX file and its sha256 unchanged)."""
-    p = meta_path_for(model)
-    d = json.loads(p.read_text())
-    d["policy"] = policy
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(d, indent=2) + "\n")
-    tmp.replace(p)
-    return p

@@ -43,6 +43,11 @@ DEFAULT_NOISE = 1.0
 VALUE_MAX = float(np.finfo(np.float32).max)
 
 
+# A time step this many times a file's median is a stop or an outage: the runtime starts its
+# window again there (buffer.gap_factor, 10), but a training window would join running from
+# before and after it, a jump the process never makes (training audit, twenty-second session)
+GAP_FACTOR = 10.0
+
 # A European export writes 0,27 for 0.27: pandas reads such a column as text.
 DECIMAL_COMMA = re.compile(r"^\s*[-+]?\d+,\d+\s*$")
 
@@ -240,11 +245,24 @@ def load_files(args: list[str], columns: list[str] | None, rows_per_file: int | 
                 f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
                 f"the file has {', '.join(map(repr, map(str, df.columns)))}")
         values = _check_values(df, chosen, path)
+        _warn_gaps(path, steps)
         files.append(DataFile(path=path, sha256=sha256_file(path), rows=len(values), values=values,
                               steps=steps))
     if not files:
         raise DataError("no training files given")
     return files, chosen
+
+
+def _warn_gaps(path: Path, steps: np.ndarray | None) -> None:
+    if steps is None or len(steps) < 2:
+        return
+    med = float(np.median(steps))
+    gaps = steps[steps > GAP_FACTOR * med]
+    if len(gaps):
+        warn(f"{path}: {len(gaps)} time gap(s) over {GAP_FACTOR:g}x its {med:g} s sampling "
+             f"interval (the longest {gaps.max() / 3600:.3g} h): a window across one joins the "
+             f"running before and after it. Split the file at its stops and outages (each file "
+             f"is windowed on its own); leave stopped running out (README: Machines that stop)")
 
 
 def constant_channels(files: list[DataFile], channels: list[str]) -> list[str]:

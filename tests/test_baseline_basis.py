@@ -18,7 +18,7 @@ from agent.config import DetectionConfig
 from agent.config_build import build
 from agent.detector import Detector
 from agent.engine import Engine
-from agent.policy_fit import write_policy
+from agent.policy_store import write_policy
 from agent.sources.base import Batch
 from agent.state_store import StateStore, basis_change
 from onnx_factory import make_model

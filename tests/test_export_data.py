@@ -125,3 +125,21 @@ def test_an_infinite_cell_is_shown_as_written(tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2
     assert "column 'b' has non-numeric or infinite value inf at data row 9 (line 11)" in line
+
+
+def test_a_stop_or_outage_in_a_training_file_is_warned_of(tmp_path, capsys):
+    """Training audit (twenty-second session): a training window across a stop joins the
+    running before and after it, and nothing said so."""
+    from export.data import load_files
+    t = pd.date_range("2024-01-01", periods=600, freq="10s")
+    t = t.append(pd.date_range(t[-1] + pd.Timedelta(hours=2), periods=600, freq="10s"))
+    v = np.random.default_rng(0).normal(0, 1, (len(t), 2))
+    pd.DataFrame({"datetime": t.strftime("%Y-%m-%d %H:%M:%S"), "a": v[:, 0], "b": v[:, 1]}) \
+        .to_csv(tmp_path / "gap.csv", index=False)
+    pd.DataFrame({"datetime": t[:600].strftime("%Y-%m-%d %H:%M:%S"), "a": v[:600, 0],
+                  "b": v[:600, 1]}).to_csv(tmp_path / "steady.csv", index=False)
+    load_files([str(tmp_path / "steady.csv")], None, None)
+    assert capsys.readouterr().err == ""
+    load_files([str(tmp_path / "gap.csv")], None, None)
+    err = capsys.readouterr().err
+    assert "gap.csv: 1 time gap(s) over 10x its 10 s sampling interval (the longest 2 h)" in err

@@ -210,3 +210,31 @@ def test_recordings_with_labelled_faults_are_refused(model, tmp_path):
     with pytest.raises(ValueError, match=r"faulty.csv: 50 row\(s\) labelled anomalous \(first "
                                          r"at row 151\); fit a policy on normal recordings only"):
         fit_policy(model, [f], SETTINGS, 40, "test")
+
+
+def test_a_run_condition_is_fitted_with_and_not_written_into_the_policy(model, tmp_path):
+    """Training audit (twenty-second session): `--set running.*` was written into the
+    policy, which then no model load accepted; recordings with stops could not be fitted."""
+    from agent.jobs import detection_config
+    from agent.model_meta import load_meta
+    from agent.policy_fit import parse_settings
+    from agent.policy_store import write_policy
+    rng = np.random.default_rng(5)
+    v = rng.normal(0, 1.0, (7 * 24 * HOUR, len(CH)))
+    v[:, 0] += 5.0                                    # a: a motor current while running
+    for day in range(7):                              # every night, 8 hours stopped
+        night = slice((day * 24 + 16) * HOUR, (day + 1) * 24 * HOUR)
+        v[night] = [0.0, 25.0]
+    rec = write(tmp_path / "week.csv", v)
+    with pytest.raises(ValueError, match="recordings that hold stops need the plant's run"):
+        fit_policy(model, [rec], {}, 0, "test")
+    settings = parse_settings(["running.channel=a", "running.above=2"])
+    policy = fit_policy(model, [rec], settings, 0, "test")
+    assert "running" not in policy["settings"]
+    assert policy["fitted"]["running"] == {"channel": "a", "above": 2}
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(Path(model).read_bytes())
+    Path(str(copy) + ".json").write_text(Path(model + ".json").read_text())
+    write_policy(str(copy), policy)
+    meta = load_meta(str(copy))                       # loads: the policy holds no `running`
+    assert detection_config(meta).running is None
