@@ -313,9 +313,15 @@ class Engine(OperatorCommands):
         return results
 
     def _infer(self, due: list[tuple[Stream, Windows]]) -> list[StreamResult]:
-        due, scores, err = scored(self.detector, due, self.metrics)
-        add_levels(due, scores, err)
-        scores, shown = normalized(due, scores, err)
+        try:
+            due, scores, err = scored(self.detector, due, self.metrics)
+            add_levels(due, scores, err)
+            scores, shown = normalized(due, scores, err)
+        except Exception:       # a bug in what every due stream shares: not the daemon's end
+            for st, w in due:
+                st.abandon(len(w))
+            self._failed(due[0][0], "inference")
+            return []
         out, off = [], 0
         for st, w in due:
             k = len(w)

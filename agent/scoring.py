@@ -112,7 +112,7 @@ def normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
         return scores, err
     c = err.shape[1]
     rows = [np.ones(c) if lv is None else lv for lv in levels]
-    if len(err) == len(due):
+    if len(err) == len(due) and all(r.ndim == 1 for r in rows):
         rows = np.stack(rows)
     elif all(r.ndim == 1 for r in rows):
         rows = np.repeat(np.stack(rows), [len(w) for _, w in due], axis=0)

@@ -138,3 +138,24 @@ def test_serve_blames_the_model_not_the_input_for_a_nan_score(glitch):
     w[3, NAN], w[-1, 0] = 0.0, 1e39     # this one does overflow float32
     with pytest.raises(InputError, match="values overflow float32"):
         svc.score_window(w)
+
+
+def test_a_nan_window_dropped_from_an_adapted_block_breaks_no_other_stream(glitch):
+    """Review (twenty-second session): dropping windows from a block that spans two adapted
+    levels left it one window with a per-window level, and the shared normalisation of a
+    step where every other stream had one window too raised out of Engine.step."""
+    m = Metrics()
+    e = Engine(build(DetectionConfig, {"node": "t", "scoring": {"normalize": "channel"},
+                                       "calibration": {"enabled": True, "samples": 200},
+                                       "adaptation": {"enabled": True}}),
+               Detector(glitch, metrics=m), metrics=m, default_max_streams=2)
+    v, u = quiet(1000), quiet(1000, seed=1)
+    step(e, {"s": v[:200], "o": u[:200]}, 1e9)
+    e.step([Batch("s", 1e9 + np.arange(200, 380.0), v[200:380]),
+            Batch("o", 1e9 + np.arange(200, 300.0), u[200:300])])
+    for r in (0, 8, 15):
+        v[380 + r, NAN] = 9.0
+    res = e.step([Batch("s", 1e9 + np.arange(380, 404.0), v[380:404]),
+                  Batch("o", 1e9 + np.arange(300, 301.0), u[300:301])])
+    assert {r.stream: len(r.ts) for r in res if len(r.ts)} == {"s": 1, "o": 1}
+    assert e.metrics.errors["nonfinite_output"] == 23 and "stream_inference" not in m.errors
