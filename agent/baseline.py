@@ -193,6 +193,12 @@ class Baseline:
         self._ended = ended and self._held.n > 0
         return take
 
+    def pause(self, span: float) -> None:
+        """A stop of `span` s in the middle of a learning period set by duration
+        (agent/running.py): no learning time."""
+        if self._first_ts is not None and self.cal.duration_s is not None:
+            self._first_ts += max(0.0, span)
+
     def held_span(self) -> float:
         """The elapsed time the held samples span (clock steps taken out: sample_clock.py)."""
         return self._held.span(np.inf) if self._held is not None else 0.0

@@ -229,19 +229,20 @@ class Engine(OperatorCommands):
                 out += self._flush()
                 out += self._rebaseline_standing(st)
             end = len(ts)
-            if st.gate is not None:     # `running:`: the first run of judged or idle samples
-                n, judged = st.gate.split(ts[a:], values[a:])
+            if st.gate is not None:     # `running:`, on the stream's elapsed time
+                el = ts[a:] + st.clock.peek(ts[a:])
+                n, judged = st.gate.split(el, values[a:])
                 if not judged:
-                    out += self._idle(st, ts[a:a + n], values[a:a + n])
+                    out += self._idle(st, ts[a:a + n], values[a:a + n], el[:n])
                     a += n
                     continue
                 if st.gate.idle:
-                    st.resume()
+                    st.resume(float(el[0]))
                 end = a + n
             try:
                 k, w = st.ingest(ts[a:end], values[a:end])
                 if st.gate is not None and k:
-                    st.gate.take(ts[a:a + k], values[a:a + k])
+                    st.gate.take(el[:k], values[a:a + k])
             except Exception:
                 self._failed(st, "ingest")
                 return out
@@ -260,17 +261,18 @@ class Engine(OperatorCommands):
                 if self._pending >= self.detector.max_batch:
                     out += self._flush()
 
-    def _idle(self, st: Stream, ts: np.ndarray, values: np.ndarray) -> list[StreamResult]:
+    def _idle(self, st: Stream, ts: np.ndarray, values: np.ndarray,
+              el: np.ndarray) -> list[StreamResult]:
         """Samples taken while the machine is stopped (agent/running.py).  At the stop, the
         windows before it are concluded first, then an open alert ends."""
         out = []
         if not st.gate.idle:
             out = self._flush()
-            if (ev := st.go_idle()) is not None:
+            if (ev := st.go_idle(float(el[0]))) is not None:
                 self.metrics.alerts["end"] += 1
                 out.append(StreamResult(st.id, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I,
                                         _EMPTY_I, [ev]))
-        st.gate.take(ts, values)
+        st.gate.take(el, values)
         st.took_idle(ts)
         self.metrics.samples_idle += len(ts)
         return out

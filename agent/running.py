@@ -33,7 +33,7 @@ class RunGate:
     """One stream's running state.  `split` reads the offered samples without changing
     anything; `take` commits the samples the stream took, so samples offered again (a
     stream that takes fewer than offered) are judged once."""
-    __slots__ = ("channel", "above", "below", "start_s", "since", "idle", "rule")
+    __slots__ = ("channel", "above", "below", "start_s", "since", "idle", "stopped", "rule")
 
     def __init__(self, cfg: RunningConfig, channel: int):
         self.channel, self.above, self.below = channel, cfg.above, cfg.below
@@ -42,6 +42,7 @@ class RunGate:
                      else f"{cfg.channel} < {cfg.below:g}")
         self.since: float | None = None     # sample time the condition began to hold
         self.idle = False                   # its samples are not judged
+        self.stopped = 0.0                  # elapsed time it last went idle
 
     def _on(self, values: np.ndarray) -> np.ndarray:
         """The condition per sample; a NaN carries the one before it (before any sample,
@@ -65,7 +66,9 @@ class RunGate:
         return on & (ts - ext_ts[first[1:]] >= self.start_s)
 
     def split(self, ts: np.ndarray, values: np.ndarray) -> tuple[int, bool]:
-        """(n, judged): the first n samples are all judged or all not."""
+        """(n, judged): the first n samples are all judged or all not.  `ts`: the stream's
+        elapsed times (agent/sample_clock.py), as every time gate's: a device clock's step
+        back does not hold a running machine idle."""
         on = self._on(values)
         judged = self._held(ts, on)
         if not self.idle:       # judging goes on until the condition first fails

@@ -348,7 +348,7 @@ class Stream(StreamStatus, StreamPieces):
         self._pieces.clear()
         if self.baseline.learning:
             self.adapter = None
-            self.entered.append("learning")
+            self.entered.append(self.state)     # "idle" while the machine stands
         else:
             self._start_adapting()
             if ev is not None:

@@ -70,10 +70,10 @@ class StreamStatus:
         # a full window that still holds a value the forward fill could not cover
         return {"status": "skipped", "needed": 1}
 
-    def go_idle(self) -> dict | None:
-        """The machine stopped (agent/running.py): its samples are not judged until it runs
-        again; the end event of an open alert (reason "idle"), or None."""
-        self.gate.idle = True
+    def go_idle(self, at: float) -> dict | None:
+        """The machine stopped at elapsed time `at` (agent/running.py): its samples are not
+        judged until it runs again; the end event of an open alert (reason "idle"), or None."""
+        self.gate.idle, self.gate.stopped = True, at
         ev = self.tracker.close(self.last_ts, self.threshold, "idle")
         self.entered.append("idle")
         if (more := self._flap("idle")) is not None:
@@ -88,10 +88,12 @@ class StreamStatus:
         and newest time go on)."""
         self._took(ts)
 
-    def resume(self) -> None:
-        """It runs again: judged from a new window, smoothing and k-of-n history, and
-        `warming_up` until the first verdict."""
+    def resume(self, at: float) -> None:
+        """It runs again, judged from elapsed time `at`: from a new window, smoothing and
+        k-of-n history, `warming_up` until the first verdict; a learning period set by
+        duration does not count the stop (a stop at a shift's end ate it)."""
         self.gate.idle = False
+        self.baseline.pause(at - self.gate.stopped)
         self.ring.reset()
         self.smoother.reset()
         self.tracker.restart()

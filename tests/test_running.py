@@ -181,3 +181,31 @@ def test_replay_and_evaluate_take_it_as_a_flag(model, tmp_path, capsys):
     assert "expected CHANNEL>LEVEL or CHANNEL<LEVEL" in capsys.readouterr().err
     assert main(["evaluate", str(csv), "-m", model, "--running", "amps<1"]) == 2
     assert "'amps' is not one of the model's channels" in capsys.readouterr().err
+
+
+def test_a_device_clock_step_back_during_the_start_up_holds_nothing(model):
+    """Review (twenty-second session): start_s ran on raw sample time, so a device clock
+    stepping back a day during the start-up kept a running machine idle for a day."""
+    e = engine(model, running={**RUNNING, "start_s": 60})
+    v = day(stop_at=300, stop_n=100, after=400)
+    ts = 1e9 + np.arange(len(v), dtype=np.float64)
+    ts[430:] -= 86400.0              # 30 s into the start-up
+    for i in range(len(v)):
+        e.step([Batch("s", ts[i:i + 1], v[i:i + 1])])
+    # judged again 60 s of elapsed time into the start-up (the step itself counts as no time)
+    assert e.streams["s"].state != "idle" and e.metrics.samples_idle in (100 + 60, 100 + 61)
+
+
+def test_a_stop_is_no_learning_time(model):
+    """Review: a learning period set by duration ran on through a stop, and the fit took
+    what came before it (5 samples: no window, the model's threshold, alerts on normal)."""
+    e = engine(model, running=RUNNING, calibration={"enabled": True, "duration_s": 300.0})
+    feed(e, np.concatenate([running(100), stopped(2000), running(400, seed=1)]))
+    st = e.streams["s"]
+    assert not st.baseline.learning and st.baseline.samples_used == 300
+
+
+def test_a_rebaseline_while_stopped_shows_idle(model):
+    e = engine(model, running=RUNNING)
+    feed(e, np.concatenate([running(300), stopped(50)]))
+    assert e.rebaseline("s")[0] and e.take_entered() == [("s", "idle")]
