@@ -171,6 +171,7 @@ class Daemon:
             log.warning("reload: metrics: changes take effect at the next start")
             new_cfg = msgspec.structs.replace(new_cfg, metrics=self.cfg.metrics)
         carry = self._engine_carries_over(new_cfg, detector)
+        old_engine = self.pipeline.engine
         alerting = [sid for sid, st in self.pipeline.engine.streams.items()
                     if st.tracker.state == "anomaly"]
         if alerting and not carry:
@@ -198,11 +199,12 @@ class Daemon:
                 self.sinks = build_sinks(self.cfg, self.metrics)
                 new_cfg = msgspec.structs.replace(new_cfg, mqtt=self.cfg.mqtt, sinks=self.cfg.sinks,
                                                    state_dir=self.cfg.state_dir)
-            if carry:
-                still = {st.tracker.alert_id for st in handover.engine.streams.values()
-                         if st.tracker.state == "anomaly"}
-                for s in self.sinks:
-                    s.carry_open(still)
+            still = set() if not carry else {st.tracker.alert_id for st in
+                                             handover.engine.streams.values()
+                                             if st.tracker.state == "anomaly"}
+            ended = list(old_engine.ended_unacked().values())   # the reload's own ends too
+            for s in self.sinks:
+                s.carry(still, ended)
         if carry:
             engine = handover.engine
             gone = engine.retain({s.id: s for s in new_cfg.streams},
@@ -213,6 +215,7 @@ class Daemon:
             log.info("reload: model and detection settings unchanged: streams carry on")
         else:
             engine, gone = build_engine(new_cfg, detector, self.metrics), []
+            engine.held_rtn = old_engine.ended_unacked()
         self.cfg = new_cfg
         self.pipeline = self._new_pipeline(new_cfg, engine, handover)
         self.pipeline.start(start_sinks=rebuild)

@@ -159,6 +159,7 @@ class Departures:
             for sid in due:
                 if store is not None:
                     store.forget(sid)
+                engine.held_rtn.pop(sid, None)      # no longer anyone's to ack
             shelves.forget(due)
             engine.metrics.dropped["stream_forgotten"] += len(due)
             self._dirty = True

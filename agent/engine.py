@@ -76,6 +76,8 @@ class Engine(OperatorCommands):
         self.fits = FitBudget()
         # streams whose fit waits for a step with room (self.fits): their samples since
         self.held_back: dict[str, list[Batch]] = {}
+        # alerts that ended unacknowledged on streams since dropped (OperatorCommands)
+        self.held_rtn: dict[str, dict] = {}
         if self.cfg.running is not None:      # a wrong name fails here, not at a sample
             channel_of(self.cfg.running, self.meta.channels)
 
@@ -126,6 +128,7 @@ class Engine(OperatorCommands):
             st.adapter.restore(saved)
         if c.running is not None:
             st.gate = RunGate(c.running, channel_of(c.running, m.channels))
+        st.tracker.rtn = self.held_rtn.pop(sid, None)
         return st
 
     def pending(self, sid: str) -> dict:      # why a stream gave no score yet
@@ -135,6 +138,8 @@ class Engine(OperatorCommands):
         self.held_back.pop(sid, None)
         if (st := self.streams.pop(sid, None)) is not None:
             self.admission.removed(st.source)
+            if st.tracker.rtn is not None:      # still the operator's to ack
+                self.held_rtn[sid] = st.tracker.rtn
 
     def retain(self, new_sources: dict, old_sources: dict, reason: str) -> list[dict]:
         """Keep the streams whose source is configured unchanged (source id -> settings,
@@ -195,19 +200,6 @@ class Engine(OperatorCommands):
                 results += self._rebaseline_standing(st)
         self.saves.run(self.save)
         return self._with_states(dict.fromkeys(touched), results)
-
-    def _rebaseline_standing(self, st: Stream) -> list[StreamResult]:
-        """alerts.rebaseline_after_s: a standing alert ends (reason "rebaseline") and the
-        stream learns its new normal."""
-        ev = st.relearn()
-        if self.store:
-            self.store.forget(st.id)
-        log.warning("stream %s: its alert stood for alerts.rebaseline_after_s: learning the "
-                    "new level as normal", st.id)
-        if ev is None:
-            return []
-        self.metrics.alerts["end"] += 1
-        return [StreamResult(st.id, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I, _EMPTY_I, [ev])]
 
     def _feed(self, st: Stream, ts: np.ndarray, values: np.ndarray,
               arrived: float | None) -> list[StreamResult]:
@@ -270,8 +262,7 @@ class Engine(OperatorCommands):
             out = self._flush()
             if (ev := st.go_idle(float(el[0]))) is not None:
                 self.metrics.alerts["end"] += 1
-                out.append(StreamResult(st.id, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I,
-                                        _EMPTY_I, [ev]))
+                out.append(StreamResult.of_events(st.id, st.threshold, [ev]))
         st.gate.take(el, values)
         st.took_idle(ts)
         self.metrics.samples_idle += len(ts)
@@ -309,7 +300,7 @@ class Engine(OperatorCommands):
                 continue
             r = last.get(sid)
             if r is None:
-                r = StreamResult(sid, _EMPTY_F, _EMPTY_F, st.threshold, _EMPTY_I, _EMPTY_I, [])
+                r = StreamResult.of_events(sid, st.threshold, [])
                 results.append(r)
             r.entered, st.entered = st.entered, []
         return results
@@ -394,7 +385,3 @@ class Engine(OperatorCommands):
             log.info("evicted %d idle stream(s) (no sample for %g s): %s", len(gone), limit,
                      named(gone, 5))
         return gone
-
-
-_EMPTY_F, _EMPTY_I = np.empty(0, np.float64), np.empty(0, np.int8)
-

@@ -1,14 +1,22 @@
-"""What operators ask of the engine's streams: re-baseline, acknowledge, shelve.
+"""What operators ask of the engine's streams: re-baseline (or a standing alert does:
+`alerts.rebaseline_after_s`), acknowledge, shelve.
 
 A base class of agent/engine.py's Engine (as stream_status.py is of Stream), so that the
 engine's module holds the step and the streams' lifecycle.  Each command acts at once,
 between steps; the states it makes a stream enter are collected by `take_entered`.
+
+An alert that ended unacknowledged stays the operator's to ack (ISA-18.2's "returned to
+normal, unacknowledged": AlertTracker.rtn) when its stream is dropped (idle eviction, a
+reload): the engine holds it (`held_rtn`) until acked, the stream returns, or the stream
+is forgotten (agent/departures.py); a reload hands them to the next engine.
 """
 from __future__ import annotations
 
 import logging
 import time
 from typing import TYPE_CHECKING
+
+from .stream import StreamResult
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -17,7 +25,8 @@ log = logging.getLogger("tsad.engine")
 
 
 class OperatorCommands:
-    """Needs the engine's `streams`, `admission`, `metrics`, `store` and `stream()`."""
+    """Needs the engine's `streams`, `held_rtn`, `admission`, `metrics`, `store` and
+    `stream()`."""
 
     def _commanded(self, sid: str) -> Stream | None:
         """The stream an operator command names.  One the config names is created if no
@@ -51,7 +60,32 @@ class OperatorCommands:
             if ev is not None:
                 self.metrics.alerts[ev["type"]] += 1
                 return ev
+        for held, ev in self.held_rtn.items():     # a dropped stream's
+            if sid in (None, held) and alert_id in (None, ev["id"]) and held not in self.streams:
+                del self.held_rtn[held]
+                self.metrics.alerts["end"] += 1
+                return {**ev, "acknowledged": True}
         return None
+
+    def ended_unacked(self) -> dict[str, dict]:
+        """Stream -> the end event of its alert that ended unacknowledged: what a reload
+        hands to the next engine (`held_rtn`) and to rebuilt sinks."""
+        return {**self.held_rtn, **{sid: st.tracker.rtn for sid, st in self.streams.items()
+                                    if st.tracker.rtn is not None}}
+
+    def _rebaseline_standing(self, st: Stream) -> list[StreamResult]:
+        """alerts.rebaseline_after_s: a standing alert ends (reason "rebaseline") and the
+        stream learns its new normal."""
+        ev = st.relearn()
+        if self.store:
+            self.store.forget(st.id)
+        log.warning("stream %s: its alert stood for alerts.rebaseline_after_s: learning the "
+                    "new level as normal", st.id)
+        if ev is None:
+            return []
+        self.metrics.alerts["end"] += 1
+        return [StreamResult.of_events(st.id, st.threshold, [ev])]
+
 
     def shelve(self, sid: str, for_s: float) -> float | None:
         """Stream.shelve on stream `sid`; None for an unknown stream."""

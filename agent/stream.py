@@ -56,6 +56,14 @@ class StreamResult:
     # states the stream entered during the step, in order ("learning", "normal", "no_data", ...)
     entered: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of_events(cls, sid: str, threshold: float, events: list[dict]) -> "StreamResult":
+        """A result without windows: events made outside them (an alert a stop ended)."""
+        return cls(sid, _EMPTY_F, _EMPTY_F, threshold, _EMPTY_I, _EMPTY_I, events)
+
+
+_EMPTY_F, _EMPTY_I = np.empty(0, np.float64), np.empty(0, np.int8)
+
 
 class Stream(StreamStatus, StreamPieces):
     # slots here and in the objects a stream holds (ring, pace, smoother, baseline, tracker,

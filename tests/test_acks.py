@@ -108,3 +108,72 @@ def test_a_dashboard_lists_and_acks_an_alert_that_ended_unacked(tmp_path):
         no_traceback(agent)
     finally:
         rig.close()
+
+
+def test_an_unacked_end_outlives_its_streams_eviction(tmp_path):
+    """Review (twenty-second session): idle eviction took the stream, and its alert that
+    ended unacknowledged with it: ack answered "no alert" while the retained end stayed."""
+    from agent.config import DetectionConfig
+    from agent.config_build import build
+    from agent.detector import Detector
+    from agent.engine import Engine
+    from agent.sources.base import Batch
+    from onnx_factory import make_model
+    path, _ = make_model(tmp_path / "m.onnx", window=4, channels=["a", "b"], threshold=1.0)
+    e = Engine(build(DetectionConfig, {"node": "n", "scoring": {"threshold": 1.0},
+                                       "alerts": {"open_k": 1, "open_n": 1, "close_m": 2},
+                                       "buffer": {"idle_evict_s": 60}}), Detector(str(path)))
+    v = np.zeros((20, 2), np.float32)
+    v[10] = 1000.0                                   # one alert, which ends unacknowledged
+    res = e.step([Batch("s", 1e9 + np.arange(20.0), v)])
+    (end,) = [ev for r in res for ev in r.events if ev["type"] == "end"]
+    for sid in ("s", "t"):                           # "t": only to have two held
+        e.streams.get(sid) or e.step([Batch(sid, 1e9 + np.arange(20.0), v)])
+    assert e.evict_idle(now=e.streams["s"].last_seen + 61) == ["s", "t"]
+    assert set(e.held_rtn) == {"s", "t"}
+    assert e.ack(None, "s") == {**end, "acknowledged": True} and set(e.held_rtn) == {"t"}
+    assert e.ack(end["id"]) is None                  # acked once
+    e.step([Batch("t", 2e9 + np.arange(3.0), v[:3])])     # "t" returns: its end with it
+    assert e.streams["t"].tracker.alarm == "rtn_unacknowledged" and e.held_rtn == {}
+
+
+@pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
+def test_an_unacked_end_outlives_reloads(tmp_path):
+    """Review: a reload that rebuilt the MQTT sink cleared the retained end of an alert
+    still unacknowledged; one that built a new engine forgot it, so no ack could reach it."""
+    import signal
+
+    import yaml
+    from agent_harness import tiny_model
+    rig = Rig(tmp_path)
+    topic = f"tsad/{NODE}/stream/{STREAM}/alert"
+
+    def reload(change) -> None:
+        cfg = yaml.safe_load(rig.config.read_text())
+        change(cfg)
+        rig.config.write_text(yaml.safe_dump(cfg))
+        n = agent.count("reloaded ")
+        agent.signal(signal.SIGHUP)
+        agent.wait_log("reloaded ", n + 1)
+    try:
+        agent = rig.agent()
+        rig.writer.normal(10)
+        (aid,) = rig.writer.spikes(1)
+        rig.obs.wait_ids({aid})
+        # 1. new outputs (a sink setting), the engine carried over
+        reload(lambda c: c["mqtt"].update(health_interval_s=0.3))
+        assert "streams carry on" in agent.log()
+        assert json.loads(retained(rig.broker.port, topic))["id"] == aid
+        # 2. a new model: a new engine
+        v2 = tiny_model(tmp_path, "tiny_v2", scale=0.8)
+        reload(lambda c: c["model"].update(path=str(v2)))
+        assert json.loads(retained(rig.broker.port, topic))["id"] == aid
+        p = subprocess.run([sys.executable, "-m", "agent.cli", "ack", STREAM, "--host",
+                            "127.0.0.1", "--port", str(rig.broker.port), "--node", NODE],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and json.loads(p.stdout)["alert_id"] == aid, p.stdout + p.stderr
+        wait_until(lambda: rig.obs.topic(f"stream/{STREAM}/alert")[-1][1] == b"",
+                   "the retained alert cleared")
+        no_traceback(agent)
+    finally:
+        rig.close()

@@ -228,9 +228,10 @@ def _cfg(state_dir: Path, forget_after_s, **over) -> AgentConfig:
 
 
 def _engine(state_dir: Path, **streams: float) -> SimpleNamespace:
-    """What the book reads of an engine: streams with their last sample (monotonic)."""
+    """What the book reads of an engine: streams with their last sample (monotonic), and
+    the alerts of dropped streams still to ack."""
     return SimpleNamespace(streams={sid: SimpleNamespace(last_seen=t) for sid, t in streams.items()},
-                           store=StateStore(state_dir), metrics=Metrics())
+                           store=StateStore(state_dir), metrics=Metrics(), held_rtn={})
 
 
 def test_the_book_forgets_only_unnamed_streams_that_left_memory(tmp_path, caplog):

@@ -46,9 +46,10 @@ class Sink:
     def start(self) -> None:
         """Connect / open; must not block the pipeline on an absent broker."""
 
-    def carry_open(self, alert_ids: set[str]) -> None:
-        """Before start(): alerts the engine holds open across a reload that rebuilt this
-        sink (the previous sink's record of them is not one a killed run left)."""
+    def carry(self, open_ids: set[str], ended: list[dict]) -> None:
+        """Before start(), across a reload that rebuilt this sink: the alerts the engine
+        holds open (the previous sink's record of them is not one a killed run left), and
+        the end events of those that ended unacknowledged (still shown until acked)."""
 
     def attach(self, cfg, command, departures=None) -> None:
         """A pipeline feeds this sink from now on (at its start, and after every reload,

@@ -65,8 +65,7 @@ PERSIST_S = 10.0  # how often open alerts' last sample time is written (alerts.u
 
 
 def outbox_path(cfg: AgentConfig) -> str:
-    # Without a state dir the outbox lives in memory: alerts survive broker outages,
-    # not restarts.
+    # Without a state dir the outbox lives in memory: alerts survive outages, not restarts.
     return str(Path(cfg.state_dir) / "outbox.sqlite") if cfg.state_dir else ":memory:"
 
 
@@ -103,7 +102,7 @@ class MqttSink(Sink):
         self._health: dict | None = None
         self._last_score: dict[str, float] = {}
         self._wake = threading.Event()
-        self._stopping = False
+        self._stopping = self._closed = False
         self._gate: mqtt.MQTTMessageInfo | None = None    # this connection's "online"
         self._republish = False     # retained values due once the gate is acknowledged
         self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}
@@ -114,7 +113,6 @@ class MqttSink(Sink):
         self.disconnects = 0        # connections lost (health, tsad_mqtt_disconnects_total)
         self.connect_failures = 0
         self._thread: threading.Thread | None = None
-        self._closed = False
         self._open: dict[str, str] = {}          # stream -> its open alert's id
         self._last_ts: dict[str, float] = {}     # stream -> newest sample time
         self._touched = 0.0
@@ -122,8 +120,10 @@ class MqttSink(Sink):
         self.outbox = Outbox(outbox or outbox_path(cfg), metrics=metrics)
         self._carried: set[str] = set()
 
-    def carry_open(self, alert_ids: set[str]) -> None:
-        self._carried = set(alert_ids)
+    def carry(self, open_ids: set[str], ended: list[dict]) -> None:
+        self._carried = set(open_ids)
+        for ev in ended:
+            self.streams.open[ev["stream"]] = to_json(ev).encode()
 
     def _end_left_open(self) -> None:
         """Alerts a killed run left open get their end (reason "restart"); those the engine
