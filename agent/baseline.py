@@ -59,7 +59,7 @@ class _Held:
     heap: _unheaped): a daemon receives samples one message at a time, and a list of
     one-row arrays costs about seven times the data it holds."""
 
-    __slots__ = ("n", "_ts", "_values", "channels", "first_cap", "since", "_el")
+    __slots__ = ("n", "_ts", "_values", "channels", "first_cap", "since", "_el", "breaks")
 
     def __init__(self, channels: int, first_cap: int):
         self.channels, self.first_cap = channels, max(first_cap, 16)
@@ -68,6 +68,9 @@ class _Held:
         self._values: np.ndarray | None = None
         self.since = 0.0            # monotonic time of the first sample held
         self._el = [0.0, 0.0]       # the elapsed times of the first and the newest held
+        # held counts at which the machine ran again after a stop (agent/running.py): no
+        # learning window joins the running before a stop to the running after it
+        self.breaks: list[int] = []
 
     def add(self, ts: np.ndarray, values: np.ndarray, el: tuple[float, float]) -> None:
         """`el`: the elapsed times of the first and last of `ts` (agent/sample_clock.py)."""
@@ -194,8 +197,10 @@ class Baseline:
         return take
 
     def pause(self, span: float) -> None:
-        """A stop of `span` s in the middle of a learning period set by duration
-        (agent/running.py): no learning time."""
+        """A stop of `span` s in the middle of a learning period (agent/running.py): the
+        samples after it start new windows, and a period set by duration counts no time."""
+        if self._held is not None and self._held.n and self._held.n not in self._held.breaks:
+            self._held.breaks.append(self._held.n)
         if self._first_ts is not None and self.cal.duration_s is not None:
             self._first_ts += max(0.0, span)
 
@@ -203,12 +208,14 @@ class Baseline:
         """The elapsed time the held samples span (clock steps taken out: sample_clock.py)."""
         return self._held.span(np.inf) if self._held is not None else 0.0
 
-    def take_held(self) -> tuple[np.ndarray, np.ndarray]:
-        """The held samples (ts, raw values); the period is reset."""
+    def take_held(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The held samples (ts, raw values, where the machine ran again after a stop); the
+        period is reset."""
+        breaks = self._held.breaks
         ts, raw = self._held.take()
         self._held = None
         self._first_ts, self._ended = None, False
-        return ts, raw
+        return ts, raw, breaks
 
     def fit_scaler(self, raw: np.ndarray, stream: str) -> None:
         try:

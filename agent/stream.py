@@ -225,14 +225,18 @@ class Stream(StreamStatus, StreamPieces):
         started = time.perf_counter()
         b = self.baseline
         span = b.held_span()
-        ts, raw = b.take_held()
+        ts, raw, breaks = b.take_held()
         b.fit_scaler(raw, self.id)
         scaled = b.scaler.apply(raw)
         errs = []
-        for a in range(0, len(ts), self.max_batch):
-            w = self._push(ts[a:a + self.max_batch], scaled[a:a + self.max_batch])
-            if w is not None:
-                errs.append(self.scored(w.x, *score_windows(w.x, infer(w.x)))[1])
+        for s0, s1 in zip([0, *breaks], [*breaks, len(ts)]):   # the running between stops
+            if s0:
+                self.ring.reset()
+            for a in range(s0, s1, self.max_batch):
+                e = min(a + self.max_batch, s1)
+                w = self._push(ts[a:e], scaled[a:e])
+                if w is not None:
+                    errs.append(self.scored(w.x, *score_windows(w.x, infer(w.x)))[1])
         if errs:
             err = np.concatenate(errs)
             fin = np.isfinite(err).all(axis=1)

@@ -209,3 +209,20 @@ def test_a_rebaseline_while_stopped_shows_idle(model):
     e = engine(model, running=RUNNING)
     feed(e, np.concatenate([running(300), stopped(50)]))
     assert e.rebaseline("s")[0] and e.take_entered() == [("s", "idle")]
+
+
+@pytest.mark.parametrize("stop_n", [5, 200])
+def test_no_learning_window_joins_running_across_a_stop(model, stop_n):
+    """Review (twenty-second session): judging starts a new window after a stop, but the
+    learning period's windows joined the running before it to the running after it (a
+    short stop: windows mixing both; a long one: logged as a time gap)."""
+    e = engine(model, running=RUNNING)
+    e.step([Batch("s", 1e9 + np.arange(100.0), running(100))])
+    e.step([Batch("s", 1e9 + 100 + np.arange(float(stop_n)), stopped(stop_n))])
+    fitted, infer = [], e.detector.infer
+    e.detector.infer = lambda x: (fitted.append(len(x)), infer(x))[1]
+    e.step([Batch("s", 1e9 + 100 + stop_n + np.arange(100.0), running(100, seed=1))])
+    st = e.streams["s"]
+    assert not st.baseline.learning and st.baseline.samples_used == 200
+    assert sum(fitted) == 2 * (100 - W + 1)        # the running before the stop, and after
+    assert st.ring.resets == 0                     # a stop, not a time gap
