@@ -86,14 +86,11 @@ def _drop(due: Due, ok: np.ndarray, metrics: Metrics, failed: int) -> Due:
             log.error("the model returned NaN or infinity for %d window(s) (%d so far): they "
                       "are dropped, judged by nothing (check the model: tsad-export verify)",
                       bad, n)
-    # a stream's i-th block awaiting scores: its blocks before it, less those wholly dropped
-    out, off, kept = [], 0, {}
+    out, off, nth = [], 0, {}      # nth: the block's place among its stream's due blocks
     for st, w in due:
         k = len(w)
         keep = ok[off:off + k]
         off += k
-        left = w if keep.all() else st.unjudged(kept.get(id(st), 0), w, keep)
-        if left is not None:
-            out.append((st, left))
-            kept[id(st)] = kept.get(id(st), 0) + 1
+        i = nth[id(st)] = nth.get(id(st), -1) + 1
+        out.append((st, w if keep.all() else st.unjudged(i, w, keep)))
     return out

@@ -46,6 +46,8 @@ class Windows:
     # the stream's clock offset at each window ([k]) or at all of them (agent/sample_clock.py;
     # the stream sets it: the ring knows only timestamps)
     off: float | np.ndarray = 0.0
+    # windows of the block the model gave no finite score, left out (agent/model_call.py)
+    dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.ts)

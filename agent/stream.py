@@ -276,6 +276,13 @@ class Stream(StreamStatus, StreamPieces):
         unsmoothed, `err` the per-channel errors, `shown` them as alerts show them and
         `scores` sums them: divided by `shown_level()` when that is not None."""
         piece = self._pieces[0] if self.adapter is not None else None
+        if w.dropped and self.baseline.refiner is not None:
+            self.baseline.refiner.dropped(w.dropped)
+        if not len(w):      # every window of the block dropped (agent/model_call.py)
+            if piece is not None:
+                piece[1] = False
+                self._settle()
+            return StreamResult.of_events(self.id, self.threshold, [])
         level = piece[2] if piece is not None else self.baseline.level
         s = self.smoother.update(scores)     # chunk-independent: one block for all parts
         refiner = self.baseline.refiner

@@ -64,20 +64,14 @@ class StreamPieces:
             raw, ok, _, err = q.pop(0)
             self.adapter.observe(raw, ok if ok is not False else None, err)
 
-    def unjudged(self, i: int, w: Windows, keep: np.ndarray) -> Windows | None:
+    def unjudged(self, i: int, w: Windows, keep: np.ndarray) -> Windows:
         """The model gave no finite score to the windows of the i-th due block `w` that
-        `keep` leaves out (agent/model_call.py): they are judged by nothing, and their
-        samples are learned from by no channel.  The windows left, or None."""
-        if self.baseline.refiner is not None:
-            self.baseline.refiner.dropped(int(len(keep) - keep.sum()))
+        `keep` leaves out (agent/model_call.py): the block without them, perhaps none,
+        counting them (`dropped`); `conclude` takes it in its turn, so that the refinement
+        counts them in order, and their samples are learned from by no channel."""
         piece = [p for p in self._pieces if p[1] is True][i] if self.adapter is not None \
             else None
-        if not keep.any():
-            if piece is not None:
-                piece[1] = False
-                self._settle()
-            return None
         if piece is not None and isinstance(piece[2], np.ndarray) and piece[2].ndim == 2:
             piece[2] = piece[2][keep]       # a level per window: the kept windows'
         off = w.off[keep] if isinstance(w.off, np.ndarray) else w.off
-        return Windows(w.ts[keep], w.x[keep], w.rows[keep], off)
+        return Windows(w.ts[keep], w.x[keep], w.rows[keep], off, int(len(keep) - keep.sum()))

@@ -3,6 +3,9 @@ engine and a real ONNX model whose run fails, or returns NaN or infinity, on a t
 (tests/onnx_factory.py, kind "glitch": channel d NaN, c infinity, b a failed run)."""
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 
@@ -159,3 +162,22 @@ def test_a_nan_window_dropped_from_an_adapted_block_breaks_no_other_stream(glitc
                   Batch("o", 1e9 + np.arange(300, 301.0), u[300:301])])
     assert {r.stream: len(r.ts) for r in res if len(r.ts)} == {"s": 1, "o": 1}
     assert e.metrics.errors["nonfinite_output"] == 23 and "stream_inference" not in m.errors
+
+
+def test_dropped_windows_do_not_move_a_refinement_forward(glitch, caplog):
+    """Review (twenty-second session): the NaN windows of a later block were counted into
+    the threshold refinement before an earlier block was judged, so the refinement ran a
+    block early, on fewer of the span's windows."""
+    caplog.set_level(logging.INFO, logger="tsad")
+    counted = []
+    for nan in (False, True):
+        caplog.clear()
+        e = engine(glitch, scoring={}, calibration={
+            "enabled": True, "samples": 200, "refine": {"after_s": 0, "span_s": 100}})
+        v = quiet(600)
+        if nan:
+            v[300, NAN] = v[305, NAN] = 9.0     # every window of the block after the span
+        for a, b in ((0, 200), (200, 290), (290, 310), (310, 330)):
+            e.step([Batch("s", 1e9 + np.arange(a, b, dtype=np.float64), v[a:b])])
+        counted += re.findall(r"the (\d+) normal windows of its refinement span", caplog.text)
+    assert len(counted) == 2 and counted[0] == counted[1]
