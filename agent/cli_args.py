@@ -20,5 +20,5 @@ def gap_factor(text: str) -> float:      # --max-gap
 
 def running_flags(s) -> None:
     s.add_argument("--running", metavar="CH>LEVEL", help="judge only while this holds, e.g. "
-                   "'Current>0.5' (a config's running:)")
+                   "'Current>0.2' (a config's running:)")
     s.add_argument("--running-start-s", type=float, metavar="S", help="running.start_s")

@@ -96,7 +96,9 @@ def execute(c: Command, engine: Engine) -> tuple[dict, list[dict]]:
         if ev is None:
             return {**result, "error": f"no alert {a['alert_id']!r} to acknowledge (open, or ended "
                                        f"unacknowledged)" if "alert_id" in a else
-                    f"stream {a['stream']!r} has no alert to acknowledge"}, []
+                    f"stream {a['stream']!r} has no alert to acknowledge"
+                    + ("" if a["stream"] in engine.streams else " (no such stream runs: check "
+                                                                "its id)")}, []
         return {**result, "ok": True, "alert_id": ev["id"]}, [ev]
     sid = a["stream"]
     if c.cmd == "recalibrate":

@@ -1,7 +1,8 @@
 """The health snapshot: what the agent publishes on `P health` and answers on its API.
 
 Bounded in size whatever the number of streams: at most HEALTH_STREAMS streams are
-listed in full (those in alarm first, then those in no_data, then learning, then by id),
+listed in full (those in alarm first: an open alert, then one that ended unacknowledged;
+then those in no_data, then learning, then by id),
 the rest only counted in `streams_summary`, so a wildcard subscription with hundreds of
 devices cannot turn one retained message into megabytes.
 """
@@ -37,10 +38,13 @@ def stream_status(st) -> dict:
 
 def health_snapshot(cfg: AgentConfig, engine: Engine, runners) -> dict:
     h = engine.metrics.snapshot()
-    streams = sorted(engine.streams.values(), key=lambda s: (_ORDER.get(s.state, 4), s.id))
+    streams = sorted(engine.streams.values(), key=lambda s: (
+        _ORDER.get(s.state, 4) if s.tracker.rtn is None else 0.5, s.id))
     counts: dict[str, int] = {}
     for st in streams:
         counts[st.state] = counts.get(st.state, 0) + 1
+        if st.tracker.rtn is not None:      # which streams need an ack, past the listed
+            counts["rtn_unacknowledged"] = counts.get("rtn_unacknowledged", 0) + 1
     h.update({
         "ts": iso_utc(time.time()),
         "node": cfg.node,

@@ -100,7 +100,7 @@ def rule(text: str, start_s: float | None = None) -> dict:
             except ValueError:
                 break
     raise ValueError(f"--running {text!r}: expected CHANNEL>LEVEL or CHANNEL<LEVEL "
-                     f"(e.g. 'Current>0.5')")
+                     f"(e.g. 'Current>0.2')")
 
 
 def channel_of(cfg: RunningConfig, channels: list[str]) -> int:

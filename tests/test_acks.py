@@ -61,11 +61,16 @@ def test_ack_takes_an_alert_id_or_a_stream():
         {"alert_id": "n:pump:1"}
     assert "needs 'alert_id'" in parse('{"cmd": "ack"}').error
 
-    class Engine:                   # what execute needs of the engine: its ack
+    class Engine:                   # what execute needs of the engine: its ack, its streams
+        streams = {"pump": None}
+
         def ack(self, alert_id, sid):
             return None
     res, evs = execute(parse('{"id": "r", "cmd": "ack", "stream": "pump"}'), Engine())
     assert res["error"] == "stream 'pump' has no alert to acknowledge" and evs == []
+    res, _ = execute(parse('{"id": "r", "cmd": "ack", "stream": "pmup"}'), Engine())
+    assert res["error"] == ("stream 'pmup' has no alert to acknowledge (no such stream runs: "
+                            "check its id)")
     for doc in ({"cmd": "ack", "stream": "pump"}, {"cmd": "ack", "alert_id": "n:pump:1"}):
         SCHEMAS["command"].validate(doc)
 
@@ -86,6 +91,7 @@ def test_a_dashboard_lists_and_acks_an_alert_that_ended_unacked(tmp_path):
                        h[-1][1]["streams"][STREAM]["alarm"] == "rtn_unacknowledged" and h[-1][1],
                        "health: returned to normal, unacknowledged")
         assert h["streams"][STREAM]["state"] == "normal"
+        assert h["streams_summary"]["rtn_unacknowledged"] == 1
         wait_until(lambda: value(scrape(port), "tsad_stream_unacknowledged", stream=STREAM) == 1,
                    "Prometheus: awaiting an ack", step=0.2)
 

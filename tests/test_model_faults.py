@@ -181,3 +181,20 @@ def test_dropped_windows_do_not_move_a_refinement_forward(glitch, caplog):
             e.step([Batch("s", 1e9 + np.arange(a, b, dtype=np.float64), v[a:b])])
         counted += re.findall(r"the (\d+) normal windows of its refinement span", caplog.text)
     assert len(counted) == 2 and counted[0] == counted[1]
+
+
+def test_a_failure_in_what_a_step_shares_drops_its_windows_not_the_daemon(glitch, caplog,
+                                                                          monkeypatch):
+    import agent.engine
+    e = engine(glitch)
+    step(e, {"a": quiet(20), "b": quiet(20, 1)}, 1e9)
+
+    def broken(due, scores, err):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(agent.engine, "normalized", broken)
+    res = step(e, {"a": quiet(5, 2), "b": quiet(5, 3)}, 1e9 + 20)
+    assert sum(len(r.ts) for r in res) == 0 and e.metrics.errors["stream_inference"] == 1
+    assert "the model call shared by a, b failed (1 so far)" in caplog.text
+    monkeypatch.undo()
+    res = step(e, {"a": quiet(5, 4), "b": quiet(5, 5)}, 1e9 + 25)
+    assert {r.stream: len(r.ts) for r in res} == {"a": 5, "b": 5}
