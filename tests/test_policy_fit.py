@@ -238,3 +238,18 @@ def test_a_run_condition_is_fitted_with_and_not_written_into_the_policy(model, t
     write_policy(str(copy), policy)
     meta = load_meta(str(copy))                       # loads: the policy holds no `running`
     assert detection_config(meta).running is None
+
+
+def test_outages_are_no_hours_of_running():
+    """Training audit (twenty-second session): fit-policy and evaluate counted three 6-hour
+    historian outages in 96 hours as running, a fifth more alerts allowed per day."""
+    from agent.jobs import long_run
+    ts = np.arange(0, 96 * 3600, 10.0)
+    up = np.ones(len(ts), bool)
+    for k in range(3):
+        up[(ts >= (10 + 30 * k) * 3600) & (ts < (16 + 30 * k) * 3600)] = False
+    pred = np.zeros(up.sum(), np.int8)
+    pred[100:110] = 1
+    r = long_run(ts[up], pred)
+    assert r["hours"] == pytest.approx(78.0, abs=0.02) and r["alerts"] == 1
+    assert r["alerts_per_day"] == pytest.approx(24 / 78.0, rel=1e-3)
