@@ -277,15 +277,13 @@ class Engine(OperatorCommands):
         try:
             self.fits.spent(st.end_learning(self.fits.infer(self.detector.infer)))
         except Exception as e:
-            self.metrics.errors["learning"] += 1
-            n = self.metrics.errors["learning"]
-            if n <= 5 or n % 1000 == 0:
+            if (n := self.metrics.error("learning")) is not None:
                 log.error("stream %s: its learning period could not be fitted (%s; %d so far): "
                           "its %d samples are dropped and it learns again from its next one",
                           st.id, e, n, held, exc_info=not isinstance(e, (DetectorError, ValueError)))
             st.relearn()
-            return
-        self.saves.due(st.id, first=True)
+        else:
+            self.saves.due(st.id, first=True)
 
     def _flush(self) -> list[StreamResult]:
         due, self._due, self._pending = self._due, [], 0
@@ -313,8 +311,7 @@ class Engine(OperatorCommands):
         except Exception:       # a bug in what every due stream shares: not the daemon's end
             for st, w in due:
                 st.abandon(len(w))
-            n = self.metrics.errors["stream_inference"] = self.metrics.errors["stream_inference"] + 1
-            if n <= 5 or n % 1000 == 0:
+            if (n := self.metrics.error("stream_inference")) is not None:
                 log.exception("the model call shared by %s failed (%d so far): their windows of "
                               "this step are dropped", named(list(dict.fromkeys(
                                   st.id for st, _ in due)), 5), n)
@@ -337,9 +334,7 @@ class Engine(OperatorCommands):
         return out
 
     def _failed(self, st: Stream, where: str) -> None:
-        self.metrics.errors[f"stream_{where}"] += 1
-        n = self.metrics.errors[f"stream_{where}"]
-        if n <= 5 or n % 1000 == 0:
+        if (n := self.metrics.error(f"stream_{where}")) is not None:
             log.exception("stream %s: %s failed (%d so far); its other samples go on", st.id,
                           where, n)
 

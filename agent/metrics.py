@@ -47,6 +47,14 @@ class Metrics:
         self._infer_buckets = [0] * (len(INFER_BUCKETS_S) + 1)   # last: over the top bound
         self._infer_sum_s = 0.0
 
+    def error(self, where: str) -> int | None:
+        """Count a contained failure at `where`; its count when it deserves a log line (the
+        first 5, then every 1000th: a failure on every sample must not flood the journal),
+        else None."""
+        self.errors[where] += 1
+        n = self.errors[where]
+        return n if n <= 5 or n % 1000 == 0 else None
+
     def bad(self, reason: str, n: int = 1) -> None:
         with self._lock:
             self.malformed[reason] += n

@@ -69,9 +69,7 @@ def _one_by_one(detector: Detector, due: Due, metrics: Metrics,
 
 
 def _failed(metrics: Metrics, sid: str, e: DetectorError) -> None:
-    metrics.errors["inference"] += 1
-    n = metrics.errors["inference"]
-    if n <= 5 or n % 1000 == 0:
+    if (n := metrics.error("inference")) is not None:
         log.error("stream %s: %s (%d failed call(s) so far): its windows are dropped, judged "
                   "by nothing; the other streams go on", sid, e, n)
 
