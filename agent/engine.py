@@ -225,7 +225,7 @@ class Engine(OperatorCommands):
                 el = ts[a:] + st.clock.peek(ts[a:])
                 n, judged = st.gate.split(el, values[a:])
                 if not judged:
-                    out += self._idle(st, ts[a:a + n], values[a:a + n], el[:n])
+                    out += self._idle(st, ts[a:a + n], el[:n])
                     a += n
                     continue
                 if st.gate.idle:
@@ -234,7 +234,7 @@ class Engine(OperatorCommands):
             try:
                 k, w = st.ingest(ts[a:end], values[a:end])
                 if st.gate is not None and k:
-                    st.gate.take(el[:k], values[a:a + k])
+                    st.gate.take(el[:k])
             except Exception:
                 self._failed(st, "ingest")
                 return out
@@ -253,8 +253,7 @@ class Engine(OperatorCommands):
                 if self._pending >= self.detector.max_batch:
                     out += self._flush()
 
-    def _idle(self, st: Stream, ts: np.ndarray, values: np.ndarray,
-              el: np.ndarray) -> list[StreamResult]:
+    def _idle(self, st: Stream, ts: np.ndarray, el: np.ndarray) -> list[StreamResult]:
         """Samples taken while the machine is stopped (agent/running.py).  At the stop, the
         windows before it are concluded first, then an open alert ends."""
         out = []
@@ -263,7 +262,7 @@ class Engine(OperatorCommands):
             if (ev := st.go_idle(float(el[0]))) is not None:
                 self.metrics.alerts["end"] += 1
                 out.append(StreamResult.of_events(st.id, st.threshold, [ev]))
-        st.gate.take(el, values)
+        st.gate.take(el)
         st.took_idle(ts)
         self.metrics.samples_idle += len(ts)
         return out

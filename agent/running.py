@@ -33,7 +33,8 @@ class RunGate:
     """One stream's running state.  `split` reads the offered samples without changing
     anything; `take` commits the samples the stream took, so samples offered again (a
     stream that takes fewer than offered) are judged once."""
-    __slots__ = ("channel", "above", "below", "start_s", "since", "idle", "stopped", "rule")
+    __slots__ = ("channel", "above", "below", "start_s", "since", "idle", "stopped", "rule",
+                 "_on_split")
 
     def __init__(self, cfg: RunningConfig, channel: int):
         self.channel, self.above, self.below = channel, cfg.above, cfg.below
@@ -43,6 +44,7 @@ class RunGate:
         self.since: float | None = None     # sample time the condition began to hold
         self.idle = False                   # its samples are not judged
         self.stopped = 0.0                  # elapsed time it last went idle
+        self._on_split: np.ndarray | None = None    # the last split's condition per sample
 
     def _on(self, values: np.ndarray) -> np.ndarray:
         """The condition per sample; a NaN carries the one before it (before any sample,
@@ -69,7 +71,7 @@ class RunGate:
         """(n, judged): the first n samples are all judged or all not.  `ts`: the stream's
         elapsed times (agent/sample_clock.py), as every time gate's: a device clock's step
         back does not hold a running machine idle."""
-        on = self._on(values)
+        on = self._on_split = self._on(values)
         judged = self._held(ts, on)
         if not self.idle:       # judging goes on until the condition first fails
             off = np.flatnonzero(~on)
@@ -77,10 +79,10 @@ class RunGate:
         change = np.flatnonzero(judged != judged[0])
         return (int(change[0]) if len(change) else len(ts)), bool(judged[0])
 
-    def take(self, ts: np.ndarray, values: np.ndarray) -> None:
-        """Commit the samples of a `split` run the stream took (`idle` is the stream's to
-        set: agent/stream_status.py)."""
-        on = self._on(values)
+    def take(self, ts: np.ndarray) -> None:
+        """Commit the first len(ts) samples of the last `split`, which the stream took
+        (`idle` is the stream's to set: agent/stream_status.py)."""
+        on = self._on_split[:len(ts)]
         if not on[-1]:
             self.since = None
         elif self.since is None or not on.all():
