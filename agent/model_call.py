@@ -24,6 +24,7 @@ import numpy as np
 from .contract import score_windows
 from .detector import Detector, DetectorError
 from .metrics import Metrics
+from .scoring import places
 
 if TYPE_CHECKING:
     from .ring import Windows
@@ -84,11 +85,9 @@ def _drop(due: Due, ok: np.ndarray, metrics: Metrics, failed: int) -> Due:
             log.error("the model returned NaN or infinity for %d window(s) (%d so far): they "
                       "are dropped, judged by nothing (check the model: tsad-export verify)",
                       bad, n)
-    out, off, nth = [], 0, {}      # nth: the block's place among its stream's due blocks
-    for st, w in due:
-        k = len(w)
-        keep = ok[off:off + k]
-        off += k
-        i = nth[id(st)] = nth.get(id(st), -1) + 1
+    out, off = [], 0
+    for (st, w), i in zip(due, places(due)):
+        keep = ok[off:off + len(w)]
+        off += len(w)
         out.append((st, w if keep.all() else st.unjudged(i, w, keep)))
     return out

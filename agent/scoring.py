@@ -97,16 +97,23 @@ def add_levels(due: list[tuple[Stream, Windows]], scores: np.ndarray, err: np.nd
         off += k
 
 
+def places(due: list[tuple[Stream, Windows]]) -> list[int]:
+    """Each due block's place among its own stream's due blocks (a stream may have several
+    windows due: its pieces, agent/stream_pieces.py)."""
+    nth: dict[int, int] = {}
+    out = []
+    for st, _ in due:
+        nth[id(st)] = nth.get(id(st), -1) + 1
+        out.append(nth[id(st)])
+    return out
+
+
 def normalized(due: list[tuple[Stream, Windows]], scores: np.ndarray,
                 err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(scores, errors as shown) of every due window: each stream's errors divided by its
     `shown_level()` and the score their mean, for all streams in one division (500 x 1
     window: not 500 divisions of a row).  Row by row one stream's arithmetic alone."""
-    nth: dict[int, int] = {}       # a stream may have several windows due (its pieces)
-    levels = []
-    for st, _ in due:
-        i = nth[id(st)] = nth.get(id(st), -1) + 1
-        levels.append(st.shown_level(i))
+    levels = [st.shown_level(i) for (st, _), i in zip(due, places(due))]
     plain = [lv is None for lv in levels]
     if all(plain):
         return scores, err
