@@ -352,6 +352,25 @@ class Publisher:
         self.c.disconnect()
 
 
+class JsonDevice:
+    """Flat JSON samples on `topic`, one a message (as ESPHome or Node-RED sends them),
+    stamped sample_ts(i) in order; several devices may share one Publisher."""
+
+    def __init__(self, pub: Publisher, topic: str):
+        self.pub, self.topic, self.i = pub, topic, 0
+
+    def send(self, n: int, values: dict) -> None:
+        docs = [(self.topic, json.dumps({"ts": round(sample_ts(self.i + k), 2),
+                                         **values}).encode()) for k in range(n)]
+        self.i += n
+        self.pub.send(docs)
+
+
+def json_stream(sid: str, topic: str) -> dict:
+    """A config stream reading a JsonDevice's topic."""
+    return {"id": sid, "source": {"type": "mqtt", "topic": topic, "protocol": "json", "qos": 1}}
+
+
 def retained(port: int, topic: str, timeout: float = 10.0) -> bytes:
     """The payload a subscriber arriving now reads first on `topic` (its retained copy)."""
     got, box = threading.Event(), []

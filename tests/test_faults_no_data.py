@@ -11,13 +11,12 @@ channel.  When `b` comes back the stream is judged again and says `normal`.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
-from agent_harness import (MOSQUITTO, NODE, STREAM, Publisher, Rig, no_traceback, retained,
-                           sample_ts, wait_until)
+from agent_harness import (MOSQUITTO, NODE, STREAM, JsonDevice, Publisher, Rig, json_stream,
+                           no_traceback, retained, wait_until)
 from conftest import free_port
 from ha_rules import check
 from prom_harness import scrape, value
@@ -28,22 +27,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto
 WINDOW, FILL = 8, 3             # the tiny model's window, the default buffer.ffill_max
 TOPIC = "dev/pump"
 HA = f"homeassistant/device/{NODE}/config"
-
-
-class Device:
-    """Flat JSON samples, one a message, as ESPHome or Node-RED would send them."""
-
-    def __init__(self, port: int):
-        self.pub, self.i = Publisher(port), 0
-
-    def send(self, n: int, without: str | None = None) -> None:
-        items = []
-        for _ in range(n):
-            doc = {"ts": round(sample_ts(self.i), 2), "a": 0, "b": 0, "c": 0}
-            doc.pop(without, None)
-            items.append((TOPIC, json.dumps(doc).encode()))
-            self.i += 1
-        self.pub.send(items)
+ALL, NO_B = {"a": 0, "b": 0, "c": 0}, {"a": 0, "c": 0}     # b left out, as a device would
 
 
 def _states(rig: Rig) -> list[bytes]:
@@ -71,17 +55,17 @@ def test_a_channel_the_device_stops_sending_shows_no_data_everywhere_until_it_re
     port = free_port()
     rig = Rig(tmp_path, wait_online=False, metrics={"listen": f"127.0.0.1:{port}"},
               mqtt={"homeassistant": {"enabled": True}},
-              streams=[{"id": STREAM, "source": {"type": "mqtt", "topic": TOPIC,
-                                                 "protocol": "json", "qos": 1}}])
-    dev = None
+              streams=[json_stream(STREAM, TOPIC)])
+    pub = None
     try:
         agent = rig.agent()
         agent.wait_log("subscribed to")
-        dev = Device(rig.broker.port)
-        dev.send(WINDOW + 2)
+        pub = Publisher(rig.broker.port)
+        dev = JsonDevice(pub, TOPIC)
+        dev.send(WINDOW + 2, ALL)
         wait_until(lambda: _states(rig)[-1:] == [b"normal"], "the state normal")
 
-        dev.send(FILL + WINDOW + 5, without="b")
+        dev.send(FILL + WINDOW + 5, NO_B)
         wait_until(lambda: _states(rig)[-1:] == [b"no_data"], "the state no_data")
         assert retained(rig.broker.port, f"tsad/{NODE}/stream/{STREAM}/state") == b"no_data"
         h = _health(rig, lambda h: h["streams"][STREAM]["state"] == "no_data"
@@ -100,7 +84,7 @@ def test_a_channel_the_device_stops_sending_shows_no_data_everywhere_until_it_re
         assert agent.count("stream pump: no value from b for 11 samples") == 1
 
         # b is back: the windows still holding its gap are dropped, the next is judged
-        dev.send(WINDOW)
+        dev.send(WINDOW, ALL)
         wait_until(lambda: _states(rig)[-1:] == [b"normal"], "the state normal again")
         h = _health(rig, lambda h: h["streams"][STREAM]["state"] == "normal",
                     "health saying normal")
@@ -127,6 +111,6 @@ def test_a_channel_the_device_stops_sending_shows_no_data_everywhere_until_it_re
         assert assert_payloads_valid([(t, p, 1, r) for _, t, p, r in rig.obs.msgs]) > 0
         no_traceback(agent)
     finally:
-        if dev is not None:
-            dev.pub.close()
+        if pub is not None:
+            pub.close()
         rig.close()

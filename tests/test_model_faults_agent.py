@@ -4,41 +4,27 @@ samples the broker kept for its session killed it again at the restart.  Now tha
 windows are dropped and counted, and the others, an open alert among them, go on."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import yaml
 
-from agent_harness import MOSQUITTO, Publisher, Rig, no_traceback, sample_ts, wait_until
+from agent_harness import (MOSQUITTO, JsonDevice, Publisher, Rig, json_stream, no_traceback,
+                           wait_until)
 from onnx_factory import make_model
 
 pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
 
 WINDOW = 8
-QUIET, FAULT, FAILS = (0, 0, 0, 0), (1000, 0, 0, 0), (0, 9, 0, 0)   # b over 5 fails the run
-
-
-class Device:
-    def __init__(self, pub: Publisher, topic: str):
-        self.pub, self.topic, self.i = pub, topic, 0
-
-    def send(self, n: int, abcd: tuple) -> None:
-        docs = []
-        for _ in range(n):
-            docs.append((self.topic, json.dumps({"ts": round(sample_ts(self.i), 2),
-                                                 **dict(zip("abcd", abcd))}).encode()))
-            self.i += 1
-        self.pub.send(docs)
+QUIET, FAULT = {"a": 0, "b": 0, "c": 0, "d": 0}, {"a": 1000, "b": 0, "c": 0, "d": 0}
+FAILS = {"a": 0, "b": 9, "c": 0, "d": 0}        # b over 5 fails the run
 
 
 def test_a_failing_model_run_drops_one_streams_windows_and_the_daemon_goes_on(tmp_path):
     model, _ = make_model(tmp_path / "glitch.onnx", window=WINDOW, channels=list("abcd"),
                           kind="glitch", trigger=5.0, threshold=1.0)
     rig = Rig(tmp_path, wait_online=False,
-              streams=[{"id": sid, "source": {"type": "mqtt", "topic": f"dev/{sid}",
-                                               "protocol": "json", "qos": 1}}
-                       for sid in ("x", "y")])
+              streams=[json_stream(sid, f"dev/{sid}") for sid in ("x", "y")])
     cfg = yaml.safe_load(rig.config.read_text())
     cfg["model"]["path"] = str(model)
     rig.config.write_text(yaml.safe_dump(cfg))
@@ -48,7 +34,7 @@ def test_a_failing_model_run_drops_one_streams_windows_and_the_daemon_goes_on(tm
         agent.wait_log("subscribed to", n=2)
         pub = Publisher(rig.broker.port)     # one client: a second with its id would evict it
         devs = [pub]
-        x, y = Device(pub, "dev/x"), Device(pub, "dev/y")
+        x, y = JsonDevice(pub, "dev/x"), JsonDevice(pub, "dev/y")
         y.send(WINDOW + 2, FAULT)
         wait_until(lambda: [a["type"] for a in rig.obs.alerts()] == ["new"], "y's alert")
         x.send(WINDOW, QUIET)

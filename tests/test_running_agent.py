@@ -3,13 +3,12 @@ a machine stopped is shown `idle` on every surface and raises nothing; an alert 
 it stops ends with reason `idle`; it is judged again when it runs."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
-from agent_harness import (MOSQUITTO, NODE, STREAM, Publisher, Rig, no_traceback, retained,
-                           sample_ts, wait_until)
+from agent_harness import (MOSQUITTO, NODE, STREAM, JsonDevice, Publisher, Rig, json_stream,
+                           no_traceback, retained, wait_until)
 from conftest import free_port
 from ha_rules import check
 from prom_harness import scrape, value
@@ -20,20 +19,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto
 WINDOW = 8                      # the tiny model's
 TOPIC = "dev/pump"
 HA = f"homeassistant/device/{NODE}/config"
-RUN, STOP, FAULT = (1, 0, 0), (0, 900, 900), (1000, 1000, 1000)
-
-
-class Device:
-    def __init__(self, port: int):
-        self.pub, self.i = Publisher(port), 0
-
-    def send(self, n: int, abc: tuple) -> None:
-        items = []
-        for _ in range(n):
-            doc = {"ts": round(sample_ts(self.i), 2), **dict(zip("abc", abc))}
-            items.append((TOPIC, json.dumps(doc).encode()))
-            self.i += 1
-        self.pub.send(items)
+RUN, STOP, FAULT = {"a": 1, "b": 0, "c": 0}, {"a": 0, "b": 900, "c": 900}, \
+    {"a": 1000, "b": 1000, "c": 1000}
 
 
 def _states(rig: Rig) -> list[bytes]:
@@ -46,13 +33,13 @@ def test_a_stopped_machine_shows_idle_raises_nothing_and_ends_an_open_alert(tmp_
     rig = Rig(tmp_path, wait_online=False, metrics={"listen": f"127.0.0.1:{port}"},
               mqtt={"homeassistant": {"enabled": True}},
               running={"channel": "a", "above": 0.5},
-              streams=[{"id": STREAM, "source": {"type": "mqtt", "topic": TOPIC,
-                                                 "protocol": "json", "qos": 1}}])
-    dev = None
+              streams=[json_stream(STREAM, TOPIC)])
+    pub = None
     try:
         agent = rig.agent()
         agent.wait_log("subscribed to")
-        dev = Device(rig.broker.port)
+        pub = Publisher(rig.broker.port)
+        dev = JsonDevice(pub, TOPIC)
         dev.send(WINDOW + 2, RUN)
         wait_until(lambda: _states(rig)[-1:] == [b"normal"], "the state normal")
 
@@ -87,6 +74,6 @@ def test_a_stopped_machine_shows_idle_raises_nothing_and_ends_an_open_alert(tmp_
         assert assert_payloads_valid([(t, p, 1, r) for _, t, p, r in rig.obs.msgs]) > 0
         no_traceback(agent)
     finally:
-        if dev is not None:
-            dev.pub.close()
+        if pub is not None:
+            pub.close()
         rig.close()
