@@ -172,7 +172,7 @@ class Daemon:
             new_cfg = msgspec.structs.replace(new_cfg, metrics=self.cfg.metrics)
         carry = self._engine_carries_over(new_cfg, detector)
         old_engine = self.pipeline.engine
-        alerting = [sid for sid, st in self.pipeline.engine.streams.items()
+        alerting = [sid for sid, st in old_engine.streams.items()
                     if st.tracker.state == "anomaly"]
         if alerting and not carry:
             log.warning("reload: the alerts of %s end (reason reload) while their machine may "

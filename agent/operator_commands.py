@@ -41,13 +41,19 @@ class OperatorCommands:
         st = self._commanded(sid)
         if st is None:
             return False, None
+        ev = self._relearn(st)
+        log.info("stream %s: re-baselining: a new learning period starts", sid)
+        return True, ev
+
+    def _relearn(self, st: Stream) -> dict | None:
+        """A new learning period for `st`, its saved baseline deleted: the end event of the
+        alert that was open (counted), or None."""
         ev = st.relearn()
         if ev is not None:
             self.metrics.alerts["end"] += 1
         if self.store:
-            self.store.forget(sid)
-        log.info("stream %s: re-baselining: a new learning period starts", sid)
-        return True, ev
+            self.store.forget(st.id)
+        return ev
 
     def ack(self, alert_id: str | None = None, sid: str | None = None) -> dict | None:
         """Acknowledge alert `alert_id`, or stream `sid`'s latest (open, or ended
@@ -76,16 +82,10 @@ class OperatorCommands:
     def _rebaseline_standing(self, st: Stream) -> list[StreamResult]:
         """alerts.rebaseline_after_s: a standing alert ends (reason "rebaseline") and the
         stream learns its new normal."""
-        ev = st.relearn()
-        if self.store:
-            self.store.forget(st.id)
+        ev = self._relearn(st)
         log.warning("stream %s: its alert stood for alerts.rebaseline_after_s: learning the "
                     "new level as normal", st.id)
-        if ev is None:
-            return []
-        self.metrics.alerts["end"] += 1
-        return [StreamResult.of_events(st.id, st.threshold, [ev])]
-
+        return [] if ev is None else [StreamResult.of_events(st.id, st.threshold, [ev])]
 
     def shelve(self, sid: str, for_s: float) -> float | None:
         """Stream.shelve on stream `sid`; None for an unknown stream."""
