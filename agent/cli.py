@@ -230,10 +230,10 @@ def cmd_fit_policy(a) -> int:
           f"of normal running, alert open on {100 * r['open_share']:.2f}% of its rows"
           + (f"; refinement margin {rf['margin']:g}" if rf else ""), file=sys.stderr)
     if (running := policy["fitted"].get("running")) is not None:
-        op, level = (">", running["above"]) if running.get("above") is not None \
-            else ("<", running["below"])
-        print(f"fitted while {running['channel']} {op} {level}: set the same running: in the "
-              f"agent's config (a policy holds no plant's channel)", file=sys.stderr)
+        from .running import condition
+        print(f"fitted while {condition(running['channel'], running.get('above'), running.get('below'))}"
+              f": set the same running: in the agent's config (a policy holds no plant's "
+              f"channel)", file=sys.stderr)
     if written:
         print(f"policy written to {written}", file=sys.stderr)
     else:

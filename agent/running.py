@@ -39,8 +39,7 @@ class RunGate:
     def __init__(self, cfg: RunningConfig, channel: int):
         self.channel, self.above, self.below = channel, cfg.above, cfg.below
         self.start_s = cfg.start_s
-        self.rule = (f"{cfg.channel} > {cfg.above:g}" if cfg.above is not None
-                     else f"{cfg.channel} < {cfg.below:g}")
+        self.rule = condition(cfg.channel, cfg.above, cfg.below)
         self.since: float | None = None     # sample time the condition began to hold
         self.idle = False                   # its samples are not judged
         self.stopped = 0.0                  # elapsed time it last went idle
@@ -88,6 +87,11 @@ class RunGate:
         elif self.since is None or not on.all():
             off = np.flatnonzero(~on)
             self.since = float(ts[off[-1] + 1] if len(off) else ts[0])
+
+
+def condition(channel: str, above: float | None, below: float | None) -> str:
+    """A run condition as logs and messages name it: `Current > 0.2`."""
+    return f"{channel} > {above:g}" if above is not None else f"{channel} < {below:g}"
 
 
 def rule(text: str, start_s: float | None = None) -> dict:
